@@ -1,0 +1,3 @@
+from octoproxy.cli import main
+
+main()

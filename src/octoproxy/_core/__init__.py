@@ -1,0 +1,1 @@
+"""The Cython core: frame codec, route table, load balancers, per-connection data path."""
