@@ -1,0 +1,88 @@
+# OCTO frame codec: the C-level contract used by the data path (datapath.pyx).
+# Implementation: frame.pyx.  Signatures below are the seam; add fields/functions
+# freely, but do not change these without updating datapath.pyx.
+
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint8_t
+
+cdef enum:
+    # what kind of frame fr_scan found
+    FK_OCTO = 1          # OCTO unified-protocol frame (magic 0xABBA)
+    FK_THRIFT = 2        # native Thrift framed transport (i32 length + TBinary message)
+
+    # FrameInfo.flags
+    FF_CHECKSUM = 1      # a 4-byte Adler-32 trails the frame (verified by fr_scan)
+    FF_GZIP = 2          # header+body gzip-compressed: header fields NOT decoded
+    FF_SNAPPY = 4        # header+body snappy-compressed: header fields NOT decoded
+    FF_REQUEST = 8       # Header.requestInfo present
+    FF_RESPONSE = 16     # Header.responseInfo present
+    FF_PROXY_RESTART = 32   # localContext octo-proxy-restart == "1"
+    FF_PROXY_ANNOUNCE = 64  # localContext octo-proxy == "1"
+
+    # message types (Header.messageType)
+    MT_NORMAL = 0
+    MT_HEARTBEAT = 1
+    MT_SCANNER_HEARTBEAT = 2
+    MT_PROXY_RESTART = 3
+
+    # fr_scan errors (negative return values); fr_strerror() names them
+    FE_NEED_MORE = 0           # not an error: incomplete frame
+    FE_BAD_MAGIC = -1          # neither OCTO magic nor plausible Thrift framing
+    FE_TOO_LARGE = -2          # total length over the configured maximum
+    FE_BAD_LENGTH = -3         # total_length/header_length inconsistent
+    FE_HEADER_TOO_LARGE = -4
+    FE_BAD_HEADER = -5         # malformed Thrift in the header (overlong/negative length, ...)
+    FE_BAD_FIELD_TYPE = -6     # a known Header field with the wrong Thrift type
+    FE_TOO_DEEP = -7           # nesting in unknown fields over the limit
+    FE_BAD_CHECKSUM = -8
+    FE_BAD_THRIFT = -9         # malformed native Thrift framed message
+
+# Everything fr_scan learns about one frame.  Offsets are relative to the start
+# of the frame; a string is (off, len) with len == -1 when the field is absent.
+cdef struct FrameInfo:
+    int kind                  # FK_*
+    int flags                 # FF_*
+    int version               # byte 2 of an OCTO frame
+    int protocol              # byte 3 of an OCTO frame
+    int msg_type              # MT_*; -1 if absent
+    Py_ssize_t length         # whole frame in bytes (what fr_scan returned)
+    Py_ssize_t header_off     # OCTO: offset of the Thrift Header struct
+    Py_ssize_t header_len
+    Py_ssize_t body_off       # OCTO: offset of the body
+    Py_ssize_t body_len
+    int64_t seq_id            # RequestInfo.sequenceId or ResponseInfo.sequenceId (Thrift: i32 seqid)
+    Py_ssize_t seq_off        # offset of the seq id bytes (8 for OCTO, 4 for Thrift); -1 if absent
+    int call_type             # RequestInfo.callType; 0 if absent
+    int32_t timeout           # RequestInfo.timeout in ms; -1 if absent
+    int status                # ResponseInfo.status; -1 if absent
+    Py_ssize_t service_off    # RequestInfo.serviceName (Thrift: method name)
+    Py_ssize_t service_len
+    Py_ssize_t appkey_off     # localContext  octo-remote-appkey
+    Py_ssize_t appkey_len
+    Py_ssize_t liteset_off    # globalContext octo-liteset
+    Py_ssize_t liteset_len
+    Py_ssize_t set_off        # globalContext octo-set
+    Py_ssize_t set_len
+    Py_ssize_t swimlane_off   # globalContext octo-swimlane
+    Py_ssize_t swimlane_len
+    Py_ssize_t hashkey_off    # localContext  octo-hash-key
+    Py_ssize_t hashkey_len
+
+# Scan one frame at buf[0:n].  Returns the frame's length (> 0) and fills *fi
+# when a whole frame is there; 0 (FE_NEED_MORE) when more bytes are needed; a
+# negative FE_* code when the bytes can never become a valid frame.  Never
+# reads outside buf[0:n], never raises, never allocates.
+cdef Py_ssize_t fr_scan(const uint8_t* buf, Py_ssize_t n, Py_ssize_t max_frame,
+                        Py_ssize_t max_header, FrameInfo* fi) noexcept nogil
+
+# Rewrite the sequence id of the frame at `frame` in place (and the trailing
+# checksum when FF_CHECKSUM is set).  fi must come from fr_scan on these bytes.
+cdef void fr_set_seq_id(uint8_t* frame, const FrameInfo* fi, int64_t seq_id) noexcept nogil
+
+# A static, human-readable description of an FE_* code.
+cdef const char* fr_strerror(Py_ssize_t code) noexcept nogil
+
+# Encoders for the frames the proxy sends on its own (not on the hot path).
+cdef bytes fr_error_response(int64_t seq_id, int status, str message, bint restart, int protocol)
+cdef bytes fr_heartbeat_response(int64_t seq_id, int protocol)
+cdef bytes fr_proxy_restart()
+cdef bytes fr_proxy_announce(int64_t seq_id)
