@@ -50,6 +50,9 @@ extensions = [
         include_dirs=[str(CORE)],
     )
     for pyx in sorted(CORE.glob("*.pyx"))
+    # OCTOPROXY_ONLY=frame,route builds just those modules (development only)
+    if not os.environ.get("OCTOPROXY_ONLY")
+    or pyx.stem in os.environ["OCTOPROXY_ONLY"].split(",")
 ]
 
 setup(
