@@ -1,0 +1,281 @@
+"""The proxy's configuration: YAML (or JSON) validated into typed objects.
+
+Unknown keys are errors.  `load_config` raises `ConfigError` carrying every
+problem with its path inside the file (``listeners.inbound[0].port: ...``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from octoproxy import model
+
+MiB = 1024 * 1024
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class NodeConfig(_Strict):
+    """Who this proxy is: its identity towards xDS and its own routing labels."""
+
+    id: str = Field(default_factory=lambda: os.uname().nodename)
+    cluster: str = "octo-mesh"
+    liteset: str = ""
+    set: str = ""
+    swimlane: str = ""
+    idc: str = ""
+    region: str = ""
+
+    def labels(self) -> model.Labels:
+        return model.Labels(self.liteset, self.set, self.swimlane, self.idc, self.region)
+
+
+class OutboundListener(_Strict):
+    """A UDS that local apps (the Mesh SDK) connect to."""
+
+    path: str
+    mode: int = Field(default=0o660, ge=0, le=0o777)
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _octal(cls, v: Any) -> Any:
+        # YAML 1.1 reads 0660 as octal already; accept "0660"/"0o660" strings too
+        if isinstance(v, str):
+            return int(v, 8)
+        return v
+
+
+class InboundListener(_Strict):
+    """The provider's registered TCP port; traffic is forwarded to its UDS."""
+
+    host: str = "0.0.0.0"
+    port: int = Field(ge=0, le=65535)
+    upstream_uds: str
+    backlog: int = Field(default=1024, ge=1, le=65535)
+
+
+class Listeners(_Strict):
+    outbound: list[OutboundListener] = []
+    inbound: list[InboundListener] = []
+
+
+class Limits(_Strict):
+    max_frame_bytes: int = Field(default=16 * MiB, ge=64, le=1024 * MiB)
+    max_header_bytes: int = Field(default=64 * 1024, ge=64, le=16 * MiB)
+    max_connections: int = Field(default=10_000, ge=1)
+    max_inflight_per_connection: int = Field(default=10_000, ge=1)
+    # write-buffer water marks of a destination, in bytes: above high the
+    # source that feeds it stops being read; it resumes below low
+    write_high_water: int = Field(default=4 * MiB, ge=1024)
+    write_low_water: int = Field(default=1 * MiB, ge=0)
+    read_buffer_bytes: int = Field(default=256 * 1024, ge=4096)
+
+    @model_validator(mode="after")
+    def _marks(self) -> Limits:
+        if self.write_low_water >= self.write_high_water:
+            raise ValueError("write_low_water must be lower than write_high_water")
+        if self.max_header_bytes > self.max_frame_bytes:
+            raise ValueError("max_header_bytes cannot exceed max_frame_bytes")
+        return self
+
+
+class Upstream(_Strict):
+    connections_per_node: int = Field(default=2, ge=1, le=64)
+    connect_timeout_ms: int = Field(default=1000, ge=1)
+    idle_timeout_s: float = Field(default=300.0, gt=0)
+    reconnect_backoff_base_ms: int = Field(default=100, ge=1)
+    reconnect_backoff_max_ms: int = Field(default=5000, ge=1)
+    default_timeout_ms: int = Field(default=3000, ge=1)
+    max_timeout_ms: int = Field(default=60_000, ge=1)
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> Upstream:
+        if self.default_timeout_ms > self.max_timeout_ms:
+            raise ValueError("default_timeout_ms cannot exceed max_timeout_ms")
+        return self
+
+
+class StaticEndpoint(_Strict):
+    address: str  # host:port of the provider's registered port
+    weight: int = Field(default=100, ge=0)
+    status: int = Field(default=model.STATUS_ALIVE, ge=0, le=5)
+    role: Literal[0, 1] = 0
+    cell: str = ""
+    swimlane: str = ""
+    idc: str = ""
+    region: str = ""
+    warmup_s: float = Field(default=0.0, ge=0)
+    start_time: float = Field(default=0.0, ge=0)
+
+    @field_validator("address")
+    @classmethod
+    def _addr(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"address must be host:port, got {v!r}")
+        return v
+
+    def to_model(self) -> model.Endpoint:
+        host, _, port = self.address.rpartition(":")
+        return model.Endpoint(
+            host=host.strip("[]"),
+            port=int(port),
+            weight=self.weight,
+            status=self.status,
+            role=self.role,
+            cell=self.cell,
+            swimlane=self.swimlane,
+            idc=self.idc,
+            region=self.region,
+            warmup_s=self.warmup_s,
+            start_time=self.start_time,
+        )
+
+
+class StaticService(_Strict):
+    appkey: str = Field(min_length=1)
+    lb_policy: model.LbPolicy = model.LbPolicy.ROUND_ROBIN
+    set_enabled: bool = False
+    service_names: list[str] = []
+    endpoints: list[StaticEndpoint] = []
+
+    def to_model(self) -> model.Service:
+        return model.Service(
+            appkey=self.appkey,
+            endpoints=tuple(e.to_model() for e in self.endpoints),
+            lb_policy=self.lb_policy,
+            set_enabled=self.set_enabled,
+            service_names=tuple(self.service_names),
+        )
+
+
+class Static(_Strict):
+    services: list[StaticService] = []
+
+    @model_validator(mode="after")
+    def _unique(self) -> Static:
+        seen: set[str] = set()
+        for s in self.services:
+            if s.appkey in seen:
+                raise ValueError(f"duplicate appkey {s.appkey!r}")
+            seen.add(s.appkey)
+        return self
+
+
+class Xds(_Strict):
+    """The xDS control plane this proxy subscribes to (on demand)."""
+
+    server: str | None = None  # host:port of an ADS server; None = static routes only
+    delta: bool = False  # incremental (delta) ADS instead of state-of-the-world
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    backoff_base_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=30.0, gt=0)
+    # how long a subscribed resource may stay unanswered before it is declared missing
+    resource_timeout_s: float = Field(default=15.0, gt=0)
+
+
+class Subscribe(_Strict):
+    """The HTTP subscribe API apps call (on loopback or a UDS)."""
+
+    host: str = "127.0.0.1"
+    port: int | None = Field(default=None, ge=0, le=65535)
+    uds: str | None = None
+    state_file: str | None = None  # where subscriptions are persisted (atomic writes)
+    timeout_s: float = Field(default=10.0, gt=0)
+
+
+class Admin(_Strict):
+    host: str = "127.0.0.1"
+    port: int | None = Field(default=None, ge=0, le=65535)
+    uds: str | None = None
+
+
+class HotRestart(_Strict):
+    socket: str | None = None  # UDS the new generation connects to
+    pid_file: str | None = None
+    drain_s: float = Field(default=5.0, gt=0)
+    shutdown_s: float = Field(default=15.0, gt=0)
+    proxy_restart_spread_s: float = Field(default=0.5, ge=0)
+    start_timeout_s: float = Field(default=20.0, gt=0)
+
+    @model_validator(mode="after")
+    def _drain(self) -> HotRestart:
+        if self.drain_s >= self.shutdown_s:
+            raise ValueError("drain_s must be less than shutdown_s")
+        return self
+
+
+class Logging(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+    access_log: bool = False
+    access_log_sample: float = Field(default=1.0, ge=0, le=1)
+
+
+class Config(_Strict):
+    node: NodeConfig = NodeConfig()
+    listeners: Listeners = Listeners()
+    limits: Limits = Limits()
+    upstream: Upstream = Upstream()
+    static: Static = Static()
+    xds: Xds = Xds()
+    subscribe: Subscribe = Subscribe()
+    admin: Admin = Admin()
+    hot_restart: HotRestart = HotRestart()
+    logging: Logging = Logging()
+
+
+class ConfigError(Exception):
+    """Every problem found in a config file, each with its path inside the file."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def parse_config(data: Any, source: str = "<config>") -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["(top level): must be a mapping"])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            # drop pydantic's union/validator-name noise from the path
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+            problems.append(f"{_loc(loc)}: {err['msg']}")
+        raise ConfigError(source, problems) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(str(p), [f"cannot read: {e.strerror}"]) from None
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ConfigError(str(p), [f"not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}"]) from None
+    return parse_config(data, str(p))
