@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Sets everything up and runs the main job on the embedded default.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q -e ".[dev]"
+exec octo-proxy demo "$@"

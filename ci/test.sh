@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Sets everything up and runs the whole test suite (what CI runs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q -e ".[dev]"
+ruff check src tests bench
+python -m pytest -q -p no:cacheprovider "$@"
