@@ -66,6 +66,23 @@ cdef struct FrameInfo:
     Py_ssize_t swimlane_len
     Py_ssize_t hashkey_off    # localContext  octo-hash-key
     Py_ssize_t hashkey_len
+    # --- added by frame.pyx (appended; fields above unchanged) ---
+    Py_ssize_t message_off    # ResponseInfo.message
+    Py_ssize_t message_len
+
+# Added: limits and status codes (PROTOCOL.md section 2).
+cdef enum:
+    FR_MAX_DEPTH = 32          # deepest struct/map/set/list nesting accepted in a header
+    STATUS_SUCCESS = 0
+    STATUS_APPLICATION = 1
+    STATUS_RUNTIME = 2
+    STATUS_RPC = 3             # sent with octo-proxy-restart
+    STATUS_TRANSPORT = 4
+    STATUS_PROTOCOL = 5        # e.g. a compressed request the outbound proxy cannot route
+    STATUS_DEGRADE = 6
+    STATUS_SECURITY = 7
+    STATUS_SERVICE = 8         # no such service/method
+    STATUS_REMOTE = 9
 
 # Scan one frame at buf[0:n].  Returns the frame's length (> 0) and fills *fi
 # when a whole frame is there; 0 (FE_NEED_MORE) when more bytes are needed; a
@@ -86,3 +103,15 @@ cdef bytes fr_error_response(int64_t seq_id, int status, str message, bint resta
 cdef bytes fr_heartbeat_response(int64_t seq_id, int protocol)
 cdef bytes fr_proxy_restart()
 cdef bytes fr_proxy_announce(int64_t seq_id)
+
+# Added: Adler-32 of p[0:n] (the OCTO trailer checksum).
+cdef uint32_t fr_adler32(const uint8_t* p, Py_ssize_t n) noexcept nogil
+
+# Added: a scanned frame as a Python object (SDK/tests); a copy of its bytes.
+cdef class Frame:
+    cdef FrameInfo fi          # what fr_scan filled in
+    cdef Py_ssize_t offset     # where the frame started in the scanned buffer
+    cdef bytes data            # the frame's bytes (copied once, for the str properties)
+
+    @staticmethod
+    cdef Frame fr_new(const uint8_t* frame, const FrameInfo* fi, Py_ssize_t offset)

@@ -1,0 +1,1334 @@
+# cython: language_level=3
+"""OCTO frame codec: the zero-copy scanner the data path runs per received
+buffer, in-place sequence id rewriting, Adler-32, and the (slow, Python-level)
+encoders/decoder used for control frames, the SDK and tests.
+
+The contract is frame.pxd; the wire format is docs/protocol.md."""
+
+cimport cython
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcmp
+
+import struct as _struct
+
+# Thrift TBinaryProtocol type codes.
+cdef enum:
+    T_STOP = 0
+    T_BOOL = 2
+    T_BYTE = 3
+    T_DOUBLE = 4
+    T_I16 = 6
+    T_I32 = 8
+    T_I64 = 10
+    T_STRING = 11
+    T_STRUCT = 12
+    T_MAP = 13
+    T_SET = 14
+    T_LIST = 15
+
+    OCTO_PREFIX = 10         # magic 2 + version 1 + protocol 1 + total_length 4 + header_length 2
+    PROTO_CHECKSUM = 0x80
+    PROTO_GZIP = 0x40
+    PROTO_SNAPPY = 0x20
+    THRIFT_MIN_MESSAGE = 12  # version/type 4 + name length 4 + seqid 4
+
+
+# ---------------------------------------------------------------- C helpers
+
+cdef inline uint32_t fr_rd_u32(const uint8_t* p) noexcept nogil:
+    return ((<uint32_t>p[0]) << 24) | ((<uint32_t>p[1]) << 16) | ((<uint32_t>p[2]) << 8) | p[3]
+
+
+cdef inline int64_t fr_rd_i64(const uint8_t* p) noexcept nogil:
+    return <int64_t>(((<uint64_t>fr_rd_u32(p)) << 32) | fr_rd_u32(p + 4))
+
+
+cdef inline void fr_wr_u32(uint8_t* p, uint32_t v) noexcept nogil:
+    p[0] = <uint8_t>(v >> 24)
+    p[1] = <uint8_t>(v >> 16)
+    p[2] = <uint8_t>(v >> 8)
+    p[3] = <uint8_t>v
+
+
+cdef uint32_t fr_adler32(const uint8_t* p, Py_ssize_t n) noexcept nogil:
+    # 5552 is the largest run that cannot overflow 32-bit sums (zlib's NMAX),
+    # so the modulo is taken once per run instead of once per byte.
+    cdef uint32_t a = 1, b = 0
+    cdef Py_ssize_t run
+    while n > 0:
+        run = 5552 if n > 5552 else n
+        n -= run
+        while run >= 8:
+            a += p[0]; b += a
+            a += p[1]; b += a
+            a += p[2]; b += a
+            a += p[3]; b += a
+            a += p[4]; b += a
+            a += p[5]; b += a
+            a += p[6]; b += a
+            a += p[7]; b += a
+            p += 8
+            run -= 8
+        while run > 0:
+            a += p[0]; b += a
+            p += 1
+            run -= 1
+        a %= 65521
+        b %= 65521
+    return (b << 16) | a
+
+
+cdef inline Py_ssize_t fr_min_size(int t) noexcept nogil:
+    # Smallest encoding of one value of type t, so that an element count can
+    # be checked against the bytes left before a single element is read.
+    if t == T_BOOL or t == T_BYTE:
+        return 1
+    if t == T_I16:
+        return 2
+    if t == T_I32:
+        return 4
+    if t == T_I64 or t == T_DOUBLE:
+        return 8
+    if t == T_STRING:
+        return 4
+    if t == T_STRUCT:
+        return 1
+    if t == T_MAP:
+        return 6
+    if t == T_SET or t == T_LIST:
+        return 5
+    return -1
+
+
+cdef const uint8_t* fr_skip(const uint8_t* p, const uint8_t* end, int t, int depth,
+                            int* err) noexcept nogil:
+    # Skip one value of type t; NULL with *err set when it is malformed.
+    # Every loop consumes at least one byte per turn and counts are checked
+    # against the bytes left, so the work is bounded by the header length.
+    cdef Py_ssize_t cnt, i, ks, vs
+    cdef int32_t k
+    cdef int ft, kt, vt
+    if t == T_BOOL or t == T_BYTE or t == T_I16 or t == T_I32 or t == T_I64 or t == T_DOUBLE:
+        ks = fr_min_size(t)
+        if end - p < ks:
+            err[0] = FE_BAD_HEADER
+            return NULL
+        return p + ks
+    if t == T_STRING:
+        if end - p < 4:
+            err[0] = FE_BAD_HEADER
+            return NULL
+        k = <int32_t>fr_rd_u32(p)
+        if k < 0 or k > end - p - 4:
+            err[0] = FE_BAD_HEADER
+            return NULL
+        return p + 4 + k
+    if t != T_STRUCT and t != T_MAP and t != T_SET and t != T_LIST:
+        err[0] = FE_BAD_HEADER
+        return NULL
+    if depth > FR_MAX_DEPTH:
+        err[0] = FE_TOO_DEEP
+        return NULL
+    if t == T_STRUCT:
+        while True:
+            if p >= end:
+                err[0] = FE_BAD_HEADER
+                return NULL
+            ft = p[0]
+            if ft == T_STOP:
+                return p + 1
+            if end - p < 3:
+                err[0] = FE_BAD_HEADER
+                return NULL
+            p = fr_skip(p + 3, end, ft, depth + 1, err)
+            if p == NULL:
+                return NULL
+    if t == T_MAP:
+        if end - p < 6:
+            err[0] = FE_BAD_HEADER
+            return NULL
+        kt = p[0]
+        vt = p[1]
+        cnt = <int32_t>fr_rd_u32(p + 2)
+        p += 6
+        if cnt == 0:
+            return p
+        ks = fr_min_size(kt)
+        vs = fr_min_size(vt)
+        if cnt < 0 or ks < 0 or vs < 0 or cnt > (end - p) // (ks + vs):
+            err[0] = FE_BAD_HEADER
+            return NULL
+        for i in range(cnt):
+            p = fr_skip(p, end, kt, depth + 1, err)
+            if p == NULL:
+                return NULL
+            p = fr_skip(p, end, vt, depth + 1, err)
+            if p == NULL:
+                return NULL
+        return p
+    # set / list
+    if end - p < 5:
+        err[0] = FE_BAD_HEADER
+        return NULL
+    kt = p[0]
+    cnt = <int32_t>fr_rd_u32(p + 1)
+    p += 5
+    if cnt == 0:
+        return p
+    ks = fr_min_size(kt)
+    if cnt < 0 or ks < 0 or cnt > (end - p) // ks:
+        err[0] = FE_BAD_HEADER
+        return NULL
+    if ks == 8 or ks == 4 and kt != T_STRING or ks == 2 or ks == 1 and kt != T_STRUCT:
+        # fixed-size elements: one bounds check for the whole run
+        return p + cnt * ks
+    for i in range(cnt):
+        p = fr_skip(p, end, kt, depth + 1, err)
+        if p == NULL:
+            return NULL
+    return p
+
+
+cdef inline const uint8_t* fr_field(const uint8_t* p, const uint8_t* end, int* ft, int* fid,
+                                    int* err) noexcept nogil:
+    # Read a field header; ft = T_STOP at the end of the struct.
+    if p >= end:
+        err[0] = FE_BAD_HEADER
+        return NULL
+    ft[0] = p[0]
+    if ft[0] == T_STOP:
+        return p + 1
+    if end - p < 3:
+        err[0] = FE_BAD_HEADER
+        return NULL
+    fid[0] = <int16_t>((p[1] << 8) | p[2])
+    return p + 3
+
+
+cdef inline const uint8_t* fr_string(const uint8_t* p, const uint8_t* end, const uint8_t* base,
+                                     Py_ssize_t* off, Py_ssize_t* ln, int* err) noexcept nogil:
+    cdef int32_t k
+    if end - p < 4:
+        err[0] = FE_BAD_HEADER
+        return NULL
+    k = <int32_t>fr_rd_u32(p)
+    if k < 0 or k > end - p - 4:
+        err[0] = FE_BAD_HEADER
+        return NULL
+    off[0] = p + 4 - base
+    ln[0] = k
+    return p + 4 + k
+
+
+cdef const uint8_t* fr_request_info(const uint8_t* p, const uint8_t* end, const uint8_t* base,
+                                    FrameInfo* fi, int* err) noexcept nogil:
+    cdef int ft = 0, fid = 0
+    cdef bint has_seq = False
+    while True:
+        p = fr_field(p, end, &ft, &fid, err)
+        if p == NULL:
+            return NULL
+        if ft == T_STOP:
+            break
+        if fid == 1:                      # serviceName
+            if ft != T_STRING:
+                err[0] = FE_BAD_FIELD_TYPE
+                return NULL
+            p = fr_string(p, end, base, &fi.service_off, &fi.service_len, err)
+        elif fid == 2:                    # sequenceId
+            if ft != T_I64:
+                err[0] = FE_BAD_FIELD_TYPE
+                return NULL
+            if end - p < 8:
+                err[0] = FE_BAD_HEADER
+                return NULL
+            fi.seq_id = fr_rd_i64(p)
+            fi.seq_off = p - base
+            has_seq = True
+            p += 8
+        elif fid == 3:                    # callType
+            if ft != T_BYTE:
+                err[0] = FE_BAD_FIELD_TYPE
+                return NULL
+            if end - p < 1:
+                err[0] = FE_BAD_HEADER
+                return NULL
+            fi.call_type = <int8_t>p[0]
+            p += 1
+        elif fid == 4:                    # timeout
+            if ft != T_I32:
+                err[0] = FE_BAD_FIELD_TYPE
+                return NULL
+            if end - p < 4:
+                err[0] = FE_BAD_HEADER
+                return NULL
+            fi.timeout = <int32_t>fr_rd_u32(p)
+            p += 4
+        else:
+            p = fr_skip(p, end, ft, 2, err)
+        if p == NULL:
+            return NULL
+    if not has_seq:
+        # the data path multiplexes by sequence id: a request without one
+        # could never be answered
+        err[0] = FE_BAD_HEADER
+        return NULL
+    fi.flags |= FF_REQUEST
+    return p
+
+
+cdef const uint8_t* fr_response_info(const uint8_t* p, const uint8_t* end, const uint8_t* base,
+                                     FrameInfo* fi, int* err) noexcept nogil:
+    cdef int ft = 0, fid = 0
+    cdef bint has_seq = False
+    while True:
+        p = fr_field(p, end, &ft, &fid, err)
+        if p == NULL:
+            return NULL
+        if ft == T_STOP:
+            break
+        if fid == 1:                      # sequenceId
+            if ft != T_I64:
+                err[0] = FE_BAD_FIELD_TYPE
+                return NULL
+            if end - p < 8:
+                err[0] = FE_BAD_HEADER
+                return NULL
+            fi.seq_id = fr_rd_i64(p)
+            fi.seq_off = p - base
+            has_seq = True
+            p += 8
+        elif fid == 2:                    # status
+            if ft != T_BYTE:
+                err[0] = FE_BAD_FIELD_TYPE
+                return NULL
+            if end - p < 1:
+                err[0] = FE_BAD_HEADER
+                return NULL
+            fi.status = <int8_t>p[0]
+            p += 1
+        elif fid == 3:                    # message
+            if ft != T_STRING:
+                err[0] = FE_BAD_FIELD_TYPE
+                return NULL
+            p = fr_string(p, end, base, &fi.message_off, &fi.message_len, err)
+        else:
+            p = fr_skip(p, end, ft, 2, err)
+        if p == NULL:
+            return NULL
+    if not has_seq:
+        err[0] = FE_BAD_HEADER
+        return NULL
+    fi.flags |= FF_RESPONSE
+    return p
+
+
+cdef const uint8_t* fr_context(const uint8_t* p, const uint8_t* end, const uint8_t* base,
+                               FrameInfo* fi, bint local, int* err) noexcept nogil:
+    # map<string,string>: pick out the routing keys, compare with memcmp.
+    cdef Py_ssize_t cnt, i, koff = 0, klen = 0, voff = 0, vlen = 0
+    cdef const uint8_t* key
+    if end - p < 6:
+        err[0] = FE_BAD_HEADER
+        return NULL
+    cnt = <int32_t>fr_rd_u32(p + 2)
+    if cnt == 0:
+        # some encoders write key/value type 0 for an empty map
+        return p + 6
+    if p[0] != T_STRING or p[1] != T_STRING:
+        err[0] = FE_BAD_FIELD_TYPE
+        return NULL
+    p += 6
+    if cnt < 0 or cnt > (end - p) // 8:
+        err[0] = FE_BAD_HEADER
+        return NULL
+    for i in range(cnt):
+        p = fr_string(p, end, base, &koff, &klen, err)
+        if p == NULL:
+            return NULL
+        p = fr_string(p, end, base, &voff, &vlen, err)
+        if p == NULL:
+            return NULL
+        key = base + koff
+        if klen < 8 or memcmp(key, b"octo-", 5) != 0:
+            continue
+        if local:
+            if klen == 18 and memcmp(key, b"octo-remote-appkey", 18) == 0:
+                fi.appkey_off = voff
+                fi.appkey_len = vlen
+            elif klen == 13 and memcmp(key, b"octo-hash-key", 13) == 0:
+                fi.hashkey_off = voff
+                fi.hashkey_len = vlen
+            elif klen == 18 and memcmp(key, b"octo-proxy-restart", 18) == 0:
+                if vlen == 1 and base[voff] == b'1':
+                    fi.flags |= FF_PROXY_RESTART
+            elif klen == 10 and memcmp(key, b"octo-proxy", 10) == 0:
+                if vlen == 1 and base[voff] == b'1':
+                    fi.flags |= FF_PROXY_ANNOUNCE
+        else:
+            if klen == 12 and memcmp(key, b"octo-liteset", 12) == 0:
+                fi.liteset_off = voff
+                fi.liteset_len = vlen
+            elif klen == 8 and memcmp(key, b"octo-set", 8) == 0:
+                fi.set_off = voff
+                fi.set_len = vlen
+            elif klen == 13 and memcmp(key, b"octo-swimlane", 13) == 0:
+                fi.swimlane_off = voff
+                fi.swimlane_len = vlen
+    return p
+
+
+cdef int fr_header(const uint8_t* base, Py_ssize_t off, Py_ssize_t hl, FrameInfo* fi) noexcept nogil:
+    # Decode the Header struct at base[off:off+hl]; 0 or an FE_* code.
+    cdef const uint8_t* p = base + off
+    cdef const uint8_t* end = p + hl
+    cdef int ft = 0, fid = 0, err = FE_BAD_HEADER
+    while True:
+        p = fr_field(p, end, &ft, &fid, &err)
+        if p == NULL:
+            return err
+        if ft == T_STOP:
+            break
+        if fid == 1:                      # messageType
+            if ft != T_BYTE:
+                return FE_BAD_FIELD_TYPE
+            if end - p < 1:
+                return FE_BAD_HEADER
+            fi.msg_type = <int8_t>p[0]
+            p += 1
+        elif fid == 2:                    # requestInfo
+            if ft != T_STRUCT:
+                return FE_BAD_FIELD_TYPE
+            p = fr_request_info(p, end, base, fi, &err)
+        elif fid == 3:                    # responseInfo
+            if ft != T_STRUCT:
+                return FE_BAD_FIELD_TYPE
+            p = fr_response_info(p, end, base, fi, &err)
+        elif fid == 5 or fid == 6:        # globalContext / localContext
+            if ft != T_MAP:
+                return FE_BAD_FIELD_TYPE
+            p = fr_context(p, end, base, fi, fid == 6, &err)
+        elif fid == 4 or fid == 7:        # traceInfo / heartbeatInfo: not needed to route
+            if ft != T_STRUCT:
+                return FE_BAD_FIELD_TYPE
+            p = fr_skip(p, end, ft, 1, &err)
+        else:
+            p = fr_skip(p, end, ft, 1, &err)
+        if p == NULL:
+            return err
+    if p != end:
+        # bytes after the stop byte: header_length and the struct disagree
+        return FE_BAD_HEADER
+    if (fi.flags & (FF_REQUEST | FF_RESPONSE)) == 0 and fi.msg_type <= MT_NORMAL:
+        # a normal message must be a request or a response; heartbeats and
+        # ProxyRestart may carry neither
+        return FE_BAD_HEADER
+    return 0
+
+
+cdef inline void fr_reset(FrameInfo* fi) noexcept nogil:
+    fi.kind = 0
+    fi.flags = 0
+    fi.version = 0
+    fi.protocol = 0
+    fi.msg_type = -1
+    fi.length = 0
+    fi.header_off = -1
+    fi.header_len = 0
+    fi.body_off = -1
+    fi.body_len = 0
+    fi.seq_id = 0
+    fi.seq_off = -1
+    fi.call_type = 0
+    fi.timeout = -1
+    fi.status = -1
+    fi.service_off = -1
+    fi.service_len = -1
+    fi.appkey_off = -1
+    fi.appkey_len = -1
+    fi.liteset_off = -1
+    fi.liteset_len = -1
+    fi.set_off = -1
+    fi.set_len = -1
+    fi.swimlane_off = -1
+    fi.swimlane_len = -1
+    fi.hashkey_off = -1
+    fi.hashkey_len = -1
+    fi.message_off = -1
+    fi.message_len = -1
+
+
+cdef Py_ssize_t fr_scan_thrift(const uint8_t* buf, Py_ssize_t n, Py_ssize_t max_frame,
+                               FrameInfo* fi) noexcept nogil:
+    # Native Thrift framed transport: i32 length + strict TBinaryProtocol
+    # message.  Decide as early as the bytes allow, so garbage is rejected
+    # after at most 8 bytes and an oversized frame before it is buffered.
+    cdef int32_t mlen, nlen = 0
+    cdef Py_ssize_t total
+    cdef int mtype
+    if n >= 4:
+        mlen = <int32_t>fr_rd_u32(buf)
+        if mlen <= 0:
+            return FE_BAD_MAGIC
+    # strict TBinaryProtocol: 0x80 0x01 0x00 type
+    if (n > 4 and buf[4] != 0x80) or (n > 5 and buf[5] != 0x01) or (n > 6 and buf[6] != 0x00):
+        return FE_BAD_MAGIC
+    if n < 8:
+        return FE_NEED_MORE
+    mtype = buf[7]
+    if mtype < 1 or mtype > 4:
+        return FE_BAD_THRIFT
+    total = 4 + <Py_ssize_t>mlen
+    if total > max_frame:
+        return FE_TOO_LARGE
+    if mlen < THRIFT_MIN_MESSAGE:
+        return FE_BAD_THRIFT
+    if n >= 12:
+        nlen = <int32_t>fr_rd_u32(buf + 8)
+        if nlen < 0 or nlen > mlen - THRIFT_MIN_MESSAGE:
+            return FE_BAD_THRIFT
+    if n < total:
+        return FE_NEED_MORE
+    fi.kind = FK_THRIFT
+    fi.msg_type = MT_NORMAL
+    fi.length = total
+    fi.header_off = 4
+    fi.header_len = 0
+    fi.body_off = 4
+    fi.body_len = mlen
+    fi.service_off = 12
+    fi.service_len = nlen
+    fi.seq_off = 12 + nlen
+    fi.seq_id = <int32_t>fr_rd_u32(buf + fi.seq_off)
+    if mtype == 1 or mtype == 4:
+        fi.flags = FF_REQUEST
+        fi.call_type = 1 if mtype == 4 else 0
+    else:
+        fi.flags = FF_RESPONSE
+    return total
+
+
+cdef Py_ssize_t fr_scan(const uint8_t* buf, Py_ssize_t n, Py_ssize_t max_frame,
+                        Py_ssize_t max_header, FrameInfo* fi) noexcept nogil:
+    cdef int32_t tl
+    cdef Py_ssize_t total, hl, trailer, err
+    cdef int proto
+    fr_reset(fi)
+    if n <= 0:
+        return FE_NEED_MORE
+    if buf[0] != 0xAB:
+        return fr_scan_thrift(buf, n, max_frame, fi)
+    if n < 2:
+        return FE_NEED_MORE
+    if buf[1] != 0xBA:
+        # 0xAB as the top byte of a Thrift length is > 2 GiB: never valid
+        return FE_BAD_MAGIC
+    if n < 8:
+        return FE_NEED_MORE
+    proto = buf[3]
+    trailer = 4 if proto & PROTO_CHECKSUM else 0
+    tl = <int32_t>fr_rd_u32(buf + 4)
+    if tl < 2 + trailer:
+        return FE_BAD_LENGTH
+    total = 8 + <Py_ssize_t>tl
+    if total > max_frame:
+        return FE_TOO_LARGE
+    if n < OCTO_PREFIX:
+        return FE_NEED_MORE
+    hl = (buf[8] << 8) | buf[9]
+    if hl > max_header:
+        return FE_HEADER_TOO_LARGE
+    if proto & (PROTO_GZIP | PROTO_SNAPPY) == 0 and 2 + hl + trailer > tl:
+        # (a compressed frame's header_length is the uncompressed size)
+        return FE_BAD_LENGTH
+    if n < total:
+        return FE_NEED_MORE
+    if trailer and fr_adler32(buf, total - 4) != fr_rd_u32(buf + total - 4):
+        return FE_BAD_CHECKSUM
+    fi.kind = FK_OCTO
+    fi.version = buf[2]
+    fi.protocol = proto
+    fi.length = total
+    if trailer:
+        fi.flags = FF_CHECKSUM
+    if proto & (PROTO_GZIP | PROTO_SNAPPY):
+        # header and body are compressed together: report the bounds only,
+        # never guess at fields inside (see docs/protocol.md)
+        if proto & PROTO_GZIP:
+            fi.flags |= FF_GZIP
+        if proto & PROTO_SNAPPY:
+            fi.flags |= FF_SNAPPY
+        fi.header_off = OCTO_PREFIX
+        fi.header_len = hl
+        fi.body_off = OCTO_PREFIX
+        fi.body_len = total - trailer - OCTO_PREFIX
+        return total
+    fi.header_off = OCTO_PREFIX
+    fi.header_len = hl
+    fi.body_off = OCTO_PREFIX + hl
+    fi.body_len = total - trailer - OCTO_PREFIX - hl
+    err = fr_header(buf, OCTO_PREFIX, hl, fi)
+    if err != 0:
+        return err
+    return total
+
+
+cdef void fr_set_seq_id(uint8_t* frame, const FrameInfo* fi, int64_t seq_id) noexcept nogil:
+    cdef uint8_t* p
+    if fi.seq_off < 0:
+        return
+    p = frame + fi.seq_off
+    if fi.kind == FK_THRIFT:
+        fr_wr_u32(p, <uint32_t>seq_id)
+    else:
+        fr_wr_u32(p, <uint32_t>((<uint64_t>seq_id) >> 32))
+        fr_wr_u32(p + 4, <uint32_t>seq_id)
+    if fi.flags & FF_CHECKSUM:
+        fr_wr_u32(frame + fi.length - 4, fr_adler32(frame, fi.length - 4))
+
+
+cdef const char* fr_strerror(Py_ssize_t code) noexcept nogil:
+    if code == FE_NEED_MORE:
+        return "incomplete frame"
+    if code == FE_BAD_MAGIC:
+        return "neither an OCTO frame (magic 0xABBA) nor native Thrift framing"
+    if code == FE_TOO_LARGE:
+        return "frame larger than the configured maximum"
+    if code == FE_BAD_LENGTH:
+        return "total_length and header_length are inconsistent"
+    if code == FE_HEADER_TOO_LARGE:
+        return "header larger than the configured maximum"
+    if code == FE_BAD_HEADER:
+        return "malformed Thrift in the OCTO header"
+    if code == FE_BAD_FIELD_TYPE:
+        return "a known OCTO header field has the wrong Thrift type"
+    if code == FE_TOO_DEEP:
+        return "header nesting too deep"
+    if code == FE_BAD_CHECKSUM:
+        return "Adler-32 checksum mismatch"
+    if code == FE_BAD_THRIFT:
+        return "malformed native Thrift framed message"
+    if code > 0:
+        return "ok"
+    return "unknown frame error"
+
+
+# ---------------------------------------------------------------- C encoders
+
+cdef bytes fr_error_response(int64_t seq_id, int status, str message, bint restart, int protocol):
+    local = {"octo-proxy-restart": "1"} if restart else None
+    return encode_response(seq_id, b"", status=status, message=message, local_context=local,
+                           protocol=protocol & _SERIAL_MASK)
+
+
+cdef bytes fr_heartbeat_response(int64_t seq_id, int protocol):
+    return encode_heartbeat(seq_id, response=True, protocol=protocol & _SERIAL_MASK)
+
+
+cdef bytes fr_proxy_restart():
+    return _PROXY_RESTART
+
+
+cdef bytes fr_proxy_announce(int64_t seq_id):
+    return encode_proxy_announce(seq_id)
+
+
+# ---------------------------------------------------------------- Python API
+
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+DEFAULT_MAX_HEADER = 64 * 1024
+MAX_DEPTH = FR_MAX_DEPTH
+
+# the C enum names are not Python names; export them explicitly
+_g = globals()
+for _name, _value in (
+    ("FK_OCTO", FK_OCTO), ("FK_THRIFT", FK_THRIFT),
+    ("FF_CHECKSUM", FF_CHECKSUM), ("FF_GZIP", FF_GZIP), ("FF_SNAPPY", FF_SNAPPY),
+    ("FF_REQUEST", FF_REQUEST), ("FF_RESPONSE", FF_RESPONSE),
+    ("FF_PROXY_RESTART", FF_PROXY_RESTART), ("FF_PROXY_ANNOUNCE", FF_PROXY_ANNOUNCE),
+    ("MT_NORMAL", MT_NORMAL), ("MT_HEARTBEAT", MT_HEARTBEAT),
+    ("MT_SCANNER_HEARTBEAT", MT_SCANNER_HEARTBEAT), ("MT_PROXY_RESTART", MT_PROXY_RESTART),
+    ("FE_NEED_MORE", FE_NEED_MORE), ("FE_BAD_MAGIC", FE_BAD_MAGIC),
+    ("FE_TOO_LARGE", FE_TOO_LARGE), ("FE_BAD_LENGTH", FE_BAD_LENGTH),
+    ("FE_HEADER_TOO_LARGE", FE_HEADER_TOO_LARGE), ("FE_BAD_HEADER", FE_BAD_HEADER),
+    ("FE_BAD_FIELD_TYPE", FE_BAD_FIELD_TYPE), ("FE_TOO_DEEP", FE_TOO_DEEP),
+    ("FE_BAD_CHECKSUM", FE_BAD_CHECKSUM), ("FE_BAD_THRIFT", FE_BAD_THRIFT),
+    ("STATUS_SUCCESS", STATUS_SUCCESS), ("STATUS_APPLICATION", STATUS_APPLICATION),
+    ("STATUS_RUNTIME", STATUS_RUNTIME), ("STATUS_RPC", STATUS_RPC),
+    ("STATUS_TRANSPORT", STATUS_TRANSPORT), ("STATUS_PROTOCOL", STATUS_PROTOCOL),
+    ("STATUS_DEGRADE", STATUS_DEGRADE), ("STATUS_SECURITY", STATUS_SECURITY),
+    ("STATUS_SERVICE", STATUS_SERVICE), ("STATUS_REMOTE", STATUS_REMOTE),
+):
+    _g[_name] = _value
+del _g, _name, _value
+
+cdef int _SERIAL_MASK = 0xFF & ~(PROTO_CHECKSUM | PROTO_GZIP | PROTO_SNAPPY)
+
+
+class FrameError(ValueError):
+    """Malformed bytes: `code` is the FE_* value, the message its description."""
+
+    def __init__(self, int code):
+        super().__init__(strerror(code))
+        self.code = code
+
+
+def strerror(Py_ssize_t code) -> str:
+    return fr_strerror(code).decode()
+
+
+cdef inline object _str_at(bytes data, Py_ssize_t off, Py_ssize_t ln):
+    if ln < 0:
+        return None
+    return data[off:off + ln].decode("utf-8", "surrogateescape")
+
+
+@cython.final
+cdef class Frame:
+    """One frame found by scan(): a copy of its bytes plus what fr_scan learnt.
+
+    `offset` is where the frame started in the buffer that was scanned."""
+
+    def __cinit__(self):
+        self.offset = 0
+        self.data = b""
+
+    @staticmethod
+    cdef Frame fr_new(const uint8_t* frame, const FrameInfo* fi, Py_ssize_t offset):
+        cdef Frame f = Frame.__new__(Frame)
+        f.fi = fi[0]
+        f.offset = offset
+        f.data = (<const char*>frame)[:fi.length]
+        return f
+
+    @property
+    def kind(self) -> int:
+        return self.fi.kind
+
+    @property
+    def flags(self) -> int:
+        return self.fi.flags
+
+    @property
+    def version(self) -> int:
+        return self.fi.version
+
+    @property
+    def protocol(self) -> int:
+        return self.fi.protocol
+
+    @property
+    def msg_type(self) -> int:
+        return self.fi.msg_type
+
+    @property
+    def offset(self) -> int:
+        return self.offset
+
+    @property
+    def length(self) -> int:
+        return self.fi.length
+
+    @property
+    def is_request(self) -> bool:
+        return bool(self.fi.flags & FF_REQUEST)
+
+    @property
+    def is_response(self) -> bool:
+        return bool(self.fi.flags & FF_RESPONSE)
+
+    @property
+    def seq_id(self) -> int:
+        return self.fi.seq_id
+
+    @property
+    def seq_off(self) -> int:
+        return self.fi.seq_off
+
+    @property
+    def call_type(self) -> int:
+        return self.fi.call_type
+
+    @property
+    def timeout(self) -> int:
+        return self.fi.timeout
+
+    @property
+    def status(self) -> int:
+        return self.fi.status
+
+    @property
+    def message(self):
+        return _str_at(self.data, self.fi.message_off, self.fi.message_len)
+
+    @property
+    def service_name(self):
+        return _str_at(self.data, self.fi.service_off, self.fi.service_len)
+
+    @property
+    def remote_appkey(self):
+        return _str_at(self.data, self.fi.appkey_off, self.fi.appkey_len)
+
+    @property
+    def liteset(self):
+        return _str_at(self.data, self.fi.liteset_off, self.fi.liteset_len)
+
+    @property
+    def set(self):
+        return _str_at(self.data, self.fi.set_off, self.fi.set_len)
+
+    @property
+    def swimlane(self):
+        return _str_at(self.data, self.fi.swimlane_off, self.fi.swimlane_len)
+
+    @property
+    def hash_key(self):
+        return _str_at(self.data, self.fi.hashkey_off, self.fi.hashkey_len)
+
+    @property
+    def proxy_restart(self) -> bool:
+        return bool(self.fi.flags & FF_PROXY_RESTART)
+
+    @property
+    def proxy_announce(self) -> bool:
+        return bool(self.fi.flags & FF_PROXY_ANNOUNCE)
+
+    @property
+    def header_off(self) -> int:
+        return self.fi.header_off
+
+    @property
+    def header_len(self) -> int:
+        return self.fi.header_len
+
+    @property
+    def body_off(self) -> int:
+        return self.fi.body_off
+
+    @property
+    def body_len(self) -> int:
+        return self.fi.body_len
+
+    @property
+    def body(self) -> bytes:
+        return self.data[self.fi.body_off:self.fi.body_off + self.fi.body_len]
+
+    @property
+    def bytes(self):
+        return self.data
+
+    @property
+    def checksum(self) -> bool:
+        return bool(self.fi.flags & FF_CHECKSUM)
+
+    @property
+    def compressed(self) -> bool:
+        return bool(self.fi.flags & (FF_GZIP | FF_SNAPPY))
+
+    def __repr__(self):
+        return (f"<Frame kind={self.fi.kind} msg_type={self.fi.msg_type} flags={self.fi.flags:#x} "
+                f"seq_id={self.fi.seq_id} length={self.fi.length} offset={self.offset}>")
+
+
+def scan(buf, Py_ssize_t start=0, end=None, *, Py_ssize_t max_frame=DEFAULT_MAX_FRAME,
+         Py_ssize_t max_header=DEFAULT_MAX_HEADER):
+    """Scan buf[start:end] for whole frames -> (frames, bytes consumed from start).
+
+    Raises FrameError when the first unconsumed bytes are malformed; frames
+    found before a malformed one are returned first (the next call raises)."""
+    cdef const uint8_t[::1] mv = buf
+    cdef Py_ssize_t stop = mv.shape[0] if end is None else end
+    cdef Py_ssize_t pos, r
+    cdef FrameInfo fi
+    cdef list frames = []
+    if start < 0 or stop > mv.shape[0] or start > stop:
+        raise IndexError("start/end out of range")
+    pos = start
+    while pos < stop:
+        r = fr_scan(&mv[0] + pos, stop - pos, max_frame, max_header, &fi)
+        if r == 0:
+            break
+        if r < 0:
+            if frames:
+                break
+            raise FrameError(r)
+        frames.append(Frame.fr_new(&mv[0] + pos, &fi, pos))
+        pos += r
+    return frames, pos - start
+
+
+@cython.final
+cdef class FrameScanner:
+    """Keeps a receive buffer across feed() calls (SDK and tests; the data
+    path scans its own buffer with fr_scan)."""
+
+    cdef bytearray _buf
+    cdef Py_ssize_t _max_frame
+    cdef Py_ssize_t _max_header
+
+    def __init__(self, Py_ssize_t max_frame=DEFAULT_MAX_FRAME,
+                 Py_ssize_t max_header=DEFAULT_MAX_HEADER):
+        self._buf = bytearray()
+        self._max_frame = max_frame
+        self._max_header = max_header
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data) -> list:
+        self._buf += data
+        if not self._buf:
+            return []
+        frames, used = scan(self._buf, max_frame=self._max_frame, max_header=self._max_header)
+        if used:
+            del self._buf[:used]
+        if not frames and self._buf:
+            # surface an error that sits right at the front now, not on the next feed
+            scan(self._buf, max_frame=self._max_frame, max_header=self._max_header)
+        return frames
+
+
+def set_seq_id(bytearray buf not None, Frame frame not None, seq_id) -> None:
+    """Rewrite frame's sequence id inside buf (where it was scanned), in place."""
+    cdef uint8_t[::1] mv = buf
+    cdef int64_t v
+    if frame.fi.seq_off < 0:
+        raise ValueError("frame has no sequence id (compressed, or neither request nor response)")
+    if frame.offset < 0 or frame.offset + frame.fi.length > mv.shape[0]:
+        raise IndexError("frame lies outside buf")
+    if frame.fi.kind == FK_THRIFT and not (-(1 << 31) <= seq_id < (1 << 31)):
+        raise OverflowError("native Thrift sequence ids are i32")
+    v = seq_id
+    fr_set_seq_id(&mv[0] + frame.offset, &frame.fi, v)
+
+
+def adler32(data) -> int:
+    cdef const uint8_t[::1] mv = data
+    if mv.shape[0] == 0:
+        return 1
+    return fr_adler32(&mv[0], mv.shape[0])
+
+
+def bench_scan(buf, Py_ssize_t max_frame=DEFAULT_MAX_FRAME,
+               Py_ssize_t max_header=DEFAULT_MAX_HEADER) -> int:
+    """Scan every frame of buf in C and count them (benchmarks the core alone)."""
+    cdef const uint8_t[::1] mv = buf
+    cdef Py_ssize_t pos = 0, n = mv.shape[0], r = 0, count = 0
+    cdef FrameInfo fi
+    if n == 0:
+        return 0
+    with nogil:
+        while pos < n:
+            r = fr_scan(&mv[0] + pos, n - pos, max_frame, max_header, &fi)
+            if r <= 0:
+                break
+            pos += r
+            count += 1
+    if r < 0:
+        raise FrameError(r)
+    return count
+
+
+# ------------------------------------------------ Python-level encoder/decoder
+# Not on the hot path: control frames, the SDK and tests.
+
+_pk_i16 = _struct.Struct(">h").pack
+_pk_i32 = _struct.Struct(">i").pack
+_pk_u32 = _struct.Struct(">I").pack
+_pk_i64 = _struct.Struct(">q").pack
+_pk_dbl = _struct.Struct(">d").pack
+
+
+cdef inline bytes _enc_str(s):
+    b = s.encode("utf-8", "surrogateescape") if isinstance(s, str) else bytes(s)
+    return _pk_i32(len(b)) + b
+
+
+cdef inline bytes _fh(int t, int fid):
+    return bytes((t,)) + _pk_i16(fid)
+
+
+cdef bytes _enc_strmap(dict m):
+    out = [bytes((T_STRING, T_STRING)), _pk_i32(len(m))]
+    for k, v in m.items():
+        out.append(_enc_str(k))
+        out.append(_enc_str(v))
+    return b"".join(out)
+
+
+_TRACE_STRINGS = {1: "clientAppkey", 2: "traceId", 3: "spanId", 4: "rootMessageId",
+                  5: "currentMessageId", 6: "serverMessageId", 9: "clientIp"}
+_TRACE_BOOLS = {7: "debug", 8: "sample"}
+_TRACE_IDS = {**_TRACE_STRINGS, **_TRACE_BOOLS}
+
+
+cdef bytes _enc_request_info(dict r):
+    out = []
+    if "serviceName" in r:
+        out += [_fh(T_STRING, 1), _enc_str(r["serviceName"])]
+    if "sequenceId" in r:
+        out += [_fh(T_I64, 2), _pk_i64(r["sequenceId"])]
+    if "callType" in r:
+        out += [_fh(T_BYTE, 3), _struct.pack(">b", r["callType"])]
+    if "timeout" in r:
+        out += [_fh(T_I32, 4), _pk_i32(r["timeout"])]
+    out.append(b"\x00")
+    return b"".join(out)
+
+
+cdef bytes _enc_response_info(dict r):
+    out = []
+    if "sequenceId" in r:
+        out += [_fh(T_I64, 1), _pk_i64(r["sequenceId"])]
+    if "status" in r:
+        out += [_fh(T_BYTE, 2), _struct.pack(">b", r["status"])]
+    if r.get("message") is not None:
+        out += [_fh(T_STRING, 3), _enc_str(r["message"])]
+    out.append(b"\x00")
+    return b"".join(out)
+
+
+cdef bytes _enc_trace_info(dict t):
+    out = []
+    for fid, name in sorted(_TRACE_IDS.items()):
+        if name not in t:
+            continue
+        if fid in _TRACE_BOOLS:
+            out += [_fh(T_BOOL, fid), b"\x01" if t[name] else b"\x00"]
+        else:
+            out += [_fh(T_STRING, fid), _enc_str(t[name])]
+    out.append(b"\x00")
+    return b"".join(out)
+
+
+cdef bytes _enc_load_info(dict li):
+    out = []
+    if "averageLoad" in li:
+        out += [_fh(T_DOUBLE, 1), _pk_dbl(li["averageLoad"])]
+    for fid, name in ((2, "oldGC"), (3, "threadNum"), (4, "queueSize")):
+        if name in li:
+            out += [_fh(T_I32, fid), _pk_i32(li[name])]
+    if "methodQpsMap" in li:
+        m = li["methodQpsMap"]
+        out += [_fh(T_MAP, 5), bytes((T_STRING, T_DOUBLE)), _pk_i32(len(m))]
+        for k, v in m.items():
+            out += [_enc_str(k), _pk_dbl(v)]
+    out.append(b"\x00")
+    return b"".join(out)
+
+
+cdef bytes _enc_heartbeat_info(dict h):
+    out = []
+    if "appkey" in h:
+        out += [_fh(T_STRING, 1), _enc_str(h["appkey"])]
+    if "sendTime" in h:
+        out += [_fh(T_I64, 2), _pk_i64(h["sendTime"])]
+    if "loadInfo" in h:
+        out += [_fh(T_STRUCT, 3), _enc_load_info(h["loadInfo"])]
+    if "status" in h:
+        out += [_fh(T_I32, 4), _pk_i32(h["status"])]
+    out.append(b"\x00")
+    return b"".join(out)
+
+
+def encode_header(dict h not None) -> bytes:
+    """Encode a Header dict (keys as in the IDL: messageType, requestInfo,
+    responseInfo, traceInfo, globalContext, localContext, heartbeatInfo)."""
+    out = []
+    if h.get("messageType") is not None:
+        out += [_fh(T_BYTE, 1), _struct.pack(">b", h["messageType"])]
+    if h.get("requestInfo") is not None:
+        out += [_fh(T_STRUCT, 2), _enc_request_info(h["requestInfo"])]
+    if h.get("responseInfo") is not None:
+        out += [_fh(T_STRUCT, 3), _enc_response_info(h["responseInfo"])]
+    if h.get("traceInfo") is not None:
+        out += [_fh(T_STRUCT, 4), _enc_trace_info(h["traceInfo"])]
+    if h.get("globalContext") is not None:
+        out += [_fh(T_MAP, 5), _enc_strmap(h["globalContext"])]
+    if h.get("localContext") is not None:
+        out += [_fh(T_MAP, 6), _enc_strmap(h["localContext"])]
+    if h.get("heartbeatInfo") is not None:
+        out += [_fh(T_STRUCT, 7), _enc_heartbeat_info(h["heartbeatInfo"])]
+    out.append(b"\x00")
+    return b"".join(out)
+
+
+def encode_frame(bytes header not None, body=b"", *, int protocol=1, bint checksum=False,
+                 int version=1) -> bytes:
+    """Wrap encoded header bytes and a body into an OCTO frame."""
+    cdef Py_ssize_t hl = len(header)
+    if hl > 0xFFFF:
+        raise ValueError("header longer than 65535 bytes")
+    body = bytes(body)
+    proto = (protocol | PROTO_CHECKSUM) if checksum else (protocol & ~PROTO_CHECKSUM)
+    trailer = 4 if checksum else 0
+    frame = b"".join((b"\xab\xba", bytes((version & 0xFF, proto & 0xFF)),
+                      _pk_u32(2 + hl + len(body) + trailer), _struct.pack(">H", hl),
+                      header, body))
+    if checksum:
+        frame += _pk_u32(adler32(frame))
+    return frame
+
+
+def encode_request(seq_id, service_name, body=b"", *, int call_type=0, int timeout=0,
+                   global_context=None, local_context=None, trace_info=None,
+                   int message_type=0, int protocol=1, bint checksum=False,
+                   int version=1) -> bytes:
+    h = {"messageType": message_type,
+         "requestInfo": {"serviceName": service_name, "sequenceId": seq_id,
+                         "callType": call_type, "timeout": timeout},
+         "traceInfo": trace_info, "globalContext": global_context,
+         "localContext": local_context}
+    return encode_frame(encode_header(h), body, protocol=protocol, checksum=checksum,
+                        version=version)
+
+
+def encode_response(seq_id, body=b"", *, int status=0, message=None, global_context=None,
+                    local_context=None, int message_type=0, int protocol=1,
+                    bint checksum=False) -> bytes:
+    h = {"messageType": message_type,
+         "responseInfo": {"sequenceId": seq_id, "status": status, "message": message},
+         "globalContext": global_context, "localContext": local_context}
+    return encode_frame(encode_header(h), body, protocol=protocol, checksum=checksum)
+
+
+def encode_error_response(seq_id, int status, message, *, bint restart=False,
+                          int protocol=1) -> bytes:
+    """What the proxy answers when it cannot deliver a request (empty body)."""
+    return fr_error_response(seq_id, status, message, restart, protocol)
+
+
+def encode_heartbeat(seq_id, *, bint response=False, appkey=None, send_time_us=None,
+                     local_context=None, int protocol=1) -> bytes:
+    """A NormalHeartbeat request (requestInfo) or response (responseInfo, status 0).
+
+    RequestInfo/ResponseInfo carry every field the OCTO IDL marks required, so
+    strict legacy decoders accept them."""
+    h = {"messageType": MT_HEARTBEAT, "localContext": local_context}
+    if response:
+        h["responseInfo"] = {"sequenceId": seq_id, "status": 0}
+    else:
+        h["requestInfo"] = {"serviceName": "", "sequenceId": seq_id, "callType": 0,
+                            "timeout": 0}
+    if appkey is not None or send_time_us is not None:
+        hb = {}
+        if appkey is not None:
+            hb["appkey"] = appkey
+        if send_time_us is not None:
+            hb["sendTime"] = send_time_us
+        h["heartbeatInfo"] = hb
+    return encode_frame(encode_header(h), b"", protocol=protocol & _SERIAL_MASK)
+
+
+def encode_proxy_restart() -> bytes:
+    return _PROXY_RESTART
+
+
+def encode_proxy_announce(seq_id) -> bytes:
+    return encode_heartbeat(seq_id, local_context={"octo-proxy": "1"})
+
+
+cdef bytes _PROXY_RESTART = encode_frame(encode_header({"messageType": MT_PROXY_RESTART}), b"")
+
+
+def encode_thrift_message(name, int message_type, seq_id, payload=b"") -> bytes:
+    """A native Thrift framed message (strict TBinaryProtocol), for tests/SDK."""
+    msg = b"".join((b"\x80\x01\x00", bytes((message_type & 0xFF,)), _enc_str(name),
+                    _pk_i32(seq_id), bytes(payload)))
+    return _pk_i32(len(msg)) + msg
+
+
+# -------- full decode (Python level)
+
+cdef class _Reader:
+    cdef bytes b
+    cdef Py_ssize_t p
+    cdef Py_ssize_t end
+
+    def __init__(self, bytes b, Py_ssize_t p, Py_ssize_t end):
+        self.b = b
+        self.p = p
+        self.end = end
+
+    cdef bytes take(self, Py_ssize_t k):
+        if k < 0 or self.p + k > self.end:
+            raise FrameError(FE_BAD_HEADER)
+        r = self.b[self.p:self.p + k]
+        self.p += k
+        return r
+
+    cdef int u8(self) except -1:
+        return self.take(1)[0]
+
+    cdef int i8(self) except? -999:
+        return _struct.unpack(">b", self.take(1))[0]
+
+    cdef object i16(self):
+        return _struct.unpack(">h", self.take(2))[0]
+
+    cdef object i32(self):
+        return _struct.unpack(">i", self.take(4))[0]
+
+    cdef object i64(self):
+        return _struct.unpack(">q", self.take(8))[0]
+
+    cdef object dbl(self):
+        return _struct.unpack(">d", self.take(8))[0]
+
+    cdef object string(self):
+        return self.take(self.i32()).decode("utf-8", "surrogateescape")
+
+    cdef object value(self, int t, int depth):
+        # generic decode, used to skip unknown fields and for wrong-typed ones
+        cdef Py_ssize_t cnt
+        if t == T_BOOL:
+            return self.u8() != 0
+        if t == T_BYTE:
+            return self.i8()
+        if t == T_I16:
+            return self.i16()
+        if t == T_I32:
+            return self.i32()
+        if t == T_I64:
+            return self.i64()
+        if t == T_DOUBLE:
+            return self.dbl()
+        if t == T_STRING:
+            return self.take(self.i32())
+        if t not in (T_STRUCT, T_MAP, T_SET, T_LIST):
+            raise FrameError(FE_BAD_HEADER)
+        if depth > FR_MAX_DEPTH:
+            raise FrameError(FE_TOO_DEEP)
+        if t == T_STRUCT:
+            out = {}
+            for fid, ft in self.fields():
+                out[fid] = self.value(ft, depth + 1)
+            return out
+        if t == T_MAP:
+            kt = self.u8()
+            vt = self.u8()
+            cnt = self.i32()
+            if cnt < 0:
+                raise FrameError(FE_BAD_HEADER)
+            return [(self.value(kt, depth + 1), self.value(vt, depth + 1)) for _ in range(cnt)]
+        et = self.u8()
+        cnt = self.i32()
+        if cnt < 0:
+            raise FrameError(FE_BAD_HEADER)
+        return [self.value(et, depth + 1) for _ in range(cnt)]
+
+    def fields(self):
+        cdef int ft
+        while True:
+            ft = self.u8()
+            if ft == T_STOP:
+                return
+            yield self.i16(), ft
+
+    cdef dict strmap(self):
+        kt = self.u8()
+        vt = self.u8()
+        cnt = self.i32()
+        if cnt < 0:
+            raise FrameError(FE_BAD_HEADER)
+        if cnt and (kt != T_STRING or vt != T_STRING):
+            raise FrameError(FE_BAD_FIELD_TYPE)
+        return {self.string(): self.string() for _ in range(cnt)}
+
+    cdef dict struct(self, dict spec, int depth):
+        # spec: field id -> (name, type, reader or None); others skipped
+        out = {}
+        for fid, ft in self.fields():
+            s = spec.get(fid)
+            if s is None or s[1] != ft:
+                self.value(ft, depth + 1)
+                continue
+            name, t, sub = s
+            if sub is not None:
+                out[name] = self.struct(sub, depth + 1)
+            elif t == T_STRING:
+                out[name] = self.string()
+            elif t == T_BOOL:
+                out[name] = self.u8() != 0
+            elif t == T_MAP:
+                mkt = self.u8()
+                mvt = self.u8()
+                cnt = self.i32()
+                if cnt < 0:
+                    raise FrameError(FE_BAD_HEADER)
+                if cnt and (mkt != T_STRING or mvt != T_DOUBLE):
+                    for _ in range(cnt):
+                        self.value(mkt, depth + 2)
+                        self.value(mvt, depth + 2)
+                    continue
+                out[name] = {self.string(): self.dbl() for _ in range(cnt)}
+            else:
+                out[name] = self.value(t, depth + 1)
+        return out
+
+
+_LOAD_SPEC = {1: ("averageLoad", T_DOUBLE, None), 2: ("oldGC", T_I32, None),
+              3: ("threadNum", T_I32, None), 4: ("queueSize", T_I32, None),
+              5: ("methodQpsMap", T_MAP, None)}
+_HB_SPEC = {1: ("appkey", T_STRING, None), 2: ("sendTime", T_I64, None),
+            3: ("loadInfo", T_STRUCT, _LOAD_SPEC), 4: ("status", T_I32, None)}
+_TRACE_SPEC = {fid: (name, T_BOOL if fid in _TRACE_BOOLS else T_STRING, None)
+               for fid, name in _TRACE_IDS.items()}
+_REQ_SPEC = {1: ("serviceName", T_STRING, None), 2: ("sequenceId", T_I64, None),
+             3: ("callType", T_BYTE, None), 4: ("timeout", T_I32, None)}
+_RESP_SPEC = {1: ("sequenceId", T_I64, None), 2: ("status", T_BYTE, None),
+              3: ("message", T_STRING, None)}
+
+
+def decode_header(bytes data not None) -> dict:
+    """Decode a Header struct fully (unknown fields ignored)."""
+    cdef _Reader r = _Reader(data, 0, len(data))
+    h = {}
+    for fid, ft in r.fields():
+        if fid == 1 and ft == T_BYTE:
+            h["messageType"] = r.i8()
+        elif fid == 2 and ft == T_STRUCT:
+            h["requestInfo"] = r.struct(_REQ_SPEC, 1)
+        elif fid == 3 and ft == T_STRUCT:
+            h["responseInfo"] = r.struct(_RESP_SPEC, 1)
+        elif fid == 4 and ft == T_STRUCT:
+            h["traceInfo"] = r.struct(_TRACE_SPEC, 1)
+        elif fid == 5 and ft == T_MAP:
+            h["globalContext"] = r.strmap()
+        elif fid == 6 and ft == T_MAP:
+            h["localContext"] = r.strmap()
+        elif fid == 7 and ft == T_STRUCT:
+            h["heartbeatInfo"] = r.struct(_HB_SPEC, 1)
+        elif 1 <= fid <= 7:
+            raise FrameError(FE_BAD_FIELD_TYPE)
+        else:
+            r.value(ft, 1)
+    if r.p != r.end:
+        raise FrameError(FE_BAD_HEADER)
+    return h
+
+
+def decode_frame(data, *, Py_ssize_t max_frame=DEFAULT_MAX_FRAME,
+                 Py_ssize_t max_header=DEFAULT_MAX_HEADER) -> dict:
+    """Fully decode exactly one frame (validated by the C scanner first).
+
+    OCTO: {kind, version, protocol, checksum, compressed, header (dict, None
+    when compressed), body}.  Thrift: {kind, message_type, name, seq_id, body}."""
+    data = bytes(data)
+    frames, used = scan(data, max_frame=max_frame, max_header=max_header)
+    if not frames or used != len(data):
+        if frames:
+            raise ValueError("more than one frame in data")
+        raise FrameError(FE_NEED_MORE)
+    cdef Frame f = frames[0]
+    if f.fi.kind == FK_THRIFT:
+        mtype = data[7]
+        return {"kind": FK_THRIFT, "message_type": mtype, "name": f.service_name,
+                "seq_id": f.fi.seq_id, "body": f.body}
+    out = {"kind": FK_OCTO, "version": f.fi.version, "protocol": f.fi.protocol,
+           "checksum": f.checksum, "compressed": f.compressed, "body": f.body,
+           "header": None}
+    if not f.compressed:
+        out["header"] = decode_header(data[f.fi.header_off:f.fi.header_off + f.fi.header_len])
+    return out
