@@ -2,7 +2,8 @@
 # (datapath.pyx).  Implementation: route.pyx (+ balance.pyx if split).  Add
 # fields/functions freely; do not change these without updating datapath.pyx.
 
-from libc.stdint cimport int64_t, uint8_t
+from cpython.object cimport PyObject
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 cdef enum:
     RT_OK = 0
@@ -10,6 +11,8 @@ cdef enum:
     RT_SET_NO_NODE = 2        # Set-enabled service, caller's Set cell has no node (no fallback)
     RT_NO_HEALTHY = 3         # candidates exist but none healthy (weight 0 / not ALIVE / ...)
     RT_NO_SERVICE_KEY = 4     # request names neither an appkey nor a serviceName
+
+cdef class RtClock  # defined below; Node keeps one
 
 # One node of one service.  The same Node object is carried over from one
 # snapshot to the next while (service, address) stays, so that picker state
@@ -23,11 +26,124 @@ cdef class Node:
     cdef public long active         # requests in flight (least request); data path: lb_on_send/lb_on_done
     cdef public long long picks     # how many times this node was picked (stats)
     # ... labels, weight, warm-up fields as the implementation needs
+    cdef readonly long weight       # configured weight (0 = drained); warm-up scales it
+    cdef readonly int status        # registry status; only ALIVE (2) serves
+    cdef readonly int role          # 0 primary, 1 backup
+    cdef readonly str cell          # "" = center
+    cdef readonly str swimlane      # "" = trunk
+    cdef readonly str idc           # for locality tiers
+    cdef readonly str region        # for locality tiers
+    cdef readonly double warmup_s   # seconds over which the weight ramps up (0 = none)
+    cdef readonly double start_time # unix seconds the node started (warm-up origin)
+    cdef bytes addr_b               # address as bytes: seeds the node's ring points
+    cdef RtClock clock              # the owning table's clock, for effective_weight
+
+# The table's notion of "now": a fixed time (tests), a Python callable (tests),
+# or the coarse C realtime clock.  Shared by the table and its nodes (no cycle).
+cdef class RtClock:
+    cdef double fixed               # value returned while has_fixed
+    cdef bint has_fixed             # set_time() was called
+    cdef object fn                  # optional Python callable; None = C clock
+    cdef double now(self) except? -1.0
+
+# Open-addressing hash index: bytes key -> borrowed object, looked up with a
+# (pointer, length, xxh64) triple so that a request slice needs no Python object.
+cdef class RtIndex:
+    cdef Py_ssize_t mask            # capacity - 1 (capacity a power of two, load <= 1/2)
+    cdef Py_ssize_t count           # keys stored
+    cdef uint64_t* hashes           # xxh64 of each slot's key
+    cdef const char** kptr          # key bytes (owned by `keys`)
+    cdef Py_ssize_t* klen           # key lengths
+    cdef PyObject** vals            # borrowed values (owned by `values`); NULL = empty slot
+    cdef list keys                  # keeps the key bytes alive
+    cdef list values                # keeps the values alive
+    cdef PyObject* get(self, const uint8_t* p, Py_ssize_t n, uint64_t h) noexcept
+
+# One ready-to-pick candidate set: the result of steps 1-4 for one
+# (service, cell, swimlane).  Immutable list; the pick structures inside are
+# picker state (RR position, warm-up recomputation).
+cdef class CandSet:
+    cdef int err                    # RT_OK, or RT_NO_HEALTHY for an empty set
+    cdef int policy                 # LB_* of the service
+    cdef readonly str cell          # the cell this set serves (for messages)
+    cdef readonly str lane          # the swimlane this set serves ("" = trunk)
+    cdef readonly int n_endpoints   # endpoints in (cell, lane) before the health filter
+    cdef list node_list             # the candidates (Node), owns the references
+    cdef Py_ssize_t n               # len(node_list)
+    cdef PyObject** nodes           # borrowed from node_list, for the pick loop
+    cdef int64_t* weight            # configured weights at build time
+    cdef double* warm_start         # start_time per node
+    cdef double* warm_len           # warmup_s per node
+    cdef int64_t* eff               # effective weights at the last prepare
+    cdef bint has_warmup            # some node has warmup_s > 0 (may still be warming)
+    cdef bint warming               # some node was still warming at the last prepare
+    cdef bint prepared              # pick structures built
+    cdef bint uniform               # all effective weights equal: index math, no tables
+    cdef double prepared_at         # clock value of the last prepare
+    cdef uint32_t* seq              # RR: smooth weighted sequence of node indexes
+    cdef Py_ssize_t seq_len         # RR: sequence length (n when uniform)
+    cdef Py_ssize_t pos             # RR: next position in the sequence
+    cdef uint32_t* alias_prob       # random/LR: Vose alias thresholds (2^32 scale)
+    cdef uint32_t* alias_idx        # random/LR: alias targets
+    cdef uint64_t* ring_hash        # CH: sorted ring point hashes
+    cdef uint32_t* ring_idx         # CH: node index of each ring point
+    cdef Py_ssize_t ring_len        # CH: points on the ring (0 = not built yet)
+
+# A cell of a service: its swimlane index and the trunk fallback.
+cdef class CellEntry:
+    cdef str cell                   # "" = center
+    cdef RtIndex lanes              # lane bytes -> CandSet (non-empty lanes only)
+    cdef CandSet trunk              # (cell, "") candidates: fallback and no-lane callers
+
+# One service in one snapshot.  Reused as-is by the next snapshot when another
+# service is updated.
+cdef class ServiceEntry:
+    cdef readonly str appkey        # the service
+    cdef bytes appkey_b             # utf-8 appkey (index key)
+    cdef uint64_t appkey_h          # xxh64 of appkey_b (rebuilding the index needs no rehash)
+    cdef int policy                 # LB_*
+    cdef bint set_enabled           # Set callers get their Set cell, no fallback
+    cdef RtIndex cells              # non-center cell bytes -> CellEntry
+    cdef CellEntry center           # cell "" (always present, maybe empty)
+    cdef CandSet default_cs         # result for the proxy's own labels (None if error)
+    cdef int default_err            # RT_* for the proxy's own labels
+    cdef dict by_key                # (cell, lane) -> CandSet, for reuse and admin
+    cdef dict nodes_by_addr         # address -> Node, carried to the next build
+    cdef list nodes                 # every Node of the service, endpoint order
+    cdef object service             # the model.Service it was built from
+
+# An immutable snapshot: what one version of the table routes with.
+cdef class Snapshot:
+    cdef dict entries               # appkey -> ServiceEntry
+    cdef RtIndex by_appkey          # appkey bytes -> ServiceEntry
+    cdef RtIndex by_name            # serviceName bytes -> ServiceEntry
+    cdef dict name_to_appkey        # serviceName -> appkey (admin, messages)
+
+cdef enum:
+    LB_ROUND_ROBIN = 0
+    LB_LEAST_REQUEST = 1
+    LB_RANDOM = 2
+    LB_CONSISTENT_HASH = 3
 
 # The live table the data path holds for its whole life; snapshots are swapped
 # inside it atomically.  Strings are (pointer, length); length -1 = absent
 # (then the proxy's own label is used; a present value, even "", overrides).
 cdef class RouteTable:
+    cdef Snapshot _snap             # the current snapshot; swapped by one assignment
+    cdef readonly object labels     # the proxy's own model.Labels
+    cdef readonly long long version # bumps on each swap
+    cdef readonly long long builds  # services built since creation (tests: no needless rebuilds)
+    cdef dict _services             # appkey -> model.Service (source of rebuilds)
+    cdef bytes _own_l               # own liteset (utf-8)
+    cdef bytes _own_s               # own set
+    cdef bytes _own_w               # own swimlane
+    cdef uint64_t _own_l_h          # xxh64 of the above, so absent context costs no hashing
+    cdef uint64_t _own_s_h
+    cdef uint64_t _own_w_h
+    cdef str _own_idc               # locality tier 1 (build time only)
+    cdef str _own_region            # locality tier 2 (build time only)
+    cdef uint64_t _rng              # splitmix64 state: RR offsets and random picks
+    cdef RtClock _clock             # warm-up clock
     # Route one request to a node.  Returns the node, or None with *err set to
     # an RT_* code.  Does not change counters other than the picker's own state.
     cdef Node rt_route(self,
