@@ -1,0 +1,5 @@
+import sys
+
+from octoproxy.controlplane.server import main
+
+sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,324 @@
+"""The control plane's endpoints file: format, validation, snapshots and watching.
+
+The file (YAML, or JSON when it ends in .json) lists services; see
+docs/xds.md and examples/endpoints.yaml.  Each load builds a `Snapshot` of
+Envoy resources with a version per resource (a hash of its content, so it is
+stable across control-plane restarts); services whose text did not change are
+not rebuilt.  A file that does not load or validate is logged and ignored: the
+last good snapshot stays in service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from google.protobuf import any_pb2
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from octoproxy import model
+from octoproxy.xds.resources import (
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    MAX_WEIGHT,
+    service_to_cla,
+    service_to_cluster,
+)
+
+log = logging.getLogger("octoproxy.controlplane")
+
+_STATUS_NAMES = {
+    "dead": model.STATUS_DEAD,
+    "starting": model.STATUS_STARTING,
+    "alive": model.STATUS_ALIVE,
+    "stopping": model.STATUS_STOPPING,
+    "stopped": model.STATUS_STOPPED,
+    "warning": model.STATUS_WARNING,
+}
+_HEALTH_NAMES = {
+    "healthy": model.STATUS_ALIVE,
+    "unknown": model.STATUS_ALIVE,
+    "unhealthy": model.STATUS_DEAD,
+    "timeout": model.STATUS_DEAD,
+    "draining": model.STATUS_STOPPING,
+    "degraded": model.STATUS_WARNING,
+}
+_LB_NAMES = {p.value: p for p in model.LbPolicy} | {
+    "ring_hash": model.LbPolicy.CONSISTENT_HASH,
+    "maglev": model.LbPolicy.CONSISTENT_HASH,
+}
+
+
+class FileError(Exception):
+    """The endpoints file cannot be used; the message lists every problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EndpointSpec(_Strict):
+    address: str
+    weight: int = Field(default=100, ge=0, le=MAX_WEIGHT)
+    status: int | str | None = None  # 0..5 or dead/starting/alive/stopping/stopped/warning
+    health: str | None = None  # healthy/unhealthy/draining/degraded/timeout/unknown
+    role: int | str = 0  # 0/1 or primary/backup
+    cell: str = ""
+    swimlane: str = ""
+    idc: str = ""
+    region: str = ""
+    warmup_s: float = Field(default=0.0, ge=0)
+    start_time: float = Field(default=0.0, ge=0)
+
+    @field_validator("address")
+    @classmethod
+    def _addr(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"address must be host:port with port 1..65535, got {v!r}")
+        return v
+
+    @field_validator("status")
+    @classmethod
+    def _status(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, str) and v.lower() not in _STATUS_NAMES:
+            raise ValueError(f"status must be 0..5 or one of {sorted(_STATUS_NAMES)}, got {v!r}")
+        if isinstance(v, int) and not 0 <= v <= 5:
+            raise ValueError(f"status must be 0..5, got {v}")
+        return v
+
+    @field_validator("health")
+    @classmethod
+    def _health(cls, v: str | None) -> str | None:
+        if v is not None and v.lower() not in _HEALTH_NAMES:
+            raise ValueError(f"health must be one of {sorted(_HEALTH_NAMES)}, got {v!r}")
+        return v
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, v: int | str) -> int | str:
+        if v not in (0, 1, "primary", "backup"):
+            raise ValueError(f"role must be 0, 1, primary or backup, got {v!r}")
+        return v
+
+    def to_model(self) -> model.Endpoint:
+        if self.status is not None and self.health is not None:
+            raise ValueError("give status or health, not both")
+        status = model.STATUS_ALIVE
+        if isinstance(self.status, str):
+            status = _STATUS_NAMES[self.status.lower()]
+        elif isinstance(self.status, int):
+            status = self.status
+        elif self.health is not None:
+            status = _HEALTH_NAMES[self.health.lower()]
+        host, _, port = self.address.rpartition(":")
+        return model.Endpoint(
+            host=host.strip("[]"),
+            port=int(port),
+            weight=self.weight,
+            status=status,
+            role=model.ROLE_BACKUP if self.role in (1, "backup") else model.ROLE_PRIMARY,
+            cell=self.cell,
+            swimlane=self.swimlane,
+            idc=self.idc,
+            region=self.region,
+            warmup_s=self.warmup_s,
+            start_time=self.start_time,
+        )
+
+
+class ServiceSpec(_Strict):
+    appkey: str = Field(min_length=1)
+    lb_policy: str = "round_robin"
+    set_enabled: bool = False
+    service_names: list[str] = []
+    endpoints: list[EndpointSpec] = []
+
+    @field_validator("lb_policy")
+    @classmethod
+    def _lb(cls, v: str) -> str:
+        if v.lower() not in _LB_NAMES:
+            raise ValueError(f"lb_policy must be one of {sorted(_LB_NAMES)}, got {v!r}")
+        return v
+
+    def to_model(self) -> model.Service:
+        return model.Service(
+            appkey=self.appkey,
+            endpoints=tuple(e.to_model() for e in self.endpoints),
+            lb_policy=_LB_NAMES[self.lb_policy.lower()],
+            set_enabled=self.set_enabled,
+            service_names=tuple(self.service_names),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    name: str
+    version: str
+    raw: bytes  # serialized Cluster / ClusterLoadAssignment
+    type_url: str
+
+    def to_any(self) -> any_pb2.Any:
+        return any_pb2.Any(type_url=self.type_url, value=self.raw)
+
+
+def _resource(name: str, type_url: str, msg: Any) -> Resource:
+    raw = msg.SerializeToString(deterministic=True)
+    return Resource(name, hashlib.blake2b(raw, digest_size=8).hexdigest(), raw, type_url)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    version: int
+    resources: dict[str, dict[str, Resource]]  # type_url -> name -> resource
+
+
+@dataclass
+class _Cache:
+    raw: dict[str, Any] = field(default_factory=dict)  # appkey -> the service's parsed text
+    built: dict[str, tuple[Resource, Resource]] = field(default_factory=dict)
+
+
+def _read(path: Path) -> Any:
+    text = path.read_bytes()
+    if path.suffix == ".json":
+        return json.loads(text)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(text, Loader=loader)
+
+
+def build(path: Path, prev: _Cache) -> tuple[_Cache, dict[str, dict[str, Resource]]]:
+    """Load and validate the file; rebuild only services whose text changed."""
+    try:
+        data = _read(path)
+    except OSError as e:
+        raise FileError(f"{path}: cannot read: {e.strerror}") from None
+    except (yaml.YAMLError, ValueError) as e:
+        raise FileError(
+            f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}"
+        ) from None
+    if data is None:
+        data = {"services": []}
+    if not isinstance(data, dict) or set(data) - {"services"}:
+        raise FileError(f"{path}: the top level must be a mapping with the single key 'services'")
+    services = data.get("services") or []
+    if not isinstance(services, list):
+        raise FileError(f"{path}: services must be a list")
+    problems: list[str] = []
+    cache = _Cache()
+    for i, raw in enumerate(services):
+        appkey = raw.get("appkey") if isinstance(raw, dict) else None
+        if isinstance(appkey, str) and appkey in cache.raw:
+            problems.append(f"services[{i}]: duplicate appkey {appkey!r}")
+            continue
+        if isinstance(appkey, str) and prev.raw.get(appkey) == raw:
+            cache.raw[appkey] = raw
+            cache.built[appkey] = prev.built[appkey]
+            continue
+        try:
+            svc = ServiceSpec.model_validate(raw).to_model()
+        except ValidationError as e:
+            for err in e.errors():
+                loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+                problems.append(f"services[{i}]{loc}: {err['msg']}")
+            continue
+        except ValueError as e:
+            problems.append(f"services[{i}]: {e}")
+            continue
+        cache.raw[svc.appkey] = raw
+        cache.built[svc.appkey] = (
+            _resource(svc.appkey, CLUSTER_TYPE, service_to_cluster(svc)),
+            _resource(svc.appkey, ENDPOINT_TYPE, service_to_cla(svc)),
+        )
+    if problems:
+        raise FileError(f"{path}: " + "; ".join(problems[:20]))
+    resources: dict[str, dict[str, Resource]] = {CLUSTER_TYPE: {}, ENDPOINT_TYPE: {}}
+    for appkey, (c, e) in cache.built.items():
+        resources[CLUSTER_TYPE][appkey] = c
+        resources[ENDPOINT_TYPE][appkey] = e
+    return cache, resources
+
+
+class Store:
+    """The current snapshot, reloaded when the file changes; notifies listeners."""
+
+    def __init__(self, path: str | os.PathLike[str], poll_s: float = 0.1) -> None:
+        self.path = Path(path)
+        self.poll_s = poll_s
+        self._cache = _Cache()
+        self._stamp: tuple[int, int, int] | None = None
+        self.snapshot = Snapshot(0, {CLUSTER_TYPE: {}, ENDPOINT_TYPE: {}})
+        self._listeners: set[Callable[[], None]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self.reloads = 0
+        self.errors = 0
+        self.last_error = ""
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def load(self) -> None:
+        """First load (synchronous); raises FileError."""
+        self._stamp = self._stat()
+        self._cache, res = build(self.path, self._cache)
+        self._set(res)
+
+    def _set(self, res: dict[str, dict[str, Resource]]) -> None:
+        self.snapshot = Snapshot(self.snapshot.version + 1, res)
+        self.reloads += 1
+        for cb in list(self._listeners):
+            cb()
+
+    def listen(self, cb: Callable[[], None]) -> Callable[[], None]:
+        self._listeners.add(cb)
+        return lambda: self._listeners.discard(cb)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._watch(), name="cp-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            stamp = self._stat()
+            if stamp is None or stamp == self._stamp:
+                continue
+            self._stamp = stamp
+            try:
+                cache, res = await asyncio.to_thread(build, self.path, self._cache)
+            except FileError as e:
+                self.errors += 1
+                self.last_error = str(e)
+                log.error("endpoints file rejected, keeping the previous content: %s", e)
+                continue
+            except Exception as e:
+                self.errors += 1
+                self.last_error = repr(e)
+                log.exception("endpoints file rejected, keeping the previous content")
+                continue
+            self._cache = cache
+            self._set(res)
+            log.info(
+                "endpoints file loaded: %d services (snapshot %d)",
+                len(res[CLUSTER_TYPE]),
+                self.snapshot.version,
+            )

@@ -1,0 +1,30 @@
+"""xDS (Envoy v3 API) discovery for octo-proxy: an on-demand CDS+EDS ADS client."""
+
+from octoproxy.xds.client import ResourceState, XdsClient, XdsStats, build_node
+from octoproxy.xds.resources import (
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    ClusterSettings,
+    ResourceError,
+    cla_to_endpoints,
+    cluster_to_settings,
+    service_to_cla,
+    service_to_cluster,
+)
+from octoproxy.xds.sink import RouteSink
+
+__all__ = [
+    "CLUSTER_TYPE",
+    "ENDPOINT_TYPE",
+    "ClusterSettings",
+    "ResourceError",
+    "ResourceState",
+    "RouteSink",
+    "XdsClient",
+    "XdsStats",
+    "build_node",
+    "cla_to_endpoints",
+    "cluster_to_settings",
+    "service_to_cla",
+    "service_to_cluster",
+]

@@ -1,0 +1,286 @@
+"""The mapping between Envoy v3 xDS resources and octo-proxy's model.
+
+Cluster (CDS) -> service settings; ClusterLoadAssignment (EDS) -> endpoints.
+Everything here is pure and synchronous: a resource either converts or raises
+`ResourceError` with a message that names the resource and the bad field.
+The same module builds resources for the bundled control plane, so both sides
+of the mapping live in one place (see docs/xds.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from google.protobuf import struct_pb2
+
+from octoproxy import model
+
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+
+OCTO_NS = "octo"  # Cluster and LbEndpoint metadata namespace for octo-only fields
+LB_NS = "envoy.lb"  # LbEndpoint metadata namespace for routing labels
+DEFAULT_WEIGHT = 100  # LbEndpoint without load_balancing_weight
+MAX_WEIGHT = 2**31 - 1
+
+_C = cluster_pb2.Cluster
+_LB_FROM_XDS: dict[int, model.LbPolicy] = {
+    _C.ROUND_ROBIN: model.LbPolicy.ROUND_ROBIN,
+    _C.LEAST_REQUEST: model.LbPolicy.LEAST_REQUEST,
+    _C.RANDOM: model.LbPolicy.RANDOM,
+    _C.RING_HASH: model.LbPolicy.CONSISTENT_HASH,
+    _C.MAGLEV: model.LbPolicy.CONSISTENT_HASH,
+}
+_LB_TO_XDS: dict[model.LbPolicy, int] = {
+    model.LbPolicy.ROUND_ROBIN: _C.ROUND_ROBIN,
+    model.LbPolicy.LEAST_REQUEST: _C.LEAST_REQUEST,
+    model.LbPolicy.RANDOM: _C.RANDOM,
+    model.LbPolicy.CONSISTENT_HASH: _C.RING_HASH,
+}
+
+_HS = health_check_pb2
+# health_status -> OCTO status (only ALIVE serves)
+_STATUS_FROM_HEALTH: dict[int, int] = {
+    _HS.UNKNOWN: model.STATUS_ALIVE,
+    _HS.HEALTHY: model.STATUS_ALIVE,
+    _HS.UNHEALTHY: model.STATUS_DEAD,
+    _HS.DRAINING: model.STATUS_STOPPING,
+    _HS.TIMEOUT: model.STATUS_DEAD,
+    _HS.DEGRADED: model.STATUS_WARNING,
+}
+_HEALTH_FROM_STATUS: dict[int, int] = {
+    model.STATUS_DEAD: _HS.UNHEALTHY,
+    model.STATUS_STARTING: _HS.UNHEALTHY,
+    model.STATUS_ALIVE: _HS.HEALTHY,
+    model.STATUS_STOPPING: _HS.DRAINING,
+    model.STATUS_STOPPED: _HS.UNHEALTHY,
+    model.STATUS_WARNING: _HS.DEGRADED,
+}
+
+
+class ResourceError(ValueError):
+    """A resource that cannot be applied; the message is sent back in the NACK."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """What a Cluster contributes to a `model.Service`."""
+
+    appkey: str
+    lb_policy: model.LbPolicy
+    set_enabled: bool
+    service_names: tuple[str, ...]
+
+
+def _field(struct: struct_pb2.Struct, key: str) -> struct_pb2.Value | None:
+    return struct.fields[key] if key in struct.fields else None
+
+
+def _str(where: str, v: struct_pb2.Value | None) -> str:
+    if v is None:
+        return ""
+    if v.WhichOneof("kind") != "string_value":
+        raise ResourceError(f"{where} must be a string, got {v.WhichOneof('kind')}")
+    return v.string_value
+
+
+def _num(where: str, v: struct_pb2.Value | None, default: float = 0.0) -> float:
+    if v is None:
+        return default
+    if v.WhichOneof("kind") != "number_value":
+        raise ResourceError(f"{where} must be a number, got {v.WhichOneof('kind')}")
+    x = v.number_value
+    if not math.isfinite(x) or x < 0:
+        raise ResourceError(f"{where} must be a finite number >= 0, got {x}")
+    return x
+
+
+def cluster_to_settings(c: cluster_pb2.Cluster) -> ClusterSettings:
+    name = c.name
+    if not name:
+        raise ResourceError("Cluster without a name")
+    where = f"Cluster {name!r}"
+    lb = _LB_FROM_XDS.get(c.lb_policy)
+    if lb is None:
+        pol = _C.LbPolicy.Name(c.lb_policy) if c.lb_policy in _C.LbPolicy.values() else c.lb_policy
+        raise ResourceError(
+            f"{where}: lb_policy {pol} is not supported "
+            "(ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV)"
+        )
+    if c.HasField("type") and c.type != _C.EDS:
+        raise ResourceError(f"{where}: type must be EDS, got {_C.DiscoveryType.Name(c.type)}")
+    svc = c.eds_cluster_config.service_name
+    if svc and svc != name:
+        raise ResourceError(
+            f"{where}: eds_cluster_config.service_name {svc!r} must be empty or the cluster name"
+        )
+    set_enabled = False
+    service_names: tuple[str, ...] = ()
+    if OCTO_NS in c.metadata.filter_metadata:
+        md = c.metadata.filter_metadata[OCTO_NS]
+        v = _field(md, "set_enabled")
+        if v is not None:
+            if v.WhichOneof("kind") != "bool_value":
+                raise ResourceError(
+                    f'{where}: metadata.filter_metadata["octo"].set_enabled must be a bool, '
+                    f"got {v.WhichOneof('kind')}"
+                )
+            set_enabled = v.bool_value
+        v = _field(md, "service_names")
+        if v is not None:
+            if v.WhichOneof("kind") != "list_value":
+                raise ResourceError(
+                    f'{where}: metadata.filter_metadata["octo"].service_names must be a list '
+                    f"of strings, got {v.WhichOneof('kind')}"
+                )
+            names = []
+            for i, item in enumerate(v.list_value.values):
+                s = _str(f'{where}: metadata.filter_metadata["octo"].service_names[{i}]', item)
+                if not s:
+                    raise ResourceError(
+                        f'{where}: metadata.filter_metadata["octo"].service_names[{i}] is empty'
+                    )
+                names.append(s)
+            service_names = tuple(names)
+    return ClusterSettings(name, lb, set_enabled, service_names)
+
+
+def cla_to_endpoints(cla: endpoint_pb2.ClusterLoadAssignment) -> tuple[model.Endpoint, ...]:
+    name = cla.cluster_name
+    if not name:
+        raise ResourceError("ClusterLoadAssignment without a cluster_name")
+    out: list[model.Endpoint] = []
+    seen: set[tuple[str, int]] = set()
+    for li, lle in enumerate(cla.endpoints):
+        region = lle.locality.region
+        idc = lle.locality.zone
+        prio_role = model.ROLE_BACKUP if lle.priority > 0 else model.ROLE_PRIMARY
+        for ei, lbe in enumerate(lle.lb_endpoints):
+            where = f"ClusterLoadAssignment {name!r}: endpoints[{li}].lb_endpoints[{ei}]"
+            if not lbe.HasField("endpoint"):
+                raise ResourceError(f"{where}: no endpoint (named endpoints are not supported)")
+            addr = lbe.endpoint.address
+            if not addr.HasField("socket_address"):
+                raise ResourceError(f"{where}: endpoint.address.socket_address is missing")
+            sa = addr.socket_address
+            if not sa.address:
+                raise ResourceError(f"{where}: endpoint.address.socket_address.address is empty")
+            if sa.WhichOneof("port_specifier") != "port_value" or not 0 < sa.port_value < 65536:
+                raise ResourceError(
+                    f"{where}: endpoint.address.socket_address.port_value must be 1..65535, "
+                    f"got {sa.port_value if sa.WhichOneof('port_specifier') else 'none'}"
+                )
+            if sa.protocol != address_pb2.SocketAddress.TCP:
+                raise ResourceError(f"{where}: only TCP socket addresses are supported")
+            key = (sa.address, sa.port_value)
+            if key in seen:
+                raise ResourceError(f"{where}: duplicate endpoint {sa.address}:{sa.port_value}")
+            seen.add(key)
+            weight = (
+                lbe.load_balancing_weight.value
+                if lbe.HasField("load_balancing_weight")
+                else DEFAULT_WEIGHT
+            )
+            if weight > MAX_WEIGHT:
+                raise ResourceError(f"{where}: load_balancing_weight {weight} exceeds {MAX_WEIGHT}")
+            status = _STATUS_FROM_HEALTH.get(lbe.health_status)
+            if status is None:
+                raise ResourceError(f"{where}: unknown health_status {lbe.health_status}")
+            cell = swimlane = ""
+            role = prio_role
+            warmup_s = start_time = 0.0
+            fm = lbe.metadata.filter_metadata
+            if LB_NS in fm:
+                md = fm[LB_NS]
+                mw = f'{where}: metadata.filter_metadata["{LB_NS}"]'
+                cell = _str(f"{mw}.cell", _field(md, "cell"))
+                swimlane = _str(f"{mw}.swimlane", _field(md, "swimlane"))
+                rv = _field(md, "role")
+                if rv is not None:
+                    r = _num(f"{mw}.role", rv)
+                    if r not in (0.0, 1.0):
+                        raise ResourceError(f"{mw}.role must be 0 (primary) or 1 (backup), got {r}")
+                    role = int(r)
+                warmup_s = _num(f"{mw}.warmup_s", _field(md, "warmup_s"))
+                start_time = _num(f"{mw}.start_time", _field(md, "start_time"))
+            if OCTO_NS in fm:
+                sv = _field(fm[OCTO_NS], "status")
+                if sv is not None:
+                    s = _num(f'{where}: metadata.filter_metadata["octo"].status', sv)
+                    if s not in (0.0, 1.0, 2.0, 3.0, 4.0, 5.0):
+                        raise ResourceError(
+                            f'{where}: metadata.filter_metadata["octo"].status must be 0..5, got {s}'
+                        )
+                    status = int(s)
+            out.append(
+                model.Endpoint(
+                    host=sa.address,
+                    port=sa.port_value,
+                    weight=weight,
+                    status=status,
+                    role=role,
+                    cell=cell,
+                    swimlane=swimlane,
+                    idc=idc,
+                    region=region,
+                    warmup_s=warmup_s,
+                    start_time=start_time,
+                )
+            )
+    return tuple(out)
+
+
+def make_service(settings: ClusterSettings, endpoints: tuple[model.Endpoint, ...]) -> model.Service:
+    return model.Service(
+        appkey=settings.appkey,
+        endpoints=endpoints,
+        lb_policy=settings.lb_policy,
+        set_enabled=settings.set_enabled,
+        service_names=settings.service_names,
+    )
+
+
+# --- the other direction (used by the bundled control plane) -----------------
+
+
+def service_to_cluster(svc: model.Service) -> cluster_pb2.Cluster:
+    c = cluster_pb2.Cluster(name=svc.appkey, type=_C.EDS, lb_policy=_LB_TO_XDS[svc.lb_policy])
+    c.eds_cluster_config.eds_config.ads.SetInParent()
+    md: dict[str, Any] = {"set_enabled": svc.set_enabled, "service_names": list(svc.service_names)}
+    c.metadata.filter_metadata[OCTO_NS].update(md)
+    return c
+
+
+def service_to_cla(svc: model.Service) -> endpoint_pb2.ClusterLoadAssignment:
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=svc.appkey)
+    groups: dict[tuple[str, str], endpoint_components_pb2.LocalityLbEndpoints] = {}
+    for e in svc.endpoints:
+        lle = groups.get((e.region, e.idc))
+        if lle is None:
+            lle = cla.endpoints.add()
+            lle.locality.region = e.region
+            lle.locality.zone = e.idc
+            groups[(e.region, e.idc)] = lle
+        lbe = lle.lb_endpoints.add()
+        sa = lbe.endpoint.address.socket_address
+        sa.address = e.host
+        sa.port_value = e.port
+        lbe.load_balancing_weight.value = e.weight
+        lbe.health_status = _HEALTH_FROM_STATUS.get(e.status, _HS.UNHEALTHY)
+        lb = lbe.metadata.filter_metadata[LB_NS]
+        lb.update(
+            {
+                "cell": e.cell,
+                "swimlane": e.swimlane,
+                "role": e.role,
+                "warmup_s": e.warmup_s,
+                "start_time": e.start_time,
+            }
+        )
+        lbe.metadata.filter_metadata[OCTO_NS].update({"status": e.status})
+    return cla
