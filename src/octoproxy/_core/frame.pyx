@@ -1317,10 +1317,12 @@ def decode_frame(data, *, Py_ssize_t max_frame=DEFAULT_MAX_FRAME,
     when compressed), body}.  Thrift: {kind, message_type, name, seq_id, body}."""
     data = bytes(data)
     frames, used = scan(data, max_frame=max_frame, max_header=max_header)
-    if not frames or used != len(data):
-        if frames:
-            raise ValueError("more than one frame in data")
+    if not frames:
         raise FrameError(FE_NEED_MORE)
+    if len(frames) != 1 or used != len(data):
+        if used != len(data) and len(frames) == 1:
+            scan(data, used, max_frame=max_frame, max_header=max_header)  # raise its error
+        raise ValueError("data holds more than one frame")
     cdef Frame f = frames[0]
     if f.fi.kind == FK_THRIFT:
         mtype = data[7]
