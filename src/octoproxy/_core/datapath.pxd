@@ -1,0 +1,176 @@
+# The per-connection data path: asyncio BufferedProtocol objects whose
+# per-read work (scan -> route -> pick -> rewrite id -> queue) runs in C.
+# Python (listeners.py, upstream.py, server.py) creates them and owns
+# everything per connection lifetime: accept, connect, close, timers.
+
+from cpython.object cimport PyObject
+from libc.stdint cimport int32_t, int64_t, uint8_t
+
+from octoproxy._core.frame cimport FrameInfo
+from octoproxy._core.route cimport Node, RouteTable
+
+
+cdef class UpstreamPool
+cdef class UpstreamConn
+cdef class Downstream
+cdef class InboundConn
+cdef class ProviderConn
+
+
+# A growable C byte buffer where one read event stages what it sends to one
+# destination; flushed as one bytes object = one transport.write per event.
+cdef struct OutBuf:
+    char* data
+    Py_ssize_t len
+    Py_ssize_t cap
+
+
+# One request in flight on an upstream connection.
+cdef struct Pending:
+    int64_t id            # the upstream-side sequence id; -1 = free slot
+    int64_t orig_id       # the id the app used, restored on the response
+    PyObject* down        # Downstream that sent it (strong ref)
+    PyObject* node        # route.Node it went to (strong ref), for least request
+    double deadline       # monotonic seconds
+    float timeout_ms      # the timeout applied, for the error message
+    int32_t prev          # deadline-ordered doubly linked list of live slots
+    int32_t next
+    uint8_t protocol      # serialization bits of the request, for error answers
+
+
+cdef class Engine:
+    cdef public RouteTable table
+    cdef public object loop
+    cdef public object connector        # upstream.py: connector(conn, host, port) starts a connect
+    cdef public object log              # logging.Logger
+    cdef dict pools                     # address -> UpstreamPool
+    cdef set timed                      # UpstreamConns with requests in flight (timeout sweep)
+    cdef set downstreams                # live Downstream connections
+    cdef set inbounds                   # live InboundConn connections
+    cdef object tick_handle
+    # limits (from config.limits / config.upstream)
+    cdef public Py_ssize_t max_frame
+    cdef public Py_ssize_t max_header
+    cdef public Py_ssize_t max_inflight
+    cdef public Py_ssize_t max_connections
+    cdef public Py_ssize_t read_buffer
+    cdef public Py_ssize_t high_water
+    cdef public Py_ssize_t low_water
+    cdef public double default_timeout   # seconds
+    cdef public double max_timeout       # seconds
+    cdef public int conns_per_node
+    cdef public double backoff_base      # seconds
+    cdef public double backoff_max       # seconds
+    cdef public double idle_timeout      # seconds
+    cdef public double connect_timeout   # seconds
+    cdef public bint draining            # hot restart: answer new app requests with the restart flag
+    # counters, exported on scrape (admin)
+    cdef public long long n_requests     # requests routed upstream (outbound)
+    cdef public long long n_responses    # responses delivered to apps (outbound)
+    cdef public long long n_oneway
+    cdef public long long n_timeouts
+    cdef public long long n_inbound_requests
+    cdef public long long n_inbound_responses
+    cdef public long long n_malformed
+    cdef public long long n_heartbeats
+    cdef public long long n_restart_answers
+    cdef long long n_errors[16]          # proxy-made error answers by status
+
+    cdef UpstreamPool get_pool(self, Node node)
+    cdef int arm_timer(self) except -1
+
+
+# What every connection of the data path shares: the transport, one
+# preallocated receive buffer that BufferedProtocol reads into, and the
+# reasons its reading is paused.
+cdef class Conn:
+    cdef Engine engine
+    cdef object transport
+    cdef object _write                  # transport.write, bound once
+    cdef char* rbuf                     # receive buffer (malloc), frames are parsed in place
+    cdef Py_ssize_t rcap
+    cdef Py_ssize_t rstart              # first unconsumed byte
+    cdef Py_ssize_t rend                # end of received bytes
+    cdef OutBuf out                     # staged output for this connection's destination
+    cdef public bint closed
+    cdef int pause_mask                 # why reading is paused (PAUSE_* bits)
+
+    cdef int rb_compact(self) except -1
+    cdef int pause(self, int why) except -1
+    cdef int resume(self, int why) except -1
+    cdef int malformed(self, Py_ssize_t code, str side) except -1
+
+
+cdef class UpstreamPool:
+    cdef Engine engine
+    cdef readonly str address
+    cdef readonly str host
+    cdef readonly int port
+    cdef list conns                     # open or connecting UpstreamConns in rotation
+    cdef Py_ssize_t rr
+    cdef double retry_at                # monotonic time before which no new connect is tried
+    cdef double backoff                 # current backoff (seconds)
+    cdef public str last_error
+    cdef public long long n_connects
+    cdef public long long n_connect_failures
+
+    cdef UpstreamConn pick(self)
+    cdef _on_conn_failed(self, UpstreamConn c, str why)
+    cdef _on_conn_ok(self)
+
+
+cdef class UpstreamConn(Conn):
+    cdef UpstreamPool pool
+    cdef public int state               # UC_*
+    cdef list backlog                   # bytes queued while connecting
+    cdef Pending* slots
+    cdef Py_ssize_t cap, used
+    cdef int32_t head, tail
+    cdef int64_t next_id
+    cdef bint paused                    # our transport's write buffer is over the high mark
+    cdef list waiters                   # Downstreams paused because of us
+    cdef list touched                   # Downstreams with staged responses during one read
+    cdef public double last_active
+    cdef int64_t hb_id
+
+    cdef Py_ssize_t up_alloc(self, double deadline) except -1
+    cdef int up_grow(self) except -1
+    cdef void up_unlink(self, Py_ssize_t s) noexcept
+    cdef int up_release(self, Py_ssize_t s) except -1
+    cdef int up_fail_all(self, int status, str why) except -1
+    cdef int up_sweep(self, double now) except -1
+    cdef int up_flush(self) except -1
+    cdef int up_flush_touched(self) except -1
+    cdef int up_process(self) except -1
+
+
+cdef class Downstream(Conn):
+    cdef list dests                     # UpstreamConns with staged frames during one read
+    cdef public Py_ssize_t inflight
+    cdef bint in_touched                # already in some UpstreamConn.touched list
+    cdef bint rejected                  # over the connection limit
+
+    cdef int ds_process(self) except -1
+    cdef int ds_error(self, int64_t seq_id, int status, str message, bint restart, int protocol) except -1
+    cdef int ds_flush(self) except -1
+    cdef _route_error(self, char* p, FrameInfo* fi, int err)
+    cdef _answer_too_large(self, uint8_t* p, Py_ssize_t avail)
+
+
+cdef class InboundConn(Conn):
+    cdef readonly str provider_path     # the provider app's UDS
+    cdef public ProviderConn provider
+    cdef OutBuf reply                   # staged back to the peer (heartbeat answers, errors)
+    cdef list backlog                   # bytes for the provider while it connects
+    cdef public bint is_proxy           # the peer announced itself (octo-proxy: 1)
+    cdef public bint restart_sent
+    cdef public Py_ssize_t inflight
+
+    cdef int in_process(self) except -1
+    cdef int in_flush(self) except -1
+
+
+cdef class ProviderConn(Conn):
+    cdef InboundConn inbound
+
+    cdef int pv_process(self) except -1

@@ -1,0 +1,82 @@
+"""Listening sockets: the outbound UDS for local apps, the inbound TCP ports.
+
+Sockets are opened here (or received from the previous generation on hot
+restart) and then served by the core's protocols.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+
+from octoproxy.config import InboundListener, OutboundListener
+
+
+class ListenerError(Exception):
+    pass
+
+
+def _check_stale_uds(path: str) -> None:
+    """Remove a socket file left by a dead process; refuse to steal a live one."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ListenerError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError as e:
+        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # stale: nobody accepts on it any more
+            return
+        raise ListenerError(f"cannot probe existing socket {path}: {e.strerror}") from None
+    else:
+        raise ListenerError(
+            f"{path} is in use by a live process; refusing to steal it "
+            "(stop that process, or hot-restart it with SIGUSR2)"
+        )
+    finally:
+        probe.close()
+
+
+def open_outbound(cfg: OutboundListener, backlog: int = 1024) -> socket.socket:
+    _check_stale_uds(cfg.path)
+    parent = os.path.dirname(os.path.abspath(cfg.path))
+    if not os.path.isdir(parent):
+        raise ListenerError(f"directory of {cfg.path} does not exist")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # bind under a umask that never exposes the file beyond `mode`, then set it exactly
+        old = os.umask(0o777 & ~cfg.mode)
+        try:
+            sock.bind(cfg.path)
+        finally:
+            os.umask(old)
+        os.chmod(cfg.path, cfg.mode)
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        raise ListenerError(f"cannot listen on {cfg.path}: {e.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def open_inbound(cfg: InboundListener) -> socket.socket:
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((cfg.host, cfg.port))
+        sock.listen(cfg.backlog)
+    except OSError as e:
+        sock.close()
+        raise ListenerError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}") from None
+    sock.setblocking(False)
+    return sock
