@@ -76,10 +76,10 @@ cdef class CandSet:
     cdef double* warm_len           # warmup_s per node
     cdef int64_t* eff               # effective weights at the last prepare
     cdef bint has_warmup            # some node has warmup_s > 0 (may still be warming)
-    cdef bint warming               # some node was still warming at the last prepare
+    cdef readonly bint warming      # some node was still warming at the last prepare
     cdef bint prepared              # pick structures built
     cdef bint uniform               # all effective weights equal: index math, no tables
-    cdef double prepared_at         # clock value of the last prepare
+    cdef readonly double prepared_at  # clock value of the last prepare
     cdef uint32_t* seq              # RR: smooth weighted sequence of node indexes
     cdef Py_ssize_t seq_len         # RR: sequence length (n when uniform)
     cdef Py_ssize_t pos             # RR: next position in the sequence

@@ -15,7 +15,7 @@ cimport cython
 from cpython.object cimport PyObject
 from libc.math cimport floor
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc, qsort
+from libc.stdlib cimport calloc, free, malloc, qsort
 from libc.string cimport memcmp
 
 import os
@@ -398,25 +398,26 @@ cdef bint cs_same(CandSet a, CandSet b):
 
 cdef int lb_build_seq(CandSet cs) except -1:
     """Smooth weighted RR: node i's k-th turn sits at (k + 1/2) / count_i of the
-    cycle; sorting the turns interleaves nodes evenly (stride scheduling)."""
-    cdef Py_ssize_t n = cs.n, i, k, total = 0, cap, j
-    cdef int64_t g = 0, a, b, W = 0
+    cycle (stride scheduling).  The turns are ordered by a counting sort on
+    that position (O(L + n), no comparison sort: builds stay cheap)."""
+    cdef Py_ssize_t n = cs.n, i, k, total = 0, cap, b
+    cdef int64_t g = 0, a, r, W = 0
     cdef int64_t* cnt = <int64_t*>malloc(n * sizeof(int64_t))
-    cdef rt_slot* slots
+    cdef Py_ssize_t* start
     if not cnt:
         raise MemoryError()
     for i in range(n):
         a = cs.eff[i]
         W += a
-        b = g
-        while b:
-            a, b = b, a % b
+        r = g
+        while r:
+            a, r = r, a % r
         g = a
     cap = RT_SEQ_PER_NODE * n
     if cap < 1024:
         cap = 1024
     for i in range(n):
-        if W / g > cap:
+        if W // g > cap:
             # too long a cycle: scale to ~cap slots, every node keeps >= 1
             cnt[i] = <int64_t>(<double>cs.eff[i] * cap / <double>W + 0.5)
             if cnt[i] < 1:
@@ -424,27 +425,26 @@ cdef int lb_build_seq(CandSet cs) except -1:
         else:
             cnt[i] = cs.eff[i] // g
         total += cnt[i]
-    slots = <rt_slot*>malloc(total * sizeof(rt_slot))
-    if not slots:
-        free(cnt)
-        raise MemoryError()
-    j = 0
-    for i in range(n):
-        for k in range(cnt[i]):
-            slots[j].key = (<double>k + 0.5) / <double>cnt[i]
-            slots[j].idx = <uint32_t>i
-            j += 1
-    qsort(slots, total, sizeof(rt_slot), rt_slot_cmp)
+    start = <Py_ssize_t*>calloc(total + 1, sizeof(Py_ssize_t))
     free(cs.seq)
     cs.seq = <uint32_t*>malloc(total * sizeof(uint32_t))
-    if not cs.seq:
-        free(slots)
+    if not start or not cs.seq:
         free(cnt)
+        free(start)
         raise MemoryError()
-    for j in range(total):
-        cs.seq[j] = slots[j].idx
+    # bucket of turn k of node i: floor((k + 1/2) * total / cnt_i) in [0, total)
+    for i in range(n):
+        for k in range(cnt[i]):
+            start[((2 * k + 1) * total) // (2 * cnt[i]) + 1] += 1
+    for b in range(total):
+        start[b + 1] += start[b]
+    for i in range(n):
+        for k in range(cnt[i]):
+            b = ((2 * k + 1) * total) // (2 * cnt[i])
+            cs.seq[start[b]] = <uint32_t>i
+            start[b] += 1
     cs.seq_len = total
-    free(slots)
+    free(start)
     free(cnt)
     return 0
 
@@ -574,7 +574,10 @@ cdef int lb_prepare(CandSet cs, double now, uint64_t* rng) except -1:
         elif cs.pos >= cs.seq_len:
             cs.pos = cs.pos % cs.seq_len
     elif cs.policy == LB_CONSISTENT_HASH:
-        lb_build_ring(cs)
+        # the ring (n * 160 points, sorted) is built by the first hashed pick:
+        # a full build of many hash services would otherwise pay for rings
+        # nobody uses yet
+        cs.ring_len = 0
         if not uniform:
             lb_build_alias(cs)
     elif not uniform:
@@ -595,7 +598,7 @@ cdef inline Py_ssize_t lb_draw(CandSet cs, uint64_t* rng) noexcept:
 
 
 cdef inline Py_ssize_t lb_pick(CandSet cs, uint64_t* rng,
-                               const uint8_t* hk, Py_ssize_t hkl) noexcept:
+                               const uint8_t* hk, Py_ssize_t hkl) except -1:
     """Index of the picked node; cs is prepared and non-empty."""
     cdef Py_ssize_t i, j, k, lo, hi, mid
     cdef uint64_t h
@@ -630,6 +633,8 @@ cdef inline Py_ssize_t lb_pick(CandSet cs, uint64_t* rng,
             return j
         return i
     if cs.policy == LB_CONSISTENT_HASH and hkl >= 0:
+        if cs.ring_len == 0:
+            lb_build_ring(cs)
         h = rt_xxh64(hk, hkl, 0)
         lo = 0
         hi = cs.ring_len
@@ -975,6 +980,7 @@ cdef class RouteTable:
         cdef CandSet cs
         cdef Node nd
         cdef double now
+        cdef Py_ssize_t i
         svc = rt_find(self._snap, appkey, appkey_len, service, service_len, err)
         if svc is None:
             return None
@@ -993,7 +999,8 @@ cdef class RouteTable:
             now = self._clock.now()
             if now - cs.prepared_at >= RT_WARM_TICK:
                 lb_prepare(cs, now, &self._rng)
-        nd = <Node>cs.nodes[lb_pick(cs, &self._rng, hashkey, hashkey_len)]
+        i = lb_pick(cs, &self._rng, hashkey, hashkey_len)
+        nd = <Node>cs.nodes[i]
         nd.picks += 1
         err[0] = RT_OK
         return nd
