@@ -1,0 +1,381 @@
+"""xDS end to end: the bundled control plane (in process or as a real process),
+the xDS client over real gRPC on loopback, a fake route sink; SotW and delta."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+import yaml
+
+import octoproxy
+from octoproxy import model
+from octoproxy.controlplane import ControlPlane
+from octoproxy.xds import ResourceState, XdsClient
+
+pytestmark = pytest.mark.timeout(60)
+MODES = pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+SRC = str(Path(octoproxy.__file__).resolve().parents[1])
+
+
+class FakeSink:
+    """Records what the xDS client pushes, like the route table would see it."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, model.Service] = {}
+        self.updates: list[str] = []
+        self.removes: list[str] = []
+
+    def update_service(self, service: model.Service) -> None:
+        self.services[service.appkey] = service
+        self.updates.append(service.appkey)
+
+    def remove_service(self, appkey: str) -> None:
+        self.services.pop(appkey, None)
+        self.removes.append(appkey)
+
+    def has_service(self, appkey: str) -> bool:
+        return appkey in self.services
+
+    def ep(self, appkey: str, addr: str) -> model.Endpoint:
+        return next(e for e in self.services[appkey].endpoints if e.address == addr)
+
+
+def run(coro: Coroutine[Any, Any, None], timeout: float = 30) -> None:
+    uvloop.run(asyncio.wait_for(coro, timeout))
+
+
+async def until(cond: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> float:
+    """Wait for cond() to be true; returns the seconds it took."""
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.005)
+    return time.monotonic() - t0
+
+
+def svc(appkey: str, *eps: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    return {"appkey": appkey, "endpoints": list(eps), **kw}
+
+
+def ep(n: int, **kw: Any) -> dict[str, Any]:
+    return {"address": f"10.0.0.{n}:9000", **kw}
+
+
+def write(path: Path, services: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump({"services": services}))
+    os.replace(tmp, path)
+
+
+def base_services() -> list[dict[str, Any]]:
+    return [
+        svc(
+            "app.a",
+            ep(1, idc="bj-a", region="bj", weight=50),
+            ep(2, idc="bj-b", region="bj", role="backup", cell="gray", swimlane="lane-1"),
+            ep(3, warmup_s=60, start_time=1700000000),
+            lb_policy="least_request",
+            set_enabled=True,
+            service_names=["a.Svc"],
+        ),
+        svc("app.b", ep(11), ep(12, status="starting")),
+        svc("app.c", ep(21)),
+    ]
+
+
+def client(port: int, sink: FakeSink, delta: bool, **kw: Any) -> XdsClient:
+    kw.setdefault("resource_timeout_s", 3.0)
+    kw.setdefault("backoff_base_s", 0.05)
+    kw.setdefault("backoff_max_s", 0.2)
+    return XdsClient(
+        f"127.0.0.1:{port}",
+        sink,
+        node_id=kw.pop("node_id", "proxy-1"),
+        labels=model.Labels("ls", "set-1", "lane-1", "bj-a", "bj"),
+        delta=delta,
+        **kw,
+    )
+
+
+async def with_cp(path: Path, fn: Callable[[ControlPlane], Awaitable[None]]) -> None:
+    cp = ControlPlane(str(path), port=0, poll_s=0.05)
+    await cp.start()
+    try:
+        await fn(cp)
+    finally:
+        await cp.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@MODES
+def test_subscribe_endpoints_arrive(tmp_path: Path, delta: bool) -> None:
+    f = tmp_path / "endpoints.yaml"
+    write(f, base_services())
+
+    async def body(cp: ControlPlane) -> None:
+        sink = FakeSink()
+        c = client(cp.port, sink, delta)
+        c.start()
+        try:
+            c.subscribe(["app.a", "app.b"])
+            states = await c.wait_for(["app.a", "app.b"], 5)
+            assert states == {"app.a": ResourceState.READY, "app.b": ResourceState.READY}
+            assert set(sink.services) == {"app.a", "app.b"}  # only what was asked for
+            a = sink.services["app.a"]
+            assert a.lb_policy is model.LbPolicy.LEAST_REQUEST
+            assert a.set_enabled and a.service_names == ("a.Svc",)
+            assert sink.ep("app.a", "10.0.0.1:9000") == model.Endpoint(
+                "10.0.0.1", 9000, weight=50, idc="bj-a", region="bj"
+            )
+            e2 = sink.ep("app.a", "10.0.0.2:9000")
+            assert (e2.role, e2.cell, e2.swimlane, e2.idc) == (1, "gray", "lane-1", "bj-b")
+            e3 = sink.ep("app.a", "10.0.0.3:9000")
+            assert (e3.warmup_s, e3.start_time) == (60.0, 1700000000.0)
+            assert sink.ep("app.b", "10.0.0.12:9000").status == model.STATUS_STARTING
+            # the node identity went out on the first request
+            (stream,) = cp.ads.streams.values()
+            n = stream.node
+            assert (n.id, n.cluster, n.locality.region, n.locality.zone) == (
+                "proxy-1",
+                "octo-mesh",
+                "bj",
+                "bj-a",
+            )
+            assert dict(n.metadata) == {"liteset": "ls", "set": "set-1", "swimlane": "lane-1"}
+            assert c.stats.nacks == 0 and not cp.ads.nacks
+        finally:
+            await c.stop()
+
+    run(with_cp(f, body))
+
+
+@MODES
+def test_file_change_reaches_sink_within_1s_and_unhealthy_is_not_alive(
+    tmp_path: Path, delta: bool
+) -> None:
+    f = tmp_path / "endpoints.yaml"
+    services = base_services()
+    write(f, services)
+
+    async def body(cp: ControlPlane) -> None:
+        sink = FakeSink()
+        c = client(cp.port, sink, delta)
+        c.start()
+        try:
+            c.subscribe(["app.a", "app.c"])
+            await c.wait_for(["app.a", "app.c"], 5)
+            # a new node and a weight change
+            services[0]["endpoints"].append(ep(4, idc="bj-a", region="bj"))
+            services[0]["endpoints"][0]["weight"] = 77
+            write(f, services)
+            took = await until(
+                lambda: (
+                    len(sink.services["app.a"].endpoints) == 4
+                    and sink.ep("app.a", "10.0.0.1:9000").weight == 77
+                ),
+                what="the new node",
+            )
+            assert took < 1.0
+            assert sink.updates.count("app.c") == 1  # untouched service: not pushed again
+            # a node marked unhealthy arrives as not alive
+            services[0]["endpoints"][3]["health"] = "unhealthy"
+            write(f, services)
+            took = await until(
+                lambda: sink.ep("app.a", "10.0.0.4:9000").status != model.STATUS_ALIVE,
+                what="unhealthy node",
+            )
+            assert took < 1.0
+            assert sink.ep("app.a", "10.0.0.4:9000").status == model.STATUS_DEAD
+            # a bad file is ignored: the old content stays
+            errors = cp.store.errors
+            f.write_text("services:\n  - appkey: app.a\n    endpoints: [{address: nope}]\n")
+            await until(lambda: cp.store.errors > errors, what="bad file rejected")
+            assert "address must be host:port" in cp.store.last_error
+            assert len(sink.services["app.a"].endpoints) == 4
+            # a service deleted from the file is removed from the sink
+            write(f, [s for s in services if s["appkey"] != "app.c"])
+            await until(lambda: "app.c" not in sink.services, what="app.c removed")
+            assert c.state("app.c") is ResourceState.MISSING
+            assert c.stats.nacks == 0
+        finally:
+            await c.stop()
+
+    run(with_cp(f, body))
+
+
+@MODES
+def test_two_clients_get_only_their_own_and_unsubscribe_stops_updates(
+    tmp_path: Path, delta: bool
+) -> None:
+    f = tmp_path / "endpoints.yaml"
+    services = base_services()
+    write(f, services)
+
+    async def body(cp: ControlPlane) -> None:
+        s1, s2 = FakeSink(), FakeSink()
+        c1 = client(cp.port, s1, delta, node_id="p1")
+        c2 = client(cp.port, s2, delta, node_id="p2")
+        c1.start()
+        c2.start()
+        try:
+            c1.subscribe(["app.a"])
+            c2.subscribe(["app.b", "app.c"])
+            await c1.wait_for(["app.a"], 5)
+            await c2.wait_for(["app.b", "app.c"], 5)
+            assert set(s1.services) == {"app.a"}
+            assert set(s2.services) == {"app.b", "app.c"}
+            # a change to app.a reaches only p1; a change to app.b only p2
+            services[0]["endpoints"][0]["weight"] = 1
+            services[1]["endpoints"][0]["weight"] = 2
+            write(f, services)
+            await until(lambda: s1.ep("app.a", "10.0.0.1:9000").weight == 1)
+            await until(lambda: s2.ep("app.b", "10.0.0.11:9000").weight == 2)
+            assert set(s1.services) == {"app.a"} and set(s2.services) == {"app.b", "app.c"}
+            # unsubscribe: removed from the sink, no more updates
+            c2.unsubscribe(["app.b"])
+            assert s2.removes == ["app.b"] and "app.b" not in s2.services
+            n_b = s2.updates.count("app.b")
+            services[1]["endpoints"][0]["weight"] = 3  # app.b changes ...
+            services[2]["endpoints"][0]["weight"] = 4  # ... and app.c too
+            write(f, services)
+            await until(lambda: s2.ep("app.c", "10.0.0.21:9000").weight == 4)
+            assert s2.updates.count("app.b") == n_b and "app.b" not in s2.services
+            # the server no longer sends app.b to p2
+            st = next(s for s in cp.ads.streams.values() if s.node.id == "p2")
+            assert all("app.b" not in ts.names for ts in st.types.values())
+        finally:
+            await c1.stop()
+            await c2.stop()
+
+    run(with_cp(f, body))
+
+
+@MODES
+def test_unknown_service_is_missing(tmp_path: Path, delta: bool) -> None:
+    f = tmp_path / "endpoints.yaml"
+    write(f, base_services())
+
+    async def body(cp: ControlPlane) -> None:
+        sink = FakeSink()
+        c = client(cp.port, sink, delta)
+        c.start()
+        try:
+            c.subscribe(["app.a", "no.such"])
+            states = await c.wait_for(["app.a", "no.such"], 2)
+            assert states == {"app.a": ResourceState.READY, "no.such": ResourceState.MISSING}
+            # it shows up later: it arrives (still subscribed)
+            write(f, [*base_services(), svc("no.such", ep(99))])
+            await until(lambda: "no.such" in sink.services, what="late service")
+        finally:
+            await c.stop()
+
+    run(with_cp(f, body))
+
+
+async def start_cp_process(path: Path, port: int) -> asyncio.subprocess.Process:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "octoproxy.controlplane",
+        "--endpoints",
+        str(path),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--log-level",
+        "warning",
+        stdout=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 15)
+    assert b"listening on" in line, line
+    return proc
+
+
+async def kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+
+
+@MODES
+def test_control_plane_killed_and_restarted(tmp_path: Path, delta: bool) -> None:
+    f = tmp_path / "endpoints.yaml"
+    services = base_services()
+    write(f, services)
+    port = free_port()
+
+    async def body() -> None:
+        proc = await start_cp_process(f, port)
+        sink = FakeSink()
+        c = client(port, sink, delta)
+        c.start()
+        try:
+            c.subscribe(["app.a", "app.b"])
+            assert set((await c.wait_for(["app.a", "app.b"], 5)).values()) == {ResourceState.READY}
+            before = dict(sink.services)
+            await kill(proc)
+            await until(lambda: not c.connected, what="stream down")
+            # last good config kept, nothing removed
+            assert sink.services == before and not sink.removes
+            # while it is down: a change to app.a, and a new subscription
+            services[0]["endpoints"][0]["weight"] = 5
+            write(f, services)
+            c.subscribe(["app.c"])
+            await asyncio.sleep(0.3)  # several reconnect attempts fail meanwhile
+            assert sink.services == before
+            proc = await start_cp_process(f, port)
+            await until(lambda: c.connected, what="reconnect")
+            await until(lambda: "app.c" in sink.services, what="app.c after reconnect")
+            await until(lambda: sink.ep("app.a", "10.0.0.1:9000").weight == 5)
+            assert c.stats.streams >= 2
+            # everything was re-subscribed: a change to app.b reaches us too
+            services[1]["endpoints"][0]["weight"] = 6
+            write(f, services)
+            await until(lambda: sink.ep("app.b", "10.0.0.11:9000").weight == 6)
+            assert not sink.removes and c.stats.nacks == 0
+        finally:
+            await c.stop()
+            await kill(proc)
+
+    run(body(), timeout=45)
+
+
+def test_backoff_is_jittered_exponential_and_capped() -> None:
+    c = XdsClient("127.0.0.1:1", FakeSink(), node_id="x", backoff_base_s=0.5, backoff_max_s=30)
+    for attempt in range(12):
+        cap = min(30.0, 0.5 * 2**attempt)
+        ds = [c._backoff(attempt) for _ in range(50)]
+        assert all(cap / 2 <= d <= cap for d in ds)
+        assert len(set(ds)) > 1
+
+
+def test_state_file_json_roundtrip(tmp_path: Path) -> None:
+    from octoproxy.subscribe import read_state, write_state
+
+    p = tmp_path / "d" / "subs.json"
+    assert read_state(p) == []
+    write_state(p, ["b", "a"])
+    assert json.loads(p.read_text()) == {"version": 1, "appkeys": ["a", "b"]}
+    assert read_state(p) == ["a", "b"]
+    assert [x.name for x in p.parent.iterdir()] == ["subs.json"]  # no temp file left
+    p.write_text("{not json")
+    assert read_state(p) == []
