@@ -1,0 +1,263 @@
+"""A misbehaving ADS server (hand-written here) sends malformed resources: the
+client NACKs with an error_detail that says what is wrong, applies nothing of
+that response, and keeps serving the old services."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import grpc
+import pytest
+import uvloop
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import any_pb2
+
+from octoproxy import model
+from octoproxy.xds import CLUSTER_TYPE, ENDPOINT_TYPE, XdsClient, service_to_cla, service_to_cluster
+
+pytestmark = pytest.mark.timeout(30)
+CDS, EDS = CLUSTER_TYPE, ENDPOINT_TYPE
+
+
+class FakeSink:
+    def __init__(self) -> None:
+        self.services: dict[str, model.Service] = {}
+        self.calls = 0
+
+    def update_service(self, service: model.Service) -> None:
+        self.services[service.appkey] = service
+        self.calls += 1
+
+    def remove_service(self, appkey: str) -> None:
+        self.services.pop(appkey, None)
+        self.calls += 1
+
+    def has_service(self, appkey: str) -> bool:
+        return appkey in self.services
+
+
+def service(appkey: str, weight: int = 100) -> model.Service:
+    return model.Service(appkey, (model.Endpoint("10.1.0.1", 9000, weight=weight),))
+
+
+class ScriptedAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    """Answers the first request of each type with good resources for a and b,
+    then sends whatever the test pushes; records every request."""
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.delta = False
+        self.nonce = 0
+        good = {"a": service("a"), "b": service("b")}
+        self.good: dict[str, list[Any]] = {
+            CDS: [service_to_cluster(s) for s in good.values()],
+            EDS: [service_to_cla(s) for s in good.values()],
+        }
+
+    def response(self, t: str, msgs: list[Any], version: str) -> Any:
+        self.nonce += 1
+        anys = [any_pb2.Any(type_url=t, value=m.SerializeToString()) for m in msgs]
+        if not self.delta:
+            return discovery_pb2.DiscoveryResponse(
+                version_info=version, resources=anys, type_url=t, nonce=f"n{self.nonce}"
+            )
+        r = discovery_pb2.DeltaDiscoveryResponse(type_url=t, nonce=f"n{self.nonce}")
+        for m, a in zip(msgs, anys, strict=True):
+            res = r.resources.add(name=m.name if t == CDS else m.cluster_name, version=version)
+            res.resource.CopyFrom(a)
+        return r
+
+    async def _serve(self, it: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        seen: set[str] = set()
+
+        async def reader() -> None:
+            async for req in it:
+                self.requests.append(req)
+                if req.type_url not in seen:
+                    seen.add(req.type_url)
+                    self.queue.put_nowait(
+                        self.response(req.type_url, self.good[req.type_url], "v1")
+                    )
+
+        task = asyncio.get_running_loop().create_task(reader())
+        try:
+            while True:
+                yield await self.queue.get()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def StreamAggregatedResources(
+        self, it: AsyncIterator[Any], ctx: Any
+    ) -> AsyncIterator[Any]:
+        async for r in self._serve(it):
+            yield r
+
+    async def DeltaAggregatedResources(
+        self, it: AsyncIterator[Any], ctx: Any
+    ) -> AsyncIterator[Any]:
+        async for r in self._serve(it):
+            yield r
+
+
+async def until(cond: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> None:
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    uvloop.run(asyncio.wait_for(coro, 20))
+
+
+def cla_with(appkey: str, mutate: Callable[[Any], None]) -> Any:
+    cla = service_to_cla(service(appkey))
+    mutate(cla.endpoints[0].lb_endpoints[0])
+    return cla
+
+
+def _no_address(e: Any) -> None:
+    e.endpoint.ClearField("address")
+
+
+def _port0(e: Any) -> None:
+    e.endpoint.address.socket_address.port_value = 0
+
+
+def _role_str(e: Any) -> None:
+    e.metadata.filter_metadata["envoy.lb"]["role"] = "backup"
+
+
+def _neg_warmup(e: Any) -> None:
+    e.metadata.filter_metadata["envoy.lb"]["warmup_s"] = -5
+
+
+def _cluster(mutate: Callable[[Any], None]) -> Any:
+    c = service_to_cluster(service("b", 1))
+    mutate(c)
+    return c
+
+
+def _set_enabled_str(c: Any) -> None:
+    c.metadata.filter_metadata["octo"]["set_enabled"] = "yes"
+
+
+def _lb_cluster_provided(c: Any) -> None:
+    c.lb_policy = cluster_pb2.Cluster.CLUSTER_PROVIDED
+
+
+# (type, resources of the bad response, what the NACK message must say).  Each bad
+# response also carries a valid change to "a" (weight 7), which must NOT be applied.
+CASES: dict[str, tuple[str, Callable[[], list[Any]], str]] = {
+    "missing-address": (
+        EDS,
+        lambda: [service_to_cla(service("a", 7)), cla_with("b", _no_address)],
+        "endpoint.address.socket_address is missing",
+    ),
+    "bad-port": (
+        EDS,
+        lambda: [service_to_cla(service("a", 7)), cla_with("b", _port0)],
+        "port_value must be 1..65535",
+    ),
+    "metadata-type": (
+        EDS,
+        lambda: [service_to_cla(service("a", 7)), cla_with("b", _role_str)],
+        '["envoy.lb"].role must be a number',
+    ),
+    "negative-warmup": (
+        EDS,
+        lambda: [service_to_cla(service("a", 7)), cla_with("b", _neg_warmup)],
+        "warmup_s must be a finite number >= 0",
+    ),
+    "eds-without-cds": (
+        EDS,
+        lambda: [service_to_cla(service("a", 7)), service_to_cla(service("c"))],
+        "no Cluster 'c' received",
+    ),
+    "cluster-metadata-type": (
+        CDS,
+        lambda: [service_to_cluster(service("a", 7)), _cluster(_set_enabled_str)],
+        "set_enabled must be a bool, got string_value",
+    ),
+    "lb-policy": (
+        CDS,
+        lambda: [service_to_cluster(service("a", 7)), _cluster(_lb_cluster_provided)],
+        "lb_policy CLUSTER_PROVIDED is not supported",
+    ),
+    "wrong-type": (
+        EDS,
+        lambda: [service_to_cluster(service("a", 7))],
+        "resource type type.googleapis.com/envoy.config.cluster.v3.Cluster in a",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_malformed_response_is_nacked_and_nothing_applied(case: str, delta: bool) -> None:
+    t, make, expect = CASES[case]
+
+    async def body() -> None:
+        ads = ScriptedAds()
+        ads.delta = delta
+        server = grpc.aio.server()
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        sink = FakeSink()
+        c = XdsClient(f"127.0.0.1:{port}", sink, node_id="p", delta=delta, resource_timeout_s=5)
+        c.start()
+        try:
+            c.subscribe(["a", "b", "c"])
+            await until(lambda: {"a", "b"} <= set(sink.services), what="good config")
+            await until(lambda: c.stats.acks >= 2, what="acks")
+            before, calls = dict(sink.services), sink.calls
+            n_req = len(ads.requests)
+            if case == "wrong-type":
+                bad = ads.response(EDS, [], "v2")
+                if delta:
+                    res = bad.resources.add(name="a", version="v2")
+                    res.resource.CopyFrom(
+                        any_pb2.Any(type_url=CDS, value=make()[0].SerializeToString())
+                    )
+                else:
+                    bad.resources.add(type_url=CDS, value=make()[0].SerializeToString())
+            else:
+                bad = ads.response(t, make(), "v2")
+            ads.queue.put_nowait(bad)
+            await until(lambda: c.stats.nacks == 1, what="NACK")
+            await until(
+                lambda: any(r.response_nonce == bad.nonce for r in ads.requests[n_req:]),
+                what="NACK on the wire",
+            )
+            nack = next(r for r in ads.requests[n_req:] if r.response_nonce == bad.nonce)
+            assert nack.type_url == t
+            assert nack.error_detail.code == 3  # INVALID_ARGUMENT
+            assert expect in nack.error_detail.message, nack.error_detail.message
+            if not delta:
+                assert nack.version_info == "v1"  # the last good version
+            # nothing of the bad response was applied, the old services remain
+            assert sink.services == before and sink.calls == calls
+            assert sink.services["a"].endpoints[0].weight == 100
+            # the stream goes on: a good update is ACKed and applied
+            ads.queue.put_nowait(ads.response(EDS, [service_to_cla(service("a", 9))], "v3"))
+            await until(lambda: sink.services["a"].endpoints[0].weight == 9, what="good update")
+            ack = ads.requests[-1]
+            assert not ack.HasField("error_detail")
+            if not delta:
+                assert ack.version_info == "v3"
+            assert c.stats.nacks == 1
+        finally:
+            await c.stop()
+            await server.stop(None)
+
+    run(body())
