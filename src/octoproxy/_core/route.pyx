@@ -397,8 +397,8 @@ cdef bint cs_same(CandSet a, CandSet b):
 
 
 cdef int lb_build_seq(CandSet cs) except -1:
-    """Smooth weighted RR: node i's k-th turn sits at (k + 1/2) / count_i of the
-    cycle (stride scheduling).  The turns are ordered by a counting sort on
+    """Smooth weighted RR: node i's k-th turn sits at (k + phase_i) / count_i of
+    the cycle (stride scheduling).  The turns are ordered by a counting sort on
     that position (O(L + n), no comparison sort: builds stay cheap)."""
     cdef Py_ssize_t n = cs.n, i, k, total = 0, cap, b
     cdef int64_t g = 0, a, r, W = 0
@@ -432,15 +432,17 @@ cdef int lb_build_seq(CandSet cs) except -1:
         free(cnt)
         free(start)
         raise MemoryError()
-    # bucket of turn k of node i: floor((k + 1/2) * total / cnt_i) in [0, total)
+    # turn k of node i sits at (k + phase_i) / cnt_i of the cycle, phase_i =
+    # (i + 1/2) / n: staggering the phases keeps equal-count nodes from
+    # bunching at the same spot.  Bucket: floor(position * total) in [0, total).
     for i in range(n):
         for k in range(cnt[i]):
-            start[((2 * k + 1) * total) // (2 * cnt[i]) + 1] += 1
+            start[((2 * (k * n + i) + 1) * total) // (2 * cnt[i] * n) + 1] += 1
     for b in range(total):
         start[b + 1] += start[b]
     for i in range(n):
         for k in range(cnt[i]):
-            b = ((2 * k + 1) * total) // (2 * cnt[i])
+            b = ((2 * (k * n + i) + 1) * total) // (2 * cnt[i] * n)
             cs.seq[start[b]] = <uint32_t>i
             start[b] += 1
     cs.seq_len = total
