@@ -101,9 +101,10 @@ def subscribe(
             if status != 503:
                 raise err
             last = err
-        if time.monotonic() + delay > deadline:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
             raise last
-        time.sleep(delay)
+        time.sleep(min(delay, remaining))
         delay = min(delay * 2, 1.0)
 
 
