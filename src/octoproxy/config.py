@@ -76,12 +76,17 @@ class Limits(_Strict):
     # source that feeds it stops being read; it resumes below low
     write_high_water: int = Field(default=4 * MiB, ge=1024)
     write_low_water: int = Field(default=1 * MiB, ge=0)
-    read_buffer_bytes: int = Field(default=256 * 1024, ge=4096)
+    read_buffer_bytes: int = Field(default=64 * 1024, ge=4096)
+    # answers queued for a connection that does not read them: past this the
+    # connection is closed (a stalled consumer must not grow the proxy)
+    max_unread_bytes: int = Field(default=32 * MiB, ge=64 * 1024)
 
     @model_validator(mode="after")
     def _marks(self) -> Limits:
         if self.write_low_water >= self.write_high_water:
             raise ValueError("write_low_water must be lower than write_high_water")
+        if self.max_unread_bytes <= self.write_high_water:
+            raise ValueError("max_unread_bytes must be greater than write_high_water")
         if self.max_header_bytes > self.max_frame_bytes:
             raise ValueError("max_header_bytes cannot exceed max_frame_bytes")
         return self

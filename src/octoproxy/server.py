@@ -73,6 +73,7 @@ class Proxy:
             read_buffer=cfg.limits.read_buffer_bytes,
             high_water=cfg.limits.write_high_water,
             low_water=cfg.limits.write_low_water,
+            max_unread=cfg.limits.max_unread_bytes,
             default_timeout=cfg.upstream.default_timeout_ms / 1000,
             max_timeout=cfg.upstream.max_timeout_ms / 1000,
             conns_per_node=cfg.upstream.connections_per_node,

@@ -56,6 +56,7 @@ cdef class Engine:
     cdef public Py_ssize_t read_buffer
     cdef public Py_ssize_t high_water
     cdef public Py_ssize_t low_water
+    cdef public Py_ssize_t max_unread       # queued answers past which a non-reading app is cut off
     cdef public double default_timeout   # seconds
     cdef public double max_timeout       # seconds
     cdef public int conns_per_node
@@ -74,6 +75,7 @@ cdef class Engine:
     cdef public long long n_malformed
     cdef public long long n_heartbeats
     cdef public long long n_restart_answers
+    cdef public long long n_slow_consumers  # app connections closed for not reading
     cdef long long n_errors[16]          # proxy-made error answers by status
 
     cdef UpstreamPool get_pool(self, Node node)
@@ -153,6 +155,7 @@ cdef class Downstream(Conn):
     cdef int ds_process(self) except -1
     cdef int ds_error(self, int64_t seq_id, int status, str message, bint restart, int protocol) except -1
     cdef int ds_flush(self) except -1
+    cdef int ds_check_unread(self) except -1
     cdef _route_error(self, char* p, FrameInfo* fi, int err)
     cdef _answer_too_large(self, uint8_t* p, Py_ssize_t avail)
 

@@ -143,7 +143,8 @@ cdef class Engine:
                  Py_ssize_t max_frame=16 * 1024 * 1024, Py_ssize_t max_header=64 * 1024,
                  Py_ssize_t max_inflight=10000, Py_ssize_t max_connections=10000,
                  Py_ssize_t read_buffer=65536, Py_ssize_t high_water=4 * 1024 * 1024,
-                 Py_ssize_t low_water=1024 * 1024, double default_timeout=3.0,
+                 Py_ssize_t low_water=1024 * 1024, Py_ssize_t max_unread=32 * 1024 * 1024,
+                 double default_timeout=3.0,
                  double max_timeout=60.0, int conns_per_node=2, double backoff_base=0.1,
                  double backoff_max=5.0, double idle_timeout=300.0, double connect_timeout=1.0):
         self.table = table
@@ -157,6 +158,7 @@ cdef class Engine:
         self.read_buffer = read_buffer
         self.high_water = high_water
         self.low_water = low_water
+        self.max_unread = max_unread
         self.default_timeout = default_timeout
         self.max_timeout = max_timeout
         self.conns_per_node = conns_per_node
@@ -733,8 +735,23 @@ cdef class Downstream(Conn):
     cdef int ds_flush(self) except -1:
         if self.out.len and not self.closed:
             self._write(ob_take(&self.out))
+            if self.pause_mask & PAUSE_SELF:
+                self.ds_check_unread()
         else:
             self.out.len = 0
+        return 0
+
+    cdef int ds_check_unread(self) except -1:
+        """Only while the app is not reading (paused): cut it off when what it
+        leaves unread passes the hard limit, so it cannot grow the proxy."""
+        cdef Py_ssize_t n = self.transport.get_write_buffer_size()
+        if n > self.engine.max_unread:
+            self.engine.n_slow_consumers += 1
+            self.engine.log.warning(
+                "closing app connection: it leaves %d bytes of answers unread "
+                "(limits.max_unread_bytes = %d)", n, self.engine.max_unread)
+            self.closed = True
+            self.transport.abort()
         return 0
 
     cdef int ds_process(self) except -1:

@@ -82,12 +82,10 @@ def _response(f: _frame.Frame) -> Response:
     return Response(f.status, f.message, f.body, bool(f.proxy_restart))
 
 
-class _AsyncConn(asyncio.BufferedProtocol):
+class _AsyncConn(asyncio.Protocol):
     def __init__(self, owner: AsyncClient) -> None:
         self.owner = owner
-        self.buf = bytearray(256 * 1024)
-        self.view = memoryview(self.buf)
-        self.end = 0
+        self.scanner = _frame.FrameScanner()
         self.transport: asyncio.Transport | None = None
         self.waiters: dict[int, asyncio.Future[Response]] = {}
         self.lost = asyncio.get_running_loop().create_future()
@@ -95,16 +93,9 @@ class _AsyncConn(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        if self.end == len(self.buf):
-            self.buf.extend(bytes(len(self.buf)))
-            self.view = memoryview(self.buf)
-        return self.view[self.end:]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.end += nbytes
+    def data_received(self, data: bytes) -> None:
         try:
-            frames, used = _frame.scan(self.buf, 0, self.end)
+            frames = self.scanner.feed(data)
         except _frame.FrameError as e:
             self._fail(ConnectionError(f"malformed frame from proxy: {e}"))
             if self.transport is not None:
@@ -116,14 +107,6 @@ class _AsyncConn(asyncio.BufferedProtocol):
             w = self.waiters.pop(f.seq_id, None)
             if w is not None and not w.done():
                 w.set_result(_response(f))
-        if used:
-            # reset the views before moving bytes (a live export blocks resizing)
-            self.view.release()
-            del self.buf[:used]
-            self.end -= used
-            if len(self.buf) < 256 * 1024:
-                self.buf.extend(bytes(256 * 1024 - len(self.buf)))
-            self.view = memoryview(self.buf)
 
     def _fail(self, exc: Exception) -> None:
         waiters, self.waiters = self.waiters, {}

@@ -41,6 +41,7 @@ class Request:
     liteset: str | None
     hash_key: str | None
     protocol: int
+    checksum: bool = False
 
 
 class _ProviderConn(asyncio.Protocol):
@@ -71,7 +72,8 @@ class _ProviderConn(asyncio.Protocol):
             if not f.is_request:
                 continue
             req = Request(f.seq_id, f.service_name, f.body, f.call_type == 1,
-                          f.timeout, f.swimlane, f.set, f.liteset, f.hash_key, f.protocol & 3)
+                          f.timeout, f.swimlane, f.set, f.liteset, f.hash_key, f.protocol & 3,
+                          bool(f.checksum))
             if self.is_async:
                 t = asyncio.get_running_loop().create_task(self._run_async(req))
                 self.tasks.add(t)
@@ -109,7 +111,7 @@ def _encode_result(req: Request, result: Result) -> bytes:
     else:
         status, body, message = 0, result, None
     return _frame.encode_response(req.seq_id, body, status=status, message=message,
-                                  protocol=req.protocol)
+                                  protocol=req.protocol, checksum=req.checksum)
 
 
 async def serve(path: str, handler: Handler, *, mode: int = 0o660) -> asyncio.AbstractServer:

@@ -1,0 +1,204 @@
+"""Real processes for end-to-end tests: proxies and provider apps.
+
+Everything waits on conditions with timeouts, never on fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+PROVIDER_APP = Path(__file__).with_name("provider_app.py")
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    src = str(ROOT / "src")
+    e["PYTHONPATH"] = src + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    return e
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
+             interval: float = 0.01) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def can_connect_uds(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def can_connect_tcp(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def short_tmpdir() -> str:
+    # UDS paths are limited to 107 bytes: keep them short
+    return tempfile.mkdtemp(prefix="op", dir="/tmp")
+
+
+class Proc:
+    def __init__(self, args: list[str], name: str, logdir: str) -> None:
+        self.name = name
+        self.log_path = os.path.join(logdir, f"{name}.log")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115
+        self.p = subprocess.Popen(args, env=env(), stdout=self._log, stderr=subprocess.STDOUT,
+                                  cwd=str(ROOT))
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def log(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def signal(self, sig: int) -> None:
+        self.p.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self._log.close()
+        return self.p.returncode
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+        self._log.close()
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.pid}/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+
+class Cluster:
+    """Provider apps, server-side proxies and client-side proxies in one temp dir."""
+
+    def __init__(self) -> None:
+        self.dir = short_tmpdir()
+        self.procs: list[Proc] = []
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def providers(self, **named_uds: str) -> Proc:
+        specs = [f"{n}={self.path(u)}" for n, u in named_uds.items()]
+        p = Proc([sys.executable, str(PROVIDER_APP), *specs], f"prov{len(self.procs)}", self.dir)
+        self.procs.append(p)
+        for u in named_uds.values():
+            wait_for(lambda u=u: can_connect_uds(self.path(u)) or not p.alive(), 15,
+                     f"provider socket {u}")
+        assert p.alive(), p.log()
+        return p
+
+    def write_config(self, name: str, cfg: dict[str, Any]) -> str:
+        path = self.path(f"{name}.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(cfg, f)
+        return path
+
+    def proxy(self, name: str, cfg: dict[str, Any], *, wait: bool = True,
+              extra_args: list[str] | None = None) -> Proc:
+        cfg_path = self.write_config(name, cfg)
+        p = Proc([sys.executable, "-m", "octoproxy", "run", "-c", cfg_path, *(extra_args or [])],
+                 name, self.dir)
+        self.procs.append(p)
+        if wait:
+            self.wait_ready(p, cfg)
+        return p
+
+    def wait_ready(self, p: Proc, cfg: dict[str, Any], timeout: float = 15.0) -> None:
+        lst = cfg.get("listeners", {})
+        for ob in lst.get("outbound", []):
+            wait_for(lambda ob=ob: can_connect_uds(ob["path"]) or not p.alive(), timeout,
+                     f"{p.name} outbound {ob['path']}")
+        for ib in lst.get("inbound", []):
+            wait_for(lambda ib=ib: can_connect_tcp(ib["port"]) or not p.alive(), timeout,
+                     f"{p.name} inbound :{ib['port']}")
+        assert p.alive(), f"{p.name} died:\n{p.log()}"
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            with contextlib.suppress(Exception):
+                p.stop(5)
+
+
+@contextlib.contextmanager
+def cluster() -> Iterator[Cluster]:
+    c = Cluster()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def server_proxy_cfg(ports_to_uds: dict[int, str], **node: str) -> dict[str, Any]:
+    return {
+        "node": {"id": "server", **node},
+        "listeners": {"inbound": [{"host": "127.0.0.1", "port": port, "upstream_uds": uds}
+                                  for port, uds in ports_to_uds.items()]},
+    }
+
+
+def client_proxy_cfg(uds: str, services: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    node = extra.pop("node", {})
+    cfg: dict[str, Any] = {
+        "node": {"id": "client", **node},
+        "listeners": {"outbound": [{"path": uds}]},
+        "static": {"services": services},
+    }
+    cfg.update(extra)
+    return cfg

@@ -1,0 +1,51 @@
+"""A labelled provider app for the end-to-end tests (run as a process).
+
+    python tests/e2e/provider_app.py NAME=UDS [NAME=UDS ...]
+
+Each UDS answers with b"<NAME>|" + what the body asks for:
+  b"echo:<x>"      -> x
+  b"sleep:<ms>:<x>"-> x after ms milliseconds (answers out of order)
+  b"big:<n>"       -> n bytes
+  b"ctx"           -> swimlane/set/liteset/hash seen by the provider
+Prints "ready" when every socket listens.
+"""
+
+import asyncio
+import sys
+
+import uvloop
+
+from octoproxy.sdk import Request, serve
+
+
+def make_handler(name: str):
+    prefix = name.encode() + b"|"
+
+    async def handler(req: Request):
+        body = req.body
+        if body.startswith(b"sleep:"):
+            _, ms, rest = body.split(b":", 2)
+            await asyncio.sleep(int(ms) / 1000)
+            return prefix + rest
+        if body.startswith(b"big:"):
+            return prefix + b"x" * int(body[4:])
+        if body == b"ctx":
+            return prefix + f"{req.swimlane}/{req.set}/{req.liteset}/{req.hash_key}".encode()
+        if body.startswith(b"fail:"):
+            return (1, b"", body[5:].decode())
+        return prefix + body.removeprefix(b"echo:")
+
+    return handler
+
+
+async def main(specs: list[str]) -> None:
+    servers = []
+    for spec in specs:
+        name, path = spec.split("=", 1)
+        servers.append(await serve(path, make_handler(name)))
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    uvloop.run(main(sys.argv[1:]))

@@ -1,0 +1,418 @@
+"""The data path end to end: app -> client proxy (UDS) -> server proxy (TCP) -> provider (UDS).
+
+Real processes, real sockets; every wait is on a condition with a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import stat
+import time
+
+import pytest
+import uvloop
+
+from octoproxy._core import frame
+from octoproxy.sdk import AsyncClient, Client, Context, RpcError
+
+from harness import (
+    Cluster,
+    can_connect_uds,
+    client_proxy_cfg,
+    cluster,
+    free_port,
+    server_proxy_cfg,
+    wait_for,
+)
+
+NODES = {
+    # name: labels of the endpoint the client proxy knows it by
+    "gh": {"idc": "gh", "region": "bj"},
+    "yf": {"idc": "yf", "region": "bj"},
+    "sh": {"idc": "sh", "region": "sh"},
+    "lite1": {"cell": "l1", "idc": "gh", "region": "bj"},
+    "set1": {"cell": "s1", "idc": "yf", "region": "bj"},
+    "lane1": {"swimlane": "w1", "idc": "sh", "region": "sh"},
+}
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    with cluster() as c:
+        c.providers(**{n: f"{n}.sock" for n in NODES})
+        ports = {n: free_port() for n in NODES}
+        c.proxy("server", server_proxy_cfg({ports[n]: c.path(f"{n}.sock") for n in NODES}))
+        eps = {n: {"address": f"127.0.0.1:{ports[n]}", **NODES[n]} for n in NODES}
+        services = [
+            {"appkey": "com.demo.echo", "service_names": ["com.demo.Echo"],
+             "endpoints": [eps[n] for n in ("gh", "yf", "sh", "lite1", "lane1")]},
+            {"appkey": "com.demo.set", "set_enabled": True,
+             "endpoints": [eps["set1"], eps["gh"]]},
+            {"appkey": "com.demo.sick",
+             "endpoints": [{**eps["gh"], "status": 0}, {**eps["yf"], "weight": 0}]},
+        ]
+        c.proxy("client", client_proxy_cfg(c.path("proxy.sock"), services,
+                                           node={"idc": "gh", "region": "bj"},
+                                           upstream={"default_timeout_ms": 2000}))
+        c.ports = ports  # type: ignore[attr-defined]
+        yield c
+
+
+def who(resp) -> str:
+    return resp.body.split(b"|", 1)[0].decode()
+
+
+def run(coro):
+    return uvloop.run(coro)
+
+
+# ---------------------------------------------------------------- routing
+
+
+def test_request_by_service_name_reaches_same_idc_node(mesh: Cluster) -> None:
+    with Client(mesh.path("proxy.sock")) as c:
+        rs = c.call_many([("com.demo.Echo", b"echo:%d" % i) for i in range(50)])
+    assert {who(r) for r in rs} == {"gh"}  # same IDC beats same region
+    assert [r.body for r in rs] == [b"gh|%d" % i for i in range(50)]
+
+
+def test_routing_by_liteset_swimlane_and_set(mesh: Cluster) -> None:
+    with Client(mesh.path("proxy.sock")) as c:
+        def to(ctx: Context, appkey: str = "com.demo.echo") -> set[str]:
+            return {who(r) for r in c.call_many([("m", b"x")] * 20, appkey=appkey, context=ctx)}
+
+        assert to(Context(liteset="l1")) == {"lite1"}
+        assert to(Context(liteset="nope")) == {"gh"}  # LiteSet falls back to the center
+        assert to(Context(swimlane="w1")) == {"lane1"}
+        assert to(Context(swimlane="w9")) == {"gh"}  # swimlane falls back to the trunk
+        assert to(Context(), "com.demo.set") == {"gh"}
+        assert to(Context(set="s1"), "com.demo.set") == {"set1"}
+        assert to(Context(set="s1")) == {"gh"}  # not Set-enabled: center
+        with pytest.raises(RpcError) as e:
+            c.call("m", b"x", appkey="com.demo.set", context=Context(set="s9"))
+        assert e.value.status == 4 and "Set cell 's9'" in e.value.message
+
+
+def test_context_reaches_provider(mesh: Cluster) -> None:
+    with Client(mesh.path("proxy.sock")) as c:
+        r = c.call("m", b"ctx", appkey="com.demo.echo", context=Context(swimlane="w1", hash_key="k"))
+    assert r.body == b"lane1|w1/None/None/k"
+
+
+def test_proxy_answers_routing_errors_with_status_and_reason(mesh: Cluster) -> None:
+    with Client(mesh.path("proxy.sock")) as c:
+        r = c.call("com.nobody.Svc", b"", raise_on_error=False)
+        assert r.status == 8 and "unknown service 'com.nobody.Svc'" in r.message
+        r = c.call("m", b"", appkey="com.demo.sick", raise_on_error=False)
+        assert r.status == 4 and "no healthy node" in r.message
+        # the connection is still usable after errors
+        assert c.call("com.demo.Echo", b"echo:ok").body == b"gh|ok"
+
+
+def test_heartbeat_answered_by_proxy(mesh: Cluster) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(mesh.path("proxy.sock"))
+    s.sendall(frame.encode_heartbeat(77))
+    sc = frame.FrameScanner()
+    frames = wait_for(lambda: sc.feed(s.recv(4096)), 5, "heartbeat answer")
+    assert frames[0].msg_type == 1 and frames[0].seq_id == 77 and frames[0].is_response
+    s.close()
+
+
+def test_one_way_call_gets_no_answer_and_holds_no_state(mesh: Cluster) -> None:
+    with Client(mesh.path("proxy.sock")) as c:
+        for _ in range(20):
+            c.send_one_way("com.demo.Echo", b"echo:fire")
+        # a normal call after them is answered first and alone
+        assert c.call("com.demo.Echo", b"echo:after").body == b"gh|after"
+
+
+# ---------------------------------------------------------------- pipelining
+
+
+def test_pipelined_out_of_order_responses_reach_the_right_caller(mesh: Cluster) -> None:
+    async def one_conn(k: int) -> None:
+        c = await AsyncClient.connect(mesh.path("proxy.sock"))
+        rnd = random.Random(k)
+        calls = [c.call("com.demo.Echo", b"sleep:%d:%d-%d" % (rnd.randrange(0, 30), k, i))
+                 for i in range(300)]
+        rs = await asyncio.gather(*calls)
+        assert [r.body for r in rs] == [b"gh|%d-%d" % (k, i) for i in range(300)]
+        await c.close()
+
+    async def main() -> None:
+        await asyncio.gather(*(one_conn(k) for k in range(4)))
+
+    run(main())
+
+
+# ---------------------------------------------------------------- timeouts
+
+
+def test_timeout_answers_transport_exception_and_drops_late_response(mesh: Cluster) -> None:
+    async def main() -> None:
+        c = await AsyncClient.connect(mesh.path("proxy.sock"))
+        t0 = time.monotonic()
+        with pytest.raises(RpcError) as e:
+            await c.call("com.demo.Echo", b"sleep:600:late", timeout_ms=100)
+        took = time.monotonic() - t0
+        assert e.value.status == 4 and "timeout" in e.value.message
+        assert 0.08 < took < 0.5
+        # the late answer arrives at the proxy ~0.5 s later and must be dropped:
+        # nothing but the answers to these calls comes back
+        rs = await asyncio.gather(*(c.call("com.demo.Echo", b"sleep:100:%d" % i)
+                                    for i in range(20)))
+        await asyncio.sleep(0.7)
+        assert [r.body for r in rs] == [b"gh|%d" % i for i in range(20)]
+        r = await c.call("com.demo.Echo", b"echo:still-fine")
+        assert r.body == b"gh|still-fine"
+        await c.close()
+
+    run(main())
+
+
+def test_timeout_bounded_by_configured_maximum() -> None:
+    with cluster() as c:
+        c.providers(p="p.sock")
+        port = free_port()
+        c.proxy("server", server_proxy_cfg({port: c.path("p.sock")}))
+        c.proxy("client", client_proxy_cfg(
+            c.path("px.sock"), [{"appkey": "a", "endpoints": [{"address": f"127.0.0.1:{port}"}]}],
+            upstream={"default_timeout_ms": 100, "max_timeout_ms": 200}))
+        with Client(c.path("px.sock")) as cl:
+            t0 = time.monotonic()
+            r = cl.call("m", b"sleep:1500:x", appkey="a", timeout_ms=60000, raise_on_error=False)
+            assert r.status == 4 and "200 ms" in r.message
+            assert time.monotonic() - t0 < 1.0
+            r = cl.call("m", b"sleep:1500:x", appkey="a", timeout_ms=0, raise_on_error=False)
+            assert r.status == 4 and "100 ms" in r.message
+
+
+# ---------------------------------------------------------------- failures
+
+
+def test_upstream_killed_mid_flight_answers_every_request_at_once() -> None:
+    with cluster() as c:
+        c.providers(p="p.sock")
+        port = free_port()
+        server = c.proxy("server", server_proxy_cfg({port: c.path("p.sock")}))
+        c.proxy("client", client_proxy_cfg(
+            c.path("px.sock"), [{"appkey": "a", "endpoints": [{"address": f"127.0.0.1:{port}"}]}],
+            upstream={"default_timeout_ms": 30000, "reconnect_backoff_base_ms": 50}))
+
+        async def main() -> None:
+            cl = await AsyncClient.connect(c.path("px.sock"))
+            assert (await cl.call("m", b"echo:up", appkey="a")).body == b"p|up"
+            calls = [asyncio.ensure_future(cl.call("m", b"sleep:20000:x", appkey="a",
+                                                   raise_on_error=False)) for _ in range(200)]
+            await asyncio.sleep(0.3)  # let them get in flight (the kill is the event under test)
+            t0 = time.monotonic()
+            server.kill()
+            rs = await asyncio.wait_for(asyncio.gather(*calls), 5)
+            assert time.monotonic() - t0 < 2.0
+            assert all(r.status == 4 for r in rs), {r.message for r in rs}
+            assert all("closed" in r.message or "unavailable" in r.message for r in rs)
+            # with the upstream gone, new requests fail fast with a reason
+            r = await cl.call("m", b"echo:x", appkey="a", raise_on_error=False)
+            assert r.status == 4 and "127.0.0.1" in r.message
+            await cl.close()
+
+        run(main())
+
+
+def test_upstream_connect_failure_answered_with_reason() -> None:
+    with cluster() as c:
+        port = free_port()  # nobody listens here
+        c.proxy("client", client_proxy_cfg(
+            c.path("px.sock"), [{"appkey": "a", "endpoints": [{"address": f"127.0.0.1:{port}"}]}]))
+        with Client(c.path("px.sock")) as cl:
+            r = cl.call("m", b"x", appkey="a", raise_on_error=False)
+            assert r.status == 4 and "connect failed" in r.message and str(port) in r.message
+
+
+def test_upstream_recovers_after_provider_side_restart() -> None:
+    with cluster() as c:
+        c.providers(p="p.sock")
+        port = free_port()
+        scfg = server_proxy_cfg({port: c.path("p.sock")})
+        server = c.proxy("server", scfg)
+        c.proxy("client", client_proxy_cfg(
+            c.path("px.sock"), [{"appkey": "a", "endpoints": [{"address": f"127.0.0.1:{port}"}]}],
+            upstream={"reconnect_backoff_base_ms": 20, "reconnect_backoff_max_ms": 100}))
+        with Client(c.path("px.sock")) as cl:
+            assert cl.call("m", b"echo:1", appkey="a").ok
+            server.kill()
+            c.proxy("server2", scfg)
+            # after the backoff a new connection is made and traffic flows again
+            wait_for(lambda: cl.call("m", b"echo:2", appkey="a", raise_on_error=False).ok, 10,
+                     "traffic through the restarted server proxy")
+
+
+# ---------------------------------------------------------------- bounded
+
+
+def test_stalled_consumer_keeps_proxy_memory_bounded() -> None:
+    with cluster() as c:
+        c.providers(p="p.sock")
+        port = free_port()
+        c.proxy("server", server_proxy_cfg({port: c.path("p.sock")}))
+        client = c.proxy("client", client_proxy_cfg(
+            c.path("px.sock"), [{"appkey": "a", "endpoints": [{"address": f"127.0.0.1:{port}"}]}],
+            limits={"write_high_water": 1 << 20, "write_low_water": 1 << 18,
+                    "max_unread_bytes": 8 << 20},
+            upstream={"default_timeout_ms": 30000}))
+        base = client.rss_bytes()
+        s = socket.socket(socket.AF_UNIX)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.connect(c.path("px.sock"))
+        # asks for ~200 MB of answers and never reads one
+        s.sendall(b"".join(frame.encode_request(i, "m", b"big:65536",
+                                                local_context={"octo-remote-appkey": "a"})
+                           for i in range(1, 3001)))
+        peak = 0
+
+        def cut_off() -> bool:
+            nonlocal peak
+            peak = max(peak, client.rss_bytes())
+            return "leaves" in client.log() and "unread" in client.log()
+
+        wait_for(cut_off, 20, "the proxy to cut off the consumer that does not read")
+        assert peak - base < 64 * 1024 * 1024, f"client proxy grew by {(peak - base) >> 20} MiB"
+        s.close()
+        # the proxy is still healthy for others
+        with Client(c.path("px.sock")) as cl:
+            assert cl.call("m", b"echo:ok", appkey="a").body == b"p|ok"
+
+
+def test_inflight_limit_per_connection_answers_overload() -> None:
+    with cluster() as c:
+        c.providers(p="p.sock")
+        port = free_port()
+        c.proxy("server", server_proxy_cfg({port: c.path("p.sock")}))
+        c.proxy("client", client_proxy_cfg(
+            c.path("px.sock"), [{"appkey": "a", "endpoints": [{"address": f"127.0.0.1:{port}"}]}],
+            limits={"max_inflight_per_connection": 10}))
+        with Client(c.path("px.sock")) as cl:
+            rs = cl.call_many([("m", b"sleep:200:x")] * 25, appkey="a", raise_on_error=False)
+        ok = [r for r in rs if r.ok]
+        over = [r for r in rs if not r.ok]
+        assert len(ok) == 10 and len(over) == 15
+        assert all(r.status == 6 and "limit 10" in r.message for r in over)
+
+
+def test_connection_limit_answers_overload() -> None:
+    with cluster() as c:
+        c.providers(p="p.sock")
+        port = free_port()
+        c.proxy("server", server_proxy_cfg({port: c.path("p.sock")}))
+        c.proxy("client", client_proxy_cfg(
+            c.path("px.sock"), [{"appkey": "a", "endpoints": [{"address": f"127.0.0.1:{port}"}]}],
+            limits={"max_connections": 2}))
+        held = [Client(c.path("px.sock")) for _ in range(2)]
+        for h in held:
+            assert h.call("m", b"echo:x", appkey="a").ok
+        with Client(c.path("px.sock")) as extra:
+            r = extra.call("m", b"echo:x", appkey="a", raise_on_error=False)
+        assert r.status == 6 and "connection limit" in r.message
+        held[0].close()
+        wait_for(lambda: Client(c.path("px.sock")).call("m", b"echo:x", appkey="a",
+                                                        raise_on_error=False).ok, 5,
+                 "a slot freed by a closed connection")
+        held[1].close()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_malformed_frame_closes_only_its_connection(mesh: Cluster) -> None:
+    good = Client(mesh.path("proxy.sock"))
+    assert good.call("com.demo.Echo", b"echo:1").ok
+    bad = socket.socket(socket.AF_UNIX)
+    bad.connect(mesh.path("proxy.sock"))
+    bad.sendall(b"\xab\xba\x01\x01\x00\x00\x00\x10\x00\x08" + b"\x0c\x00\x02\xff\xff\xff\xff\xff" + b"zz" * 3)
+    bad.settimeout(5)
+    assert bad.recv(100) == b""  # closed by the proxy
+    bad.close()
+    garbage = socket.socket(socket.AF_UNIX)
+    garbage.connect(mesh.path("proxy.sock"))
+    garbage.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    garbage.settimeout(5)
+    assert garbage.recv(100) == b""
+    garbage.close()
+    assert good.call("com.demo.Echo", b"echo:2").body == b"gh|2"
+    good.close()
+
+
+def test_oversized_frame_answered_and_connection_closed() -> None:
+    with cluster() as c:
+        c.providers(p="p.sock")
+        port = free_port()
+        c.proxy("server", server_proxy_cfg({port: c.path("p.sock")}))
+        c.proxy("client", client_proxy_cfg(
+            c.path("px.sock"), [{"appkey": "a", "endpoints": [{"address": f"127.0.0.1:{port}"}]}],
+            limits={"max_frame_bytes": 4096, "max_header_bytes": 1024}))
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(c.path("px.sock"))
+        s.sendall(frame.encode_request(5, "m", b"y" * 10000,
+                                       local_context={"octo-remote-appkey": "a"})[:2000])
+        s.settimeout(5)
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+        (f,), _ = frame.scan(data)
+        assert f.seq_id == 5 and f.status == 5 and "exceeds the limit of 4096" in f.message
+        with Client(c.path("px.sock")) as cl:
+            assert cl.call("m", b"echo:small", appkey="a").ok
+
+
+def test_checksummed_frames_forwarded_intact(mesh: Cluster) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(mesh.path("proxy.sock"))
+    s.sendall(frame.encode_request(9, "com.demo.Echo", b"echo:sum", checksum=True))
+    sc = frame.FrameScanner()  # verifies the Adler-32 of what comes back
+    frames = wait_for(lambda: sc.feed(s.recv(4096)), 5, "checksummed answer")
+    f = frames[0]
+    assert f.checksum and f.seq_id == 9 and f.status == 0 and f.body == b"gh|sum"
+    s.close()
+
+
+def test_legacy_client_calls_inbound_port_directly(mesh: Cluster) -> None:
+    port = mesh.ports["yf"]  # type: ignore[attr-defined]
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"".join(frame.encode_request(i, "com.demo.Echo", b"echo:%d" % i)
+                       for i in range(1, 6)))
+    sc = frame.FrameScanner()
+    got: list = []
+    s.settimeout(5)
+    wait_for(lambda: got.extend(sc.feed(s.recv(4096))) or len(got) >= 5, 5, "legacy answers")
+    assert sorted((f.seq_id, f.body) for f in got) == [(i, b"yf|%d" % i) for i in range(1, 6)]
+    s.close()
+
+
+# ---------------------------------------------------------------- the UDS listener
+
+
+def test_uds_mode_default_and_live_socket_not_stolen(mesh: Cluster) -> None:
+    path = mesh.path("proxy.sock")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+    p = mesh.proxy("thief", client_proxy_cfg(path, []), wait=False)
+    wait_for(lambda: not p.alive(), 10, "the second proxy to give up")
+    assert p.p.returncode != 0
+    assert "in use by a live process" in p.log()
+    assert can_connect_uds(path)
+
+
+def test_stale_socket_file_replaced_and_mode_configurable() -> None:
+    with cluster() as c:
+        path = c.path("stale.sock")
+        dead = socket.socket(socket.AF_UNIX)
+        dead.bind(path)
+        dead.close()  # a socket file nobody listens on any more
+        cfg = client_proxy_cfg(path, [])
+        cfg["listeners"]["outbound"][0]["mode"] = 0o600
+        c.proxy("client", cfg)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert can_connect_uds(path)
