@@ -1,0 +1,222 @@
+"""xDS end to end: file change -> control plane -> ADS -> client -> routes in the sink.
+
+Runs the bundled control plane as a real process on loopback and the xDS
+client in this process (uvloop), subscribed to every service, and prints:
+
+- initial sync: subscribe to all N services, until all are in the sink
+- one node of one service changed in the file -> the new route in the sink
+  (p50 / p90 / max over --rounds; includes the control plane's file poll, 100 ms)
+- one node of every service changed -> all N services updated
+- memory per subscribed service in the client (tracemalloc, and RSS delta)
+
+    PYTHONPATH=src python bench/e2e/bench_xds.py [--services 1000] [--nodes 100] [--delta]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import resource
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+import octoproxy
+from octoproxy import model
+from octoproxy.xds import ResourceState, XdsClient
+
+SRC = str(Path(octoproxy.__file__).resolve().parents[1])
+
+
+class TimingSink:
+    """Keeps only what the bench checks: the weight of each service's first node."""
+
+    def __init__(self, keep: bool = True) -> None:
+        self.keep = keep
+        self.first_weight: dict[str, int] = {}
+        self.at: dict[str, float] = {}
+        self.updates = 0
+        self.services: dict[str, model.Service] = {}
+
+    def update_service(self, service: model.Service) -> None:
+        self.updates += 1
+        self.at[service.appkey] = time.perf_counter()
+        ep0 = min(service.endpoints, key=lambda e: (e.host, e.port))
+        self.first_weight[service.appkey] = ep0.weight
+        if self.keep:
+            self.services[service.appkey] = service
+
+    def remove_service(self, appkey: str) -> None:
+        self.services.pop(appkey, None)
+
+    def has_service(self, appkey: str) -> bool:
+        return appkey in self.first_weight
+
+
+def make_services(n: int, nodes: int) -> list[dict[str, Any]]:
+    out = []
+    for s in range(n):
+        eps = [
+            {
+                "address": f"10.{s // 250}.{s % 250}.{i + 1}:9000",
+                "weight": 100,
+                "idc": f"idc-{i % 4}",
+                "region": f"region-{i % 2}",
+                "cell": "" if i % 10 else "gray",
+                "swimlane": "" if i % 20 else "lane-1",
+            }
+            for i in range(nodes)
+        ]
+        out.append(
+            {"appkey": f"com.bench.svc{s:05d}", "service_names": [f"svc{s}.Api"], "endpoints": eps}
+        )
+    return out
+
+
+def write(path: Path, services: list[dict[str, Any]]) -> float:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"services": services}))
+    os.replace(tmp, path)
+    return time.perf_counter()
+
+
+def rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() // 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait(cond: Any, timeout: float) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError("bench condition not met")
+        await asyncio.sleep(0.001)
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(p * (len(xs) - 1)))]
+
+
+async def bench(a: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-xds-"))
+    path = tmp / "endpoints.json"
+    services = make_services(a.services, a.nodes)
+    write(path, services)
+    keys = [s["appkey"] for s in services]
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "octoproxy.controlplane", "--endpoints", str(path),
+        "--listen", f"127.0.0.1:{port}", "--log-level", "warning",
+        stdout=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 120)
+    assert b"listening" in line, line
+    mode = "delta" if a.delta else "sotw"
+    print(f"xDS bench: {a.services} services x {a.nodes} nodes, {mode}, client on uvloop")
+    try:
+        # --- initial sync
+        sink = TimingSink(keep=True)
+        c = XdsClient(f"127.0.0.1:{port}", sink, node_id="bench", delta=a.delta,
+                      resource_timeout_s=120)  # fmt: skip
+        c.start()
+        gc.collect()
+        rss0 = rss_kib()
+        t0 = time.perf_counter()
+        c.subscribe(keys)
+        states = await c.wait_for(keys, 300)
+        t_sync = time.perf_counter() - t0
+        assert all(s is ResourceState.READY for s in states.values())
+        gc.collect()
+        rss1 = rss_kib()
+        print(f"  initial sync of {a.services} services: {t_sync * 1000:.0f} ms")
+
+        # --- one node of one service changes
+        lat = []
+        for r in range(a.rounds):
+            s = services[(r * 7919) % a.services]
+            new = 1000 + r
+            s["endpoints"][0]["weight"] = new
+            appkey = s["appkey"]
+            t0 = write(path, services)
+            await wait(lambda k=appkey, w=new: sink.first_weight.get(k) == w, 60)
+            lat.append(sink.at[appkey] - t0)
+            await asyncio.sleep(0.05)
+        print(
+            f"  one node changed -> route in sink: p50 {statistics.median(lat) * 1000:.0f} ms, "
+            f"p90 {pct(lat, 0.9) * 1000:.0f} ms, max {max(lat) * 1000:.0f} ms "
+            f"over {a.rounds} rounds (file poll every 100 ms included)"
+        )
+
+        # --- every service changes
+        for s in services:
+            s["endpoints"][0]["weight"] = 7
+        t0 = write(path, services)
+        await wait(lambda: all(sink.first_weight[k] == 7 for k in keys), 300)
+        t_all = max(sink.at[k] for k in keys) - t0
+        print(
+            f"  one node in every service changed -> all {a.services} updated: {t_all * 1000:.0f} ms"
+        )
+
+        # --- memory per subscribed service in a fresh client (sink keeps nothing)
+        await c.stop()
+        sink.services.clear()
+        gc.collect()
+        sink2 = TimingSink(keep=False)
+        c2 = XdsClient(f"127.0.0.1:{port}", sink2, node_id="bench-mem", delta=a.delta,
+                       resource_timeout_s=120)  # fmt: skip
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        c2.start()
+        c2.subscribe(keys)
+        await c2.wait_for(keys, 600)
+        gc.collect()
+        used = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.stop()
+        await c2.stop()
+        print(
+            f"  client memory per subscribed service ({a.nodes} nodes): "
+            f"{used / a.services / 1024:.1f} KiB (tracemalloc); "
+            f"RSS delta incl. a sink holding the services: {(rss1 - rss0) / a.services:.1f} KiB"
+        )
+    finally:
+        proc.kill()
+        await proc.wait()
+        for p in tmp.iterdir():
+            p.unlink()
+        tmp.rmdir()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--services", type=int, default=1000)
+    p.add_argument("--nodes", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--delta", action="store_true", help="incremental ADS (default: SotW)")
+    a = p.parse_args(argv)
+    uvloop.run(bench(a))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
