@@ -10,7 +10,7 @@ import pytest
 from octoproxy._core import frame as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from reference import octo_codec as ref  # noqa: E402
+from reference import octo_codec as ref
 
 STRING, STRUCT, MAP, LIST, SET = ref.STRING, ref.STRUCT, ref.MAP, ref.LIST, ref.SET
 
