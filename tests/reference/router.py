@@ -58,7 +58,7 @@ class ReferenceRouter:
         appkey: str | None = None,
         service_name: str | None = None,
         liteset: str | None = None,
-        set: str | None = None,  # noqa: A002 - the context key's name
+        set: str | None = None,
         swimlane: str | None = None,
     ) -> list[Endpoint]:
         svc = self.service_for(appkey, service_name)

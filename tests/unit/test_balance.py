@@ -32,7 +32,8 @@ def shares(counter, total):
 
 # Tolerance: +-1 percentage point of the node's weight share over 100,000 picks.
 @pytest.mark.parametrize(
-    "policy", [LbPolicy.ROUND_ROBIN, LbPolicy.RANDOM, LbPolicy.LEAST_REQUEST, LbPolicy.CONSISTENT_HASH]
+    "policy",
+    [LbPolicy.ROUND_ROBIN, LbPolicy.RANDOM, LbPolicy.LEAST_REQUEST, LbPolicy.CONSISTENT_HASH],
 )
 @pytest.mark.parametrize("weights", [WEIGHTS, [100] * 7])
 def test_fairness_share_follows_weight(policy, weights):

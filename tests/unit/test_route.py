@@ -19,7 +19,7 @@ from octoproxy.model import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from reference import router as ref  # noqa: E402
+from reference import router as ref
 
 APP = "com.example.order"
 
@@ -28,8 +28,8 @@ def ep(n, **kw):
     return Endpoint(f"10.0.0.{n}", 9000, **kw)
 
 
-def table(*services, labels=Labels(), **kw):
-    t = R.RouteTable(labels, seed=7, **kw)
+def table(*services, labels=None, **kw):
+    t = R.RouteTable(labels or Labels(), seed=7, **kw)
     t.replace_all(services)
     return t
 

@@ -10,7 +10,7 @@ from octoproxy._core import route as R
 from octoproxy.model import Endpoint, Labels, LbPolicy, Service
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from reference import router as ref  # noqa: E402
+from reference import router as ref
 
 # small alphabets so that labels collide often (the interesting cases)
 CELLS = st.sampled_from(["", "", "c1", "c2", "gray"])
@@ -52,7 +52,9 @@ def services(draw):
                 draw(endpoints()),
                 lb_policy=draw(st.sampled_from(list(LbPolicy))),
                 set_enabled=draw(st.booleans()),
-                service_names=tuple(draw(st.lists(st.sampled_from(["N1", "N2", "N3"]), max_size=2))),
+                service_names=tuple(
+                    draw(st.lists(st.sampled_from(["N1", "N2", "N3"]), max_size=2))
+                ),
             )
         )
     return out

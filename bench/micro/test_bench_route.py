@@ -1,0 +1,128 @@
+"""Route table micro benchmarks (pytest-benchmark).
+
+lookup + pick is measured inside the core, the way the data path calls
+rt_route: `bench_route` loops it N times in C, so each round's time / N is
+the cost of one lookup + pick (ns figures are in `extra_info`).
+
+Goals: <= 100 ns round robin, <= 150 ns least request; full build of
+1,000 services x 100 nodes <= 200 ms; one-service update rebuilds one service.
+"""
+
+import pytest
+
+from octoproxy._core import route as R
+from octoproxy.model import Endpoint, Labels, LbPolicy, Service
+
+N_ITER = 200_000
+APPKEY = "com.example.bench.service"
+
+
+def make_service(appkey, n, policy, varied=True, host_prefix="10.1"):
+    return Service(
+        appkey,
+        tuple(
+            Endpoint(
+                f"{host_prefix}.{i // 250}.{i % 250}",
+                9000,
+                weight=(50 + (i * 37) % 100) if varied else 100,
+            )
+            for i in range(n)
+        ),
+        lb_policy=policy,
+        service_names=(appkey + ".Iface",),
+    )
+
+
+def many_services(n_services=1000, n_nodes=100):
+    return [
+        make_service(
+            f"com.example.app{s:04d}",
+            n_nodes,
+            LbPolicy.ROUND_ROBIN,
+            varied=False,
+            host_prefix=f"10.{s % 250}",
+        )
+        for s in range(n_services)
+    ]
+
+
+@pytest.mark.parametrize("nodes", [10, 100, 1000])
+@pytest.mark.parametrize("policy", list(LbPolicy))
+def test_lookup_and_pick(benchmark, policy, nodes):
+    t = R.RouteTable(Labels(idc="", region=""), seed=1)
+    # a table with other services around, so the index is not trivially small
+    t.replace_all(
+        [make_service(f"com.example.other{i}", 3, policy) for i in range(200)]
+        + [make_service(APPKEY, nodes, policy)]
+    )
+    key = APPKEY.encode()
+    hk = b"user-42" if policy == LbPolicy.CONSISTENT_HASH else None
+    R.bench_route(t, key, 1000, hk)  # warm (CH: the ring is built on first use)
+    ok = benchmark(R.bench_route, t, key, N_ITER, hk)
+    assert ok == N_ITER
+    ns = benchmark.stats.stats.min / N_ITER * 1e9
+    benchmark.extra_info["ns_per_lookup_pick"] = round(ns, 1)
+    benchmark.extra_info["ns_per_lookup_pick_mean"] = round(
+        benchmark.stats.stats.mean / N_ITER * 1e9, 1
+    )
+    if policy == LbPolicy.ROUND_ROBIN:
+        assert ns <= 100
+    elif policy == LbPolicy.LEAST_REQUEST:
+        assert ns <= 150
+
+
+def test_lookup_and_pick_with_context_labels(benchmark):
+    # context present: two more hashes and probes (cell, lane)
+    svc = Service(
+        APPKEY,
+        tuple(
+            Endpoint(
+                f"10.2.0.{i}",
+                9000,
+                cell="gray" if i % 2 else "",
+                swimlane="w" if i % 3 == 0 else "",
+            )
+            for i in range(100)
+        ),
+    )
+    t = R.RouteTable(Labels(liteset="gray", swimlane="w"), seed=1)
+    t.replace_all([svc])
+    benchmark(R.bench_route, t, APPKEY.encode(), N_ITER)
+    benchmark.extra_info["ns_per_lookup_pick"] = round(benchmark.stats.stats.min / N_ITER * 1e9, 1)
+
+
+def test_full_build_1000x100(benchmark):
+    services = many_services()
+    t = R.RouteTable(Labels(idc="i1", region="r1"), seed=1)
+
+    def build():
+        # a fresh table each round: no Node reuse, the worst case
+        fresh = R.RouteTable(Labels(idc="i1", region="r1"), seed=1)
+        fresh.replace_all(services)
+        return fresh
+
+    benchmark.pedantic(build, rounds=5, iterations=1)
+    benchmark.extra_info["ms"] = round(benchmark.stats.stats.min * 1e3, 1)
+    assert benchmark.stats.stats.min <= 0.2
+    t.replace_all(services)
+    assert len(t.appkeys()) == 1000
+
+
+def test_full_rebuild_1000x100_reusing_nodes(benchmark):
+    services = many_services()
+    t = R.RouteTable(Labels(), seed=1)
+    t.replace_all(services)
+    benchmark.pedantic(t.replace_all, args=(services,), rounds=5, iterations=1)
+    benchmark.extra_info["ms"] = round(benchmark.stats.stats.min * 1e3, 1)
+
+
+def test_one_service_update_in_1000x100(benchmark):
+    services = many_services()
+    t = R.RouteTable(Labels(), seed=1)
+    t.replace_all(services)
+    one = make_service("com.example.app0500", 100, LbPolicy.ROUND_ROBIN, host_prefix="10.77")
+    benchmark(t.update_service, one)
+    builds = t.builds
+    t.update_service(one)
+    assert t.builds == builds + 1  # only that service was rebuilt
+    benchmark.extra_info["us"] = round(benchmark.stats.stats.min * 1e6, 1)
