@@ -2,6 +2,7 @@
 # (datapath.pyx).  Implementation: route.pyx (+ balance.pyx if split).  Add
 # fields/functions freely; do not change these without updating datapath.pyx.
 
+cimport cython
 from cpython.object cimport PyObject
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
@@ -17,6 +18,7 @@ cdef class RtClock  # defined below; Node keeps one
 # One node of one service.  The same Node object is carried over from one
 # snapshot to the next while (service, address) stays, so that picker state
 # and active counts survive updates.
+@cython.final
 cdef class Node:
     cdef readonly str appkey
     cdef readonly str host
@@ -40,6 +42,7 @@ cdef class Node:
 
 # The table's notion of "now": a fixed time (tests), a Python callable (tests),
 # or the coarse C realtime clock.  Shared by the table and its nodes (no cycle).
+@cython.final
 cdef class RtClock:
     cdef double fixed               # value returned while has_fixed
     cdef bint has_fixed             # set_time() was called
@@ -48,6 +51,7 @@ cdef class RtClock:
 
 # Open-addressing hash index: bytes key -> borrowed object, looked up with a
 # (pointer, length, xxh64) triple so that a request slice needs no Python object.
+@cython.final
 cdef class RtIndex:
     cdef Py_ssize_t mask            # capacity - 1 (capacity a power of two, load <= 1/2)
     cdef Py_ssize_t count           # keys stored
@@ -62,6 +66,7 @@ cdef class RtIndex:
 # One ready-to-pick candidate set: the result of steps 1-4 for one
 # (service, cell, swimlane).  Immutable list; the pick structures inside are
 # picker state (RR position, warm-up recomputation).
+@cython.final
 cdef class CandSet:
     cdef int err                    # RT_OK, or RT_NO_HEALTHY for an empty set
     cdef int policy                 # LB_* of the service
@@ -90,6 +95,7 @@ cdef class CandSet:
     cdef Py_ssize_t ring_len        # CH: points on the ring (0 = not built yet)
 
 # A cell of a service: its swimlane index and the trunk fallback.
+@cython.final
 cdef class CellEntry:
     cdef str cell                   # "" = center
     cdef RtIndex lanes              # lane bytes -> CandSet (non-empty lanes only)
@@ -97,6 +103,7 @@ cdef class CellEntry:
 
 # One service in one snapshot.  Reused as-is by the next snapshot when another
 # service is updated.
+@cython.final
 cdef class ServiceEntry:
     cdef readonly str appkey        # the service
     cdef bytes appkey_b             # utf-8 appkey (index key)
@@ -113,6 +120,7 @@ cdef class ServiceEntry:
     cdef object service             # the model.Service it was built from
 
 # An immutable snapshot: what one version of the table routes with.
+@cython.final
 cdef class Snapshot:
     cdef dict entries               # appkey -> ServiceEntry
     cdef RtIndex by_appkey          # appkey bytes -> ServiceEntry
@@ -128,6 +136,7 @@ cdef enum:
 # The live table the data path holds for its whole life; snapshots are swapped
 # inside it atomically.  Strings are (pointer, length); length -1 = absent
 # (then the proxy's own label is used; a present value, even "", overrides).
+@cython.final
 cdef class RouteTable:
     cdef Snapshot _snap             # the current snapshot; swapped by one assignment
     cdef readonly object labels     # the proxy's own model.Labels
