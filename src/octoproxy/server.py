@@ -8,11 +8,16 @@ import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
+import tempfile
 from typing import Any
 
+from octoproxy import hotrestart
 from octoproxy.config import Config
 from octoproxy.listeners import ListenerError, open_inbound, open_outbound
 from octoproxy.logs import setup_logging
+from octoproxy.process import monotonic_usec, remove_pid_file, sd_notify, write_pid_file
 from octoproxy.upstream import Connector
 
 log = logging.getLogger("octoproxy")
@@ -24,6 +29,13 @@ def listener_key_outbound(path: str) -> str:
 
 def listener_key_inbound(host: str, port: int) -> str:
     return f"tcp:{host}:{port}"
+
+
+def hot_restart_path(cfg: Config) -> str:
+    """The hot-restart UDS: configured, or derived from the node id."""
+    if cfg.hot_restart.socket:
+        return cfg.hot_restart.socket
+    return os.path.join(tempfile.gettempdir(), f"octo-proxy-{cfg.node.id}.restart.sock")
 
 
 class Proxy:
@@ -43,6 +55,37 @@ class Proxy:
         self.ready = asyncio.Event()
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self.generation = 1
+        self.draining = False
+        self.handed_over = False  # sockets belong to a newer generation now
+        self.inherited_state: dict[str, Any] = {}
+        self.children: dict[int, subprocess.Popen[bytes]] = {}
+
+    # -- hot restart hooks (hotrestart.py)
+
+    def handover_state(self) -> dict[str, Any]:
+        return {"counters": self.engine.counters() if self.engine is not None else {}}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        self.inherited_state = state
+        if self.engine is not None and state.get("counters"):
+            self.engine.restore_counters(state["counters"])
+
+    def kill_child(self, pid: Any) -> None:
+        child = self.children.get(pid) if isinstance(pid, int) else None
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
+
+    def child_exit_reason(self, pid: Any) -> str:
+        child = self.children.get(pid) if isinstance(pid, int) else None
+        if child is None:
+            return ""
+        try:
+            rc = child.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            return " (it is still running)"
+        return f" (it exited with code {rc})"
 
     def open_sockets(self, inherited: dict[str, socket.socket] | None = None) -> None:
         """Listening sockets: taken over from the previous generation when
@@ -122,6 +165,33 @@ class Proxy:
             await asyncio.sleep(0.01)
         return True
 
+    async def drain(self) -> None:
+        """The old generation after a handover: make every client move to the
+        new one, deliver what is still owed, then return (the process exits)."""
+        cfg = self.cfg.hot_restart
+        loop = asyncio.get_running_loop()
+        self.draining = True
+        self.engine.start_drain()
+        deadline = loop.time() + cfg.drain_s
+        # ProxyRestart to client-side proxies, spread so that a thousand peers
+        # do not reconnect in the same millisecond
+        peers = [c for c in self.engine.inbound_conns() if c.is_proxy]
+        for i, c in enumerate(peers):
+            loop.call_later(cfg.proxy_restart_spread_s * i / max(1, len(peers)), c.send_proxy_restart)
+        spread_end = loop.time() + cfg.proxy_restart_spread_s
+        while loop.time() < deadline:
+            if loop.time() >= spread_end:
+                self.engine.send_proxy_restarts()  # peers that announced themselves late
+            if (self.engine.in_flight() == 0 and not self.engine.downstream_conns()
+                    and not any(c.is_proxy for c in self.engine.inbound_conns())):
+                break
+            await asyncio.sleep(0.01)
+        left = self.engine.in_flight()
+        if left:
+            log.warning("drain: %d request(s) still in flight after %.1f s", left, cfg.drain_s)
+        else:
+            log.info("drain: nothing left in flight; exiting")
+
     async def close(self) -> None:
         await self.stop_accepting()
         for t in self._tasks:
@@ -133,7 +203,7 @@ class Proxy:
             await self.connector.close()
         for key, s in self.sockets.items():
             s.close()
-            if key.startswith("uds:"):
+            if key.startswith("uds:") and not self.handed_over:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(key[4:])
         self.sockets.clear()
@@ -150,18 +220,125 @@ class Proxy:
 async def _main(cfg: Config, config_path: str | None, hot_restart_from: str | None) -> int:
     loop = asyncio.get_running_loop()
     proxy = Proxy(cfg, config_path)
+    hr_path = hot_restart_path(cfg)
+    handover: hotrestart.Handover | None = None
     try:
+        if hot_restart_from:
+            handover = hotrestart.take_over(hot_restart_from, cfg.hot_restart.start_timeout_s)
+        if handover is not None:
+            proxy.generation = handover.generation + 1
+            proxy.open_sockets(handover.sockets)
         await proxy.start()
-    except ListenerError as e:
-        log.error("%s", e)
+        if handover is not None:
+            proxy.restore_state(handover.state)
+            await hotrestart.finish_take_over(handover, cfg.hot_restart.start_timeout_s)
+    except (ListenerError, hotrestart.HotRestartError, OSError, TimeoutError) as e:
+        log.error("cannot start: %s", e)
+        if handover is not None:
+            handover.conn.close()
         return 2
+    server = hotrestart.HotRestartServer(hr_path, proxy)
+    try:
+        server.start()
+    except (ListenerError, OSError) as e:
+        log.error("cannot listen for hot restart on %s: %s", hr_path, e)
+        await proxy.close()
+        return 2
+    write_pid_file(cfg.hot_restart.pid_file)
+    sd_notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS=serving (generation {proxy.generation})")
+    log.info("generation %d serving (pid %d); hot restart socket %s",
+             proxy.generation, os.getpid(), hr_path)
+
+    predecessor_alive = handover is not None
+    deferred_restart = False
     stop = asyncio.Event()
+
+    def spawn_new_generation() -> None:
+        if server.busy or (proxy.children and any(c.poll() is None for c in proxy.children.values())):
+            log.warning("SIGUSR2: a hot restart is already under way; ignored")
+            return
+        argv = [sys.executable, "-m", "octoproxy", *_argv_without_hot_restart(sys.argv[1:]),
+                "--hot-restart-from", hr_path]
+        log.info("SIGUSR2: starting the next generation: %s", " ".join(argv))
+        sd_notify("RELOADING=1", monotonic_usec(), "STATUS=hot restart under way")
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        proxy.children[child.pid] = child
+
+    def on_sigusr2() -> None:
+        nonlocal deferred_restart
+        if proxy.draining or server.handed_over.is_set():
+            log.warning("SIGUSR2: this generation has handed over and is draining; "
+                        "signal the new one (pid file: %s)", cfg.hot_restart.pid_file)
+            return
+        if predecessor_alive:
+            log.info("SIGUSR2: the previous generation is still draining; "
+                     "the restart starts when it has exited")
+            deferred_restart = True
+            return
+        spawn_new_generation()
+
+    async def watch_predecessor() -> None:
+        nonlocal predecessor_alive, deferred_restart
+        assert handover is not None
+        await hotrestart.wait_predecessor_gone(handover)
+        predecessor_alive = False
+        log.info("previous generation (pid %d) has exited", handover.old_pid)
+        if deferred_restart and not stop.is_set():
+            deferred_restart = False
+            spawn_new_generation()
+
+    async def reap_children() -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            for pid, child in list(proxy.children.items()):
+                rc = child.poll()
+                if rc is not None:
+                    del proxy.children[pid]
+                    if not server.handed_over.is_set():
+                        log.error("hot restart: new generation (pid %d) exited with code %d "
+                                  "before taking over; still serving", pid, rc)
+
+    tasks = [loop.create_task(reap_children())]
+    if handover is not None:
+        tasks.append(loop.create_task(watch_predecessor()))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("stopping")
-    await proxy.shutdown()
+    loop.add_signal_handler(signal.SIGUSR2, on_sigusr2)
+    handed = loop.create_task(server.handed_over.wait())
+    stopped = loop.create_task(stop.wait())
+    await asyncio.wait([handed, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if server.handed_over.is_set():
+        proxy.handed_over = True
+        log.info("generation %d handed over; draining", proxy.generation)
+        await proxy.drain()
+        await proxy.close()
+        if server.peer is not None:
+            server.peer.close()  # tells the new generation we are gone
+    else:
+        log.info("stopping")
+        sd_notify("STOPPING=1")
+        server.close()
+        await proxy.shutdown()
+        remove_pid_file(cfg.hot_restart.pid_file)
+    for t in (*tasks, handed, stopped):
+        t.cancel()
     return 0
+
+
+def _argv_without_hot_restart(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--hot-restart-from":
+            skip = True
+            continue
+        if a.startswith("--hot-restart-from="):
+            continue
+        out.append(a)
+    return out
 
 
 def run_proxy(cfg: Config, *, config_path: str | None = None, hot_restart_from: str | None = None,

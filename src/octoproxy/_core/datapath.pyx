@@ -213,8 +213,57 @@ cdef class Engine:
 
     def start_drain(self):
         """Hot restart: from now on every new app request is answered at once
-        with the restart flag (status 3) so the SDK retries on the new process."""
+        with the restart flag (status 3) so the SDK retries on the new process.
+        Every app connection also gets a restart notice (the flagged answer
+        with sequence id 0, docs/protocol.md) so that idle SDK connections move
+        too, and close once nothing is owed on them."""
+        cdef Downstream d
         self.draining = True
+        for d in list(self.downstreams):
+            if not d.closed:
+                d.ds_error(0, ST_RPC, "octo-proxy is hot-restarting: reconnect", True, 1)
+                d.ds_flush()
+
+    def send_proxy_restarts(self):
+        """ProxyRestart on every inbound connection from a client-side proxy
+        that has not had one; returns how many were sent."""
+        cdef InboundConn ic
+        cdef int n = 0
+        for ic in list(self.inbounds):
+            if ic.is_proxy and not ic.restart_sent and not ic.closed:
+                ic.send_proxy_restart()
+                n += 1
+        return n
+
+    def counters(self):
+        cdef int i
+        return {
+            "requests": self.n_requests, "responses": self.n_responses,
+            "oneway": self.n_oneway, "timeouts": self.n_timeouts,
+            "inbound_requests": self.n_inbound_requests,
+            "inbound_responses": self.n_inbound_responses,
+            "malformed": self.n_malformed, "heartbeats": self.n_heartbeats,
+            "restart_answers": self.n_restart_answers, "slow_consumers": self.n_slow_consumers,
+            "errors": {str(i): self.n_errors[i] for i in range(16) if self.n_errors[i]},
+        }
+
+    def restore_counters(self, dict c):
+        """Continue the previous generation's counters (hot restart)."""
+        cdef int i
+        self.n_requests += c.get("requests", 0)
+        self.n_responses += c.get("responses", 0)
+        self.n_oneway += c.get("oneway", 0)
+        self.n_timeouts += c.get("timeouts", 0)
+        self.n_inbound_requests += c.get("inbound_requests", 0)
+        self.n_inbound_responses += c.get("inbound_responses", 0)
+        self.n_malformed += c.get("malformed", 0)
+        self.n_heartbeats += c.get("heartbeats", 0)
+        self.n_restart_answers += c.get("restart_answers", 0)
+        self.n_slow_consumers += c.get("slow_consumers", 0)
+        for k, v in c.get("errors", {}).items():
+            i = int(k)
+            if 0 <= i < 16:
+                self.n_errors[i] += v
 
     def in_flight(self):
         """Requests this process still owes an answer for (both directions)."""

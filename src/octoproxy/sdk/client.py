@@ -89,6 +89,7 @@ class _AsyncConn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.waiters: dict[int, asyncio.Future[Response]] = {}
         self.lost = asyncio.get_running_loop().create_future()
+        self.draining = False  # the proxy behind it is hot-restarting
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -107,6 +108,14 @@ class _AsyncConn(asyncio.Protocol):
             w = self.waiters.pop(f.seq_id, None)
             if w is not None and not w.done():
                 w.set_result(_response(f))
+            elif f.proxy_restart:
+                # restart notice: new calls go to a new connection (the new
+                # process); this one closes once nothing is owed on it
+                self.draining = True
+                if self.owner._conn is self:
+                    self.owner._conn = None
+        if self.draining and not self.waiters and self.transport is not None:
+            self.transport.close()
 
     def _fail(self, exc: Exception) -> None:
         waiters, self.waiters = self.waiters, {}
@@ -141,7 +150,8 @@ class AsyncClient:
 
     async def _ensure(self) -> _AsyncConn:
         conn = self._conn
-        if conn is not None and conn.transport is not None and not conn.lost.done():
+        if conn is not None and conn.transport is not None and not conn.lost.done() \
+                and not conn.draining:
             return conn
         if self._connecting is not None:
             return await asyncio.shield(self._connecting)
@@ -181,8 +191,10 @@ class AsyncClient:
             # the proxy is hot-restarting: reconnect (lands on the new process), retry once
             self.retries += 1
             old = self._conn
-            if old is not None and old.transport is not None:
-                old.transport.close()
+            if old is not None:
+                old.draining = True
+                if not old.waiters and old.transport is not None:
+                    old.transport.close()
             self._conn = None
             resp = await self._roundtrip(service, body, context, t)
         if raise_on_error and resp.status != STATUS_SUCCESS:
@@ -287,14 +299,31 @@ class Client:
                     raise RpcError(r.status, r.message)
         return results
 
+    def _check_idle(self) -> None:
+        """Between batches: a closed connection or a restart notice from the
+        proxy means the next batch goes on a new connection."""
+        if self._sock is None:
+            return
+        try:
+            data = self._sock.recv(65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._reset()
+            return
+        if not data or any(f.proxy_restart for f in self._scanner.feed(data)):
+            self._reset()
+
     def _batch(self, calls: list[tuple[str, bytes]], ctx: Context | None,
                timeout_ms: int) -> list[Response]:
+        self._check_idle()
         sock = self._ensure()
         seqs = [next(self._seq) for _ in calls]
         sock.sendall(b"".join(_encode(s, svc, body, ctx, timeout_ms, False)
                               for s, (svc, body) in zip(seqs, calls, strict=True)))
         want = set(seqs)
         got: dict[int, Response] = {}
+        draining = False
         sock.settimeout(timeout_ms / 1000 + 5.0)
         try:
             while want - got.keys():
@@ -305,9 +334,13 @@ class Client:
                 for f in self._scanner.feed(data):
                     if f.is_response and f.seq_id in want:
                         got[f.seq_id] = _response(f)
+                    elif f.proxy_restart:
+                        draining = True
         except TimeoutError:
             self._reset()
             raise
+        if draining:
+            self._reset()
         return [got[s] for s in seqs]
 
     def send_one_way(self, service: str, body: bytes = b"", *, appkey: str | None = None,

@@ -19,14 +19,13 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Union
 
 from octoproxy._core import frame as _frame
 
 log = logging.getLogger("octoproxy.sdk.provider")
 
-Result = Union[bytes, tuple[int, bytes, str | None]]
-Handler = Callable[["Request"], Union[Result, Awaitable[Result]]]
+Result = bytes | tuple[int, bytes, str | None]
+Handler = Callable[["Request"], Result | Awaitable[Result]]
 
 
 @dataclass(frozen=True, slots=True)
