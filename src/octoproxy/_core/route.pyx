@@ -1182,21 +1182,22 @@ cdef tuple _resolved_where(RouteTable t, ServiceEntry e, liteset, set_, swimlane
 # ------------------------------------------------------------ bench helper
 
 def bench_route(RouteTable table, bytes appkey, long n_iter, bytes hash_key=None,
-                bint send_done=False):
+                bint send_done=False, bytes liteset=None, bytes set_=None,
+                bytes swimlane=None):
     """Loop rt_route n_iter times in C (as the data path calls it); returns the
-    number of successful picks.  send_done: also lb_on_send/lb_on_done."""
+    number of successful picks.  send_done: also lb_on_send/lb_on_done.
+    liteset/set_/swimlane: context labels (None = absent)."""
     cdef long i, ok = 0
     cdef int err = 0
     cdef Node nd
     cdef const uint8_t* ak = <const uint8_t*><char*>appkey
-    cdef Py_ssize_t akl = len(appkey)
-    cdef const uint8_t* hk = NULL
-    cdef Py_ssize_t hkl = -1
-    if hash_key is not None:
-        hk = <const uint8_t*><char*>hash_key
-        hkl = len(hash_key)
+    cdef Py_ssize_t akl = len(appkey), hkl, ll, sl, wl
+    cdef const uint8_t* hk = _ptr(hash_key, &hkl)
+    cdef const uint8_t* lp = _ptr(liteset, &ll)
+    cdef const uint8_t* sp = _ptr(set_, &sl)
+    cdef const uint8_t* wp = _ptr(swimlane, &wl)
     for i in range(n_iter):
-        nd = table.rt_route(ak, akl, NULL, -1, NULL, -1, NULL, -1, NULL, -1, hk, hkl, &err)
+        nd = table.rt_route(ak, akl, NULL, -1, lp, ll, sp, sl, wp, wl, hk, hkl, &err)
         if nd is not None:
             ok += 1
             if send_done:
