@@ -394,3 +394,27 @@ def test_policies_all_route():
         t = table(Service(APP, (ep(1), ep(2, weight=30)), lb_policy=pol))
         assert t.route(APP, hash_key="user-1").host in ("10.0.0.1", "10.0.0.2")
         assert t.route(APP).host in ("10.0.0.1", "10.0.0.2")
+
+
+def test_error_messages_name_the_service_and_cell():
+    svc = Service(
+        APP, (ep(1), ep(2, cell="gray", status=STATUS_DEAD), ep(3, cell="gray", weight=0))
+    )
+    t = table(svc, labels=Labels(liteset="gray"))
+    with pytest.raises(R.RouteError) as ei:
+        t.route(APP)
+    msg = str(ei.value)
+    assert ei.value.code == R.RT_NO_HEALTHY
+    assert APP in msg and "'gray'" in msg and "2 endpoint(s)" in msg
+    # the data path can build the same text from a code
+    assert t.error_message(R.RT_NO_HEALTHY, APP) == msg
+    assert "neither" in t.error_message(R.RT_NO_SERVICE_KEY)
+    assert "NoSuch" in t.error_message(R.RT_UNKNOWN_SERVICE, service_name="NoSuch")
+
+
+def test_bench_helper_with_send_done_leaves_active_at_zero():
+    t = table(Service(APP, (ep(1), ep(2)), lb_policy=LbPolicy.LEAST_REQUEST))
+    assert R.bench_route(t, APP.encode(), 500, send_done=True) == 500
+    assert [n.active for n in t.nodes(APP)] == [0, 0]
+    assert sum(n.picks for n in t.nodes(APP)) == 500
+    assert R.bench_route(t, APP.encode(), 10, liteset=b"zz", set_=b"", swimlane=b"w") == 10
