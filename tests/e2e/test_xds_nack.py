@@ -193,6 +193,14 @@ CASES: dict[str, tuple[str, Callable[[], list[Any]], str]] = {
         lambda: [service_to_cluster(service("a", 7)), _cluster(_lb_cluster_provided)],
         "lb_policy CLUSTER_PROVIDED is not supported",
     ),
+    "service-name-conflict": (
+        CDS,
+        lambda: [
+            service_to_cluster(model.Service("a", service_names=("x.S",))),
+            service_to_cluster(model.Service("b", service_names=("x.S",))),
+        ],
+        "service name 'x.S' is claimed by both Cluster 'a' and Cluster 'b'",
+    ),
     "wrong-type": (
         EDS,
         lambda: [service_to_cluster(service("a", 7))],

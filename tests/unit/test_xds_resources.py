@@ -232,3 +232,19 @@ def test_bad_endpoints_file(tmp_path: Path, text: str, msg: str) -> None:
     with pytest.raises(FileError) as ei:
         build(f, _Cache())
     assert msg in str(ei.value)
+
+
+def test_endpoint_cache_reuses_unchanged_endpoints() -> None:
+    eps = tuple(model.Endpoint(f"10.0.0.{i}", 9000, idc="z") for i in range(5))
+    cache: dict = {}  # type: ignore[type-arg]
+    first = cla_to_endpoints(service_to_cla(model.Service("a", eps)), None, cache)
+    assert len(cache) == 5
+    changed = (*eps[:4], model.Endpoint("10.0.0.4", 9000, weight=1, idc="z"))
+    cache2: dict = {}  # type: ignore[type-arg]
+    second = cla_to_endpoints(service_to_cla(model.Service("a", changed)), cache, cache2)
+    assert second == changed
+    assert all(a is b for a, b in zip(first[:4], second[:4], strict=True))
+    assert second[4] is not first[4] and len(cache2) == 5
+    dup = service_to_cla(model.Service("a", (eps[0], eps[0])))
+    with pytest.raises(ResourceError, match=r"duplicate endpoint 10\.0\.0\.0:9000"):
+        cla_to_endpoints(dup, cache, {})

@@ -42,9 +42,11 @@ from octoproxy.xds.resources import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
     ClusterSettings,
+    EndpointCache,
     ResourceError,
     cla_to_endpoints,
     cluster_to_settings,
+    digest,
     make_service,
 )
 from octoproxy.xds.sink import RouteSink
@@ -80,11 +82,12 @@ class XdsStats:
 @dataclass(slots=True)
 class _Entry:
     settings: ClusterSettings | None = None
-    cluster_raw: bytes | None = None
+    cluster_raw: bytes | None = None  # digest of the accepted serialized Cluster
     cluster_version: str = ""
     endpoints: tuple[model.Endpoint, ...] | None = None
-    cla_raw: bytes | None = None
+    cla_raw: bytes | None = None  # digest of the accepted serialized ClusterLoadAssignment
     cla_version: str = ""
+    ep_cache: EndpointCache = field(default_factory=dict)
     state: ResourceState = ResourceState.PENDING
     pushed: bool = False
     timer: asyncio.TimerHandle | None = None
@@ -95,7 +98,9 @@ class _Plan:
     """What an accepted response changes (computed fully before anything is applied)."""
 
     clusters: dict[str, tuple[ClusterSettings, bytes, str]] = field(default_factory=dict)
-    clas: dict[str, tuple[tuple[model.Endpoint, ...], bytes, str]] = field(default_factory=dict)
+    clas: dict[str, tuple[tuple[model.Endpoint, ...], bytes, str, EndpointCache]] = field(
+        default_factory=dict
+    )
     removed_clusters: list[str] = field(default_factory=list)
     removed_clas: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
@@ -159,6 +164,7 @@ class XdsClient:
         self._nonce: dict[str, str] = dict.fromkeys(TYPES, "")
         # per type, across streams (SotW): the last accepted version_info
         self._version: dict[str, str] = dict.fromkeys(TYPES, "")
+        self._slice_start = 0.0
 
     @classmethod
     def from_config(cls, cfg: Config, sink: RouteSink) -> XdsClient:
@@ -371,7 +377,7 @@ class XdsClient:
                     return got
                 got = True
                 self.stats.responses += 1
-                req = self._on_delta(resp) if self.delta else self._on_sotw(resp)
+                req = await (self._on_delta(resp) if self.delta else self._on_sotw(resp))
                 await self._write(call, req)
         finally:
             self._call = None
@@ -491,35 +497,45 @@ class XdsClient:
         except DecodeError as e:
             raise ResourceError(f"{where}: cannot decode {cls.__name__}: {e}") from None
 
-    def _plan_cluster(self, plan: _Plan, name: str, raw: bytes, version: str, msg: Any) -> None:
+    async def _pace(self) -> None:
+        """Let the loop serve traffic while a big response is being validated."""
+        now = time.perf_counter()
+        if now - self._slice_start > 0.002:
+            await asyncio.sleep(0)
+            self._slice_start = time.perf_counter()
+
+    def _plan_cluster(self, plan: _Plan, name: str, body: bytes, version: str, msg: Any) -> None:
         e = self._entries[name]
+        raw = digest(body)
         if raw == e.cluster_raw:
             if version != e.cluster_version:
                 assert e.settings is not None
                 plan.clusters[name] = (e.settings, raw, version)
             return
-        c = msg if msg is not None else self._decode(CLUSTER_TYPE, CLUSTER_TYPE, raw, name)
+        c = msg if msg is not None else self._decode(CLUSTER_TYPE, CLUSTER_TYPE, body, name)
         if c.name != name:
             raise ResourceError(f"Cluster {c.name!r} delivered under the name {name!r}")
         plan.clusters[name] = (cluster_to_settings(c), raw, version)
 
-    def _plan_cla(self, plan: _Plan, name: str, raw: bytes, version: str, msg: Any) -> None:
+    def _plan_cla(self, plan: _Plan, name: str, body: bytes, version: str, msg: Any) -> None:
         e = self._entries[name]
         if e.settings is None and name not in plan.clusters:
             raise ResourceError(
                 f"ClusterLoadAssignment {name!r}: no Cluster {name!r} received (CDS must come first)"
             )
+        raw = digest(body)
         if raw == e.cla_raw:
             if version != e.cla_version:
                 assert e.endpoints is not None
-                plan.clas[name] = (e.endpoints, raw, version)
+                plan.clas[name] = (e.endpoints, raw, version, e.ep_cache)
             return
-        cla = msg if msg is not None else self._decode(ENDPOINT_TYPE, ENDPOINT_TYPE, raw, name)
+        cla = msg if msg is not None else self._decode(ENDPOINT_TYPE, ENDPOINT_TYPE, body, name)
         if cla.cluster_name != name:
             raise ResourceError(
                 f"ClusterLoadAssignment {cla.cluster_name!r} delivered under the name {name!r}"
             )
-        plan.clas[name] = (cla_to_endpoints(cla), raw, version)
+        cache: EndpointCache = {}
+        plan.clas[name] = (cla_to_endpoints(cla, e.ep_cache, cache), raw, version, cache)
 
     def _check_service_names(self, plan: _Plan) -> None:
         if not plan.clusters:
@@ -540,11 +556,12 @@ class XdsClient:
                         f"service name {sn!r} is claimed by both Cluster {a!r} and Cluster {b!r}"
                     )
 
-    def _plan_sotw(self, resp: discovery_pb2.DiscoveryResponse) -> _Plan:
+    async def _plan_sotw(self, resp: discovery_pb2.DiscoveryResponse) -> _Plan:
         t = resp.type_url
         plan = _Plan()
         seen: set[str] = set()
         for i, any_ in enumerate(resp.resources):
+            await self._pace()
             msg = self._decode(t, any_.type_url, any_.value, f"resources[{i}]")
             name = msg.name if t == CLUSTER_TYPE else msg.cluster_name
             if not name:
@@ -572,11 +589,12 @@ class XdsClient:
             self._check_service_names(plan)
         return plan
 
-    def _plan_delta(self, resp: discovery_pb2.DeltaDiscoveryResponse) -> _Plan:
+    async def _plan_delta(self, resp: discovery_pb2.DeltaDiscoveryResponse) -> _Plan:
         t = resp.type_url
         plan = _Plan()
         seen: set[str] = set()
         for i, r in enumerate(resp.resources):
+            await self._pace()
             where = f"resources[{i}] ({r.name!r})"
             if not r.name:
                 raise ResourceError(f"resources[{i}]: Resource without a name")
@@ -614,33 +632,45 @@ class XdsClient:
 
     def _apply(self, plan: _Plan) -> None:
         changed: set[str] = set()
+        # names unsubscribed while the plan was being made are skipped
         for name, (settings, raw, version) in plan.clusters.items():
-            e = self._entries[name]
+            e = self._entries.get(name)
+            if e is None:
+                continue
             if e.settings != settings:
                 changed.add(name)
             e.settings, e.cluster_raw, e.cluster_version = settings, raw, version
-        for name, (eps, raw, version) in plan.clas.items():
-            e = self._entries[name]
+        for name, (eps, raw, version, cache) in plan.clas.items():
+            e = self._entries.get(name)
+            if e is None:
+                continue
             if e.endpoints != eps:
                 changed.add(name)
-            e.endpoints, e.cla_raw, e.cla_version = eps, raw, version
+            e.endpoints, e.cla_raw, e.cla_version, e.ep_cache = eps, raw, version, cache
         for name in plan.removed_clas:
-            e = self._entries[name]
+            e = self._entries.get(name)
+            if e is None:
+                continue
             if e.endpoints is None or e.endpoints:
                 changed.add(name)
-            e.endpoints, e.cla_raw, e.cla_version = (), None, ""
+            e.endpoints, e.cla_raw, e.cla_version, e.ep_cache = (), None, "", {}
         for name in plan.removed_clusters:
-            e = self._entries[name]
+            e = self._entries.get(name)
+            if e is None:
+                continue
             log.info("xDS: Cluster %r removed by the control plane", name)
             e.settings = e.endpoints = e.cluster_raw = e.cla_raw = None
             e.cluster_version = e.cla_version = ""
+            e.ep_cache = {}
             e.state = ResourceState.MISSING
             self._cancel_timer(e)
             if e.pushed:
                 e.pushed = False
                 self._sink_remove(name)
         for name in plan.missing:
-            e = self._entries[name]
+            e = self._entries.get(name)
+            if e is None:
+                continue
             log.info("xDS: Cluster %r does not exist", name)
             e.state = ResourceState.MISSING
             self._cancel_timer(e)
@@ -658,7 +688,9 @@ class XdsClient:
         self.stats.last_nack = err
         log.error("xDS: rejecting %s response (nonce %s): %s", _SHORT.get(t, t), nonce, err)
 
-    def _on_sotw(self, resp: discovery_pb2.DiscoveryResponse) -> discovery_pb2.DiscoveryRequest:
+    async def _on_sotw(
+        self, resp: discovery_pb2.DiscoveryResponse
+    ) -> discovery_pb2.DiscoveryRequest:
         t = resp.type_url
         if t not in TYPES:
             self._nack(t, resp.nonce, f"unsupported type {t}")
@@ -667,7 +699,8 @@ class XdsClient:
             return req
         self._nonce[t] = resp.nonce
         try:
-            plan = self._plan_sotw(resp)
+            self._slice_start = time.perf_counter()
+            plan = await self._plan_sotw(resp)
         except ResourceError as e:
             self._nack(t, resp.nonce, str(e))
             req = self._sotw_request(t, str(e))
@@ -684,7 +717,7 @@ class XdsClient:
                 self._arm_timer(name)
         return self._with_node(req)
 
-    def _on_delta(
+    async def _on_delta(
         self, resp: discovery_pb2.DeltaDiscoveryResponse
     ) -> discovery_pb2.DeltaDiscoveryRequest:
         t = resp.type_url
@@ -694,7 +727,8 @@ class XdsClient:
             req.error_detail.CopyFrom(_status(f"unsupported type {t}"))
             return self._with_node(req)
         try:
-            plan = self._plan_delta(resp)
+            self._slice_start = time.perf_counter()
+            plan = await self._plan_delta(resp)
         except ResourceError as e:
             self._nack(t, resp.nonce, str(e))
             req.error_detail.CopyFrom(_status(str(e)))

@@ -9,6 +9,7 @@ of the mapping live in one place (see docs/xds.md).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,14 @@ _HEALTH_FROM_STATUS: dict[int, int] = {
     model.STATUS_STOPPED: _HS.UNHEALTHY,
     model.STATUS_WARNING: _HS.DEGRADED,
 }
+
+
+# (region, idc, role from priority, digest of the serialized LbEndpoint) -> Endpoint
+EndpointCache = dict[tuple[str, str, int, bytes], model.Endpoint]
+
+
+def digest(raw: bytes) -> bytes:
+    return hashlib.blake2b(raw, digest_size=16).digest()
 
 
 class ResourceError(ValueError):
@@ -150,7 +159,17 @@ def cluster_to_settings(c: cluster_pb2.Cluster) -> ClusterSettings:
     return ClusterSettings(name, lb, set_enabled, service_names)
 
 
-def cla_to_endpoints(cla: endpoint_pb2.ClusterLoadAssignment) -> tuple[model.Endpoint, ...]:
+def cla_to_endpoints(
+    cla: endpoint_pb2.ClusterLoadAssignment,
+    cache: EndpointCache | None = None,
+    new_cache: EndpointCache | None = None,
+) -> tuple[model.Endpoint, ...]:
+    """The endpoints of an assignment (ResourceError if any is malformed).
+
+    With ``new_cache`` every converted LbEndpoint is recorded there; with
+    ``cache`` (the previous ``new_cache`` of the same cluster) unchanged
+    LbEndpoints are not converted again and keep their Endpoint object.
+    """
     name = cla.cluster_name
     if not name:
         raise ResourceError("ClusterLoadAssignment without a cluster_name")
@@ -162,6 +181,17 @@ def cla_to_endpoints(cla: endpoint_pb2.ClusterLoadAssignment) -> tuple[model.End
         prio_role = model.ROLE_BACKUP if lle.priority > 0 else model.ROLE_PRIMARY
         for ei, lbe in enumerate(lle.lb_endpoints):
             where = f"ClusterLoadAssignment {name!r}: endpoints[{li}].lb_endpoints[{ei}]"
+            key = None
+            if new_cache is not None:
+                key = (region, idc, prio_role, digest(lbe.SerializeToString(deterministic=True)))
+                hit = cache.get(key) if cache is not None else None
+                if hit is not None:
+                    if (hit.host, hit.port) in seen:
+                        raise ResourceError(f"{where}: duplicate endpoint {hit.host}:{hit.port}")
+                    seen.add((hit.host, hit.port))
+                    new_cache[key] = hit
+                    out.append(hit)
+                    continue
             if not lbe.HasField("endpoint"):
                 raise ResourceError(f"{where}: no endpoint (named endpoints are not supported)")
             addr = lbe.endpoint.address
@@ -177,10 +207,10 @@ def cla_to_endpoints(cla: endpoint_pb2.ClusterLoadAssignment) -> tuple[model.End
                 )
             if sa.protocol != address_pb2.SocketAddress.TCP:
                 raise ResourceError(f"{where}: only TCP socket addresses are supported")
-            key = (sa.address, sa.port_value)
-            if key in seen:
+            hp = (sa.address, sa.port_value)
+            if hp in seen:
                 raise ResourceError(f"{where}: duplicate endpoint {sa.address}:{sa.port_value}")
-            seen.add(key)
+            seen.add(hp)
             weight = (
                 lbe.load_balancing_weight.value
                 if lbe.HasField("load_balancing_weight")
@@ -217,21 +247,22 @@ def cla_to_endpoints(cla: endpoint_pb2.ClusterLoadAssignment) -> tuple[model.End
                             f'{where}: metadata.filter_metadata["octo"].status must be 0..5, got {s}'
                         )
                     status = int(s)
-            out.append(
-                model.Endpoint(
-                    host=sa.address,
-                    port=sa.port_value,
-                    weight=weight,
-                    status=status,
-                    role=role,
-                    cell=cell,
-                    swimlane=swimlane,
-                    idc=idc,
-                    region=region,
-                    warmup_s=warmup_s,
-                    start_time=start_time,
-                )
+            ep = model.Endpoint(
+                host=sa.address,
+                port=sa.port_value,
+                weight=weight,
+                status=status,
+                role=role,
+                cell=cell,
+                swimlane=swimlane,
+                idc=idc,
+                region=region,
+                warmup_s=warmup_s,
+                start_time=start_time,
             )
+            if key is not None and new_cache is not None:
+                new_cache[key] = ep
+            out.append(ep)
     return tuple(out)
 
 
