@@ -1,4 +1,3 @@
-# cython: freethreading_compatible = False
 """Route table snapshots and load balancers (PROTOCOL.md section 4).
 
 Everything that depends only on the discovery snapshot and the proxy's own
