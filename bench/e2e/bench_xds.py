@@ -114,6 +114,27 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, round(p * (len(xs) - 1)))]
 
 
+class StallMeter:
+    """The longest time the event loop did not get back to a 1 ms timer."""
+
+    def __init__(self) -> None:
+        self.max = 0.0
+        self._task = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(0.001)
+            self.max = max(self.max, time.perf_counter() - t - 0.001)
+
+    def take(self) -> float:
+        m, self.max = self.max, 0.0
+        return m
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
 async def bench(a: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-xds-"))
     path = tmp / "endpoints.json"
@@ -131,7 +152,10 @@ async def bench(a: argparse.Namespace) -> None:
     line = await asyncio.wait_for(proc.stdout.readline(), 120)
     assert b"listening" in line, line
     mode = "delta" if a.delta else "sotw"
-    print(f"xDS bench: {a.services} services x {a.nodes} nodes, {mode}, client on uvloop")
+    print(
+        f"xDS bench: {a.services} services x {a.nodes} nodes, {mode}, client on uvloop; "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
     try:
         # --- initial sync
         sink = TimingSink(keep=True)
@@ -140,6 +164,9 @@ async def bench(a: argparse.Namespace) -> None:
         c.start()
         gc.collect()
         rss0 = rss_kib()
+        stall = StallMeter()
+        await asyncio.sleep(0.01)
+        stall.take()
         t0 = time.perf_counter()
         c.subscribe(keys)
         states = await c.wait_for(keys, 300)
@@ -147,10 +174,14 @@ async def bench(a: argparse.Namespace) -> None:
         assert all(s is ResourceState.READY for s in states.values())
         gc.collect()
         rss1 = rss_kib()
-        print(f"  initial sync of {a.services} services: {t_sync * 1000:.0f} ms")
+        print(
+            f"  initial sync of {a.services} services: {t_sync * 1000:.0f} ms "
+            f"(longest event-loop stall {stall.take() * 1000:.0f} ms)"
+        )
 
         # --- one node of one service changes
         lat = []
+        stall.take()
         for r in range(a.rounds):
             s = services[(r * 7919) % a.services]
             new = 1000 + r
@@ -160,10 +191,12 @@ async def bench(a: argparse.Namespace) -> None:
             await wait(lambda k=appkey, w=new: sink.first_weight.get(k) == w, 60)
             lat.append(sink.at[appkey] - t0)
             await asyncio.sleep(0.05)
+        s_one = stall.take()
         print(
             f"  one node changed -> route in sink: p50 {statistics.median(lat) * 1000:.0f} ms, "
             f"p90 {pct(lat, 0.9) * 1000:.0f} ms, max {max(lat) * 1000:.0f} ms "
-            f"over {a.rounds} rounds (file poll every 100 ms included)"
+            f"over {a.rounds} rounds (file poll every 100 ms included; "
+            f"longest event-loop stall {s_one * 1000:.0f} ms)"
         )
 
         # --- every service changes
@@ -173,8 +206,10 @@ async def bench(a: argparse.Namespace) -> None:
         await wait(lambda: all(sink.first_weight[k] == 7 for k in keys), 300)
         t_all = max(sink.at[k] for k in keys) - t0
         print(
-            f"  one node in every service changed -> all {a.services} updated: {t_all * 1000:.0f} ms"
+            f"  one node in every service changed -> all {a.services} updated: "
+            f"{t_all * 1000:.0f} ms (longest event-loop stall {stall.take() * 1000:.0f} ms)"
         )
+        stall.stop()
 
         # --- memory per subscribed service in a fresh client (sink keeps nothing)
         await c.stop()
