@@ -119,7 +119,16 @@ class StallMeter:
 
     def __init__(self) -> None:
         self.max = 0.0
+        self.gc_max = 0.0
+        self._gc_t0 = 0.0
+        gc.callbacks.append(self._gc)
         self._task = asyncio.get_running_loop().create_task(self._tick())
+
+    def _gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        else:
+            self.gc_max = max(self.gc_max, time.perf_counter() - self._gc_t0)
 
     async def _tick(self) -> None:
         while True:
@@ -127,11 +136,13 @@ class StallMeter:
             await asyncio.sleep(0.001)
             self.max = max(self.max, time.perf_counter() - t - 0.001)
 
-    def take(self) -> float:
-        m, self.max = self.max, 0.0
-        return m
+    def take(self) -> str:
+        m, g = self.max, self.gc_max
+        self.max = self.gc_max = 0.0
+        return f"longest event-loop stall {m * 1000:.0f} ms, longest GC pause {g * 1000:.0f} ms"
 
     def stop(self) -> None:
+        gc.callbacks.remove(self._gc)
         self._task.cancel()
 
 
@@ -174,10 +185,7 @@ async def bench(a: argparse.Namespace) -> None:
         assert all(s is ResourceState.READY for s in states.values())
         gc.collect()
         rss1 = rss_kib()
-        print(
-            f"  initial sync of {a.services} services: {t_sync * 1000:.0f} ms "
-            f"(longest event-loop stall {stall.take() * 1000:.0f} ms)"
-        )
+        print(f"  initial sync of {a.services} services: {t_sync * 1000:.0f} ms ({stall.take()})")
 
         # --- one node of one service changes
         lat = []
@@ -196,7 +204,7 @@ async def bench(a: argparse.Namespace) -> None:
             f"  one node changed -> route in sink: p50 {statistics.median(lat) * 1000:.0f} ms, "
             f"p90 {pct(lat, 0.9) * 1000:.0f} ms, max {max(lat) * 1000:.0f} ms "
             f"over {a.rounds} rounds (file poll every 100 ms included; "
-            f"longest event-loop stall {s_one * 1000:.0f} ms)"
+            f"{s_one})"
         )
 
         # --- every service changes
@@ -207,7 +215,7 @@ async def bench(a: argparse.Namespace) -> None:
         t_all = max(sink.at[k] for k in keys) - t0
         print(
             f"  one node in every service changed -> all {a.services} updated: "
-            f"{t_all * 1000:.0f} ms (longest event-loop stall {stall.take() * 1000:.0f} ms)"
+            f"{t_all * 1000:.0f} ms ({stall.take()})"
         )
         stall.stop()
 
