@@ -168,12 +168,24 @@ class Cluster:
         for ib in lst.get("inbound", []):
             wait_for(lambda ib=ib: can_connect_tcp(ib["port"]) or not p.alive(), timeout,
                      f"{p.name} inbound :{ib['port']}")
+        pid_file = cfg.get("hot_restart", {}).get("pid_file")
+        if pid_file:
+            wait_for(lambda: read_pid(pid_file) == p.pid or not p.alive(), timeout,
+                     f"{p.name} pid file")
         assert p.alive(), f"{p.name} died:\n{p.log()}"
 
     def close(self) -> None:
         for p in reversed(self.procs):
             with contextlib.suppress(Exception):
                 p.stop(5)
+        # generations started by SIGUSR2 are not our children: find them by their config path
+        mark = self.dir.encode()
+        for d in os.listdir("/proc"):
+            if d.isdigit() and int(d) != os.getpid():
+                with contextlib.suppress(OSError):
+                    with open(f"/proc/{d}/cmdline", "rb") as f:
+                        if mark in f.read():
+                            os.kill(int(d), signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -202,3 +214,119 @@ def client_proxy_cfg(uds: str, services: list[dict[str, Any]], **extra: Any) -> 
     }
     cfg.update(extra)
     return cfg
+
+
+class LoadThread:
+    """Continuous pipelined load from several SDK clients on long-lived
+    connections, in a thread with its own uvloop; counts every answer."""
+
+    def __init__(
+        self,
+        uds: str,
+        *,
+        clients: int = 4,
+        inflight: int = 8,
+        appkey: str | None = None,
+        service: str = "com.demo.Echo",
+        timeout_ms: int = 5000,
+    ) -> None:
+        import threading
+
+        self.uds = uds
+        self.clients = clients
+        self.inflight = inflight
+        self.appkey = appkey
+        self.service = service
+        self.timeout_ms = timeout_ms
+        self.sent = 0
+        self.ok = 0
+        self.errors: list[str] = []
+        self.answers: dict[int, int] = {}  # request id -> answers received
+        self.retries = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> LoadThread:
+        self._thread.start()
+        wait_for(lambda: self.ok > 100 or self.errors, 15, "load to flow")
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        assert not self._thread.is_alive(), "load thread hung"
+
+    def _run(self) -> None:
+        import uvloop
+
+        uvloop.run(self._main())
+
+    async def _main(self) -> None:
+        import asyncio
+        import itertools
+
+        from octoproxy.sdk import AsyncClient
+
+        ids = itertools.count(1)
+
+        async def one(c: AsyncClient) -> None:
+            while not self._stop.is_set():
+                i = next(ids)
+                self.sent += 1
+                try:
+                    r = await c.call(
+                        self.service,
+                        b"id:%d" % i,
+                        appkey=self.appkey,
+                        timeout_ms=self.timeout_ms,
+                        raise_on_error=False,
+                    )
+                except Exception as e:  # a lost connection, a local timeout
+                    self.errors.append(f"{i}: {type(e).__name__}: {e}")
+                    continue
+                if r.ok and r.body.endswith(b"|%d" % i):
+                    self.ok += 1
+                    self.answers[i] = self.answers.get(i, 0) + 1
+                else:
+                    self.errors.append(f"{i}: status {r.status}: {r.message} {r.body!r}")
+
+        async def client() -> None:
+            c = await AsyncClient.connect(self.uds)
+            await asyncio.gather(*(one(c) for _ in range(self.inflight)))
+            self.retries += c.retries
+            await c.close()
+
+        await asyncio.gather(*(client() for _ in range(self.clients)))
+
+
+def read_pid(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except OSError:
+                pass
+    return out

@@ -7,10 +7,13 @@ Each UDS answers with b"<NAME>|" + what the body asks for:
   b"sleep:<ms>:<x>"-> x after ms milliseconds (answers out of order)
   b"big:<n>"       -> n bytes
   b"ctx"           -> swimlane/set/liteset/hash seen by the provider
+  b"id:<x>"        -> x, and counts how many times each id was handled
+  b"dups"          -> "<ids seen> <ids seen more than once>"
 Prints "ready" when every socket listens.
 """
 
 import asyncio
+import collections
 import sys
 
 import uvloop
@@ -18,11 +21,19 @@ import uvloop
 from octoproxy.sdk import Request, serve
 
 
+SEEN: collections.Counter[bytes] = collections.Counter()
+
+
 def make_handler(name: str):
     prefix = name.encode() + b"|"
 
     async def handler(req: Request):
         body = req.body
+        if body.startswith(b"id:"):
+            SEEN[body] += 1
+            return prefix + body[3:]
+        if body == b"dups":
+            return prefix + b"%d %d" % (len(SEEN), sum(1 for v in SEEN.values() if v > 1))
         if body.startswith(b"sleep:"):
             _, ms, rest = body.split(b":", 2)
             await asyncio.sleep(int(ms) / 1000)
