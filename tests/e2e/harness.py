@@ -76,7 +76,7 @@ class Proc:
     def __init__(self, args: list[str], name: str, logdir: str) -> None:
         self.name = name
         self.log_path = os.path.join(logdir, f"{name}.log")
-        self._log = open(self.log_path, "wb")  # noqa: SIM115
+        self._log = open(self.log_path, "wb")
         self.p = subprocess.Popen(args, env=env(), stdout=self._log, stderr=subprocess.STDOUT,
                                   cwd=str(ROOT))
 

@@ -20,7 +20,6 @@ import uvloop
 
 from octoproxy.sdk import Request, serve
 
-
 SEEN: collections.Counter[bytes] = collections.Counter()
 
 

@@ -12,9 +12,6 @@ import sys
 import time
 
 import pytest
-
-from octoproxy.sdk import Client
-
 from harness import (
     Cluster,
     LoadThread,
@@ -30,6 +27,8 @@ from harness import (
     server_proxy_cfg,
     wait_for,
 )
+
+from octoproxy.sdk import Client
 
 
 def hr(c: Cluster, name: str, **kw: float) -> dict:
@@ -142,7 +141,7 @@ def test_sockets_keep_address_and_mode_and_no_fd_leak(chain: Cluster) -> None:
         with Client(path) as cl:
             assert cl.call("com.demo.Echo", b"echo:x").ok
         # steady state: listeners, hot-restart socket, loop fds, one pool connection
-        wait_for(lambda p=pid: fd_count(p) <= (baseline or 10**6), 5, "fds to settle")
+        wait_for(lambda p=pid, b=baseline: fd_count(p) <= (b or 10**6), 5, "fds to settle")
         baseline = baseline or fd_count(pid)
     assert os.stat(path).st_ino == ino  # the same socket file, never re-bound
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
