@@ -113,6 +113,14 @@ class Pinner:
             with contextlib.suppress(ProcessLookupError):
                 os.sched_setaffinity(int(tid), self.cpuset(cpus))
 
+    def check(self, pid: int, cpus: str) -> None:
+        want = self.cpuset(cpus)
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+                got = os.sched_getaffinity(int(tid))
+                if got != want:
+                    raise RuntimeError(f"pid {pid} thread {tid} runs on {sorted(got)}, not {cpus}")
+
     def prefix(self, cpus: str | None) -> list[str]:
         return [self.taskset, "-c", cpus] if cpus and self.taskset else []
 
@@ -141,11 +149,18 @@ class Bench:
                          10, "provider socket")
         assert self.provider.alive(), self.provider.log()
         port = harness.free_port()
-        self.server = self.c.proxy("server", harness.server_proxy_cfg({port: self.prov_sock}))
+        # own node ids and hot-restart sockets: the defaults (/tmp/octo-proxy-<node id>.restart.sock)
+        # are shared with every other proxy on the host that has the same node id
+        tag = f"bench-{os.getpid()}"
+        scfg = harness.server_proxy_cfg({port: self.prov_sock}, id=f"{tag}-server")
+        scfg["hot_restart"] = {"socket": self.c.path("server.hr")}
+        self.server = self.c.proxy("server", scfg)
         self.proxy_sock = self.c.path("proxy.sock")
         services = [{"appkey": APPKEY, "service_names": [SERVICE],
                      "endpoints": [{"address": f"127.0.0.1:{port}"}]}]
-        self.client = self.c.proxy("client", harness.client_proxy_cfg(self.proxy_sock, services))
+        ccfg = harness.client_proxy_cfg(self.proxy_sock, services, node={"id": f"{tag}-client"},
+                                        hot_restart={"socket": self.c.path("client.hr")})
+        self.client = self.c.proxy("client", ccfg)
         self.pin_all(base_cpus)
 
     def close(self) -> None:
@@ -157,6 +172,7 @@ class Bench:
     def pin_all(self, cpus: str) -> None:
         for p in self.procs():
             self.pinner.pin(p.pid, cpus)
+            self.pinner.check(p.pid, cpus)
 
     def check_alive(self) -> None:
         for p in self.procs():
@@ -209,6 +225,8 @@ class Bench:
         r["client_cpu_us_per_req"] = (cpu1["client"] - cpu0["client"]) * 1e6 / total
         r["server_cpu_us_per_req"] = (cpu1["server"] - cpu0["server"]) * 1e6 / total
         r["provider_cpu_share"] = (cpu1["provider"] - cpu0["provider"]) / wall
+        r["client_cpu_share"] = (cpu1["client"] - cpu0["client"]) / wall
+        r["server_cpu_share"] = (cpu1["server"] - cpu0["server"]) / wall
         r["ok"] = not hung and not r.get("errors") and not r.get("lost") and not r.get("closed") \
             and "failed" not in r
         return r
@@ -377,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  [{rep + 1}/{args.repeat}] {scen:<13} {path:<6} {r.get('rps', 0):>9.0f} rps "
                           f"p50 {r.get('p50_us', 0):7.1f} p99 {r.get('p99_us', 0):8.1f} "
                           f"p999 {r.get('p999_us', 0):8.1f} us  lg cpu {r.get('cpu_share', 0):.0%}"
-                          + (f"  proxies {r['proxies_cpu_us_per_req']:.2f} us/req"
+                          + (f"  proxies {r['proxies_cpu_us_per_req']:.2f} us/req, CPU client "
+                             f"{r['client_cpu_share']:.0%} server {r['server_cpu_share']:.0%}"
                              if r.get("proxies_cpu_us_per_req") is not None else ""), flush=True)
                     if not r["ok"]:
                         bad = True
@@ -386,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
                             print("    loadgen stderr:\n      " + r["stderr"].replace("\n", "\n      "))
                 if cpus != args.taskset:
                     bench.pin_all(base)
+    except RuntimeError as e:  # a process of the bench died
+        bad = True
+        print(f"PROBLEM at {time.strftime('%H:%M:%S')}: {e}", flush=True)
     finally:
         if bad:
             for p in bench.procs():
