@@ -242,9 +242,9 @@ def build(path: Path, prev: _Cache) -> tuple[_Cache, dict[str, dict[str, Resourc
     if problems:
         raise FileError(f"{path}: " + "; ".join(problems[:20]))
     resources: dict[str, dict[str, Resource]] = {CLUSTER_TYPE: {}, ENDPOINT_TYPE: {}}
-    for appkey, (c, e) in cache.built.items():
+    for appkey, (c, cla) in cache.built.items():
         resources[CLUSTER_TYPE][appkey] = c
-        resources[ENDPOINT_TYPE][appkey] = e
+        resources[ENDPOINT_TYPE][appkey] = cla
     return cache, resources
 
 

@@ -310,7 +310,7 @@ class XdsClient:
             log.exception("route sink failed to remove service %s", appkey)
 
     def _backoff(self, attempt: int) -> float:
-        cap = min(self.backoff_max_s, self.backoff_base_s * (2 ** min(attempt, 30)))
+        cap: float = min(self.backoff_max_s, self.backoff_base_s * (2 ** min(attempt, 30)))
         return cap * random.uniform(0.5, 1.0)
 
     async def _run(self) -> None:
@@ -329,8 +329,8 @@ class XdsClient:
                 log.warning("xDS stream to %s failed: %r", self.server, e)
             finally:
                 self._set_connected(False)
-                for e in self._entries.values():
-                    self._cancel_timer(e)
+                for entry in self._entries.values():
+                    self._cancel_timer(entry)
             if got_response:
                 attempt = 0
             delay = self._backoff(attempt)

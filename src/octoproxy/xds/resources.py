@@ -95,7 +95,7 @@ def _str(where: str, v: struct_pb2.Value | None) -> str:
         return ""
     if v.WhichOneof("kind") != "string_value":
         raise ResourceError(f"{where} must be a string, got {v.WhichOneof('kind')}")
-    return v.string_value
+    return str(v.string_value)
 
 
 def _num(where: str, v: struct_pb2.Value | None, default: float = 0.0) -> float:
@@ -103,7 +103,7 @@ def _num(where: str, v: struct_pb2.Value | None, default: float = 0.0) -> float:
         return default
     if v.WhichOneof("kind") != "number_value":
         raise ResourceError(f"{where} must be a number, got {v.WhichOneof('kind')}")
-    x = v.number_value
+    x = float(v.number_value)
     if not math.isfinite(x) or x < 0:
         raise ResourceError(f"{where} must be a finite number >= 0, got {x}")
     return x
