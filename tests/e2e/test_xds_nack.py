@@ -269,3 +269,38 @@ def test_malformed_response_is_nacked_and_nothing_applied(case: str, delta: bool
             await server.stop(None)
 
     run(body())
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_resource_timeout(delta: bool) -> None:
+    """Names the server never answers for are declared missing after
+    resource_timeout_s; a cluster whose assignment never comes is served empty."""
+
+    async def body() -> None:
+        ads = ScriptedAds()
+        ads.delta = delta
+        ads.good[CDS].append(service_to_cluster(service("d")))  # no assignment for d
+        server = grpc.aio.server()
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        sink = FakeSink()
+        c = XdsClient(f"127.0.0.1:{port}", sink, node_id="p", delta=delta, resource_timeout_s=0.3)
+        c.start()
+        try:
+            t0 = time.monotonic()
+            c.subscribe(["a", "d", "zzz"])
+            states = await c.wait_for(["a", "d", "zzz"], 5)
+            assert {k: s.value for k, s in states.items()} == {
+                "a": "ready",
+                "d": "ready",
+                "zzz": "missing",
+            }
+            assert time.monotonic() - t0 >= 0.3  # d waited for its timeout
+            assert sink.services["d"].endpoints == ()
+            assert "zzz" not in sink.services
+        finally:
+            await c.stop()
+            await server.stop(None)
+
+    run(body())
