@@ -1,0 +1,261 @@
+"""The admin endpoint: stats, clusters, config dump, health, drain.
+
+Off the data path: it reads the core's counters on scrape; nothing is
+counted here.  Endpoints (docs/operating.md):
+
+    GET  /stats            Prometheus text format
+    GET  /clusters         JSON: every service's nodes with labels, weights, health, active
+    GET  /config_dump      JSON: effective config and the last accepted xDS resources
+    GET  /ready            200 when serving and healthy, 503 otherwise
+    POST /healthcheck/fail /healthcheck/ok
+    POST /drain            stop accepting new connections, fail health; GET /drain: progress
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+from aiohttp import web
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+log = logging.getLogger("octoproxy.admin")
+
+STATUS_NAMES = {
+    0: "success", 1: "application", 2: "runtime", 3: "rpc", 4: "transport", 5: "protocol",
+    6: "degrade", 7: "security", 8: "service", 9: "remote",
+}
+
+
+def status_label(s: int) -> str:
+    return STATUS_NAMES.get(s, str(s))
+
+
+class ProxyCollector:
+    """Exports the core's counters as Prometheus metrics at scrape time."""
+
+    def __init__(self, proxy: Any) -> None:
+        self.proxy = proxy
+
+    def collect(self) -> Iterator[Any]:  # noqa: C901 - one metric after the other
+        p = self.proxy
+        eng = p.engine
+        table = p.table
+        c = eng.counters()
+        simple = [
+            ("octo_proxy_outbound_requests", "Requests routed upstream", c["requests"]),
+            ("octo_proxy_outbound_answers", "Upstream answers delivered to apps", c["responses"]),
+            ("octo_proxy_oneway_requests", "One-way requests forwarded", c["oneway"]),
+            ("octo_proxy_timeouts", "Requests answered by the proxy with a timeout", c["timeouts"]),
+            ("octo_proxy_inbound_requests", "Requests forwarded to the local provider",
+             c["inbound_requests"]),
+            ("octo_proxy_inbound_answers", "Provider answers sent back", c["inbound_responses"]),
+            ("octo_proxy_malformed_frames", "Connections closed for a malformed frame",
+             c["malformed"]),
+            ("octo_proxy_heartbeats", "Heartbeats answered by the proxy", c["heartbeats"]),
+            ("octo_proxy_restart_answers", "Requests answered with the hot-restart flag",
+             c["restart_answers"]),
+            ("octo_proxy_slow_consumers", "App connections closed for leaving answers unread",
+             c["slow_consumers"]),
+        ]
+        for name, doc, v in simple:
+            m = CounterMetricFamily(name, doc)
+            m.add_metric([], v)
+            yield m
+        errs = CounterMetricFamily("octo_proxy_errors", "Answers the proxy made itself, by status",
+                                   labels=["status"])
+        for s, v in sorted(c["errors"].items()):
+            errs.add_metric([status_label(int(s))], v)
+        yield errs
+
+        req = CounterMetricFamily("octo_proxy_service_requests",
+                                  "Requests sent, by service", labels=["service"])
+        ans = CounterMetricFamily("octo_proxy_service_answers",
+                                  "Answers by service and status (the provider's or the proxy's)",
+                                  labels=["service", "status"])
+        node_req = CounterMetricFamily("octo_proxy_node_requests", "Requests sent, by node",
+                                       labels=["service", "node"])
+        node_active = GaugeMetricFamily("octo_proxy_node_active", "Requests in flight, by node",
+                                        labels=["service", "node"])
+        node_weight = GaugeMetricFamily("octo_proxy_node_effective_weight",
+                                        "Weight after warm-up, by node", labels=["service", "node"])
+        for appkey in sorted(table.appkeys()):
+            sent = 0
+            by_status: dict[int, int] = {}
+            for n in table.nodes(appkey):
+                sent += n.sent
+                for s, v in n.answers_by_status().items():
+                    by_status[s] = by_status.get(s, 0) + v
+                node_req.add_metric([appkey, n.address], n.sent)
+                node_active.add_metric([appkey, n.address], n.active)
+                node_weight.add_metric([appkey, n.address], n.effective_weight)
+            req.add_metric([appkey], sent)
+            for s, v in sorted(by_status.items()):
+                ans.add_metric([appkey, status_label(s)], v)
+        for (name, s), v in sorted(eng.route_error_counts().items()):
+            ans.add_metric([name, status_label(s)], v)
+        yield from (req, ans, node_req, node_active, node_weight)
+
+        buckets, total = eng.latency_histogram()
+        h = HistogramMetricFamily("octo_proxy_request_duration_seconds",
+                                  "Outbound request latency, app to answer")
+        h.add_metric([], [(("+Inf" if b == float("inf") else repr(b)), n) for b, n in buckets],
+                     total)
+        yield h
+
+        g = GaugeMetricFamily("octo_proxy_in_flight", "Requests owed an answer")
+        g.add_metric([], eng.in_flight())
+        yield g
+        g = GaugeMetricFamily("octo_proxy_connections", "Open connections by kind",
+                              labels=["kind"])
+        g.add_metric(["app"], len(eng.downstream_conns()))
+        g.add_metric(["inbound"], len(eng.inbound_conns()))
+        yield g
+        up = GaugeMetricFamily("octo_proxy_upstream_connections",
+                               "Pooled connections per remote node", labels=["upstream"])
+        upf = CounterMetricFamily("octo_proxy_upstream_connect_failures",
+                                  "Failed connects per remote node", labels=["upstream"])
+        for addr, st in sorted(eng.pool_stats().items()):
+            up.add_metric([addr], st["connections"])
+            upf.add_metric([addr], st["connect_failures"])
+        yield from (up, upf)
+
+        g = GaugeMetricFamily("octo_proxy_route_table_version", "Route table snapshot version")
+        g.add_metric([], table.version)
+        yield g
+        g = GaugeMetricFamily("octo_proxy_hot_restart_generation", "Hot-restart generation")
+        g.add_metric([], p.generation)
+        yield g
+        xds = getattr(p, "xds", None)
+        if xds is not None:
+            g = GaugeMetricFamily("octo_proxy_xds_connected", "1 while the xDS stream is up")
+            g.add_metric([], 1 if xds.connected else 0)
+            yield g
+            g = GaugeMetricFamily("octo_proxy_xds_subscriptions", "Subscribed services")
+            g.add_metric([], len(xds.subscriptions))
+            yield g
+            info = GaugeMetricFamily("octo_proxy_xds_version", "Last accepted version per type",
+                                     labels=["type", "version"])
+            for t, v in sorted(xds.versions().items()):
+                info.add_metric([t, v], 1)
+            yield info
+
+
+def _node_json(n: Any) -> dict[str, Any]:
+    return {
+        "address": n.address, "weight": n.weight, "effective_weight": n.effective_weight,
+        "status": n.status, "healthy": n.status == 2 and n.weight > 0, "role": n.role,
+        "cell": n.cell, "swimlane": n.swimlane, "idc": n.idc, "region": n.region,
+        "warmup_s": n.warmup_s, "start_time": n.start_time, "active": n.active,
+        "requests": n.sent,
+        "answers": {status_label(s): v for s, v in n.answers_by_status().items()},
+    }
+
+
+class AdminServer:
+    def __init__(self, proxy: Any) -> None:
+        self.proxy = proxy
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(ProxyCollector(proxy))  # type: ignore[arg-type]
+        self.health_failed = False
+        self.runner: web.AppRunner | None = None
+        app = web.Application()
+        app.router.add_get("/stats", self.stats)
+        app.router.add_get("/clusters", self.clusters)
+        app.router.add_get("/config_dump", self.config_dump)
+        app.router.add_get("/ready", self.ready)
+        app.router.add_post("/healthcheck/fail", self.hc_fail)
+        app.router.add_post("/healthcheck/ok", self.hc_ok)
+        app.router.add_post("/drain", self.drain)
+        app.router.add_get("/drain", self.drain_status)
+        self.app = app
+
+    async def start(self, sock: socket.socket) -> None:
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        await web.SockSite(self.runner, sock).start()
+
+    async def close(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    async def stats(self, _: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def clusters(self, _: web.Request) -> web.Response:
+        t = self.proxy.table
+        out = {a: {"nodes": [_node_json(n) for n in t.nodes(a)]} for a in sorted(t.appkeys())}
+        return web.json_response({"version": t.version, "services": out})
+
+    async def config_dump(self, _: web.Request) -> web.Response:
+        p = self.proxy
+        xds = getattr(p, "xds", None)
+        return web.json_response({
+            "config": p.cfg.model_dump(mode="json"),
+            "config_path": p.config_path,
+            "generation": p.generation,
+            "pid": os.getpid(),
+            "xds": xds.dump() if xds is not None else None,
+        })
+
+    def _healthy(self) -> bool:
+        p = self.proxy
+        return p.ready.is_set() and not self.health_failed and not p.draining
+
+    async def ready(self, _: web.Request) -> web.Response:
+        if self._healthy():
+            return web.Response(text="LIVE\n")
+        why = "health check failed" if self.health_failed else (
+            "draining" if self.proxy.draining else "starting")
+        return web.Response(status=503, text=f"NOT READY: {why}\n")
+
+    async def hc_fail(self, _: web.Request) -> web.Response:
+        self.health_failed = True
+        log.info("admin: health check set to fail")
+        return web.Response(text="OK\n")
+
+    async def hc_ok(self, _: web.Request) -> web.Response:
+        self.health_failed = False
+        log.info("admin: health check set to ok")
+        return web.Response(text="OK\n")
+
+    async def drain(self, _: web.Request) -> web.Response:
+        self.health_failed = True
+        await self.proxy.stop_accepting()
+        log.info("admin: draining (listeners closed, health failing)")
+        return await self.drain_status(_)
+
+    async def drain_status(self, _: web.Request) -> web.Response:
+        return web.json_response({"draining": self.health_failed,
+                                  "in_flight": self.proxy.engine.in_flight()})
+
+
+def open_admin_socket(host: str, port: int | None, uds: str | None) -> socket.socket:
+    from octoproxy.listeners import _check_stale_uds
+
+    if uds:
+        _check_stale_uds(uds)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o077)
+        try:
+            s.bind(uds)
+        finally:
+            os.umask(old)
+    else:
+        s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port or 0))
+    s.listen(128)
+    s.setblocking(False)
+    return s
