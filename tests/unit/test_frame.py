@@ -470,3 +470,18 @@ def test_decode_frame_requires_exactly_one_frame():
         F.decode_frame(FRAMES[0][:-1])
     with pytest.raises(ValueError):
         F.decode_frame(FRAMES[0] + FRAMES[1])
+
+
+def test_scan_header_of_a_frame_too_large_to_buffer():
+    buf = F.encode_request(31, "svc", b"x" * 5000, local_context={"octo-remote-appkey": "a"},
+                           checksum=True)
+    with pytest.raises(F.FrameError):
+        F.scan(buf[:100], max_frame=1000)
+    hl = struct.unpack(">H", buf[8:10])[0]
+    assert F.scan_header(buf[:10 + hl - 1]) is None
+    f = F.scan_header(buf[:10 + hl + 3])
+    assert (f.seq_id, f.service_name, f.remote_appkey, f.length) == (31, "svc", "a", len(buf))
+    assert f.checksum and buf[f.seq_off:f.seq_off + 8] == struct.pack(">q", 31)
+    with pytest.raises(F.FrameError):
+        F.scan_header(b"\x00\x00\x00\x10")
+    assert F.scan_header(ref.encode_frame(b"", b"zz", protocol=0x41)).compressed

@@ -91,6 +91,13 @@ cdef enum:
 cdef Py_ssize_t fr_scan(const uint8_t* buf, Py_ssize_t n, Py_ssize_t max_frame,
                         Py_ssize_t max_header, FrameInfo* fi) noexcept nogil
 
+# Added: decode only the header of the OCTO frame at buf[0:n] (prefix + header
+# present; body, total_length and checksum unchecked), e.g. to answer a frame
+# too large to buffer.  Returns 10 + header_length, FE_NEED_MORE or FE_*;
+# fi.length is the length the frame claims, fi.body_len is 0.
+cdef Py_ssize_t fr_scan_header(const uint8_t* buf, Py_ssize_t n, Py_ssize_t max_header,
+                               FrameInfo* fi) noexcept nogil
+
 # Rewrite the sequence id of the frame at `frame` in place (and the trailing
 # checksum when FF_CHECKSUM is set).  fi must come from fr_scan on these bytes.
 cdef void fr_set_seq_id(uint8_t* frame, const FrameInfo* fi, int64_t seq_id) noexcept nogil

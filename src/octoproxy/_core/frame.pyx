@@ -573,6 +573,45 @@ cdef Py_ssize_t fr_scan(const uint8_t* buf, Py_ssize_t n, Py_ssize_t max_frame,
     return total
 
 
+cdef Py_ssize_t fr_scan_header(const uint8_t* buf, Py_ssize_t n, Py_ssize_t max_header,
+                               FrameInfo* fi) noexcept nogil:
+    # Decode just the header of an OCTO frame, for when the whole frame will
+    # never be buffered (an oversized request still deserves an answer
+    # carrying its sequence id).  total_length and the checksum are not
+    # checked; fi.length is the length the frame claims.
+    cdef Py_ssize_t hl, err
+    cdef int proto
+    fr_reset(fi)
+    if n < 2:
+        return FE_NEED_MORE if n == 0 or buf[0] == 0xAB else FE_BAD_MAGIC
+    if buf[0] != 0xAB or buf[1] != 0xBA:
+        return FE_BAD_MAGIC
+    if n < OCTO_PREFIX:
+        return FE_NEED_MORE
+    hl = (buf[8] << 8) | buf[9]
+    if hl > max_header:
+        return FE_HEADER_TOO_LARGE
+    if n < OCTO_PREFIX + hl:
+        return FE_NEED_MORE
+    proto = buf[3]
+    fi.kind = FK_OCTO
+    fi.version = buf[2]
+    fi.protocol = proto
+    fi.length = 8 + <Py_ssize_t>fr_rd_u32(buf + 4)
+    fi.header_off = OCTO_PREFIX
+    fi.header_len = hl
+    if proto & PROTO_CHECKSUM:
+        fi.flags = FF_CHECKSUM
+    if proto & (PROTO_GZIP | PROTO_SNAPPY):
+        fi.flags |= (FF_GZIP if proto & PROTO_GZIP else 0) | (FF_SNAPPY if proto & PROTO_SNAPPY else 0)
+        return OCTO_PREFIX + hl
+    fi.body_off = OCTO_PREFIX + hl
+    err = fr_header(buf, OCTO_PREFIX, hl, fi)
+    if err != 0:
+        return err
+    return OCTO_PREFIX + hl
+
+
 cdef void fr_set_seq_id(uint8_t* frame, const FrameInfo* fi, int64_t seq_id) noexcept nogil:
     cdef uint8_t* p
     if fi.seq_off < 0:
@@ -855,6 +894,26 @@ def scan(buf, Py_ssize_t start=0, end=None, *, Py_ssize_t max_frame=DEFAULT_MAX_
         frames.append(Frame.fr_new(&mv[0] + pos, &fi, pos))
         pos += r
     return frames, pos - start
+
+
+def scan_header(buf, *, Py_ssize_t max_header=DEFAULT_MAX_HEADER):
+    """Decode the header of the OCTO frame starting buf (fr_scan_header): a
+    Frame whose bytes are the prefix and header only, or None if more bytes are
+    needed."""
+    cdef const uint8_t[::1] mv = buf
+    cdef FrameInfo fi
+    cdef Frame f
+    if mv.shape[0] == 0:
+        return None
+    r = fr_scan_header(&mv[0], mv.shape[0], max_header, &fi)
+    if r < 0:
+        raise FrameError(r)
+    if r == 0:
+        return None
+    f = Frame.__new__(Frame)
+    f.fi = fi
+    f.data = (<const char*>&mv[0])[:r]
+    return f
 
 
 @cython.final
