@@ -322,6 +322,10 @@ def print_goals(rows: list[dict[str, Any]]) -> None:
         v = c["added_p50_us"]
         print(f"goal: chain adds <= 65 us to p50 at 1x1 on one core: measured {v:.1f} us "
               f"({'met' if v <= 65 else 'NOT met'})")
+    d, c = by.get(("32x8", "direct")), by.get(("32x8", "chain"))
+    if d and c and d["rps"] and c["rps"]:
+        print(f"load generator headroom: the same single loadgen drives {d['rps']:.0f} rps direct, "
+              f"{d['rps'] / c['rps']:.1f}x the chain's {c['rps']:.0f} rps")
     one, two = by.get(("32x8", "chain")), by.get(("32x8 2lg", "chain"))
     if one and two and one["rps"] and two["rps"]:
         print(f"load generator check (chain 32x8): 1 loadgen {one['rps']:.0f} rps at "
