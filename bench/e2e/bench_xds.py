@@ -218,14 +218,19 @@ async def bench(a: argparse.Namespace) -> None:
         )
 
         # --- the control plane's share: reloading the file with one service changed
-        cache, _ = build(path, _Cache())
-        services[0]["endpoints"][0]["weight"] = 3
-        write(path, dump(services))
-        t0 = time.perf_counter()
-        build(path, cache)
-        t_reload = time.perf_counter() - t0
+        copy = tmp / "copy.json"  # not the watched file
+        write(copy, dump(services))
+        cache, _ = build(copy, _Cache())
+        reloads = []
+        for w in (3, 4, 5):
+            services[0]["endpoints"][0]["weight"] = w
+            write(copy, dump(services))
+            t0 = time.perf_counter()
+            cache, _ = build(copy, cache)
+            reloads.append(time.perf_counter() - t0)
+        t_reload = min(reloads)
         print(
-            f"    of which the control plane's reload (parse {path.stat().st_size >> 20} MiB JSON, "
+            f"    of which the control plane's reload (parse {copy.stat().st_size >> 20} MiB JSON, "
             f"diff, rebuild 1 service): {t_reload * 1000:.0f} ms; the rest is the 100 ms poll, "
             f"gRPC and the client"
         )
