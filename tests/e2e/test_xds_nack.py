@@ -304,3 +304,63 @@ def test_resource_timeout(delta: bool) -> None:
             await server.stop(None)
 
     run(body())
+
+
+def test_sotw_stale_cds_push_does_not_make_a_new_name_missing() -> None:
+    """SotW race: a CDS response built before the server saw the request that
+    added a name lacks it; the answer to the request follows and wins."""
+
+    class Racy(ScriptedAds):
+        async def _serve(self, it: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            names: set[str] = set()
+            eds_names: set[str] = set()
+
+            async def reader() -> None:
+                async for req in it:
+                    self.requests.append(req)
+                    new = set(req.resource_names)
+                    if req.type_url == CDS and new != names:
+                        # first a push built for the old subscription, then the answer
+                        old = [m for m in self.good[CDS] if m.name in names]
+                        self.queue.put_nowait(self.response(CDS, old, "v1"))
+                        await asyncio.sleep(0.1)
+                        now = [m for m in self.good[CDS] if m.name in new]
+                        self.queue.put_nowait(self.response(CDS, now, "v2"))
+                        names.clear()
+                        names.update(new)
+                    elif req.type_url == EDS and set(req.resource_names) != eds_names:
+                        eds_names.clear()
+                        eds_names.update(req.resource_names)
+                        clas = [m for m in self.good[EDS] if m.cluster_name in eds_names]
+                        self.queue.put_nowait(self.response(EDS, clas, "v1"))
+
+            task = asyncio.get_running_loop().create_task(reader())
+            try:
+                while True:
+                    yield await self.queue.get()
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def body() -> None:
+        ads = Racy()
+        server = grpc.aio.server()
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        sink = FakeSink()
+        c = XdsClient(f"127.0.0.1:{port}", sink, node_id="p", resource_timeout_s=5)
+        c.start()
+        try:
+            c.subscribe(["a"])
+            assert (await c.wait_for(["a"], 5))["a"].value == "ready"
+            c.subscribe(["b", "nope"])
+            states = await c.wait_for(["b", "nope"], 5)
+            assert {k: s.value for k, s in states.items()} == {"b": "ready", "nope": "missing"}
+            assert len(sink.services["b"].endpoints) == 1 and c.stats.nacks == 0
+        finally:
+            await c.stop()
+            await server.stop(None)
+
+    run(body())

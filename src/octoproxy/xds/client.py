@@ -57,6 +57,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("octoproxy.xds")
 
 TYPES = (CLUSTER_TYPE, ENDPOINT_TYPE)
+# a subscribed cluster absent from a SotW CDS response is declared missing this much later
+SOTW_ABSENT_GRACE_S = 0.5
 _SHORT = {CLUSTER_TYPE: "CDS", ENDPOINT_TYPE: "EDS"}
 
 
@@ -104,6 +106,7 @@ class _Plan:
     removed_clusters: list[str] = field(default_factory=list)
     removed_clas: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    absent: list[str] = field(default_factory=list)  # SotW: not in a CDS response yet
 
 
 def build_node(node_id: str, cluster: str, labels: model.Labels) -> base_pb2.Node:
@@ -471,9 +474,7 @@ class XdsClient:
         if e.state is not ResourceState.PENDING:
             return
         if e.settings is None:
-            log.warning(
-                "xDS: no Cluster %r after %.1fs: declared missing", name, self.resource_timeout_s
-            )
+            log.warning("xDS: Cluster %r does not exist (not answered): declared missing", name)
             e.state = ResourceState.MISSING
         else:
             log.warning(
@@ -585,7 +586,7 @@ class XdsClient:
                 if e.settings is not None:
                     plan.removed_clusters.append(name)
                 elif e.state is ResourceState.PENDING:
-                    plan.missing.append(name)
+                    plan.absent.append(name)
             self._check_service_names(plan)
         return plan
 
@@ -674,6 +675,18 @@ class XdsClient:
             log.info("xDS: Cluster %r does not exist", name)
             e.state = ResourceState.MISSING
             self._cancel_timer(e)
+        for name in plan.absent:
+            # Absent from a SotW CDS response: it does not exist, unless that response
+            # was built before the server saw the request that added the name.  Its
+            # answer to that request would follow at once, so wait a short grace.
+            e = self._entries.get(name)
+            if e is None or e.state is not ResourceState.PENDING:
+                continue
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + min(SOTW_ABSENT_GRACE_S, self.resource_timeout_s)
+            if e.timer is None or e.timer.when() > deadline:
+                self._cancel_timer(e)
+                e.timer = loop.call_at(deadline, self._on_timeout, name)
         for name in changed:
             e = self._entries[name]
             if e.settings is not None and e.endpoints is not None:
