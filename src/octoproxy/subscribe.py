@@ -31,7 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from octoproxy import model
 from octoproxy.xds.client import ResourceState, XdsClient
+from octoproxy.xds.sink import RouteSink
 
 if TYPE_CHECKING:
     from octoproxy.config import Subscribe
@@ -91,6 +93,44 @@ def write_state(path: str | os.PathLike[str], appkeys: Iterable[str]) -> None:
         os.close(dfd)
 
 
+class StaticDiscovery:
+    """Stands in for the xDS client when there is no control plane (``xds.server``
+    unset): a service is known if the route table has it (static config)."""
+
+    connected = True
+
+    def __init__(self, sink: RouteSink) -> None:
+        self.sink = sink
+        self._subs: set[str] = set()
+
+    @property
+    def subscriptions(self) -> frozenset[str]:
+        return frozenset(self._subs)
+
+    def subscribe(self, appkeys: Iterable[str]) -> set[str]:
+        added = set(appkeys) - self._subs
+        self._subs |= added
+        return added
+
+    def unsubscribe(self, appkeys: Iterable[str]) -> set[str]:
+        removed = set(appkeys) & self._subs
+        self._subs -= removed
+        return removed
+
+    def state(self, appkey: str) -> ResourceState | None:
+        if appkey not in self._subs:
+            return None
+        return ResourceState.READY if self.sink.has_service(appkey) else ResourceState.MISSING
+
+    def service(self, appkey: str) -> model.Service | None:
+        return None
+
+    async def wait_for(
+        self, appkeys: Iterable[str], timeout: float
+    ) -> dict[str, ResourceState | None]:
+        return {k: self.state(k) for k in appkeys}
+
+
 def _bad(message: str) -> web.Response:
     return web.json_response({"error": message}, status=400)
 
@@ -100,8 +140,9 @@ class SubscribeApi:
 
     def __init__(
         self,
-        client: XdsClient,
+        client: XdsClient | StaticDiscovery,
         *,
+        sink: RouteSink | None = None,
         host: str = "127.0.0.1",
         port: int | None = None,
         uds: str | None = None,
@@ -109,6 +150,8 @@ class SubscribeApi:
         timeout_s: float = 10.0,
     ) -> None:
         self.client = client
+        # services another source (static config) put in the route table count as known
+        self.sink = sink if sink is not None else client.sink
         self.host = host
         self.port = port
         self.uds = uds
@@ -120,7 +163,7 @@ class SubscribeApi:
         self._written_gen = 0
 
     @classmethod
-    def from_config(cls, cfg: Subscribe, client: XdsClient) -> SubscribeApi:
+    def from_config(cls, cfg: Subscribe, client: XdsClient | StaticDiscovery) -> SubscribeApi:
         return cls(
             client,
             host=cfg.host,
@@ -133,15 +176,20 @@ class SubscribeApi:
     # --- lifecycle ------------------------------------------------------------
 
     async def start(
-        self, restore_timeout_s: float | None = None, listen: bool = True
+        self,
+        restore_timeout_s: float | None = None,
+        listen: bool = True,
+        appkeys: Iterable[str] = (),
     ) -> dict[str, ResourceState | None]:
-        """Restore the persisted subscriptions, start listening, then wait (up to
-        restore_timeout_s, default subscribe.timeout_s) for the restored services.
+        """Restore the persisted subscriptions (plus ``appkeys``, e.g. handed over
+        by a hot restart), start listening, then wait (up to restore_timeout_s,
+        default subscribe.timeout_s) for the restored services.
 
         Never fails because of the control plane: restored services that did not
         come stay subscribed and arrive when it is back.  Returns their states.
         """
         restored = read_state(self.state_file) if self.state_file else []
+        restored = sorted(set(restored) | set(appkeys))
         if restored:
             log.info("restoring %d subscriptions from %s", len(restored), self.state_file)
             self.client.subscribe(restored)
@@ -223,8 +271,13 @@ class SubscribeApi:
         if added:
             await self.persist()
         states = await self.client.wait_for(keys, timeout)
-        missing = sorted(k for k, s in states.items() if s in (ResourceState.MISSING, None))
-        pending = sorted(k for k, s in states.items() if s is ResourceState.PENDING)
+        known = {k for k, s in states.items() if s is not ResourceState.READY and self._static(k)}
+        missing = sorted(
+            k for k, s in states.items() if s in (ResourceState.MISSING, None) and k not in known
+        )
+        pending = sorted(
+            k for k, s in states.items() if s is ResourceState.PENDING and k not in known
+        )
         if missing:
             dropped = self.client.unsubscribe(added & set(missing))
             if dropped:
@@ -244,13 +297,22 @@ class SubscribeApi:
             await self.persist()
         return sorted(removed)
 
+    def _static(self, appkey: str) -> bool:
+        try:
+            return bool(self.sink.has_service(appkey))
+        except Exception:
+            log.exception("route table has_service(%r) failed", appkey)
+            return False
+
     def _describe(self, appkey: str) -> dict[str, Any]:
         st = self.client.state(appkey)
         svc = self.client.service(appkey)
-        return {
-            "state": st.value if st is not None else "unsubscribed",
-            "endpoints": len(svc.endpoints) if svc is not None else 0,
-        }
+        if svc is not None:
+            return {"state": st.value if st is not None else "unsubscribed",
+                    "endpoints": len(svc.endpoints)}  # fmt: skip
+        if st is not ResourceState.READY and self._static(appkey):
+            return {"state": "static", "endpoints": None}
+        return {"state": st.value if st is not None else "unsubscribed", "endpoints": None}
 
     # --- HTTP -------------------------------------------------------------------
 

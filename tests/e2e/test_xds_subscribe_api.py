@@ -295,3 +295,37 @@ def test_sdk_refused_over_tcp_is_retried_then_raised() -> None:
     assert ei.value.status == 0 and "not reachable" in ei.value.message
     assert 0.3 <= time.monotonic() - t0 < 3
     assert os.environ.get("NO_SUCH") is None
+
+
+def test_static_services_count_as_known(tmp_path: Path) -> None:
+    """Without a control plane (StaticDiscovery), and beside one, a service the
+    route table already has from the static config is answered 200."""
+    from octoproxy.subscribe import StaticDiscovery, SubscribeError
+
+    f = endpoints_file(tmp_path)
+
+    async def body() -> None:
+        sink = FakeSink()
+        sink.update_service(model.Service("s.static", (model.Endpoint("10.9.0.1", 1),)))
+        api = SubscribeApi(StaticDiscovery(sink), state_file=str(tmp_path / "s.json"))
+        assert await api.start() == {}
+        res = await api.subscribe(["s.static"])
+        assert res["services"]["s.static"]["state"] == "ready"
+        with pytest.raises(SubscribeError) as ei:
+            await api.subscribe(["nope"])
+        assert ei.value.status == 404 and api.subscriptions == ["s.static"]
+        # beside the control plane
+        cp = ControlPlane(str(f), port=0, poll_s=0.05)
+        await cp.start()
+        c = make_client(cp.port, sink)
+        c.start()
+        api2 = SubscribeApi(c)
+        try:
+            res = await api2.subscribe(["app.a", "s.static"], timeout_s=5)
+            assert res["services"]["app.a"] == {"state": "ready", "endpoints": 2}
+            assert res["services"]["s.static"] == {"state": "static", "endpoints": None}
+        finally:
+            await c.stop()
+            await cp.stop()
+
+    run(body())
