@@ -160,6 +160,12 @@ def test_subscribe_endpoints_arrive(tmp_path: Path, delta: bool) -> None:
             )
             assert dict(n.metadata) == {"liteset": "ls", "set": "set-1", "swimlane": "lane-1"}
             assert c.stats.nacks == 0 and not cp.ads.nacks
+            # what the admin endpoint shows
+            d = json.loads(json.dumps(c.dump()))
+            assert d["connected"] and d["mode"] == ("delta" if delta else "sotw")
+            assert d["subscriptions"]["app.a"]["state"] == "ready"
+            assert d["subscriptions"]["app.a"]["endpoints"] == 3
+            assert all(c.versions().values())
         finally:
             await c.stop()
 

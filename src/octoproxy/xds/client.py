@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import random
@@ -208,6 +209,32 @@ class XdsClient:
         if e is None or e.settings is None or e.endpoints is None:
             return None
         return make_service(e.settings, e.endpoints)
+
+    def versions(self) -> dict[str, str]:
+        """Last accepted version per type (SotW version_info; delta system_version_info)."""
+        return {_SHORT[t]: self._version[t] for t in TYPES}
+
+    def dump(self) -> dict[str, Any]:
+        """JSON-able state for the admin config dump."""
+        subs: dict[str, Any] = {}
+        for name in sorted(self._entries):
+            e = self._entries[name]
+            subs[name] = {
+                "state": e.state.value,
+                "cluster_version": e.cluster_version,
+                "endpoints_version": e.cla_version,
+                "lb_policy": e.settings.lb_policy.value if e.settings else None,
+                "endpoints": len(e.endpoints) if e.endpoints is not None else None,
+            }
+        return {
+            "server": self.server,
+            "mode": "delta" if self.delta else "sotw",
+            "node": {"id": self.node.id, "cluster": self.node.cluster},
+            "connected": self._connected,
+            "versions": self.versions(),
+            "stats": dataclasses.asdict(self.stats),
+            "subscriptions": subs,
+        }
 
     def start(self) -> None:
         """Start the stream task on the running loop (returns at once)."""
@@ -748,4 +775,6 @@ class XdsClient:
         else:
             self._apply(plan)
             self.stats.acks += 1
+            if resp.system_version_info:
+                self._version[t] = resp.system_version_info
         return self._with_node(req)
