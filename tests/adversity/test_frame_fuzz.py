@@ -172,3 +172,23 @@ def test_set_seq_id_on_accepted_frames_keeps_them_valid(tail, seq):
             seq = seq & 0x7FFFFFFF
         F.set_seq_id(buf, f, seq)
         assert F.scan(buf)[0][0].seq_id == seq
+
+
+@FUZZ
+@given(st.data())
+def test_scan_header_agrees_with_scan(data):
+    stream = b"".join(data.draw(st.lists(st.sampled_from(SEEDS), min_size=1, max_size=2)))
+    buf = mutate(stream, data.draw)
+    try:
+        h = F.scan_header(buf)
+    except F.FrameError:
+        h = None
+    try:
+        frames, _ = F.scan(buf)
+    except F.FrameError:
+        return
+    if frames and frames[0].kind == F.FK_OCTO and not frames[0].compressed:
+        f = frames[0]
+        assert h is not None
+        assert (h.seq_id, h.seq_off, h.flags, h.msg_type, h.service_name, h.length) == (
+            f.seq_id, f.seq_off, f.flags, f.msg_type, f.service_name, f.length)
