@@ -186,6 +186,7 @@ class Bench:
         req = self.tpl["req"]
         self.check_alive()
         cpu0 = {p.name: p.cpu_seconds() for p in self.procs()}
+        ss0 = {p.name: schedstat(p.pid) for p in self.procs()}
         t0 = time.monotonic()
         lgs = []
         for i in range(nloadgens):
@@ -207,6 +208,7 @@ class Bench:
             outs.append((lg.returncode, out.decode(), err.decode()))
         wall = time.monotonic() - t0
         cpu1 = {p.name: p.cpu_seconds() for p in self.procs()}
+        ss1 = {p.name: schedstat(p.pid) for p in self.procs()}
         results = []
         stderr = ""
         for rc, out, err in outs:
@@ -227,9 +229,26 @@ class Bench:
         r["provider_cpu_share"] = (cpu1["provider"] - cpu0["provider"]) / wall
         r["client_cpu_share"] = (cpu1["client"] - cpu0["client"]) / wall
         r["server_cpu_share"] = (cpu1["server"] - cpu0["server"]) / wall
+        # share of the wall time each process was runnable but waited for a CPU (/proc schedstat):
+        # high values mean it was starved (other processes on the host), not idle
+        for n in ("client", "server", "provider"):
+            r[f"{n}_runq_wait_share"] = (ss1[n][1] - ss0[n][1]) / wall
         r["ok"] = not hung and not r.get("errors") and not r.get("lost") and not r.get("closed") \
             and "failed" not in r
         return r
+
+
+def schedstat(pid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) over every thread of pid."""
+    run = wait = 0
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError):
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    a, b, _ = f.read().split()
+                run += int(a)
+                wait += int(b)
+    return run / 1e9, wait / 1e9
 
 
 def merge(rs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -240,7 +259,7 @@ def merge(rs: list[dict[str, Any]]) -> dict[str, Any]:
     for k in ("requests", "rps", "total", "sent", "errors", "status_errors", "seq_mismatch",
               "echo_mismatch", "len_mismatch", "unparsable", "lost", "closed", "connections", "cpu_s"):
         out[k] = sum(r.get(k, 0) for r in rs)
-    for k in ("p50_us", "p99_us", "p999_us", "max_us", "cpu_share"):
+    for k in ("p50_us", "p99_us", "p999_us", "max_us", "cpu_share", "runq_wait_share"):
         out[k] = max(r.get(k, 0) for r in rs)  # cpu_share: the busiest load generator
     out["inflight"] = rs[0].get("inflight")
     out["duration"] = rs[0].get("duration")
@@ -271,11 +290,18 @@ def summarize(runs: dict[tuple[str, str], list[dict[str, Any]]]) -> list[dict[st
             "p99_us": med([r.get("p99_us") for r in rs]),
             "p999_us": med([r.get("p999_us") for r in rs]),
             "loadgen_cpu_share": med([r.get("cpu_share") for r in rs]),
+            "loadgen_runq_wait_share": med([r.get("runq_wait_share") for r in rs]),
             "provider_cpu_share": med([r.get("provider_cpu_share") for r in rs]),
             "proxies_cpu_us_per_req": med([r.get("proxies_cpu_us_per_req") for r in rs]),
             "client_cpu_us_per_req": med([r.get("client_cpu_us_per_req") for r in rs])
             if path == "chain" else None,
             "server_cpu_us_per_req": med([r.get("server_cpu_us_per_req") for r in rs])
+            if path == "chain" else None,
+            "client_cpu_share": med([r.get("client_cpu_share") for r in rs]) if path == "chain" else None,
+            "server_cpu_share": med([r.get("server_cpu_share") for r in rs]) if path == "chain" else None,
+            "client_runq_wait_share": med([r.get("client_runq_wait_share") for r in rs])
+            if path == "chain" else None,
+            "server_runq_wait_share": med([r.get("server_runq_wait_share") for r in rs])
             if path == "chain" else None,
             "errors": sum(int(r.get("errors", 0)) + int(r.get("lost", 0)) + int(r.get("closed", 0))
                           + int(bool(r.get("hung"))) for r in rs),
@@ -297,7 +323,7 @@ def summarize(runs: dict[tuple[str, str], list[dict[str, Any]]]) -> list[dict[st
 def print_table(rows: list[dict[str, Any]]) -> None:
     hdr = (f"{'scenario':<13} {'path':<6} {'rps':>9} {'p50us':>7} {'p99us':>8} {'p999us':>8} "
            f"{'lg_cpu':>6} {'prov_cpu':>8} {'proxy_us/req':>12} {'(cli+srv)':>11} {'added_p50':>9} "
-           f"{'rps_x':>6} {'p50_x':>6} {'err':>4}")
+           f"{'rps_x':>6} {'p50_x':>6} {'err':>4}  {'cli/srv cpu(wait)':<17}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
@@ -307,7 +333,15 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{fmt(r['p99_us']):>8} {fmt(r['p999_us']):>8} {fmt(r['loadgen_cpu_share'], '.0%'):>6} "
               f"{fmt(r['provider_cpu_share'], '.0%'):>8} {fmt(r['proxies_cpu_us_per_req'], '.2f'):>12} "
               f"{split:>11} {fmt(r['added_p50_us']):>9} {fmt(r['rps_ratio'], '.2f'):>6} "
-              f"{fmt(r['p50_ratio'], '.2f'):>6} {r['errors']:>4}")
+              f"{fmt(r['p50_ratio'], '.2f'):>6} {r['errors']:>4}  {busy(r):<17}")
+
+
+def busy(r: dict[str, Any]) -> str:
+    if r["path"] != "chain" or r["client_cpu_share"] is None:
+        return ""
+    pc = lambda x: f"{100 * x:.0f}"  # noqa: E731
+    return (f"{pc(r['client_cpu_share'])}({pc(r['client_runq_wait_share'])})/"
+            f"{pc(r['server_cpu_share'])}({pc(r['server_runq_wait_share'])})%")
 
 
 def print_goals(rows: list[dict[str, Any]]) -> None:
@@ -329,7 +363,8 @@ def print_goals(rows: list[dict[str, Any]]) -> None:
     one, two = by.get(("32x8", "chain")), by.get(("32x8 2lg", "chain"))
     if one and two and one["rps"] and two["rps"]:
         print(f"load generator check (chain 32x8): 1 loadgen {one['rps']:.0f} rps at "
-              f"{fmt(one['loadgen_cpu_share'], '.0%')} CPU; 2 loadgens {two['rps']:.0f} rps "
+              f"{fmt(one['loadgen_cpu_share'], '.0%')} CPU ({fmt(one['loadgen_runq_wait_share'], '.0%')} "
+              f"waiting for a CPU); 2 loadgens {two['rps']:.0f} rps "
               f"({two['rps'] / one['rps']:.2f}x)")
     one, two = by.get(("32x8", "direct")), by.get(("32x8 2lg", "direct"))
     if one and two and one["rps"] and two["rps"]:
@@ -398,9 +433,11 @@ def main(argv: list[str] | None = None) -> int:
                     raw.append({"repeat": rep, "scenario": scen, "path": path, **r})
                     print(f"  [{rep + 1}/{args.repeat}] {scen:<13} {path:<6} {r.get('rps', 0):>9.0f} rps "
                           f"p50 {r.get('p50_us', 0):7.1f} p99 {r.get('p99_us', 0):8.1f} "
-                          f"p999 {r.get('p999_us', 0):8.1f} us  lg cpu {r.get('cpu_share', 0):.0%}"
-                          + (f"  proxies {r['proxies_cpu_us_per_req']:.2f} us/req, CPU client "
-                             f"{r['client_cpu_share']:.0%} server {r['server_cpu_share']:.0%}"
+                          f"p999 {r.get('p999_us', 0):8.1f} us  lg cpu {r.get('cpu_share', 0):.0%} "
+                          f"({r.get('runq_wait_share', 0):.0%})"
+                          + (f"  proxies {r['proxies_cpu_us_per_req']:.2f} us/req; CPU (run queue wait) "
+                             f"client {r['client_cpu_share']:.0%} ({r['client_runq_wait_share']:.0%}) "
+                             f"server {r['server_cpu_share']:.0%} ({r['server_runq_wait_share']:.0%})"
                              if r.get("proxies_cpu_us_per_req") is not None else ""), flush=True)
                     if not r["ok"]:
                         bad = True
@@ -423,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(bench.c.dir, ignore_errors=True)
     rows = summarize(runs)
     print(f"\nmedians over {args.repeat} repeat(s); latencies in us; lg_cpu = load generator CPU s / "
-          f"wall s; proxy_us/req = both proxies' CPU (/proc utime+stime) per request")
+          f"wall s; proxy_us/req = both proxies' CPU (/proc utime+stime) per request; "
+          f"cli/srv cpu(wait) = each proxy's CPU share (and share of time runnable but waiting for a CPU)")
     print_table(rows)
     print_goals(rows)
     if args.json:

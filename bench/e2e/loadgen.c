@@ -87,6 +87,16 @@ static double cpu_now(void) {
     return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
 }
 
+/* seconds this (single-threaded) process waited runnable for a CPU: /proc/self/schedstat field 2 */
+static double runq_wait_now(void) {
+    unsigned long long run = 0, wait = 0;
+    FILE *f = fopen("/proc/self/schedstat", "r");
+    if (!f) return 0;
+    if (fscanf(f, "%llu %llu", &run, &wait) != 2) wait = 0;
+    fclose(f);
+    return wait / 1e9;
+}
+
 static uint32_t be32(const uint8_t *p) {
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
 }
@@ -432,7 +442,7 @@ int main(int argc, char **argv) {
     warm_end_ns = t0 + (uint64_t)(warmup * 1e9);
     end_ns = warm_end_ns + (uint64_t)(duration * 1e9);
     uint64_t drain_end = end_ns + 3000000000ull;
-    double cpu0 = 0, cpu1 = 0;
+    double cpu0 = 0, cpu1 = 0, wait0 = 0, wait1 = 0;
     measuring = 0;
     int closed = 0;
 
@@ -443,6 +453,7 @@ int main(int argc, char **argv) {
     if (warmup <= 0) {
         measuring = 1;
         cpu0 = cpu_now();
+        wait0 = runq_wait_now();
     }
 
     struct epoll_event evs[MAX_EVENTS];
@@ -451,10 +462,12 @@ int main(int argc, char **argv) {
         if (!measuring && t >= warm_end_ns && sending) {
             measuring = 1;
             cpu0 = cpu_now();
+            wait0 = runq_wait_now();
         }
         if (sending && t >= end_ns) {
             sending = 0;
             cpu1 = cpu_now();
+            wait1 = runq_wait_now();
         }
         if (!sending) {
             int left = 0;
@@ -484,7 +497,10 @@ int main(int argc, char **argv) {
         }
         if (closed == nconns) break;
     }
-    if (sending) cpu1 = cpu_now();
+    if (sending) {
+        cpu1 = cpu_now();
+        wait1 = runq_wait_now();
+    }
     unsigned long long lost = 0;
     for (int i = 0; i < nconns; i++) lost += (unsigned long long)conns[i].outstanding;
 
@@ -495,12 +511,12 @@ int main(int argc, char **argv) {
     unsigned long long errors = e_status + e_seq + e_echo + e_len + e_parse;
     printf("{\"connections\": %d, \"inflight\": %d, \"requests\": %llu, \"duration\": %.3f, "
            "\"rps\": %.1f, \"p50_us\": %.1f, \"p99_us\": %.1f, \"p999_us\": %.1f, \"max_us\": %.1f, "
-           "\"mean_us\": %.1f, \"cpu_s\": %.4f, \"cpu_share\": %.4f, \"total\": %llu, \"sent\": %llu, "
+           "\"mean_us\": %.1f, \"cpu_s\": %.4f, \"cpu_share\": %.4f, \"runq_wait_share\": %.4f, \"total\": %llu, \"sent\": %llu, "
            "\"errors\": %llu, \"status_errors\": %llu, \"seq_mismatch\": %llu, \"echo_mismatch\": %llu, "
            "\"len_mismatch\": %llu, \"unparsable\": %llu, \"lost\": %llu, \"closed\": %d}\n",
            nconns, inflight, n_measured, duration, n_measured / duration, pct(0.50), pct(0.99),
            pct(0.999), lat_len ? lat[lat_len - 1] / 1000.0 : 0.0, lat_len ? sum / lat_len / 1000.0 : 0.0,
-           cpu, cpu / duration, n_total, n_sent, errors, e_status, e_seq, e_echo, e_len, e_parse, lost,
+           cpu, cpu / duration, (wait1 - wait0) / duration, n_total, n_sent, errors, e_status, e_seq, e_echo, e_len, e_parse, lost,
            closed);
     return (errors || lost || closed) ? 1 : 0;
 }
