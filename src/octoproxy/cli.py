@@ -57,5 +57,31 @@ def run(config_path: str, hot_restart_from: str | None, log_level: str | None) -
                        log_level=log_level))
 
 
+@main.command("control-plane", context_settings={"ignore_unknown_options": True})
+@click.option("--endpoints", required=True, type=click.Path(dir_okay=False),
+              help="YAML (or .json) file of services and endpoints; watched for changes.")
+@click.option("--listen", default="127.0.0.1:18000", show_default=True, help="HOST:PORT")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def control_plane(endpoints: str, listen: str, log_level: str) -> None:
+    """Run the bundled xDS control plane (ADS, SotW and delta) from a file."""
+    from octoproxy.controlplane.server import main as cp_main
+
+    sys.exit(cp_main(["--endpoints", endpoints, "--listen", listen, "--log-level", log_level]))
+
+
+@main.command()
+@click.option("--seconds", default=12.0, show_default=True, help="How long traffic runs.")
+@click.option("--short", is_flag=True, help="A quick run (CI).")
+@click.option("--chart", type=click.Path(dir_okay=False), default=None,
+              help="Also write latency over time, restarts marked, as an SVG or PNG chart.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def demo(seconds: float, short: bool, chart: str | None, no_progress: bool) -> None:
+    """Run the demo: control plane, two proxies, providers in several cells,
+    swimlanes and IDCs, traffic with hot restarts, and a report."""
+    from octoproxy.demo import run_demo
+
+    sys.exit(run_demo(seconds=3.0 if short else seconds, chart=chart, progress=not no_progress))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -266,7 +266,7 @@ class HotRestartServer:
                 return
             # the new generation serves: stop accepting, free the UDS, drain
             self.close()
-            await proxy.stop_accepting()
+            await proxy.release_listeners()
             await self._send(conn, {"released": True})
             self.peer = conn
             self.handed_over.set()

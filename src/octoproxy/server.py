@@ -31,6 +31,35 @@ def listener_key_inbound(host: str, port: int) -> str:
     return f"tcp:{host}:{port}"
 
 
+def subscription_file(cfg: Config) -> str | None:
+    """Where subscriptions persist: configured, or derived from the node id
+    when there is a control plane to subscribe to."""
+    if cfg.subscribe.state_file:
+        return cfg.subscribe.state_file
+    if cfg.xds.server:
+        return os.path.join(tempfile.gettempdir(), f"octo-proxy-{cfg.node.id}.subscriptions.json")
+    return None
+
+
+def services_to_json(services: list[Any]) -> list[dict[str, Any]]:
+    import dataclasses
+
+    return [dataclasses.asdict(s) for s in services]
+
+
+def services_from_json(items: list[dict[str, Any]]) -> list[Any]:
+    from octoproxy import model
+
+    out = []
+    for d in items:
+        eps = tuple(model.Endpoint(**e) for e in d.get("endpoints", ()))
+        out.append(model.Service(appkey=d["appkey"], endpoints=eps,
+                                 lb_policy=model.LbPolicy(d.get("lb_policy", "round_robin")),
+                                 set_enabled=bool(d.get("set_enabled", False)),
+                                 service_names=tuple(d.get("service_names", ()))))
+    return out
+
+
 def hot_restart_path(cfg: Config) -> str:
     """The hot-restart UDS: configured, or derived from the node id."""
     if cfg.hot_restart.socket:
@@ -56,6 +85,10 @@ class Proxy:
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self.generation = 1
+        self.xds: Any = None
+        self.discovery: Any = None
+        self.subscribe_api: Any = None
+        self.admin: Any = None
         self.draining = False
         self.handed_over = False  # sockets belong to a newer generation now
         self.inherited_state: dict[str, Any] = {}
@@ -64,12 +97,25 @@ class Proxy:
     # -- hot restart hooks (hotrestart.py)
 
     def handover_state(self) -> dict[str, Any]:
-        return {"counters": self.engine.counters() if self.engine is not None else {}}
+        """What the next generation needs beyond the sockets: subscriptions,
+        the last good routes (so it serves even with the control plane down),
+        and the counters (so stats continue)."""
+        state: dict[str, Any] = {
+            "counters": self.engine.counters() if self.engine is not None else {},
+            "subscriptions": sorted(self.discovery.subscriptions) if self.discovery else [],
+        }
+        if self.xds is not None:
+            svcs = [self.xds.service(a) for a in self.xds.subscriptions]
+            state["services"] = services_to_json([x for x in svcs if x is not None])
+        return state
 
     def restore_state(self, state: dict[str, Any]) -> None:
+        """Before start(): the previous generation's routes and subscriptions."""
         self.inherited_state = state
-        if self.engine is not None and state.get("counters"):
-            self.engine.restore_counters(state["counters"])
+        static = {s.appkey for s in self.cfg.static.services}
+        for svc in services_from_json(state.get("services", [])):
+            if svc.appkey not in static:
+                self.table.update_service(svc)
 
     def kill_child(self, pid: Any) -> None:
         child = self.children.get(pid) if isinstance(pid, int) else None
@@ -97,6 +143,16 @@ class Proxy:
         for ib in self.cfg.listeners.inbound:
             key = listener_key_inbound(ib.host, ib.port)
             self.sockets[key] = inherited.pop(key, None) or open_inbound(ib)
+        from octoproxy.admin import open_admin_socket
+
+        sub = self.cfg.subscribe
+        if sub.port is not None or sub.uds:
+            key = f"sub:{sub.uds or f'{sub.host}:{sub.port}'}"
+            self.sockets[key] = inherited.pop(key, None) or open_admin_socket(sub.host, sub.port, sub.uds)
+        adm = self.cfg.admin
+        if adm.port is not None or adm.uds:
+            key = f"admin:{adm.uds or f'{adm.host}:{adm.port}'}"
+            self.sockets[key] = inherited.pop(key, None) or open_admin_socket(adm.host, adm.port, adm.uds)
         for key, s in inherited.items():  # no longer in the config
             log.info("closing inherited listener %s (not in the config any more)", key)
             s.close()
@@ -138,11 +194,58 @@ class Proxy:
                 await loop.create_server(lambda p=path: engine.inbound(p), sock=sock)
             )
         self._tasks.append(loop.create_task(self._idle_loop()))
+        if cfg.logging.access_log:
+            access = logging.getLogger("octoproxy.access")
+            engine.access_sample = cfg.logging.access_log_sample
+            engine.access_log = lambda svc, st, up, lat: access.info(
+                "service=%s status=%d upstream=%s latency_ms=%.3f", svc, st, up, lat * 1000,
+                extra={"fields": {"service": svc, "status": st, "upstream": up,
+                                  "latency_ms": round(lat * 1000, 3)}})
+        await self._start_discovery()
+        await self._start_admin()
         self.ready.set()
         log.info(
             "ready: %d outbound, %d inbound listener(s), %d static service(s)",
             len(cfg.listeners.outbound), len(cfg.listeners.inbound), len(cfg.static.services),
         )
+
+    def _sock(self, prefix: str) -> socket.socket | None:
+        for k, v in self.sockets.items():
+            if k.startswith(prefix):
+                return v
+        return None
+
+    async def _start_discovery(self) -> None:
+        """Subscriptions and the subscribe API; with a control plane, restore
+        (and wait for) the persisted and handed-over subscriptions first, so
+        the proxy is ready only when it serves the same services as before."""
+        from octoproxy.subscribe import StaticDiscovery, SubscribeApi
+        from octoproxy.xds.client import XdsClient
+
+        cfg = self.cfg
+        if cfg.xds.server:
+            self.xds = XdsClient.from_config(cfg, self.table)
+            self.xds.start()
+            self.discovery = self.xds
+        else:
+            self.discovery = StaticDiscovery(self.table)
+        api = SubscribeApi(self.discovery, host=cfg.subscribe.host, port=cfg.subscribe.port,
+                           uds=cfg.subscribe.uds, state_file=subscription_file(cfg),
+                           timeout_s=cfg.subscribe.timeout_s)
+        self.subscribe_api = api
+        inherited = self.inherited_state.get("subscriptions", [])
+        # routes handed over by the previous generation serve at once; do not
+        # hold readiness for a control plane that may be down
+        wait = 0.0 if self.inherited_state.get("services") else None
+        await api.start(restore_timeout_s=wait, appkeys=inherited, sock=self._sock("sub:"))
+
+    async def _start_admin(self) -> None:
+        from octoproxy.admin import AdminServer
+
+        sock = self._sock("admin:")
+        if sock is not None:
+            self.admin = AdminServer(self)
+            await self.admin.start(sock)
 
     async def _idle_loop(self) -> None:
         period = min(1.0, self.cfg.upstream.idle_timeout_s / 4)
@@ -154,6 +257,17 @@ class Proxy:
         for srv in self.servers:
             srv.close()
         self.servers.clear()
+
+    async def release_listeners(self) -> None:
+        """Hot restart: the new generation owns every listener now (data path,
+        subscribe API, admin); this one stops accepting on all of them."""
+        await self.stop_accepting()
+        if self.subscribe_api is not None:
+            await self.subscribe_api.stop()
+            self.subscribe_api = None
+        if self.admin is not None:
+            await self.admin.close()
+            self.admin = None
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is in flight (True) or the timeout passed (False)."""
@@ -194,6 +308,12 @@ class Proxy:
 
     async def close(self) -> None:
         await self.stop_accepting()
+        if self.admin is not None:
+            await self.admin.close()
+        if self.subscribe_api is not None:
+            await self.subscribe_api.stop()
+        if self.xds is not None:
+            await self.xds.stop()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -203,9 +323,10 @@ class Proxy:
             await self.connector.close()
         for key, s in self.sockets.items():
             s.close()
-            if key.startswith("uds:") and not self.handed_over:
+            path = key.split(":", 1)[1]
+            if os.path.isabs(path) and not self.handed_over:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(key[4:])
+                    os.unlink(path)
         self.sockets.clear()
 
     async def shutdown(self) -> None:
@@ -228,9 +349,10 @@ async def _main(cfg: Config, config_path: str | None, hot_restart_from: str | No
         if handover is not None:
             proxy.generation = handover.generation + 1
             proxy.open_sockets(handover.sockets)
+            proxy.restore_state(handover.state)
         await proxy.start()
         if handover is not None:
-            proxy.restore_state(handover.state)
+            proxy.engine.restore_counters(handover.state.get("counters", {}))
             await hotrestart.finish_take_over(handover, cfg.hot_restart.start_timeout_s)
     except (ListenerError, hotrestart.HotRestartError, OSError, TimeoutError) as e:
         log.error("cannot start: %s", e)

@@ -180,6 +180,7 @@ class SubscribeApi:
         restore_timeout_s: float | None = None,
         listen: bool = True,
         appkeys: Iterable[str] = (),
+        sock: socket.socket | None = None,
     ) -> dict[str, ResourceState | None]:
         """Restore the persisted subscriptions (plus ``appkeys``, e.g. handed over
         by a hot restart), start listening, then wait (up to restore_timeout_s,
@@ -193,8 +194,8 @@ class SubscribeApi:
         if restored:
             log.info("restoring %d subscriptions from %s", len(restored), self.state_file)
             self.client.subscribe(restored)
-        if listen and (self.port is not None or self.uds):
-            await self._listen()
+        if listen and (sock is not None or self.port is not None or self.uds):
+            await self._listen(sock)
         if not restored:
             return {}
         timeout = self.timeout_s if restore_timeout_s is None else restore_timeout_s
@@ -221,17 +222,21 @@ class SubscribeApi:
         app.router.add_get("/v1/subscriptions", self._h_subscriptions)
         return app
 
-    async def _listen(self) -> None:
-        runner = web.AppRunner(self.app(), access_log=None)
+    async def _listen(self, sock: socket.socket | None = None) -> None:
+        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await runner.setup()
         site: web.BaseSite
-        if self.uds:
+        if sock is not None:  # opened by the proxy (and handed over on hot restart)
+            site = web.SockSite(runner, sock)
+        elif self.uds:
             _remove_stale_socket(self.uds)
             site = web.UnixSite(runner, self.uds)
         else:
             site = web.TCPSite(runner, self.host, self.port or 0)
         await site.start()
-        if not self.uds:
+        if sock is not None and sock.family != socket.AF_UNIX:
+            self.port = sock.getsockname()[1]
+        elif not self.uds:
             server = getattr(site, "_server", None)
             if server is not None and server.sockets:
                 self.port = server.sockets[0].getsockname()[1]

@@ -33,6 +33,7 @@ cdef struct Pending:
     PyObject* node        # route.Node it went to (strong ref), for least request
     double deadline       # monotonic seconds
     float timeout_ms      # the timeout applied, for the error message
+    double sent_at        # monotonic seconds when it went out (latency)
     int32_t prev          # deadline-ordered doubly linked list of live slots
     int32_t next
     uint8_t protocol      # serialization bits of the request, for error answers
@@ -77,9 +78,15 @@ cdef class Engine:
     cdef public long long n_restart_answers
     cdef public long long n_slow_consumers  # app connections closed for not reading
     cdef long long n_errors[16]          # proxy-made error answers by status
+    cdef long long lat_buckets[17]       # outbound latency histogram (LAT_BOUNDS + +Inf)
+    cdef double lat_sum                  # seconds, for the histogram's _sum
+    cdef public object access_log        # callable(appkey, status, upstream, latency_s) or None
+    cdef public double access_sample     # fraction of answers logged
+    cdef dict route_errors               # (service name, status) -> count, for requests without a node
 
     cdef UpstreamPool get_pool(self, Node node)
     cdef int arm_timer(self) except -1
+    cdef int on_answer(self, Node node, int status, double sent_at, double now) except -1
 
 
 # What every connection of the data path shares: the transport, one

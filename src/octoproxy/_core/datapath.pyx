@@ -24,7 +24,8 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from octoproxy._core.frame cimport (
     FE_TOO_LARGE, FF_GZIP, FF_PROXY_ANNOUNCE, FF_REQUEST, FF_RESPONSE, FF_SNAPPY, FK_OCTO,
     MT_HEARTBEAT, MT_PROXY_RESTART, MT_SCANNER_HEARTBEAT, FrameInfo, fr_error_response,
-    fr_heartbeat_response, fr_proxy_announce, fr_proxy_restart, fr_scan, fr_set_seq_id,
+    fr_heartbeat_response, fr_proxy_announce, fr_proxy_restart, fr_scan, fr_scan_header,
+    fr_set_seq_id,
     fr_strerror,
 )
 from octoproxy._core.route cimport (
@@ -60,6 +61,11 @@ DEF MIN_TAIL = 4096         # compact the receive buffer when less free space is
 DEF FIRST_SLOTS = 64        # initial pending-table size per upstream connection
 DEF TICK = 0.01             # timeout sweep period (seconds)
 DEF MAX_ID = 0x3FFFFFFFFFFFFFFF
+
+# upper bounds (seconds) of the outbound latency histogram buckets
+LAT_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+              0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+cdef double[16] C_LAT_BOUNDS = LAT_BOUNDS
 
 
 cdef inline double mono() noexcept nogil:
@@ -135,9 +141,9 @@ cdef class Engine:
         self.downstreams = set()
         self.inbounds = set()
         self.tick_handle = None
-        cdef int i
-        for i in range(16):
-            self.n_errors[i] = 0
+        self.route_errors = {}
+        self.access_log = None
+        self.access_sample = 1.0
 
     def __init__(self, RouteTable table, loop, connector, log, *,
                  Py_ssize_t max_frame=16 * 1024 * 1024, Py_ssize_t max_header=64 * 1024,
@@ -174,6 +180,33 @@ cdef class Engine:
             self.pools[node.address] = pool
         node.upstream = pool
         return pool
+
+    cdef int on_answer(self, Node node, int status, double sent_at, double now) except -1:
+        """Count one answer for a request that went to `node`."""
+        cdef double lat = now - sent_at
+        cdef int b = 0
+        node.answers[status & 15] += 1
+        while b < 16 and lat > C_LAT_BOUNDS[b]:
+            b += 1
+        self.lat_buckets[b] += 1
+        self.lat_sum += lat
+        if self.access_log is not None and (self.access_sample >= 1.0
+                                            or _random.random() < self.access_sample):
+            self.access_log(node.appkey, status, node.address, lat)
+        return 0
+
+    def latency_histogram(self):
+        """(cumulative bucket counts by upper bound incl. +Inf, sum in seconds)."""
+        cdef int i
+        cdef long long acc = 0
+        out = []
+        for i in range(17):
+            acc += self.lat_buckets[i]
+            out.append((LAT_BOUNDS[i] if i < 16 else float("inf"), acc))
+        return out, self.lat_sum
+
+    def route_error_counts(self):
+        return dict(self.route_errors)
 
     cdef int arm_timer(self) except -1:
         if self.tick_handle is None and self.timed:
@@ -596,9 +629,11 @@ cdef class UpstreamConn(Conn):
         """Answer every request in flight here with an error, at once."""
         cdef Py_ssize_t s
         cdef Downstream down
+        cdef double now = mono()
         while self.head != -1:
             s = self.head
             down = <Downstream>self.slots[s].down
+            self.engine.on_answer(<Node>self.slots[s].node, status, self.slots[s].sent_at, now)
             if not down.closed:
                 down.ds_error(self.slots[s].orig_id, status, why, False, self.slots[s].protocol)
                 if not down.in_touched:
@@ -615,6 +650,7 @@ cdef class UpstreamConn(Conn):
             s = self.head
             down = <Downstream>self.slots[s].down
             self.engine.n_timeouts += 1
+            self.engine.on_answer(<Node>self.slots[s].node, ST_TRANSPORT, self.slots[s].sent_at, now)
             if not down.closed:
                 down.ds_error(self.slots[s].orig_id, ST_TRANSPORT,
                               f"timeout: no answer from {self.pool.address} within "
@@ -679,6 +715,8 @@ cdef class UpstreamConn(Conn):
             if fi.seq_id < 0 or self.slots[s].id != fi.seq_id:
                 continue  # late (timed out) or unknown: dropped
             down = <Downstream>self.slots[s].down
+            eng.on_answer(<Node>self.slots[s].node, fi.status if fi.status >= 0 else 0,
+                          self.slots[s].sent_at, mono())
             if not down.closed:
                 fr_set_seq_id(p, &fi, self.slots[s].orig_id)
                 ob_append(&down.out, <char*>p, r)
@@ -870,6 +908,7 @@ cdef class Downstream(Conn):
                 pool = eng.get_pool(node)
             conn = pool.pick()
             if conn is None:
+                node.answers[ST_TRANSPORT] += 1
                 self.ds_error(fi.seq_id, ST_TRANSPORT, f"upstream {pool.address} unavailable: "
                               f"{pool.last_error}", False, fi.protocol)
                 continue
@@ -878,6 +917,7 @@ cdef class Downstream(Conn):
             if fi.call_type == 1:
                 # one-way: no answer, no state; the id is left as the app chose it
                 eng.n_oneway += 1
+                node.sent += 1
                 ob_append(&conn.out, <char*>p, r)
                 continue
             timeout = eng.default_timeout if fi.timeout <= 0 else fi.timeout * 0.001
@@ -888,6 +928,7 @@ cdef class Downstream(Conn):
             slot.orig_id = fi.seq_id
             slot.timeout_ms = <float>(timeout * 1000.0)
             slot.protocol = <uint8_t>fi.protocol
+            slot.sent_at = now
             Py_INCREF(self)
             slot.down = <PyObject*>self
             Py_INCREF(node)
@@ -896,6 +937,7 @@ cdef class Downstream(Conn):
             ob_append(&conn.out, <char*>p, r)
             self.inflight += 1
             lb_on_send(node)
+            node.sent += 1
             eng.n_requests += 1
         self._flush_dests()
         self.ds_flush()
@@ -915,6 +957,8 @@ cdef class Downstream(Conn):
     cdef _route_error(self, char* p, FrameInfo* fi, int err):
         cdef RouteTable table = self.engine.table
         name = slice_str(p, fi.appkey_off, fi.appkey_len) or slice_str(p, fi.service_off, fi.service_len)
+        key = (name or "", ST_SERVICE if err in (RT_UNKNOWN_SERVICE, RT_NO_SERVICE_KEY) else ST_TRANSPORT)
+        self.engine.route_errors[key] = self.engine.route_errors.get(key, 0) + 1
         if err == RT_UNKNOWN_SERVICE:
             self.ds_error(fi.seq_id, ST_SERVICE, f"unknown service {name!r}: no route (not in the "
                           f"route table; subscribe to it first)", False, fi.protocol)
@@ -933,25 +977,14 @@ cdef class Downstream(Conn):
 
     cdef _answer_too_large(self, uint8_t* p, Py_ssize_t avail):
         """Answer an oversized request with ProtocolException when its header
-        is already here, by scanning a copy cut down to the header alone."""
+        is already here (the frame itself is never buffered)."""
         cdef FrameInfo fi
-        cdef Py_ssize_t hl, total
-        cdef bytearray cut
-        cdef uint8_t* q
-        if avail < 10 or p[0] != 0xAB or p[1] != 0xBA:
+        cdef Py_ssize_t total
+        if avail < 8:
             return
         total = 8 + ((<Py_ssize_t>p[4] << 24) | (p[5] << 16) | (p[6] << 8) | p[7])
-        hl = (p[8] << 8) | p[9]
-        if avail < 10 + hl or p[3] & 0x60:
-            return
-        cut = bytearray((<char*>p)[:10 + hl])
-        q = <uint8_t*>(<char*>cut)
-        q[3] &= 0x7F   # no checksum in the cut-down copy
-        q[4] = q[5] = 0
-        q[6] = <uint8_t>(((2 + hl) >> 8) & 0xFF)
-        q[7] = <uint8_t>((2 + hl) & 0xFF)
-        if fr_scan(q, 10 + hl, self.engine.max_frame, self.engine.max_header, &fi) > 0 \
-                and fi.seq_off >= 0:
+        if fr_scan_header(p, avail, self.engine.max_header, &fi) > 0 and fi.seq_off >= 0 \
+                and fi.flags & FF_REQUEST:
             self.ds_error(fi.seq_id, ST_PROTOCOL, f"frame of {total} bytes exceeds the limit of "
                           f"{self.engine.max_frame} bytes (limits.max_frame_bytes)", False, fi.protocol)
 

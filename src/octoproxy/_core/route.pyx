@@ -231,6 +231,11 @@ cdef class RtClock:
 cdef class Node:
     """One node of one service (read-only from Python, except the data path's fields)."""
 
+    def answers_by_status(self):
+        """Answers for requests sent to this node, by status (data path counts)."""
+        cdef int i
+        return {i: self.answers[i] for i in range(16) if self.answers[i]}
+
     def __cinit__(self):
         self.upstream = None
         self.active = 0
