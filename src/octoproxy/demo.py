@@ -307,8 +307,8 @@ def windows(res: Results, width: float = 0.1) -> list[tuple[float, float, float,
     for t, lat in zip(res.t_send, res.latency, strict=True):
         buckets.setdefault(int(t / width), []).append(lat)
     out = []
-    last = int(res.duration / width)
-    for i in range(last + 1):
+    # whole windows only: a last partial one would look like a drop in traffic
+    for i in range(max(1, int(res.duration / width + 1e-9))):
         lats = sorted(buckets.get(i, []))
         if not lats:
             out.append((i * width, math.nan, math.nan, 0.0))
@@ -666,12 +666,12 @@ def report(res: Results) -> str:
                 else ["", "", "", ""]
             first = False
             if d < 0:
-                rows.append(head + ["(none)", "", "", "", "0", ""])
+                rows.append([*head, "(none)", "", "", "", "0", ""])
                 continue
             n = res.nodes[d]
             k = per[(ci, d)]
-            rows.append(head + [n.name, n.cell or "-", n.swimlane or "trunk",
-                                f"{n.idc}/{n.region}", f"{k:,}", f"{k / max(1, n_c):.1%}"])
+            rows.append([*head, n.name, n.cell or "-", n.swimlane or "trunk",
+                         f"{n.idc}/{n.region}", f"{k:,}", f"{k / max(1, n_c):.1%}"])
     lines += _table(rows, {2, 3, 8, 9})
     used = set(res.dest_ix)
     idle = [n for i, n in enumerate(res.nodes) if i not in used]
