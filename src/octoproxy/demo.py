@@ -487,11 +487,13 @@ class Demo:
         bar = "#" * fill + "." * (width - fill)
         n = self.res.requests
         rate = n / el if el > 0 else 0.0
-        restarts = "restarts: " + (", ".join(
-            f"{e.which.split('-')[0]} {'done' if not math.isnan(e.t_old_gone) else '...'}"
-            for e in self.res.restarts) or "none yet")
-        line = (f"[{bar}] {el:5.1f}/{self.seconds:.1f} s  {n:,} req  {rate:,.0f}/s  "
+        restarts = "  ".join(
+            f"{e.which.split('-')[0]} restart: "
+            f"{'done' if not math.isnan(e.t_old_gone) else 'under way'}"
+            for e in self.res.restarts)
+        line = (f"[{bar}] {el:4.1f}/{self.seconds:g} s  {n:,} req  {rate:,.0f}/s  "
                 f"failed {self.res.failed}  retried {self.res.retried}  {restarts}")
+        line = line[:max(20, shutil.get_terminal_size((120, 24)).columns - 1)]
         self.err.write("\r\x1b[K" + line)
         self.err.flush()
         self._bar_shown = True
