@@ -31,13 +31,26 @@ def listener_key_inbound(host: str, port: int) -> str:
     return f"tcp:{host}:{port}"
 
 
+def state_base(cfg: Config) -> str:
+    """Base path of this proxy's local state files when they are not
+    configured: beside its first app socket, else named after its first
+    inbound port, so that two proxies on one host never share them."""
+    if cfg.listeners.outbound:
+        return os.path.abspath(cfg.listeners.outbound[0].path)
+    tmp = tempfile.gettempdir()
+    if cfg.listeners.inbound:
+        ib = cfg.listeners.inbound[0]
+        return os.path.join(tmp, f"octo-proxy-{cfg.node.id}-{ib.port}")
+    return os.path.join(tmp, f"octo-proxy-{cfg.node.id}")
+
+
 def subscription_file(cfg: Config) -> str | None:
-    """Where subscriptions persist: configured, or derived from the node id
-    when there is a control plane to subscribe to."""
+    """Where subscriptions persist: configured, or derived (state_base) when
+    there is a control plane to subscribe to."""
     if cfg.subscribe.state_file:
         return cfg.subscribe.state_file
     if cfg.xds.server:
-        return os.path.join(tempfile.gettempdir(), f"octo-proxy-{cfg.node.id}.subscriptions.json")
+        return state_base(cfg) + ".subscriptions.json"
     return None
 
 
@@ -61,10 +74,10 @@ def services_from_json(items: list[dict[str, Any]]) -> list[Any]:
 
 
 def hot_restart_path(cfg: Config) -> str:
-    """The hot-restart UDS: configured, or derived from the node id."""
+    """The hot-restart UDS: configured, or derived (state_base)."""
     if cfg.hot_restart.socket:
         return cfg.hot_restart.socket
-    return os.path.join(tempfile.gettempdir(), f"octo-proxy-{cfg.node.id}.restart.sock")
+    return state_base(cfg) + ".restart"
 
 
 class Proxy:
