@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -149,26 +150,27 @@ class Proxy:
     def open_sockets(self, inherited: dict[str, socket.socket] | None = None) -> None:
         """Listening sockets: taken over from the previous generation when
         given, opened here otherwise."""
-        inherited = dict(inherited or {})
+        given: dict[str, socket.socket | None] = dict(inherited or {})
         for ob in self.cfg.listeners.outbound:
             key = listener_key_outbound(ob.path)
-            self.sockets[key] = inherited.pop(key, None) or open_outbound(ob)
+            self.sockets[key] = given.pop(key, None) or open_outbound(ob)
         for ib in self.cfg.listeners.inbound:
             key = listener_key_inbound(ib.host, ib.port)
-            self.sockets[key] = inherited.pop(key, None) or open_inbound(ib)
+            self.sockets[key] = given.pop(key, None) or open_inbound(ib)
         from octoproxy.admin import open_admin_socket
 
         sub = self.cfg.subscribe
         if sub.port is not None or sub.uds:
             key = f"sub:{sub.uds or f'{sub.host}:{sub.port}'}"
-            self.sockets[key] = inherited.pop(key, None) or open_admin_socket(sub.host, sub.port, sub.uds)
+            self.sockets[key] = given.pop(key, None) or open_admin_socket(sub.host, sub.port, sub.uds)
         adm = self.cfg.admin
         if adm.port is not None or adm.uds:
             key = f"admin:{adm.uds or f'{adm.host}:{adm.port}'}"
-            self.sockets[key] = inherited.pop(key, None) or open_admin_socket(adm.host, adm.port, adm.uds)
-        for key, s in inherited.items():  # no longer in the config
+            self.sockets[key] = given.pop(key, None) or open_admin_socket(adm.host, adm.port, adm.uds)
+        for key, left in given.items():  # no longer in the config
             log.info("closing inherited listener %s (not in the config any more)", key)
-            s.close()
+            if left is not None:
+                left.close()
 
     async def start(self, inherited: dict[str, socket.socket] | None = None) -> None:
         from octoproxy._core.datapath import Engine
@@ -202,18 +204,20 @@ class Proxy:
             self.servers.append(await loop.create_unix_server(engine.downstream, sock=sock))
         for ib in cfg.listeners.inbound:
             sock = self.sockets[listener_key_inbound(ib.host, ib.port)]
-            path = ib.upstream_uds
-            self.servers.append(
-                await loop.create_server(lambda p=path: engine.inbound(p), sock=sock)
-            )
+            factory = functools.partial(engine.inbound, ib.upstream_uds)
+            self.servers.append(await loop.create_server(factory, sock=sock))
         self._tasks.append(loop.create_task(self._idle_loop()))
         if cfg.logging.access_log:
             access = logging.getLogger("octoproxy.access")
             engine.access_sample = cfg.logging.access_log_sample
-            engine.access_log = lambda svc, st, up, lat: access.info(
-                "service=%s status=%d upstream=%s latency_ms=%.3f", svc, st, up, lat * 1000,
-                extra={"fields": {"service": svc, "status": st, "upstream": up,
-                                  "latency_ms": round(lat * 1000, 3)}})
+
+            def access_line(svc: str, st: int, up: str, lat: float) -> None:
+                access.info("service=%s status=%d upstream=%s latency_ms=%.3f",
+                            svc, st, up, lat * 1000,
+                            extra={"fields": {"service": svc, "status": st, "upstream": up,
+                                              "latency_ms": round(lat * 1000, 3)}})
+
+            engine.access_log = access_line
         await self._start_discovery()
         await self._start_admin()
         self.ready.set()
