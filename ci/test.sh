@@ -10,4 +10,5 @@ fi
 python -m pip install -q --upgrade pip
 python -m pip install -q -e ".[dev]"
 ruff check src tests bench
+mypy src/octoproxy
 python -m pytest -q -p no:cacheprovider "$@"
