@@ -1,0 +1,24 @@
+"""The benchmarks stay runnable: a short run of each, figures not asserted."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from harness import ROOT, env
+
+
+def test_e2e_bench_smoke_runs_clean() -> None:
+    # exits non-zero on errors, lost requests, closed connections or a dead process
+    r = subprocess.run([sys.executable, str(ROOT / "bench/e2e/bench_proxy.py"), "--smoke"],
+                       env=env(), cwd=str(ROOT), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "rps" in r.stdout
+
+
+def test_micro_benchmarks_run() -> None:
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "--benchmark-min-rounds=1", "--benchmark-max-time=0.000001",
+                        "--benchmark-warmup=off", str(ROOT / "bench/micro")],
+                       env=env(), cwd=str(ROOT), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
