@@ -705,8 +705,8 @@ def report(res: Results) -> str:
     lines.append(f"Requests: {res.requests:,} in {res.duration:.1f} s; "
                  f"transparently retried: {res.retried:,} (answered with the restart flag "
                  f"by a draining proxy, retried once by the SDK)")
-    lines.append(f"Failed: {res.failed}" + (f" ({len(res.failures)} errors, {res.misrouted} "
-                                            f"misrouted)" if res.failed else ""))
+    lines.append(f"Failed: {res.failed}" + (f" ({len(res.failures)} with an error, "
+                                            f"{res.misrouted} misrouted)" if res.failed else ""))
     for t, msg in res.failures[:10]:
         lines.append(f"  at {t:.2f} s: {msg}")
     return "\n".join(lines) + "\n"

@@ -107,7 +107,8 @@ def svg(res: Results) -> str:
       f'font-size="12">')
     a(f'<rect x="0" y="0" width="{W}" height="{H}" fill="white"/>')
     title = (f"octo-proxy demo: {res.requests:,} requests in {res.duration:.1f} s, "
-             f"{len(res.restarts)} hot restarts, {res.failed} failed")
+             f"{len(res.restarts)} hot restart{'' if len(res.restarts) == 1 else 's'}, "
+             f"{res.failed} failed")
     a(f'<text x="{W / 2}" y="24" text-anchor="middle" font-size="16" '
       f'font-weight="bold">{escape(title)}</text>')
 
@@ -163,19 +164,23 @@ def svg(res: Results) -> str:
           f'font-weight="bold">\u00d7</text>')
 
     # legend
-    lx, ly = left + pw - 262, lat_top + 10
-    a(f'<rect x="{lx}" y="{ly}" width="252" height="{76 if not res.failures else 94}" '
-      f'fill="white" fill-opacity="0.9" stroke="#999"/>')
     items = [(P50_COLOR, "p50 per 100 ms window", "line"),
              (P99_COLOR, "p99 per 100 ms window", "line"),
-             (RESTART_COLOR, "SIGUSR2 \u2192 old generation exited", "band")]
+             (RESTART_COLOR, "SIGUSR2 \u2192 old generation exited", "band"),
+             (RESTART_COLOR, "new generation serving", "dotted")]
     if res.failures:
         items.append(("red", "failed request", "x"))
+    lx, ly = left + pw - 262, lat_top + 10
+    a(f'<rect x="{lx}" y="{ly}" width="252" height="{18 * len(items) + 4}" '
+      f'fill="white" fill-opacity="0.9" stroke="#999"/>')
     for k, (color, text, kind) in enumerate(items):
         yy = ly + 18 + 18 * k
         if kind == "line":
             a(f'<line x1="{lx + 10}" y1="{yy - 4}" x2="{lx + 36}" y2="{yy - 4}" '
               f'stroke="{color}" stroke-width="2"/>')
+        elif kind == "dotted":
+            a(f'<line x1="{lx + 10}" y1="{yy - 4}" x2="{lx + 36}" y2="{yy - 4}" '
+              f'stroke="{color}" stroke-width="1.5" stroke-dasharray="2,3"/>')
         elif kind == "band":
             a(f'<rect x="{lx + 10}" y="{yy - 11}" width="26" height="13" fill="{color}" '
               f'fill-opacity="0.2" stroke="{color}" stroke-dasharray="4,3"/>')
