@@ -732,6 +732,7 @@ def run_demo(seconds: float, chart: str | None, progress: bool) -> int:
         restore[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     demo = Demo(max(0.5, seconds), progress, out, err)
     rc = 1
+    chart_ok = True
     try:
         demo.setup()
         uvloop.run(demo.traffic())
@@ -740,15 +741,26 @@ def run_demo(seconds: float, chart: str | None, progress: bool) -> int:
         if chart:
             from octoproxy.demo_chart import write_chart
 
-            err.write(write_chart(demo.res, chart) + "\n")
-        rc = 0 if demo.res.failed == 0 else 1
-        if rc:
+            try:
+                err.write(write_chart(demo.res, chart) + "\n")
+                chart_ok = True
+            except OSError as e:
+                err.write(f"chart: cannot write {chart}: {e}\n")
+                chart_ok = False
+        rc = 0 if demo.res.failed == 0 and (not chart or chart_ok) else 1
+        if demo.res.failed:
             demo.dump_logs()
     except KeyboardInterrupt:
         demo.say("\ninterrupted: stopping everything")
         rc = 130
     except DemoError as e:
         demo.say(f"demo failed: {e}")
+        demo.dump_logs()
+        rc = 1
+    except Exception:
+        import traceback
+
+        demo.say(f"demo failed:\n{traceback.format_exc()}")
         demo.dump_logs()
         rc = 1
     finally:
