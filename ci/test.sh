@@ -12,3 +12,5 @@ python -m pip install -q -e ".[dev]"
 ruff check src tests bench
 mypy src/octoproxy
 python -m pytest -q -p no:cacheprovider "$@"
+# the wheel installs and runs without a compiler or Cython (prints "wheel check: ok" last)
+bash ci/wheel_check.sh
