@@ -415,3 +415,33 @@ def test_stale_socket_file_replaced_and_mode_configurable() -> None:
         c.proxy("client", cfg)
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
         assert can_connect_uds(path)
+
+
+def test_large_frames_pass_and_buffers_shrink_back() -> None:
+    with cluster() as c:
+        c.providers(p="p.sock")
+        port = free_port()
+        server = c.proxy("server", server_proxy_cfg({port: c.path("p.sock")}))
+        client = c.proxy("client", client_proxy_cfg(
+            c.path("px.sock"), [{"appkey": "a", "endpoints": [{"address": f"127.0.0.1:{port}"}]}]))
+        with Client(c.path("px.sock")) as cl:
+            big = b"echo:" + b"z" * (4 << 20)
+            for _ in range(3):
+                r = cl.call("m", big, appkey="a")
+                assert r.body == b"p|" + big[5:]
+            r = cl.call("m", b"big:6000000", appkey="a")
+            assert len(r.body) == 6000002
+            base = client.rss_bytes() + server.rss_bytes()
+            for _ in range(5):
+                cl.call("m", big, appkey="a")
+            # the per-connection buffers do not keep 4 MiB each after the frames are gone
+            assert client.rss_bytes() + server.rss_bytes() - base < 32 << 20
+
+
+def test_sync_client_back_to_back_calls_do_not_wait(mesh: Cluster) -> None:
+    # a regression: checking an idle connection must not block for the socket timeout
+    with Client(mesh.path("proxy.sock")) as c:
+        t0 = time.monotonic()
+        for i in range(20):
+            assert c.call("com.demo.Echo", b"echo:%d" % i).ok
+        assert time.monotonic() - t0 < 2.0

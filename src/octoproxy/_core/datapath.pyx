@@ -395,6 +395,12 @@ cdef class Conn:
         cdef char* nb
         if left == 0:
             self.rstart = self.rend = 0
+            if self.rcap > 4 * self.engine.read_buffer:
+                # a large frame grew the buffer: give the memory back once it is gone
+                nb = <char*>realloc(self.rbuf, self.engine.read_buffer)
+                if nb != NULL:
+                    self.rbuf = nb
+                    self.rcap = self.engine.read_buffer
             return 0
         p = <const uint8_t*>(self.rbuf + self.rstart)
         if left >= 8 and p[0] == 0xAB and p[1] == 0xBA:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import select
 import socket
 import time
 from dataclasses import dataclass, field
@@ -304,10 +305,12 @@ class Client:
         proxy means the next batch goes on a new connection."""
         if self._sock is None:
             return
-        try:
-            data = self._sock.recv(65536, socket.MSG_DONTWAIT)
-        except BlockingIOError:
+        # poll, not recv(MSG_DONTWAIT): on a socket with a timeout Python would
+        # wait for the whole timeout before reporting "nothing there"
+        if not select.select([self._sock], [], [], 0)[0]:
             return
+        try:
+            data = self._sock.recv(65536)
         except OSError:
             self._reset()
             return
