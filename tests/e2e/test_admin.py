@@ -130,7 +130,7 @@ N_OK, N_FAIL, N_UNKNOWN, N_TIMEOUT = 20, 5, 3, 2
 
 
 def batch(uds: str, calls: list[tuple[str, bytes]], **kw: Any) -> list[Any]:
-    """One pipelined batch on a fresh connection (see the report on Client reuse)."""
+    """One pipelined batch on a fresh connection (counts stay per batch)."""
     with Client(uds) as c:
         return c.call_many(calls, raise_on_error=False, **kw)
 
