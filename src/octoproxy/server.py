@@ -121,7 +121,22 @@ class Proxy:
         if self.xds is not None:
             svcs = [self.xds.service(a) for a in self.xds.subscriptions]
             state["services"] = services_to_json([x for x in svcs if x is not None])
+        if self.engine is not None:
+            state["histogram"] = self.engine.histogram_state()
+            state["nodes"] = [[a, n.address, n.sent, n.answers_by_status()]
+                              for a in self.table.appkeys() for n in self.table.nodes(a)
+                              if n.sent or n.answers_by_status()]
         return state
+
+    def restore_counts(self, state: dict[str, Any]) -> None:
+        """After start(): continue the previous generation's counters."""
+        self.engine.restore_counters(state.get("counters", {}))
+        self.engine.restore_histogram(state.get("histogram", {}))
+        nodes = {(a, n.address): n for a in self.table.appkeys() for n in self.table.nodes(a)}
+        for appkey, address, sent, answers in state.get("nodes", []):
+            node = nodes.get((appkey, address))
+            if node is not None:
+                node.add_counts(sent, answers)
 
     def restore_state(self, state: dict[str, Any]) -> None:
         """Before start(): the previous generation's routes and subscriptions."""
@@ -369,7 +384,7 @@ async def _main(cfg: Config, config_path: str | None, hot_restart_from: str | No
             proxy.restore_state(handover.state)
         await proxy.start()
         if handover is not None:
-            proxy.engine.restore_counters(handover.state.get("counters", {}))
+            proxy.restore_counts(handover.state)
             await hotrestart.finish_take_over(handover, cfg.hot_restart.start_timeout_s)
     except (ListenerError, hotrestart.HotRestartError, OSError, TimeoutError) as e:
         log.error("cannot start: %s", e)

@@ -199,6 +199,8 @@ class SubscribeApi:
         if not restored:
             return {}
         timeout = self.timeout_s if restore_timeout_s is None else restore_timeout_s
+        if timeout <= 0:  # routes are already in place (hot restart hand-over)
+            return {k: self.client.state(k) for k in restored}
         states = await self.client.wait_for(restored, timeout)
         late = sorted(k for k, s in states.items() if s is not ResourceState.READY)
         if late:

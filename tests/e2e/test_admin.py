@@ -245,9 +245,6 @@ def test_stats_match_traffic_and_continue_across_hot_restart(chain: Cluster) -> 
     assert Stats(sadm)("octo_proxy_inbound_requests_total") == routed + 10
 
 
-@pytest.mark.xfail(strict=True, reason="per-service/per-node counters and the latency histogram "
-                   "live in the route table nodes and the engine, and are not handed over on hot "
-                   "restart (only Engine.counters() is): they restart from zero")
 def test_per_service_counters_continue_across_hot_restart(chain: Cluster) -> None:
     c = chain
     cadm = c.cadm  # type: ignore[attr-defined]

@@ -208,6 +208,21 @@ cdef class Engine:
     def route_error_counts(self):
         return dict(self.route_errors)
 
+    def histogram_state(self):
+        cdef int i
+        return {"buckets": [self.lat_buckets[i] for i in range(17)], "sum": self.lat_sum,
+                "route_errors": [[k[0], k[1], v] for k, v in self.route_errors.items()]}
+
+    def restore_histogram(self, dict st):
+        """Continue the previous generation's histogram and route errors (hot restart)."""
+        cdef int i
+        b = st.get("buckets", [])
+        for i in range(min(17, len(b))):
+            self.lat_buckets[i] += b[i]
+        self.lat_sum += st.get("sum", 0.0)
+        for name, status, v in st.get("route_errors", []):
+            self.route_errors[(name, status)] = self.route_errors.get((name, status), 0) + v
+
     cdef int arm_timer(self) except -1:
         if self.tick_handle is None and self.timed:
             self.tick_handle = self.loop.call_later(TICK, self._on_tick)
@@ -733,6 +748,8 @@ cdef class UpstreamConn(Conn):
             self.up_release(s)
         self.up_flush_touched()
         self.up_flush()
+        if self.state == S_DRAINING and self.used == 0 and self.transport is not None:
+            self.transport.close()  # after ProxyRestart: nothing more is owed here
         return 0
 
     def _on_proxy_restart(self):

@@ -236,6 +236,15 @@ cdef class Node:
         cdef int i
         return {i: self.answers[i] for i in range(16) if self.answers[i]}
 
+    def add_counts(self, long long sent, dict answers):
+        """Continue the counts of the previous generation (hot restart)."""
+        cdef int i
+        self.sent += sent
+        for k, v in answers.items():
+            i = int(k)
+            if 0 <= i < 16:
+                self.answers[i] += v
+
     def __cinit__(self):
         self.upstream = None
         self.active = 0
