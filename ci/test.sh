@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q -e ".[dev]"
+OCTOPROXY_WERROR=1 python -m pip install -q -e ".[dev]"  # warnings are errors in CI
 ruff check src tests bench
 mypy src/octoproxy
 python -m pytest -q -p no:cacheprovider "$@"
