@@ -235,6 +235,13 @@ def test_stats_match_traffic_and_continue_across_hot_restart(chain: Cluster) -> 
     assert s2("octo_proxy_timeouts_total") == N_TIMEOUT
     assert s2("octo_proxy_errors_total", status="service") == N_UNKNOWN
     assert ss2("octo_proxy_inbound_requests_total") == routed
+    # per-service and per-node series and the histogram continue too
+    assert s2("octo_proxy_service_requests_total", service=ECHO) == routed
+    assert s2("octo_proxy_service_answers_total", service=ECHO, status="success") == N_OK
+    assert s2("octo_proxy_node_requests_total", service=ECHO, node=node) == routed
+    assert s2("octo_proxy_request_duration_seconds_count") == routed
+    assert s2("octo_proxy_service_answers_total", service="com.nobody.Svc",
+              status="service") == N_UNKNOWN
     with Client(c.path("px.sock")) as cl:
         assert all(r.ok for r in cl.call_many([("com.demo.Echo", b"echo:more")] * 10))
     at_rest(cadm, sadm)
