@@ -44,9 +44,9 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 
-import harness  # noqa: E402
-
 from octoproxy._core import frame  # noqa: E402
+
+import harness  # noqa: E402
 
 APPKEY = "com.bench.echo"
 SERVICE = "com.bench.Echo"

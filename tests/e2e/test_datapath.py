@@ -14,6 +14,10 @@ import time
 
 import pytest
 import uvloop
+
+from octoproxy._core import frame
+from octoproxy.sdk import AsyncClient, Client, Context, RpcError
+
 from harness import (
     Cluster,
     can_connect_uds,
@@ -23,9 +27,6 @@ from harness import (
     server_proxy_cfg,
     wait_for,
 )
-
-from octoproxy._core import frame
-from octoproxy.sdk import AsyncClient, Client, Context, RpcError
 
 NODES = {
     # name: labels of the endpoint the client proxy knows it by

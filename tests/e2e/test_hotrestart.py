@@ -12,6 +12,9 @@ import sys
 import time
 
 import pytest
+
+from octoproxy.sdk import Client
+
 from harness import (
     Cluster,
     LoadThread,
@@ -27,8 +30,6 @@ from harness import (
     server_proxy_cfg,
     wait_for,
 )
-
-from octoproxy.sdk import Client
 
 
 def hr(c: Cluster, name: str, **kw: float) -> dict:
