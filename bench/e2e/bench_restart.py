@@ -47,6 +47,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_proxy as bp  # noqa: E402  (tools, templates, harness on sys.path)
+
 import harness  # noqa: E402
 
 NS = 1_000_000_000
@@ -103,12 +104,14 @@ class Restart:
         self.new: int | None = None
         self.t_new: int | None = None  # the new generation wrote the pid file (serving)
         self.t_old_gone: int | None = None
+        self.startup_cpu_s: float | None = None  # the new generation's CPU when it serves
 
     def poll(self, chain: Chain, now: int) -> None:
         if self.new is None:
             p = chain.pid(self.name)
             if p and p != self.old and harness.pid_alive(p):
                 self.new, self.t_new = p, now
+                self.startup_cpu_s = proc_cpu(p)
         if self.t_old_gone is None and not harness.pid_alive(self.old):
             self.t_old_gone = now
 
@@ -129,13 +132,17 @@ def one_run(chain: Chain, tools: dict[str, str], tpl: dict[str, Any], args: argp
            str(tpl["resp"]["len"])]
     t_start = time.monotonic_ns()
     lg = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = t_start + int((args.warmup + args.steady) * NS)
+    # +50 ms: the loadgen's clock starts a little after t_start (exec, connect)
+    first = t_start + int((args.warmup + args.steady + 0.05) * NS)
     schedule = [first + int(i * args.interval * NS) for i in range(args.restarts)]
     order = ["client", "server"] if rep % 2 == 0 else ["server", "client"]
     restarts: list[Restart] = []
     problems: list[str] = []
+    host: list[tuple[int, int, int]] = []  # (t, busy jiffies, all jiffies) of the host, every 100 ms
     while lg.poll() is None:
         now = time.monotonic_ns()
+        if not host or now - host[-1][0] >= NS // 10:
+            host.append((now, *host_jiffies()))
         if schedule and now >= schedule[0]:
             schedule.pop(0)
             name = order[len(restarts) % 2]
@@ -180,11 +187,21 @@ def one_run(chain: Chain, tools: dict[str, str], tpl: dict[str, Any], args: argp
     s0 = args.warmup * 1e6
     end = (args.warmup + duration) * 1e6
 
+    def host_busy(spans: list[tuple[float, float]]) -> float | None:
+        busy = tot = 0
+        for a, b in spans:
+            pts = [h for h in host if a <= rel_us(h[0]) <= b]
+            if len(pts) >= 2:
+                busy += pts[-1][1] - pts[0][1]
+                tot += pts[-1][2] - pts[0][2]
+        return busy / tot if tot else None
+
     def phase(spans: list[tuple[float, float]]) -> dict[str, Any]:
         lats = sorted(lat_ns[i] for i in range(len(t_us)) if any(a <= t_us[i] < b for a, b in spans))
         secs = sum(b - a for a, b in spans) / 1e6
         n = len(lats)
         return {"requests": n, "seconds": secs, "rps": n / secs if secs > 0 else 0.0,
+                "host_cpu_busy": host_busy(spans),
                 "p50_us": pctl(lats, 0.50), "p99_us": pctl(lats, 0.99),
                 "p999_us": pctl(lats, 0.999), "max_us": lats[-1] / 1000 if lats else 0.0}
 
@@ -231,7 +248,8 @@ def one_run(chain: Chain, tools: dict[str, str], tpl: dict[str, Any], args: argp
         "restarts": [{"proxy": x.name, "old_pid": x.old, "new_pid": x.new,
                       "at_s": rel_us(x.t_signal) / 1e6,
                       "new_serving_after_s": (x.t_new - x.t_signal) / NS if x.t_new else None,
-                      "old_gone_after_s": (x.t_old_gone - x.t_signal) / NS if x.t_old_gone else None}
+                      "old_gone_after_s": (x.t_old_gone - x.t_signal) / NS if x.t_old_gone else None,
+                      "new_cpu_s_when_serving": x.startup_cpu_s}
                      for x in restarts],
         "timeline": timeline, "problems": problems,
         "drain_left_total": {n: sum(map(int, v)) for n, v in drain_left.items()},
@@ -241,11 +259,33 @@ def one_run(chain: Chain, tools: dict[str, str], tpl: dict[str, Any], args: argp
     return r
 
 
+def proc_cpu(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def host_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of every CPU of the host (/proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    total = sum(v[:8])
+    return total - idle, total
+
+
 def pctl(sorted_ns: list[int], p: float) -> float:
     if not sorted_ns:
         return 0.0
     k = min(len(sorted_ns), max(1, int(p * len(sorted_ns) + 0.999999)))
     return sorted_ns[k - 1] / 1000
+
+
+def pc(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
 
 
 def print_run(r: dict[str, Any], args: argparse.Namespace) -> None:
@@ -254,13 +294,15 @@ def print_run(r: dict[str, Any], args: argparse.Namespace) -> None:
           f" (before {r['steady_before']['rps']:.0f}, after {r['steady_after']['rps']:.0f} rps) | "
           f"restarts {dw['rps']:>8.0f} rps p99 {dw['p99_us']:>8.0f} us | ratio {r['ratio']:.1%} | "
           f"errors {r['errors']} retried {r['retried']} notices {r['notices']} "
-          f"reconnects {r['reconnects']}", flush=True)
+          f"reconnects {r['reconnects']}; host CPU busy {pc(st['host_cpu_busy'])} steady, "
+          f"{pc(dw['host_cpu_busy'])} restarts", flush=True)
     for x in r["restarts"]:
         ns = x["new_serving_after_s"]
         og = x["old_gone_after_s"]
         print(f"      t={x['at_s']:5.2f}s {x['proxy']:<6} pid {x['old_pid']} -> {x['new_pid']}: "
               f"new serving after {ns if ns is None else round(ns, 2)} s, "
-              f"old exited after {og if og is None else round(og, 2)} s")
+              f"old exited after {og if og is None else round(og, 2)} s; new one's CPU when "
+              f"serving {x['new_cpu_s_when_serving']} s")
     if args.timeline:
         print("      sec  phase     answers     p99us  retried notices reconn errors restarts"
               "  (c/s: SIGUSR2 to the client/server proxy; *: second only partly in the phase)")
@@ -339,6 +381,17 @@ def main(argv: list[str] | None = None) -> int:
         "restart_rps": m(lambda r: r["restart_window"]["rps"]),
         "restart_p99_us": m(lambda r: r["restart_window"]["p99_us"]),
         "ratio": m(lambda r: r["ratio"]),
+        # throughput given up per restart, in seconds of steady-state throughput
+        "cost_per_restart_s": m(lambda r: (1 - r["ratio"]) * args.restarts * args.interval
+                                / max(1, args.restarts)),
+        "new_generation_cpu_s": statistics.median(
+            [x["new_cpu_s_when_serving"] for r in good for x in r["restarts"]
+             if x["new_cpu_s_when_serving"] is not None] or [0.0]),
+        "new_serving_after_s": statistics.median(
+            [x["new_serving_after_s"] for r in good for x in r["restarts"]
+             if x["new_serving_after_s"] is not None] or [0.0]),
+        "host_cpu_busy_steady": m(lambda r: r["steady"]["host_cpu_busy"] or 0.0),
+        "host_cpu_busy_restarts": m(lambda r: r["restart_window"]["host_cpu_busy"] or 0.0),
         "errors": sum(r.get("errors", 0) for r in runs),
         "retried": m(lambda r: r["retried"]),
         "notices": m(lambda r: r["notices"]),
@@ -352,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
           f"errors {med['errors']} in all runs (goal 0: {'met' if not med['errors'] else 'NOT met'}); "
           f"retried {med['retried']:.0f}, notices {med['notices']:.0f}, "
           f"reconnects {med['reconnects']:.0f} per run")
+    print(f"  per restart: {med['cost_per_restart_s']:.2f} s of steady-state throughput given up; "
+          f"the new generation serves {med['new_serving_after_s']:.2f} s after SIGUSR2, having used "
+          f"{med['new_generation_cpu_s']:.2f} s of CPU to start; host CPU busy "
+          f"{med['host_cpu_busy_steady']:.0%} steady, {med['host_cpu_busy_restarts']:.0%} during restarts")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"medians": med, "runs": runs, "args": vars(args)}, f, indent=1)
