@@ -163,6 +163,7 @@ cdef class Downstream(Conn):
     cdef int ds_error(self, int64_t seq_id, int status, str message, bint restart, int protocol) except -1
     cdef int ds_flush(self) except -1
     cdef int ds_check_unread(self) except -1
+    cdef int ds_flush_dests(self) except -1
     cdef _route_error(self, char* p, FrameInfo* fi, int err)
     cdef _answer_too_large(self, uint8_t* p, Py_ssize_t avail)
 

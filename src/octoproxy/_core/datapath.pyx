@@ -883,7 +883,7 @@ cdef class Downstream(Conn):
             if r == 0:
                 break
             if r < 0:
-                self._flush_dests()
+                self.ds_flush_dests()
                 if r == FE_TOO_LARGE:
                     self._answer_too_large(p, self.rend - self.rstart)
                 self.ds_flush()
@@ -891,7 +891,7 @@ cdef class Downstream(Conn):
                 return 0
             self.rstart += r
             if fi.kind != FK_OCTO or fi.flags & (FF_GZIP | FF_SNAPPY):
-                self._flush_dests()
+                self.ds_flush_dests()
                 self.ds_flush()
                 self.engine.log.warning(
                     "closing app connection: %s frames cannot be routed (no readable OCTO header); "
@@ -962,20 +962,22 @@ cdef class Downstream(Conn):
             lb_on_send(node)
             node.sent += 1
             eng.n_requests += 1
-        self._flush_dests()
+        self.ds_flush_dests()
         self.ds_flush()
         return 0
 
-    def _flush_dests(self):
+    cdef int ds_flush_dests(self) except -1:
+        """One write per upstream connection this read fed."""
         cdef UpstreamConn c
         if not self.dests:
-            return
+            return 0
         for c in self.dests:
             c.up_flush()
             if c.paused and not c.closed:
                 self.pause(PAUSE_UPSTREAM)
                 c.waiters.append(self)
         self.dests.clear()
+        return 0
 
     cdef _route_error(self, char* p, FrameInfo* fi, int err):
         cdef RouteTable table = self.engine.table
