@@ -16,6 +16,10 @@ from typing import Any
 
 import pytest
 import uvloop
+from prometheus_client.parser import text_string_to_metric_families
+
+from octoproxy.sdk import AsyncClient, Client
+
 from harness import (
     Cluster,
     client_proxy_cfg,
@@ -26,9 +30,6 @@ from harness import (
     server_proxy_cfg,
     wait_for,
 )
-from prometheus_client.parser import text_string_to_metric_families
-
-from octoproxy.sdk import AsyncClient, Client
 
 ECHO = "com.demo.echo"
 

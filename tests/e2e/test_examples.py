@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from harness import ROOT, env
 
 from octoproxy.controlplane.store import CLUSTER_TYPE, ENDPOINT_TYPE, Store
+
+from harness import ROOT, env
 
 EXAMPLES = ROOT / "examples"
 PROXY_CONFIGS = sorted(p for p in EXAMPLES.glob("*.yaml") if not p.name.startswith("endpoints"))
