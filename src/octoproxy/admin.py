@@ -167,6 +167,7 @@ class AdminServer:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ProxyCollector(proxy))
         self.health_failed = False
+        self.draining = False  # POST /drain: for good (no undo)
         self.runner: web.AppRunner | None = None
         app = web.Application()
         app.router.add_get("/stats", self.stats)
@@ -211,13 +212,14 @@ class AdminServer:
 
     def _healthy(self) -> bool:
         p = self.proxy
-        return p.ready.is_set() and not self.health_failed and not p.draining
+        return (p.ready.is_set() and not self.health_failed and not self.draining
+                and not p.draining)
 
     async def ready(self, _: web.Request) -> web.Response:
         if self._healthy():
             return web.Response(text="LIVE\n")
-        why = "health check failed" if self.health_failed else (
-            "draining" if self.proxy.draining else "starting")
+        why = "draining" if self.draining or self.proxy.draining else (
+            "health check failed" if self.health_failed else "starting")
         return web.Response(status=503, text=f"NOT READY: {why}\n")
 
     async def hc_fail(self, _: web.Request) -> web.Response:
@@ -231,13 +233,13 @@ class AdminServer:
         return web.Response(text="OK\n")
 
     async def drain(self, _: web.Request) -> web.Response:
-        self.health_failed = True
+        self.draining = True
         await self.proxy.stop_accepting()
         log.info("admin: draining (listeners closed, health failing)")
         return await self.drain_status(_)
 
     async def drain_status(self, _: web.Request) -> web.Response:
-        return web.json_response({"draining": self.health_failed,
+        return web.json_response({"draining": self.draining or bool(self.proxy.draining),
                                   "in_flight": self.proxy.engine.in_flight()})
 
 

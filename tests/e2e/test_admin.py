@@ -410,6 +410,10 @@ def test_drain_stops_accepting_fails_ready_keeps_existing_connections() -> None:
 async def drain_with_an_open_connection(uds: str, adm: str) -> None:
     existing = await AsyncClient.connect(uds)
     assert (await existing.call("com.demo.Echo", b"echo:before")).ok
+    # a failed health check is not a drain
+    assert http_req(adm, "POST", "/healthcheck/fail")[0] == 200
+    assert get_json(adm, "/drain") == {"draining": False, "in_flight": 0}
+    assert http_req(adm, "POST", "/healthcheck/ok")[0] == 200
     st, body = http_req(adm, "POST", "/drain")
     assert st == 200 and json.loads(body)["draining"] is True
     # no new connection is accepted
@@ -418,7 +422,10 @@ async def drain_with_an_open_connection(uds: str, adm: str) -> None:
         s.connect(uds)
     s.close()
     st, body = http_req(adm, "GET", "/ready")
-    assert st == 503
+    assert st == 503 and b"draining" in body
+    # a drain cannot be undone by the health check switch
+    assert http_req(adm, "POST", "/healthcheck/ok")[0] == 200
+    assert http_req(adm, "GET", "/ready")[0] == 503
     # the existing connection still works, and admin still answers
     assert (await existing.call("com.demo.Echo", b"echo:after")).body == b"p|after"
     await existing.close()
