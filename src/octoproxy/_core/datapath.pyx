@@ -891,7 +891,13 @@ cdef class Downstream(Conn):
                 return 0
             self.rstart += r
             if fi.kind != FK_OCTO or fi.flags & (FF_GZIP | FF_SNAPPY):
+                # nothing to route by (docs/protocol.md): say why, then close,
+                # since the caller cannot match an answer to this request
                 self.ds_flush_dests()
+                if fi.kind == FK_OCTO:
+                    self.ds_error(0, ST_PROTOCOL, "compressed frames are not supported by the "
+                                  "mesh: the proxy cannot read their header to route them",
+                                  False, fi.protocol)
                 self.ds_flush()
                 self.engine.log.warning(
                     "closing app connection: %s frames cannot be routed (no readable OCTO header); "
