@@ -241,23 +241,3 @@ class AdminServer:
     async def drain_status(self, _: web.Request) -> web.Response:
         return web.json_response({"draining": self.draining or bool(self.proxy.draining),
                                   "in_flight": self.proxy.engine.in_flight()})
-
-
-def open_admin_socket(host: str, port: int | None, uds: str | None) -> socket.socket:
-    from octoproxy.listeners import _check_stale_uds
-
-    if uds:
-        _check_stale_uds(uds)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o077)
-        try:
-            s.bind(uds)
-        finally:
-            os.umask(old)
-    else:
-        s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((host, port or 0))
-    s.listen(128)
-    s.setblocking(False)
-    return s

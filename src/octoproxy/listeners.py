@@ -80,3 +80,30 @@ def open_inbound(cfg: InboundListener) -> socket.socket:
         raise ListenerError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}") from None
     sock.setblocking(False)
     return sock
+
+
+def open_http_socket(host: str, port: int | None, uds: str | None) -> socket.socket:
+    """A listening socket for an HTTP endpoint (admin, subscribe API): a UDS
+    (mode 0600) or host:port.  Opened here so that hot restart can hand it over."""
+    if uds:
+        _check_stale_uds(uds)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o077)
+        try:
+            s.bind(uds)
+        except OSError as e:
+            s.close()
+            raise ListenerError(f"cannot listen on {uds}: {e.strerror}") from None
+        finally:
+            os.umask(old)
+    else:
+        s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port or 0))
+        except OSError as e:
+            s.close()
+            raise ListenerError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    s.listen(128)
+    s.setblocking(False)
+    return s

@@ -16,7 +16,7 @@ from typing import Any
 
 from octoproxy import hotrestart
 from octoproxy.config import Config
-from octoproxy.listeners import ListenerError, open_inbound, open_outbound
+from octoproxy.listeners import ListenerError, open_http_socket, open_inbound, open_outbound
 from octoproxy.logs import setup_logging
 from octoproxy.process import monotonic_usec, remove_pid_file, sd_notify, write_pid_file
 from octoproxy.upstream import Connector
@@ -172,16 +172,14 @@ class Proxy:
         for ib in self.cfg.listeners.inbound:
             key = listener_key_inbound(ib.host, ib.port)
             self.sockets[key] = given.pop(key, None) or open_inbound(ib)
-        from octoproxy.admin import open_admin_socket
-
         sub = self.cfg.subscribe
         if sub.port is not None or sub.uds:
             key = f"sub:{sub.uds or f'{sub.host}:{sub.port}'}"
-            self.sockets[key] = given.pop(key, None) or open_admin_socket(sub.host, sub.port, sub.uds)
+            self.sockets[key] = given.pop(key, None) or open_http_socket(sub.host, sub.port, sub.uds)
         adm = self.cfg.admin
         if adm.port is not None or adm.uds:
             key = f"admin:{adm.uds or f'{adm.host}:{adm.port}'}"
-            self.sockets[key] = given.pop(key, None) or open_admin_socket(adm.host, adm.port, adm.uds)
+            self.sockets[key] = given.pop(key, None) or open_http_socket(adm.host, adm.port, adm.uds)
         for key, left in given.items():  # no longer in the config
             log.info("closing inherited listener %s (not in the config any more)", key)
             if left is not None:
@@ -250,12 +248,18 @@ class Proxy:
     async def _start_discovery(self) -> None:
         """Subscriptions and the subscribe API; with a control plane, restore
         (and wait for) the persisted and handed-over subscriptions first, so
-        the proxy is ready only when it serves the same services as before."""
-        from octoproxy.subscribe import StaticDiscovery, SubscribeApi
-        from octoproxy.xds.client import XdsClient
-
+        the proxy is ready only when it serves the same services as before.
+        A proxy with static routes and no subscribe endpoint needs neither
+        (nor their imports: a new generation starts faster)."""
         cfg = self.cfg
+        sock = self._sock("sub:")
+        if not cfg.xds.server and sock is None:
+            return
+        from octoproxy.subscribe import StaticDiscovery, SubscribeApi
+
         if cfg.xds.server:
+            from octoproxy.xds.client import XdsClient
+
             self.xds = XdsClient.from_config(cfg, self.table)
             self.xds.start()
             self.discovery = self.xds
@@ -269,15 +273,16 @@ class Proxy:
         # routes handed over by the previous generation serve at once; do not
         # hold readiness for a control plane that may be down
         wait = 0.0 if self.inherited_state.get("services") else None
-        await api.start(restore_timeout_s=wait, appkeys=inherited, sock=self._sock("sub:"))
+        await api.start(restore_timeout_s=wait, appkeys=inherited, sock=sock)
 
     async def _start_admin(self) -> None:
+        sock = self._sock("admin:")
+        if sock is None:
+            return
         from octoproxy.admin import AdminServer
 
-        sock = self._sock("admin:")
-        if sock is not None:
-            self.admin = AdminServer(self)
-            await self.admin.start(sock)
+        self.admin = AdminServer(self)
+        await self.admin.start(sock)
 
     async def _idle_loop(self) -> None:
         period = min(1.0, self.cfg.upstream.idle_timeout_s / 4)
