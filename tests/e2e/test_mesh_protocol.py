@@ -168,3 +168,49 @@ def test_legacy_clients_never_receive_proxy_restart() -> None:
             got.extend(sc.feed(data))
         assert all(f.msg_type != 3 for f in got), "a legacy client received ProxyRestart"
         wait_for(lambda: not pid_alive(old), 15, "the old generation to exit")
+
+
+def test_idle_upstream_connection_closed_and_reopened_on_next_use() -> None:
+    fake = FakeServerProxy()
+    fake.hold = False
+    with cluster() as c:
+        c.proxy("client", client_proxy_cfg(
+            c.path("px.sock"), [{"appkey": "a", "endpoints": [{"address": f"127.0.0.1:{fake.port}"}]}],
+            upstream={"connections_per_node": 1, "idle_timeout_s": 0.4}))
+        with Client(c.path("px.sock")) as cl:
+            assert cl.call("m", b"1", appkey="a").ok
+            wait_for(lambda: fake.conns[0]["closed"], 5, "the idle connection to be closed")
+            assert cl.call("m", b"2", appkey="a").body == b"fake|2"
+        assert len(fake.conns) == 2 and fake.requests(1)[0].body == b"2"
+    fake.close()
+
+
+def test_connect_timeout_answers_with_reason() -> None:
+    # a listener whose accept queue is full: the kernel drops the SYN and the
+    # connect hangs, as towards a host that does not answer
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    port = full.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        f = socket.socket()
+        f.setblocking(False)
+        try:
+            f.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(f)
+    with cluster() as c:
+        c.proxy("client", client_proxy_cfg(
+            c.path("px.sock"), [{"appkey": "a", "endpoints": [{"address": f"127.0.0.1:{port}"}]}],
+            upstream={"connect_timeout_ms": 300}))
+        with Client(c.path("px.sock")) as cl:
+            t0 = time.monotonic()
+            r = cl.call("m", b"x", appkey="a", raise_on_error=False)
+            took = time.monotonic() - t0
+        assert r.status == 4 and "timed out after 300 ms" in r.message, r.message
+        assert 0.25 < took < 2.0
+    for f in fillers:
+        f.close()
+    full.close()
