@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from octoproxy import model
+from octoproxy.services import ServiceSpec
 
 MiB = 1024 * 1024
 
@@ -108,62 +109,8 @@ class Upstream(_Strict):
         return self
 
 
-class StaticEndpoint(_Strict):
-    address: str  # host:port of the provider's registered port
-    weight: int = Field(default=100, ge=0)
-    status: int = Field(default=model.STATUS_ALIVE, ge=0, le=5)
-    role: Literal[0, 1] = 0
-    cell: str = ""
-    swimlane: str = ""
-    idc: str = ""
-    region: str = ""
-    warmup_s: float = Field(default=0.0, ge=0)
-    start_time: float = Field(default=0.0, ge=0)
-
-    @field_validator("address")
-    @classmethod
-    def _addr(cls, v: str) -> str:
-        host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"address must be host:port, got {v!r}")
-        return v
-
-    def to_model(self) -> model.Endpoint:
-        host, _, port = self.address.rpartition(":")
-        return model.Endpoint(
-            host=host.strip("[]"),
-            port=int(port),
-            weight=self.weight,
-            status=self.status,
-            role=self.role,
-            cell=self.cell,
-            swimlane=self.swimlane,
-            idc=self.idc,
-            region=self.region,
-            warmup_s=self.warmup_s,
-            start_time=self.start_time,
-        )
-
-
-class StaticService(_Strict):
-    appkey: str = Field(min_length=1)
-    lb_policy: model.LbPolicy = model.LbPolicy.ROUND_ROBIN
-    set_enabled: bool = False
-    service_names: list[str] = []
-    endpoints: list[StaticEndpoint] = []
-
-    def to_model(self) -> model.Service:
-        return model.Service(
-            appkey=self.appkey,
-            endpoints=tuple(e.to_model() for e in self.endpoints),
-            lb_policy=self.lb_policy,
-            set_enabled=self.set_enabled,
-            service_names=tuple(self.service_names),
-        )
-
-
 class Static(_Strict):
-    services: list[StaticService] = []
+    services: list[ServiceSpec] = []  # same format as the control plane's file
 
     @model_validator(mode="after")
     def _unique(self) -> Static:

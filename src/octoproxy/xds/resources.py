@@ -27,7 +27,7 @@ ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignm
 OCTO_NS = "octo"  # Cluster and LbEndpoint metadata namespace for octo-only fields
 LB_NS = "envoy.lb"  # LbEndpoint metadata namespace for routing labels
 DEFAULT_WEIGHT = 100  # LbEndpoint without load_balancing_weight
-MAX_WEIGHT = 2**31 - 1
+from octoproxy.services import MAX_WEIGHT  # noqa: E402  (one definition)
 
 _C = cluster_pb2.Cluster
 _LB_FROM_XDS: dict[int, model.LbPolicy] = {
