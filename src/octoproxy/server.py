@@ -403,11 +403,6 @@ async def _main(cfg: Config, config_path: str | None, hot_restart_from: str | No
         log.error("cannot listen for hot restart on %s: %s", hr_path, e)
         await proxy.close()
         return 2
-    write_pid_file(cfg.hot_restart.pid_file)
-    sd_notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS=serving (generation {proxy.generation})")
-    log.info("generation %d serving (pid %d); hot restart socket %s",
-             proxy.generation, os.getpid(), hr_path)
-
     predecessor_alive = handover is not None
     deferred_restart = False
     stop = asyncio.Event()
@@ -420,7 +415,14 @@ async def _main(cfg: Config, config_path: str | None, hot_restart_from: str | No
                 "--hot-restart-from", hr_path]
         log.info("SIGUSR2: starting the next generation: %s", " ".join(argv))
         sd_notify("RELOADING=1", monotonic_usec(), "STATUS=hot restart under way")
-        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        # the child starts with SIGUSR2 blocked (the mask survives exec) and
+        # unblocks it once its handler is in place: a reload sent to it while
+        # it starts is then kept, not fatal (SIGUSR2's default action)
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+        try:
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         proxy.children[child.pid] = child
 
     def on_sigusr2() -> None:
@@ -463,6 +465,17 @@ async def _main(cfg: Config, config_path: str | None, hot_restart_from: str | No
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR2, on_sigusr2)
+    # only now, with every handler in place, tell the world we serve: a
+    # service manager may send SIGUSR2 the moment it sees the pid or READY
+    write_pid_file(cfg.hot_restart.pid_file)
+    sd_notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS=serving (generation {proxy.generation})")
+    log.info("generation %d serving (pid %d); hot restart socket %s",
+             proxy.generation, os.getpid(), hr_path)
+    if _EARLY_SIGUSR2:
+        # asked for while this generation was starting: honoured now
+        _EARLY_SIGUSR2.clear()
+        log.info("SIGUSR2 arrived while starting; handling it now")
+        on_sigusr2()
     handed = loop.create_task(server.handed_over.wait())
     stopped = loop.create_task(stop.wait())
     await asyncio.wait([handed, stopped], return_when=asyncio.FIRST_COMPLETED)
@@ -500,9 +513,22 @@ def _argv_without_hot_restart(argv: list[str]) -> list[str]:
     return out
 
 
+_EARLY_SIGUSR2: list[int] = []
+
+
+def _early_sigusr2(signum: int, frame: Any) -> None:
+    _EARLY_SIGUSR2.append(signum)
+
+
 def run_proxy(cfg: Config, *, config_path: str | None = None, hot_restart_from: str | None = None,
               log_level: str | None = None) -> int:
     import uvloop
+
+    # SIGUSR2's default action kills the process: until the event loop's
+    # handler is in place, remember it instead (a generation spawned by
+    # SIGUSR2 starts with it blocked; a pending one is delivered here)
+    signal.signal(signal.SIGUSR2, _early_sigusr2)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
 
     setup_logging(log_level or cfg.logging.level, cfg.logging.format)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -334,3 +334,24 @@ def test_pid_file_and_systemd_notifications_follow_the_live_process(chain: Clust
         os.kill(new, signal.SIGTERM)
         wait_for(lambda: not pid_alive(new), 10, "stop")
         assert not os.path.exists(c.path("client.pid"))
+
+
+def test_sigusr2_to_a_generation_still_starting_is_honoured_once_it_serves(chain: Cluster) -> None:
+    # a service manager may reload as soon as it sees a new pid: a generation
+    # that gets SIGUSR2 before it serves must not die of it (the signal's
+    # default action), and the restart it asks for happens once it serves
+    c = chain
+    pidf = c.path("client.pid")
+    gen1 = read_pid(pidf)
+    assert gen1
+    os.kill(gen1, signal.SIGUSR2)
+    gen2 = wait_for(lambda: children_of(gen1), 10, "generation 2 to be spawned")[0]
+    os.kill(gen2, signal.SIGUSR2)  # while it is still importing and starting
+    wait_for(lambda: read_pid(pidf) == gen2, 40, "generation 2 to serve")
+    gen3 = wait_for(lambda: (p := read_pid(pidf)) not in (gen1, gen2) and p and pid_alive(p) and p,
+                    40, "the restart generation 2 was asked for while starting")
+    wait_for(lambda: not pid_alive(gen2), 40, "generation 2 to exit")
+    wait_for(lambda: not pid_alive(gen1), 40, "generation 1 to exit")
+    with Client(c.path("px.sock")) as cl:
+        assert cl.call("com.demo.Echo", b"echo:ok").ok
+    assert pid_alive(gen3)
