@@ -477,3 +477,15 @@ def test_native_thrift_passes_through_inbound(mesh: Cluster) -> None:
     got = wait_for(lambda: sc.feed(s.recv(4096)), 5, "the provider's answer")
     assert got[0].seq_id == 7 and got[0].body == b"gh|" + msg[4:]
     s.close()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_async_client_on_both_event_loops(mesh: Cluster, loop_kind: str) -> None:
+    async def main() -> None:
+        c = await AsyncClient.connect(mesh.path("proxy.sock"))
+        rs = await asyncio.gather(*(c.call("com.demo.Echo", b"echo:%d" % i) for i in range(50)))
+        assert [r.body for r in rs] == [b"gh|%d" % i for i in range(50)]
+        await c.send_one_way("com.demo.Echo", b"echo:fire")
+        await c.close()
+
+    (asyncio.run if loop_kind == "asyncio" else uvloop.run)(main())
