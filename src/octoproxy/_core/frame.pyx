@@ -220,6 +220,38 @@ cdef inline const uint8_t* fr_string(const uint8_t* p, const uint8_t* end, const
     return p + 4 + k
 
 
+cdef inline const uint8_t* fr_known(const uint8_t* p, const uint8_t* end, int ft, int want,
+                                    Py_ssize_t size, int* err) noexcept nogil:
+    # A known field: wrong Thrift type -> FE_BAD_FIELD_TYPE; its `size` bytes
+    # not all there -> FE_BAD_HEADER.  Returns p (NULL on error).
+    if ft != want:
+        err[0] = FE_BAD_FIELD_TYPE
+        return NULL
+    if end - p < size:
+        err[0] = FE_BAD_HEADER
+        return NULL
+    return p
+
+
+cdef inline const uint8_t* fr_known_str(const uint8_t* p, const uint8_t* end, const uint8_t* base,
+                                        int ft, Py_ssize_t* off, Py_ssize_t* ln,
+                                        int* err) noexcept nogil:
+    if ft != T_STRING:
+        err[0] = FE_BAD_FIELD_TYPE
+        return NULL
+    return fr_string(p, end, base, off, ln, err)
+
+
+cdef inline const uint8_t* fr_seq(const uint8_t* p, const uint8_t* end, const uint8_t* base,
+                                  int ft, FrameInfo* fi, int* err) noexcept nogil:
+    # RequestInfo/ResponseInfo sequenceId: value and where its 8 bytes are
+    if fr_known(p, end, ft, T_I64, 8, err) == NULL:
+        return NULL
+    fi.seq_id = fr_rd_i64(p)
+    fi.seq_off = p - base
+    return p + 8
+
+
 cdef const uint8_t* fr_request_info(const uint8_t* p, const uint8_t* end, const uint8_t* base,
                                     FrameInfo* fi, int* err) noexcept nogil:
     cdef int ft = 0, fid = 0
@@ -231,36 +263,17 @@ cdef const uint8_t* fr_request_info(const uint8_t* p, const uint8_t* end, const 
         if ft == T_STOP:
             break
         if fid == 1:                      # serviceName
-            if ft != T_STRING:
-                err[0] = FE_BAD_FIELD_TYPE
-                return NULL
-            p = fr_string(p, end, base, &fi.service_off, &fi.service_len, err)
+            p = fr_known_str(p, end, base, ft, &fi.service_off, &fi.service_len, err)
         elif fid == 2:                    # sequenceId
-            if ft != T_I64:
-                err[0] = FE_BAD_FIELD_TYPE
-                return NULL
-            if end - p < 8:
-                err[0] = FE_BAD_HEADER
-                return NULL
-            fi.seq_id = fr_rd_i64(p)
-            fi.seq_off = p - base
+            p = fr_seq(p, end, base, ft, fi, err)
             has_seq = True
-            p += 8
         elif fid == 3:                    # callType
-            if ft != T_BYTE:
-                err[0] = FE_BAD_FIELD_TYPE
-                return NULL
-            if end - p < 1:
-                err[0] = FE_BAD_HEADER
+            if fr_known(p, end, ft, T_BYTE, 1, err) == NULL:
                 return NULL
             fi.call_type = <int8_t>p[0]
             p += 1
         elif fid == 4:                    # timeout
-            if ft != T_I32:
-                err[0] = FE_BAD_FIELD_TYPE
-                return NULL
-            if end - p < 4:
-                err[0] = FE_BAD_HEADER
+            if fr_known(p, end, ft, T_I32, 4, err) == NULL:
                 return NULL
             fi.timeout = <int32_t>fr_rd_u32(p)
             p += 4
@@ -288,30 +301,15 @@ cdef const uint8_t* fr_response_info(const uint8_t* p, const uint8_t* end, const
         if ft == T_STOP:
             break
         if fid == 1:                      # sequenceId
-            if ft != T_I64:
-                err[0] = FE_BAD_FIELD_TYPE
-                return NULL
-            if end - p < 8:
-                err[0] = FE_BAD_HEADER
-                return NULL
-            fi.seq_id = fr_rd_i64(p)
-            fi.seq_off = p - base
+            p = fr_seq(p, end, base, ft, fi, err)
             has_seq = True
-            p += 8
         elif fid == 2:                    # status
-            if ft != T_BYTE:
-                err[0] = FE_BAD_FIELD_TYPE
-                return NULL
-            if end - p < 1:
-                err[0] = FE_BAD_HEADER
+            if fr_known(p, end, ft, T_BYTE, 1, err) == NULL:
                 return NULL
             fi.status = <int8_t>p[0]
             p += 1
         elif fid == 3:                    # message
-            if ft != T_STRING:
-                err[0] = FE_BAD_FIELD_TYPE
-                return NULL
-            p = fr_string(p, end, base, &fi.message_off, &fi.message_len, err)
+            p = fr_known_str(p, end, base, ft, &fi.message_off, &fi.message_len, err)
         else:
             p = fr_skip(p, end, ft, 2, err)
         if p == NULL:
@@ -390,10 +388,8 @@ cdef int fr_header(const uint8_t* base, Py_ssize_t off, Py_ssize_t hl, FrameInfo
         if ft == T_STOP:
             break
         if fid == 1:                      # messageType
-            if ft != T_BYTE:
-                return FE_BAD_FIELD_TYPE
-            if end - p < 1:
-                return FE_BAD_HEADER
+            if fr_known(p, end, ft, T_BYTE, 1, &err) == NULL:
+                return err
             fi.msg_type = <int8_t>p[0]
             p += 1
         elif fid == 2:                    # requestInfo
