@@ -105,6 +105,7 @@ cdef class Conn:
     cdef int pause_mask                 # why reading is paused (PAUSE_* bits)
 
     cdef int rb_compact(self) except -1
+    cdef Py_ssize_t rb_next(self, FrameInfo* fi, uint8_t** frame) noexcept
     cdef int pause(self, int why) except -1
     cdef int resume(self, int why) except -1
     cdef int malformed(self, Py_ssize_t code, str side) except -1

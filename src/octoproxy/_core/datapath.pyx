@@ -436,6 +436,20 @@ cdef class Conn:
             self.rcap = max(need, self.rcap * 2)
         return 0
 
+    cdef Py_ssize_t rb_next(self, FrameInfo* fi, uint8_t** frame) noexcept:
+        """The next whole frame in the receive buffer: its length (the buffer
+        moves past it, *frame points at it), 0 when more bytes are needed,
+        or a negative FE_* code for bytes that can never be a frame."""
+        cdef Py_ssize_t r
+        if self.rstart >= self.rend:
+            return 0
+        frame[0] = <uint8_t*>(self.rbuf + self.rstart)
+        r = fr_scan(frame[0], self.rend - self.rstart, self.engine.max_frame,
+                    self.engine.max_header, fi)
+        if r > 0:
+            self.rstart += r
+        return r
+
     cdef int pause(self, int why) except -1:
         if self.pause_mask == 0 and self.transport is not None and not self.closed:
             self.transport.pause_reading()
@@ -711,16 +725,14 @@ cdef class UpstreamConn(Conn):
         cdef uint8_t* p
         cdef Downstream down
         cdef Engine eng = self.engine
-        while self.rstart < self.rend:
-            p = <uint8_t*>(self.rbuf + self.rstart)
-            r = fr_scan(p, self.rend - self.rstart, eng.max_frame, eng.max_header, &fi)
+        while True:
+            r = self.rb_next(&fi, &p)
             if r == 0:
                 break
             if r < 0:
                 self.up_flush_touched()
                 self.malformed(r, "upstream")
                 return 0
-            self.rstart += r
             if fi.msg_type == MT_HEARTBEAT or fi.msg_type == MT_SCANNER_HEARTBEAT:
                 if fi.flags & FF_REQUEST or not (fi.flags & FF_RESPONSE):
                     if fi.flags & FF_REQUEST:
@@ -877,9 +889,8 @@ cdef class Downstream(Conn):
         cdef double now = mono()
         cdef double timeout
         cdef Pending* slot
-        while self.rstart < self.rend:
-            p = <uint8_t*>(self.rbuf + self.rstart)
-            r = fr_scan(p, self.rend - self.rstart, eng.max_frame, eng.max_header, &fi)
+        while True:
+            r = self.rb_next(&fi, &p)
             if r == 0:
                 break
             if r < 0:
@@ -889,7 +900,6 @@ cdef class Downstream(Conn):
                 self.ds_flush()
                 self.malformed(r, "app")
                 return 0
-            self.rstart += r
             if fi.kind != FK_OCTO or fi.flags & (FF_GZIP | FF_SNAPPY):
                 # nothing to route by (docs/protocol.md): say why, then close,
                 # since the caller cannot match an answer to this request
@@ -1086,16 +1096,14 @@ cdef class InboundConn(Conn):
         cdef Py_ssize_t r
         cdef uint8_t* p
         cdef Engine eng = self.engine
-        while self.rstart < self.rend:
-            p = <uint8_t*>(self.rbuf + self.rstart)
-            r = fr_scan(p, self.rend - self.rstart, eng.max_frame, eng.max_header, &fi)
+        while True:
+            r = self.rb_next(&fi, &p)
             if r == 0:
                 break
             if r < 0:
                 self.in_flush()
                 self.malformed(r, "inbound")
                 return 0
-            self.rstart += r
             if fi.msg_type == MT_HEARTBEAT and not (fi.flags & FF_RESPONSE):
                 # peer-to-peer heartbeat: answered here; it may announce a proxy
                 if fi.flags & FF_PROXY_ANNOUNCE:
@@ -1185,16 +1193,14 @@ cdef class ProviderConn(Conn):
         cdef uint8_t* p
         cdef InboundConn ic = self.inbound
         cdef Engine eng = self.engine
-        while self.rstart < self.rend:
-            p = <uint8_t*>(self.rbuf + self.rstart)
-            r = fr_scan(p, self.rend - self.rstart, eng.max_frame, eng.max_header, &fi)
+        while True:
+            r = self.rb_next(&fi, &p)
             if r == 0:
                 break
             if r < 0:
                 ic.in_flush()
                 self.malformed(r, "provider")
                 return 0
-            self.rstart += r
             if (fi.flags & FF_RESPONSE) and fi.msg_type != MT_HEARTBEAT and ic.inflight > 0:
                 ic.inflight -= 1
                 eng.n_inbound_responses += 1
