@@ -167,9 +167,9 @@ class HotRestartServer:
         self._handlers: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
-        from octoproxy.listeners import _check_stale_uds
+        from octoproxy.listeners import replace_stale_uds
 
-        _check_stale_uds(self.path)
+        replace_stale_uds(self.path)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o077)
         try:

@@ -19,7 +19,7 @@ class ListenerError(Exception):
     pass
 
 
-def _check_stale_uds(path: str) -> None:
+def replace_stale_uds(path: str) -> None:
     """Remove a socket file left by a dead process; refuse to steal a live one."""
     try:
         st = os.lstat(path)
@@ -47,7 +47,7 @@ def _check_stale_uds(path: str) -> None:
 
 
 def open_outbound(cfg: OutboundListener, backlog: int = 1024) -> socket.socket:
-    _check_stale_uds(cfg.path)
+    replace_stale_uds(cfg.path)
     parent = os.path.dirname(os.path.abspath(cfg.path))
     if not os.path.isdir(parent):
         raise ListenerError(f"directory of {cfg.path} does not exist")
@@ -86,7 +86,7 @@ def open_http_socket(host: str, port: int | None, uds: str | None) -> socket.soc
     """A listening socket for an HTTP endpoint (admin, subscribe API): a UDS
     (mode 0600) or host:port.  Opened here so that hot restart can hand it over."""
     if uds:
-        _check_stale_uds(uds)
+        replace_stale_uds(uds)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o077)
         try:

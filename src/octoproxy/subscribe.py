@@ -19,7 +19,6 @@ directory) to ``subscribe.state_file`` and restored by `SubscribeApi.start`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from octoproxy import model
+from octoproxy.listeners import replace_stale_uds
 from octoproxy.xds.client import ResourceState, XdsClient
 from octoproxy.xds.sink import RouteSink
 
@@ -231,7 +231,7 @@ class SubscribeApi:
         if sock is not None:  # opened by the proxy (and handed over on hot restart)
             site = web.SockSite(runner, sock)
         elif self.uds:
-            _remove_stale_socket(self.uds)
+            replace_stale_uds(self.uds)
             site = web.UnixSite(runner, self.uds)
         else:
             site = web.TCPSite(runner, self.host, self.port or 0)
@@ -371,18 +371,3 @@ class SubscribeApi:
                 "subscriptions": {k: self._describe(k) for k in self.subscriptions},
             }
         )
-
-
-def _remove_stale_socket(path: str) -> None:
-    if not os.path.exists(path):
-        return
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-    else:
-        raise OSError(f"{path} is in use by another process")
-    finally:
-        s.close()
