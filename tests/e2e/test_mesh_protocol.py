@@ -214,3 +214,18 @@ def test_connect_timeout_answers_with_reason() -> None:
     for f in fillers:
         f.close()
     full.close()
+
+
+def test_heartbeat_from_the_upstream_peer_is_answered() -> None:
+    fake = FakeServerProxy()
+    fake.hold = False
+    with cluster() as c:
+        c.proxy("client", client_proxy_cfg(
+            c.path("px.sock"), [{"appkey": "a", "endpoints": [{"address": f"127.0.0.1:{fake.port}"}]}],
+            upstream={"connections_per_node": 1}))
+        with Client(c.path("px.sock")) as cl:
+            assert cl.call("m", b"1", appkey="a").ok
+            fake.conns[0]["sock"].sendall(frame.encode_heartbeat(4242))
+            wait_for(lambda: any(f.msg_type == 1 and f.is_response and f.seq_id == 4242
+                                 for f in fake.conns[0]["frames"]), 5, "the heartbeat answer")
+    fake.close()

@@ -106,6 +106,7 @@ cdef class Conn:
 
     cdef int rb_compact(self) except -1
     cdef Py_ssize_t rb_next(self, FrameInfo* fi, uint8_t** frame) noexcept
+    cdef int answer_heartbeat(self, FrameInfo* fi, OutBuf* out) except -1
     cdef int pause(self, int why) except -1
     cdef int resume(self, int why) except -1
     cdef int malformed(self, Py_ssize_t code, str side) except -1

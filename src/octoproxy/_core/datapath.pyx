@@ -450,6 +450,13 @@ cdef class Conn:
             self.rstart += r
         return r
 
+    cdef int answer_heartbeat(self, FrameInfo* fi, OutBuf* out) except -1:
+        """A peer heartbeat that is not itself an answer is answered here,
+        with the same sequence id (PROTOCOL.md section 2)."""
+        self.engine.n_heartbeats += 1
+        ob_append_bytes(out, fr_heartbeat_response(fi.seq_id, fi.protocol & 3))
+        return 0
+
     cdef int pause(self, int why) except -1:
         if self.pause_mask == 0 and self.transport is not None and not self.closed:
             self.transport.pause_reading()
@@ -734,11 +741,9 @@ cdef class UpstreamConn(Conn):
                 self.malformed(r, "upstream")
                 return 0
             if fi.msg_type == MT_HEARTBEAT or fi.msg_type == MT_SCANNER_HEARTBEAT:
-                if fi.flags & FF_REQUEST or not (fi.flags & FF_RESPONSE):
-                    if fi.flags & FF_REQUEST:
-                        eng.n_heartbeats += 1
-                        ob_append_bytes(&self.out, fr_heartbeat_response(fi.seq_id, fi.protocol & 3))
-                continue  # the answer to our own announce, or a peer's heartbeat
+                if not (fi.flags & FF_RESPONSE):
+                    self.answer_heartbeat(&fi, &self.out)
+                continue  # else: the answer to our own announce
             if fi.msg_type == MT_PROXY_RESTART:
                 self._on_proxy_restart()
                 continue
@@ -917,8 +922,7 @@ cdef class Downstream(Conn):
                 return 0
             if fi.msg_type == MT_HEARTBEAT or fi.msg_type == MT_SCANNER_HEARTBEAT:
                 if not (fi.flags & FF_RESPONSE):
-                    eng.n_heartbeats += 1
-                    ob_append_bytes(&self.out, fr_heartbeat_response(fi.seq_id, fi.protocol & 3))
+                    self.answer_heartbeat(&fi, &self.out)
                 continue
             if not (fi.flags & FF_REQUEST):
                 continue  # apps send requests; anything else is ignored
@@ -1104,14 +1108,13 @@ cdef class InboundConn(Conn):
                 self.in_flush()
                 self.malformed(r, "inbound")
                 return 0
-            if fi.msg_type == MT_HEARTBEAT and not (fi.flags & FF_RESPONSE):
-                # peer-to-peer heartbeat: answered here; it may announce a proxy
-                if fi.flags & FF_PROXY_ANNOUNCE:
-                    self.is_proxy = True
-                eng.n_heartbeats += 1
-                ob_append_bytes(&self.reply, fr_heartbeat_response(fi.seq_id, fi.protocol & 3))
-                continue
             if fi.msg_type == MT_HEARTBEAT:
+                # peer-to-peer: answered here (it may announce a proxy); a
+                # ScannerHeartbeat goes on to the provider, whose health it checks
+                if not (fi.flags & FF_RESPONSE):
+                    if fi.flags & FF_PROXY_ANNOUNCE:
+                        self.is_proxy = True
+                    self.answer_heartbeat(&fi, &self.reply)
                 continue
             if (fi.flags & FF_REQUEST) and fi.call_type != 1:
                 self.inflight += 1
