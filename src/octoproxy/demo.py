@@ -38,6 +38,7 @@ from typing import Any, TextIO
 import yaml
 
 import octoproxy
+from octoproxy.process import pid_alive, pids_mentioning, read_pid_file
 
 CLIENT_IDC = "gh"
 CLIENT_REGION = "beijing"
@@ -157,37 +158,6 @@ def _can_connect_uds(path: str) -> bool:
         return False
     finally:
         s.close()
-
-
-def _read_pid(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _pids_mentioning(mark: str) -> list[int]:
-    """Live processes whose command line contains `mark` (the temp dir)."""
-    out = []
-    needle = mark.encode()
-    me = os.getpid()
-    for d in os.listdir("/proc"):
-        if not d.isdigit() or int(d) == me:
-            continue
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                if needle in f.read() and _pid_alive(int(d)):
-                    out.append(int(d))
-    return out
 
 
 class DemoError(Exception):
@@ -432,12 +402,12 @@ class Demo:
         self.say(f"  control plane: 127.0.0.1:{self.cp_port} (pid {cp.pid}), "
                  f"{len(SERVICES)} services, {len(NODES)} endpoints")
         self._wait(lambda: all(_can_connect_tcp(p) for p in self.node_ports.values())
-                   and _read_pid(self.path("server.pid")) == server.pid,
+                   and read_pid_file(self.path("server.pid")) == server.pid,
                    [server], "the server-side proxy")
         self.say(f"  server-side proxy: {len(NODES)} inbound listeners (pid {server.pid})")
         self._wait(lambda: _can_connect_uds(self.path("px.sock"))
                    and _can_connect_tcp(self.sub_port)
-                   and _read_pid(self.path("client.pid")) == client.pid,
+                   and read_pid_file(self.path("client.pid")) == client.pid,
                    [client], "the client-side proxy")
         from octoproxy.sdk.subscribe import subscribe
 
@@ -454,8 +424,8 @@ class Demo:
 
     async def _hot_restart(self, name: str, which: str) -> None:
         pidf = self.path(f"{name}.pid")
-        old = _read_pid(pidf)
-        if not old or not _pid_alive(old):
+        old = read_pid_file(pidf)
+        if not old or not pid_alive(old):
             raise DemoError(f"{which}: no live process in {pidf}")
         ev = RestartEvent(which, self.now(), old)
         self.res.restarts.append(ev)
@@ -463,14 +433,14 @@ class Demo:
         os.kill(old, signal.SIGUSR2)
         deadline = time.monotonic() + 30
         while True:
-            p = _read_pid(pidf)
-            if p and p != old and _pid_alive(p):
+            p = read_pid_file(pidf)
+            if p and p != old and pid_alive(p):
                 ev.new_pid, ev.t_serving = p, self.now()
                 break
             if time.monotonic() > deadline:
                 raise DemoError(f"{which}: no new generation after 30 s")
             await asyncio.sleep(0.01)
-        while _pid_alive(old):
+        while pid_alive(old):
             if time.monotonic() > deadline:
                 raise DemoError(f"{which}: the old generation (pid {old}) did not exit")
             await asyncio.sleep(0.01)
@@ -590,10 +560,10 @@ class Demo:
     def cleanup(self) -> None:
         """Stop every process of the demo (and every proxy generation), remove the dir."""
         mine = {p.pid for p in self.procs if p.alive()}
-        others = set(_pids_mentioning(self.dir))
+        others = set(pids_mentioning(self.dir))
         for name in ("client", "server"):
-            pid = _read_pid(self.path(f"{name}.pid"))
-            if pid and _pid_alive(pid):
+            pid = read_pid_file(self.path(f"{name}.pid"))
+            if pid and pid_alive(pid):
                 others.add(pid)
         for pid in mine | others:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -602,15 +572,15 @@ class Demo:
         while time.monotonic() < deadline:
             for p in self.procs:
                 p.p.poll()
-            if not any(_pid_alive(pid) for pid in mine | others) \
-                    and not _pids_mentioning(self.dir):
+            if not any(pid_alive(pid) for pid in mine | others) \
+                    and not pids_mentioning(self.dir):
                 break
             time.sleep(0.05)
         # whatever is left (and anything forked in between): by process group, then by name
         for p in self.procs:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, signal.SIGKILL)
-        for pid in _pids_mentioning(self.dir):
+        for pid in pids_mentioning(self.dir):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         for p in self.procs:

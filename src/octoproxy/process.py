@@ -23,6 +23,41 @@ def write_pid_file(path: str | None, pid: int | None = None) -> None:
     os.replace(tmp, path)
 
 
+def read_pid_file(path: str) -> int | None:
+    """The pid a PID file names, or None (missing, empty, garbage)."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """True while the process runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def pids_mentioning(mark: str) -> list[int]:
+    """Live processes, other than this one, whose command line contains `mark`
+    (a run's private directory): how generations started by SIGUSR2, which
+    are not our children, are found again."""
+    out = []
+    needle = mark.encode()
+    me = os.getpid()
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == me:
+            continue
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if needle in f.read() and pid_alive(int(d)):
+                    out.append(int(d))
+    return out
+
+
 def remove_pid_file(path: str | None) -> None:
     """Remove the PID file if it still names this process."""
     if not path:

@@ -19,6 +19,9 @@ from typing import Any
 
 import yaml
 
+from octoproxy.process import pids_mentioning
+from octoproxy.process import read_pid_file as read_pid
+
 ROOT = Path(__file__).resolve().parents[2]
 PROVIDER_APP = Path(__file__).with_name("provider_app.py")
 
@@ -179,13 +182,9 @@ class Cluster:
             with contextlib.suppress(Exception):
                 p.stop(5)
         # generations started by SIGUSR2 are not our children: find them by their config path
-        mark = self.dir.encode()
-        for d in os.listdir("/proc"):
-            if d.isdigit() and int(d) != os.getpid():
-                with contextlib.suppress(OSError):
-                    with open(f"/proc/{d}/cmdline", "rb") as f:
-                        if mark in f.read():
-                            os.kill(int(d), signal.SIGKILL)
+        for pid in pids_mentioning(self.dir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -297,22 +296,6 @@ class LoadThread:
             await c.close()
 
         await asyncio.gather(*(client() for _ in range(self.clients)))
-
-
-def read_pid(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def fd_count(pid: int) -> int:

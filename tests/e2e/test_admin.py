@@ -18,6 +18,8 @@ import pytest
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
+from octoproxy.process import pid_alive
+from octoproxy.process import read_pid_file as read_pid
 from octoproxy.sdk import AsyncClient, Client
 
 from harness import (
@@ -25,8 +27,6 @@ from harness import (
     client_proxy_cfg,
     cluster,
     free_port,
-    pid_alive,
-    read_pid,
     server_proxy_cfg,
     wait_for,
 )

@@ -13,6 +13,8 @@ import sys
 import pytest
 import yaml
 
+from octoproxy.process import pid_alive
+from octoproxy.process import read_pid_file as read_pid
 from octoproxy.sdk import Client
 from octoproxy.sdk.subscribe import SubscribeError, subscribe
 
@@ -21,8 +23,6 @@ from harness import (
     Proc,
     cluster,
     free_port,
-    pid_alive,
-    read_pid,
     server_proxy_cfg,
     wait_for,
 )

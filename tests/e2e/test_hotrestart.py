@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from octoproxy.process import pid_alive
+from octoproxy.process import read_pid_file as read_pid
 from octoproxy.sdk import Client
 
 from harness import (
@@ -25,8 +27,6 @@ from harness import (
     cluster,
     fd_count,
     free_port,
-    pid_alive,
-    read_pid,
     server_proxy_cfg,
     wait_for,
 )

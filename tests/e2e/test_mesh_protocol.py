@@ -10,14 +10,14 @@ import threading
 import time
 
 from octoproxy._core import frame
+from octoproxy.process import pid_alive
+from octoproxy.process import read_pid_file as read_pid
 from octoproxy.sdk import AsyncClient, Client
 
 from harness import (
     client_proxy_cfg,
     cluster,
     free_port,
-    pid_alive,
-    read_pid,
     server_proxy_cfg,
     wait_for,
 )
