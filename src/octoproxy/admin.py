@@ -78,11 +78,11 @@ class ProxyCollector:
         yield errs
 
         req = CounterMetricFamily("octo_proxy_service_requests",
-                                  "Requests sent, by service", labels=["service"])
+                                  "Requests routed, by service (each is answered: by the provider or the proxy)", labels=["service"])
         ans = CounterMetricFamily("octo_proxy_service_answers",
                                   "Answers by service and status (the provider's or the proxy's)",
                                   labels=["service", "status"])
-        node_req = CounterMetricFamily("octo_proxy_node_requests", "Requests sent, by node",
+        node_req = CounterMetricFamily("octo_proxy_node_requests", "Requests routed, by node",
                                        labels=["service", "node"])
         node_active = GaugeMetricFamily("octo_proxy_node_active", "Requests in flight, by node",
                                         labels=["service", "node"])
@@ -92,10 +92,10 @@ class ProxyCollector:
             sent = 0
             by_status: dict[int, int] = {}
             for n in table.nodes(appkey):
-                sent += n.sent
+                sent += n.picks
                 for s, v in n.answers_by_status().items():
                     by_status[s] = by_status.get(s, 0) + v
-                node_req.add_metric([appkey, n.address], n.sent)
+                node_req.add_metric([appkey, n.address], n.picks)
                 node_active.add_metric([appkey, n.address], n.active)
                 node_weight.add_metric([appkey, n.address], n.effective_weight)
             req.add_metric([appkey], sent)
@@ -156,7 +156,7 @@ def _node_json(n: Any) -> dict[str, Any]:
         "status": n.status, "healthy": n.status == 2 and n.weight > 0, "role": n.role,
         "cell": n.cell, "swimlane": n.swimlane, "idc": n.idc, "region": n.region,
         "warmup_s": n.warmup_s, "start_time": n.start_time, "active": n.active,
-        "requests": n.sent,
+        "requests": n.picks,
         "answers": {status_label(s): v for s, v in n.answers_by_status().items()},
     }
 

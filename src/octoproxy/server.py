@@ -123,9 +123,9 @@ class Proxy:
             state["services"] = services_to_json([x for x in svcs if x is not None])
         if self.engine is not None:
             state["histogram"] = self.engine.histogram_state()
-            state["nodes"] = [[a, n.address, n.sent, n.answers_by_status()]
+            state["nodes"] = [[a, n.address, n.picks, n.answers_by_status()]
                               for a in self.table.appkeys() for n in self.table.nodes(a)
-                              if n.sent or n.answers_by_status()]
+                              if n.picks or n.answers_by_status()]
         return state
 
     def restore_counts(self, state: dict[str, Any]) -> None:
@@ -133,10 +133,10 @@ class Proxy:
         self.engine.restore_counters(state.get("counters", {}))
         self.engine.restore_histogram(state.get("histogram", {}))
         nodes = {(a, n.address): n for a in self.table.appkeys() for n in self.table.nodes(a)}
-        for appkey, address, sent, answers in state.get("nodes", []):
+        for appkey, address, picks, answers in state.get("nodes", []):
             node = nodes.get((appkey, address))
             if node is not None:
-                node.add_counts(sent, answers)
+                node.add_counts(picks, answers)
 
     def restore_state(self, state: dict[str, Any]) -> None:
         """Before start(): the previous generation's routes and subscriptions."""

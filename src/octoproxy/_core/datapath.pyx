@@ -960,7 +960,6 @@ cdef class Downstream(Conn):
             if fi.call_type == 1:
                 # one-way: no answer, no state; the id is left as the app chose it
                 eng.n_oneway += 1
-                node.sent += 1
                 ob_append(&conn.out, <char*>p, r)
                 continue
             timeout = eng.default_timeout if fi.timeout <= 0 else fi.timeout * 0.001
@@ -980,7 +979,6 @@ cdef class Downstream(Conn):
             ob_append(&conn.out, <char*>p, r)
             self.inflight += 1
             lb_on_send(node)
-            node.sent += 1
             eng.n_requests += 1
         self.ds_flush_dests()
         self.ds_flush()

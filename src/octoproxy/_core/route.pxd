@@ -39,7 +39,6 @@ cdef class Node:
     cdef readonly double start_time # unix seconds the node started (warm-up origin)
     cdef bytes addr_b               # address as bytes: seeds the node's ring points
     cdef RtClock clock              # the owning table's clock, for effective_weight
-    cdef public long long sent      # requests the data path sent to this node
     cdef long long answers[16]      # data path: answers by status (upstream's or the proxy's own)
 
 # The table's notion of "now": a fixed time (tests), a Python callable (tests),

@@ -236,10 +236,10 @@ cdef class Node:
         cdef int i
         return {i: self.answers[i] for i in range(16) if self.answers[i]}
 
-    def add_counts(self, long long sent, dict answers):
+    def add_counts(self, long long picks, dict answers):
         """Continue the counts of the previous generation (hot restart)."""
         cdef int i
-        self.sent += sent
+        self.picks += picks
         for k, v in answers.items():
             i = int(k)
             if 0 <= i < 16:
