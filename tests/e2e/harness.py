@@ -313,3 +313,16 @@ def children_of(pid: int) -> list[int]:
             except OSError:
                 pass
     return out
+
+
+def simple_chain(c: Cluster, **client_extra: Any) -> tuple[Proc, Proc]:
+    """Provider "p" behind a server-side proxy, and a client-side proxy at
+    c.path("px.sock") that routes appkey "a" to it; client_extra goes into
+    the client's config (limits=..., upstream=...).  Returns (server, client)."""
+    c.providers(p="p.sock")
+    port = free_port()
+    server = c.proxy("server", server_proxy_cfg({port: c.path("p.sock")}))
+    client = c.proxy("client", client_proxy_cfg(
+        c.path("px.sock"), [{"appkey": "a", "endpoints": [{"address": f"127.0.0.1:{port}"}]}],
+        **client_extra))
+    return server, client

@@ -25,6 +25,7 @@ from harness import (
     cluster,
     free_port,
     server_proxy_cfg,
+    simple_chain,
     wait_for,
 )
 
@@ -176,12 +177,7 @@ def test_timeout_answers_transport_exception_and_drops_late_response(mesh: Clust
 
 def test_timeout_bounded_by_configured_maximum() -> None:
     with cluster() as c:
-        c.providers(p="p.sock")
-        port = free_port()
-        c.proxy("server", server_proxy_cfg({port: c.path("p.sock")}))
-        c.proxy("client", client_proxy_cfg(
-            c.path("px.sock"), [{"appkey": "a", "endpoints": [{"address": f"127.0.0.1:{port}"}]}],
-            upstream={"default_timeout_ms": 100, "max_timeout_ms": 200}))
+        simple_chain(c, upstream={"default_timeout_ms": 100, "max_timeout_ms": 200})
         with Client(c.path("px.sock")) as cl:
             t0 = time.monotonic()
             r = cl.call("m", b"sleep:1500:x", appkey="a", timeout_ms=60000, raise_on_error=False)
@@ -196,12 +192,8 @@ def test_timeout_bounded_by_configured_maximum() -> None:
 
 def test_upstream_killed_mid_flight_answers_every_request_at_once() -> None:
     with cluster() as c:
-        c.providers(p="p.sock")
-        port = free_port()
-        server = c.proxy("server", server_proxy_cfg({port: c.path("p.sock")}))
-        c.proxy("client", client_proxy_cfg(
-            c.path("px.sock"), [{"appkey": "a", "endpoints": [{"address": f"127.0.0.1:{port}"}]}],
-            upstream={"default_timeout_ms": 30000, "reconnect_backoff_base_ms": 50}))
+        server, _ = simple_chain(
+            c, upstream={"default_timeout_ms": 30000, "reconnect_backoff_base_ms": 50})
 
         async def main() -> None:
             cl = await AsyncClient.connect(c.path("px.sock"))
@@ -256,14 +248,10 @@ def test_upstream_recovers_after_provider_side_restart() -> None:
 
 def test_stalled_consumer_keeps_proxy_memory_bounded() -> None:
     with cluster() as c:
-        c.providers(p="p.sock")
-        port = free_port()
-        c.proxy("server", server_proxy_cfg({port: c.path("p.sock")}))
-        client = c.proxy("client", client_proxy_cfg(
-            c.path("px.sock"), [{"appkey": "a", "endpoints": [{"address": f"127.0.0.1:{port}"}]}],
+        _, client = simple_chain(
+            c, upstream={"default_timeout_ms": 30000},
             limits={"write_high_water": 1 << 20, "write_low_water": 1 << 18,
-                    "max_unread_bytes": 8 << 20},
-            upstream={"default_timeout_ms": 30000}))
+                    "max_unread_bytes": 8 << 20})
         base = client.rss_bytes()
         s = socket.socket(socket.AF_UNIX)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
@@ -289,12 +277,7 @@ def test_stalled_consumer_keeps_proxy_memory_bounded() -> None:
 
 def test_inflight_limit_per_connection_answers_overload() -> None:
     with cluster() as c:
-        c.providers(p="p.sock")
-        port = free_port()
-        c.proxy("server", server_proxy_cfg({port: c.path("p.sock")}))
-        c.proxy("client", client_proxy_cfg(
-            c.path("px.sock"), [{"appkey": "a", "endpoints": [{"address": f"127.0.0.1:{port}"}]}],
-            limits={"max_inflight_per_connection": 10}))
+        simple_chain(c, limits={"max_inflight_per_connection": 10})
         with Client(c.path("px.sock")) as cl:
             rs = cl.call_many([("m", b"sleep:200:x")] * 25, appkey="a", raise_on_error=False)
         ok = [r for r in rs if r.ok]
@@ -305,12 +288,7 @@ def test_inflight_limit_per_connection_answers_overload() -> None:
 
 def test_connection_limit_answers_overload() -> None:
     with cluster() as c:
-        c.providers(p="p.sock")
-        port = free_port()
-        c.proxy("server", server_proxy_cfg({port: c.path("p.sock")}))
-        c.proxy("client", client_proxy_cfg(
-            c.path("px.sock"), [{"appkey": "a", "endpoints": [{"address": f"127.0.0.1:{port}"}]}],
-            limits={"max_connections": 2}))
+        simple_chain(c, limits={"max_connections": 2})
         held = [Client(c.path("px.sock")) for _ in range(2)]
         for h in held:
             assert h.call("m", b"echo:x", appkey="a").ok
@@ -348,12 +326,7 @@ def test_malformed_frame_closes_only_its_connection(mesh: Cluster) -> None:
 
 def test_oversized_frame_answered_and_connection_closed() -> None:
     with cluster() as c:
-        c.providers(p="p.sock")
-        port = free_port()
-        c.proxy("server", server_proxy_cfg({port: c.path("p.sock")}))
-        c.proxy("client", client_proxy_cfg(
-            c.path("px.sock"), [{"appkey": "a", "endpoints": [{"address": f"127.0.0.1:{port}"}]}],
-            limits={"max_frame_bytes": 4096, "max_header_bytes": 1024}))
+        simple_chain(c, limits={"max_frame_bytes": 4096, "max_header_bytes": 1024})
         s = socket.socket(socket.AF_UNIX)
         s.connect(c.path("px.sock"))
         s.sendall(frame.encode_request(5, "m", b"y" * 10000,
@@ -420,11 +393,7 @@ def test_stale_socket_file_replaced_and_mode_configurable() -> None:
 
 def test_large_frames_pass_and_buffers_shrink_back() -> None:
     with cluster() as c:
-        c.providers(p="p.sock")
-        port = free_port()
-        server = c.proxy("server", server_proxy_cfg({port: c.path("p.sock")}))
-        client = c.proxy("client", client_proxy_cfg(
-            c.path("px.sock"), [{"appkey": "a", "endpoints": [{"address": f"127.0.0.1:{port}"}]}]))
+        server, client = simple_chain(c)
         with Client(c.path("px.sock")) as cl:
             big = b"echo:" + b"z" * (4 << 20)
             for _ in range(3):
