@@ -48,6 +48,8 @@ sys.path.insert(0, str(HERE))
 
 import bench_proxy as bp  # noqa: E402  (tools, templates, harness on sys.path)
 
+from octoproxy.process import pid_alive, read_pid_file  # noqa: E402
+
 import harness  # noqa: E402
 
 NS = 1_000_000_000
@@ -88,7 +90,7 @@ class Chain:
         self.client = self.c.proxy("client", ccfg)
 
     def pid(self, name: str) -> int | None:
-        return harness.read_pid(self.c.path(f"{name}.pid"))
+        return read_pid_file(self.c.path(f"{name}.pid"))
 
     def logs(self) -> dict[str, str]:
         # generations started by SIGUSR2 inherit the first one's stdout: one log per proxy
@@ -109,10 +111,10 @@ class Restart:
     def poll(self, chain: Chain, now: int) -> None:
         if self.new is None:
             p = chain.pid(self.name)
-            if p and p != self.old and harness.pid_alive(p):
+            if p and p != self.old and pid_alive(p):
                 self.new, self.t_new = p, now
                 self.startup_cpu_s = proc_cpu(p)
-        if self.t_old_gone is None and not harness.pid_alive(self.old):
+        if self.t_old_gone is None and not pid_alive(self.old):
             self.t_old_gone = now
 
     @property
@@ -147,7 +149,7 @@ def one_run(chain: Chain, tools: dict[str, str], tpl: dict[str, Any], args: argp
             schedule.pop(0)
             name = order[len(restarts) % 2]
             old = chain.pid(name)
-            if not old or not harness.pid_alive(old):
+            if not old or not pid_alive(old):
                 problems.append(f"restart {len(restarts) + 1}: no live {name} generation")
             else:
                 os.kill(old, signal.SIGUSR2)

@@ -16,6 +16,14 @@ def test_e2e_bench_smoke_runs_clean() -> None:
     assert "rps" in r.stdout
 
 
+def test_restart_bench_smoke_runs_clean() -> None:
+    # exits non-zero on any error during the hot restarts
+    r = subprocess.run([sys.executable, str(ROOT / "bench/e2e/bench_restart.py"), "--smoke"],
+                       env=env(), cwd=str(ROOT), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "ratio" in r.stdout
+
+
 def test_micro_benchmarks_run() -> None:
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                         "--benchmark-min-rounds=1", "--benchmark-max-time=0.000001",
