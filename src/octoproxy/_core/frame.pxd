@@ -69,6 +69,8 @@ cdef struct FrameInfo:
     # --- added by frame.pyx (appended; fields above unchanged) ---
     Py_ssize_t message_off    # ResponseInfo.message
     Py_ssize_t message_len
+    Py_ssize_t caller_off     # traceInfo.clientAppkey (heartbeats: heartbeatInfo.appkey)
+    Py_ssize_t caller_len
 
 # Added: limits and status codes (PROTOCOL.md section 2).
 cdef enum:
@@ -101,6 +103,19 @@ cdef Py_ssize_t fr_scan_header(const uint8_t* buf, Py_ssize_t n, Py_ssize_t max_
 # Rewrite the sequence id of the frame at `frame` in place (and the trailing
 # checksum when FF_CHECKSUM is set).  fi must come from fr_scan on these bytes.
 cdef void fr_set_seq_id(uint8_t* frame, const FrameInfo* fi, int64_t seq_id) noexcept nogil
+
+# The method name of a request, without creating a Python object: for native
+# Thrift the message name (fi.service_*); for an OCTO frame the name in the
+# body's Thrift message header (TBinaryProtocol strict or old non-strict, or
+# TCompactProtocol).  Returns the name's offset in `frame` and sets *name_len,
+# or returns -1 when the body is not a readable Thrift message (compressed
+# frames, empty or foreign bodies).  Reads at most the first bytes of the body.
+cdef Py_ssize_t fr_method(const uint8_t* frame, const FrameInfo* fi,
+                          Py_ssize_t* name_len) noexcept nogil
+
+# The same over a bare Thrift message at body[0:n]: the name's offset in body.
+cdef Py_ssize_t fr_thrift_method(const uint8_t* body, Py_ssize_t n,
+                                 Py_ssize_t* name_len) noexcept nogil
 
 # A static, human-readable description of an FE_* code.
 cdef const char* fr_strerror(Py_ssize_t code) noexcept nogil

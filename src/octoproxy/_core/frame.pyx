@@ -376,6 +376,31 @@ cdef const uint8_t* fr_context(const uint8_t* p, const uint8_t* end, const uint8
     return p
 
 
+cdef const uint8_t* fr_caller(const uint8_t* p, const uint8_t* end, const uint8_t* base,
+                              FrameInfo* fi, bint trace, int* err) noexcept nogil:
+    # traceInfo (field 1 clientAppkey) or heartbeatInfo (field 1 appkey): the
+    # caller's appkey; traceInfo wins over heartbeatInfo.  Other fields, and a
+    # field 1 of another type, are skipped (only well-formedness is checked
+    # inside these structs, docs/protocol.md).
+    cdef int ft = 0, fid = 0
+    cdef Py_ssize_t off = 0, ln = 0
+    while True:
+        p = fr_field(p, end, &ft, &fid, err)
+        if p == NULL:
+            return NULL
+        if ft == T_STOP:
+            return p
+        if fid == 1 and ft == T_STRING:
+            p = fr_string(p, end, base, &off, &ln, err)
+            if p != NULL and (trace or fi.caller_len < 0):
+                fi.caller_off = off
+                fi.caller_len = ln
+        else:
+            p = fr_skip(p, end, ft, 2, err)
+        if p == NULL:
+            return NULL
+
+
 cdef int fr_header(const uint8_t* base, Py_ssize_t off, Py_ssize_t hl, FrameInfo* fi) noexcept nogil:
     # Decode the Header struct at base[off:off+hl]; 0 or an FE_* code.
     cdef const uint8_t* p = base + off
@@ -404,10 +429,10 @@ cdef int fr_header(const uint8_t* base, Py_ssize_t off, Py_ssize_t hl, FrameInfo
             if ft != T_MAP:
                 return FE_BAD_FIELD_TYPE
             p = fr_context(p, end, base, fi, fid == 6, &err)
-        elif fid == 4 or fid == 7:        # traceInfo / heartbeatInfo: not needed to route
+        elif fid == 4 or fid == 7:        # traceInfo / heartbeatInfo: only the caller's appkey
             if ft != T_STRUCT:
                 return FE_BAD_FIELD_TYPE
-            p = fr_skip(p, end, ft, 1, &err)
+            p = fr_caller(p, end, base, fi, fid == 4, &err)
         else:
             p = fr_skip(p, end, ft, 1, &err)
         if p == NULL:
@@ -452,6 +477,8 @@ cdef inline void fr_reset(FrameInfo* fi) noexcept nogil:
     fi.hashkey_len = -1
     fi.message_off = -1
     fi.message_len = -1
+    fi.caller_off = -1
+    fi.caller_len = -1
 
 
 cdef Py_ssize_t fr_scan_thrift(const uint8_t* buf, Py_ssize_t n, Py_ssize_t max_frame,
@@ -620,6 +647,79 @@ cdef void fr_set_seq_id(uint8_t* frame, const FrameInfo* fi, int64_t seq_id) noe
         fr_wr_u32(p + 4, <uint32_t>seq_id)
     if fi.flags & FF_CHECKSUM:
         fr_wr_u32(frame + fi.length - 4, fr_adler32(frame, fi.length - 4))
+
+
+cdef inline Py_ssize_t fr_varint(const uint8_t* b, Py_ssize_t n, Py_ssize_t i,
+                                 uint32_t* v) noexcept nogil:
+    # unsigned LEB128 of at most 5 bytes at b[i:n]: the index after it, -1 if bad
+    cdef uint32_t x = 0
+    cdef int shift = 0
+    while i < n and shift < 35:
+        x |= (<uint32_t>(b[i] & 0x7F)) << shift
+        if not (b[i] & 0x80):
+            v[0] = x
+            return i + 1
+        i += 1
+        shift += 7
+    return -1
+
+
+cdef Py_ssize_t fr_thrift_method(const uint8_t* b, Py_ssize_t n,
+                                 Py_ssize_t* name_len) noexcept nogil:
+    cdef int32_t k
+    cdef uint32_t u = 0
+    cdef Py_ssize_t i
+    cdef int t
+    if n < 1:
+        return -1
+    if b[0] == 0x80:
+        # strict TBinaryProtocol: 80 01 00 type, i32 name length, name, i32 seqid
+        if n < 12 or b[1] != 0x01 or b[3] < 1 or b[3] > 4:
+            return -1
+        k = <int32_t>fr_rd_u32(b + 4)
+        if k < 0 or k > n - 12:
+            return -1
+        name_len[0] = k
+        return 8
+    if b[0] == 0x82:
+        # TCompactProtocol: 82, type << 5 | version 1, varint seqid, varint name length, name
+        if n < 4 or (b[1] & 0x1F) != 1:
+            return -1
+        t = b[1] >> 5
+        if t < 1 or t > 4:
+            return -1
+        i = fr_varint(b, n, 2, &u)
+        if i < 0:
+            return -1
+        i = fr_varint(b, n, i, &u)
+        if i < 0 or u > <uint32_t>(n - i):
+            return -1
+        name_len[0] = <Py_ssize_t>u
+        return i
+    # old non-strict TBinaryProtocol: i32 name length, name, type byte, i32 seqid
+    if n < 9:
+        return -1
+    k = <int32_t>fr_rd_u32(b)
+    if k < 0 or k > n - 9 or b[4 + k] < 1 or b[4 + k] > 4:
+        return -1
+    name_len[0] = k
+    return 4
+
+
+cdef Py_ssize_t fr_method(const uint8_t* frame, const FrameInfo* fi,
+                          Py_ssize_t* name_len) noexcept nogil:
+    cdef Py_ssize_t off
+    if fi.kind == FK_THRIFT:
+        if fi.service_len < 0:
+            return -1
+        name_len[0] = fi.service_len
+        return fi.service_off
+    if fi.kind != FK_OCTO or fi.flags & (FF_GZIP | FF_SNAPPY) or fi.body_off < 0:
+        return -1
+    off = fr_thrift_method(frame + fi.body_off, fi.body_len, name_len)
+    if off < 0:
+        return -1
+    return fi.body_off + off
 
 
 cdef const char* fr_strerror(Py_ssize_t code) noexcept nogil:
@@ -801,6 +901,22 @@ cdef class Frame:
         return _str_at(self.data, self.fi.service_off, self.fi.service_len)
 
     @property
+    def method(self):
+        """The request's method name (fr_method): native Thrift's message
+        name, or the name in an OCTO body's Thrift message header; None when
+        the body is not a readable Thrift message."""
+        cdef Py_ssize_t n = 0
+        cdef Py_ssize_t off = fr_method(<const uint8_t*><char*>self.data, &self.fi, &n)
+        if off < 0:
+            return None
+        return _str_at(self.data, off, n)
+
+    @property
+    def caller_appkey(self):
+        """traceInfo.clientAppkey (heartbeats: heartbeatInfo.appkey), or None."""
+        return _str_at(self.data, self.fi.caller_off, self.fi.caller_len)
+
+    @property
     def remote_appkey(self):
         return _str_at(self.data, self.fi.appkey_off, self.fi.appkey_len)
 
@@ -956,6 +1072,37 @@ def set_seq_id(bytearray buf not None, Frame frame not None, seq_id) -> None:
         raise OverflowError("native Thrift sequence ids are i32")
     v = seq_id
     fr_set_seq_id(&mv[0] + frame.offset, &frame.fi, v)
+
+
+def thrift_method(body):
+    """The method name in the Thrift message header at the start of `body`
+    (binary strict/non-strict or compact), or None (fr_thrift_method)."""
+    cdef const uint8_t[::1] mv = body
+    cdef Py_ssize_t n = 0, off
+    if mv.shape[0] == 0:
+        return None
+    off = fr_thrift_method(&mv[0], mv.shape[0], &n)
+    if off < 0:
+        return None
+    return bytes(mv[off:off + n]).decode("utf-8", "surrogateescape")
+
+
+def thrift_call(name, seq_id=0, args=b"", *, int message_type=1, bint compact=False):
+    """A Thrift call message (no frame length) as an OCTO body: strict
+    TBinaryProtocol, or TCompactProtocol with an empty struct when compact
+    and no args are given (tests and the SDK)."""
+    nb = name.encode("utf-8") if isinstance(name, str) else bytes(name)
+    if compact:
+        out = bytearray(b"\x82")
+        out.append(((message_type & 7) << 5) | 1)
+        for v in (seq_id & 0xFFFFFFFF, len(nb)):
+            while v >= 0x80:
+                out.append((v & 0x7F) | 0x80)
+                v >>= 7
+            out.append(v)
+        return bytes(out) + nb + (bytes(args) or b"\x00")
+    return (b"\x80\x01\x00" + bytes((message_type & 0xFF,)) + _pk_i32(len(nb)) + nb
+            + _pk_i32(seq_id) + (bytes(args) or b"\x00"))
 
 
 def adler32(data) -> int:
