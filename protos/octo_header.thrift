@@ -1,4 +1,4 @@
-// The OCTO unified-protocol Header (docs/protocol.md, section 2), for
+// The OCTO unified-protocol Header (docs/protocol.md, section 3), for
 // cross-checking the Cython codec against thriftpy2 and for other tooling.
 // Field ids and types are the wire contract; names follow the OCTO IDL.
 

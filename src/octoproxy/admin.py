@@ -78,7 +78,9 @@ class ProxyCollector:
         yield errs
 
         req = CounterMetricFamily("octo_proxy_service_requests",
-                                  "Requests routed, by service (each is answered: by the provider or the proxy)", labels=["service"])
+                                  "Requests routed, by service (one-way ones included; every "
+                                  "other one is answered, by the provider or the proxy)",
+                                  labels=["service"])
         ans = CounterMetricFamily("octo_proxy_service_answers",
                                   "Answers by service and status (the provider's or the proxy's)",
                                   labels=["service", "status"])

@@ -3,7 +3,7 @@
 Every input is also run through the pure-Python reference scanner: both must
 agree on accept/reject and on what an accepted frame holds, and the compiled
 one must never crash, hang or read outside the buffer (run under the debug
-build and/or ASan for the last one, see docs/protocol.md "Fuzzing").
+build and/or ASan for the last one, see CONTRIBUTING.md "Fuzzing and the sanitizer build").
 
 CI runs a few hundred examples per test (seconds).  Longer run:
     OCTOPROXY_FUZZ_EXAMPLES=200000 PYTHONPATH=src python -m pytest tests/adversity/test_frame_fuzz.py

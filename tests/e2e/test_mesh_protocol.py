@@ -1,4 +1,4 @@
-"""PROTOCOL.md section 3, each behaviour named: the proxy announcement,
+"""docs/protocol.md section 7, each behaviour named: the proxy announcement,
 ProxyRestart handling on the client side, and who receives ProxyRestart."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A slow, literal pure-Python router: PROTOCOL.md section 4, steps 1-4.
+"""A slow, literal pure-Python router: docs/protocol.md section 8, steps 1-4.
 
 It recomputes everything per call, straight from the model objects, so that
 the Cython route table (which precomputes everything at build time) can be

@@ -1,4 +1,4 @@
-"""The route table, one PROTOCOL.md section 4 rule per test (docs/routing.md)."""
+"""The route table, one docs/protocol.md section 8 rule per test (docs/routing.md)."""
 
 import sys
 from pathlib import Path

@@ -32,7 +32,7 @@ class RpcError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Context:
-    """Per-request routing context (PROTOCOL.md section 3)."""
+    """Per-request routing context (docs/protocol.md section 7.1)."""
 
     appkey: str | None = None  # octo-remote-appkey
     swimlane: str | None = None  # octo-swimlane
