@@ -32,7 +32,7 @@ SEEDS = [
                      trace_info={"traceId": "t", "debug": True}),
     F.encode_request(2, "s", b"", checksum=True, local_context={"octo-proxy": "1"}),
     F.encode_response(3, b"r", status=3, message="m", local_context={"octo-proxy-restart": "1"}),
-    F.encode_heartbeat(4, appkey="k", send_time_us=5),
+    F.encode_heartbeat(4, appkey="k", send_time_ms=5),
     F.encode_proxy_restart(),
     F.encode_thrift_message("ping", 1, 6, b"\x0c\x00\x01\x00"),
     ref.encode_frame(ref.encode_header({"requestInfo": {"sequenceId": 7}, "_unknown": [

@@ -341,3 +341,77 @@ def decode_frame(b: bytes) -> dict[str, Any]:
             "checksum": bool(info["flags"] & FF_CHECKSUM),
             "compressed": bool(info["flags"] & (FF_GZIP | FF_SNAPPY)),
             "body": info["body"], "header": info["header"]}
+
+
+# ---- Dorado compatibility helpers (docs/protocol.md, "Compatibility with Dorado")
+
+def snappy_uncompress(b: bytes) -> bytes:
+    """Raw snappy, the slow way: varint length, then literal/copy elements."""
+    i = shift = ulen = 0
+    while True:
+        c = b[i]
+        i += 1
+        ulen |= (c & 0x7F) << shift
+        shift += 7
+        if not c & 0x80:
+            break
+    out = bytearray()
+    while i < len(b):
+        tag = b[i]
+        i += 1
+        kind = tag & 3
+        if kind == 0:
+            ln = tag >> 2
+            if ln >= 60:
+                k = ln - 59
+                ln = int.from_bytes(b[i:i + k], "little")
+                i += k
+            ln += 1
+            out += b[i:i + ln]
+            i += ln
+            continue
+        if kind == 1:
+            ln = ((tag >> 2) & 7) + 4
+            off = ((tag >> 5) << 8) | b[i]
+            i += 1
+        else:
+            k = 2 if kind == 2 else 4
+            ln = (tag >> 2) + 1
+            off = int.from_bytes(b[i:i + k], "little")
+            i += k
+        if not 0 < off <= len(out):
+            raise ValueError("bad snappy copy")
+        for _ in range(ln):
+            out.append(out[-off])
+    if len(out) != ulen:
+        raise ValueError("snappy length mismatch")
+    return bytes(out)
+
+
+def uncompress_frame(b: bytes) -> bytes:
+    """A gzip/snappy-compressed frame -> the same frame uncompressed (flags cleared)."""
+    proto = b[3]
+    trailer = 4 if proto & 0x80 else 0
+    payload = b[10:len(b) - trailer]
+    plain = snappy_uncompress(payload) if proto & 0x20 else zlib.decompress(payload, 47)
+    return encode_frame(plain[:struct.unpack(">H", b[8:10])[0]],
+                        plain[struct.unpack(">H", b[8:10])[0]:], protocol=proto & 0x1F,
+                        version=b[2])
+
+
+def decode_thrift_message(b: bytes) -> dict[str, Any]:
+    """A strict TBinaryProtocol message header; for an EXCEPTION (type 3) also
+    the TApplicationException's message (field 1) and type (field 2)."""
+    if b[:3] != b"\x80\x01\x00":
+        raise ValueError("not a strict TBinaryProtocol message")
+    (nlen,) = struct.unpack(">i", b[4:8])
+    out: dict[str, Any] = {"type": b[3], "name": b[8:8 + nlen].decode(),
+                           "seq_id": struct.unpack(">i", b[8 + nlen:12 + nlen])[0]}
+    if b[3] == 3:
+        fields = Reader(b, 12 + nlen, len(b)).value(STRUCT, 0)
+        for fid, t, v in fields:
+            if fid == 1 and t == STRING:
+                out["message"] = _s(v)
+            elif fid == 2 and t == I32:
+                out["exc_type"] = v
+    return out

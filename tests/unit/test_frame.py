@@ -137,11 +137,11 @@ def test_proxy_restart_frame_is_message_type_3_only():
 
 
 def test_error_response_with_restart_flag():
-    buf = F.encode_error_response(77, F.STATUS_RPC, "proxy restarting", restart=True, protocol=0xE1)
+    buf = F.encode_error_response(77, F.STATUS_RPC, "proxy restarting", restart=True, protocol=0x81)
     f = one(buf)
     assert (f.seq_id, f.status, f.message, f.proxy_restart) == (77, 3, "proxy restarting", True)
-    # checksum/compression bits of the request are not copied
-    assert f.protocol == 0x01 and not f.checksum and not f.compressed and f.body == b""
+    # the request's checksum convention is kept; no method named: empty body
+    assert f.protocol == 0x81 and f.checksum and not f.compressed and f.body == b""
     g = one(F.encode_error_response(77, F.STATUS_SERVICE, "no route"))
     assert not g.proxy_restart and g.message == "no route"
 
@@ -163,12 +163,12 @@ def test_request_and_response_info_need_a_sequence_id():
 
 
 def test_heartbeat_request_and_response_share_the_sequence_id():
-    req = one(F.encode_heartbeat(12, appkey="com.a", send_time_us=1_700_000_000_000_000))
+    req = one(F.encode_heartbeat(12, appkey="com.a", send_time_ms=1_700_000_000_000))
     resp = one(F.encode_heartbeat(12, response=True))
     assert req.is_request and resp.is_response and req.seq_id == resp.seq_id == 12
     assert resp.msg_type == req.msg_type == F.MT_HEARTBEAT
-    hb = F.decode_frame(F.encode_heartbeat(12, appkey="com.a", send_time_us=9))["header"]
-    assert hb["heartbeatInfo"] == {"appkey": "com.a", "sendTime": 9}
+    hb = F.decode_frame(F.encode_heartbeat(12, appkey="com.a", send_time_ms=9))["header"]
+    assert hb["heartbeatInfo"] == {"appkey": "com.a", "sendTime": 9, "status": 2}
 
 
 def test_decode_frame_trace_and_load_info():

@@ -122,7 +122,20 @@ cdef const char* fr_strerror(Py_ssize_t code) noexcept nogil
 
 # Encoders for the frames the proxy sends on its own (not on the hot path).
 cdef bytes fr_error_response(int64_t seq_id, int status, str message, bint restart, int protocol)
+# Added: the proxy's own error answer as Dorado providers write one: for a
+# thrift-serialized request (method not None) the body is a Thrift EXCEPTION
+# message (method, body_seq, TApplicationException{message}); the protocol
+# byte keeps the request's serialization and checksum bits (docs/protocol.md).
+cdef bytes fr_error_answer(int64_t seq_id, int status, str message, bint restart, int protocol,
+                           object method, int32_t body_seq)
+# Added: for an error answer: the method name (bytes) of a request whose body
+# is a strict TBinaryProtocol message, and its seqid in *body_seq; else None.
+cdef object fr_error_method(const uint8_t* frame, const FrameInfo* fi, int32_t* body_seq)
 cdef bytes fr_heartbeat_response(int64_t seq_id, int protocol)
+# Added: the answer to a heartbeat request of either kind: NormalHeartbeat (1)
+# -> messageType 1; ScannerHeartbeat (2) -> messageType 2 with
+# heartbeatInfo{sendTime (ms), status 2 ALIVE} as Dorado providers answer.
+cdef bytes fr_heartbeat_answer(int64_t seq_id, int msg_type, int protocol)
 cdef bytes fr_proxy_restart()
 cdef bytes fr_proxy_announce(int64_t seq_id)
 

@@ -119,6 +119,8 @@ class Frame:
     def checksum(self) -> bool: ...
     @property
     def compressed(self) -> bool: ...
+    @property
+    def body_seq_id(self) -> int | None: ...
 
 def scan(
     buf: Buffer,
@@ -149,7 +151,13 @@ def decode_header(data: bytes) -> dict[str, Any]: ...
 def decode_frame(data: Buffer, *, max_frame: int = ..., max_header: int = ...) -> dict[str, Any]: ...
 def encode_header(h: dict[str, Any]) -> bytes: ...
 def encode_frame(
-    header: bytes, body: Buffer = b"", *, protocol: int = 1, checksum: bool = False, version: int = 1
+    header: bytes,
+    body: Buffer = b"",
+    *,
+    protocol: int = 1,
+    checksum: bool = False,
+    version: int = 1,
+    compress: bool = False,
 ) -> bytes: ...
 def encode_request(
     seq_id: int,
@@ -179,14 +187,46 @@ def encode_response(
     checksum: bool = False,
 ) -> bytes: ...
 def encode_error_response(
-    seq_id: int, status: int, message: str, *, restart: bool = False, protocol: int = 1
+    seq_id: int,
+    status: int,
+    message: str,
+    *,
+    restart: bool = False,
+    protocol: int = 1,
+    method: str | bytes | None = None,
+    body_seq_id: int | None = None,
 ) -> bytes: ...
+
+TAPP_UNKNOWN: Final[int]
+TAPP_UNKNOWN_METHOD: Final[int]
+TAPP_INTERNAL_ERROR: Final[int]
+TAPP_PROTOCOL_ERROR: Final[int]
+HB_DEAD: Final[int]
+HB_ALIVE: Final[int]
+HB_STOPPED: Final[int]
+
+def encode_thrift_exception(
+    method: str | bytes, seq_id: int, message: str | None, exc_type: int = 0
+) -> bytes: ...
+def decode_thrift_exception(body: Buffer) -> dict[str, Any]: ...
+def encode_scanner_heartbeat_response(
+    seq_id: int,
+    *,
+    status: int = 2,
+    appkey: str | None = None,
+    send_time_ms: int | None = None,
+    protocol: int = 1,
+) -> bytes: ...
+def snappy_compress(data: Buffer) -> bytes: ...
+def snappy_decompress(data: Buffer, limit: int = -1) -> bytes: ...
+def read_compressed_request(data: Buffer, *, max_header: int = ...) -> dict[str, Any] | None: ...
 def encode_heartbeat(
     seq_id: int,
     *,
     response: bool = False,
     appkey: str | None = None,
-    send_time_us: int | None = None,
+    send_time_ms: int | None = None,
+    status: int | None = None,
     local_context: dict[str, str] | None = None,
     protocol: int = 1,
 ) -> bytes: ...

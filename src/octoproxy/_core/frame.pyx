@@ -10,6 +10,8 @@ from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, u
 from libc.string cimport memcmp
 
 import struct as _struct
+import time as _time
+import zlib as _zlib
 
 # Thrift TBinaryProtocol type codes.
 cdef enum:
@@ -756,7 +758,33 @@ cdef bytes fr_error_response(int64_t seq_id, int status, str message, bint resta
                            protocol=protocol & _SERIAL_MASK)
 
 
+cdef bytes fr_error_answer(int64_t seq_id, int status, str message, bint restart, int protocol,
+                           object method, int32_t body_seq):
+    return encode_error_response(seq_id, status, message, restart=restart, protocol=protocol,
+                                 method=method, body_seq_id=body_seq)
+
+
+cdef object fr_error_method(const uint8_t* frame, const FrameInfo* fi, int32_t* body_seq):
+    # Dorado's bodies are strict TBinaryProtocol (80 01 00 type ...): only then
+    # can an EXCEPTION answer be written the way its client reads it
+    cdef Py_ssize_t n = 0
+    cdef Py_ssize_t off
+    if fi.kind != FK_OCTO or fi.protocol & 3 != 1 or fi.body_len < THRIFT_MIN_MESSAGE:
+        return None
+    off = fr_method(frame, fi, &n)
+    if off < 0 or frame[fi.body_off] != 0x80 or off + n + 4 > fi.body_off + fi.body_len:
+        return None
+    body_seq[0] = <int32_t>fr_rd_u32(frame + off + n)
+    return (<const char*>frame)[off:off + n]
+
+
 cdef bytes fr_heartbeat_response(int64_t seq_id, int protocol):
+    return encode_heartbeat(seq_id, response=True, protocol=protocol & _SERIAL_MASK)
+
+
+cdef bytes fr_heartbeat_answer(int64_t seq_id, int msg_type, int protocol):
+    if msg_type == MT_SCANNER_HEARTBEAT:
+        return encode_scanner_heartbeat_response(seq_id, protocol=protocol & _SERIAL_MASK)
     return encode_heartbeat(seq_id, response=True, protocol=protocol & _SERIAL_MASK)
 
 
@@ -971,6 +999,15 @@ cdef class Frame:
     @property
     def checksum(self) -> bool:
         return bool(self.fi.flags & FF_CHECKSUM)
+
+    @property
+    def body_seq_id(self):
+        """The seqid of a strict TBinaryProtocol body's message (the one the
+        proxy's error answers echo), or None."""
+        cdef int32_t seq = 0
+        if fr_error_method(<const uint8_t*><char*>self.data, &self.fi, &seq) is None:
+            return None
+        return seq
 
     @property
     def compressed(self) -> bool:
@@ -1257,17 +1294,24 @@ def encode_header(dict h not None) -> bytes:
 
 
 def encode_frame(bytes header not None, body=b"", *, int protocol=1, bint checksum=False,
-                 int version=1) -> bytes:
-    """Wrap encoded header bytes and a body into an OCTO frame."""
+                 int version=1, bint compress=False) -> bytes:
+    """Wrap encoded header bytes and a body into an OCTO frame.
+
+    With compress=True and the gzip (0x40) or snappy (0x20) bit in protocol,
+    header+body are compressed as Dorado does (header_length stays the
+    uncompressed size); otherwise they are written as given."""
     cdef Py_ssize_t hl = len(header)
     if hl > 0xFFFF:
         raise ValueError("header longer than 65535 bytes")
-    body = bytes(body)
+    payload = header + bytes(body)
+    if compress and protocol & PROTO_GZIP:
+        payload = _gzip_compress(payload)
+    elif compress and protocol & PROTO_SNAPPY:
+        payload = snappy_compress(payload)
     proto = (protocol | PROTO_CHECKSUM) if checksum else (protocol & ~PROTO_CHECKSUM)
     trailer = 4 if checksum else 0
     frame = b"".join((b"\xab\xba", bytes((version & 0xFF, proto & 0xFF)),
-                      _pk_u32(2 + hl + len(body) + trailer), _struct.pack(">H", hl),
-                      header, body))
+                      _pk_u32(2 + len(payload) + trailer), _struct.pack(">H", hl), payload))
     if checksum:
         frame += _pk_u32(adler32(frame))
     return frame
@@ -1277,6 +1321,10 @@ def encode_request(seq_id, service_name, body=b"", *, int call_type=0, int timeo
                    global_context=None, local_context=None, trace_info=None,
                    int message_type=0, int protocol=1, bint checksum=False,
                    int version=1) -> bytes:
+    """A request.  RequestInfo carries all four fields and a traceInfo always
+    carries clientAppkey ("" when not given): the official IDL requires them."""
+    if trace_info is not None and "clientAppkey" not in trace_info:
+        trace_info = {"clientAppkey": "", **trace_info}
     h = {"messageType": message_type,
          "requestInfo": {"serviceName": service_name, "sequenceId": seq_id,
                          "callType": call_type, "timeout": timeout},
@@ -1295,32 +1343,268 @@ def encode_response(seq_id, body=b"", *, int status=0, message=None, global_cont
     return encode_frame(encode_header(h), body, protocol=protocol, checksum=checksum)
 
 
+# Thrift TApplicationException.type values (the official providers send 0).
+TAPP_UNKNOWN = 0
+TAPP_UNKNOWN_METHOD = 1
+TAPP_INTERNAL_ERROR = 6
+TAPP_PROTOCOL_ERROR = 7
+
+
+def encode_thrift_exception(method, seq_id, message, int exc_type=TAPP_UNKNOWN) -> bytes:
+    """A Thrift EXCEPTION message (strict TBinaryProtocol) carrying a
+    TApplicationException{1: message, 2: type}: the body Dorado providers
+    write for an error, and the only place a Dorado client reads its text."""
+    name = method if isinstance(method, bytes) else str(method).encode("utf-8", "surrogateescape")
+    return b"".join((b"\x80\x01\x00\x03", _pk_i32(len(name)), name,
+                     _pk_i32(_i32(seq_id)), _thrift_exception_struct(message, exc_type)))
+
+
+cdef bytes _thrift_exception_struct(message, int exc_type):
+    out = []
+    if message is not None:
+        out += [_fh(T_STRING, 1), _enc_str(message)]
+    out += [_fh(T_I32, 2), _pk_i32(exc_type), b"\x00"]
+    return b"".join(out)
+
+
+cdef inline object _i32(v):
+    v = int(v) & 0xFFFFFFFF
+    return v - 0x100000000 if v & 0x80000000 else v
+
+
+def decode_thrift_exception(body) -> dict:
+    """Decode a Thrift EXCEPTION message -> {name, seq_id, message, type}.
+    Raises FrameError when body is not one."""
+    body = bytes(body)
+    if len(body) < THRIFT_MIN_MESSAGE or body[:4] != b"\x80\x01\x00\x03":
+        raise FrameError(FE_BAD_THRIFT)
+    cdef _Reader r = _Reader(body, 4, len(body))
+    name = r.string()
+    seq = r.i32()
+    out = {"name": name, "seq_id": seq, "message": None, "type": TAPP_UNKNOWN}
+    for fid, ft in r.fields():
+        if fid == 1 and ft == T_STRING:
+            out["message"] = r.string()
+        elif fid == 2 and ft == T_I32:
+            out["type"] = r.i32()
+        else:
+            r.value(ft, 1)
+    return out
+
+
 def encode_error_response(seq_id, int status, message, *, bint restart=False,
-                          int protocol=1) -> bytes:
-    """What the proxy answers when it cannot deliver a request (empty body)."""
-    return fr_error_response(seq_id, status, message, restart, protocol)
+                          int protocol=1, method=None, body_seq_id=None) -> bytes:
+    """What the proxy answers when it cannot deliver a request.
+
+    ResponseInfo{sequenceId, status, message}; when the request was
+    thrift-serialized (protocol & 3 == 1) and its body named a method, the
+    body is a Thrift EXCEPTION message (method, the body's seqid, or seq_id
+    when not given, TApplicationException{message}) as a Dorado provider
+    writes it, otherwise empty.  The request's checksum and compression bits
+    are kept (the answer is compressed the same way)."""
+    local = {"octo-proxy-restart": "1"} if restart else None
+    body = b""
+    if method is not None and protocol & 3 == 1:
+        body = encode_thrift_exception(method, seq_id if body_seq_id is None else body_seq_id,
+                                       message)
+    h = {"messageType": MT_NORMAL,
+         "responseInfo": {"sequenceId": seq_id, "status": status, "message": message},
+         "localContext": local}
+    comp = protocol & (PROTO_GZIP | PROTO_SNAPPY)
+    if comp == PROTO_GZIP | PROTO_SNAPPY:
+        comp = PROTO_SNAPPY  # Dorado reads snappy first when both are set
+    return encode_frame(encode_header(h), body, protocol=(protocol & _SERIAL_MASK) | comp,
+                        checksum=bool(protocol & PROTO_CHECKSUM), compress=True)
 
 
-def encode_heartbeat(seq_id, *, bint response=False, appkey=None, send_time_us=None,
-                     local_context=None, int protocol=1) -> bytes:
+def encode_heartbeat(seq_id, *, bint response=False, appkey=None, send_time_ms=None,
+                     status=None, local_context=None, int protocol=1) -> bytes:
     """A NormalHeartbeat request (requestInfo) or response (responseInfo, status 0).
 
     RequestInfo/ResponseInfo carry every field the OCTO IDL marks required, so
-    strict legacy decoders accept them."""
+    strict decoders accept them.  heartbeatInfo (only when appkey, send_time_ms
+    or status is given) always carries its required status (default 2, ALIVE);
+    sendTime is in milliseconds, as Dorado sends it."""
     h = {"messageType": MT_HEARTBEAT, "localContext": local_context}
     if response:
         h["responseInfo"] = {"sequenceId": seq_id, "status": 0}
     else:
         h["requestInfo"] = {"serviceName": "", "sequenceId": seq_id, "callType": 0,
                             "timeout": 0}
-    if appkey is not None or send_time_us is not None:
-        hb = {}
+    if appkey is not None or send_time_ms is not None or status is not None:
+        hb = {"status": HB_ALIVE if status is None else status}
         if appkey is not None:
             hb["appkey"] = appkey
-        if send_time_us is not None:
-            hb["sendTime"] = send_time_us
+        if send_time_ms is not None:
+            hb["sendTime"] = send_time_ms
         h["heartbeatInfo"] = hb
     return encode_frame(encode_header(h), b"", protocol=protocol & _SERIAL_MASK)
+
+
+# HeartbeatInfo.status values (official IDL): 0 DEAD, 2 ALIVE, 4 STOPPED.
+HB_DEAD = 0
+HB_ALIVE = 2
+HB_STOPPED = 4
+
+
+def encode_scanner_heartbeat_response(seq_id, *, int status=HB_ALIVE, appkey=None,
+                                      send_time_ms=None, int protocol=1) -> bytes:
+    """The answer to a ScannerHeartbeat (messageType 2) as Dorado providers
+    write it: messageType 2, responseInfo{sequenceId, status 0},
+    heartbeatInfo{appkey, sendTime (ms, now when not given), status}."""
+    hb = {"sendTime": int(_time.time() * 1000) if send_time_ms is None else send_time_ms,
+          "status": status}
+    if appkey is not None:
+        hb["appkey"] = appkey
+    h = {"messageType": MT_SCANNER_HEARTBEAT,
+         "responseInfo": {"sequenceId": seq_id, "status": 0}, "heartbeatInfo": hb}
+    return encode_frame(encode_header(h), b"", protocol=protocol & _SERIAL_MASK)
+
+
+# -------- compression (cold paths: answers to compressed requests, tests)
+
+def _gzip_compress(data) -> bytes:
+    c = _zlib.compressobj(6, _zlib.DEFLATED, 31)
+    return c.compress(bytes(data)) + c.flush()
+
+
+def snappy_compress(data) -> bytes:
+    """Raw snappy (the format Dorado's Snappy.compress writes), literals only:
+    valid for every snappy decoder, no compression gained."""
+    data = bytes(data)
+    out = [_varint(len(data))]
+    cdef Py_ssize_t i = 0, n = len(data), k
+    while i < n:
+        k = min(n - i, 65536)
+        if k - 1 < 60:
+            out.append(bytes(((k - 1) << 2,)))
+        elif k - 1 < 256:
+            out.append(bytes((60 << 2, k - 1)))
+        else:
+            out.append(bytes((61 << 2, (k - 1) & 0xFF, (k - 1) >> 8)))
+        out.append(data[i:i + k])
+        i += k
+    return b"".join(out)
+
+
+cdef bytes _varint(Py_ssize_t v):
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def snappy_decompress(data, Py_ssize_t limit=-1) -> bytes:
+    """Decode raw snappy; with limit >= 0 stop once `limit` bytes are out
+    (a prefix).  Raises ValueError on malformed input."""
+    cdef const uint8_t[:] d = memoryview(bytes(data)).cast("B")
+    cdef Py_ssize_t n = d.shape[0], i = 0, ulen = 0, shift = 0, ln, off, j, start
+    cdef int tag
+    while True:
+        if i >= n or shift > 28:
+            raise ValueError("snappy: bad length preamble")
+        ulen |= (d[i] & 0x7F) << shift
+        i += 1
+        if not d[i - 1] & 0x80:
+            break
+        shift += 7
+    if limit < 0 or limit > ulen:
+        limit = ulen
+    out = bytearray()
+    while len(out) < limit:
+        if i >= n:
+            raise ValueError("snappy: truncated")
+        tag = d[i]
+        i += 1
+        if tag & 3 == 0:
+            ln = tag >> 2
+            if ln >= 60:
+                k = ln - 59
+                if i + k > n:
+                    raise ValueError("snappy: truncated literal length")
+                ln = 0
+                for j in range(k):
+                    ln |= d[i + j] << (8 * j)
+                i += k
+            ln += 1
+            if i + ln > n:
+                raise ValueError("snappy: truncated literal")
+            out += d[i:i + ln]
+            i += ln
+            continue
+        if tag & 3 == 1:
+            if i >= n:
+                raise ValueError("snappy: truncated copy")
+            ln = ((tag >> 2) & 7) + 4
+            off = ((tag >> 5) << 8) | d[i]
+            i += 1
+        elif tag & 3 == 2:
+            if i + 2 > n:
+                raise ValueError("snappy: truncated copy")
+            ln = (tag >> 2) + 1
+            off = d[i] | (d[i + 1] << 8)
+            i += 2
+        else:
+            if i + 4 > n:
+                raise ValueError("snappy: truncated copy")
+            ln = (tag >> 2) + 1
+            off = d[i] | (d[i + 1] << 8) | (d[i + 2] << 16) | (<Py_ssize_t>d[i + 3] << 24)
+            i += 4
+        if off <= 0 or off > len(out):
+            raise ValueError("snappy: bad copy offset")
+        start = len(out) - off
+        for j in range(ln):
+            out.append(out[start + j])
+    if len(out) > limit:
+        del out[limit:]
+    return bytes(out)
+
+
+def read_compressed_request(data, *, Py_ssize_t max_header=DEFAULT_MAX_HEADER):
+    """For a whole gzip/snappy-compressed OCTO frame: decompress only its
+    header and the start of its body (bounded by the header length + 4 KiB,
+    never the whole payload) -> {"seq_id", "is_request", "method",
+    "body_seq_id", "protocol"}, or None when that prefix cannot be read."""
+    cdef FrameInfo fi
+    data = bytes(data)
+    if len(data) < OCTO_PREFIX or data[0] != 0xAB or data[1] != 0xBA:
+        return None
+    proto = data[3]
+    hl = (data[8] << 8) | data[9]
+    if hl > max_header:
+        return None
+    trailer = 4 if proto & PROTO_CHECKSUM else 0
+    payload = data[OCTO_PREFIX:len(data) - trailer]
+    want = hl + 4096
+    try:
+        if proto & PROTO_SNAPPY:
+            plain = snappy_decompress(payload, want)
+        elif proto & PROTO_GZIP:
+            plain = _zlib.decompressobj(47).decompress(payload, want)
+        else:
+            return None
+    except (ValueError, _zlib.error):
+        return None
+    if len(plain) < hl:
+        return None
+    fake = data[:3] + bytes((proto & _SERIAL_MASK,)) + _pk_u32(2 + len(plain)) + data[8:10] + plain
+    cdef const uint8_t[:] mv = fake
+    if fr_scan_header(&mv[0], len(fake), max_header, &fi) <= 0 or fi.seq_off < 0:
+        return None
+    out = {"seq_id": fi.seq_id, "is_request": bool(fi.flags & FF_REQUEST), "method": None,
+           "body_seq_id": None, "protocol": proto}
+    cdef int32_t bseq = 0
+    fi.kind = FK_OCTO
+    fi.protocol = proto & _SERIAL_MASK
+    fi.body_off = OCTO_PREFIX + hl
+    fi.body_len = len(plain) - hl
+    m = fr_error_method(&mv[0], &fi, &bseq)
+    if m is not None:
+        out["method"] = m
+        out["body_seq_id"] = bseq
+    return out
 
 
 def encode_proxy_restart() -> bytes:
