@@ -132,6 +132,10 @@ class Xds(_Strict):
     backoff_max_s: float = Field(default=30.0, gt=0)
     # how long a subscribed resource may stay unanswered before it is declared missing
     resource_timeout_s: float = Field(default=15.0, gt=0)
+    # at most this many subscribed appkeys (the subscribe API answers 429 beyond)
+    max_subscriptions: int = Field(default=10_000, ge=1)
+    # no request to the control plane is bigger (gRPC servers take 4 MiB by default)
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
 
 
 class Subscribe(_Strict):

@@ -16,12 +16,13 @@ from typing import Any
 import aiohttp
 import pytest
 import uvloop
-from xds_double import AdsDouble, Behaviour, services
 
 from octoproxy import model
 from octoproxy.controlplane import ControlPlane
 from octoproxy.subscribe import SubscribeApi
 from octoproxy.xds import XdsClient
+
+from xds_double import AdsDouble, Behaviour, services
 
 pytestmark = pytest.mark.timeout(90)
 MODES = pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
@@ -30,7 +31,9 @@ BEHAVIOURS: dict[str, Callable[[], Behaviour] | None] = {
     "double": Behaviour,
     "eds-first": lambda: Behaviour(eds_first=True),
     "stale-nonce": lambda: Behaviour(ignore_stale_nonce=True, only_changed=True),
-    "slow-cds": lambda: Behaviour(delay_s={"type.googleapis.com/envoy.config.cluster.v3.Cluster": 0.05}),
+    "slow-cds": lambda: Behaviour(
+        delay_s={"type.googleapis.com/envoy.config.cluster.v3.Cluster": 0.05}
+    ),
 }
 
 

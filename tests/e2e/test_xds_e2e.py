@@ -280,12 +280,18 @@ def test_unknown_service_is_missing(tmp_path: Path, delta: bool) -> None:
 
     async def body(cp: ControlPlane) -> None:
         sink = FakeSink()
-        c = client(cp.port, sink, delta)
+        c = client(cp.port, sink, delta, resource_timeout_s=1.5)
         c.start()
         try:
+            t0 = time.monotonic()
             c.subscribe(["app.a", "no.such"])
-            states = await c.wait_for(["app.a", "no.such"], 2)
+            states = await c.wait_for(["app.a", "no.such"], 5)
+            took = time.monotonic() - t0
             assert states == {"app.a": ResourceState.READY, "no.such": ResourceState.MISSING}
+            if delta:  # removed_resources says so at once
+                assert took < 1.4 and c.stats.resource_timeouts == 0
+            else:  # SotW has no way to say it: the resource timeout does
+                assert took >= 1.5 and c.stats.resource_timeouts == 1
             # it shows up later: it arrives (still subscribed)
             write(f, [*base_services(), svc("no.such", ep(99))])
             await until(lambda: "no.such" in sink.services, what="late service")

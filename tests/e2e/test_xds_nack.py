@@ -1,6 +1,7 @@
 """A misbehaving ADS server (hand-written here) sends malformed resources: the
-client NACKs with an error_detail that says what is wrong, applies nothing of
-that response, and keeps serving the old services."""
+client NACKs with an error_detail that names each bad resource and says what
+is wrong, applies the valid resources of that response, and keeps serving the
+last good version of the bad ones."""
 
 from __future__ import annotations
 
@@ -151,12 +152,17 @@ def _set_enabled_str(c: Any) -> None:
     c.metadata.filter_metadata["octo"]["set_enabled"] = "yes"
 
 
+def _a_random() -> Any:
+    return service_to_cluster(model.Service("a", lb_policy=model.LbPolicy.RANDOM))
+
+
 def _lb_cluster_provided(c: Any) -> None:
     c.lb_policy = cluster_pb2.Cluster.CLUSTER_PROVIDED
 
 
 # (type, resources of the bad response, what the NACK message must say).  Each bad
-# response also carries a valid change to "a" (weight 7), which must NOT be applied.
+# response but "wrong-type" also carries a valid change to "a" (weight 7), which
+# is applied: only the bad resource is rejected.
 CASES: dict[str, tuple[str, Callable[[], list[Any]], str]] = {
     "missing-address": (
         EDS,
@@ -178,19 +184,23 @@ CASES: dict[str, tuple[str, Callable[[], list[Any]], str]] = {
         lambda: [service_to_cla(service("a", 7)), cla_with("b", _neg_warmup)],
         "warmup_s must be a finite number >= 0",
     ),
-    "eds-without-cds": (
+    "duplicate": (
         EDS,
-        lambda: [service_to_cla(service("a", 7)), service_to_cla(service("c"))],
-        "no Cluster 'c' received",
+        lambda: [
+            service_to_cla(service("a", 7)),
+            service_to_cla(service("b", 3)),
+            service_to_cla(service("b", 4)),
+        ],
+        "ClusterLoadAssignment 'b': appears twice in the response",
     ),
     "cluster-metadata-type": (
         CDS,
-        lambda: [service_to_cluster(service("a", 7)), _cluster(_set_enabled_str)],
+        lambda: [_a_random(), _cluster(_set_enabled_str)],
         "set_enabled must be a bool, got string_value",
     ),
     "lb-policy": (
         CDS,
-        lambda: [service_to_cluster(service("a", 7)), _cluster(_lb_cluster_provided)],
+        lambda: [_a_random(), _cluster(_lb_cluster_provided)],
         "lb_policy CLUSTER_PROVIDED is not supported",
     ),
     "service-name-conflict": (
@@ -211,7 +221,7 @@ CASES: dict[str, tuple[str, Callable[[], list[Any]], str]] = {
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
-def test_malformed_response_is_nacked_and_nothing_applied(case: str, delta: bool) -> None:
+def test_malformed_resource_is_nacked_and_the_valid_ones_applied(case: str, delta: bool) -> None:
     t, make, expect = CASES[case]
 
     async def body() -> None:
@@ -253,9 +263,22 @@ def test_malformed_response_is_nacked_and_nothing_applied(case: str, delta: bool
             assert expect in nack.error_detail.message, nack.error_detail.message
             if not delta:
                 assert nack.version_info == "v1"  # the last good version
-            # nothing of the bad response was applied, the old services remain
-            assert sink.services == before and sink.calls == calls
-            assert sink.services["a"].endpoints[0].weight == 100
+            # the bad resource was not applied, the valid one was
+            assert sink.services["b"] == before["b"]
+            if case == "wrong-type":
+                assert sink.services == before and sink.calls == calls
+            elif t == CDS and case != "service-name-conflict":
+                await until(lambda: sink.services["a"].lb_policy == "random", what="a applied")
+                assert sink.calls == calls + 1
+            elif case == "service-name-conflict":
+                await until(lambda: sink.services["a"].service_names == ("x.S",), what="a applied")
+                assert sink.calls == calls + 1
+            else:
+                await until(lambda: sink.services["a"].endpoints[0].weight == 7, what="a applied")
+                assert sink.calls == calls + 1
+            assert (
+                c.state("b").value == "ready" and expect in c.error("b")
+            ) or case == "wrong-type"
             # the stream goes on: a good update is ACKed and applied
             ads.queue.put_nowait(ads.response(EDS, [service_to_cla(service("a", 9))], "v3"))
             await until(lambda: sink.services["a"].endpoints[0].weight == 9, what="good update")
@@ -299,6 +322,7 @@ def test_resource_timeout(delta: bool) -> None:
             assert time.monotonic() - t0 >= 0.3  # d waited for its timeout
             assert sink.services["d"].endpoints == ()
             assert "zzz" not in sink.services
+            assert c.stats.resource_timeouts == 2
         finally:
             await c.stop()
             await server.stop(None)

@@ -15,6 +15,7 @@ from octoproxy.xds import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
     ResourceError,
+    appkey_problem,
     cla_to_endpoints,
     cluster_to_settings,
     service_to_cla,
@@ -152,7 +153,10 @@ def test_malformed_assignment_says_what_is_wrong(mutate, msg: str) -> None:  # t
     ("mutate", "msg"),
     [
         (lambda c: c.ClearField("name"), "without a name"),
-        (lambda c: setattr(c, "type", C.STATIC), "type must be EDS"),
+        (lambda c: setattr(c, "type", C.STATIC), "a STATIC cluster with eds_cluster_config"),
+        (lambda c: c.ClearField("type"), "STATIC cluster (type unset) with eds_cluster_config"),
+        (lambda c: setattr(c, "type", C.STRICT_DNS), "type STRICT_DNS is not supported"),
+        (lambda c: c.cluster_type.__setattr__("name", "x.agg"), "custom cluster"),
         (lambda c: setattr(c.eds_cluster_config, "service_name", "other"), "service_name"),
         (
             lambda c: c.metadata.filter_metadata["octo"].update({"service_names": "x"}),
@@ -248,3 +252,47 @@ def test_endpoint_cache_reuses_unchanged_endpoints() -> None:
     dup = service_to_cla(model.Service("a", (eps[0], eps[0])))
     with pytest.raises(ResourceError, match=r"duplicate endpoint 10\.0\.0\.0:9000"):
         cla_to_endpoints(dup, cache, {})
+
+
+def test_static_cluster_serves_its_inline_endpoints() -> None:
+    """A Cluster with no type (the proto default, STATIC) or STATIC, with an
+    inline load_assignment, is a service with those endpoints (no EDS)."""
+    svc = full_service()
+    for set_type in (False, True):
+        c = cluster_pb2.Cluster(name="app.x", lb_policy=C.RING_HASH)
+        if set_type:
+            c.type = C.STATIC
+        c.load_assignment.CopyFrom(service_to_cla(svc))
+        c.load_assignment.cluster_name = "" if set_type else "app.x"
+        settings = cluster_to_settings(c)
+        assert settings.static_endpoints is not None
+        assert set(settings.static_endpoints) == set(svc.endpoints)
+    c = cluster_pb2.Cluster(name="app.x")  # STATIC with no hosts at all
+    assert cluster_to_settings(c).static_endpoints == ()
+    c.load_assignment.CopyFrom(service_to_cla(svc))
+    c.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value = 0
+    with pytest.raises(ResourceError) as ei:
+        cluster_to_settings(c)
+    assert "Cluster 'app.x': load_assignment: endpoints[0].lb_endpoints[0]" in str(ei.value)
+    c.load_assignment.cluster_name = "other"
+    with pytest.raises(ResourceError, match=r"load_assignment\.cluster_name 'other'"):
+        cluster_to_settings(c)
+
+
+def test_localities_carry_a_weight() -> None:
+    """gRPC clients drop a locality without a load_balancing_weight: every one
+    has the sum of its serving endpoints' weights, at least 1."""
+    cla = service_to_cla(full_service())
+    weights = {(le.locality.region, le.locality.zone): le.load_balancing_weight.value
+               for le in cla.endpoints}  # fmt: skip
+    assert weights == {("bj", "bj-a"): 120 + 0, ("sh", "sh-a"): 1}  # WARNING does not serve
+
+
+@pytest.mark.parametrize(
+    ("appkey", "ok"),
+    [("com.example.order", True), ("a", True), ("A-b_c.9", True), ("*", False), ("", False),
+     (".a", False), ("a b", False), ("a/b", False), ("a" * 255, True), ("a" * 256, False),
+     ("xdstp://x/y", False), ("é", False), (7, False)],
+)  # fmt: skip
+def test_appkey_rules(appkey: object, ok: bool) -> None:
+    assert (appkey_problem(appkey) is None) is ok

@@ -2,19 +2,28 @@
 
 State-of-the-world (StreamAggregatedResources) or incremental
 (DeltaAggregatedResources), chosen by ``xds.delta``.  It runs on the current
-event loop (uvloop in production) with grpc.aio.
+event loop (uvloop in production) with grpc.aio.  The rules it follows are
+those of the xDS protocol document (docs/xds.md section 1 lists them):
 
 - `subscribe(appkeys)` / `unsubscribe(appkeys)` change the resource names asked
   for: Cluster name = appkey and ClusterLoadAssignment cluster_name = appkey.
-- Every response is validated as a whole: if any resource in it is bad, it is
-  NACKed (error_detail says what is wrong) and nothing of it is applied.
+  Every request goes through one FIFO, computed when it is queued: the CDS
+  request naming an appkey is always queued before (never after) the EDS
+  request naming it, and nothing is queued while a response is being
+  handled, so its ACK/NACK is the next request of the stream.
+- Each resource of a response is validated on its own: valid ones are
+  applied, invalid ones are NACKed (every one named in ``error_detail``).
+- An assignment that arrives before its cluster is kept and used when the
+  cluster arrives; a service is READY once it has its cluster and (EDS) its
+  assignment, or once the resource timeout ran out (served empty, counted).
+- Does not exist: delta ``removed_resources``; a cluster seen before and
+  absent from a SotW CDS response; or no answer within ``resource_timeout_s``
+  (15 s by default, as the document recommends).
 - Accepted changes become `model.Service` objects pushed to the `RouteSink`
   (`update_service` / `remove_service`), one call per changed service.
 - Losing the stream keeps the last good config; reconnecting uses jittered
   exponential backoff and re-subscribes everything (delta: with the resource
   versions held, so the server only sends what changed).
-- A subscribed resource the server does not answer for within
-  ``resource_timeout_s`` is declared missing (the service does not exist).
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from octoproxy.xds.resources import (
     ClusterSettings,
     EndpointCache,
     ResourceError,
+    appkey_problem,
     cla_to_endpoints,
     cluster_to_settings,
     digest,
@@ -58,15 +68,34 @@ if TYPE_CHECKING:
 log = logging.getLogger("octoproxy.xds")
 
 TYPES = (CLUSTER_TYPE, ENDPOINT_TYPE)
-# a subscribed cluster absent from a SotW CDS response is declared missing this much later
-SOTW_ABSENT_GRACE_S = 0.5
 _SHORT = {CLUSTER_TYPE: "CDS", ENDPOINT_TYPE: "EDS"}
+_KIND = {CLUSTER_TYPE: "Cluster", ENDPOINT_TYPE: "ClusterLoadAssignment"}
+# gRPC servers refuse messages above 4 MiB unless told otherwise
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_SUBSCRIPTIONS = 10_000
+_REQUEST_OVERHEAD = 16 * 1024  # node, type URL, version, nonce, error detail
+_NAME_OVERHEAD = 4  # protobuf tag + length of a repeated string
 
 
 class ResourceState(enum.Enum):
-    PENDING = "pending"  # subscribed, nothing known yet
+    PENDING = "pending"  # subscribed, not settled yet
     READY = "ready"  # cluster and endpoints known (and pushed to the sink)
     MISSING = "missing"  # the control plane says it does not exist, or it timed out
+    INVALID = "invalid"  # the control plane sent it, it was rejected (NACKed), nothing usable
+
+
+class SubscriptionError(ValueError):
+    """A subscription that is refused; nothing of the call was subscribed."""
+
+    status = 400
+
+
+class BadAppkey(SubscriptionError):
+    status = 400
+
+
+class TooManySubscriptions(SubscriptionError):
+    status = 429
 
 
 @dataclass
@@ -75,6 +104,8 @@ class XdsStats:
     responses: int = 0
     acks: int = 0
     nacks: int = 0
+    rejected_resources: int = 0  # resources NACKed (a NACK names one or more)
+    resource_timeouts: int = 0  # names settled by the resource timeout
     services_updated: int = 0
     services_removed: int = 0
     last_nack: str = ""
@@ -87,18 +118,24 @@ class _Entry:
     settings: ClusterSettings | None = None
     cluster_raw: bytes | None = None  # digest of the accepted serialized Cluster
     cluster_version: str = ""
-    endpoints: tuple[model.Endpoint, ...] | None = None
+    # the accepted assignment: kept without a cluster (it may come first, and
+    # a removed cluster may come back); None = none yet
+    cla: tuple[model.Endpoint, ...] | None = None
     cla_raw: bytes | None = None  # digest of the accepted serialized ClusterLoadAssignment
     cla_version: str = ""
     ep_cache: EndpointCache = field(default_factory=dict)
     state: ResourceState = ResourceState.PENDING
-    pushed: bool = False
+    timed_out: bool = False  # served without an assignment after the resource timeout
+    removed: bool = False  # the cluster was removed by the control plane (not yet back)
+    error: str = ""  # why the last version of this resource was rejected
+    pushed: model.Service | None = None  # what the sink has from us
     timer: asyncio.TimerHandle | None = None
+    asked_at: float = 0.0  # loop time of the request the timer runs for
 
 
 @dataclass
 class _Plan:
-    """What an accepted response changes (computed fully before anything is applied)."""
+    """What a response changes (computed fully before anything is applied)."""
 
     clusters: dict[str, tuple[ClusterSettings, bytes, str]] = field(default_factory=dict)
     clas: dict[str, tuple[tuple[model.Endpoint, ...], bytes, str, EndpointCache]] = field(
@@ -107,7 +144,8 @@ class _Plan:
     removed_clusters: list[str] = field(default_factory=list)
     removed_clas: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
-    absent: list[str] = field(default_factory=list)  # SotW: not in a CDS response yet
+    rejected: dict[str, str] = field(default_factory=dict)  # name -> why
+    errors: list[str] = field(default_factory=list)  # every problem, for error_detail
 
 
 def build_node(node_id: str, cluster: str, labels: model.Labels) -> base_pb2.Node:
@@ -122,8 +160,11 @@ def build_node(node_id: str, cluster: str, labels: model.Labels) -> base_pb2.Nod
     return node
 
 
-def _status(message: str) -> status_pb2.Status:
-    return status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message[:4096])
+def _status(errors: list[str]) -> status_pb2.Status:
+    message = "; ".join(errors)
+    if len(message) > 4096:
+        message = message[:4000] + f"... ({len(errors)} problems in all)"
+    return status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message)
 
 
 class XdsClient:
@@ -142,6 +183,8 @@ class XdsClient:
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 30.0,
         resource_timeout_s: float = 15.0,
+        max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ) -> None:
         self.server = server
         self.sink = sink
@@ -151,21 +194,25 @@ class XdsClient:
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.resource_timeout_s = resource_timeout_s
+        self.max_subscriptions = max_subscriptions
+        self.max_request_bytes = max_request_bytes
         self.stats = XdsStats()
         self._subs: set[str] = set()
+        self._names_bytes = 0  # what the names take in a SotW request
         self._entries: dict[str, _Entry] = {}
         self._connected = False
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._changed = asyncio.Event()
-        self._dirty = asyncio.Event()
         # per stream
-        self._call: Any = None
-        self._write_lock = asyncio.Lock()
+        self._out: asyncio.Queue[Any] | None = None  # requests, in wire order
+        self._busy = False  # a response is being handled: its ACK/NACK goes first
+        self._flush_soon: asyncio.Handle | None = None
         self._node_sent = False
         self._sent_names: dict[str, set[str]] = {t: set() for t in TYPES}
         self._started_types: set[str] = set()
         self._nonce: dict[str, str] = dict.fromkeys(TYPES, "")
+        self._eds_refresh: set[str] = set()  # EDS names to drop and ask for again
         # per type, across streams (SotW): the last accepted version_info
         self._version: dict[str, str] = dict.fromkeys(TYPES, "")
         self._slice_start = 0.0
@@ -185,6 +232,8 @@ class XdsClient:
             backoff_base_s=cfg.xds.backoff_base_s,
             backoff_max_s=cfg.xds.backoff_max_s,
             resource_timeout_s=cfg.xds.resource_timeout_s,
+            max_subscriptions=cfg.xds.max_subscriptions,
+            max_request_bytes=cfg.xds.max_request_bytes,
         )
 
     # --- public API ---------------------------------------------------------
@@ -203,12 +252,15 @@ class XdsClient:
         e = self._entries.get(appkey)
         return e.state if e is not None else None
 
+    def error(self, appkey: str) -> str:
+        """Why the control plane's last version of appkey was rejected ("" if it was not)."""
+        e = self._entries.get(appkey)
+        return e.error if e is not None else ""
+
     def service(self, appkey: str) -> model.Service | None:
         """The last service pushed to the sink for appkey (None if none)."""
         e = self._entries.get(appkey)
-        if e is None or e.settings is None or e.endpoints is None:
-            return None
-        return make_service(e.settings, e.endpoints)
+        return e.pushed if e is not None else None
 
     def versions(self) -> dict[str, str]:
         """Last accepted version per type (SotW version_info; delta system_version_info)."""
@@ -224,7 +276,9 @@ class XdsClient:
                 "cluster_version": e.cluster_version,
                 "endpoints_version": e.cla_version,
                 "lb_policy": e.settings.lb_policy.value if e.settings else None,
-                "endpoints": len(e.endpoints) if e.endpoints is not None else None,
+                "static": bool(e.settings and e.settings.static_endpoints is not None),
+                "endpoints": len(e.pushed.endpoints) if e.pushed is not None else None,
+                "error": e.error,
             }
         return {
             "server": self.server,
@@ -252,28 +306,54 @@ class XdsClient:
         for e in self._entries.values():
             self._cancel_timer(e)
 
+    def check(self, appkeys: Iterable[str]) -> list[str]:
+        """The appkeys not subscribed yet; raises SubscriptionError (BadAppkey,
+        TooManySubscriptions) if subscribing them would be refused."""
+        added = [a for a in dict.fromkeys(appkeys) if a not in self._subs]
+        for a in added:
+            problem = appkey_problem(a)
+            if problem is not None:
+                raise BadAppkey(problem)
+        if len(self._subs) + len(added) > self.max_subscriptions:
+            raise TooManySubscriptions(
+                f"subscription limit reached: {len(self._subs)} subscribed, {len(added)} more "
+                f"asked for, at most {self.max_subscriptions} (xds.max_subscriptions)"
+            )
+        more = sum(len(a.encode()) + _NAME_OVERHEAD for a in added)
+        # a SotW request carries every name (delta requests are split instead)
+        if not self.delta and self._names_bytes + more + _REQUEST_OVERHEAD > self.max_request_bytes:
+            raise TooManySubscriptions(
+                f"subscription limit reached: the names would not fit a request of "
+                f"{self.max_request_bytes} bytes (xds.max_request_bytes)"
+            )
+        return added
+
     def subscribe(self, appkeys: Iterable[str]) -> set[str]:
-        """Ask for these services; returns the ones that were not subscribed yet."""
-        added = {a for a in appkeys if a and a not in self._subs}
+        """Ask for these services; returns the ones that were not subscribed yet.
+        Raises SubscriptionError (and subscribes none of them) if one is refused."""
+        added = self.check(appkeys)
         for a in added:
             self._subs.add(a)
+            self._names_bytes += len(a.encode()) + _NAME_OVERHEAD
             self._entries[a] = _Entry()
         if added:
-            self._dirty.set()
+            self._schedule_flush()
             self._notify()
-        return added
+        return set(added)
 
     def unsubscribe(self, appkeys: Iterable[str]) -> set[str]:
         """Stop asking for these services; they are removed from the sink."""
         removed = {a for a in appkeys if a in self._subs}
         for a in removed:
             self._subs.discard(a)
+            self._names_bytes -= len(a.encode()) + _NAME_OVERHEAD
             e = self._entries.pop(a)
+            self._eds_refresh.discard(a)
             self._cancel_timer(e)
-            if e.pushed:
+            if e.pushed is not None:
                 self._sink_remove(a)
         if removed:
-            self._dirty.set()
+            self._schedule_flush()
             self._notify()
         return removed
 
@@ -323,11 +403,16 @@ class XdsClient:
             e.timer.cancel()
             e.timer = None
 
-    def _sink_update(self, appkey: str, e: _Entry) -> None:
-        assert e.settings is not None and e.endpoints is not None
+    def _push(self, appkey: str, e: _Entry) -> None:
+        """Make the sink hold the entry's service (if it is complete and changed)."""
+        assert e.settings is not None
+        eps = e.cla if e.cla is not None else ()
+        svc = make_service(e.settings, eps)
+        if svc == e.pushed:
+            return
         try:
-            self.sink.update_service(make_service(e.settings, e.endpoints))
-            e.pushed = True
+            self.sink.update_service(svc)
+            e.pushed = svc
             self.stats.services_updated += 1
         except Exception:
             log.exception("route sink rejected service %s", appkey)
@@ -377,6 +462,7 @@ class XdsClient:
                 ("grpc.keepalive_time_ms", 20_000),
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+                ("grpc.max_send_message_length", self.max_request_bytes),
                 ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 1000),
             ],
@@ -391,14 +477,17 @@ class XdsClient:
             call = (
                 stub.DeltaAggregatedResources() if self.delta else stub.StreamAggregatedResources()
             )
-            self._call = call
             self._node_sent = False
             self._sent_names = {t: set() for t in TYPES}
             self._started_types = set()
             self._nonce = dict.fromkeys(TYPES, "")
+            self._eds_refresh = set()
+            self._busy = False
+            self._out = asyncio.Queue()
             self.stats.streams += 1
-            self._dirty.set()
-            writer = asyncio.get_running_loop().create_task(self._writer(call))
+            writer = asyncio.get_running_loop().create_task(self._writer(call, self._out))
+            self._flush()
+            self._set_connected(True)
             while True:
                 resp = await call.read()
                 if resp is grpc.aio.EOF:
@@ -407,19 +496,32 @@ class XdsClient:
                     return got
                 got = True
                 self.stats.responses += 1
-                req = await (self._on_delta(resp) if self.delta else self._on_sotw(resp))
-                await self._write(call, req)
+                # nothing else is queued until this response is ACKed or NACKed
+                self._busy = True
+                try:
+                    req = await (self._on_delta(resp) if self.delta else self._on_sotw(resp))
+                    self._out.put_nowait(self._with_node(req))
+                finally:
+                    self._busy = False
+                self._flush()
         finally:
-            self._call = None
+            self._out = None
             if writer is not None:
                 writer.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await writer
             await channel.close(grace=None)
 
-    async def _write(self, call: Any, req: Any) -> None:
-        async with self._write_lock:
-            await call.write(req)
+    async def _writer(self, call: Any, out: asyncio.Queue[Any]) -> None:
+        """Writes the queued requests, in order, while the stream lives."""
+        try:
+            while True:
+                await call.write(await out.get())
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("xDS write failed: %r", e)
+            call.cancel()
 
     def _with_node(self, req: Any) -> Any:
         if not self._node_sent:
@@ -427,71 +529,115 @@ class XdsClient:
             self._node_sent = True
         return req
 
-    async def _writer(self, call: Any) -> None:
-        """Sends subscription changes (coalesced) while the stream lives."""
-        try:
-            while True:
-                await self._dirty.wait()
-                self._dirty.clear()
-                # connected: the first request of the stream is going out now
-                self._set_connected(True)
-                for t in TYPES:  # CDS before EDS
-                    req = self._sub_request(t)
-                    if req is not None:
-                        await self._write(call, req)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            log.warning("xDS write failed: %r", e)
-            call.cancel()
+    def _schedule_flush(self) -> None:
+        """Coalesce the subscription changes of this loop iteration into one flush."""
+        if self._flush_soon is None:
+            self._flush_soon = asyncio.get_running_loop().call_soon(self._flush)
 
-    def _sub_request(self, t: str) -> Any:
-        """The request that brings the server to our subscription set for t (None: nothing to do)."""
-        want = self._subs
+    def _flush(self) -> None:
+        """Queue the requests that bring the server to our subscription set:
+        CDS first, then EDS for names CDS asked for.  Not while a response is
+        being handled (its ACK/NACK must be the next request); called again then."""
+        if self._flush_soon is not None:
+            self._flush_soon.cancel()
+            self._flush_soon = None
+        if self._out is None or self._busy:
+            return
+        self._sub_requests(CLUSTER_TYPE, set(self._subs))
+        # EDS names are always a subset of what CDS requests already carried
+        self._sub_requests(ENDPOINT_TYPE, self._subs & self._sent_names[CLUSTER_TYPE])
+
+    def _sub_requests(self, t: str, want: set[str]) -> None:
+        assert self._out is not None
         sent = self._sent_names[t]
-        if want == sent and t in self._started_types:
-            return None
-        if t not in self._started_types and not want:
-            return None  # never ask for nothing (an empty first request means wildcard)
-        new = want - sent
-        if self.delta:
-            req = discovery_pb2.DeltaDiscoveryRequest(type_url=t)
-            if t not in self._started_types:
-                req.resource_names_subscribe.extend(sorted(want))
-                for name in want:
-                    e = self._entries[name]
-                    v = e.cluster_version if t == CLUSTER_TYPE else e.cla_version
-                    if v:
-                        req.initial_resource_versions[name] = v
-            else:
-                req.resource_names_subscribe.extend(sorted(new))
-                req.resource_names_unsubscribe.extend(sorted(sent - want))
-        else:
-            req = self._sotw_request(t)
+        started = t in self._started_types
+        refresh: set[str] = set()
+        if t == ENDPOINT_TYPE:
+            # names not asked for yet get their assignment with their first request
+            refresh = self._eds_refresh & want & sent
+            self._eds_refresh.clear()
+        if not started and not want:
+            return  # never ask for nothing (an empty first request means wildcard)
+        if started and want == sent and not refresh:
+            return
+        if refresh:
+            # asked for again, the server must send it again (a re-added cluster's
+            # assignment that a server sending only changes would not resend)
+            for req in self._requests(t, want - refresh, sent):
+                self._out.put_nowait(self._with_node(req))
+            sent = want - refresh
+        for req in self._requests(t, want, sent):
+            self._out.put_nowait(self._with_node(req))
         self._started_types.add(t)
         self._sent_names[t] = set(want)
         if t == CLUSTER_TYPE:
-            for name in new:
+            for name in want - sent:
                 self._arm_timer(name)
-        return self._with_node(req)
+        else:
+            for name in refresh:
+                self._arm_timer(name)
 
-    def _sotw_request(self, t: str, error: str | None = None) -> discovery_pb2.DiscoveryRequest:
+    def _requests(self, t: str, want: set[str], sent: set[str]) -> list[Any]:
+        """The request(s) from subscription ``sent`` to ``want`` for type t.
+        Delta requests are split so none exceeds max_request_bytes."""
+        if not self.delta:
+            req = self._sotw_request(t)
+            del req.resource_names[:]
+            req.resource_names.extend(sorted(want))
+            return [req]
+        first = t not in self._started_types
+        sub = sorted(want if first else want - sent)
+        unsub = sorted(sent - want)
+        out: list[Any] = []
+        req = discovery_pb2.DeltaDiscoveryRequest(type_url=t)
+        size = _REQUEST_OVERHEAD
+        for kind, names in (("sub", sub), ("unsub", unsub)):
+            for name in names:
+                version = ""
+                if kind == "sub" and first:
+                    e = self._entries.get(name)
+                    if e is not None:
+                        version = e.cluster_version if t == CLUSTER_TYPE else e.cla_version
+                        if t == ENDPOINT_TYPE and e.cla is None:
+                            version = ""
+                n = len(name.encode()) * (2 if version else 1) + len(version) + 3 * _NAME_OVERHEAD
+                if size + n > self.max_request_bytes and (
+                    req.resource_names_subscribe or req.resource_names_unsubscribe
+                ):
+                    out.append(req)
+                    req = discovery_pb2.DeltaDiscoveryRequest(type_url=t)
+                    size = _REQUEST_OVERHEAD
+                size += n
+                if kind == "unsub":
+                    req.resource_names_unsubscribe.append(name)
+                else:
+                    req.resource_names_subscribe.append(name)
+                    if version:
+                        req.initial_resource_versions[name] = version
+        out.append(req)
+        return out
+
+    def _sotw_request(
+        self, t: str, errors: list[str] | None = None
+    ) -> discovery_pb2.DiscoveryRequest:
+        """A SotW request for t carrying the names last asked for (an ACK, or a NACK)."""
         req = discovery_pb2.DiscoveryRequest(
             type_url=t, version_info=self._version[t], response_nonce=self._nonce[t]
         )
-        req.resource_names.extend(sorted(self._subs))
-        if error is not None:
-            req.error_detail.CopyFrom(_status(error))
+        req.resource_names.extend(sorted(self._sent_names[t]))
+        if errors:
+            req.error_detail.CopyFrom(_status(errors))
         return req
 
     def _arm_timer(self, name: str) -> None:
+        """Start the resource timeout for a name just asked for (if it is not settled)."""
         e = self._entries.get(name)
         if e is None or e.state is not ResourceState.PENDING:
             return
         self._cancel_timer(e)
-        e.timer = asyncio.get_running_loop().call_later(
-            self.resource_timeout_s, self._on_timeout, name
-        )
+        loop = asyncio.get_running_loop()
+        e.asked_at = loop.time()
+        e.timer = loop.call_later(self.resource_timeout_s, self._on_timeout, name)
 
     def _on_timeout(self, name: str) -> None:
         e = self._entries.get(name)
@@ -500,25 +646,31 @@ class XdsClient:
         e.timer = None
         if e.state is not ResourceState.PENDING:
             return
+        waited = asyncio.get_running_loop().time() - e.asked_at
+        self.stats.resource_timeouts += 1
         if e.settings is None:
-            log.warning("xDS: Cluster %r does not exist (not answered): declared missing", name)
+            log.warning(
+                "xDS: Cluster %r not received %.1fs after it was requested: "
+                "it does not exist (it is still used if it comes later)",
+                name,
+                waited,
+            )
             e.state = ResourceState.MISSING
         else:
             log.warning(
-                "xDS: no endpoints for %r after %.1fs: serving it empty",
+                "xDS: no ClusterLoadAssignment for %r %.1fs after it was requested: "
+                "serving it with no endpoints until one comes",
                 name,
-                self.resource_timeout_s,
+                waited,
             )
-            e.endpoints = ()
+            e.timed_out = True
             e.state = ResourceState.READY
-            self._sink_update(name, e)
+            self._push(name, e)
         self._notify()
 
     # --- responses ----------------------------------------------------------
 
-    def _decode(self, t: str, type_url: str, raw: bytes, where: str) -> Any:
-        if type_url != t:
-            raise ResourceError(f"{where}: resource type {type_url} in a {t} response")
+    def _decode(self, t: str, raw: bytes, where: str) -> Any:
         cls = cluster_pb2.Cluster if t == CLUSTER_TYPE else endpoint_pb2.ClusterLoadAssignment
         try:
             return cls.FromString(raw)
@@ -532,88 +684,115 @@ class XdsClient:
             await asyncio.sleep(0)
             self._slice_start = time.perf_counter()
 
-    def _plan_cluster(self, plan: _Plan, name: str, body: bytes, version: str, msg: Any) -> None:
+    def _plan_one(
+        self, plan: _Plan, t: str, name: str, body: bytes, version: str, msg: Any
+    ) -> None:
         e = self._entries[name]
         raw = digest(body)
-        if raw == e.cluster_raw:
-            if version != e.cluster_version:
-                assert e.settings is not None
-                plan.clusters[name] = (e.settings, raw, version)
-            return
-        c = msg if msg is not None else self._decode(CLUSTER_TYPE, CLUSTER_TYPE, body, name)
-        if c.name != name:
-            raise ResourceError(f"Cluster {c.name!r} delivered under the name {name!r}")
-        plan.clusters[name] = (cluster_to_settings(c), raw, version)
-
-    def _plan_cla(self, plan: _Plan, name: str, body: bytes, version: str, msg: Any) -> None:
-        e = self._entries[name]
-        if e.settings is None and name not in plan.clusters:
-            raise ResourceError(
-                f"ClusterLoadAssignment {name!r}: no Cluster {name!r} received (CDS must come first)"
-            )
-        raw = digest(body)
-        if raw == e.cla_raw:
-            if version != e.cla_version:
-                assert e.endpoints is not None
-                plan.clas[name] = (e.endpoints, raw, version, e.ep_cache)
-            return
-        cla = msg if msg is not None else self._decode(ENDPOINT_TYPE, ENDPOINT_TYPE, body, name)
-        if cla.cluster_name != name:
-            raise ResourceError(
-                f"ClusterLoadAssignment {cla.cluster_name!r} delivered under the name {name!r}"
-            )
-        cache: EndpointCache = {}
-        plan.clas[name] = (cla_to_endpoints(cla, e.ep_cache, cache), raw, version, cache)
+        try:
+            if t == CLUSTER_TYPE:
+                if raw == e.cluster_raw:
+                    if version != e.cluster_version:
+                        assert e.settings is not None
+                        plan.clusters[name] = (e.settings, raw, version)
+                    return
+                c = msg if msg is not None else self._decode(t, body, f"Cluster {name!r}")
+                if c.name != name:
+                    raise ResourceError(f"Cluster {c.name!r} delivered under the name {name!r}")
+                plan.clusters[name] = (cluster_to_settings(c), raw, version)
+            else:
+                if raw == e.cla_raw:
+                    if version != e.cla_version:
+                        assert e.cla is not None
+                        plan.clas[name] = (e.cla, raw, version, e.ep_cache)
+                    return
+                where = f"ClusterLoadAssignment {name!r}"
+                cla = msg if msg is not None else self._decode(t, body, where)
+                if cla.cluster_name != name:
+                    raise ResourceError(
+                        f"ClusterLoadAssignment {cla.cluster_name!r} delivered under the name {name!r}"
+                    )
+                cache: EndpointCache = {}
+                plan.clas[name] = (cla_to_endpoints(cla, e.ep_cache, cache), raw, version, cache)
+        except ResourceError as bad:
+            plan.rejected[name] = str(bad)
+            plan.errors.append(str(bad))
 
     def _check_service_names(self, plan: _Plan) -> None:
+        """A RequestInfo.serviceName routes to one appkey: a cluster of this
+        response claiming a name another cluster holds is rejected."""
         if not plan.clusters:
             return
         owner: dict[str, str] = {}
-        removed = set(plan.removed_clusters)
+        gone = set(plan.removed_clusters) | set(plan.clusters)
         for name, e in self._entries.items():
-            if name in removed:
+            if name not in gone and e.settings is not None:
+                for sn in e.settings.service_names:
+                    owner.setdefault(sn, name)
+        for name in list(plan.clusters):
+            settings = plan.clusters[name][0]
+            clash = next((sn for sn in settings.service_names if owner.get(sn, name) != name), None)
+            if clash is not None:
+                a, b = sorted((owner[clash], name))
+                err = (
+                    f"Cluster {name!r}: service name {clash!r} is claimed by both "
+                    f"Cluster {a!r} and Cluster {b!r}"
+                )
+                del plan.clusters[name]
+                plan.rejected[name] = err
+                plan.errors.append(err)
                 continue
-            s = plan.clusters[name][0] if name in plan.clusters else e.settings
-            if s is None:
-                continue
-            for sn in s.service_names:
-                other = owner.setdefault(sn, name)
-                if other != name:
-                    a, b = sorted((other, name))
-                    raise ResourceError(
-                        f"service name {sn!r} is claimed by both Cluster {a!r} and Cluster {b!r}"
-                    )
+            for sn in settings.service_names:
+                owner[sn] = name
 
     async def _plan_sotw(self, resp: discovery_pb2.DiscoveryResponse) -> _Plan:
         t = resp.type_url
         plan = _Plan()
-        seen: set[str] = set()
+        named: dict[str, tuple[bytes, Any]] = {}
+        twice: set[str] = set()
+        unnamed = False  # a resource whose name is unknown: it might be any of ours
         for i, any_ in enumerate(resp.resources):
             await self._pace()
-            msg = self._decode(t, any_.type_url, any_.value, f"resources[{i}]")
+            if any_.type_url != t:
+                plan.errors.append(
+                    f"resources[{i}]: resource type {any_.type_url} in a {t} response"
+                )
+                unnamed = True
+                continue
+            try:
+                msg = self._decode(t, any_.value, f"resources[{i}]")
+            except ResourceError as bad:
+                plan.errors.append(str(bad))
+                unnamed = True
+                continue
             name = msg.name if t == CLUSTER_TYPE else msg.cluster_name
             if not name:
-                kind = "Cluster" if t == CLUSTER_TYPE else "ClusterLoadAssignment"
-                raise ResourceError(f"resources[{i}]: {kind} without a name")
-            if name in seen:
-                raise ResourceError(f"resources[{i}]: {name!r} appears twice in the response")
-            seen.add(name)
-            if name not in self._entries:
-                continue  # not (or no longer) subscribed
-            if t == CLUSTER_TYPE:
-                self._plan_cluster(plan, name, any_.value, "", msg)
-            else:
-                self._plan_cla(plan, name, any_.value, "", msg)
+                plan.errors.append(f"resources[{i}]: {_KIND[t]} without a name")
+                unnamed = True
+                continue
+            if name in named:
+                twice.add(name)
+                continue
+            named[name] = (any_.value, msg)
+        for name in sorted(twice):
+            err = f"{_KIND[t]} {name!r}: appears twice in the response"
+            plan.errors.append(err)
+            if name in self._entries:
+                plan.rejected[name] = err
+        for name, (body, msg) in named.items():
+            if name in self._entries and name not in twice:
+                await self._pace()
+                self._plan_one(plan, t, name, body, "", msg)
         if t == CLUSTER_TYPE:
-            # SotW CDS carries every subscribed cluster: absent means gone / does not exist
-            for name in self._sent_names[CLUSTER_TYPE]:
-                e = self._entries.get(name)
-                if e is None or name in seen:
-                    continue
-                if e.settings is not None:
-                    plan.removed_clusters.append(name)
-                elif e.state is ResourceState.PENDING:
-                    plan.absent.append(name)
+            # SotW CDS responses carry every subscribed cluster that exists: one
+            # seen before and absent now was removed.  One never seen may just
+            # not be known to the server yet (the response may predate the
+            # request naming it): only the resource timeout settles it.
+            if not unnamed:
+                for name in self._sent_names[CLUSTER_TYPE]:
+                    e = self._entries.get(name)
+                    if e is not None and name not in named and e.settings is not None:
+                        plan.removed_clusters.append(name)
             self._check_service_names(plan)
         return plan
 
@@ -623,78 +802,98 @@ class XdsClient:
         seen: set[str] = set()
         for i, r in enumerate(resp.resources):
             await self._pace()
-            where = f"resources[{i}] ({r.name!r})"
             if not r.name:
-                raise ResourceError(f"resources[{i}]: Resource without a name")
+                plan.errors.append(f"resources[{i}]: Resource without a name")
+                continue
             if r.name in seen:
-                raise ResourceError(f"{where}: appears twice in the response")
+                err = f"{_KIND[t]} {r.name!r}: appears twice in the response"
+                plan.errors.append(err)
+                plan.clusters.pop(r.name, None)
+                plan.clas.pop(r.name, None)
+                if r.name in self._entries:
+                    plan.rejected[r.name] = err
+                continue
             seen.add(r.name)
             if r.name not in self._entries:
                 continue
+            err = ""
             if not r.HasField("resource"):
-                raise ResourceError(f"{where}: Resource without a resource body")
-            if r.resource.type_url != t:
-                raise ResourceError(
-                    f"{where}: resource type {r.resource.type_url} in a {t} response"
+                err = f"{_KIND[t]} {r.name!r}: Resource without a resource body"
+            elif r.resource.type_url != t:
+                err = (
+                    f"{_KIND[t]} {r.name!r}: resource type {r.resource.type_url} in a {t} response"
                 )
-            if t == CLUSTER_TYPE:
-                self._plan_cluster(plan, r.name, r.resource.value, r.version, None)
-            else:
-                self._plan_cla(plan, r.name, r.resource.value, r.version, None)
+            if err:
+                plan.rejected[r.name] = err
+                plan.errors.append(err)
+                continue
+            self._plan_one(plan, t, r.name, r.resource.value, r.version, None)
         for name in resp.removed_resources:
             if name in seen:
-                raise ResourceError(f"{name!r} is both updated and removed in the response")
+                err = f"{_KIND[t]} {name!r}: both updated and removed in the response"
+                plan.errors.append(err)
+                plan.clusters.pop(name, None)
+                plan.clas.pop(name, None)
+                continue
             e = self._entries.get(name)
             if e is None:
                 continue
             if t == CLUSTER_TYPE:
                 if e.settings is not None:
                     plan.removed_clusters.append(name)
-                elif e.state is ResourceState.PENDING:
+                elif e.state is not ResourceState.MISSING:
                     plan.missing.append(name)
-            elif e.endpoints is not None or e.settings is not None:
+            elif e.cla is not None or e.settings is not None:
                 plan.removed_clas.append(name)
         if t == CLUSTER_TYPE:
             self._check_service_names(plan)
         return plan
 
     def _apply(self, plan: _Plan) -> None:
-        changed: set[str] = set()
+        touched: set[str] = set()
         # names unsubscribed while the plan was being made are skipped
         for name, (settings, raw, version) in plan.clusters.items():
             e = self._entries.get(name)
             if e is None:
                 continue
-            if e.settings != settings:
-                changed.add(name)
+            was_eds = e.settings is not None and e.settings.static_endpoints is None
+            if settings.static_endpoints is None and (e.removed or (e.settings and not was_eds)):
+                # a cluster back after a removal (or now EDS): ask for its assignment
+                # again, a server sending only changes would not resend it
+                self._eds_refresh.add(name)
             e.settings, e.cluster_raw, e.cluster_version = settings, raw, version
+            e.removed = False
+            touched.add(name)
         for name, (eps, raw, version, cache) in plan.clas.items():
             e = self._entries.get(name)
             if e is None:
                 continue
-            if e.endpoints != eps:
-                changed.add(name)
-            e.endpoints, e.cla_raw, e.cla_version, e.ep_cache = eps, raw, version, cache
+            e.cla, e.cla_raw, e.cla_version, e.ep_cache = eps, raw, version, cache
+            touched.add(name)
         for name in plan.removed_clas:
             e = self._entries.get(name)
             if e is None:
                 continue
-            if e.endpoints is None or e.endpoints:
-                changed.add(name)
-            e.endpoints, e.cla_raw, e.cla_version, e.ep_cache = (), None, "", {}
+            # the cluster (if any) stays, with no endpoints
+            e.cla = () if e.settings is not None else None
+            e.cla_raw, e.cla_version, e.ep_cache = None, "", {}
+            touched.add(name)
         for name in plan.removed_clusters:
             e = self._entries.get(name)
             if e is None:
                 continue
             log.info("xDS: Cluster %r removed by the control plane", name)
-            e.settings = e.endpoints = e.cluster_raw = e.cla_raw = None
-            e.cluster_version = e.cla_version = ""
-            e.ep_cache = {}
+            e.settings, e.cluster_raw, e.cluster_version = None, None, ""
+            e.removed, e.timed_out = True, False
+            if e.cla_raw is None:
+                e.cla = None  # keep a received assignment only, for when it comes back
             e.state = ResourceState.MISSING
+            e.error = ""
             self._cancel_timer(e)
-            if e.pushed:
-                e.pushed = False
+            if e.pushed is not None:
+                e.pushed = None
                 self._sink_remove(name)
+            touched.discard(name)
         for name in plan.missing:
             e = self._entries.get(name)
             if e is None:
@@ -702,60 +901,67 @@ class XdsClient:
             log.info("xDS: Cluster %r does not exist", name)
             e.state = ResourceState.MISSING
             self._cancel_timer(e)
-        for name in plan.absent:
-            # Absent from a SotW CDS response: it does not exist, unless that response
-            # was built before the server saw the request that added the name.  Its
-            # answer to that request would follow at once, so wait a short grace.
+        for name, err in plan.rejected.items():
             e = self._entries.get(name)
-            if e is None or e.state is not ResourceState.PENDING:
+            if e is None:
                 continue
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + min(SOTW_ABSENT_GRACE_S, self.resource_timeout_s)
-            if e.timer is None or e.timer.when() > deadline:
+            self.stats.rejected_resources += 1
+            e.error = err
+            if e.state is ResourceState.PENDING and name not in touched:
+                # nothing usable: settle it now rather than at the timeout
+                e.state = ResourceState.INVALID
                 self._cancel_timer(e)
-                e.timer = loop.call_at(deadline, self._on_timeout, name)
-        for name in changed:
+        for name in touched:
             e = self._entries[name]
-            if e.settings is not None and e.endpoints is not None:
-                e.state = ResourceState.READY
-                self._cancel_timer(e)
-                self._sink_update(name, e)
-        if changed or plan.removed_clusters or plan.missing:
+            if name not in plan.rejected:
+                e.error = ""
+            if e.settings is None:
+                continue  # an assignment waiting for its cluster
+            if e.settings.static_endpoints is None and e.cla is None and not e.timed_out:
+                # a cluster waiting for its assignment (again: after a removal,
+                # a timeout or a rejection it gets a resource timeout of its own)
+                if e.state is not ResourceState.PENDING:
+                    e.state = ResourceState.PENDING
+                    self._arm_timer(name)
+                continue
+            e.state = ResourceState.READY
+            self._cancel_timer(e)
+            self._push(name, e)
+        if touched or plan.removed_clusters or plan.missing or plan.rejected:
             self._notify()
 
-    def _nack(self, t: str, nonce: str, err: str) -> None:
+    def _nack(self, t: str, nonce: str, errors: list[str]) -> None:
         self.stats.nacks += 1
-        self.stats.last_nack = err
-        log.error("xDS: rejecting %s response (nonce %s): %s", _SHORT.get(t, t), nonce, err)
+        self.stats.last_nack = "; ".join(errors)[:4096]
+        log.error(
+            "xDS: rejecting %s response (nonce %s), %d problem(s): %s",
+            _SHORT.get(t, t),
+            nonce,
+            len(errors),
+            self.stats.last_nack,
+        )
 
     async def _on_sotw(
         self, resp: discovery_pb2.DiscoveryResponse
     ) -> discovery_pb2.DiscoveryRequest:
         t = resp.type_url
         if t not in TYPES:
-            self._nack(t, resp.nonce, f"unsupported type {t}")
+            errors = [f"unsupported type {t}"]
+            self._nack(t, resp.nonce, errors)
             req = discovery_pb2.DiscoveryRequest(type_url=t, response_nonce=resp.nonce)
-            req.error_detail.CopyFrom(_status(f"unsupported type {t}"))
+            req.error_detail.CopyFrom(_status(errors))
             return req
         self._nonce[t] = resp.nonce
-        try:
-            self._slice_start = time.perf_counter()
-            plan = await self._plan_sotw(resp)
-        except ResourceError as e:
-            self._nack(t, resp.nonce, str(e))
-            req = self._sotw_request(t, str(e))
-        else:
-            self._apply(plan)
-            self._version[t] = resp.version_info
-            self.stats.acks += 1
-            req = self._sotw_request(t)
-        # every SotW request carries the whole subscription: this one may add names
-        new = self._subs - self._sent_names[t]
-        self._sent_names[t] = set(self._subs)
-        if t == CLUSTER_TYPE:
-            for name in new:
-                self._arm_timer(name)
-        return self._with_node(req)
+        self._slice_start = time.perf_counter()
+        plan = await self._plan_sotw(resp)
+        self._apply(plan)
+        if plan.errors:
+            # the valid resources are applied; the version stays the last fully accepted one
+            self._nack(t, resp.nonce, plan.errors)
+            return self._sotw_request(t, plan.errors)
+        self._version[t] = resp.version_info
+        self.stats.acks += 1
+        return self._sotw_request(t)
 
     async def _on_delta(
         self, resp: discovery_pb2.DeltaDiscoveryResponse
@@ -763,18 +969,18 @@ class XdsClient:
         t = resp.type_url
         req = discovery_pb2.DeltaDiscoveryRequest(type_url=t, response_nonce=resp.nonce)
         if t not in TYPES:
-            self._nack(t, resp.nonce, f"unsupported type {t}")
-            req.error_detail.CopyFrom(_status(f"unsupported type {t}"))
-            return self._with_node(req)
-        try:
-            self._slice_start = time.perf_counter()
-            plan = await self._plan_delta(resp)
-        except ResourceError as e:
-            self._nack(t, resp.nonce, str(e))
-            req.error_detail.CopyFrom(_status(str(e)))
+            errors = [f"unsupported type {t}"]
+            self._nack(t, resp.nonce, errors)
+            req.error_detail.CopyFrom(_status(errors))
+            return req
+        self._slice_start = time.perf_counter()
+        plan = await self._plan_delta(resp)
+        self._apply(plan)
+        if plan.errors:
+            self._nack(t, resp.nonce, plan.errors)
+            req.error_detail.CopyFrom(_status(plan.errors))
         else:
-            self._apply(plan)
             self.stats.acks += 1
             if resp.system_version_info:
                 self._version[t] = resp.system_version_info
-        return self._with_node(req)
+        return req

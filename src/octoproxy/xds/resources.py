@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,26 @@ class ResourceError(ValueError):
     """A resource that cannot be applied; the message is sent back in the NACK."""
 
 
+# What a subscribable appkey (= xDS resource name) looks like.  Never "*" (the
+# wildcard) and nothing a control plane could read as an xdstp:// name.
+APPKEY_MAX_LEN = 255
+_APPKEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def appkey_problem(appkey: object) -> str | None:
+    """Why ``appkey`` cannot be subscribed to (None: it can)."""
+    if not isinstance(appkey, str) or not appkey:
+        return "an appkey must be a non-empty string"
+    if len(appkey) > APPKEY_MAX_LEN:
+        return f"appkey {appkey[:40]!r}... is longer than {APPKEY_MAX_LEN} characters"
+    if not _APPKEY_RE.fullmatch(appkey):
+        return (
+            f"appkey {appkey[:80]!r} has a character outside A-Z a-z 0-9 . _ - "
+            "(or does not start with a letter or digit)"
+        )
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterSettings:
     """What a Cluster contributes to a `model.Service`."""
@@ -84,6 +105,8 @@ class ClusterSettings:
     lb_policy: model.LbPolicy
     set_enabled: bool
     service_names: tuple[str, ...]
+    # STATIC cluster: its inline load_assignment (no EDS); None for an EDS cluster
+    static_endpoints: tuple[model.Endpoint, ...] | None = None
 
 
 def _field(struct: struct_pb2.Struct, key: str) -> struct_pb2.Value | None:
@@ -121,10 +144,9 @@ def cluster_to_settings(c: cluster_pb2.Cluster) -> ClusterSettings:
             f"{where}: lb_policy {pol} is not supported "
             "(ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV)"
         )
-    if c.HasField("type") and c.type != _C.EDS:
-        raise ResourceError(f"{where}: type must be EDS, got {_C.DiscoveryType.Name(c.type)}")
+    static = _static_endpoints(c, where)
     svc = c.eds_cluster_config.service_name
-    if svc and svc != name:
+    if static is None and svc and svc != name:
         raise ResourceError(
             f"{where}: eds_cluster_config.service_name {svc!r} must be empty or the cluster name"
         )
@@ -156,13 +178,47 @@ def cluster_to_settings(c: cluster_pb2.Cluster) -> ClusterSettings:
                     )
                 names.append(s)
             service_names = tuple(names)
-    return ClusterSettings(name, lb, set_enabled, service_names)
+    return ClusterSettings(name, lb, set_enabled, service_names, static)
+
+
+def _static_endpoints(c: cluster_pb2.Cluster, where: str) -> tuple[model.Endpoint, ...] | None:
+    """EDS cluster: None.  STATIC (also ``type`` unset: the proto default): the
+    endpoints of its inline load_assignment.  Other discovery types: rejected."""
+    kind = c.WhichOneof("cluster_discovery_type")
+    if kind == "cluster_type":
+        raise ResourceError(
+            f"{where}: cluster_type {c.cluster_type.name!r} (a custom cluster) is not supported; "
+            "use type EDS, or STATIC with an inline load_assignment"
+        )
+    if c.type == _C.EDS:
+        return None
+    if c.type != _C.STATIC:
+        raise ResourceError(
+            f"{where}: type {_C.DiscoveryType.Name(c.type)} is not supported "
+            "(EDS, or STATIC with an inline load_assignment)"
+        )
+    unset = "" if kind == "type" else " (type unset)"
+    if not c.HasField("load_assignment"):
+        if c.HasField("eds_cluster_config"):
+            raise ResourceError(
+                f"{where}: a STATIC cluster{unset} with eds_cluster_config and no "
+                "load_assignment: set type: EDS for endpoints over EDS"
+            )
+        return ()
+    la = c.load_assignment
+    if la.cluster_name and la.cluster_name != c.name:
+        raise ResourceError(
+            f"{where}: load_assignment.cluster_name {la.cluster_name!r} must be empty or "
+            "the cluster name"
+        )
+    return cla_to_endpoints(la, label=f"{where}: load_assignment")
 
 
 def cla_to_endpoints(
     cla: endpoint_pb2.ClusterLoadAssignment,
     cache: EndpointCache | None = None,
     new_cache: EndpointCache | None = None,
+    label: str | None = None,
 ) -> tuple[model.Endpoint, ...]:
     """The endpoints of an assignment (ResourceError if any is malformed).
 
@@ -171,8 +227,10 @@ def cla_to_endpoints(
     LbEndpoints are not converted again and keep their Endpoint object.
     """
     name = cla.cluster_name
-    if not name:
-        raise ResourceError("ClusterLoadAssignment without a cluster_name")
+    if label is None:
+        if not name:
+            raise ResourceError("ClusterLoadAssignment without a cluster_name")
+        label = f"ClusterLoadAssignment {name!r}"
     out: list[model.Endpoint] = []
     seen: set[tuple[str, int]] = set()
     for li, lle in enumerate(cla.endpoints):
@@ -180,7 +238,7 @@ def cla_to_endpoints(
         idc = lle.locality.zone
         prio_role = model.ROLE_BACKUP if lle.priority > 0 else model.ROLE_PRIMARY
         for ei, lbe in enumerate(lle.lb_endpoints):
-            where = f"ClusterLoadAssignment {name!r}: endpoints[{li}].lb_endpoints[{ei}]"
+            where = f"{label}: endpoints[{li}].lb_endpoints[{ei}]"
             key = None
             if new_cache is not None:
                 key = (region, idc, prio_role, digest(lbe.SerializeToString(deterministic=True)))
@@ -267,6 +325,9 @@ def cla_to_endpoints(
 
 
 def make_service(settings: ClusterSettings, endpoints: tuple[model.Endpoint, ...]) -> model.Service:
+    """``endpoints`` is the assignment (EDS); a STATIC cluster brings its own."""
+    if settings.static_endpoints is not None:
+        endpoints = settings.static_endpoints
     return model.Service(
         appkey=settings.appkey,
         endpoints=endpoints,
@@ -290,6 +351,7 @@ def service_to_cluster(svc: model.Service) -> cluster_pb2.Cluster:
 def service_to_cla(svc: model.Service) -> endpoint_pb2.ClusterLoadAssignment:
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=svc.appkey)
     groups: dict[tuple[str, str], endpoint_components_pb2.LocalityLbEndpoints] = {}
+    weights: dict[tuple[str, str], int] = {}
     for e in svc.endpoints:
         lle = groups.get((e.region, e.idc))
         if lle is None:
@@ -297,6 +359,8 @@ def service_to_cla(svc: model.Service) -> endpoint_pb2.ClusterLoadAssignment:
             lle.locality.region = e.region
             lle.locality.zone = e.idc
             groups[(e.region, e.idc)] = lle
+        if e.status == model.STATUS_ALIVE:
+            weights[(e.region, e.idc)] = weights.get((e.region, e.idc), 0) + e.weight
         lbe = lle.lb_endpoints.add()
         sa = lbe.endpoint.address.socket_address
         sa.address = e.host
@@ -314,4 +378,8 @@ def service_to_cla(svc: model.Service) -> endpoint_pb2.ClusterLoadAssignment:
             }
         )
         lbe.metadata.filter_metadata[OCTO_NS].update({"status": e.status})
+    # gRPC clients drop a locality without a weight: the sum of the weights of
+    # its serving endpoints (at least 1, at most what a uint32 holds)
+    for key, lle in groups.items():
+        lle.load_balancing_weight.value = min(max(weights.get(key, 0), 1), 2**32 - 1)
     return cla
