@@ -264,7 +264,7 @@ class Proxy:
             self.xds.start()
             self.discovery = self.xds
         else:
-            self.discovery = StaticDiscovery(self.table)
+            self.discovery = StaticDiscovery(self.table, cfg.xds.max_subscriptions)
         api = SubscribeApi(self.discovery, host=cfg.subscribe.host, port=cfg.subscribe.port,
                            uds=cfg.subscribe.uds, state_file=subscription_file(cfg),
                            timeout_s=cfg.subscribe.timeout_s)

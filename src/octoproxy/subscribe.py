@@ -4,11 +4,15 @@ HTTP (aiohttp) on ``subscribe.host:subscribe.port`` or on the UDS ``subscribe.ud
 
 - ``POST /v1/subscribe {"appkeys": [...], "timeout_s": 5}`` answers only once
   every requested service has its endpoints: 200 with the services; 404
-  ``unknown service X`` when the control plane says X does not exist (or it
-  timed out; those new subscriptions are dropped again); 503 ``control plane
-  unreachable`` when the xDS stream is down at the deadline; 504 when the
-  stream is up but the endpoints did not come in time.  ``timeout_s`` is
-  optional (default and cap: ``subscribe.timeout_s``).
+  ``unknown service X`` when the control plane says X does not exist (or its
+  resource timeout ran out); 502 when the control plane sent X but it was
+  rejected; 503 ``control plane unreachable`` when the xDS stream is down at
+  the deadline; 504 when the stream is up but the endpoints did not come in
+  time; 400 for a bad body or appkey; 429 beyond ``xds.max_subscriptions``.
+  A call that does not answer 200 leaves nothing subscribed (the names it
+  added are dropped again, unless another call still waits for them) and
+  nothing persisted.  ``timeout_s`` is optional (default and cap:
+  ``subscribe.timeout_s``; a finite number in (0, 600]).
 - ``POST /v1/unsubscribe {"appkeys": [...]}``.
 - ``GET /v1/subscriptions``.
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -32,7 +37,15 @@ from aiohttp import web
 
 from octoproxy import model
 from octoproxy.listeners import replace_stale_uds
-from octoproxy.xds.client import ResourceState, XdsClient
+from octoproxy.xds.client import (
+    DEFAULT_MAX_SUBSCRIPTIONS,
+    BadAppkey,
+    ResourceState,
+    SubscriptionError,
+    TooManySubscriptions,
+    XdsClient,
+)
+from octoproxy.xds.resources import appkey_problem
 from octoproxy.xds.sink import RouteSink
 
 if TYPE_CHECKING:
@@ -41,7 +54,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("octoproxy.subscribe")
 
 STATE_VERSION = 1
-MAX_APPKEYS = 10_000
+MAX_APPKEYS = 10_000  # per request
+MAX_TIMEOUT_S = 600.0  # a timeout_s above this is an error, not a wish
 
 
 class SubscribeError(Exception):
@@ -99,16 +113,30 @@ class StaticDiscovery:
 
     connected = True
 
-    def __init__(self, sink: RouteSink) -> None:
+    def __init__(self, sink: RouteSink, max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS) -> None:
         self.sink = sink
+        self.max_subscriptions = max_subscriptions
         self._subs: set[str] = set()
 
     @property
     def subscriptions(self) -> frozenset[str]:
         return frozenset(self._subs)
 
+    def check(self, appkeys: Iterable[str]) -> list[str]:
+        added = [a for a in dict.fromkeys(appkeys) if a not in self._subs]
+        for a in added:
+            problem = appkey_problem(a)
+            if problem is not None:
+                raise BadAppkey(problem)
+        if len(self._subs) + len(added) > self.max_subscriptions:
+            raise TooManySubscriptions(
+                f"subscription limit reached: {len(self._subs)} subscribed, {len(added)} more "
+                f"asked for, at most {self.max_subscriptions} (xds.max_subscriptions)"
+            )
+        return added
+
     def subscribe(self, appkeys: Iterable[str]) -> set[str]:
-        added = set(appkeys) - self._subs
+        added = set(self.check(appkeys))
         self._subs |= added
         return added
 
@@ -116,6 +144,9 @@ class StaticDiscovery:
         removed = set(appkeys) & self._subs
         self._subs -= removed
         return removed
+
+    def error(self, appkey: str) -> str:
+        return ""
 
     def state(self, appkey: str) -> ResourceState | None:
         if appkey not in self._subs:
@@ -161,6 +192,9 @@ class SubscribeApi:
         self._lock = asyncio.Lock()
         self._want_gen = 0
         self._written_gen = 0
+        # names added by calls still waiting (not persisted; dropped again if
+        # every call waiting for them fails) -> how many calls wait for them
+        self._tentative: dict[str, int] = {}
 
     @classmethod
     def from_config(cls, cfg: Subscribe, client: XdsClient | StaticDiscovery) -> SubscribeApi:
@@ -191,9 +225,29 @@ class SubscribeApi:
         """
         restored = read_state(self.state_file) if self.state_file else []
         restored = sorted(set(restored) | set(appkeys))
+        bad = [k for k in restored if appkey_problem(k) is not None]
+        if bad:
+            log.warning(
+                "dropping %d restored subscriptions that are not valid appkeys: %s",
+                len(bad),
+                ", ".join(repr(k[:80]) for k in bad[:5]),
+            )
+            restored = [k for k in restored if appkey_problem(k) is None]
         if restored:
             log.info("restoring %d subscriptions from %s", len(restored), self.state_file)
-            self.client.subscribe(restored)
+            try:
+                self.client.subscribe(restored)
+            except SubscriptionError as e:
+                # a state file written under a higher limit: keep what fits
+                log.error("cannot restore every subscription (%s): restoring the first ones", e)
+                keep: list[str] = []
+                for k in restored:
+                    try:
+                        self.client.subscribe([k])
+                    except SubscriptionError:
+                        break
+                    keep.append(k)
+                restored = keep
         if listen and (sock is not None or self.port is not None or self.uds):
             await self._listen(sock)
         if not restored:
@@ -260,7 +314,8 @@ class SubscribeApi:
         async with self._lock:
             if self._written_gen >= gen:
                 return
-            latest, keys = self._want_gen, self.subscriptions
+            latest = self._want_gen
+            keys = [k for k in self.subscriptions if k not in self._tentative]
             try:
                 await asyncio.to_thread(write_state, self.state_file, keys)
             except OSError as e:
@@ -271,25 +326,60 @@ class SubscribeApi:
     async def subscribe(
         self, appkeys: Iterable[str], timeout_s: float | None = None
     ) -> dict[str, Any]:
-        """Subscribe and wait for the endpoints; raises SubscribeError (404/503/504)."""
+        """Subscribe and wait for the endpoints; raises SubscribeError
+        (400/404/429/502/503/504).  Unless it returns, the names this call
+        added are dropped again (if no other call waits for them)."""
         keys = sorted(set(appkeys))
         timeout = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
-        added = self.client.subscribe(keys)
-        if added:
-            await self.persist()
+        try:
+            added = self.client.subscribe(keys)
+        except SubscriptionError as e:
+            raise SubscribeError(e.status, str(e)) from None
+        held = [k for k in keys if k in added or k in self._tentative]
+        for k in held:
+            self._tentative[k] = self._tentative.get(k, 0) + 1
+        ok = False
+        try:
+            result = await self._wait(keys, timeout)
+            ok = True
+            return result
+        finally:
+            drop = []
+            for k in held:
+                if k not in self._tentative:
+                    continue  # another call got it confirmed
+                if ok:
+                    del self._tentative[k]
+                    continue
+                self._tentative[k] -= 1
+                if self._tentative[k] == 0:
+                    del self._tentative[k]
+                    drop.append(k)
+            if drop:
+                self.client.unsubscribe(drop)
+            if ok and held:
+                await self.persist()
+
+    async def _wait(self, keys: list[str], timeout: float) -> dict[str, Any]:
         states = await self.client.wait_for(keys, timeout)
         known = {k for k, s in states.items() if s is not ResourceState.READY and self._static(k)}
         missing = sorted(
             k for k, s in states.items() if s in (ResourceState.MISSING, None) and k not in known
         )
+        invalid = sorted(
+            k for k, s in states.items() if s is ResourceState.INVALID and k not in known
+        )
         pending = sorted(
             k for k, s in states.items() if s is ResourceState.PENDING and k not in known
         )
         if missing:
-            dropped = self.client.unsubscribe(added & set(missing))
-            if dropped:
-                await self.persist()
             raise SubscribeError(404, f"unknown service {', '.join(missing)}", missing)
+        if invalid:
+            why = "; ".join(self.client.error(k) for k in invalid[:3])
+            raise SubscribeError(
+                502, f"the control plane sent {', '.join(invalid)} but it was rejected: {why}",
+                invalid,
+            )  # fmt: skip
         if pending:
             if not self.client.connected:
                 raise SubscribeError(503, "control plane unreachable", pending)
@@ -323,10 +413,12 @@ class SubscribeApi:
 
     # --- HTTP -------------------------------------------------------------------
 
-    async def _appkeys(self, request: web.Request) -> tuple[list[str], float | None] | web.Response:
+    async def _appkeys(
+        self, request: web.Request, strict: bool = True
+    ) -> tuple[list[str], float | None] | web.Response:
         try:
-            body = await request.json()
-        except ValueError:
+            body = json.loads(await request.read())
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep
             return _bad("body must be JSON")
         if not isinstance(body, dict):
             return _bad('body must be a JSON object {"appkeys": [...]}')
@@ -339,10 +431,22 @@ class SubscribeApi:
             return _bad("appkeys must be a non-empty list of non-empty strings")
         if len(keys) > MAX_APPKEYS:
             return _bad(f"at most {MAX_APPKEYS} appkeys per request")
+        if strict:
+            for k in keys:
+                problem = appkey_problem(k)
+                if problem is not None:
+                    return _bad(problem)
         t = body.get("timeout_s")
-        if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or t <= 0):
-            return _bad("timeout_s must be a positive number")
-        return keys, (float(t) if t is not None else None)
+        if t is None:
+            return keys, None
+        try:
+            ok = not isinstance(t, bool) and isinstance(t, int | float) and math.isfinite(t)
+            timeout = float(t)  # OverflowError for a huge integer
+        except OverflowError:
+            ok = False
+        if not ok or not 0 < timeout <= MAX_TIMEOUT_S:
+            return _bad(f"timeout_s must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]")
+        return keys, timeout
 
     async def _h_subscribe(self, request: web.Request) -> web.Response:
         parsed = await self._appkeys(request)
@@ -358,7 +462,7 @@ class SubscribeApi:
         return web.json_response(result)
 
     async def _h_unsubscribe(self, request: web.Request) -> web.Response:
-        parsed = await self._appkeys(request)
+        parsed = await self._appkeys(request, strict=False)
         if isinstance(parsed, web.Response):
             return parsed
         removed = await self.unsubscribe(parsed[0])

@@ -62,8 +62,9 @@ def mesh():
         c.ccfg = {  # type: ignore[attr-defined]
             "node": {"id": "client"},
             "listeners": {"outbound": [{"path": c.path("px.sock")}]},
+            # SotW says "does not exist" only by the resource timeout (15 s by default)
             "xds": {"server": f"127.0.0.1:{c.cp_port}", "backoff_base_s": 0.1,
-                    "backoff_max_s": 0.5},
+                    "backoff_max_s": 0.5, "resource_timeout_s": 2},
             "subscribe": {"port": c.sub_port, "state_file": c.path("subs.json"),
                           "timeout_s": 5},
             "hot_restart": {"socket": c.path("client.hr"), "pid_file": c.path("client.pid"),
@@ -98,7 +99,7 @@ def test_subscribe_then_traffic_flows(mesh: Cluster) -> None:
 
 def test_unknown_service_subscription_fails_clearly(mesh: Cluster) -> None:
     with pytest.raises(SubscribeError) as e:
-        subscribe(url(mesh), ["com.nobody"], timeout=3, retry_until=1)
+        subscribe(url(mesh), ["com.nobody"], timeout=5, retry_until=1)
     assert e.value.status == 404 and "com.nobody" in str(e.value)
 
 
