@@ -391,3 +391,33 @@ def test_state_file_json_roundtrip(tmp_path: Path) -> None:
     assert [x.name for x in p.parent.iterdir()] == ["subs.json"]  # no temp file left
     p.write_text("{not json")
     assert read_state(p) == []
+
+
+@MODES
+def test_empty_or_truncated_endpoints_file_is_ignored(tmp_path: Path, delta: bool) -> None:
+    """`: > endpoints.yaml` or a half-written file keeps the last good snapshot
+    (logged); only an explicit `services: []` removes every service."""
+    f = tmp_path / "endpoints.yaml"
+    write(f, base_services())
+
+    async def body(cp: ControlPlane) -> None:
+        sink = FakeSink()
+        c = client(cp.port, sink, delta)
+        c.start()
+        try:
+            c.subscribe(["app.a", "app.b"])
+            await c.wait_for(["app.a", "app.b"], 5)
+            before = dict(sink.services)
+            good = f.read_text()
+            for bad in ("", "   \n", good[: len(good) // 2] + "\n  - {addr", "services:\n"):
+                errors = cp.store.errors
+                f.write_text(bad)
+                await until(lambda e=errors: cp.store.errors > e, what="file rejected")
+                assert sink.services == before and c.stats.services_removed == 0
+            assert "services" in cp.store.last_error
+            f.write_text("services: []\n")
+            await until(lambda: not sink.services, what="explicitly no services")
+        finally:
+            await c.stop()
+
+    run(with_cp(f, body))

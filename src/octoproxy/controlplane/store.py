@@ -5,7 +5,8 @@ docs/xds.md and examples/endpoints.yaml.  Each load builds a `Snapshot` of
 Envoy resources with a version per resource (a hash of its content, so it is
 stable across control-plane restarts); services whose text did not change are
 not rebuilt.  A file that does not load or validate is logged and ignored: the
-last good snapshot stays in service.
+last good snapshot stays in service.  An empty file is such a file: serving no
+services must be said explicitly (``services: []``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from octoproxy.services import ServiceSpec
 from octoproxy.xds.resources import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
+    appkey_problem,
     service_to_cla,
     service_to_cluster,
 )
@@ -38,6 +40,7 @@ log = logging.getLogger("octoproxy.controlplane")
 
 class FileError(Exception):
     """The endpoints file cannot be used; the message lists every problem."""
+
 
 @dataclass(frozen=True, slots=True)
 class Resource:
@@ -86,12 +89,14 @@ def build(path: Path, prev: _Cache) -> tuple[_Cache, dict[str, dict[str, Resourc
             f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}"
         ) from None
     if data is None:
-        data = {"services": []}
-    if not isinstance(data, dict) or set(data) - {"services"}:
+        # an empty (or truncated to nothing) file is a write in progress or a
+        # mistake far more often than "no services"; that must be said explicitly
+        raise FileError(f"{path}: the file is empty (write 'services: []' to serve no services)")
+    if not isinstance(data, dict) or set(data) != {"services"}:
         raise FileError(f"{path}: the top level must be a mapping with the single key 'services'")
-    services = data.get("services") or []
+    services = data["services"]
     if not isinstance(services, list):
-        raise FileError(f"{path}: services must be a list")
+        raise FileError(f"{path}: services must be a list ('services: []' for none)")
     problems: list[str] = []
     cache = _Cache()
     for i, raw in enumerate(services):
@@ -102,6 +107,10 @@ def build(path: Path, prev: _Cache) -> tuple[_Cache, dict[str, dict[str, Resourc
         if isinstance(appkey, str) and prev.raw.get(appkey) == raw:
             cache.raw[appkey] = raw
             cache.built[appkey] = prev.built[appkey]
+            continue
+        problem = appkey_problem(appkey) if isinstance(appkey, str) else None
+        if problem is not None:
+            problems.append(f"services[{i}].appkey: {problem}")
             continue
         try:
             svc = ServiceSpec.model_validate(raw).to_model()
