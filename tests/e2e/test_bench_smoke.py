@@ -13,7 +13,10 @@ def test_e2e_bench_smoke_runs_clean() -> None:
     r = subprocess.run([sys.executable, str(ROOT / "bench/e2e/bench_proxy.py"), "--smoke"],
                        env=env(), cwd=str(ROOT), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "rps" in r.stdout
+    # octo-proxy ran in every scenario (HAProxy / nginx only where installed)
+    for scen in ("1x1 one-core", "32x8 split", "32x8 one-core", "256x1 split", "256x1 one-core"):
+        assert f"{scen:<15} octo " in r.stdout, r.stdout[-3000:]
+    assert "| 32x8, A+B CPU us per request" in r.stdout, r.stdout[-3000:]
 
 
 def test_restart_bench_smoke_runs_clean() -> None:
