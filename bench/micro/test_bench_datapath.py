@@ -1,0 +1,328 @@
+"""Data path micro benchmarks (pytest-benchmark): one proxy process in-process.
+
+The client-side proxy's data path (datapath.Engine, Downstream, UpstreamConn)
+runs against fake transports and a fake event loop: no sockets, no event
+loop, so what is measured is the core's own work per request, the part of
+the end-to-end CPU figure that the proxy controls (the rest is syscalls).
+
+- forwarded: an app connection's read carrying BATCH requests is scanned,
+  routed, remapped and staged for the upstream connection; the upstream's
+  read carrying their BATCH answers is matched, remapped back and staged for
+  the app; the loop's end-of-iteration callbacks flush both.  Cost per
+  request = the whole round trip.
+- locally answered: the proxy answers the request itself: unknown service,
+  overload (max_inflight reached), draining (hot restart), and timeout (the
+  request went upstream and its deadline passed: the cost of the sweep
+  answering it).  Cost per request = the request in + the answer out.
+
+Goal (issue 13): a locally answered request costs <= 2x a forwarded one.
+
+    PYTHONPATH=src python -m pytest bench/micro/test_bench_datapath.py
+    PYTHONPATH=src python bench/micro/test_bench_datapath.py     # table: ns per request, ratios
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from octoproxy._core import datapath as D
+from octoproxy._core import frame as F
+from octoproxy._core import route as R
+from octoproxy.model import Endpoint, Labels, Service
+
+APPKEY = "com.bench.echo"
+SERVICE = "com.bench.Echo"
+BODY = bytes(range(128))
+BATCH = 8  # frames per read (the end-to-end 32x8 point batches ~6.6 per read)
+
+
+class FakeHandle:
+    def __init__(self, cb: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.cb, self.args, self.cancelled = cb, args, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeLoop:
+    """call_soon / call_later only queue: run_ready() is the end of a loop iteration."""
+
+    def __init__(self) -> None:
+        self.ready: list[FakeHandle] = []
+        self.later: list[FakeHandle] = []
+
+    def call_soon(self, cb: Callable[..., Any], *args: Any) -> FakeHandle:
+        h = FakeHandle(cb, args)
+        self.ready.append(h)
+        return h
+
+    def call_later(self, delay: float, cb: Callable[..., Any], *args: Any) -> FakeHandle:
+        h = FakeHandle(cb, args)
+        self.later.append(h)
+        return h
+
+    def time(self) -> float:
+        return time.monotonic()
+
+    def run_ready(self) -> None:
+        while self.ready:
+            ready, self.ready = self.ready, []
+            for h in ready:
+                if not h.cancelled:
+                    h.cb(*h.args)
+
+
+class FakeTransport:
+    """Takes every write; counts bytes and calls."""
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+        self.writes = 0
+        self.last = b""
+
+    def write(self, data: bytes) -> None:
+        self.nbytes += len(data)
+        self.writes += 1
+        self.last = data
+
+    def writelines(self, items: list[bytes]) -> None:
+        for b in items:
+            self.write(b)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def feed(conn: Any, data: bytes) -> None:
+    """One read event: the bytes land in the connection's buffer, then buffer_updated."""
+    view = conn.get_buffer(len(data))
+    view[: len(data)] = data
+    conn.buffer_updated(len(data))
+
+
+def seq_off_of(data: bytes) -> int:
+    frames, _ = F.scan(data)
+    return frames[0].offset + frames[0].seq_off
+
+
+class Rig:
+    """A client-side proxy's Engine with one app connection and one upstream node."""
+
+    def __init__(self, **limits: Any) -> None:
+        self.loop = FakeLoop()
+        self.table = R.RouteTable(Labels(idc="", region=""), seed=1)
+        self.table.replace_all(
+            [Service(APPKEY, (Endpoint("127.0.0.1", 9),), service_names=(SERVICE,))]
+        )
+        self.ups: list[Any] = []
+        log = logging.getLogger("bench.datapath")
+        log.disabled = True
+        # one upstream connection, so the ids of a round are known in advance
+        self.eng = D.Engine(self.table, self.loop, self.connect, log, conns_per_node=1, **limits)
+        self.down = self.eng.downstream()
+        self.app = FakeTransport()
+        self.down.connection_made(self.app)
+
+    def connect(self, conn: Any, host: str | None, port: Any) -> None:
+        t = FakeTransport()
+        self.ups.append((conn, t))
+        conn.connection_made(t)
+
+    def close(self) -> None:
+        self.eng.close_all()
+
+
+def request_batch(appkey: str = APPKEY, timeout_ms: int = 0, protocol: int = 1) -> bytes:
+    return b"".join(
+        F.encode_request(
+            1000 + i,
+            SERVICE,
+            BODY,
+            timeout=timeout_ms,
+            protocol=protocol,
+            local_context={"octo-remote-appkey": appkey},
+        )
+        for i in range(BATCH)
+    )
+
+
+class Forwarding:
+    """Round trips through one Rig: requests in, their answers back."""
+
+    def __init__(self) -> None:
+        self.rig = Rig()
+        self.reqs = request_batch()
+        self.resp = F.encode_response(1, BODY)
+        self.resp_seq = seq_off_of(self.resp)
+        self.req_len = len(self.reqs) // BATCH
+        self.req_seq = seq_off_of(self.reqs)
+        # first round: opens the upstream connection, learns its first id
+        feed(self.rig.down, self.reqs)
+        self.rig.loop.run_ready()
+        self.conn, self.up = self.rig.ups[0]
+        self.next_id = self.ids_sent()[0]
+        self.answers = self.make_answers()
+        before = self.rig.app.nbytes
+        feed(self.conn, self.answers)
+        self.rig.loop.run_ready()
+        check_answers(self.rig.app, before, BATCH, 0)
+        assert self.rig.app.nbytes - before == BATCH * len(self.resp)
+
+    def ids_sent(self) -> list[int]:
+        data = self.up.last[-len(self.reqs) :]
+        return [
+            struct.unpack_from(">q", data, i * self.req_len + self.req_seq)[0] for i in range(BATCH)
+        ]
+
+    def make_answers(self) -> bytes:
+        out = bytearray()
+        for i in range(BATCH):
+            r = bytearray(self.resp)
+            struct.pack_into(">q", r, self.resp_seq, self.next_id + i)
+            out += r
+        self.next_id += BATCH
+        return bytes(out)
+
+    def timed(self) -> None:
+        feed(self.rig.down, self.reqs)
+        self.rig.loop.run_ready()
+        feed(self.conn, self.answers)
+        self.rig.loop.run_ready()
+
+    def prepare(self) -> None:
+        self.answers = self.make_answers()
+
+
+def check_answers(t: FakeTransport, before: int, n: int, status: int) -> None:
+    frames, _ = F.scan(t.last)
+    assert len(frames) >= 1 and t.nbytes > before
+    for f in frames:
+        assert f.status == status, (f.status, status)
+
+
+class LocalAnswer:
+    """Requests the proxy answers itself, one read of BATCH at a time."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+        limits: dict[str, Any] = {}
+        appkey = APPKEY
+        if why == "overload":
+            limits["max_inflight"] = 0
+        elif why == "unknown service":
+            appkey = "com.bench.nowhere"
+        self.rig = Rig(**limits)
+        if why == "draining":
+            self.rig.eng.start_drain()
+        self.reqs = request_batch(appkey)
+        self.status = {"unknown service": 8, "overload": 6, "draining": 3}[why]
+        before = self.rig.app.nbytes
+        self.timed()
+        check_answers(self.rig.app, before, BATCH, self.status)
+
+    def timed(self) -> None:
+        feed(self.rig.down, self.reqs)
+        self.rig.loop.run_ready()
+
+
+class Timeouts:
+    """Requests that went upstream and timed out: the sweep answers them."""
+
+    def __init__(self) -> None:
+        # a timeout cap of 1 ns: every request is past its deadline when the
+        # sweep runs (no sleep between, which would leave the caches cold)
+        self.rig = Rig(max_timeout=1e-9)
+        self.reqs = request_batch()
+        self.prepare()
+        before = self.rig.app.nbytes
+        self.timed()
+        check_answers(self.rig.app, before, BATCH, 4)
+
+    def prepare(self) -> None:
+        feed(self.rig.down, self.reqs)
+        self.rig.loop.run_ready()
+
+    def timed(self) -> None:
+        self.rig.eng._on_tick()
+        self.rig.loop.run_ready()
+
+
+def make(kind: str) -> Any:
+    if kind == "forwarded":
+        return Forwarding()
+    if kind == "timeout":
+        return Timeouts()
+    return LocalAnswer(kind)
+
+
+KINDS = ("forwarded", "unknown service", "overload", "draining", "timeout")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_datapath(benchmark: Any, kind: str) -> None:
+    case = make(kind)
+    setup = getattr(case, "prepare", None)
+    benchmark.pedantic(case.timed, setup=setup, rounds=2000, iterations=1, warmup_rounds=50)
+    ns = benchmark.stats.stats.median / BATCH * 1e9
+    benchmark.extra_info["ns_per_request_median"] = round(ns, 1)
+    benchmark.extra_info["ns_per_request_min"] = round(benchmark.stats.stats.min / BATCH * 1e9, 1)
+    case.rig.close()
+
+
+def measure(kind: str, rounds: int = 3000) -> float:
+    """Median ns per request over `rounds` timed rounds."""
+    case = make(kind)
+    setup = getattr(case, "prepare", None)
+    ts = []
+    for _ in range(rounds):
+        if setup is not None:
+            setup()
+        t0 = time.perf_counter_ns()
+        case.timed()
+        ts.append(time.perf_counter_ns() - t0)
+    case.rig.close()
+    ts.sort()
+    return ts[len(ts) // 2] / BATCH
+
+
+def main() -> int:
+    res = {k: measure(k) for k in KINDS}
+    print(f"data path, in-process, fake transports; {BATCH} frames per read; median ns per request")
+    fwd = res["forwarded"]
+    for k, v in res.items():
+        print(
+            f"  {k:<16} {v:8.0f} ns" + ("" if k == "forwarded" else f"  {v / fwd:5.2f}x forwarded")
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
