@@ -25,10 +25,19 @@ def version() -> None:
 
 @main.command()
 @click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False))
-def validate(config_path: str) -> None:
+@click.option("--paths/--no-paths", default=True, show_default=True,
+              help="Also check, on this host, the directories of the sockets and files "
+                   "the proxy writes (--no-paths: a config meant for another host).")
+def validate(config_path: str, paths: bool) -> None:
     """Check a config file; print every error with its path in the file."""
     try:
-        load_config(config_path)
+        cfg = load_config(config_path)
+        if paths:
+            from octoproxy.server import check_paths
+
+            problems = check_paths(cfg)
+            if problems:
+                raise ConfigError(config_path, problems)
     except ConfigError as e:
         click.echo(f"{e.source}: {len(e.problems)} error(s)", err=True)
         for p in e.problems:

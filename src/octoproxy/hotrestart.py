@@ -1,19 +1,21 @@
-"""Lossless hot restart: listening sockets passed by SCM_RIGHTS, then drain.
+"""Lossless hot restart: the protocol between two generations of one proxy.
 
-The live generation listens on a hot-restart UDS.  A new generation (started
-by SIGUSR2, or by an operator with ``run --hot-restart-from SOCK``) connects
-and the two speak newline-delimited JSON (docs/operating.md):
+The whole protocol is here (docs/protocol.md section 13); server.py only
+wires it to a Proxy.  Two roles, as in Envoy's hot_restarting_parent/child:
 
-    new -> old   {"magic": MAGIC, "version": 1, "pid": N}
-    old -> new   {"ok": true, "version": 1, "pid": M, "generation": G,
-                  "listeners": [keys], "state": {...}}        + the fds (SCM_RIGHTS)
-                 or {"ok": false, "error": "..."}
-    new -> old   {"ready": true}          (the new one serves on the sockets)
-    old -> new   {"released": true}       (the old stopped accepting, freed this UDS)
+- HotRestartChild: the new generation.  Connects to the live one's
+  hot-restart UDS, receives the listening sockets (SCM_RIGHTS) and state,
+  says "ready" once it serves and has checked everything that can fail,
+  and "serving" once it owns the hot-restart socket and the pid file.
+- HotRestartParent: the live generation.  Listens on the hot-restart UDS,
+  starts the next generation on SIGUSR2 (and kills it if it has not started
+  within hot_restart.start_timeout_s), hands its sockets over, stops
+  accepting on "ready", and takes its listeners back if the new generation
+  fails before "serving".
 
-The old generation then drains and exits; it keeps the connection open until
-it exits, so the new one knows when its predecessor is gone.  If the new one
-fails before "ready", the old one never stopped serving.
+Both sides speak through one Channel (newline-delimited JSON plus passed
+fds) and accept a peer only if it runs as the same user or as root
+(SO_PEERCRED).
 """
 
 from __future__ import annotations
@@ -25,21 +27,178 @@ import errno
 import json
 import logging
 import os
+import secrets
+import signal
 import socket
-import time
-from dataclasses import dataclass, field
-from typing import Any
+import stat
+import struct
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from octoproxy.config import HotRestart
+from octoproxy.process import (
+    UnsafePath,
+    check_private_dir,
+    monotonic_usec,
+    sd_notify,
+    write_pid_file,
+)
 
 log = logging.getLogger("octoproxy.hotrestart")
 
 MAGIC = "octo-proxy-hot-restart"
 VERSION = 1
 MAX_FDS = 64
+MAX_LINE = 16 * 1024 * 1024  # one message (the state) at most
+HELLO_TIMEOUT_S = 5.0
 
 
 class HotRestartError(Exception):
     pass
 
+
+class RestartingProxy(Protocol):
+    """What hot restart needs from the proxy of one generation (server.Proxy)."""
+
+    generation: int
+    draining: bool
+    sockets: dict[str, socket.socket]  # listener key -> listening socket (owned)
+
+    def handover_state(self) -> dict[str, Any]:
+        """JSON-able state for the next generation (never secrets)."""
+        ...
+
+    async def release_listeners(self) -> None:
+        """Stop accepting on every listener; keep the sockets open."""
+        ...
+
+    async def resume_listeners(self) -> None:
+        """Accept again on the sockets kept by release_listeners()."""
+        ...
+
+
+# -- peer credentials ---------------------------------------------------------
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a UDS."""
+    fmt = "3i"
+    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(fmt))
+    pid, uid, gid = struct.unpack(fmt, data)
+    return pid, uid, gid
+
+
+def check_peer(sock: socket.socket, role: str) -> int:
+    """The peer's pid if it runs as this user or as root; HotRestartError otherwise."""
+    pid, uid, _ = peer_credentials(sock)
+    me = os.geteuid()
+    if uid not in (me, 0):
+        raise HotRestartError(f"refused a {role} (pid {pid}) running as uid {uid}: only this "
+                              f"user (uid {me}) or root may take part in a hot restart")
+    return pid
+
+
+# -- the channel: the one reader and writer of the protocol -----------------------
+
+class Channel:
+    """Newline-delimited JSON over a connected UDS, with fds passed by
+    SCM_RIGHTS alongside a message; non-blocking, on the running loop."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._buf = bytearray()
+        self.fds: list[int] = []  # received and not yet taken
+
+    async def _io(self, writable: bool) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        fd = self.sock.fileno()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        if writable:
+            loop.add_writer(fd, ready)
+        else:
+            loop.add_reader(fd, ready)
+        try:
+            await fut
+        finally:
+            if writable:
+                loop.remove_writer(fd)
+            else:
+                loop.remove_reader(fd)
+
+    async def send(self, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        data = json.dumps(msg).encode() + b"\n"
+        if fds:
+            while True:
+                try:
+                    sent = socket.send_fds(self.sock, [data], list(fds))
+                    break
+                except BlockingIOError:
+                    await self._io(writable=True)
+            data = data[sent:]
+        if data:
+            await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    async def recv(self, timeout: float | None) -> dict[str, Any] | None:
+        """The next message; None when the peer closed the connection.
+        TimeoutError after `timeout` seconds; HotRestartError for garbage."""
+        async with asyncio.timeout(timeout):
+            while b"\n" not in self._buf:
+                try:
+                    data, anc, _flags, _addr = self.sock.recvmsg(
+                        65536, socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize))
+                except BlockingIOError:
+                    await self._io(writable=False)
+                    continue
+                except OSError as e:
+                    if e.errno in (errno.ECONNRESET, errno.EPIPE):
+                        return None
+                    raise
+                for level, kind, payload in anc:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        fda = array.array("i")
+                        fda.frombytes(payload[: len(payload) - len(payload) % fda.itemsize])
+                        self.fds.extend(fda)
+                if not data:
+                    return None
+                self._buf += data
+                if len(self._buf) > MAX_LINE:
+                    raise HotRestartError(f"message over {MAX_LINE} bytes")
+        line, _, rest = bytes(self._buf).partition(b"\n")
+        self._buf[:] = rest
+        try:
+            msg = json.loads(line)
+        except ValueError as e:
+            raise HotRestartError(f"not a protocol message: {e}") from None
+        if not isinstance(msg, dict):
+            raise HotRestartError("not a protocol message: not a JSON object")
+        return msg
+
+    async def closed(self) -> None:
+        """Wait until the peer closes the connection (whatever it still sends)."""
+        with contextlib.suppress(OSError, HotRestartError):
+            while await self.recv(None) is not None:
+                pass
+
+    def take_fds(self) -> list[int]:
+        fds, self.fds = self.fds, []
+        return fds
+
+    def close(self) -> None:
+        for fd in self.take_fds():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.sock.close()
+
+
+# -- the new generation -----------------------------------------------------------
 
 @dataclass
 class Handover:
@@ -49,229 +208,398 @@ class Handover:
     state: dict[str, Any]
     generation: int
     old_pid: int
-    conn: socket.socket = field(repr=False)
 
 
-def _recv_line(sock: socket.socket, deadline: float, buf: bytearray,
-               fds: list[int] | None = None) -> dict[str, Any] | None:
-    """Read one JSON line (blocking, with a deadline); collect passed fds."""
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise HotRestartError("timed out waiting for the other generation")
-        sock.settimeout(left)
-        if fds is not None:
-            fdarr = array.array("i")
-            msg, anc, _flags, _addr = sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * fdarr.itemsize))
-            for level, kind, data in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fdarr.frombytes(data[: len(data) - (len(data) % fdarr.itemsize)])
-            fds.extend(fdarr)
-        else:
-            msg = sock.recv(65536)
-        if not msg:
-            return None
-        buf += msg
-    line, _, rest = bytes(buf).partition(b"\n")
-    buf[:] = rest
-    return json.loads(line)
+class HotRestartChild:
+    """The new generation's side of one hot restart."""
+
+    def __init__(self, chan: Channel, handover: Handover) -> None:
+        self.chan = chan
+        self.handover = handover
+
+    @classmethod
+    async def connect(cls, path: str, timeout: float) -> HotRestartChild | None:
+        """Take over from the generation listening at `path`.  None when
+        nobody listens there (it died: start fresh); HotRestartError when it
+        refuses, is not a proxy of this user, or fails."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, path)
+        except OSError as e:
+            sock.close()
+            if e.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                log.warning("no previous generation at %s (%s): starting fresh", path, e.strerror)
+                return None
+            raise HotRestartError(f"cannot reach the previous generation at {path}: "
+                                  f"{e.strerror}") from None
+        chan = Channel(sock)
+        try:
+            check_peer(sock, "previous generation")
+            await chan.send({"magic": MAGIC, "version": VERSION, "pid": os.getpid()})
+            msg = await chan.recv(timeout)
+            if msg is None:
+                raise HotRestartError("the previous generation closed the hot-restart connection")
+            if not msg.get("ok"):
+                raise HotRestartError(f"refused by the previous generation: {msg.get('error')}")
+            keys = msg.get("listeners")
+            fds = chan.take_fds()
+            if not isinstance(keys, list) or len(keys) != len(fds):
+                for fd in fds:
+                    os.close(fd)
+                raise HotRestartError(f"expected {len(keys) if isinstance(keys, list) else '?'} "
+                                      f"sockets, received {len(fds)}")
+        except (OSError, TimeoutError) as e:
+            chan.close()
+            raise HotRestartError(f"handshake with the previous generation failed: "
+                                  f"{e or type(e).__name__}") from None
+        except HotRestartError:
+            chan.close()
+            raise
+        sockets = {}
+        for key, fd in zip(keys, fds, strict=True):
+            s = socket.socket(fileno=fd)
+            s.setblocking(False)
+            sockets[str(key)] = s
+        state = msg.get("state")
+        h = Handover(sockets, state if isinstance(state, dict) else {},
+                     int(msg.get("generation", 0)), int(msg.get("pid", 0)))
+        log.info("took over %d listening socket(s) from generation %d (pid %d)",
+                 len(sockets), h.generation, h.old_pid)
+        return cls(chan, h)
+
+    async def ready(self, timeout: float) -> None:
+        """We serve and checked everything: the old generation may let go.
+        Returns once it stopped accepting."""
+        await self.chan.send({"ready": True})
+        try:
+            msg = await self.chan.recv(timeout)
+        except TimeoutError:
+            raise HotRestartError("the previous generation did not release within "
+                                  f"{timeout:.1f} s") from None
+        if msg is None:
+            raise HotRestartError("the previous generation went away before releasing")
+        if not msg.get("released"):
+            raise HotRestartError(f"unexpected answer from the previous generation: {msg}")
+
+    async def serving(self) -> None:
+        """We own the hot-restart socket and the pid file: the old one drains."""
+        await self.chan.send({"serving": True})
+
+    async def wait_gone(self) -> None:
+        """Until the previous generation has exited (it closes the connection)."""
+        await self.chan.closed()
+        self.chan.close()
+
+    def close(self) -> None:
+        self.chan.close()
 
 
-def take_over(path: str, timeout: float) -> Handover | None:
-    """New generation: get the listening sockets and state from the old one.
+# -- the live generation ------------------------------------------------------------
 
-    Returns None when no old generation answers at `path` (it died: start
-    fresh).  Raises HotRestartError when the old one refuses."""
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        conn.connect(path)
-    except OSError as e:
-        conn.close()
-        if e.errno in (errno.ENOENT, errno.ECONNREFUSED):
-            log.warning("no previous generation at %s (%s): starting fresh", path, e.strerror)
-            return None
-        raise HotRestartError(f"cannot reach the previous generation at {path}: {e.strerror}") from None
-    deadline = time.monotonic() + timeout
-    conn.sendall(json.dumps({"magic": MAGIC, "version": VERSION, "pid": os.getpid()}).encode()
-                 + b"\n")
-    fds: list[int] = []
-    buf = bytearray()
-    try:
-        msg = _recv_line(conn, deadline, buf, fds)
-    except (OSError, ValueError) as e:
-        conn.close()
-        raise HotRestartError(f"handshake with the previous generation failed: {e}") from None
-    if msg is None:
-        conn.close()
-        raise HotRestartError("the previous generation closed the hot-restart connection")
-    if not msg.get("ok"):
-        for fd in fds:
-            os.close(fd)
-        conn.close()
-        raise HotRestartError(f"refused by the previous generation: {msg.get('error')}")
-    keys = msg["listeners"]
-    if len(keys) != len(fds):
-        for fd in fds:
-            os.close(fd)
-        conn.close()
-        raise HotRestartError(f"expected {len(keys)} sockets, received {len(fds)}")
-    sockets = {}
-    for key, fd in zip(keys, fds, strict=True):
-        s = socket.socket(fileno=fd)
-        s.setblocking(False)
-        sockets[key] = s
-    conn.setblocking(True)
-    log.info("took over %d listening socket(s) from generation %d (pid %d)",
-             len(sockets), msg.get("generation", 0), msg.get("pid", 0))
-    return Handover(sockets, msg.get("state", {}), int(msg.get("generation", 0)),
-                    int(msg.get("pid", 0)), conn)
+class HotRestartParent:
+    """The live generation's side: the hot-restart socket, the next
+    generation's process, and the handover to it."""
 
-
-async def finish_take_over(h: Handover, timeout: float) -> None:
-    """New generation, once it serves: tell the old one and wait until it
-    stopped accepting and released the hot-restart UDS."""
-    loop = asyncio.get_running_loop()
-    h.conn.setblocking(False)
-    await loop.sock_sendall(h.conn, b'{"ready": true}\n')
-    buf = b""
-    async with asyncio.timeout(timeout):
-        while b"\n" not in buf:
-            data = await loop.sock_recv(h.conn, 4096)
-            if not data:
-                raise HotRestartError("the previous generation went away before releasing")
-            buf += data
-    msg = json.loads(buf.partition(b"\n")[0])
-    if not msg.get("released"):
-        raise HotRestartError(f"unexpected answer from the previous generation: {msg}")
-
-
-async def wait_predecessor_gone(h: Handover) -> None:
-    loop = asyncio.get_running_loop()
-    with contextlib.suppress(OSError):
-        while await loop.sock_recv(h.conn, 4096):
-            pass
-    h.conn.close()
-
-
-class HotRestartServer:
-    """Live generation: hands its sockets over to a new one on request."""
-
-    def __init__(self, path: str, proxy: Any) -> None:
-        self.path = path
+    def __init__(self, path: str, proxy: RestartingProxy, settings: HotRestart,
+                 argv: Sequence[str], predecessor: HotRestartChild | None = None,
+                 pid_file: str | None = None) -> None:
+        self.path = os.path.abspath(path)
         self.proxy = proxy
-        self.sock: socket.socket | None = None
-        self.task: asyncio.Task[None] | None = None
+        self.settings = settings
+        self.argv = list(argv)  # `octo-proxy` arguments for the next generation
+        self.pid_file = pid_file
+        self.predecessor = predecessor
+        self.handed_over = asyncio.Event()  # a new generation serves; we drain
+        self.successor: Channel | None = None  # kept open until we exit
         self.busy = False  # a handover is under way
-        self.handed_over = asyncio.Event()
-        self.peer: socket.socket | None = None  # kept open until we exit
-        self._handlers: set[asyncio.Task[None]] = set()
+        self.deferred = False  # SIGUSR2 while the predecessor still drains
+        self.child: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._tmp: str | None = None
+        self._ino = -1
+        self._accept_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    def start(self) -> None:
-        from octoproxy.listeners import replace_stale_uds
+    # -- the hot-restart socket
 
-        replace_stale_uds(self.path)
+    def bind(self) -> None:
+        """Listen under a private temporary name beside `path` (publish()
+        renames it into place).  Everything that can fail about the socket
+        fails here, before a predecessor lets go.  Raises UnsafePath."""
+        d, name = os.path.split(self.path)
+        check_private_dir(d)
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not stat.S_ISSOCK(st.st_mode):
+            raise UnsafePath(f"{self.path} exists and is not a socket; refusing to replace it")
+        if st is not None and self.predecessor is None and _accepts(self.path):
+            raise UnsafePath(f"{self.path} is in use by a live process; refusing to steal it "
+                             "(stop that process, or hot-restart it with SIGUSR2)")
+        tmp = os.path.join(d, f".{name}.{secrets.token_hex(6)}")
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o077)
         try:
-            s.bind(self.path)
+            s.bind(tmp)
+            s.listen(8)
+        except OSError as e:
+            s.close()
+            raise UnsafePath(f"cannot listen on {tmp}: {e.strerror}") from None
         finally:
             os.umask(old)
-        s.listen(8)
         s.setblocking(False)
-        self.sock = s
-        self.task = asyncio.get_running_loop().create_task(self._accept_loop())
+        self._sock, self._tmp = s, tmp
+        self._ino = os.lstat(tmp).st_ino  # rename keeps it: tells our socket file from others
 
-    def close(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-            with contextlib.suppress(FileNotFoundError):
+    def publish(self) -> None:
+        """Atomically put our socket at `path` (replacing the predecessor's)."""
+        assert self._tmp is not None
+        os.rename(self._tmp, self.path)
+        self._tmp = None
+
+    def start(self) -> None:
+        assert self._sock is not None and self._tmp is None
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+        self._tasks.add(self._accept_task)
+        if self.predecessor is not None:
+            self._spawn_task(self._watch_predecessor(self.predecessor))
+
+    def close(self, unlink: bool = True) -> None:
+        """Stop listening; unlink the path if it is still our socket."""
+        me = asyncio.current_task()
+        for t in list(self._tasks):
+            if t is not me:
+                t.cancel()
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmp)
+            self._tmp = None
+        elif unlink and self._owns_path():
+            with contextlib.suppress(OSError):
                 os.unlink(self.path)
+
+    def _owns_path(self) -> bool:
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return False
+        return stat.S_ISSOCK(st.st_mode) and st.st_ino == self._ino
+
+    def _reclaim(self) -> None:
+        """After a failed handover: make `path` reach us again (the new
+        generation may have put its socket there before it failed)."""
+        if self._owns_path() or self._sock is None:
+            return
+        log.warning("hot restart: %s no longer reaches this generation; re-binding it", self.path)
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+        self._sock.close()
+        self._sock = None
+        pred, self.predecessor = self.predecessor, None
+        try:
+            self.bind()
+        finally:
+            self.predecessor = pred
+        self.publish()
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    def _spawn_task(self, coro: Any) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    # -- SIGUSR2
+
+    def request_restart(self) -> None:
+        """SIGUSR2: start the next generation, now or once the predecessor is gone."""
+        if self.proxy.draining or self.handed_over.is_set():
+            log.warning("SIGUSR2: this generation has handed over and is draining; "
+                        "signal the new one (pid file: %s)", self.pid_file)
+            return
+        if self.predecessor is not None:
+            log.info("SIGUSR2: the previous generation is still draining; "
+                     "the restart starts when it has exited")
+            self.deferred = True
+            return
+        if self.busy or self.child is not None:
+            log.warning("SIGUSR2: a hot restart is already under way; ignored")
+            return
+        argv = [sys.executable, "-m", "octoproxy", *self.argv, "--hot-restart-from", self.path]
+        log.info("SIGUSR2: starting the next generation: %s", " ".join(argv))
+        sd_notify("RELOADING=1", monotonic_usec(), "STATUS=hot restart under way")
+        # the child starts with SIGUSR2 blocked (the mask survives exec) and
+        # unblocks it once its handler is in place: a reload sent to it while
+        # it starts is then kept, not fatal (SIGUSR2's default action)
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+        try:
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        self.child = child
+        self._spawn_task(self._watch_child(child))
+
+    async def _watch_child(self, child: subprocess.Popen[bytes]) -> None:
+        """Until the child serves: reap it if it exits, kill it if it has not
+        started within start_timeout_s (whether or not it ever connected)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.start_timeout_s
+        try:
+            while not self.handed_over.is_set():
+                rc = child.poll()
+                if rc is not None:
+                    log.error("hot restart: new generation (pid %d) exited with code %d "
+                              "before taking over; still serving", child.pid, rc)
+                    return
+                if loop.time() >= deadline:
+                    log.error("hot restart: new generation (pid %d) has not started within "
+                              "%.1f s (hot_restart.start_timeout_s); killed it; still serving",
+                              child.pid, self.settings.start_timeout_s)
+                    child.kill()
+                    await loop.run_in_executor(None, child.wait)
+                    return
+                await asyncio.sleep(0.05)
+        finally:
+            if self.child is child and not self.handed_over.is_set():
+                self.child = None
+
+    async def _watch_predecessor(self, pred: HotRestartChild) -> None:
+        await pred.wait_gone()
+        self.predecessor = None
+        log.info("previous generation (pid %d) has exited", pred.handover.old_pid)
+        if self.deferred:
+            self.deferred = False
+            self.request_restart()
+
+    # -- the handover
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        assert self.sock is not None
+        assert self._sock is not None
         while True:
-            conn, _ = await loop.sock_accept(self.sock)
-            t = loop.create_task(self._handle(conn))
-            self._handlers.add(t)
-            t.add_done_callback(self._handlers.discard)
-
-    async def _send(self, conn: socket.socket, msg: dict[str, Any]) -> None:
-        await asyncio.get_running_loop().sock_sendall(conn, json.dumps(msg).encode() + b"\n")
-
-    async def _recv(self, conn: socket.socket, timeout: float) -> dict[str, Any] | None:
-        loop = asyncio.get_running_loop()
-        buf = b""
-        async with asyncio.timeout(timeout):
-            while b"\n" not in buf:
-                data = await loop.sock_recv(conn, 4096)
-                if not data:
-                    return None
-                buf += data
-        return json.loads(buf.partition(b"\n")[0])
+            conn, _ = await loop.sock_accept(self._sock)
+            self._spawn_task(self._handle(conn))
 
     async def _handle(self, conn: socket.socket) -> None:
-        conn.setblocking(False)
-        proxy = self.proxy
         try:
-            hello = await self._recv(conn, 5.0)
-        except (TimeoutError, OSError, ValueError) as e:
-            log.warning("hot restart: bad hello from a new generation: %s", e)
+            new_pid = check_peer(conn, "new generation")
+        except (HotRestartError, OSError) as e:
+            log.error("hot restart: %s", e)
             conn.close()
             return
+        chan = Channel(conn)
+        keep = False
+        try:
+            keep = await self._handover(chan, new_pid)
+        except (OSError, HotRestartError, TimeoutError) as e:
+            log.error("hot restart: handover to pid %d failed: %s; still serving",
+                      new_pid, e or type(e).__name__)
+        finally:
+            if not keep:
+                chan.close()
+
+    async def _refuse(self, chan: Channel, why: str) -> bool:
+        with contextlib.suppress(OSError):
+            await chan.send({"ok": False, "error": why})
+        return False
+
+    async def _handover(self, chan: Channel, new_pid: int) -> bool:
+        """One handover; True when the new generation serves (keep `chan`)."""
+        proxy, settings = self.proxy, self.settings
+        try:
+            hello = await chan.recv(HELLO_TIMEOUT_S)
+        except (TimeoutError, HotRestartError) as e:
+            log.warning("hot restart: bad hello from pid %d: %s", new_pid, e or "timeout")
+            return False
         if not hello or hello.get("magic") != MAGIC or hello.get("version") != VERSION:
             why = (f"handshake version mismatch: this generation speaks {MAGIC} v{VERSION}, "
                    f"the new one sent {hello!r}")
             log.error("hot restart refused: %s", why)
-            with contextlib.suppress(OSError):
-                await self._send(conn, {"ok": False, "error": why})
-            conn.close()
-            return
-        if self.busy or proxy.draining:
+            return await self._refuse(chan, why)
+        if self.busy or proxy.draining or self.handed_over.is_set():
             why = "another hot restart is under way" if self.busy else "this generation is draining"
-            log.warning("hot restart from pid %s refused: %s", hello.get("pid"), why)
-            with contextlib.suppress(OSError):
-                await self._send(conn, {"ok": False, "error": why})
-            conn.close()
-            return
+            log.warning("hot restart from pid %d refused: %s", new_pid, why)
+            return await self._refuse(chan, why)
         self.busy = True
-        new_pid = hello.get("pid")
         try:
-            keys = list(proxy.sockets)
-            fds = [proxy.sockets[k].fileno() for k in keys]
-            msg = {"ok": True, "version": VERSION, "pid": os.getpid(),
-                   "generation": proxy.generation, "listeners": keys,
-                   "state": proxy.handover_state()}
-            data = json.dumps(msg).encode() + b"\n"
-            conn.setblocking(True)
-            socket.send_fds(conn, [data], fds)
-            conn.setblocking(False)
-            log.info("hot restart: sent %d socket(s) to pid %s; waiting for it to be ready",
-                     len(fds), new_pid)
+            keys = [k for k, s in proxy.sockets.items() if s.fileno() >= 0]  # not closed
+            await chan.send({"ok": True, "version": VERSION, "pid": os.getpid(),
+                             "generation": proxy.generation, "listeners": keys,
+                             "state": proxy.handover_state()},
+                            [proxy.sockets[k].fileno() for k in keys])
+            log.info("hot restart: sent %d socket(s) to pid %d; waiting for it to be ready",
+                     len(keys), new_pid)
             try:
-                ready = await self._recv(conn, proxy.cfg.hot_restart.start_timeout_s)
+                ready = await chan.recv(settings.start_timeout_s)
             except TimeoutError:
                 ready = None
-                log.error("hot restart: new generation (pid %s) not ready within %.1f s; "
-                          "still serving", new_pid, proxy.cfg.hot_restart.start_timeout_s)
-                proxy.kill_child(new_pid)
             if not ready or not ready.get("ready"):
-                if ready is None:
-                    log.error("hot restart: new generation (pid %s) failed before ready%s; "
-                              "still serving", new_pid, proxy.child_exit_reason(new_pid))
-                conn.close()
-                return
-            # the new generation serves: stop accepting, free the UDS, drain
-            self.close()
+                log.error("hot restart: new generation (pid %d) failed before ready%s; "
+                          "still serving", new_pid, self._child_fate(new_pid))
+                return False
+            # the new generation serves: stop accepting; drain only once it
+            # says it owns everything (else take the listeners back)
             await proxy.release_listeners()
-            await self._send(conn, {"released": True})
-            self.peer = conn
+            try:
+                await chan.send({"released": True})
+                serving = await chan.recv(settings.start_timeout_s)
+            except (OSError, TimeoutError, HotRestartError):
+                serving = None
+            if not serving or not serving.get("serving"):
+                log.error("hot restart: new generation (pid %d) failed after the handover%s; "
+                          "took the listeners back; still serving", new_pid,
+                          self._child_fate(new_pid))
+                await proxy.resume_listeners()
+                self._reclaim()
+                if self.pid_file:  # it may name the failed generation now
+                    try:
+                        write_pid_file(self.pid_file)
+                    except OSError as e:
+                        log.error("cannot rewrite the pid file %s: %s", self.pid_file, e)
+                return False
+            self.successor = chan
             self.handed_over.set()
-        except (OSError, ValueError) as e:
-            log.error("hot restart: handover to pid %s failed: %s; still serving", new_pid, e)
-            conn.close()
+            self.close(unlink=False)  # the path is the new generation's socket now
+            return True
         finally:
             self.busy = False
+
+    def _child_fate(self, pid: int) -> str:
+        """Kill our own child that failed; say how it ended."""
+        child = self.child
+        if child is None or child.pid != pid:
+            return ""
+        if child.poll() is None:
+            child.kill()
+        try:
+            rc = child.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            return " (it is still running)"
+        return f" (it exited with code {rc})"
+
+
+def _accepts(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def _same_socket(path: str, ino: int | None) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISSOCK(st.st_mode) and st.st_ino == ino

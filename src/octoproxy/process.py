@@ -1,26 +1,148 @@
-"""What a service manager sees: the PID file and systemd notifications."""
+"""What a service manager sees (the PID file, systemd notifications), and the
+safe way to write local files: private directories, atomic files."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import secrets
 import socket
+import stat
 import time
 
 log = logging.getLogger("octoproxy")
 
 
+class UnsafePath(OSError):
+    """A path the proxy refuses to write or listen at (missing, or writable by others)."""
+
+
+def _check_dir(d: str, *, private: bool) -> None:
+    """`d` must be a real directory (not a symlink).  private: owned by this
+    user (or root) and writable by nobody else."""
+    try:
+        st = os.lstat(d)
+    except FileNotFoundError:
+        raise UnsafePath(f"directory {d} does not exist") from None
+    except OSError as e:
+        raise UnsafePath(f"cannot inspect directory {d}: {e.strerror}") from None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise UnsafePath(f"{d} is not a directory (or is a symlink)")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise UnsafePath(f"directory {d} is not writable by this user")
+    if private:
+        if st.st_uid not in (os.geteuid(), 0):
+            raise UnsafePath(f"directory {d} belongs to uid {st.st_uid}, not to this user "
+                             f"({os.geteuid()}) or root")
+        if st.st_mode & 0o022:
+            raise UnsafePath(f"directory {d} is writable by other users "
+                             f"(mode {stat.S_IMODE(st.st_mode):o}); use a private directory")
+
+
+def check_writable_dir(d: str) -> None:
+    """Raise UnsafePath unless `d` is a directory (not a symlink) this user can write."""
+    _check_dir(d, private=False)
+
+
+def check_private_dir(d: str) -> None:
+    """Raise UnsafePath unless only this user (or root) can write in `d`."""
+    _check_dir(d, private=True)
+
+
+def runtime_dir() -> str:
+    """A directory for this user's sockets and state that only it can write:
+    $XDG_RUNTIME_DIR/octo-proxy, else /run/octo-proxy for root, else
+    ~/.local/state/octo-proxy; created 0700 if missing.  Refuses a
+    pre-existing one that another user owns or others can write."""
+    return ensure_private_dir(runtime_dir_path())
+
+
+def runtime_dir_path() -> str:
+    """Where runtime_dir() is, without creating or checking it."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isabs(xdg):
+        return os.path.join(xdg, "octo-proxy")
+    if os.geteuid() == 0:
+        return "/run/octo-proxy"
+    return os.path.join(os.path.expanduser("~"), ".local", "state", "octo-proxy")
+
+
+def ensure_private_dir(d: str) -> str:
+    """Create `d` (and missing parents) with mode 0700; check it is private."""
+    try:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise UnsafePath(f"cannot create directory {d}: {e.strerror}") from None
+    check_private_dir(d)
+    return d
+
+
+class AtomicFile:
+    """A file replaced atomically and never through a symlink or a file
+    someone else prepared: the content goes to a new temporary file beside it
+    (O_CREAT|O_EXCL|O_NOFOLLOW, a name nobody can predict), then rename()
+    puts it in place (rename replaces a symlink at the path, never follows it).
+
+    prepare() does everything that can fail (the directory, the temp file);
+    commit() only writes, fsyncs and renames."""
+
+    def __init__(self, path: str, mode: int = 0o644) -> None:
+        self.path = os.path.abspath(path)
+        self.mode = mode
+        self._tmp: str | None = None
+        self._fd = -1
+
+    def prepare(self) -> AtomicFile:
+        d, name = os.path.split(self.path)
+        _check_dir(d, private=False)
+        if os.path.isdir(self.path):
+            raise UnsafePath(f"{self.path} is a directory")
+        for _ in range(100):
+            tmp = os.path.join(d, f".{name}.{secrets.token_hex(8)}.tmp")
+            try:
+                self._fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                   | os.O_CLOEXEC, self.mode)
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise UnsafePath(f"cannot write in {d}: {e.strerror}") from None
+            self._tmp = tmp
+            return self
+        raise UnsafePath(f"cannot create a temporary file in {d}")
+
+    def commit(self, data: bytes) -> None:
+        if self._tmp is None:
+            self.prepare()
+        assert self._tmp is not None
+        try:
+            os.write(self._fd, data)
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+        os.replace(self._tmp, self.path)
+        self._tmp = None
+        dfd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def discard(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmp)
+            self._tmp = None
+
+
 def write_pid_file(path: str | None, pid: int | None = None) -> None:
-    """Atomically point the PID file at the live process."""
-    if not path:
-        return
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{pid or os.getpid()}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Atomically point the PID file at the live process (AtomicFile)."""
+    if path:
+        AtomicFile(path).commit(f"{pid or os.getpid()}\n".encode())
 
 
 def read_pid_file(path: str) -> int | None:

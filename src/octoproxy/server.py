@@ -5,21 +5,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
-import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from octoproxy import hotrestart
 from octoproxy.config import Config
 from octoproxy.listeners import ListenerError, open_http_socket, open_inbound, open_outbound
 from octoproxy.logs import setup_logging
-from octoproxy.process import monotonic_usec, remove_pid_file, sd_notify, write_pid_file
+from octoproxy.process import (
+    AtomicFile,
+    UnsafePath,
+    check_private_dir,
+    check_writable_dir,
+    remove_pid_file,
+    runtime_dir,
+    runtime_dir_path,
+    sd_notify,
+)
 from octoproxy.upstream import Connector
+
+if TYPE_CHECKING:
+    from octoproxy._core.datapath import Engine
 
 log = logging.getLogger("octoproxy")
 
@@ -32,17 +43,22 @@ def listener_key_inbound(host: str, port: int) -> str:
     return f"tcp:{host}:{port}"
 
 
+def instance_name(cfg: Config) -> str:
+    """A name for this proxy that no other proxy on the host shares: its
+    node id plus its first app socket (hashed) or its first inbound port."""
+    if cfg.listeners.outbound:
+        path = os.path.abspath(cfg.listeners.outbound[0].path)
+        return f"{cfg.node.id}-{hashlib.sha256(path.encode()).hexdigest()[:12]}"
+    if cfg.listeners.inbound:
+        return f"{cfg.node.id}-{cfg.listeners.inbound[0].port}"
+    return cfg.node.id
+
+
 def state_base(cfg: Config) -> str:
     """Base path of this proxy's local state files when they are not
-    configured: beside its first app socket, else named after its first
-    inbound port, so that two proxies on one host never share them."""
-    if cfg.listeners.outbound:
-        return os.path.abspath(cfg.listeners.outbound[0].path)
-    tmp = tempfile.gettempdir()
-    if cfg.listeners.inbound:
-        ib = cfg.listeners.inbound[0]
-        return os.path.join(tmp, f"octo-proxy-{cfg.node.id}-{ib.port}")
-    return os.path.join(tmp, f"octo-proxy-{cfg.node.id}")
+    configured: in the private runtime directory (process.runtime_dir(),
+    created 0700), named by instance_name().  Raises UnsafePath."""
+    return os.path.join(runtime_dir(), instance_name(cfg))
 
 
 def subscription_file(cfg: Config) -> str | None:
@@ -81,6 +97,43 @@ def hot_restart_path(cfg: Config) -> str:
     return state_base(cfg) + ".restart"
 
 
+def check_paths(cfg: Config) -> list[str]:
+    """What would make this config fail on this host before it serves: the
+    directories of the sockets and files it writes (`octo-proxy validate`)."""
+    problems: list[str] = []
+
+    def check(key: str, path: str | None, private: bool = False) -> None:
+        if not path:
+            return
+        d = os.path.dirname(os.path.abspath(path))
+        try:
+            (check_private_dir if private else check_writable_dir)(d)
+        except UnsafePath as e:
+            problems.append(f"{key}: {path}: {e}")
+
+    if cfg.hot_restart.socket:
+        check("hot_restart.socket", cfg.hot_restart.socket, private=True)
+    else:  # the runtime directory: private if it exists, else creatable
+        d = runtime_dir_path()
+        try:
+            if os.path.lexists(d):
+                check_private_dir(d)
+            else:
+                parent = os.path.dirname(d)
+                while not os.path.lexists(parent):
+                    parent = os.path.dirname(parent)
+                check_writable_dir(parent)
+        except UnsafePath as e:
+            problems.append(f"hot_restart.socket (derived, {d}): {e}")
+    check("hot_restart.pid_file", cfg.hot_restart.pid_file)
+    for i, ob in enumerate(cfg.listeners.outbound):
+        check(f"listeners.outbound[{i}].path", ob.path)
+    check("subscribe.uds", cfg.subscribe.uds)
+    check("subscribe.state_file", cfg.subscribe.state_file)
+    check("admin.uds", cfg.admin.uds)
+    return problems
+
+
 class Proxy:
     """One generation of the proxy inside one process."""
 
@@ -91,12 +144,11 @@ class Proxy:
         self.config_path = config_path
         self.table = RouteTable(cfg.node.labels())
         self.table.replace_all([s.to_model() for s in cfg.static.services])
-        self.engine: Any = None
-        self.sockets: dict[str, socket.socket] = {}
+        self._engine: Engine | None = None
+        self.sockets: dict[str, socket.socket] = {}  # kept open: servers listen on dups
         self.servers: list[asyncio.AbstractServer] = []
         self.connector: Connector | None = None
         self.ready = asyncio.Event()
-        self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self.generation = 1
         self.xds: Any = None
@@ -106,7 +158,12 @@ class Proxy:
         self.draining = False
         self.handed_over = False  # sockets belong to a newer generation now
         self.inherited_state: dict[str, Any] = {}
-        self.children: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("the proxy has not started")
+        return self._engine
 
     # -- hot restart hooks (hotrestart.py)
 
@@ -114,15 +171,16 @@ class Proxy:
         """What the next generation needs beyond the sockets: subscriptions,
         the last good routes (so it serves even with the control plane down),
         and the counters (so stats continue)."""
+        eng = self._engine
         state: dict[str, Any] = {
-            "counters": self.engine.counters() if self.engine is not None else {},
+            "counters": eng.counters() if eng is not None else {},
             "subscriptions": sorted(self.discovery.subscriptions) if self.discovery else [],
         }
         if self.xds is not None:
             svcs = [self.xds.service(a) for a in self.xds.subscriptions]
             state["services"] = services_to_json([x for x in svcs if x is not None])
-        if self.engine is not None:
-            state["histogram"] = self.engine.histogram_state()
+        if eng is not None:
+            state["histogram"] = eng.histogram_state()
             state["nodes"] = [[a, n.address, n.picks, n.answers_by_status()]
                               for a in self.table.appkeys() for n in self.table.nodes(a)
                               if n.picks or n.answers_by_status()]
@@ -145,22 +203,6 @@ class Proxy:
         for svc in services_from_json(state.get("services", [])):
             if svc.appkey not in static:
                 self.table.update_service(svc)
-
-    def kill_child(self, pid: Any) -> None:
-        child = self.children.get(pid) if isinstance(pid, int) else None
-        if child is not None and child.poll() is None:
-            child.kill()
-            child.wait()
-
-    def child_exit_reason(self, pid: Any) -> str:
-        child = self.children.get(pid) if isinstance(pid, int) else None
-        if child is None:
-            return ""
-        try:
-            rc = child.wait(timeout=2.0)
-        except subprocess.TimeoutExpired:
-            return " (it is still running)"
-        return f" (it exited with code {rc})"
 
     def open_sockets(self, inherited: dict[str, socket.socket] | None = None) -> None:
         """Listening sockets: taken over from the previous generation when
@@ -191,7 +233,7 @@ class Proxy:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         self.connector = Connector(loop, cfg.upstream.connect_timeout_ms / 1000)
-        self.engine = Engine(
+        self._engine = Engine(
             self.table, loop, self.connector, logging.getLogger("octoproxy.datapath"),
             max_frame=cfg.limits.max_frame_bytes,
             max_header=cfg.limits.max_header_bytes,
@@ -212,13 +254,7 @@ class Proxy:
         if not self.sockets:
             self.open_sockets(inherited)
         engine = self.engine
-        for ob in cfg.listeners.outbound:
-            sock = self.sockets[listener_key_outbound(ob.path)]
-            self.servers.append(await loop.create_unix_server(engine.downstream, sock=sock))
-        for ib in cfg.listeners.inbound:
-            sock = self.sockets[listener_key_inbound(ib.host, ib.port)]
-            factory = functools.partial(engine.inbound, ib.upstream_uds)
-            self.servers.append(await loop.create_server(factory, sock=sock))
+        await self._serve()
         self._tasks.append(loop.create_task(self._idle_loop()))
         if cfg.logging.access_log:
             access = logging.getLogger("octoproxy.access")
@@ -239,10 +275,24 @@ class Proxy:
             len(cfg.listeners.outbound), len(cfg.listeners.inbound), len(cfg.static.services),
         )
 
+    async def _serve(self) -> None:
+        """Accept on the data path's listeners.  The servers get duplicates:
+        closing a server closes its socket, and this generation keeps the
+        originals to hand over, or to serve again after a failed handover."""
+        loop = asyncio.get_running_loop()
+        engine = self.engine
+        for ob in self.cfg.listeners.outbound:
+            sock = self.sockets[listener_key_outbound(ob.path)].dup()
+            self.servers.append(await loop.create_unix_server(engine.downstream, sock=sock))
+        for ib in self.cfg.listeners.inbound:
+            sock = self.sockets[listener_key_inbound(ib.host, ib.port)].dup()
+            factory = functools.partial(engine.inbound, ib.upstream_uds)
+            self.servers.append(await loop.create_server(factory, sock=sock))
+
     def _sock(self, prefix: str) -> socket.socket | None:
         for k, v in self.sockets.items():
             if k.startswith(prefix):
-                return v
+                return v.dup()
         return None
 
     async def _start_discovery(self) -> None:
@@ -290,21 +340,39 @@ class Proxy:
             await asyncio.sleep(period)
             self.engine.idle_sweep()
 
-    async def stop_accepting(self) -> None:
+    async def stop_accepting(self, keep_sockets: bool = False) -> None:
+        """Stop accepting on the data path.  Unless keep_sockets (a hot
+        restart that may still fail), close the listening sockets too, so
+        that new connections are refused rather than queued."""
         for srv in self.servers:
             srv.close()
         self.servers.clear()
+        if not keep_sockets:
+            for key, s in self.sockets.items():
+                if key.startswith(("uds:", "tcp:")):
+                    s.close()
 
     async def release_listeners(self) -> None:
-        """Hot restart: the new generation owns every listener now (data path,
-        subscribe API, admin); this one stops accepting on all of them."""
-        await self.stop_accepting()
+        """Hot restart: the new generation serves every listener now (data
+        path, subscribe API, admin); this one stops accepting on all of them
+        and keeps the sockets (resume_listeners)."""
+        await self.stop_accepting(keep_sockets=True)
         if self.subscribe_api is not None:
             await self.subscribe_api.stop()
-            self.subscribe_api = None
         if self.admin is not None:
             await self.admin.close()
-            self.admin = None
+
+    async def resume_listeners(self) -> None:
+        """The new generation failed after release_listeners(): accept again."""
+        await self._serve()
+        if self.subscribe_api is not None:
+            sock = self._sock("sub:")
+            if sock is not None:
+                await self.subscribe_api.listen(sock)
+        if self.admin is not None:
+            sock = self._sock("admin:")
+            if sock is not None:
+                await self.admin.start(sock)
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is in flight (True) or the timeout passed (False)."""
@@ -354,8 +422,8 @@ class Proxy:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.engine is not None:
-            self.engine.close_all()
+        if self._engine is not None:
+            self._engine.close_all()
         if self.connector is not None:
             await self.connector.close()
         for key, s in self.sockets.items():
@@ -376,123 +444,79 @@ class Proxy:
 
 
 async def _main(cfg: Config, config_path: str | None, hot_restart_from: str | None) -> int:
+    """One generation, from start to exit.  Everything that can fail is done
+    before a predecessor lets go (docs/protocol.md section 13.4)."""
     loop = asyncio.get_running_loop()
+    hr = cfg.hot_restart
     proxy = Proxy(cfg, config_path)
-    hr_path = hot_restart_path(cfg)
-    handover: hotrestart.Handover | None = None
+    pred: hotrestart.HotRestartChild | None = None
+    parent: hotrestart.HotRestartParent | None = None
+    pid_file = AtomicFile(hr.pid_file) if hr.pid_file else None
     try:
+        hr_path = hot_restart_path(cfg)
         if hot_restart_from:
-            handover = hotrestart.take_over(hot_restart_from, cfg.hot_restart.start_timeout_s)
-        if handover is not None:
-            proxy.generation = handover.generation + 1
-            proxy.open_sockets(handover.sockets)
-            proxy.restore_state(handover.state)
+            pred = await hotrestart.HotRestartChild.connect(hot_restart_from, hr.start_timeout_s)
+        if pred is not None:
+            proxy.generation = pred.handover.generation + 1
+            proxy.open_sockets(pred.handover.sockets)
+            proxy.restore_state(pred.handover.state)
         await proxy.start()
-        if handover is not None:
-            proxy.restore_counts(handover.state)
-            await hotrestart.finish_take_over(handover, cfg.hot_restart.start_timeout_s)
+        if pred is not None:
+            proxy.restore_counts(pred.handover.state)
+        parent = hotrestart.HotRestartParent(
+            hr_path, proxy, hr, _argv_without_hot_restart(sys.argv[1:]), predecessor=pred,
+            pid_file=hr.pid_file)
+        parent.bind()
+        if pid_file is not None:
+            pid_file.prepare()
+        if pred is not None:
+            await pred.ready(hr.start_timeout_s)
+        # the predecessor stopped accepting: only renames are left
+        parent.publish()
+        if pid_file is not None:
+            pid_file.commit(f"{os.getpid()}\n".encode())
+        if pred is not None:
+            await pred.serving()
     except (ListenerError, hotrestart.HotRestartError, OSError, TimeoutError) as e:
         log.error("cannot start: %s", e)
-        if handover is not None:
-            handover.conn.close()
-        return 2
-    server = hotrestart.HotRestartServer(hr_path, proxy)
-    try:
-        server.start()
-    except (ListenerError, OSError) as e:
-        log.error("cannot listen for hot restart on %s: %s", hr_path, e)
+        if parent is not None:
+            parent.close()
+        if pid_file is not None:
+            pid_file.discard()
+        if pred is not None:
+            pred.close()  # the predecessor keeps (or takes back) its listeners
+            proxy.handed_over = True  # never unlink the paths it serves on
         await proxy.close()
         return 2
-    predecessor_alive = handover is not None
-    deferred_restart = False
     stop = asyncio.Event()
-
-    def spawn_new_generation() -> None:
-        if server.busy or (proxy.children and any(c.poll() is None for c in proxy.children.values())):
-            log.warning("SIGUSR2: a hot restart is already under way; ignored")
-            return
-        argv = [sys.executable, "-m", "octoproxy", *_argv_without_hot_restart(sys.argv[1:]),
-                "--hot-restart-from", hr_path]
-        log.info("SIGUSR2: starting the next generation: %s", " ".join(argv))
-        sd_notify("RELOADING=1", monotonic_usec(), "STATUS=hot restart under way")
-        # the child starts with SIGUSR2 blocked (the mask survives exec) and
-        # unblocks it once its handler is in place: a reload sent to it while
-        # it starts is then kept, not fatal (SIGUSR2's default action)
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
-        try:
-            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        proxy.children[child.pid] = child
-
-    def on_sigusr2() -> None:
-        nonlocal deferred_restart
-        if proxy.draining or server.handed_over.is_set():
-            log.warning("SIGUSR2: this generation has handed over and is draining; "
-                        "signal the new one (pid file: %s)", cfg.hot_restart.pid_file)
-            return
-        if predecessor_alive:
-            log.info("SIGUSR2: the previous generation is still draining; "
-                     "the restart starts when it has exited")
-            deferred_restart = True
-            return
-        spawn_new_generation()
-
-    async def watch_predecessor() -> None:
-        nonlocal predecessor_alive, deferred_restart
-        assert handover is not None
-        await hotrestart.wait_predecessor_gone(handover)
-        predecessor_alive = False
-        log.info("previous generation (pid %d) has exited", handover.old_pid)
-        if deferred_restart and not stop.is_set():
-            deferred_restart = False
-            spawn_new_generation()
-
-    async def reap_children() -> None:
-        while True:
-            await asyncio.sleep(0.2)
-            for pid, child in list(proxy.children.items()):
-                rc = child.poll()
-                if rc is not None:
-                    del proxy.children[pid]
-                    if not server.handed_over.is_set():
-                        log.error("hot restart: new generation (pid %d) exited with code %d "
-                                  "before taking over; still serving", pid, rc)
-
-    tasks = [loop.create_task(reap_children())]
-    if handover is not None:
-        tasks.append(loop.create_task(watch_predecessor()))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGUSR2, on_sigusr2)
-    # only now, with every handler in place, tell the world we serve: a
-    # service manager may send SIGUSR2 the moment it sees the pid or READY
-    write_pid_file(cfg.hot_restart.pid_file)
+    loop.add_signal_handler(signal.SIGUSR2, parent.request_restart)
+    parent.start()
     sd_notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS=serving (generation {proxy.generation})")
     log.info("generation %d serving (pid %d); hot restart socket %s",
-             proxy.generation, os.getpid(), hr_path)
-    if _EARLY_SIGUSR2:
-        # asked for while this generation was starting: honoured now
-        _EARLY_SIGUSR2.clear()
-        log.info("SIGUSR2 arrived while starting; handling it now")
-        on_sigusr2()
-    handed = loop.create_task(server.handed_over.wait())
+             proxy.generation, os.getpid(), parent.path)
+    # SIGUSR2 was blocked until its handler was in place: one that arrived
+    # while this generation started is delivered (and honoured) now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
+    handed = loop.create_task(parent.handed_over.wait())
     stopped = loop.create_task(stop.wait())
     await asyncio.wait([handed, stopped], return_when=asyncio.FIRST_COMPLETED)
-    if server.handed_over.is_set():
+    if parent.handed_over.is_set():
         proxy.handed_over = True
         log.info("generation %d handed over; draining", proxy.generation)
         await proxy.drain()
         await proxy.close()
-        if server.peer is not None:
-            server.peer.close()  # tells the new generation we are gone
+        parent.close(unlink=False)
+        if parent.successor is not None:
+            parent.successor.close()  # tells the new generation we are gone
     else:
         log.info("stopping")
         sd_notify("STOPPING=1")
-        server.close()
+        parent.close()
         await proxy.shutdown()
-        remove_pid_file(cfg.hot_restart.pid_file)
-    for t in (*tasks, handed, stopped):
+        remove_pid_file(hr.pid_file)
+    for t in (handed, stopped):
         t.cancel()
     return 0
 
@@ -513,22 +537,14 @@ def _argv_without_hot_restart(argv: list[str]) -> list[str]:
     return out
 
 
-_EARLY_SIGUSR2: list[int] = []
-
-
-def _early_sigusr2(signum: int, frame: Any) -> None:
-    _EARLY_SIGUSR2.append(signum)
-
-
 def run_proxy(cfg: Config, *, config_path: str | None = None, hot_restart_from: str | None = None,
               log_level: str | None = None) -> int:
     import uvloop
 
-    # SIGUSR2's default action kills the process: until the event loop's
-    # handler is in place, remember it instead (a generation spawned by
-    # SIGUSR2 starts with it blocked; a pending one is delivered here)
-    signal.signal(signal.SIGUSR2, _early_sigusr2)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
+    # SIGUSR2's default action kills the process: keep it blocked (pending)
+    # until the event loop's handler is in place (_main unblocks it).  A
+    # generation spawned by SIGUSR2 already starts with it blocked.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
 
     setup_logging(log_level or cfg.logging.level, cfg.logging.format)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -37,6 +37,7 @@ from aiohttp import web
 
 from octoproxy import model
 from octoproxy.listeners import replace_stale_uds
+from octoproxy.process import AtomicFile
 from octoproxy.xds.client import (
     DEFAULT_MAX_SUBSCRIPTIONS,
     BadAppkey,
@@ -88,23 +89,13 @@ def read_state(path: str | os.PathLike[str]) -> list[str]:
 
 
 def write_state(path: str | os.PathLike[str], appkeys: Iterable[str]) -> None:
-    """Atomically replace the state file: write a temp file, fsync, rename, fsync the directory."""
+    """Atomically replace the state file, never writing through a symlink or a
+    file someone else prepared (process.AtomicFile: O_EXCL temp file, fsync,
+    rename, fsync the directory)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     body = json.dumps({"version": STATE_VERSION, "appkeys": sorted(appkeys)}, indent=1) + "\n"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, body.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, p)
-    dfd = os.open(p.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    AtomicFile(str(p)).commit(body.encode())
 
 
 class StaticDiscovery:
@@ -277,6 +268,10 @@ class SubscribeApi:
         app.router.add_post("/v1/unsubscribe", self._h_unsubscribe)
         app.router.add_get("/v1/subscriptions", self._h_subscriptions)
         return app
+
+    async def listen(self, sock: socket.socket) -> None:
+        """Serve the API on `sock` again after stop() (a failed hot restart)."""
+        await self._listen(sock)
 
     async def _listen(self, sock: socket.socket | None = None) -> None:
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)

@@ -20,8 +20,8 @@ PROXY_CONFIGS = sorted(p for p in EXAMPLES.glob("*.yaml") if not p.name.startswi
 ENDPOINT_FILES = sorted(EXAMPLES.glob("endpoints*.yaml"))
 
 
-def validate(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "octoproxy", "validate", "-c", str(path)],
+def validate(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "octoproxy", "validate", "-c", str(path), *args],
                           env=env(), capture_output=True, text=True, timeout=60, cwd=str(ROOT))
 
 
@@ -31,7 +31,8 @@ def test_there_are_examples() -> None:
 
 @pytest.mark.parametrize("path", PROXY_CONFIGS, ids=lambda p: p.name)
 def test_example_proxy_config_validates(path: Path) -> None:
-    r = validate(path)
+    # examples are meant for other hosts (a container's /run/octo-proxy)
+    r = validate(path, "--no-paths")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"{path}: ok"
 
@@ -50,7 +51,7 @@ def test_example_endpoints_file_loads_in_the_control_plane(path: Path) -> None:
 def test_example_as_json_validates(path: Path, tmp_path: Path) -> None:
     j = tmp_path / (path.stem + ".json")
     j.write_text(json.dumps(yaml.safe_load(path.read_text())))
-    r = validate(j)
+    r = validate(j, "--no-paths")
     assert r.returncode == 0, r.stderr
 
 
