@@ -421,3 +421,59 @@ def test_empty_or_truncated_endpoints_file_is_ignored(tmp_path: Path, delta: boo
             await c.stop()
 
     run(with_cp(f, body))
+
+
+@MODES
+def test_control_plane_answers_lds_rds_and_unserved_types_at_once(
+    tmp_path: Path, delta: bool
+) -> None:
+    """Per appkey a Listener (API listener, HCM over RDS, router filter) and a
+    RouteConfiguration; a type it does not serve is answered at once (empty
+    SotW response / every name in removed_resources), not left to time out."""
+    import grpc
+    from envoy.config.listener.v3 import listener_pb2
+    from envoy.config.route.v3 import route_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2 as hcm_pb2,
+    )
+    from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+    f = tmp_path / "endpoints.yaml"
+    write(f, base_services())
+    lds = "type.googleapis.com/envoy.config.listener.v3.Listener"
+    rds = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+    sds = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+    async def body(cp: ControlPlane) -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{cp.port}") as ch:
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch)
+            call = stub.DeltaAggregatedResources() if delta else stub.StreamAggregatedResources()
+            got: dict[str, Any] = {}
+            for t in (lds, rds, sds):
+                if delta:
+                    req: Any = discovery_pb2.DeltaDiscoveryRequest(
+                        type_url=t, resource_names_subscribe=["app.a"]
+                    )
+                else:
+                    req = discovery_pb2.DiscoveryRequest(type_url=t, resource_names=["app.a"])
+                await call.write(req)
+                got[t] = await asyncio.wait_for(call.read(), 5)
+            call.cancel()
+
+        def body_of(r: Any) -> bytes:
+            return bytes(r.resources[0].resource.value if delta else r.resources[0].value)
+
+        listener = listener_pb2.Listener.FromString(body_of(got[lds]))
+        assert listener.name == "app.a"
+        hcm = hcm_pb2.HttpConnectionManager()
+        assert listener.api_listener.api_listener.Unpack(hcm)
+        assert hcm.rds.route_config_name == "app.a" and hcm.rds.config_source.HasField("ads")
+        assert [h.name for h in hcm.http_filters] == ["envoy.filters.http.router"]
+        rc = route_pb2.RouteConfiguration.FromString(body_of(got[rds]))
+        assert rc.virtual_hosts[0].routes[0].route.cluster == "app.a"
+        if delta:
+            assert list(got[sds].removed_resources) == ["app.a"] and not got[sds].resources
+        else:
+            assert got[sds].type_url == sds and not got[sds].resources
+
+    run(with_cp(f, body))

@@ -1,10 +1,14 @@
 """The bundled xDS control plane: ADS (SotW and delta) over grpc.aio, fed by a file.
 
-Each proxy gets only the resources it subscribed to.  SotW: CDS responses
-carry every subscribed cluster that exists (absent = does not exist), EDS
-responses carry only the assignments that changed.  Delta: only changed
-resources, and removed_resources for subscribed names that are gone or do not
-exist.  Nonces are per stream; resource versions are content hashes.
+Each client gets only the resources it subscribed to: octo-proxy asks for
+CDS and EDS; a proxyless gRPC client (``xds:///<appkey>``) for LDS, RDS, CDS
+and EDS, served per appkey from the same file.  SotW: CDS and LDS responses
+carry every subscribed resource that exists (absent = does not exist), EDS
+and RDS responses carry only what changed.  Delta: only changed resources,
+and removed_resources for subscribed names that are gone or do not exist.
+A type it does not serve is answered at once (an empty SotW response, or
+every name in removed_resources) so clients do not wait for a timeout.
+Nonces are per stream; resource versions are content hashes.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from octoproxy.controlplane.store import FileError, Store
-from octoproxy.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE
+from octoproxy.controlplane.store import SERVED, FileError, Store
+from octoproxy.xds.resources import CLUSTER_TYPE, LISTENER_TYPE
 
 log = logging.getLogger("octoproxy.controlplane")
 
-TYPES = (CLUSTER_TYPE, ENDPOINT_TYPE)
+TYPES = SERVED
+FULL_STATE = (CLUSTER_TYPE, LISTENER_TYPE)  # SotW responses carry every subscribed one
 _CHANGED = object()
 _END = object()
 
@@ -71,7 +76,7 @@ class _Stream:
 
     def targets(self, t: str) -> set[str]:
         st = self.types[t]
-        return set(self.store.snapshot.resources[t]) if st.wildcard else st.names
+        return set(self.store.snapshot.resources.get(t, {})) if st.wildcard else st.names
 
     # --- SotW ---
 
@@ -80,9 +85,9 @@ class _Stream:
         if st is None:
             return None
         snap = self.store.snapshot
-        have = snap.resources[t]
+        have = snap.resources.get(t, {})
         present = {n: have[n] for n in self.targets(t) if n in have}
-        if t == CLUSTER_TYPE:
+        if t in FULL_STATE:
             if not force and st.sent == {n: r.version for n, r in present.items()}:
                 return None
             send = list(present.values())
@@ -103,9 +108,8 @@ class _Stream:
 
     def sotw_request(self, req: discovery_pb2.DiscoveryRequest) -> list[Any]:
         t = req.type_url
-        if t not in TYPES:
-            log.warning("node %s asked for unsupported type %s", self.node.id, t)
-            return []
+        if t not in TYPES and t not in self.types:
+            log.info("node %s asked for %s, not served: answered empty", self.node.id, t)
         names = set(req.resource_names)
         first = t not in self.types
         st = self.types.setdefault(t, _TypeState())
@@ -114,7 +118,7 @@ class _Stream:
         if not first and names == st.names and wildcard == st.wildcard:
             return []  # an ACK or NACK: nothing new to send
         st.names, st.wildcard = names, wildcard
-        resp = self.sotw_response(t, force=first or t == CLUSTER_TYPE)
+        resp = self.sotw_response(t, force=first or t in FULL_STATE or t not in TYPES)
         return [resp] if resp is not None else []
 
     # --- delta ---
@@ -123,7 +127,7 @@ class _Stream:
         st = self.types.get(t)
         if st is None:
             return None
-        have = self.store.snapshot.resources[t]
+        have = self.store.snapshot.resources.get(t, {})
         targets = self.targets(t)
         resp = discovery_pb2.DeltaDiscoveryResponse(
             system_version_info=str(self.store.snapshot.version), type_url=t
@@ -149,9 +153,8 @@ class _Stream:
 
     def delta_request(self, req: discovery_pb2.DeltaDiscoveryRequest) -> list[Any]:
         t = req.type_url
-        if t not in TYPES:
-            log.warning("node %s asked for unsupported type %s", self.node.id, t)
-            return []
+        if t not in TYPES and t not in self.types:
+            log.info("node %s asked for %s, not served: every name removed", self.node.id, t)
         first = t not in self.types
         st = self.types.setdefault(t, _TypeState())
         sub = set(req.resource_names_subscribe)

@@ -30,10 +30,17 @@ from octoproxy.services import ServiceSpec
 from octoproxy.xds.resources import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
+    LISTENER_TYPE,
+    ROUTE_TYPE,
     appkey_problem,
     service_to_cla,
     service_to_cluster,
+    service_to_listener,
+    service_to_route,
 )
+
+# what the store serves, in the order a change is pushed (make before break)
+SERVED = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
 
 log = logging.getLogger("octoproxy.controlplane")
 
@@ -67,7 +74,7 @@ class Snapshot:
 @dataclass
 class _Cache:
     raw: dict[str, Any] = field(default_factory=dict)  # appkey -> the service's parsed text
-    built: dict[str, tuple[Resource, Resource]] = field(default_factory=dict)
+    built: dict[str, tuple[Resource, ...]] = field(default_factory=dict)  # one per SERVED type
 
 
 def _read(path: Path) -> Any:
@@ -126,13 +133,15 @@ def build(path: Path, prev: _Cache) -> tuple[_Cache, dict[str, dict[str, Resourc
         cache.built[svc.appkey] = (
             _resource(svc.appkey, CLUSTER_TYPE, service_to_cluster(svc)),
             _resource(svc.appkey, ENDPOINT_TYPE, service_to_cla(svc)),
+            _resource(svc.appkey, LISTENER_TYPE, service_to_listener(svc.appkey)),
+            _resource(svc.appkey, ROUTE_TYPE, service_to_route(svc.appkey)),
         )
     if problems:
         raise FileError(f"{path}: " + "; ".join(problems[:20]))
-    resources: dict[str, dict[str, Resource]] = {CLUSTER_TYPE: {}, ENDPOINT_TYPE: {}}
-    for appkey, (c, cla) in cache.built.items():
-        resources[CLUSTER_TYPE][appkey] = c
-        resources[ENDPOINT_TYPE][appkey] = cla
+    resources: dict[str, dict[str, Resource]] = {t: {} for t in SERVED}
+    for appkey, built in cache.built.items():
+        for t, r in zip(SERVED, built, strict=True):
+            resources[t][appkey] = r
     return cache, resources
 
 
@@ -144,7 +153,7 @@ class Store:
         self.poll_s = poll_s
         self._cache = _Cache()
         self._stamp: tuple[int, int, int] | None = None
-        self.snapshot = Snapshot(0, {CLUSTER_TYPE: {}, ENDPOINT_TYPE: {}})
+        self.snapshot = Snapshot(0, {t: {} for t in SERVED})
         self._listeners: set[Callable[[], None]] = set()
         self._task: asyncio.Task[None] | None = None
         self.reloads = 0

@@ -16,14 +16,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, health_check_pb2
+from envoy.config.core.v3 import address_pb2, config_source_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
-from google.protobuf import struct_pb2
+from envoy.config.listener.v3 import api_listener_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from google.protobuf import any_pb2, struct_pb2
 
 from octoproxy import model
 
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+# served by the bundled control plane to proxyless gRPC clients (xds:///<appkey>)
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 
 OCTO_NS = "octo"  # Cluster and LbEndpoint metadata namespace for octo-only fields
 LB_NS = "envoy.lb"  # LbEndpoint metadata namespace for routing labels
@@ -297,6 +306,15 @@ def cla_to_endpoints(
                 warmup_s = _num(f"{mw}.warmup_s", _field(md, "warmup_s"))
                 start_time = _num(f"{mw}.start_time", _field(md, "start_time"))
             if OCTO_NS in fm:
+                wv = _field(fm[OCTO_NS], "weight")
+                if wv is not None:
+                    w = _num(f'{where}: metadata.filter_metadata["octo"].weight', wv)
+                    if w != int(w) or w > MAX_WEIGHT:
+                        raise ResourceError(
+                            f'{where}: metadata.filter_metadata["octo"].weight must be an '
+                            f"integer 0..{MAX_WEIGHT}, got {w}"
+                        )
+                    weight = int(w)
                 sv = _field(fm[OCTO_NS], "status")
                 if sv is not None:
                     s = _num(f'{where}: metadata.filter_metadata["octo"].status', sv)
@@ -359,7 +377,7 @@ def service_to_cla(svc: model.Service) -> endpoint_pb2.ClusterLoadAssignment:
             lle.locality.region = e.region
             lle.locality.zone = e.idc
             groups[(e.region, e.idc)] = lle
-        if e.status == model.STATUS_ALIVE:
+        if e.status == model.STATUS_ALIVE and e.weight > 0:
             weights[(e.region, e.idc)] = weights.get((e.region, e.idc), 0) + e.weight
         lbe = lle.lb_endpoints.add()
         sa = lbe.endpoint.address.socket_address
@@ -367,6 +385,13 @@ def service_to_cla(svc: model.Service) -> endpoint_pb2.ClusterLoadAssignment:
         sa.port_value = e.port
         lbe.load_balancing_weight.value = e.weight
         lbe.health_status = _HEALTH_FROM_STATUS.get(e.status, _HS.UNHEALTHY)
+        octo: dict[str, Any] = {"status": e.status}
+        if e.weight == 0:
+            # gRPC rejects a zero load_balancing_weight: never picked there by
+            # being unhealthy; octo-proxy reads the exact weight and status below
+            lbe.load_balancing_weight.value = 1
+            lbe.health_status = _HS.UNHEALTHY
+            octo["weight"] = 0
         lb = lbe.metadata.filter_metadata[LB_NS]
         lb.update(
             {
@@ -377,9 +402,42 @@ def service_to_cla(svc: model.Service) -> endpoint_pb2.ClusterLoadAssignment:
                 "start_time": e.start_time,
             }
         )
-        lbe.metadata.filter_metadata[OCTO_NS].update({"status": e.status})
+        lbe.metadata.filter_metadata[OCTO_NS].update(octo)
     # gRPC clients drop a locality without a weight: the sum of the weights of
     # its serving endpoints (at least 1, at most what a uint32 holds)
     for key, lle in groups.items():
         lle.load_balancing_weight.value = min(max(weights.get(key, 0), 1), 2**32 - 1)
     return cla
+
+
+def _packed(msg: Any) -> any_pb2.Any:
+    a = any_pb2.Any()
+    a.Pack(msg)
+    return a
+
+
+def service_to_listener(appkey: str) -> listener_pb2.Listener:
+    """What a gRPC client resolving ``xds:///<appkey>`` asks for first: an API
+    listener whose HttpConnectionManager takes its routes over RDS (ADS) and
+    ends with the router filter."""
+    hcm = hcm_pb2.HttpConnectionManager(stat_prefix=appkey)
+    hcm.rds.route_config_name = appkey
+    hcm.rds.config_source.ads.SetInParent()
+    hcm.rds.config_source.resource_api_version = config_source_pb2.V3
+    hcm.http_filters.add(
+        name="envoy.filters.http.router", typed_config=_packed(router_pb2.Router())
+    )
+    return listener_pb2.Listener(
+        name=appkey, api_listener=api_listener_pb2.ApiListener(api_listener=_packed(hcm))
+    )
+
+
+def service_to_route(appkey: str) -> route_pb2.RouteConfiguration:
+    """Every call to the listener's authority goes to the cluster of the same name."""
+    rc = route_pb2.RouteConfiguration(name=appkey)
+    vh = rc.virtual_hosts.add(name=appkey, domains=["*"])
+    vh.routes.add(
+        match=route_components_pb2.RouteMatch(prefix=""),
+        route=route_components_pb2.RouteAction(cluster=appkey),
+    )
+    return rc
