@@ -11,7 +11,7 @@ the end-to-end CPU figure that the proxy controls (the rest is syscalls).
   the app; the loop's end-of-iteration callbacks flush both.  Cost per
   request = the whole round trip.
 - locally answered: the proxy answers the request itself: unknown service,
-  overload (max_inflight reached), draining (hot restart), and timeout (the
+  overload (the per-connection in-flight limit reached), draining (hot restart), and timeout (the
   request went upstream and its deadline passed: the cost of the sweep
   answering it).  Cost per request = the request in + the answer out.
 
@@ -147,7 +147,9 @@ class Rig:
         log.disabled = True
         # one upstream connection, so the ids of a round are known in advance
         self.eng = D.Engine(self.table, self.loop, self.connect, log, conns_per_node=1, **limits)
-        self.down = self.eng.downstream()
+        # the app side's protocol factory (named outbound() since the core's split)
+        factory = getattr(self.eng, "outbound", None) or self.eng.downstream
+        self.down = factory()
         self.app = FakeTransport()
         self.down.connection_made(self.app)
 
@@ -236,7 +238,9 @@ class LocalAnswer:
         limits: dict[str, Any] = {}
         appkey = APPKEY
         if why == "overload":
-            limits["max_inflight"] = 0
+            # the per-connection limit (max_in_flight since the core's split)
+            name = "max_in_flight" if hasattr(D.Engine, "max_in_flight") else "max_inflight"
+            limits[name] = 0
         elif why == "unknown service":
             appkey = "com.bench.nowhere"
         self.rig = Rig(**limits)
