@@ -8,6 +8,12 @@
 A handler returns the response body, or (status, body, message); it may be a
 plain function or a coroutine function (then requests are answered in the
 order they finish, not the order they came).  One-way requests get no answer.
+
+Interoperability with Dorado (docs/protocol.md, "Compatibility with Dorado"):
+an error answer (status != 0) with an empty body to a request whose body is a
+strict TBinaryProtocol call gets a Thrift EXCEPTION body carrying the message,
+since that is where a Dorado client reads it; a ScannerHeartbeat (messageType
+2) is answered with messageType 2 and heartbeatInfo{sendTime (ms), status 2}.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ class Request:
     hash_key: str | None
     protocol: int
     checksum: bool = False
+    method: str | None = None  # the body's Thrift method (strict TBinaryProtocol bodies)
+    body_seq_id: int | None = None  # that message's seqid
 
 
 class _ProviderConn(asyncio.Protocol):
@@ -64,7 +72,13 @@ class _ProviderConn(asyncio.Protocol):
             return
         out = []
         for f in frames:
-            if f.msg_type in (1, 2):
+            if f.msg_type == _frame.MT_SCANNER_HEARTBEAT:
+                if f.is_request or not f.is_response:
+                    # OCTO's health checker: this process serves, so ALIVE
+                    out.append(_frame.encode_scanner_heartbeat_response(f.seq_id,
+                                                                        protocol=f.protocol))
+                continue
+            if f.msg_type == _frame.MT_HEARTBEAT:
                 if f.is_request or not f.is_response:
                     out.append(_frame.encode_heartbeat(f.seq_id, response=True))
                 continue
@@ -72,7 +86,7 @@ class _ProviderConn(asyncio.Protocol):
                 continue
             req = Request(f.seq_id, f.service_name, f.body, f.call_type == 1,
                           f.timeout, f.swimlane, f.set, f.liteset, f.hash_key, f.protocol & 3,
-                          bool(f.checksum))
+                          bool(f.checksum), f.method, f.body_seq_id)
             if self.is_async:
                 t = asyncio.get_running_loop().create_task(self._run_async(req))
                 self.tasks.add(t)
@@ -109,6 +123,8 @@ def _encode_result(req: Request, result: Result) -> bytes:
         status, body, message = result
     else:
         status, body, message = 0, result, None
+    if status != 0 and not body and req.method is not None and req.body_seq_id is not None:
+        body = _frame.encode_thrift_exception(req.method, req.body_seq_id, message)
     return _frame.encode_response(req.seq_id, body, status=status, message=message,
                                   protocol=req.protocol, checksum=req.checksum)
 
