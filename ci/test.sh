@@ -7,6 +7,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
+# the cluster-quota tests start real redis-server processes
+if ! command -v redis-server >/dev/null; then
+  apt-get install -y redis-server || { apt-get update && apt-get install -y redis-server; }
+fi
 python -m pip install -q --upgrade pip
 OCTOPROXY_WERROR=1 python -m pip install -q -e ".[dev]"  # warnings are errors in CI
 ruff check src tests bench

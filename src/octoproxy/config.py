@@ -61,6 +61,9 @@ class InboundListener(_Strict):
     port: int = Field(ge=0, le=65535)
     upstream_uds: str
     backlog: int = Field(default=1024, ge=1, le=65535)
+    # the service this port serves: its provider-side rate limits and cluster
+    # quota apply here (docs/governance.md); None = no provider-side limits
+    appkey: str | None = None
 
 
 class Listeners(_Strict):
@@ -148,6 +151,15 @@ class Subscribe(_Strict):
     timeout_s: float = Field(default=10.0, gt=0)
 
 
+class Redis(_Strict):
+    """Where cluster-wide quotas are kept (docs/governance.md)."""
+
+    url: str | None = None  # redis://host:port/db; None = cluster quotas use their local share
+    timeout_s: float = Field(default=0.2, gt=0)  # one quota step
+    retry_s: float = Field(default=1.0, gt=0)  # how often an unreachable Redis is tried again
+    key_prefix: str = "octo:quota:"
+
+
 class Admin(_Strict):
     host: str = "127.0.0.1"
     port: int | None = Field(default=None, ge=0, le=65535)
@@ -187,6 +199,7 @@ class Config(_Strict):
     admin: Admin = Admin()
     hot_restart: HotRestart = HotRestart()
     logging: Logging = Logging()
+    redis: Redis = Redis()
 
 
 class ConfigError(Exception):

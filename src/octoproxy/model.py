@@ -51,6 +51,93 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A token bucket: `rate` requests per second with `burst` (0 = rate)."""
+
+    rate: float
+    burst: float = 0.0
+    method: str | None = None  # only requests calling this method (None = any)
+    caller: str | None = None  # only this caller appkey; "*" = a bucket per caller
+    side: str = "provider"  # provider (inbound proxy) | caller (outbound proxy)
+    name: str = ""  # named in the answer's message (default: derived)
+
+    def label(self, appkey: str) -> str:
+        if self.name:
+            return self.name
+        what = f"service {appkey!r}"
+        if self.method is not None:
+            what += f" method {self.method!r}"
+        if self.caller == "*":
+            what += " per caller"
+        elif self.caller is not None:
+            what += f" caller {self.caller!r}"
+        return f"{self.side} limit of {what}"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterQuota:
+    """Requests per second for every proxy of the service together (Redis)."""
+
+    rate: float
+    on_redis_failure: str = "local_share"  # local_share | open | closed
+    local_share: float = 0.5  # fraction of `rate` one proxy allows alone while Redis is down
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakers:
+    """Caller-side thresholds (0 = no limit)."""
+
+    max_requests: int = 0  # requests in flight to the service
+    max_pending: int = 0  # requests waiting for a connection to be made
+    max_requests_per_node: int = 0  # requests in flight to one node
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    consecutive_transport_failures: int = 5  # 0 = off
+    consecutive_errors: int = 0  # consecutive error statuses (error_statuses); 0 = off
+    error_statuses: tuple[int, ...] = (2,)  # RuntimeException by default
+    failure_rate_threshold: float = 0.0  # 0 = off; e.g. 0.5 = eject above 50% failures
+    failure_rate_min_requests: int = 20
+    interval_s: float = 10.0
+    base_ejection_s: float = 30.0
+    max_ejection_s: float = 300.0
+    max_ejection_percent: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    idempotent_methods: tuple[str, ...] = ()  # "*" = every method
+    max_attempts: int = 2
+    budget_percent: float = 20.0
+    min_retries: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class AdaptiveConcurrency:
+    enabled: bool = False
+    initial_limit: int = 20
+    min_limit: int = 2
+    max_limit: int = 1000
+    sample_s: float = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class Governance:
+    """A service's rate limits, breakers, ejection and retry rules (docs/governance.md)."""
+
+    rate_limits: tuple[RateLimit, ...] = ()
+    cluster_quota: ClusterQuota | None = None
+    circuit_breakers: CircuitBreakers | None = None
+    outlier_detection: OutlierDetection | None = None
+    retry: RetryPolicy | None = None
+    adaptive_concurrency: AdaptiveConcurrency | None = None
+
+    def empty(self) -> bool:
+        return self == Governance()
+
+
+@dataclass(frozen=True, slots=True)
 class Service:
     """A service (appkey) with its nodes and its settings."""
 
@@ -60,6 +147,7 @@ class Service:
     set_enabled: bool = False
     # serviceName values (RequestInfo.serviceName) that map to this appkey
     service_names: tuple[str, ...] = ()
+    governance: Governance | None = None
 
 
 @dataclass(frozen=True, slots=True)

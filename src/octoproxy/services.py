@@ -5,6 +5,8 @@ plane's endpoints file both use it (docs/configuration.md, docs/xds.md).
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from octoproxy import model
@@ -113,12 +115,115 @@ class EndpointSpec(_Strict):
         )
 
 
+class RateLimitSpec(_Strict):
+    rate: float = Field(gt=0)  # requests per second
+    burst: float = Field(default=0, ge=0)  # 0 = rate
+    method: str | None = None
+    caller: str | None = None  # an appkey, or "*" for a bucket per caller
+    side: Literal["provider", "caller"] = "provider"
+    name: str = ""
+
+    def to_model(self) -> model.RateLimit:
+        return model.RateLimit(self.rate, self.burst, self.method, self.caller, self.side,
+                               self.name)
+
+
+class ClusterQuotaSpec(_Strict):
+    rate: float = Field(gt=0)
+    on_redis_failure: Literal["local_share", "open", "closed"] = "local_share"
+    local_share: float = Field(default=0.5, gt=0, le=1)
+
+    def to_model(self) -> model.ClusterQuota:
+        return model.ClusterQuota(self.rate, self.on_redis_failure, self.local_share)
+
+
+class CircuitBreakersSpec(_Strict):
+    max_requests: int = Field(default=0, ge=0)
+    max_pending: int = Field(default=0, ge=0)
+    max_requests_per_node: int = Field(default=0, ge=0)
+
+    def to_model(self) -> model.CircuitBreakers:
+        return model.CircuitBreakers(self.max_requests, self.max_pending,
+                                     self.max_requests_per_node)
+
+
+class OutlierDetectionSpec(_Strict):
+    consecutive_transport_failures: int = Field(default=5, ge=0)
+    consecutive_errors: int = Field(default=0, ge=0)
+    error_statuses: list[int] = [2]
+    failure_rate_threshold: float = Field(default=0, ge=0, le=1)
+    failure_rate_min_requests: int = Field(default=20, ge=1)
+    interval_s: float = Field(default=10.0, gt=0)
+    base_ejection_s: float = Field(default=30.0, gt=0)
+    max_ejection_s: float = Field(default=300.0, gt=0)
+    max_ejection_percent: float = Field(default=10.0, ge=0, le=100)
+
+    @field_validator("error_statuses")
+    @classmethod
+    def _statuses(cls, v: list[int]) -> list[int]:
+        for st in v:
+            if not 1 <= st <= 31 or st == 4:
+                raise ValueError(f"error statuses are 1..31 except 4 (transport is counted "
+                                 f"by consecutive_transport_failures), got {st}")
+        return v
+
+    def to_model(self) -> model.OutlierDetection:
+        return model.OutlierDetection(
+            self.consecutive_transport_failures, self.consecutive_errors,
+            tuple(self.error_statuses), self.failure_rate_threshold,
+            self.failure_rate_min_requests, self.interval_s, self.base_ejection_s,
+            self.max_ejection_s, self.max_ejection_percent)
+
+
+class RetrySpec(_Strict):
+    idempotent_methods: list[str] = []
+    max_attempts: int = Field(default=2, ge=1, le=5)
+    budget_percent: float = Field(default=20.0, ge=0, le=100)
+    min_retries: int = Field(default=3, ge=0)
+
+    def to_model(self) -> model.RetryPolicy:
+        return model.RetryPolicy(tuple(self.idempotent_methods), self.max_attempts,
+                                 self.budget_percent, self.min_retries)
+
+
+class AdaptiveConcurrencySpec(_Strict):
+    enabled: bool = False
+    initial_limit: int = Field(default=20, ge=1)
+    min_limit: int = Field(default=2, ge=1)
+    max_limit: int = Field(default=1000, ge=1)
+    sample_s: float = Field(default=0.1, gt=0)
+
+    def to_model(self) -> model.AdaptiveConcurrency:
+        return model.AdaptiveConcurrency(self.enabled, self.initial_limit, self.min_limit,
+                                         self.max_limit, self.sample_s)
+
+
 class ServiceSpec(_Strict):
     appkey: str = Field(min_length=1)
     lb_policy: str = "round_robin"
     set_enabled: bool = False
     service_names: list[str] = []
     endpoints: list[EndpointSpec] = []
+    # governance (docs/governance.md)
+    rate_limits: list[RateLimitSpec] = []
+    cluster_quota: ClusterQuotaSpec | None = None
+    circuit_breakers: CircuitBreakersSpec | None = None
+    outlier_detection: OutlierDetectionSpec | None = None
+    retry: RetrySpec | None = None
+    adaptive_concurrency: AdaptiveConcurrencySpec | None = None
+
+    def governance(self) -> model.Governance | None:
+        g = model.Governance(
+            rate_limits=tuple(r.to_model() for r in self.rate_limits),
+            cluster_quota=self.cluster_quota.to_model() if self.cluster_quota else None,
+            circuit_breakers=self.circuit_breakers.to_model() if self.circuit_breakers else None,
+            outlier_detection=(self.outlier_detection.to_model()
+                               if self.outlier_detection else None),
+            retry=self.retry.to_model() if self.retry else None,
+            adaptive_concurrency=(self.adaptive_concurrency.to_model()
+                                  if self.adaptive_concurrency else None),
+        )
+        return None if g.empty() else g
 
     @field_validator("lb_policy")
     @classmethod
@@ -134,4 +239,5 @@ class ServiceSpec(_Strict):
             lb_policy=_LB_NAMES[self.lb_policy.lower()],
             set_enabled=self.set_enabled,
             service_names=tuple(self.service_names),
+            governance=self.governance(),
         )

@@ -326,3 +326,57 @@ def simple_chain(c: Cluster, **client_extra: Any) -> tuple[Proc, Proc]:
         c.path("px.sock"), [{"appkey": "a", "endpoints": [{"address": f"127.0.0.1:{port}"}]}],
         **client_extra))
     return server, client
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port (no persistence); can be
+    killed and started again on the same port mid-test."""
+
+    def __init__(self, logdir: str | None = None) -> None:
+        import shutil
+
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed (ci/test.sh installs it)")
+        self.exe = exe
+        self.dir = logdir or short_tmpdir()
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.p: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        log = open(os.path.join(self.dir, f"redis-{self.port}.log"), "ab")
+        self.p = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir],
+            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_for(lambda: self.ping() or self.p is None or self.p.poll() is not None, 15,
+                 "redis-server to answer PING")
+        assert self.p.poll() is None, "redis-server exited"
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def command(self, *args: str) -> bytes:
+        """One command in RESP; the raw reply."""
+        req = b"*%d\r\n" % len(args) + b"".join(
+            b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in args)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            s.sendall(req)
+            return s.recv(65536)
+
+    def kill(self) -> None:
+        if self.p is not None and self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+        self.p = None
+
+    def stop(self) -> None:
+        self.kill()

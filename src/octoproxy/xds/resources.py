@@ -116,6 +116,7 @@ class ClusterSettings:
     service_names: tuple[str, ...]
     # STATIC cluster: its inline load_assignment (no EDS); None for an EDS cluster
     static_endpoints: tuple[model.Endpoint, ...] | None = None
+    governance: model.Governance | None = None
 
 
 def _field(struct: struct_pb2.Struct, key: str) -> struct_pb2.Value | None:
@@ -187,7 +188,8 @@ def cluster_to_settings(c: cluster_pb2.Cluster) -> ClusterSettings:
                     )
                 names.append(s)
             service_names = tuple(names)
-    return ClusterSettings(name, lb, set_enabled, service_names, static)
+    return ClusterSettings(name, lb, set_enabled, service_names, static,
+                           cluster_governance(c, where))
 
 
 def _static_endpoints(c: cluster_pb2.Cluster, where: str) -> tuple[model.Endpoint, ...] | None:
@@ -221,6 +223,149 @@ def _static_endpoints(c: cluster_pb2.Cluster, where: str) -> tuple[model.Endpoin
             "the cluster name"
         )
     return cla_to_endpoints(la, label=f"{where}: load_assignment")
+
+
+# --- governance (docs/governance.md, docs/xds.md "Governance") ----------------
+
+_GOV_KEYS = ("rate_limits", "cluster_quota", "retry", "adaptive_concurrency",
+             "outlier_error_statuses")
+
+
+def _gov_spec(where: str, cls: Any, data: Any) -> Any:
+    from pydantic import ValidationError
+
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+        raise ResourceError(f"{where}{loc}: {err['msg']}") from None
+
+
+def _dur(d: Any) -> float:
+    return float(d.seconds) + d.nanos * 1e-9
+
+
+def cluster_governance(c: cluster_pb2.Cluster, where: str) -> model.Governance | None:
+    """Cluster.circuit_breakers, Cluster.outlier_detection and the "octo"
+    metadata extensions -> the service's governance (None when it has none)."""
+    from google.protobuf import json_format
+
+    from octoproxy import services as S
+
+    md: dict[str, Any] = {}
+    if OCTO_NS in c.metadata.filter_metadata:
+        md = json_format.MessageToDict(c.metadata.filter_metadata[OCTO_NS])
+    mw = f'{where}: metadata.filter_metadata["octo"]'
+    rate_limits: tuple[model.RateLimit, ...] = ()
+    if "rate_limits" in md:
+        if not isinstance(md["rate_limits"], list):
+            raise ResourceError(f"{mw}.rate_limits must be a list")
+        rate_limits = tuple(_gov_spec(f"{mw}.rate_limits[{i}]", S.RateLimitSpec, r).to_model()
+                            for i, r in enumerate(md["rate_limits"]))
+    quota = None
+    if "cluster_quota" in md:
+        quota = _gov_spec(f"{mw}.cluster_quota", S.ClusterQuotaSpec, md["cluster_quota"]).to_model()
+    adaptive = None
+    if "adaptive_concurrency" in md:
+        adaptive = _gov_spec(f"{mw}.adaptive_concurrency", S.AdaptiveConcurrencySpec,
+                             md["adaptive_concurrency"]).to_model()
+    breakers = None
+    retry_extra: dict[str, Any] = {}
+    cb = c.circuit_breakers
+    if c.HasField("circuit_breakers"):
+        t = next((x for x in cb.thresholds if x.priority == 0), None)
+        ph = cb.per_host_thresholds[0] if cb.per_host_thresholds else None
+        breakers = model.CircuitBreakers(
+            max_requests=t.max_requests.value if t is not None and t.HasField("max_requests") else 0,
+            max_pending=(t.max_pending_requests.value
+                         if t is not None and t.HasField("max_pending_requests") else 0),
+            max_requests_per_node=(ph.max_requests.value
+                                   if ph is not None and ph.HasField("max_requests") else 0),
+        )
+        if t is not None and t.HasField("retry_budget"):
+            rb = t.retry_budget
+            if rb.HasField("budget_percent"):
+                retry_extra["budget_percent"] = rb.budget_percent.value
+            if rb.HasField("min_retry_concurrency"):
+                retry_extra["min_retries"] = rb.min_retry_concurrency.value
+    retry = None
+    if "retry" in md or retry_extra:
+        retry = _gov_spec(f"{mw}.retry", S.RetrySpec,
+                          {**(md.get("retry") or {}), **retry_extra}).to_model()
+    outlier = None
+    if c.HasField("outlier_detection"):
+        od = c.outlier_detection
+        kw: dict[str, Any] = {}
+        if od.HasField("consecutive_local_origin_failure"):
+            kw["consecutive_transport_failures"] = od.consecutive_local_origin_failure.value
+        kw["consecutive_errors"] = od.consecutive_5xx.value if od.HasField("consecutive_5xx") else 0
+        if "outlier_error_statuses" in md:
+            kw["error_statuses"] = md["outlier_error_statuses"]
+        if od.HasField("enforcing_failure_percentage") and od.enforcing_failure_percentage.value:
+            kw["failure_rate_threshold"] = (od.failure_percentage_threshold.value / 100.0
+                                            if od.HasField("failure_percentage_threshold")
+                                            else 0.85)
+            if od.HasField("failure_percentage_request_volume"):
+                kw["failure_rate_min_requests"] = max(1, od.failure_percentage_request_volume.value)
+        if od.HasField("interval"):
+            kw["interval_s"] = _dur(od.interval)
+        if od.HasField("base_ejection_time"):
+            kw["base_ejection_s"] = _dur(od.base_ejection_time)
+        if od.HasField("max_ejection_time"):
+            kw["max_ejection_s"] = _dur(od.max_ejection_time)
+        if od.HasField("max_ejection_percent"):
+            kw["max_ejection_percent"] = od.max_ejection_percent.value
+        outlier = _gov_spec(f"{where}: outlier_detection", S.OutlierDetectionSpec, kw).to_model()
+    g = model.Governance(rate_limits, quota, breakers, outlier, retry, adaptive)
+    return None if g.empty() else g
+
+
+def governance_to_cluster(g: model.Governance, c: cluster_pb2.Cluster) -> None:
+    """The other direction (the bundled control plane)."""
+    import dataclasses
+
+    md: dict[str, Any] = {}
+    if g.rate_limits:
+        md["rate_limits"] = [{k: v for k, v in dataclasses.asdict(r).items() if v is not None}
+                             for r in g.rate_limits]
+    if g.cluster_quota is not None:
+        md["cluster_quota"] = dataclasses.asdict(g.cluster_quota)
+    if g.adaptive_concurrency is not None:
+        md["adaptive_concurrency"] = dataclasses.asdict(g.adaptive_concurrency)
+    if g.retry is not None:
+        md["retry"] = {"idempotent_methods": list(g.retry.idempotent_methods),
+                       "max_attempts": g.retry.max_attempts}
+    cb = g.circuit_breakers
+    if cb is not None or g.retry is not None:
+        t = c.circuit_breakers.thresholds.add()
+        if cb is not None and cb.max_requests:
+            t.max_requests.value = cb.max_requests
+        if cb is not None and cb.max_pending:
+            t.max_pending_requests.value = cb.max_pending
+        if cb is not None and cb.max_requests_per_node:
+            c.circuit_breakers.per_host_thresholds.add().max_requests.value = \
+                cb.max_requests_per_node
+        if g.retry is not None:
+            t.retry_budget.budget_percent.value = g.retry.budget_percent
+            t.retry_budget.min_retry_concurrency.value = g.retry.min_retries
+    od = g.outlier_detection
+    if od is not None:
+        o = c.outlier_detection
+        o.consecutive_local_origin_failure.value = od.consecutive_transport_failures
+        o.consecutive_5xx.value = od.consecutive_errors
+        o.split_external_local_origin_errors = True
+        md["outlier_error_statuses"] = list(od.error_statuses)
+        if od.failure_rate_threshold > 0:
+            o.enforcing_failure_percentage.value = 100
+            o.failure_percentage_threshold.value = round(od.failure_rate_threshold * 100)
+            o.failure_percentage_request_volume.value = od.failure_rate_min_requests
+        for name, secs in (("interval", od.interval_s), ("base_ejection_time", od.base_ejection_s),
+                           ("max_ejection_time", od.max_ejection_s)):
+            getattr(o, name).FromNanoseconds(round(secs * 1e9))
+        o.max_ejection_percent.value = round(od.max_ejection_percent)
+    if md:
+        c.metadata.filter_metadata[OCTO_NS].update(md)
 
 
 def cla_to_endpoints(
@@ -352,6 +497,7 @@ def make_service(settings: ClusterSettings, endpoints: tuple[model.Endpoint, ...
         lb_policy=settings.lb_policy,
         set_enabled=settings.set_enabled,
         service_names=settings.service_names,
+        governance=settings.governance,
     )
 
 
@@ -363,6 +509,8 @@ def service_to_cluster(svc: model.Service) -> cluster_pb2.Cluster:
     c.eds_cluster_config.eds_config.ads.SetInParent()
     md: dict[str, Any] = {"set_enabled": svc.set_enabled, "service_names": list(svc.service_names)}
     c.metadata.filter_metadata[OCTO_NS].update(md)
+    if svc.governance is not None:
+        governance_to_cluster(svc.governance, c)
     return c
 
 

@@ -1,0 +1,474 @@
+# cython: language_level=3
+"""Service governance in the data path (contract: limits.pxd).
+
+Per request everything here is C: token buckets refilled from the monotonic
+clock, rules matched by memcmp against the method name (read in place by
+fr_method) and the caller's appkey (traceInfo.clientAppkey), counters.  A
+Python object is made per request only for a per-caller rule (the caller's
+appkey as the dict key of its bucket).  Python (octoproxy/governance.py)
+compiles the policies into these objects when config or xDS changes, fetches
+cluster-quota steps from Redis when `qwant` is called (once per step), and
+decides ejections when `on_trip` is called (once per trip).
+
+docs/governance.md describes the behaviour."""
+
+cimport cython
+from libc.stdint cimport uint8_t, uint32_t
+from libc.string cimport memcmp
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+from octoproxy._core.frame cimport FrameInfo, fr_method, fr_scan
+
+# the caller's bucket of a per-caller rule: at most this many callers are
+# tracked per rule; past it the table is emptied (every caller starts full)
+DEF MAX_CALLERS = 10000
+
+# statuses (docs/protocol.md): what counts as a transport failure
+DEF ST_TRANSPORT = 4
+
+
+cdef inline double mono() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+def monotonic():
+    """The clock the buckets use (CLOCK_MONOTONIC seconds)."""
+    return mono()
+
+
+cdef inline void bk_init(Bucket* b, double rate, double burst, double now) noexcept nogil:
+    b.rate = rate
+    b.burst = burst
+    b.tokens = burst
+    b.last = now
+
+
+cdef inline void bk_set(Bucket* b, double rate, double burst, double now) noexcept nogil:
+    # a changed limit keeps the tokens already there (capped by the new burst)
+    bk_refill(b, now)
+    b.rate = rate
+    b.burst = burst
+    if b.tokens > burst:
+        b.tokens = burst
+
+
+cdef inline void bk_refill(Bucket* b, double now) noexcept nogil:
+    cdef double t
+    if now > b.last:
+        t = b.tokens + (now - b.last) * b.rate
+        b.tokens = b.burst if t > b.burst else t
+        b.last = now
+
+
+cdef inline bint bk_take(Bucket* b, double now) noexcept nogil:
+    bk_refill(b, now)
+    if b.tokens >= 1.0:
+        b.tokens -= 1.0
+        return True
+    return False
+
+
+cdef inline bint same(bytes want, const uint8_t* p, Py_ssize_t n):
+    return n == len(want) and memcmp(<const char*>want, p, n) == 0
+
+
+@cython.final
+cdef class CallerBucket:
+    cdef Bucket b
+
+
+@cython.final
+cdef class RateRule:
+    """One token bucket: a service's limit, or its limit for one method
+    and/or one caller (or each caller)."""
+
+    def __init__(self, str name, double rate, double burst=0.0, method=None, caller=None,
+                 bint per_caller=False):
+        if rate <= 0.0:
+            raise ValueError("rate must be > 0")
+        self.name = name
+        self.rate = rate
+        self.burst = burst if burst >= 1.0 else (rate if rate >= 1.0 else 1.0)
+        self.method = method.encode() if isinstance(method, str) else method
+        self.caller = caller.encode() if isinstance(caller, str) else caller
+        self.per_caller = per_caller
+        self.callers = {}
+        self.message = f"rate limited by octo-proxy: {name} ({rate:g}/s, burst {self.burst:g})"
+        bk_init(&self.bucket, rate, self.burst, mono())
+
+    @property
+    def key(self):
+        """What the rule matches: (method, caller, per_caller)."""
+        return (self.method.decode() if self.method is not None else None,
+                self.caller.decode() if self.caller is not None else None, self.per_caller)
+
+    def update_from(self, RateRule new):
+        """Take `new`'s limits, keeping the tokens already granted (capped by
+        the new burst) and the counters."""
+        cdef double now = mono()
+        cdef CallerBucket cb
+        self.rate = new.rate
+        self.burst = new.burst
+        self.message = new.message
+        bk_set(&self.bucket, new.rate, new.burst, now)
+        for cb in self.callers.values():
+            bk_set(&cb.b, new.rate, new.burst, now)
+
+    def tokens(self):
+        bk_refill(&self.bucket, mono())
+        return self.bucket.tokens
+
+    def try_take(self, caller=None):
+        """Python twin of the data path's check (tests)."""
+        cdef bytes c = caller.encode() if isinstance(caller, str) else caller
+        return self.take(c, mono())
+
+    cdef bint take(self, bytes caller, double now) except -1:
+        cdef CallerBucket cb
+        if not self.per_caller:
+            return bk_take(&self.bucket, now)
+        if caller is None:
+            caller = b""
+        cb = self.callers.get(caller)
+        if cb is None:
+            if len(self.callers) >= MAX_CALLERS:
+                self.callers.clear()
+            cb = CallerBucket.__new__(CallerBucket)
+            bk_init(&cb.b, self.rate, self.burst, now)
+            self.callers[caller] = cb
+        return bk_take(&cb.b, now)
+
+    cdef void give_back(self, bytes caller) noexcept:
+        cdef CallerBucket cb
+        if not self.per_caller:
+            self.bucket.tokens += 1.0
+            return
+        cb = self.callers.get(caller if caller is not None else b"")
+        if cb is not None:
+            cb.b.tokens += 1.0
+
+
+cdef inline bint rule_matches(RateRule r, const uint8_t* m, Py_ssize_t ml,
+                              const uint8_t* c, Py_ssize_t cl):
+    if r.method is not None and (ml < 0 or not same(r.method, m, ml)):
+        return False
+    if r.caller is not None and (cl < 0 or not same(r.caller, c, cl)):
+        return False
+    return True
+
+
+@cython.final
+cdef class ServiceGov:
+    """Everything governance keeps for one service; it lives as long as the
+    service is known and is updated in place (tokens and counts survive)."""
+
+    def __cinit__(self, str appkey):
+        cdef double now = mono()
+        self.appkey = appkey
+        self.in_rules = []
+        self.out_rules = []
+        self.idempotent = []
+        self.reasons = [
+            f"rate limited by octo-proxy: cluster quota of service {appkey!r} used up",
+            f"circuit breaker of octo-proxy open: service {appkey!r} has too many requests in flight",
+            f"circuit breaker of octo-proxy open: service {appkey!r} has too many requests waiting for a connection",
+            f"circuit breaker of octo-proxy open: the picked node of {appkey!r} has too many requests in flight",
+            f"overload: adaptive concurrency limit of service {appkey!r} reached",
+        ]
+        self.qmode = QM_OFF
+        self.max_attempts = 1
+        self.budget_ratio = 0.2
+        self.min_retries = 3
+        self.status_mask = 0
+        self.lat_min = 0.0
+        self.on_trip = None
+        self.qwant = None
+        bk_init(&self.qlocal, 1.0, 1.0, now)
+
+    # -- configuration (Python, per change)
+
+    def set_rules(self, list inbound, list outbound):
+        """Install rate rules; a rule with the same key as one already there
+        keeps its tokens and counters (run-time changes drop nothing)."""
+        old = {(r.key, side): r for side, rules in ((0, self.in_rules), (1, self.out_rules))
+               for r in rules}
+        new_in, new_out = [], []
+        for side, rules, dest in ((0, inbound, new_in), (1, outbound, new_out)):
+            for r in rules:
+                prev = old.get(((<RateRule>r).key, side))
+                if prev is not None:
+                    (<RateRule>prev).update_from(r)
+                    (<RateRule>prev).name = (<RateRule>r).name
+                    r = prev
+                dest.append(r)
+        self.in_rules = new_in
+        self.out_rules = new_out
+        self.in_method = any([(<RateRule>r).method is not None for r in new_in])
+        self.out_method = any([(<RateRule>r).method is not None for r in new_out])
+        self.in_caller = any([(<RateRule>r).caller is not None or (<RateRule>r).per_caller
+                              for r in new_in])
+        self.out_caller = any([(<RateRule>r).caller is not None or (<RateRule>r).per_caller
+                               for r in new_out])
+        del self.reasons[GV_RULE:]
+        while len(self.reasons) < GV_RULE:
+            self.reasons.append("")
+        for r in new_in + new_out:
+            self.reasons.append((<RateRule>r).message)
+
+    @property
+    def inbound_rules(self):
+        return list(self.in_rules)
+
+    @property
+    def outbound_rules(self):
+        return list(self.out_rules)
+
+    def set_local_share(self, double rate, double burst):
+        """The bucket used while Redis is unreachable (QM_LOCAL)."""
+        bk_set(&self.qlocal, rate, burst if burst >= 1.0 else 1.0, mono())
+
+    def local_share_tokens(self):
+        bk_refill(&self.qlocal, mono())
+        return self.qlocal.tokens
+
+    def set_idempotent(self, methods):
+        self.idempotent = [m.encode() if isinstance(m, str) else bytes(m) for m in methods]
+
+    @property
+    def idempotent_methods(self):
+        return [m.decode() for m in self.idempotent]
+
+    def breaker_counts(self):
+        return {"max_requests": self.n_cb[GV_MAX_REQUESTS - 1],
+                "max_pending": self.n_cb[GV_MAX_PENDING - 1],
+                "node_max_requests": self.n_cb[GV_NODE_MAX - 1],
+                "adaptive": self.n_cb[GV_ADAPTIVE - 1]}
+
+    def add_counts(self, dict c):
+        """Continue the previous generation's counts (hot restart)."""
+        self.n_quota_allowed += c.get("quota_allowed", 0)
+        self.n_quota_limited += c.get("quota_limited", 0)
+        self.n_retries += c.get("retries", 0)
+        self.n_budget_exhausted += c.get("budget_exhausted", 0)
+
+    def take_latency(self):
+        """(sum s, count, min s) of the answers since the last call; resets."""
+        out = (self.lat_sum, self.lat_n, self.lat_min)
+        self.lat_sum = 0.0
+        self.lat_n = 0
+        self.lat_min = 0.0
+        return out
+
+    def reason(self, int code):
+        return self.reasons[code]
+
+    # -- the data path
+
+    cdef int gv_rules(self, list rules, const uint8_t* frame, const FrameInfo* fi,
+                      bint by_method, bint by_caller, double now) except -2:
+        cdef const uint8_t* m = NULL
+        cdef const uint8_t* c = NULL
+        cdef Py_ssize_t ml = -1, cl = -1, mo, i, j, n = len(rules)
+        cdef RateRule r
+        cdef bytes caller = None
+        if by_method:
+            mo = fr_method(frame, fi, &ml)
+            if mo >= 0:
+                m = frame + mo
+            else:
+                ml = -1
+        if by_caller and fi.caller_len >= 0:
+            c = frame + fi.caller_off
+            cl = fi.caller_len
+        for i in range(n):
+            r = <RateRule>rules[i]
+            if not rule_matches(r, m, ml, c, cl):
+                continue
+            if r.per_caller and caller is None:
+                caller = (<const char*>c)[:cl] if cl >= 0 else b""
+            if r.take(caller, now):
+                r.n_allowed += 1
+                continue
+            r.n_limited += 1
+            # refused: give back what the rules before it took
+            for j in range(i):
+                if rule_matches(<RateRule>rules[j], m, ml, c, cl):
+                    (<RateRule>rules[j]).give_back(caller)
+                    (<RateRule>rules[j]).n_allowed -= 1
+            return i
+        return GV_OK
+
+    cdef int gv_quota(self, double now) except -2:
+        if self.qmode == QM_REDIS:
+            if self.qexhausted:
+                self.n_quota_limited += 1
+                return GV_QUOTA
+            if self.qtokens <= self.qlow and not self.qasked and self.qwant is not None:
+                self.qasked = True
+                self.qwant()
+            if self.qtokens > -self.qdebt:
+                self.qtokens -= 1.0
+                self.n_quota_allowed += 1
+                return GV_OK
+            self.n_quota_limited += 1
+            return GV_QUOTA
+        if self.qmode == QM_LOCAL:
+            if bk_take(&self.qlocal, now):
+                self.n_quota_allowed += 1
+                return GV_OK
+            self.n_quota_limited += 1
+            return GV_QUOTA
+        if self.qmode == QM_CLOSED:
+            self.n_quota_limited += 1
+            return GV_QUOTA
+        if self.qmode == QM_OPEN:
+            self.n_quota_allowed += 1
+        return GV_OK
+
+    # -- Python twins (tests, tools)
+
+    def check_inbound(self, bytes frame not None):
+        """gv_inbound over one whole frame: None when allowed, else the message."""
+        cdef FrameInfo fi = _scan1(frame)
+        cdef int r = gv_inbound(self, <const uint8_t*><char*>frame, &fi, mono())
+        return None if r == GV_OK else self.reasons[r]
+
+    def check_outbound(self, bytes frame not None, long active=0):
+        cdef FrameInfo fi = _scan1(frame)
+        cdef int r = gv_outbound(self, <const uint8_t*><char*>frame, &fi, active, mono())
+        return None if r == GV_OK else self.reasons[r]
+
+    def may_retry(self, bytes frame not None):
+        cdef FrameInfo fi = _scan1(frame)
+        return gv_may_retry(self, <const uint8_t*><char*>frame, &fi)
+
+
+cdef FrameInfo _scan1(bytes frame):
+    cdef FrameInfo fi
+    cdef Py_ssize_t r = fr_scan(<const uint8_t*><char*>frame, len(frame), 1 << 30, 1 << 20, &fi)
+    if r != len(frame):
+        raise ValueError("not exactly one whole frame")
+    return fi
+
+
+cdef int gv_inbound(ServiceGov g, const uint8_t* frame, const FrameInfo* fi, double now) except -2:
+    cdef int r
+    if g.in_rules:
+        r = g.gv_rules(g.in_rules, frame, fi, g.in_method, g.in_caller, now)
+        if r != GV_OK:
+            return GV_RULE + r
+    if g.qmode != QM_OFF:
+        return g.gv_quota(now)
+    return GV_OK
+
+
+cdef int gv_outbound(ServiceGov g, const uint8_t* frame, const FrameInfo* fi, long active,
+                     double now) except -2:
+    cdef int r
+    if g.max_requests > 0 and g.inflight >= g.max_requests:
+        g.n_cb[GV_MAX_REQUESTS - 1] += 1
+        return GV_MAX_REQUESTS
+    if g.node_max_requests > 0 and active >= g.node_max_requests:
+        g.n_cb[GV_NODE_MAX - 1] += 1
+        return GV_NODE_MAX
+    if g.adaptive_limit > 0 and g.inflight >= g.adaptive_limit:
+        g.n_cb[GV_ADAPTIVE - 1] += 1
+        return GV_ADAPTIVE
+    if g.out_rules:
+        r = g.gv_rules(g.out_rules, frame, fi, g.out_method, g.out_caller, now)
+        if r != GV_OK:
+            return GV_RULE + len(g.in_rules) + r
+    return GV_OK
+
+
+cdef int gv_on_answer(NodeGov ng, int status, double latency) except -1:
+    cdef ServiceGov g = ng.svc
+    cdef bint fail_tr = status == ST_TRANSPORT
+    cdef bint fail_st = (not fail_tr and 0 <= status < 32
+                         and (g.status_mask >> <uint32_t>status) & 1)
+    ng.win_total += 1
+    if fail_tr or fail_st:
+        ng.win_fail += 1
+    if fail_tr:
+        ng.consec_tr += 1
+        ng.consec_st = 0
+    elif fail_st:
+        ng.consec_st += 1
+        ng.consec_tr = 0
+    else:
+        ng.consec_tr = 0
+        ng.consec_st = 0
+        if g.adaptive_limit > 0:
+            g.lat_sum += latency
+            g.lat_n += 1
+            if g.lat_min == 0.0 or latency < g.lat_min:
+                g.lat_min = latency
+        return 0
+    if ng.tripped or ng.ejected or g.on_trip is None:
+        return 0
+    if g.consec_transport > 0 and ng.consec_tr >= g.consec_transport:
+        ng.tripped = True
+        g.on_trip(ng, f"{ng.consec_tr} consecutive transport failures/timeouts")
+    elif g.consec_status > 0 and ng.consec_st >= g.consec_status:
+        ng.tripped = True
+        g.on_trip(ng, f"{ng.consec_st} consecutive error statuses")
+    return 0
+
+
+cdef bint gv_may_retry(ServiceGov g, const uint8_t* frame, const FrameInfo* fi) except -1:
+    cdef Py_ssize_t ml = -1, mo
+    cdef bytes m
+    cdef bint ok = g.idempotent_all
+    if g.max_attempts < 2:
+        return False
+    if not ok and g.idempotent:
+        mo = fr_method(frame, fi, &ml)
+        if mo >= 0:
+            for m in g.idempotent:
+                if same(m, frame + mo, ml):
+                    ok = True
+                    break
+    return ok
+
+
+cdef bint gv_budget(ServiceGov g) noexcept:
+    """One more retry in flight fits the budget."""
+    cdef double allowed = g.budget_ratio * g.inflight
+    if allowed < g.min_retries:
+        allowed = g.min_retries
+    return g.retries_active < allowed
+
+
+def retry_budget_allows(ServiceGov g):
+    return gv_budget(g)
+
+
+@cython.final
+cdef class NodeGov:
+    """The outlier detector's counts and the ejection state of one node."""
+
+    def __cinit__(self, ServiceGov svc, str address):
+        self.svc = svc
+        self.address = address
+
+    def on_answer(self, int status, double latency=0.0):
+        """Python twin of the data path's count (tests)."""
+        gv_on_answer(self, status, latency)
+
+    def take_window(self):
+        """(answers, failures) since the last call; resets."""
+        out = (self.win_total, self.win_fail)
+        self.win_total = 0
+        self.win_fail = 0
+        return out
+
+    def __repr__(self):
+        return f"NodeGov({self.svc.appkey!r}, {self.address!r}, ejected={self.ejected})"
+
+
+globals().update(QM_OFF=QM_OFF, QM_REDIS=QM_REDIS, QM_LOCAL=QM_LOCAL, QM_OPEN=QM_OPEN,
+                 QM_CLOSED=QM_CLOSED, GV_OK=GV_OK, GV_QUOTA=GV_QUOTA,
+                 GV_MAX_REQUESTS=GV_MAX_REQUESTS, GV_MAX_PENDING=GV_MAX_PENDING,
+                 GV_NODE_MAX=GV_NODE_MAX, GV_ADAPTIVE=GV_ADAPTIVE, GV_RULE=GV_RULE)

@@ -1,0 +1,560 @@
+"""Service governance, the Python side: compiles each service's policy
+(static config or xDS, `model.Governance`) into the core's objects
+(`_core.limits.ServiceGov` / `NodeGov`), and runs what happens per step or
+per event, never per request:
+
+- the cluster quota: takes quota from Redis in adaptive steps and hands it to
+  the core; falls back to a local share (or open/closed) when Redis is
+  unreachable, logs once per state change, counts, and recovers by itself;
+- outlier ejection: decides when the core reports a node over a consecutive
+  failures threshold, sweeps failure rates per interval, returns ejected nodes
+  after their time, and never ejects more than `max_ejection_percent`;
+- the adaptive concurrency limit (gradient over measured latency).
+
+docs/governance.md is the reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from octoproxy import model
+from octoproxy._core.limits import (
+    QM_CLOSED,
+    QM_LOCAL,
+    QM_OFF,
+    QM_OPEN,
+    QM_REDIS,
+    NodeGov,
+    RateRule,
+    ServiceGov,
+)
+
+log = logging.getLogger("octoproxy.governance")
+
+_FALLBACK_MODE = {"local_share": QM_LOCAL, "open": QM_OPEN, "closed": QM_CLOSED}
+QUOTA_MODE_NAMES = {QM_OFF: "off", QM_REDIS: "redis", QM_LOCAL: "local_share",
+                    QM_OPEN: "open", QM_CLOSED: "closed"}
+
+
+def _rules(appkey: str, limits: tuple[model.RateLimit, ...], side: str) -> list[RateRule]:
+    out = []
+    for rl in limits:
+        if rl.side != side:
+            continue
+        per_caller = rl.caller == "*"
+        out.append(RateRule(rl.label(appkey), rl.rate, rl.burst, rl.method,
+                            None if per_caller else rl.caller, per_caller))
+    return out
+
+
+class RedisQuota:
+    """The Redis side of cluster quotas: one client for the process, one
+    state (up/down) shared by every service's quota."""
+
+    def __init__(self, url: str | None, timeout_s: float, retry_s: float, prefix: str) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self.prefix = prefix
+        self.client: Any = None
+        self.up = url is not None
+        self.failures = 0  # state changes to "down"
+        self.errors = 0  # failed operations
+        self.ops = 0  # quota steps taken (one Redis round trip each)
+        self.last_error = ""
+        self.listeners: list[Callable[[bool], None]] = []
+        self._probe: asyncio.Task[None] | None = None
+
+    def _client(self) -> Any:
+        if self.client is None:
+            import redis.asyncio as aioredis
+
+            assert self.url is not None
+
+            self.client = aioredis.Redis.from_url(
+                self.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
+                retry_on_timeout=False)
+        return self.client
+
+    async def take(self, appkey: str, window: int, step: int) -> int:
+        """Add `step` to the window's count; returns the count after it."""
+        key = f"{self.prefix}{appkey}:{window}"
+        pipe = self._client().pipeline(transaction=False)
+        pipe.incrby(key, step)
+        pipe.expire(key, 10)
+        used, _ = await asyncio.wait_for(pipe.execute(), self.timeout_s * 2)
+        self.ops += 1
+        return int(used)
+
+    def failed(self, e: BaseException) -> None:
+        self.errors += 1
+        self.last_error = f"{type(e).__name__}: {e}"
+        # a fresh client (and pool) next time: no stale connection survives a failure
+        old, self.client = self.client, None
+        if old is not None:
+            t = asyncio.get_running_loop().create_task(old.aclose())
+            t.add_done_callback(lambda t: t.cancelled() or t.exception())
+        if self.up:
+            self.up = False
+            self.failures += 1
+            log.warning("redis %s unreachable (%s): cluster quotas fall back to their "
+                        "configured local behaviour until it is back", self.url, self.last_error)
+            for cb in list(self.listeners):
+                cb(False)
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._recover())
+
+    async def _recover(self) -> None:
+        while not self.up:
+            await asyncio.sleep(self.retry_s)
+            try:
+                await asyncio.wait_for(self._client().ping(), self.timeout_s * 2)
+            except Exception as e:  # any failure: still down
+                self.errors += 1
+                self.last_error = f"{type(e).__name__}: {e}"
+                continue
+            self.up = True
+            log.warning("redis %s reachable again: cluster quotas are taken from it again",
+                        self.url)
+            for cb in list(self.listeners):
+                cb(True)
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.aclose()
+
+
+class ServiceQuota:
+    """One service's cluster quota: fixed one-second windows (wall clock, so
+    every proxy counts in the same window); the core spends tokens locally and
+    asks (qwant) when it runs low; each ask is one Redis round trip for a step
+    sized to about 50 ms of this proxy's rate, shrunk as the window's quota
+    runs out so that little is left unspent in any proxy at the window's end."""
+
+    def __init__(self, gov: ServiceGov, spec: model.ClusterQuota, redis: RedisQuota,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.gov = gov
+        self.spec = spec
+        self.redis = redis
+        self.loop = loop
+        self.window = 0
+        self.remaining = spec.rate  # what Redis said is left in the window
+        self.rate_est = 0.0  # requests per second this proxy is asked for
+        self._t = time.monotonic()
+        self._d = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.steps = 0
+        gov.qwant = self._want
+        self.apply(spec)
+        redis.listeners.append(self._redis_state)
+        self._arm()
+
+    def apply(self, spec: model.ClusterQuota) -> None:
+        self.spec = spec
+        self.gov.set_local_share(spec.rate * spec.local_share, spec.rate * spec.local_share)
+        if self.redis.url is None or not self.redis.up:
+            self.gov.qmode = _FALLBACK_MODE[spec.on_redis_failure]
+        else:
+            if self.gov.qmode != QM_REDIS:
+                self.gov.qmode = QM_REDIS
+                self.gov.qtokens = 0.0
+                self.gov.qasked = False
+            self._want()
+
+    def _redis_state(self, up: bool) -> None:
+        if up:
+            self.gov.qtokens = 0.0
+            self.gov.qasked = False
+            self.gov.qmode = QM_REDIS
+            self._want()
+        else:
+            self.gov.qmode = _FALLBACK_MODE[self.spec.on_redis_failure]
+
+    def _arm(self) -> None:
+        now = time.time()
+        self._timer = self.loop.call_later(math.floor(now) + 1.0 - now + 0.0005, self._tick)
+
+    def _tick(self) -> None:
+        """A new window: what was not spent of the last one is gone (it was
+        counted there); a debt carries over; take the first step at once."""
+        g = self.gov
+        self.window = int(time.time())
+        self.remaining = self.spec.rate
+        if g.qmode == QM_REDIS:
+            g.qtokens = min(g.qtokens, 0.0)
+            # a little credit while the window's first step is on its way
+            g.qdebt = float(self._step() // 2)
+            g.qlow = 0.0
+            self._want()
+        self._arm()
+
+    def _step(self) -> int:
+        # this proxy's demand (allowed + refused) per second, quick to rise
+        g = self.gov
+        now = time.monotonic()
+        d = g.n_quota_allowed + g.n_quota_limited
+        if now - self._t >= 0.02:
+            inst = (d - self._d) / (now - self._t)
+            self.rate_est = max(inst, 0.7 * self.rate_est + 0.3 * inst)
+            self._t, self._d = now, d
+        per_50ms = self.rate_est / 20.0
+        step = max(1.0, min(per_50ms, self.spec.rate / 10.0, self.remaining / 4.0))
+        return int(step)
+
+    def _want(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = self.loop.create_task(self._fetch())
+
+    async def _fetch(self) -> None:
+        g = self.gov
+        try:
+            while g.qmode == QM_REDIS:
+                window = int(time.time())
+                if window != self.window:
+                    self.window = window
+                    self.remaining = self.spec.rate
+                    g.qtokens = min(g.qtokens, 0.0)
+                step = self._step()
+                try:
+                    used = await self.redis.take(g.appkey, window, step)
+                except Exception as e:  # every failure is a Redis failure
+                    self.redis.failed(e)
+                    return
+                self.steps += 1
+                if window != int(time.time()):
+                    continue  # the window ended while we waited: that grant is void
+                granted = max(0.0, min(float(step), self.spec.rate - (used - step)))
+                self.remaining = max(0.0, self.spec.rate - used)
+                g.qtokens += granted
+                if granted < step or self.remaining <= 0:
+                    # the window is used up: spend what is left, then refuse
+                    g.qdebt = 0.0
+                    g.qlow = -1e18
+                else:
+                    nxt = self._step()
+                    g.qlow = nxt / 2.0
+                    g.qdebt = float(max(1, nxt // 2)) if self.remaining > 4 * nxt else 0.0
+                if g.qtokens > g.qlow:
+                    return
+        finally:
+            g.qasked = False
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+        with contextlib.suppress(ValueError):
+            self.redis.listeners.remove(self._redis_state)
+        self.gov.qwant = None
+        self.gov.qmode = QM_OFF
+
+
+class Adaptive:
+    """A gradient concurrency limiter per service (Netflix concurrency-limits'
+    Gradient, Envoy's adaptive concurrency): every sample period, the limit
+    moves by min_rtt / sample_rtt (clamped to [0.5, 1]) plus a queue
+    allowance of sqrt(limit); min_rtt is re-measured every 100 samples."""
+
+    def __init__(self, gov: ServiceGov, spec: model.AdaptiveConcurrency,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.gov = gov
+        self.spec = spec
+        self.limit = float(spec.initial_limit)
+        self.min_rtt = 0.0
+        self.samples = 0
+        gov.adaptive_limit = spec.initial_limit
+        self.task = loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.spec.sample_s)
+            total, n, lo = self.gov.take_latency()
+            if n < 5:
+                continue
+            rtt = total / n
+            self.samples += 1
+            if self.min_rtt == 0.0 or lo < self.min_rtt or self.samples % 100 == 0:
+                self.min_rtt = lo if self.min_rtt == 0.0 or self.samples % 100 != 0 \
+                    else max(lo, self.min_rtt)
+            gradient = max(0.5, min(1.0, 2.0 * self.min_rtt / rtt))
+            new = self.limit * gradient + math.sqrt(self.limit)
+            self.limit = max(float(self.spec.min_limit),
+                             min(float(self.spec.max_limit), 0.8 * self.limit + 0.2 * new))
+            self.gov.adaptive_limit = int(self.limit)
+
+    def close(self) -> None:
+        self.task.cancel()
+        self.gov.adaptive_limit = 0
+
+
+class Manager:
+    """Every service's governance in this process."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, table: Any, redis_url: str | None = None,
+                 redis_timeout_s: float = 0.2, redis_retry_s: float = 1.0,
+                 key_prefix: str = "octo:quota:") -> None:
+        self.loop = loop
+        self.table = table
+        self.redis = RedisQuota(redis_url, redis_timeout_s, redis_retry_s, key_prefix)
+        self.govs: dict[str, ServiceGov] = {}
+        self.policies: dict[str, model.Governance | None] = {}
+        self.node_govs: dict[str, dict[str, NodeGov]] = {}
+        self.nodes: dict[str, list[Any]] = {}  # appkey -> route Nodes of the last build
+        self.quotas: dict[str, ServiceQuota] = {}
+        self.adaptive: dict[str, Adaptive] = {}
+        self.sweeps: dict[str, asyncio.Task[None]] = {}
+        self.returns: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self.ejections_total = 0
+        self.retry_budget_log: set[str] = set()
+
+    @classmethod
+    def from_config(cls, cfg: Any, table: Any, loop: asyncio.AbstractEventLoop) -> Manager:
+        r = cfg.redis
+        return cls(loop, table, r.url, r.timeout_s, r.retry_s, r.key_prefix)
+
+    # -- wiring
+
+    def service_gov(self, appkey: str) -> ServiceGov:
+        """The one ServiceGov of `appkey` (made on first use, updated in place)."""
+        g = self.govs.get(appkey)
+        if g is None:
+            g = ServiceGov(appkey)
+            g.on_trip = self._on_trip
+            self.govs[appkey] = g
+        return g
+
+    def on_build(self, svc: model.Service, nodes: list[Any]) -> None:
+        """Route-table hook, called when a service is (re)built: compile its
+        policy (only when it changed) and give each node its NodeGov."""
+        try:
+            self._apply(svc.appkey, svc.governance)
+            self.nodes[svc.appkey] = list(nodes)
+            gov = svc.governance
+            active = gov is not None
+            ngs = self.node_govs.setdefault(svc.appkey, {})
+            seen = set()
+            for n in nodes:
+                seen.add(n.address)
+                if not active:
+                    n.gov = None
+                    n.ejected = False
+                    continue
+                ng = ngs.get(n.address)
+                if ng is None:
+                    ng = NodeGov(self.service_gov(svc.appkey), n.address)
+                    ngs[n.address] = ng
+                n.gov = ng
+                n.ejected = ng.ejected
+            for addr in list(ngs):
+                if addr not in seen:
+                    del ngs[addr]
+                    h = self.returns.pop((svc.appkey, addr), None)
+                    if h is not None:
+                        h.cancel()
+        except Exception:
+            log.exception("governance: cannot apply the policy of %s", svc.appkey)
+
+    def on_remove(self, appkey: str) -> None:
+        self._apply(appkey, None)
+        self.nodes.pop(appkey, None)
+        self.node_govs.pop(appkey, None)
+
+    def _apply(self, appkey: str, gov: model.Governance | None) -> None:
+        if appkey in self.policies and self.policies[appkey] == gov:
+            return
+        self.policies[appkey] = gov
+        g = self.service_gov(appkey)
+        gv = gov or model.Governance()
+        g.set_rules(_rules(appkey, gv.rate_limits, "provider"),
+                    _rules(appkey, gv.rate_limits, "caller"))
+        cb = gv.circuit_breakers or model.CircuitBreakers()
+        g.max_requests = cb.max_requests
+        g.max_pending = cb.max_pending
+        g.node_max_requests = cb.max_requests_per_node
+        od = gv.outlier_detection
+        g.consec_transport = od.consecutive_transport_failures if od else 0
+        g.consec_status = od.consecutive_errors if od else 0
+        mask = 0
+        for s in od.error_statuses if od else ():
+            mask |= 1 << s
+        g.status_mask = mask
+        task = self.sweeps.pop(appkey, None)
+        if task is not None:
+            task.cancel()
+        if od is not None:
+            self.sweeps[appkey] = self.loop.create_task(self._sweep(appkey, od.interval_s))
+        elif appkey in self.node_govs:
+            for ng in self.node_govs[appkey].values():
+                if ng.ejected:
+                    self._return(appkey, ng, rebuild=False)
+        rp = gv.retry
+        if rp is None:
+            g.max_attempts = 1
+            g.set_idempotent([])
+            g.idempotent_all = False
+        else:
+            g.max_attempts = rp.max_attempts
+            g.idempotent_all = "*" in rp.idempotent_methods
+            g.set_idempotent([m for m in rp.idempotent_methods if m != "*"])
+            g.budget_ratio = rp.budget_percent / 100.0
+            g.min_retries = rp.min_retries
+        q = self.quotas.get(appkey)
+        if gv.cluster_quota is None:
+            if q is not None:
+                q.close()
+                del self.quotas[appkey]
+        elif q is None:
+            self.quotas[appkey] = ServiceQuota(g, gv.cluster_quota, self.redis, self.loop)
+        else:
+            q.apply(gv.cluster_quota)
+        ac = gv.adaptive_concurrency
+        a = self.adaptive.pop(appkey, None)
+        if a is not None and (ac is None or not ac.enabled or ac != a.spec):
+            a.close()
+            a = None
+        if ac is not None and ac.enabled:
+            self.adaptive[appkey] = a or Adaptive(g, ac, self.loop)
+
+    # -- outlier ejection
+
+    def _policy(self, appkey: str) -> model.OutlierDetection | None:
+        gv = self.policies.get(appkey)
+        return gv.outlier_detection if gv is not None else None
+
+    def _on_trip(self, ng: NodeGov, reason: str) -> None:
+        appkey = ng.svc.appkey
+        od = self._policy(appkey)
+        if od is None:
+            return
+        self._eject(appkey, ng, od, reason)
+
+    def _eject(self, appkey: str, ng: NodeGov, od: model.OutlierDetection, reason: str) -> bool:
+        ngs = self.node_govs.get(appkey, {})
+        total = len(ngs)
+        ejected = sum(1 for x in ngs.values() if x.ejected)
+        cap = math.floor(total * od.max_ejection_percent / 100.0 + 1e-9)
+        if od.max_ejection_percent > 0:
+            cap = max(cap, 1)
+        if ejected >= cap or total <= 1:
+            # over the share (or the last node): stays in; tripped until the next sweep
+            return False
+        ng.ejections += 1
+        ng.n_ejections += 1
+        self.ejections_total += 1
+        duration = min(od.base_ejection_s * ng.ejections, max(od.max_ejection_s,
+                                                              od.base_ejection_s))
+        ng.ejected = True
+        ng.ejected_until = time.time() + duration
+        log.warning("ejecting %s of %s for %.1f s: %s (ejection #%d)", ng.address, appkey,
+                    duration, reason, ng.ejections)
+        self._set_node(appkey, ng.address, True)
+        self.returns[(appkey, ng.address)] = self.loop.call_later(
+            duration, self._return, appkey, ng, True)
+        return True
+
+    def _return(self, appkey: str, ng: NodeGov, rebuild: bool = True) -> None:
+        self.returns.pop((appkey, ng.address), None)
+        if not ng.ejected:
+            return
+        ng.ejected = False
+        ng.tripped = False
+        ng.ejected_until = 0.0
+        # on probation: one more failure ejects it again (for longer)
+        g = ng.svc
+        ng.consec_tr = max(0, g.consec_transport - 1)
+        ng.consec_st = max(0, g.consec_status - 1)
+        log.info("returning %s of %s after ejection #%d", ng.address, appkey, ng.ejections)
+        if rebuild:
+            self._set_node(appkey, ng.address, False)
+
+    def _set_node(self, appkey: str, address: str, ejected: bool) -> None:
+        for n in self.nodes.get(appkey, ()):
+            if n.address == address:
+                n.ejected = ejected
+        self.table.rebuild(appkey)
+
+    async def _sweep(self, appkey: str, interval: float) -> None:
+        """Every interval: the failure-rate detector, the ejection count's
+        decay for nodes that stayed healthy, and a new chance to trip for
+        nodes that were over the ejection share."""
+        while True:
+            await asyncio.sleep(interval)
+            od = self._policy(appkey)
+            if od is None:
+                return
+            for ng in list(self.node_govs.get(appkey, {}).values()):
+                total, failed = ng.take_window()
+                if ng.ejected:
+                    continue
+                if (od.failure_rate_threshold > 0 and total >= od.failure_rate_min_requests
+                        and failed / total >= od.failure_rate_threshold):
+                    self._eject(appkey, ng, od, f"failure rate {failed}/{total} over "
+                                f"{interval:g} s >= {od.failure_rate_threshold:g}")
+                    continue
+                ng.tripped = False
+                if failed == 0 and ng.ejections > 0:
+                    ng.ejections -= 1
+
+    # -- inspection
+
+    def node_state(self, appkey: str, address: str) -> dict[str, Any] | None:
+        ng = self.node_govs.get(appkey, {}).get(address)
+        if ng is None:
+            return None
+        return {"ejected": ng.ejected,
+                "ejected_until": ng.ejected_until if ng.ejected else None,
+                "ejections": ng.n_ejections}
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for appkey, g in self.govs.items():
+            q = self.quotas.get(appkey)
+            ngs = self.node_govs.get(appkey, {})
+            out[appkey] = {
+                "rate_limits": [{"name": r.name, "side": side, "allowed": r.n_allowed,
+                                 "limited": r.n_limited}
+                                for side, rules in (("provider", g.inbound_rules),
+                                                    ("caller", g.outbound_rules))
+                                for r in rules],
+                "quota": {"mode": QUOTA_MODE_NAMES.get(g.qmode, str(g.qmode)),
+                          "allowed": g.n_quota_allowed, "limited": g.n_quota_limited,
+                          "steps": q.steps if q else 0},
+                "breakers": g.breaker_counts(),
+                "in_flight": g.inflight,
+                "ejected": sorted(a for a, ng in ngs.items() if ng.ejected),
+                "ejections": sum(ng.n_ejections for ng in ngs.values()),
+                "retries": g.n_retries, "retries_unsent": g.n_retries_unsent,
+                "retry_budget_exhausted": g.n_budget_exhausted,
+                "adaptive_limit": g.adaptive_limit,
+            }
+        return out
+
+    def redis_stats(self) -> dict[str, Any]:
+        r = self.redis
+        return {"configured": r.url is not None, "up": r.up, "failures": r.failures,
+                "errors": r.errors, "ops": r.ops, "last_error": r.last_error}
+
+    async def close(self) -> None:
+        for q in self.quotas.values():
+            q.close()
+        for a in self.adaptive.values():
+            a.close()
+        for t in self.sweeps.values():
+            t.cancel()
+        for h in self.returns.values():
+            h.cancel()
+        await self.redis.close()

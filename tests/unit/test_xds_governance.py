@@ -1,0 +1,103 @@
+"""Governance over xDS: Cluster.circuit_breakers, Cluster.outlier_detection
+and the "octo" metadata extensions, both directions (docs/xds.md)."""
+
+import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from google.protobuf import json_format
+
+from octoproxy import model
+from octoproxy.services import ServiceSpec
+from octoproxy.xds import resources as R
+
+FULL = {
+    "appkey": "a",
+    "endpoints": [{"address": "10.0.0.1:9000"}],
+    "rate_limits": [{"rate": 10, "method": "get"}, {"rate": 5, "caller": "*", "side": "caller"},
+                    {"rate": 2, "burst": 4, "caller": "com.greedy", "name": "greedy"}],
+    "cluster_quota": {"rate": 100, "on_redis_failure": "closed"},
+    "circuit_breakers": {"max_requests": 10, "max_requests_per_node": 3, "max_pending": 4},
+    "outlier_detection": {"consecutive_transport_failures": 3, "consecutive_errors": 4,
+                          "error_statuses": [2, 9], "failure_rate_threshold": 0.5,
+                          "failure_rate_min_requests": 7, "interval_s": 1.5,
+                          "base_ejection_s": 2, "max_ejection_s": 20,
+                          "max_ejection_percent": 50},
+    "retry": {"idempotent_methods": ["get", "list"], "max_attempts": 3, "budget_percent": 25,
+              "min_retries": 1},
+    "adaptive_concurrency": {"enabled": True, "initial_limit": 8},
+}
+
+
+def cluster(js: dict) -> cluster_pb2.Cluster:
+    c = cluster_pb2.Cluster(name="a", type=cluster_pb2.Cluster.EDS)
+    json_format.ParseDict(js, c)
+    return c
+
+
+def test_round_trip_through_the_control_plane_mapping() -> None:
+    svc = ServiceSpec.model_validate(FULL).to_model()
+    assert svc.governance is not None
+    c = R.service_to_cluster(svc)
+    assert R.cluster_to_settings(c).governance == svc.governance
+
+
+def test_no_governance_is_none_both_ways() -> None:
+    svc = ServiceSpec.model_validate({"appkey": "a"}).to_model()
+    assert svc.governance is None
+    c = R.service_to_cluster(svc)
+    assert not c.HasField("circuit_breakers") and not c.HasField("outlier_detection")
+    assert R.cluster_to_settings(c).governance is None
+
+
+def test_envoy_fields_from_another_control_plane() -> None:
+    c = cluster({
+        "circuit_breakers": {
+            "thresholds": [{"max_requests": 100, "max_pending_requests": 7,
+                            "retry_budget": {"budget_percent": {"value": 10},
+                                             "min_retry_concurrency": 2}}],
+            "per_host_thresholds": [{"max_requests": 9}]},
+        "outlier_detection": {"consecutive_local_origin_failure": 2, "consecutive_5xx": 3,
+                              "interval": "2s", "base_ejection_time": "5s",
+                              "max_ejection_percent": 30, "enforcing_failure_percentage": 100,
+                              "failure_percentage_threshold": 60,
+                              "failure_percentage_request_volume": 11},
+    })
+    g = R.cluster_to_settings(c).governance
+    assert g is not None
+    assert g.circuit_breakers == model.CircuitBreakers(100, 7, 9)
+    assert g.retry == model.RetryPolicy((), 2, 10.0, 2)
+    od = g.outlier_detection
+    assert od is not None
+    assert (od.consecutive_transport_failures, od.consecutive_errors) == (2, 3)
+    assert (od.interval_s, od.base_ejection_s, od.max_ejection_percent) == (2.0, 5.0, 30.0)
+    assert (od.failure_rate_threshold, od.failure_rate_min_requests) == (0.6, 11)
+    assert od.max_ejection_s == 300.0  # Envoy's default
+
+
+def test_failure_percentage_is_off_unless_enforced() -> None:
+    g = R.cluster_to_settings(cluster({"outlier_detection": {
+        "failure_percentage_threshold": 60}})).governance
+    assert g is not None and g.outlier_detection is not None
+    assert g.outlier_detection.failure_rate_threshold == 0.0
+    assert g.outlier_detection.consecutive_transport_failures == 5
+
+
+@pytest.mark.parametrize(("md", "msg"), [
+    ({"rate_limits": {"rate": 1}}, "rate_limits must be a list"),
+    ({"rate_limits": [{"rate": 0}]}, "rate_limits[0].rate: Input should be greater than 0"),
+    ({"rate_limits": [{"rate": 1, "side": "both"}]}, "rate_limits[0].side"),
+    ({"rate_limits": [{"rate": 1, "colour": "red"}]}, "rate_limits[0].colour"),
+    ({"cluster_quota": {"rate": 5, "on_redis_failure": "maybe"}}, "cluster_quota.on_redis_failure"),
+    ({"retry": {"max_attempts": 9}}, "retry.max_attempts"),
+])
+def test_bad_extensions_are_nacked_with_the_field(md: dict, msg: str) -> None:
+    c = cluster({"metadata": {"filter_metadata": {"octo": md}}})
+    with pytest.raises(R.ResourceError) as e:
+        R.cluster_to_settings(c)
+    assert msg in str(e.value) and "Cluster 'a'" in str(e.value)
+
+
+def test_bad_outlier_status_is_nacked() -> None:
+    c = cluster({"outlier_detection": {"consecutive_5xx": 2},
+                 "metadata": {"filter_metadata": {"octo": {"outlier_error_statuses": [4]}}}})
+    with pytest.raises(R.ResourceError, match=r"outlier_detection\.error_statuses"):
+        R.cluster_to_settings(c)
