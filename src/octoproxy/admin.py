@@ -13,6 +13,7 @@ counted here.  Endpoints (docs/operating.md):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -28,12 +29,39 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from octoproxy.logs import repeat_limiter
+
 log = logging.getLogger("octoproxy.admin")
 
 STATUS_NAMES = {
     0: "success", 1: "application", 2: "runtime", 3: "rpc", 4: "transport", 5: "protocol",
     6: "degrade", 7: "security", 8: "service", 9: "remote",
 }
+
+
+# (engine counter key, metric name, help) for the counters the hardening added
+HARDENING_COUNTERS = [
+    ("oneway_dropped", "octo_proxy_oneway_dropped",
+     "One-way requests dropped (no route, over a limit)"),
+    ("frame_timeouts", "octo_proxy_frame_timeouts",
+     "Connections closed for a frame not completed within limits.frame_timeout_s"),
+    ("idle_closed", "octo_proxy_idle_closed",
+     "Connections closed after limits.idle_timeout_s without traffic"),
+    ("budget_rejects", "octo_proxy_buffer_budget_rejects",
+     "Requests refused because limits.max_buffered_bytes was reached"),
+    ("inflight_rejects", "octo_proxy_inflight_limit_rejects",
+     "Requests refused because limits.max_inflight_total was reached"),
+    ("context_rejects", "octo_proxy_context_too_large",
+     "Requests refused for a context map over its size limit"),
+    ("oversized", "octo_proxy_oversized_frames",
+     "Frames over limits.max_frame_bytes answered and skipped"),
+    ("early_closes", "octo_proxy_upstream_early_closes",
+     "Upstream connections the peer closed within upstream.min_connection_life_ms"),
+    ("restart_notices", "octo_proxy_restart_notices",
+     "ProxyRestart notices sent to apps that asked for them"),
+    ("shutdown_answers", "octo_proxy_shutdown_answers",
+     "Requests answered by the proxy because it was stopping"),
+]
 
 
 def status_label(s: int) -> str:
@@ -67,10 +95,36 @@ class ProxyCollector:
             ("octo_proxy_slow_consumers", "App connections closed for leaving answers unread",
              c["slow_consumers"]),
         ]
+        # hardening (docs/operating.md "Limits and hostile peers"): the
+        # engine's counters, each exported when the engine has it
+        simple += [(name, doc, c[key]) for key, name, doc in HARDENING_COUNTERS if key in c]
+        simple += [
+            ("octo_proxy_fd_limit_hits",
+             "Seconds (1 s checks) in which the process was at its file descriptor limit",
+             getattr(p, "fd_limit_hits", 0)),
+            ("octo_proxy_log_lines_suppressed", "Repetitive log lines held back by the rate limit",
+             repeat_limiter().suppressed),
+        ]
         for name, doc, v in simple:
             m = CounterMetricFamily(name, doc)
             m.add_metric([], v)
             yield m
+        if "ignored_response" in c:
+            ign = CounterMetricFamily("octo_proxy_ignored_frames",
+                                      "Frames an app must not send (ignored), by kind",
+                                      labels=["kind"])
+            ign.add_metric(["response"], c["ignored_response"])
+            ign.add_metric(["proxy_restart"], c["ignored_proxy_restart"])
+            yield ign
+        rej = CounterMetricFamily("octo_proxy_connections_rejected",
+                                  "Connections closed at once for a connection limit, by kind",
+                                  labels=["kind"])
+        for kind in ("app", "inbound"):
+            if f"rejected_{kind}" in c:
+                rej.add_metric([kind], c[f"rejected_{kind}"])
+        admin = getattr(p, "admin", None)
+        rej.add_metric(["admin"], admin.rejected if admin is not None else 0)
+        yield rej
         errs = CounterMetricFamily("octo_proxy_errors", "Answers the proxy made itself, by status",
                                    labels=["status"])
         for s, v in sorted(c["errors"].items()):
@@ -117,6 +171,12 @@ class ProxyCollector:
         g = GaugeMetricFamily("octo_proxy_in_flight", "Requests owed an answer")
         g.add_metric([], eng.in_flight())
         yield g
+        if hasattr(eng, "buffered_bytes"):
+            g = GaugeMetricFamily("octo_proxy_buffered_bytes",
+                                  "Receive-buffer bytes held beyond one read buffer per connection "
+                                  "(limits.max_buffered_bytes)")
+            g.add_metric([], eng.buffered_bytes)
+            yield g
         g = GaugeMetricFamily("octo_proxy_connections", "Open connections by kind",
                               labels=["kind"])
         g.add_metric(["app"], len(eng.downstream_conns()))
@@ -163,9 +223,30 @@ def _node_json(n: Any) -> dict[str, Any]:
     }
 
 
+class _Refused(asyncio.Protocol):
+    """An admin connection over admin.max_connections: told so, closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                        b"Connection: close\r\n\r\n")
+        transport.close()
+
+
 class AdminServer:
+    """aiohttp behind a bounded listener: at most admin.max_connections open
+    (one more is answered 503 and closed, counted and logged rate-limited),
+    and a connection without a complete request for admin.timeout_s is
+    closed (aiohttp's keep-alive timer runs from the connect), so admin
+    clients cannot use up the process's file descriptors."""
+
     def __init__(self, proxy: Any) -> None:
         self.proxy = proxy
+        adm = getattr(getattr(proxy, "cfg", None), "admin", None)
+        self.max_connections: int = getattr(adm, "max_connections", 32)
+        self.timeout_s: float = getattr(adm, "timeout_s", 10.0)
+        self.rejected = 0
+        self._server: asyncio.AbstractServer | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ProxyCollector(proxy))
         self.health_failed = False
@@ -183,11 +264,27 @@ class AdminServer:
         self.app = app
 
     async def start(self, sock: socket.socket) -> None:
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                    keepalive_timeout=self.timeout_s)
         await self.runner.setup()
-        await web.SockSite(self.runner, sock).start()
+        handlers = self.runner.server
+        assert handlers is not None
+
+        def factory() -> asyncio.BaseProtocol:
+            if len(handlers.connections) >= self.max_connections:
+                self.rejected += 1
+                log.warning("admin connection limit (%d) reached: refusing a connection "
+                            "(admin.max_connections)", self.max_connections)
+                return _Refused()
+            return handlers()
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(factory, sock=sock, backlog=128)
 
     async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None

@@ -44,6 +44,7 @@ class OutboundListener(_Strict):
 
     path: str
     mode: int = Field(default=0o660, ge=0, le=0o777)
+    backlog: int = Field(default=1024, ge=1, le=65535)
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -164,6 +165,10 @@ class Admin(_Strict):
     host: str = "127.0.0.1"
     port: int | None = Field(default=None, ge=0, le=65535)
     uds: str | None = None
+    # open admin connections; past it a new one is closed at once
+    max_connections: int = Field(default=32, ge=1)
+    # a connection without a complete request for this long is closed
+    timeout_s: float = Field(default=10.0, gt=0)
 
 
 class HotRestart(_Strict):
@@ -186,6 +191,10 @@ class Logging(_Strict):
     format: Literal["text", "json"] = "text"
     access_log: bool = False
     access_log_sample: float = Field(default=1.0, ge=0, le=1)
+    # at most repeat_burst lines of one message template per repeat_window_s
+    # (0: no limit); the access log is never limited
+    repeat_burst: int = Field(default=5, ge=0)
+    repeat_window_s: float = Field(default=10.0, gt=0)
 
 
 class Config(_Strict):

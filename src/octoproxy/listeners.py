@@ -8,15 +8,49 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import resource
 import socket
 import stat
 
 from octoproxy.config import InboundListener, OutboundListener
 
+log = logging.getLogger("octoproxy.listeners")
+
 
 class ListenerError(Exception):
     pass
+
+
+class FdWatch:
+    """Notices when the process runs out of file descriptors.  The event
+    loop (libuv) handles EMFILE on accept by accepting and closing the
+    connection at once, without telling anyone; this samples the open fds
+    against RLIMIT_NOFILE (once per `check`, from the proxy's 1 s loop) and
+    logs when the limit is (nearly) reached.  The log line is rate-limited
+    like every repeated line; `hits` counts the samples at the limit."""
+
+    def __init__(self, margin: int = 8) -> None:
+        self.margin = margin
+        self.hits = 0
+
+    def check(self) -> bool:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return False
+        try:
+            used = len(os.listdir("/proc/self/fd")) - 1  # minus the listdir's own
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE):
+                return False
+            used = soft  # not even one fd left to look
+        if used < soft - self.margin:
+            return False
+        self.hits += 1
+        log.warning("file descriptor limit reached: %d of %d open (ulimit -n); new connections "
+                    "are closed at once (EMFILE) until some close", used, soft)
+        return True
 
 
 def replace_stale_uds(path: str) -> None:
@@ -46,7 +80,7 @@ def replace_stale_uds(path: str) -> None:
         probe.close()
 
 
-def open_outbound(cfg: OutboundListener, backlog: int = 1024) -> socket.socket:
+def open_outbound(cfg: OutboundListener) -> socket.socket:
     replace_stale_uds(cfg.path)
     parent = os.path.dirname(os.path.abspath(cfg.path))
     if not os.path.isdir(parent):
@@ -60,7 +94,7 @@ def open_outbound(cfg: OutboundListener, backlog: int = 1024) -> socket.socket:
         finally:
             os.umask(old)
         os.chmod(cfg.path, cfg.mode)
-        sock.listen(backlog)
+        sock.listen(cfg.backlog)
     except OSError as e:
         sock.close()
         raise ListenerError(f"cannot listen on {cfg.path}: {e.strerror}") from None

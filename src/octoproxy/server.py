@@ -158,6 +158,7 @@ class Proxy:
         self.draining = False
         self.handed_over = False  # sockets belong to a newer generation now
         self.inherited_state: dict[str, Any] = {}
+        self.fd_limit_hits = 0  # 1 s checks at the fd limit (listeners.FdWatch)
 
     @property
     def engine(self) -> Engine:
@@ -283,11 +284,13 @@ class Proxy:
         engine = self.engine
         for ob in self.cfg.listeners.outbound:
             sock = self.sockets[listener_key_outbound(ob.path)].dup()
-            self.servers.append(await loop.create_unix_server(engine.downstream, sock=sock))
+            # the backlog again: create_*_server(sock=...) re-listens with its own (100)
+            self.servers.append(await loop.create_unix_server(engine.downstream, sock=sock,
+                                                              backlog=ob.backlog))
         for ib in self.cfg.listeners.inbound:
             sock = self.sockets[listener_key_inbound(ib.host, ib.port)].dup()
             factory = functools.partial(engine.inbound, ib.upstream_uds)
-            self.servers.append(await loop.create_server(factory, sock=sock))
+            self.servers.append(await loop.create_server(factory, sock=sock, backlog=ib.backlog))
 
     def _sock(self, prefix: str) -> socket.socket | None:
         for k, v in self.sockets.items():
@@ -335,10 +338,15 @@ class Proxy:
         await self.admin.start(sock)
 
     async def _idle_loop(self) -> None:
+        from octoproxy.listeners import FdWatch
+
         period = min(1.0, self.cfg.upstream.idle_timeout_s / 4)
+        fd_watch = FdWatch()
         while True:
             await asyncio.sleep(period)
             self.engine.idle_sweep()
+            fd_watch.check()
+            self.fd_limit_hits = fd_watch.hits
 
     async def stop_accepting(self, keep_sockets: bool = False) -> None:
         """Stop accepting on the data path.  Unless keep_sockets (a hot
@@ -546,6 +554,7 @@ def run_proxy(cfg: Config, *, config_path: str | None = None, hot_restart_from: 
     # generation spawned by SIGUSR2 already starts with it blocked.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
 
-    setup_logging(log_level or cfg.logging.level, cfg.logging.format)
+    setup_logging(log_level or cfg.logging.level, cfg.logging.format,
+                  repeat_burst=cfg.logging.repeat_burst, repeat_window_s=cfg.logging.repeat_window_s)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(_main(cfg, config_path, hot_restart_from))

@@ -332,14 +332,17 @@ def test_config_dump_is_the_effective_config(mesh: Cluster) -> None:
     assert d["config_path"].endswith("client.yaml") and d["generation"] == 1
     assert isinstance(d["pid"], int) and d["xds"] is None
     assert cfg["node"]["id"] == "admin-uds" and cfg["node"]["idc"] == "gh"
-    assert cfg["listeners"]["outbound"] == [{"path": mesh.path("px.sock"), "mode": 0o660}]
-    assert cfg["admin"] == {"host": "127.0.0.1", "port": None, "uds": mesh.path("admin.sock")}
+    assert cfg["listeners"]["outbound"] == [{"path": mesh.path("px.sock"), "mode": 0o660,
+                                             "backlog": 1024}]
+    assert cfg["admin"] == {"host": "127.0.0.1", "port": None, "uds": mesh.path("admin.sock"),
+                            "max_connections": 32, "timeout_s": 10.0}
     # defaults filled in
     assert cfg["limits"]["max_frame_bytes"] == 16 * 1024 * 1024
     assert cfg["upstream"]["default_timeout_ms"] == 3000
     assert cfg["hot_restart"]["drain_s"] == 5.0
     assert cfg["logging"] == {"level": "info", "format": "json", "access_log": True,
-                              "access_log_sample": 0.0}
+                              "access_log_sample": 0.0, "repeat_burst": 5,
+                              "repeat_window_s": 10.0}
     assert [s["appkey"] for s in cfg["static"]["services"]] == [ECHO, "com.demo.backup"]
 
 
