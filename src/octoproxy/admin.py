@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from prometheus_client.core import (
@@ -31,7 +31,32 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from octoproxy.logs import repeat_limiter
 
+if TYPE_CHECKING:
+    from octoproxy._core.datapath import Engine
+    from octoproxy._core.route import RouteTable
+    from octoproxy.config import Config
+    from octoproxy.xds.client import XdsClient
+
 log = logging.getLogger("octoproxy.admin")
+
+class AdminTarget(Protocol):
+    """What the admin endpoint reads from the proxy (server.Proxy satisfies it)."""
+
+    cfg: Config
+    config_path: str | None
+    generation: int
+    draining: bool  # handed over and draining (hot restart)
+    ready: asyncio.Event
+    table: RouteTable
+    xds: XdsClient | None
+    admin: AdminServer | None
+    fd_limit_hits: int
+
+    @property
+    def engine(self) -> Engine: ...
+
+    async def stop_accepting(self, keep_sockets: bool = False) -> None: ...
+
 
 STATUS_NAMES = {
     0: "success", 1: "application", 2: "runtime", 3: "rpc", 4: "transport", 5: "protocol",
@@ -71,7 +96,7 @@ def status_label(s: int) -> str:
 class ProxyCollector:
     """Exports the core's counters as Prometheus metrics at scrape time."""
 
-    def __init__(self, proxy: Any) -> None:
+    def __init__(self, proxy: AdminTarget) -> None:
         self.proxy = proxy
 
     def collect(self) -> Iterator[Any]:
@@ -240,7 +265,7 @@ class AdminServer:
     closed (aiohttp's keep-alive timer runs from the connect), so admin
     clients cannot use up the process's file descriptors."""
 
-    def __init__(self, proxy: Any) -> None:
+    def __init__(self, proxy: AdminTarget) -> None:
         self.proxy = proxy
         adm = getattr(getattr(proxy, "cfg", None), "admin", None)
         self.max_connections: int = getattr(adm, "max_connections", 32)

@@ -8,7 +8,7 @@ objects; the route table consumes them and never sees where they came from.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Endpoint status values (OCTO registry): only ALIVE serves.
 STATUS_DEAD = 0
@@ -160,9 +160,3 @@ class Labels:
     idc: str = ""
     region: str = ""
 
-
-@dataclass(slots=True)
-class ServiceSet:
-    """A whole set of services (what a full snapshot is built from)."""
-
-    services: dict[str, Service] = field(default_factory=dict)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -13,7 +14,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
-from octoproxy import hotrestart
+from octoproxy import hotrestart, model
 from octoproxy.config import Config
 from octoproxy.listeners import ListenerError, open_http_socket, open_inbound, open_outbound
 from octoproxy.logs import setup_logging
@@ -31,6 +32,9 @@ from octoproxy.upstream import Connector
 
 if TYPE_CHECKING:
     from octoproxy._core.datapath import Engine
+    from octoproxy.admin import AdminServer
+    from octoproxy.subscribe import StaticDiscovery, SubscribeApi
+    from octoproxy.xds.client import XdsClient
 
 log = logging.getLogger("octoproxy")
 
@@ -71,15 +75,11 @@ def subscription_file(cfg: Config) -> str | None:
     return None
 
 
-def services_to_json(services: list[Any]) -> list[dict[str, Any]]:
-    import dataclasses
-
+def services_to_json(services: list[model.Service]) -> list[dict[str, Any]]:
     return [dataclasses.asdict(s) for s in services]
 
 
-def services_from_json(items: list[dict[str, Any]]) -> list[Any]:
-    from octoproxy import model
-
+def services_from_json(items: list[dict[str, Any]]) -> list[model.Service]:
     out = []
     for d in items:
         eps = tuple(model.Endpoint(**e) for e in d.get("endpoints", ()))
@@ -151,10 +151,10 @@ class Proxy:
         self.ready = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self.generation = 1
-        self.xds: Any = None
-        self.discovery: Any = None
-        self.subscribe_api: Any = None
-        self.admin: Any = None
+        self.xds: XdsClient | None = None
+        self.discovery: XdsClient | StaticDiscovery | None = None
+        self.subscribe_api: SubscribeApi | None = None
+        self.admin: AdminServer | None = None
         self.draining = False
         self.handed_over = False  # sockets belong to a newer generation now
         self.inherited_state: dict[str, Any] = {}

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -348,7 +349,7 @@ def test_symlinked_pid_temp_file_and_pid_file_are_never_followed(
         assert not os.path.islink(pidf) and read_pid(pidf) == p.pid
 
 
-def _chain(c: Cluster, **client_hr: Any) -> dict[str, Any]:
+def _chain(c: Cluster, admin_uds: str | None = None, **client_hr: Any) -> dict[str, Any]:
     c.providers(p="p.sock")
     port = free_port()
     scfg = server_proxy_cfg({port: c.path("p.sock")})
@@ -358,6 +359,8 @@ def _chain(c: Cluster, **client_hr: Any) -> dict[str, Any]:
         {"appkey": "com.demo.echo", "service_names": ["com.demo.Echo"],
          "endpoints": [{"address": f"127.0.0.1:{port}"}]}],
         hot_restart=hr_cfg(c, "client", socket=c.path("client.hr"), **client_hr))
+    if admin_uds:
+        ccfg["admin"] = {"uds": admin_uds}
     c.proxy("client", ccfg)
     return ccfg
 
@@ -438,3 +441,61 @@ def test_new_generation_hanging_before_it_connects_is_killed(
         assert not hung_alive
         assert "has not started within" in c.procs[-1].log()
         assert second == "ok"
+
+
+def _read_line(s: socket.socket, fds: list[int]) -> dict[str, Any]:
+    buf = b""
+    while b"\n" not in buf:
+        data, got, _, _ = socket.recv_fds(s, 1 << 20, 64)
+        assert data, "the live generation closed the connection"
+        fds.extend(got)
+        buf += data
+    return dict(json.loads(buf.split(b"\n", 1)[0]))
+
+
+def _admin_ready(path: str) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(path)
+            s.sendall(b"GET /ready HTTP/1.0\r\n\r\n")
+            return b" 200 " in s.recv(4096).split(b"\r\n", 1)[0]
+    except OSError:
+        return False
+
+
+def test_new_generation_dying_after_the_release_hands_the_listeners_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a "new generation" (this test, same uid) takes the sockets, says ready,
+    # is released, and dies before it says serving
+    with shared_cluster(monkeypatch) as c:
+        _chain(c, admin_uds=c.path("admin.sock"))
+        old = read_pid(c.path("client.pid"))
+        assert old and _admin_ready(c.path("admin.sock"))
+        load = LoadThread(c.path("px.sock"), clients=2, inflight=4).start()
+        fds: list[int] = []
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(20)
+                s.connect(c.path("client.hr"))
+                s.sendall(b'{"magic": "octo-proxy-hot-restart", "version": 1, "pid": 1}\n')
+                assert _read_line(s, fds)["ok"] is True
+                s.sendall(b'{"ready": true}\n')
+                assert _read_line(s, fds).get("released") is True
+                for fd in fds:
+                    os.close(fd)
+            with contextlib.suppress(TimeoutError):
+                wait_for(lambda: "took the listeners back" in c.procs[-1].log()
+                         or not pid_alive(old), 30, "the old generation to react")
+            app_ok = can_connect_uds_ok(c.path("px.sock"))
+            admin_ok = _admin_ready(c.path("admin.sock"))
+            with contextlib.suppress(TimeoutError):
+                wait_for(lambda n=load.ok: load.ok > n + 300, 10, "traffic")
+        finally:
+            load.stop()
+        figure("dies-after-release", old_alive=pid_alive(old), new_app_connections=app_ok,
+               admin=admin_ok, requests_failed=len(load.errors), requests_ok=load.ok)
+        assert pid_alive(old) and read_pid(c.path("client.pid")) == old
+        assert app_ok and admin_ok
+        assert load.errors == [], load.errors[:5]
+        restart(c, "client")  # a real successor still takes over

@@ -179,7 +179,7 @@ class _Stream:
         return [resp] if resp is not None else []
 
 
-class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]  # untyped protos
     """The ADS service over a `Store`."""
 
     def __init__(self, store: Store) -> None:

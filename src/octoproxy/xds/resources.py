@@ -243,7 +243,7 @@ def _gov_spec(where: str, cls: Any, data: Any) -> Any:
 
 
 def _dur(d: Any) -> float:
-    return float(d.seconds) + d.nanos * 1e-9
+    return float(d.seconds) + float(d.nanos) * 1e-9
 
 
 def cluster_governance(c: cluster_pb2.Cluster, where: str) -> model.Governance | None:
