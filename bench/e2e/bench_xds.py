@@ -10,6 +10,19 @@ client in this process (uvloop), subscribed to every service, and prints:
 - memory per subscribed service in the client (tracemalloc, and RSS delta)
 
     PYTHONPATH=src python bench/e2e/bench_xds.py [--services 1000] [--nodes 100] [--delta]
+
+With ``--proxy`` it measures a real proxy process instead (``octo-proxy run``
+with xds + the subscribe API) and prints what issue 12 asks for:
+
+- the services subscribed through the subscribe API in ``--batches``
+  concurrent calls (20 of 50 by default): time until every call answered 200
+  (= every service has its endpoints in the route table), and how many
+  services are left with no endpoints (must be 0);
+- the proxy's RSS (VmRSS) per subscribed service;
+- propagation of one endpoint change (a node added/removed in one service of
+  the file) until GET /v1/subscriptions shows it: p50 / p90 over --rounds.
+
+    PYTHONPATH=src python bench/e2e/bench_xds.py --proxy [--delta] [--batches 20]
 """
 
 from __future__ import annotations
@@ -52,8 +65,9 @@ class TimingSink:
     def update_service(self, service: model.Service) -> None:
         self.updates += 1
         self.at[service.appkey] = time.perf_counter()
-        ep0 = min(service.endpoints, key=lambda e: (e.host, e.port))
-        self.first_weight[service.appkey] = ep0.weight
+        if service.endpoints:
+            ep0 = min(service.endpoints, key=lambda e: (e.host, e.port))
+            self.first_weight[service.appkey] = ep0.weight
         if self.keep:
             self.services[service.appkey] = service
 
@@ -279,6 +293,121 @@ async def bench(a: argparse.Namespace) -> None:
         tmp.rmdir()
 
 
+def vm_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+async def bench_proxy(a: argparse.Namespace) -> None:
+    import aiohttp
+    import yaml
+
+    tmp = Path(tempfile.mkdtemp(prefix="bx-"))
+    path = tmp / "endpoints.json"
+    services = make_services(a.services, a.nodes)
+    write(path, dump(services))
+    keys = [s["appkey"] for s in services]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]))
+    cp_port, sub_port = free_port(), free_port()
+    cp = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "octoproxy.controlplane", "--endpoints", str(path),
+        "--listen", f"127.0.0.1:{cp_port}", "--log-level", "warning",
+        stdout=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert cp.stdout is not None
+    line = await asyncio.wait_for(cp.stdout.readline(), 120)
+    assert b"listening" in line, line
+    cfg = {
+        "node": {"id": "bench-proxy"},
+        "listeners": {"outbound": [{"path": str(tmp / "px.sock")}]},
+        "xds": {"server": f"127.0.0.1:{cp_port}", "delta": a.delta},
+        "subscribe": {"port": sub_port, "timeout_s": 120},
+    }
+    (tmp / "proxy.yaml").write_text(yaml.safe_dump(cfg))
+    proxy = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "octoproxy", "run", "-c", str(tmp / "proxy.yaml"),
+        "--log-level", "warning", env=env, stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    mode = "delta" if a.delta else "sotw"
+    base = f"http://127.0.0.1:{sub_port}"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as http:
+            t_start = time.monotonic()
+            while True:
+                try:
+                    async with http.get(base + "/v1/subscriptions") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                if time.monotonic() - t_start > 60:
+                    raise TimeoutError("proxy did not start")
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)
+            rss0 = vm_rss_kib(proxy.pid)
+            size = a.services // a.batches
+            batches = [keys[i * size : (i + 1) * size] for i in range(a.batches)]
+
+            async def one(b: list[str]) -> int:
+                async with http.post(base + "/v1/subscribe", json={"appkeys": b}) as r:
+                    await r.read()
+                    return r.status
+
+            t0 = time.perf_counter()
+            statuses = await asyncio.gather(*(one(b) for b in batches))
+            t_all = time.perf_counter() - t0
+            async with http.get(base + "/v1/subscriptions") as r:
+                subs = (await r.json())["subscriptions"]
+            empty = sum(1 for v in subs.values() if not v.get("endpoints"))
+            await asyncio.sleep(1.0)
+            rss1 = vm_rss_kib(proxy.pid)
+            print(
+                f"xDS proxy bench ({mode}): {a.services} services x {a.nodes} nodes in "
+                f"{a.batches} concurrent subscribe calls of {size}: all answered in "
+                f"{t_all * 1000:.0f} ms (statuses {sorted(set(statuses))}), "
+                f"{empty} services left without endpoints, proxy RSS "
+                f"{rss0 // 1024} -> {rss1 // 1024} MiB = {(rss1 - rss0) / a.services:.1f} KiB "
+                f"per service; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+            )
+            lat = []
+            for r_ in range(a.rounds):
+                s = services[(r_ * 7919) % a.services]
+                eps = s["endpoints"]
+                if len(eps) > a.nodes:
+                    eps.pop()
+                else:
+                    eps.append(dict(eps[0], address=f"10.250.{r_ % 250}.1:9000"))
+                want = len(eps)
+                text = dump(services)
+                t0 = write(path, text)
+                while True:
+                    async with http.get(base + "/v1/subscriptions") as r:
+                        got = (await r.json())["subscriptions"][s["appkey"]]["endpoints"]
+                    if got == want:
+                        break
+                    if time.perf_counter() - t0 > 60:
+                        raise TimeoutError("change did not arrive")
+                    await asyncio.sleep(0.01)
+                lat.append(time.perf_counter() - t0)
+            print(
+                f"  one endpoint changed in the file -> in the proxy's route table: "
+                f"p50 {statistics.median(lat) * 1000:.0f} ms, p90 {pct(lat, 0.9) * 1000:.0f} ms "
+                f"over {a.rounds} rounds (100 ms file poll and 10 ms polling of "
+                f"GET /v1/subscriptions included)"
+            )
+    finally:
+        for p in (proxy, cp):
+            if p.returncode is None:
+                p.kill()
+            await p.wait()
+        for p in tmp.iterdir():
+            p.unlink()
+        tmp.rmdir()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -287,8 +416,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=100)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--delta", action="store_true", help="incremental ADS (default: SotW)")
+    p.add_argument("--proxy", action="store_true", help="measure a real proxy process")
+    p.add_argument("--batches", type=int, default=20, help="--proxy: concurrent subscribe calls")
     a = p.parse_args(argv)
-    uvloop.run(bench(a))
+    uvloop.run(bench_proxy(a) if a.proxy else bench(a))
     return 0
 
 

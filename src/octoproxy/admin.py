@@ -235,6 +235,17 @@ class ProxyCollector:
             for t, v in sorted(xds.versions().items()):
                 info.add_metric([t, v], 1)
             yield info
+            st = xds.stats
+            for name, doc, value in (
+                ("nacks", "Responses NACKed", st.nacks),
+                ("rejected_resources", "Resources rejected in NACKed responses",
+                 st.rejected_resources),
+                ("resource_timeouts", "Names settled by the resource timeout",
+                 st.resource_timeouts),
+            ):  # fmt: skip
+                c = CounterMetricFamily(f"octo_proxy_xds_{name}", doc)
+                c.add_metric([], value)
+                yield c
 
 
 def _node_json(n: Any) -> dict[str, Any]:

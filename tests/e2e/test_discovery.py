@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import urllib.request
 
 import pytest
 import yaml
@@ -67,6 +68,7 @@ def mesh():
                     "backoff_max_s": 0.5, "resource_timeout_s": 2},
             "subscribe": {"port": c.sub_port, "state_file": c.path("subs.json"),
                           "timeout_s": 5},
+            "admin": {"port": free_port()},
             "hot_restart": {"socket": c.path("client.hr"), "pid_file": c.path("client.pid"),
                             "drain_s": 2, "shutdown_s": 5},
         }
@@ -101,6 +103,12 @@ def test_unknown_service_subscription_fails_clearly(mesh: Cluster) -> None:
     with pytest.raises(SubscribeError) as e:
         subscribe(url(mesh), ["com.nobody"], timeout=5, retry_until=1)
     assert e.value.status == 404 and "com.nobody" in str(e.value)
+    # SotW: settled by the resource timeout, which is counted
+    admin = mesh.ccfg["admin"]["port"]  # type: ignore[attr-defined]
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats", timeout=5) as r:
+        metrics = r.read().decode()
+    assert "octo_proxy_xds_resource_timeouts_total 1.0" in metrics, metrics[-2000:]
+    assert "octo_proxy_xds_nacks_total 0.0" in metrics
 
 
 def test_node_change_reaches_traffic_within_a_second(mesh: Cluster) -> None:

@@ -646,7 +646,13 @@ class XdsClient:
         e.timer = None
         if e.state is not ResourceState.PENDING:
             return
-        waited = asyncio.get_running_loop().time() - e.asked_at
+        loop = asyncio.get_running_loop()
+        if self._busy:
+            # a response is being validated and may carry it: it was received
+            # in time; decide once that response is applied
+            e.timer = loop.call_later(0.05, self._on_timeout, name)
+            return
+        waited = loop.time() - e.asked_at
         self.stats.resource_timeouts += 1
         if e.settings is None:
             log.warning(

@@ -368,6 +368,52 @@ def governance_to_cluster(g: model.Governance, c: cluster_pb2.Cluster) -> None:
         c.metadata.filter_metadata[OCTO_NS].update(md)
 
 
+# LbEndpoint metadata -> (cell, swimlane, role, warmup_s, start_time, weight, status),
+# None = not set.  Nodes of a service mostly share their metadata: parsed once
+# per distinct serialized form (bounded; cleared when full).
+_Meta = tuple[str, str, int | None, float, float, int | None, int | None]
+_META_CACHE: dict[bytes, _Meta] = {}
+_META_CACHE_MAX = 65_536
+
+
+def _endpoint_metadata(md: Any, where: str) -> _Meta:
+    fm = md.filter_metadata
+    cell = swimlane = ""
+    role: int | None = None
+    weight: int | None = None
+    status: int | None = None
+    warmup_s = start_time = 0.0
+    if LB_NS in fm:
+        f = fm[LB_NS].fields
+        mw = f'{where}: metadata.filter_metadata["{LB_NS}"]'
+        cell = _str(f"{mw}.cell", f.get("cell"))
+        swimlane = _str(f"{mw}.swimlane", f.get("swimlane"))
+        rv = f.get("role")
+        if rv is not None:
+            r = _num(f"{mw}.role", rv)
+            if r not in (0.0, 1.0):
+                raise ResourceError(f"{mw}.role must be 0 (primary) or 1 (backup), got {r}")
+            role = int(r)
+        warmup_s = _num(f"{mw}.warmup_s", f.get("warmup_s"))
+        start_time = _num(f"{mw}.start_time", f.get("start_time"))
+    if OCTO_NS in fm:
+        f = fm[OCTO_NS].fields
+        mo = f'{where}: metadata.filter_metadata["octo"]'
+        wv = f.get("weight")
+        if wv is not None:
+            w = _num(f"{mo}.weight", wv)
+            if w != int(w) or w > MAX_WEIGHT:
+                raise ResourceError(f"{mo}.weight must be an integer 0..{MAX_WEIGHT}, got {w}")
+            weight = int(w)
+        sv = f.get("status")
+        if sv is not None:
+            st = _num(f"{mo}.status", sv)
+            if st not in (0.0, 1.0, 2.0, 3.0, 4.0, 5.0):
+                raise ResourceError(f"{mo}.status must be 0..5, got {st}")
+            status = int(st)
+    return (cell, swimlane, role, warmup_s, start_time, weight, status)
+
+
 def cla_to_endpoints(
     cla: endpoint_pb2.ClusterLoadAssignment,
     cache: EndpointCache | None = None,
@@ -433,41 +479,25 @@ def cla_to_endpoints(
             status = _STATUS_FROM_HEALTH.get(lbe.health_status)
             if status is None:
                 raise ResourceError(f"{where}: unknown health_status {lbe.health_status}")
-            cell = swimlane = ""
-            role = prio_role
-            warmup_s = start_time = 0.0
-            fm = lbe.metadata.filter_metadata
-            if LB_NS in fm:
-                md = fm[LB_NS]
-                mw = f'{where}: metadata.filter_metadata["{LB_NS}"]'
-                cell = _str(f"{mw}.cell", _field(md, "cell"))
-                swimlane = _str(f"{mw}.swimlane", _field(md, "swimlane"))
-                rv = _field(md, "role")
-                if rv is not None:
-                    r = _num(f"{mw}.role", rv)
-                    if r not in (0.0, 1.0):
-                        raise ResourceError(f"{mw}.role must be 0 (primary) or 1 (backup), got {r}")
-                    role = int(r)
-                warmup_s = _num(f"{mw}.warmup_s", _field(md, "warmup_s"))
-                start_time = _num(f"{mw}.start_time", _field(md, "start_time"))
-            if OCTO_NS in fm:
-                wv = _field(fm[OCTO_NS], "weight")
-                if wv is not None:
-                    w = _num(f'{where}: metadata.filter_metadata["octo"].weight', wv)
-                    if w != int(w) or w > MAX_WEIGHT:
-                        raise ResourceError(
-                            f'{where}: metadata.filter_metadata["octo"].weight must be an '
-                            f"integer 0..{MAX_WEIGHT}, got {w}"
-                        )
-                    weight = int(w)
-                sv = _field(fm[OCTO_NS], "status")
-                if sv is not None:
-                    s = _num(f'{where}: metadata.filter_metadata["octo"].status', sv)
-                    if s not in (0.0, 1.0, 2.0, 3.0, 4.0, 5.0):
-                        raise ResourceError(
-                            f'{where}: metadata.filter_metadata["octo"].status must be 0..5, got {s}'
-                        )
-                    status = int(s)
+            md = lbe.metadata
+            if md.filter_metadata:
+                mkey = md.SerializeToString(deterministic=True)
+                meta = _META_CACHE.get(mkey)
+                if meta is None:
+                    meta = _endpoint_metadata(md, where)
+                    if len(_META_CACHE) >= _META_CACHE_MAX:
+                        _META_CACHE.clear()
+                    _META_CACHE[mkey] = meta
+                cell, swimlane, m_role, warmup_s, start_time, m_weight, m_status = meta
+                role = prio_role if m_role is None else m_role
+                if m_weight is not None:
+                    weight = m_weight
+                if m_status is not None:
+                    status = m_status
+            else:
+                cell = swimlane = ""
+                role = prio_role
+                warmup_s = start_time = 0.0
             ep = model.Endpoint(
                 host=sa.address,
                 port=sa.port_value,
