@@ -177,7 +177,7 @@ class ProxyCollector:
                 for s, v in n.answers_by_status().items():
                     by_status[s] = by_status.get(s, 0) + v
                 node_req.add_metric([appkey, n.address], n.picks)
-                node_active.add_metric([appkey, n.address], n.active)
+                node_active.add_metric([appkey, n.address], n.in_flight)
                 node_weight.add_metric([appkey, n.address], n.effective_weight)
             req.add_metric([appkey], sent)
             for s, v in sorted(by_status.items()):
@@ -204,7 +204,7 @@ class ProxyCollector:
             yield g
         g = GaugeMetricFamily("octo_proxy_connections", "Open connections by kind",
                               labels=["kind"])
-        g.add_metric(["app"], len(eng.downstream_conns()))
+        g.add_metric(["app"], len(eng.outbound_conns()))
         g.add_metric(["inbound"], len(eng.inbound_conns()))
         yield g
         up = GaugeMetricFamily("octo_proxy_upstream_connections",
@@ -253,7 +253,7 @@ def _node_json(n: Any) -> dict[str, Any]:
         "address": n.address, "weight": n.weight, "effective_weight": n.effective_weight,
         "status": n.status, "healthy": n.status == 2 and n.weight > 0, "role": n.role,
         "cell": n.cell, "swimlane": n.swimlane, "idc": n.idc, "region": n.region,
-        "warmup_s": n.warmup_s, "start_time": n.start_time, "active": n.active,
+        "warmup_s": n.warmup_s, "start_time": n.start_time, "active": n.in_flight,
         "requests": n.picks,
         "answers": {status_label(s): v for s, v in n.answers_by_status().items()},
     }

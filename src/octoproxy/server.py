@@ -238,7 +238,7 @@ class Proxy:
             self.table, loop, self.connector, logging.getLogger("octoproxy.datapath"),
             max_frame=cfg.limits.max_frame_bytes,
             max_header=cfg.limits.max_header_bytes,
-            max_inflight=cfg.limits.max_inflight_per_connection,
+            max_in_flight=cfg.limits.max_inflight_per_connection,
             max_connections=cfg.limits.max_connections,
             read_buffer=cfg.limits.read_buffer_bytes,
             high_water=cfg.limits.write_high_water,
@@ -285,7 +285,7 @@ class Proxy:
         for ob in self.cfg.listeners.outbound:
             sock = self.sockets[listener_key_outbound(ob.path)].dup()
             # the backlog again: create_*_server(sock=...) re-listens with its own (100)
-            self.servers.append(await loop.create_unix_server(engine.downstream, sock=sock,
+            self.servers.append(await loop.create_unix_server(engine.outbound, sock=sock,
                                                               backlog=ob.backlog))
         for ib in self.cfg.listeners.inbound:
             sock = self.sockets[listener_key_inbound(ib.host, ib.port)].dup()
@@ -409,7 +409,7 @@ class Proxy:
         while loop.time() < deadline:
             if loop.time() >= spread_end:
                 self.engine.send_proxy_restarts()  # peers that announced themselves late
-            if (self.engine.in_flight() == 0 and not self.engine.downstream_conns()
+            if (self.engine.in_flight() == 0 and not self.engine.outbound_conns()
                     and not any(c.is_proxy for c in self.engine.inbound_conns())):
                 break
             await asyncio.sleep(0.01)

@@ -116,13 +116,13 @@ def test_least_request_avoids_a_slow_node():
         still = []
         for when, node in inflight:
             if when <= tick:
-                node.active -= 1
+                node.in_flight -= 1
             else:
                 still.append((when, node))
         inflight = still
         for _ in range(6):
             node = t.route(APP)
-            node.active += 1
+            node.in_flight += 1
             sent[node.host] += 1
             inflight.append((tick + latency[node.host], node))
     del due
@@ -135,16 +135,16 @@ def test_least_request_picks_two_distinct_nodes():
     # with 2 nodes, the busy one is never picked while the idle one exists
     t = table([100, 100], LbPolicy.LEAST_REQUEST)
     busy = t.nodes(APP)[0]
-    busy.active = 5
+    busy.in_flight = 5
     assert {t.route(APP).host for _ in range(1000)} == {"10.0.0.1"}
 
 
 def test_least_request_active_survives_an_update():
     t = table([100, 100], LbPolicy.LEAST_REQUEST)
     busy = t.nodes(APP)[0]
-    busy.active = 5
+    busy.in_flight = 5
     t.update_service(service([100, 100, 100], LbPolicy.LEAST_REQUEST))
-    assert t.nodes(APP)[0] is busy and busy.active == 5
+    assert t.nodes(APP)[0] is busy and busy.in_flight == 5
     assert "10.0.0.0" not in {t.route(APP).host for _ in range(1000)}
 
 

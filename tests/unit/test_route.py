@@ -307,10 +307,10 @@ def test_python_api_and_node_fields():
     assert (n.appkey, n.host, n.port, n.address) == (APP, "10.1.1.1", 8080, "10.1.1.1:8080")
     assert (n.weight, n.effective_weight, n.status, n.role) == (50, 50, STATUS_ALIVE, 0)
     assert (n.cell, n.swimlane, n.idc, n.region) == ("g", "w", "i", "r")
-    assert n.active == 0 and n.picks == 0 and n.upstream is None
+    assert n.in_flight == 0 and n.picks == 0 and n.upstream is None
     n.upstream = "pool"
-    n.active = 3
-    assert n.upstream == "pool" and n.active == 3
+    n.in_flight = 3
+    assert n.upstream == "pool" and n.in_flight == 3
     with pytest.raises(AttributeError):
         n.weight = 1
     assert t.route(APP, liteset="g", swimlane="w") is n and n.picks == 1
@@ -347,10 +347,10 @@ def test_update_of_one_service_does_not_rebuild_others():
 def test_nodes_are_reused_across_updates():
     t = table(Service(APP, (ep(1), ep(2))))
     n1 = t.nodes(APP)[0]
-    n1.active = 5
+    n1.in_flight = 5
     t.update_service(Service(APP, (ep(1, weight=50), ep(3))))
     m1 = t.nodes(APP)[0]
-    assert m1 is n1 and m1.active == 5 and m1.weight == 50
+    assert m1 is n1 and m1.in_flight == 5 and m1.weight == 50
     t.replace_all([Service(APP, (ep(1),))])
     assert t.nodes(APP)[0] is n1
 
@@ -415,6 +415,6 @@ def test_error_messages_name_the_service_and_cell():
 def test_bench_helper_with_send_done_leaves_active_at_zero():
     t = table(Service(APP, (ep(1), ep(2)), lb_policy=LbPolicy.LEAST_REQUEST))
     assert R.bench_route(t, APP.encode(), 500, send_done=True) == 500
-    assert [n.active for n in t.nodes(APP)] == [0, 0]
+    assert [n.in_flight for n in t.nodes(APP)] == [0, 0]
     assert sum(n.picks for n in t.nodes(APP)) == 500
     assert R.bench_route(t, APP.encode(), 10, liteset=b"zz", set_=b"", swimlane=b"w") == 10

@@ -2,17 +2,19 @@
 # per-read work (scan -> route -> pick -> rewrite id -> queue) runs in C.
 # Python (listeners.py, upstream.py, server.py) creates them and owns
 # everything per connection lifetime: accept, connect, close, timers.
+# Implementation: datapath.pyx, one include file per role (listed there).
 
 from cpython.object cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint8_t
 
+from octoproxy._core.constants cimport STATUS_SLOTS
 from octoproxy._core.frame cimport FrameInfo
 from octoproxy._core.route cimport Node, RouteTable
 
 
 cdef class UpstreamPool
 cdef class UpstreamConn
-cdef class Downstream
+cdef class OutboundConn
 cdef class InboundConn
 cdef class ProviderConn
 
@@ -29,7 +31,7 @@ cdef struct OutBuf:
 cdef struct Pending:
     int64_t id            # the upstream-side sequence id; -1 = free slot
     int64_t orig_id       # the id the app used, restored on the response
-    PyObject* down        # Downstream that sent it (strong ref)
+    PyObject* app         # OutboundConn that sent it (strong ref)
     PyObject* node        # route.Node it went to (strong ref), for least request
     double deadline       # monotonic seconds
     float timeout_ms      # the timeout applied, for the error message
@@ -46,13 +48,13 @@ cdef class Engine:
     cdef public object log              # logging.Logger
     cdef dict pools                     # address -> UpstreamPool
     cdef set timed                      # UpstreamConns with requests in flight (timeout sweep)
-    cdef set downstreams                # live Downstream connections
+    cdef set outbounds                  # live OutboundConn connections
     cdef set inbounds                   # live InboundConn connections
     cdef object tick_handle
     # limits (from config.limits / config.upstream)
     cdef public Py_ssize_t max_frame
     cdef public Py_ssize_t max_header
-    cdef public Py_ssize_t max_inflight
+    cdef public Py_ssize_t max_in_flight
     cdef public Py_ssize_t max_connections
     cdef public Py_ssize_t read_buffer
     cdef public Py_ssize_t high_water
@@ -77,7 +79,7 @@ cdef class Engine:
     cdef public long long n_heartbeats
     cdef public long long n_restart_answers
     cdef public long long n_slow_consumers  # app connections closed for not reading
-    cdef long long n_errors[16]          # proxy-made error answers by status
+    cdef long long n_errors[STATUS_SLOTS]          # proxy-made error answers by status
     cdef long long lat_buckets[17]       # outbound latency histogram (LAT_BOUNDS + +Inf)
     cdef double lat_sum                  # seconds, for the histogram's _sum
     cdef public object access_log        # callable(appkey, status, upstream, latency_s) or None
@@ -132,15 +134,16 @@ cdef class UpstreamPool:
 
 cdef class UpstreamConn(Conn):
     cdef UpstreamPool pool
-    cdef public int state               # UC_*
+    cdef readonly int state             # ConnState (CONN_*)
     cdef list backlog                   # bytes queued while connecting
     cdef Pending* slots
-    cdef Py_ssize_t cap, used
+    cdef Py_ssize_t cap
+    cdef Py_ssize_t in_flight           # requests sent here and not answered yet
     cdef int32_t head, tail
     cdef int64_t next_id
     cdef bint paused                    # our transport's write buffer is over the high mark
-    cdef list waiters                   # Downstreams paused because of us
-    cdef list touched                   # Downstreams with staged responses during one read
+    cdef list waiters                   # OutboundConns paused because of us
+    cdef list touched                   # OutboundConns with staged responses during one read
     cdef public double last_active
     cdef int64_t hb_id
 
@@ -155,17 +158,17 @@ cdef class UpstreamConn(Conn):
     cdef int up_process(self) except -1
 
 
-cdef class Downstream(Conn):
+cdef class OutboundConn(Conn):
     cdef list dests                     # UpstreamConns with staged frames during one read
-    cdef public Py_ssize_t inflight
+    cdef readonly Py_ssize_t in_flight  # requests read here and not answered yet
     cdef bint in_touched                # already in some UpstreamConn.touched list
     cdef bint rejected                  # over the connection limit
 
-    cdef int ds_process(self) except -1
-    cdef int ds_error(self, int64_t seq_id, int status, str message, bint restart, int protocol) except -1
-    cdef int ds_flush(self) except -1
-    cdef int ds_check_unread(self) except -1
-    cdef int ds_flush_dests(self) except -1
+    cdef int out_process(self) except -1
+    cdef int out_error(self, int64_t seq_id, int status, str message, bint restart, int protocol) except -1
+    cdef int out_flush(self) except -1
+    cdef int out_check_unread(self) except -1
+    cdef int out_flush_dests(self) except -1
     cdef _route_error(self, char* p, FrameInfo* fi, int err)
     cdef _answer_too_large(self, uint8_t* p, Py_ssize_t avail)
 
@@ -177,7 +180,7 @@ cdef class InboundConn(Conn):
     cdef list backlog                   # bytes for the provider while it connects
     cdef public bint is_proxy           # the peer announced itself (octo-proxy: 1)
     cdef public bint restart_sent
-    cdef public Py_ssize_t inflight
+    cdef readonly Py_ssize_t in_flight  # requests read here and not answered yet
 
     cdef int in_process(self) except -1
     cdef int in_flush(self) except -1

@@ -18,12 +18,6 @@ cdef enum:
     FF_PROXY_RESTART = 32   # localContext octo-proxy-restart == "1"
     FF_PROXY_ANNOUNCE = 64  # localContext octo-proxy == "1"
 
-    # message types (Header.messageType)
-    MT_NORMAL = 0
-    MT_HEARTBEAT = 1
-    MT_SCANNER_HEARTBEAT = 2
-    MT_PROXY_RESTART = 3
-
     # fr_scan errors (negative return values); fr_strerror() names them
     FE_NEED_MORE = 0           # not an error: incomplete frame
     FE_BAD_MAGIC = -1          # neither OCTO magic nor plausible Thrift framing
@@ -72,19 +66,9 @@ cdef struct FrameInfo:
     Py_ssize_t caller_off     # traceInfo.clientAppkey (heartbeats: heartbeatInfo.appkey)
     Py_ssize_t caller_len
 
-# Added: limits and status codes (PROTOCOL.md section 2).
+# Message types, status codes and call types: constants.pxd.
 cdef enum:
     FR_MAX_DEPTH = 32          # deepest struct/map/set/list nesting accepted in a header
-    STATUS_SUCCESS = 0
-    STATUS_APPLICATION = 1
-    STATUS_RUNTIME = 2
-    STATUS_RPC = 3             # sent with octo-proxy-restart
-    STATUS_TRANSPORT = 4
-    STATUS_PROTOCOL = 5        # e.g. a compressed request the outbound proxy cannot route
-    STATUS_DEGRADE = 6
-    STATUS_SECURITY = 7
-    STATUS_SERVICE = 8         # no such service/method
-    STATUS_REMOTE = 9
 
 # Scan one frame at buf[0:n].  Returns the frame's length (> 0) and fills *fi
 # when a whole frame is there; 0 (FE_NEED_MORE) when more bytes are needed; a

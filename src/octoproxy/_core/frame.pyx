@@ -9,6 +9,13 @@ cimport cython
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp
 
+from octoproxy._core.constants cimport (
+    CALL_ONEWAY, CALL_TWOWAY, MT_HEARTBEAT, MT_NORMAL, MT_PROXY_RESTART, MT_SCANNER_HEARTBEAT,
+    PROTO_SERIAL_MASK, SERIAL_THRIFT, STATUS_APPLICATION, STATUS_DEGRADE, STATUS_PROTOCOL,
+    STATUS_REMOTE, STATUS_RPC, STATUS_RUNTIME, STATUS_SECURITY, STATUS_SERVICE, STATUS_SUCCESS,
+    STATUS_TRANSPORT,
+)
+
 import struct as _struct
 import time as _time
 import zlib as _zlib
@@ -33,6 +40,10 @@ cdef enum:
     PROTO_GZIP = 0x40
     PROTO_SNAPPY = 0x20
     THRIFT_MIN_MESSAGE = 12  # version/type 4 + name length 4 + seqid 4
+    TM_CALL = 1              # native Thrift TMessageType
+    TM_REPLY = 2
+    TM_EXCEPTION = 3
+    TM_ONEWAY = 4
 
 
 # ---------------------------------------------------------------- C helpers
@@ -501,7 +512,7 @@ cdef Py_ssize_t fr_scan_thrift(const uint8_t* buf, Py_ssize_t n, Py_ssize_t max_
     if n < 8:
         return FE_NEED_MORE
     mtype = buf[7]
-    if mtype < 1 or mtype > 4:
+    if mtype < TM_CALL or mtype > TM_ONEWAY:
         return FE_BAD_THRIFT
     total = 4 + <Py_ssize_t>mlen
     if total > max_frame:
@@ -525,9 +536,9 @@ cdef Py_ssize_t fr_scan_thrift(const uint8_t* buf, Py_ssize_t n, Py_ssize_t max_
     fi.service_len = nlen
     fi.seq_off = 12 + nlen
     fi.seq_id = <int32_t>fr_rd_u32(buf + fi.seq_off)
-    if mtype == 1 or mtype == 4:
+    if mtype == TM_CALL or mtype == TM_ONEWAY:
         fi.flags = FF_REQUEST
-        fi.call_type = 1 if mtype == 4 else 0
+        fi.call_type = CALL_ONEWAY if mtype == TM_ONEWAY else CALL_TWOWAY
     else:
         fi.flags = FF_RESPONSE
     return total
@@ -755,7 +766,7 @@ cdef const char* fr_strerror(Py_ssize_t code) noexcept nogil:
 cdef bytes fr_error_response(int64_t seq_id, int status, str message, bint restart, int protocol):
     local = {"octo-proxy-restart": "1"} if restart else None
     return encode_response(seq_id, b"", status=status, message=message, local_context=local,
-                           protocol=protocol & _SERIAL_MASK)
+                           protocol=protocol & PROTO_SERIAL_MASK)
 
 
 cdef bytes fr_error_answer(int64_t seq_id, int status, str message, bint restart, int protocol,
@@ -769,7 +780,8 @@ cdef object fr_error_method(const uint8_t* frame, const FrameInfo* fi, int32_t* 
     # can an EXCEPTION answer be written the way its client reads it
     cdef Py_ssize_t n = 0
     cdef Py_ssize_t off
-    if fi.kind != FK_OCTO or fi.protocol & 3 != 1 or fi.body_len < THRIFT_MIN_MESSAGE:
+    if (fi.kind != FK_OCTO or (fi.protocol & PROTO_SERIAL_MASK) != SERIAL_THRIFT
+            or fi.body_len < THRIFT_MIN_MESSAGE):
         return None
     off = fr_method(frame, fi, &n)
     if off < 0 or frame[fi.body_off] != 0x80 or off + n + 4 > fi.body_off + fi.body_len:
@@ -779,13 +791,13 @@ cdef object fr_error_method(const uint8_t* frame, const FrameInfo* fi, int32_t* 
 
 
 cdef bytes fr_heartbeat_response(int64_t seq_id, int protocol):
-    return encode_heartbeat(seq_id, response=True, protocol=protocol & _SERIAL_MASK)
+    return encode_heartbeat(seq_id, response=True, protocol=protocol & PROTO_SERIAL_MASK)
 
 
 cdef bytes fr_heartbeat_answer(int64_t seq_id, int msg_type, int protocol):
     if msg_type == MT_SCANNER_HEARTBEAT:
-        return encode_scanner_heartbeat_response(seq_id, protocol=protocol & _SERIAL_MASK)
-    return encode_heartbeat(seq_id, response=True, protocol=protocol & _SERIAL_MASK)
+        return encode_scanner_heartbeat_response(seq_id, protocol=protocol & PROTO_SERIAL_MASK)
+    return encode_heartbeat(seq_id, response=True, protocol=protocol & PROTO_SERIAL_MASK)
 
 
 cdef bytes fr_proxy_restart():
@@ -824,8 +836,6 @@ for _name, _value in (
 ):
     _g[_name] = _value
 del _g, _name, _value
-
-cdef int _SERIAL_MASK = 0xFF & ~(PROTO_CHECKSUM | PROTO_GZIP | PROTO_SNAPPY)
 
 
 class FrameError(ValueError):
@@ -1397,14 +1407,14 @@ def encode_error_response(seq_id, int status, message, *, bint restart=False,
     """What the proxy answers when it cannot deliver a request.
 
     ResponseInfo{sequenceId, status, message}; when the request was
-    thrift-serialized (protocol & 3 == 1) and its body named a method, the
+    thrift-serialized (serialization bits 1) and its body named a method, the
     body is a Thrift EXCEPTION message (method, the body's seqid, or seq_id
     when not given, TApplicationException{message}) as a Dorado provider
     writes it, otherwise empty.  The request's checksum and compression bits
     are kept (the answer is compressed the same way)."""
     local = {"octo-proxy-restart": "1"} if restart else None
     body = b""
-    if method is not None and protocol & 3 == 1:
+    if method is not None and protocol & PROTO_SERIAL_MASK == SERIAL_THRIFT:
         body = encode_thrift_exception(method, seq_id if body_seq_id is None else body_seq_id,
                                        message)
     h = {"messageType": MT_NORMAL,
@@ -1413,7 +1423,7 @@ def encode_error_response(seq_id, int status, message, *, bint restart=False,
     comp = protocol & (PROTO_GZIP | PROTO_SNAPPY)
     if comp == PROTO_GZIP | PROTO_SNAPPY:
         comp = PROTO_SNAPPY  # Dorado reads snappy first when both are set
-    return encode_frame(encode_header(h), body, protocol=(protocol & _SERIAL_MASK) | comp,
+    return encode_frame(encode_header(h), body, protocol=(protocol & PROTO_SERIAL_MASK) | comp,
                         checksum=bool(protocol & PROTO_CHECKSUM), compress=True)
 
 
@@ -1438,7 +1448,7 @@ def encode_heartbeat(seq_id, *, bint response=False, appkey=None, send_time_ms=N
         if send_time_ms is not None:
             hb["sendTime"] = send_time_ms
         h["heartbeatInfo"] = hb
-    return encode_frame(encode_header(h), b"", protocol=protocol & _SERIAL_MASK)
+    return encode_frame(encode_header(h), b"", protocol=protocol & PROTO_SERIAL_MASK)
 
 
 # HeartbeatInfo.status values (official IDL): 0 DEAD, 2 ALIVE, 4 STOPPED.
@@ -1458,7 +1468,7 @@ def encode_scanner_heartbeat_response(seq_id, *, int status=HB_ALIVE, appkey=Non
         hb["appkey"] = appkey
     h = {"messageType": MT_SCANNER_HEARTBEAT,
          "responseInfo": {"sequenceId": seq_id, "status": 0}, "heartbeatInfo": hb}
-    return encode_frame(encode_header(h), b"", protocol=protocol & _SERIAL_MASK)
+    return encode_frame(encode_header(h), b"", protocol=protocol & PROTO_SERIAL_MASK)
 
 
 # -------- compression (cold paths: answers to compressed requests, tests)
@@ -1589,7 +1599,7 @@ def read_compressed_request(data, *, Py_ssize_t max_header=DEFAULT_MAX_HEADER):
         return None
     if len(plain) < hl:
         return None
-    fake = data[:3] + bytes((proto & _SERIAL_MASK,)) + _pk_u32(2 + len(plain)) + data[8:10] + plain
+    fake = data[:3] + bytes((proto & PROTO_SERIAL_MASK,)) + _pk_u32(2 + len(plain)) + data[8:10] + plain
     cdef const uint8_t[:] mv = fake
     if fr_scan_header(&mv[0], len(fake), max_header, &fi) <= 0 or fi.seq_off < 0:
         return None
@@ -1597,7 +1607,7 @@ def read_compressed_request(data, *, Py_ssize_t max_header=DEFAULT_MAX_HEADER):
            "body_seq_id": None, "protocol": proto}
     cdef int32_t bseq = 0
     fi.kind = FK_OCTO
-    fi.protocol = proto & _SERIAL_MASK
+    fi.protocol = proto & PROTO_SERIAL_MASK
     fi.body_off = OCTO_PREFIX + hl
     fi.body_len = len(plain) - hl
     m = fr_error_method(&mv[0], &fi, &bseq)

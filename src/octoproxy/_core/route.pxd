@@ -1,6 +1,6 @@
 # Route table and load balancers: the C-level contract used by the data path
-# (datapath.pyx).  Implementation: route.pyx (+ balance.pyx if split).  Add
-# fields/functions freely; do not change these without updating datapath.pyx.
+# (datapath.pyx).  Implementation: route.pyx; the pickers (lb_*) are in
+# balance.pxi, included by route.pyx.
 
 cimport cython
 from cpython.object cimport PyObject
@@ -17,7 +17,7 @@ cdef class RtClock  # defined below; Node keeps one
 
 # One node of one service.  The same Node object is carried over from one
 # snapshot to the next while (service, address) stays, so that picker state
-# and active counts survive updates.
+# and in-flight counts survive updates.
 @cython.final
 cdef class Node:
     cdef readonly str appkey
@@ -25,9 +25,8 @@ cdef class Node:
     cdef readonly int port
     cdef readonly str address       # "host:port": key of the data path's upstream pools
     cdef public object upstream     # owned by the data path (its pool for `address`); route never touches it
-    cdef public long active         # requests in flight (least request); data path: lb_on_send/lb_on_done
+    cdef public long in_flight      # requests in flight (least request); data path: lb_on_send/lb_on_done
     cdef public long long picks     # how many times this node was picked (stats)
-    # ... labels, weight, warm-up fields as the implementation needs
     cdef readonly long weight       # configured weight (0 = drained); warm-up scales it
     cdef readonly int status        # registry status; only ALIVE (2) serves
     cdef readonly int role          # 0 primary, 1 backup
@@ -155,7 +154,7 @@ cdef class RouteTable:
     cdef uint64_t _rng              # splitmix64 state: RR offsets and random picks
     cdef RtClock _clock             # warm-up clock
     # Route one request to a node.  Returns the node, or None with *err set to
-    # an RT_* code.  Does not change counters other than the picker's own state.
+    # an RT_* code.  Advances the picker's state and counts the pick (Node.picks).
     cdef Node rt_route(self,
                        const uint8_t* appkey, Py_ssize_t appkey_len,
                        const uint8_t* service, Py_ssize_t service_len,
@@ -166,8 +165,8 @@ cdef class RouteTable:
                        int* err)
 
 cdef inline void lb_on_send(Node node) noexcept:
-    node.active += 1
+    node.in_flight += 1
 
 cdef inline void lb_on_done(Node node) noexcept:
-    if node.active > 0:
-        node.active -= 1
+    if node.in_flight > 0:
+        node.in_flight -= 1

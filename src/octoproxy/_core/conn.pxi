@@ -1,0 +1,184 @@
+cdef inline double mono() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+# ---------------------------------------------------------------- OutBuf
+
+cdef int ob_reserve(OutBuf* ob, Py_ssize_t extra) except -1:
+    cdef Py_ssize_t want = ob.len + extra
+    cdef Py_ssize_t cap
+    cdef char* p
+    if want <= ob.cap:
+        return 0
+    cap = ob.cap * 2 if ob.cap else 4096
+    while cap < want:
+        cap *= 2
+    p = <char*>realloc(ob.data, cap)
+    if p == NULL:
+        raise MemoryError()
+    ob.data = p
+    ob.cap = cap
+    return 0
+
+
+cdef inline int ob_append(OutBuf* ob, const char* src, Py_ssize_t n) except -1:
+    if ob.len + n > ob.cap:
+        ob_reserve(ob, n)
+    memcpy(ob.data + ob.len, src, n)
+    ob.len += n
+    return 0
+
+
+cdef inline int ob_append_bytes(OutBuf* ob, bytes b) except -1:
+    return ob_append(ob, PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b))
+
+
+cdef inline object ob_take(OutBuf* ob):
+    """The staged bytes as one bytes object; the buffer is emptied (and shrunk if it grew big)."""
+    cdef object b = PyBytes_FromStringAndSize(ob.data, ob.len)
+    ob.len = 0
+    if ob.cap > 1048576:
+        free(ob.data)
+        ob.data = NULL
+        ob.cap = 0
+    return b
+
+
+cdef inline void ob_free(OutBuf* ob) noexcept:
+    free(ob.data)
+    ob.data = NULL
+    ob.len = ob.cap = 0
+
+
+cdef inline str slice_str(const char* base, Py_ssize_t off, Py_ssize_t n):
+    if n < 0:
+        return None
+    return base[off:off + n].decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------- Conn
+
+cdef class Conn:
+    """Receive-buffer handling shared by every connection of the data path."""
+
+    def __cinit__(self, Engine engine, *args):
+        self.engine = engine
+        self.rcap = engine.read_buffer
+        self.rbuf = <char*>malloc(self.rcap)
+        if self.rbuf == NULL:
+            raise MemoryError()
+        self.rstart = self.rend = 0
+        self.out.data = NULL
+        self.out.len = self.out.cap = 0
+
+    def __dealloc__(self):
+        free(self.rbuf)
+        self.rbuf = NULL
+        ob_free(&self.out)
+
+    def get_buffer(self, Py_ssize_t sizehint):
+        if self.rend == self.rcap:
+            self.rb_compact()
+        return PyMemoryView_FromMemory(self.rbuf + self.rend, self.rcap - self.rend, PyBUF_WRITE)
+
+    def eof_received(self):
+        return False
+
+    def pause_writing(self):
+        self._on_pause_writing()
+
+    def resume_writing(self):
+        self._on_resume_writing()
+
+    def _on_pause_writing(self):
+        self.pause(PAUSE_SELF)
+
+    def _on_resume_writing(self):
+        self.resume(PAUSE_SELF)
+
+    cdef int rb_compact(self) except -1:
+        """Make room after a read: reset when everything was consumed, move a
+        partial frame to the front when the tail is short, grow the buffer
+        when that frame is larger than the buffer (bounded by max_frame)."""
+        cdef Py_ssize_t left = self.rend - self.rstart
+        cdef Py_ssize_t need = 0
+        cdef const uint8_t* p
+        cdef char* nb
+        if left == 0:
+            self.rstart = self.rend = 0
+            if self.rcap > 4 * self.engine.read_buffer:
+                # a large frame grew the buffer: give the memory back once it is gone
+                nb = <char*>realloc(self.rbuf, self.engine.read_buffer)
+                if nb != NULL:
+                    self.rbuf = nb
+                    self.rcap = self.engine.read_buffer
+            return 0
+        p = <const uint8_t*>(self.rbuf + self.rstart)
+        if left >= 8 and p[0] == 0xAB and p[1] == 0xBA:
+            need = 8 + ((<Py_ssize_t>p[4] << 24) | (p[5] << 16) | (p[6] << 8) | p[7])
+        elif left >= 4 and not (p[0] == 0xAB and p[1] == 0xBA):
+            need = 4 + ((<Py_ssize_t>(p[0] & 0x7F) << 24) | (p[1] << 16) | (p[2] << 8) | p[3])
+        if need > self.engine.max_frame + 8:
+            need = 0  # the scanner rejects it; never grow for it
+        if self.rstart > 0 and (self.rcap - self.rend < MIN_TAIL or self.rstart + need > self.rcap):
+            memmove(self.rbuf, self.rbuf + self.rstart, left)
+            self.rstart = 0
+            self.rend = left
+        if need > self.rcap or self.rend == self.rcap:
+            nb = <char*>realloc(self.rbuf, max(need, self.rcap * 2))
+            if nb == NULL:
+                raise MemoryError()
+            self.rbuf = nb
+            self.rcap = max(need, self.rcap * 2)
+        return 0
+
+    cdef Py_ssize_t rb_next(self, FrameInfo* fi, uint8_t** frame) noexcept:
+        """The next whole frame in the receive buffer: its length (the buffer
+        moves past it, *frame points at it), 0 when more bytes are needed,
+        or a negative FE_* code for bytes that can never be a frame."""
+        cdef Py_ssize_t r
+        if self.rstart >= self.rend:
+            return 0
+        frame[0] = <uint8_t*>(self.rbuf + self.rstart)
+        r = fr_scan(frame[0], self.rend - self.rstart, self.engine.max_frame,
+                    self.engine.max_header, fi)
+        if r > 0:
+            self.rstart += r
+        return r
+
+    cdef int answer_heartbeat(self, FrameInfo* fi, OutBuf* out) except -1:
+        """A peer heartbeat that is not itself an answer is answered here,
+        with the same sequence id (PROTOCOL.md section 2)."""
+        self.engine.n_heartbeats += 1
+        ob_append_bytes(out, fr_heartbeat_response(fi.seq_id, fi.protocol & PROTO_SERIAL_MASK))
+        return 0
+
+    cdef int pause(self, int why) except -1:
+        if self.pause_mask == 0 and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self.pause_mask |= why
+        return 0
+
+    cdef int resume(self, int why) except -1:
+        if self.pause_mask == 0:
+            return 0
+        self.pause_mask &= ~why
+        if self.pause_mask == 0 and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+        return 0
+
+    cdef int malformed(self, Py_ssize_t code, str side) except -1:
+        """A malformed frame closes this connection only, with one log line."""
+        self.engine.n_malformed += 1
+        self.engine.log.warning(
+            "closing %s connection %s: malformed frame: %s", side,
+            self.transport.get_extra_info("peername") if self.transport is not None else None,
+            (<bytes>fr_strerror(code)).decode())
+        self.rstart = self.rend = 0
+        if self.transport is not None:
+            self.transport.abort()
+        return 0
+
+

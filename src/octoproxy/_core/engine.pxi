@@ -1,0 +1,228 @@
+# ---------------------------------------------------------------- Engine
+
+@cython.final
+cdef class Engine:
+    """Shared state of one proxy process's data path: the route table, the
+    upstream pools, the limits and the counters."""
+
+    def __cinit__(self):
+        self.pools = {}
+        self.timed = set()
+        self.outbounds = set()
+        self.inbounds = set()
+        self.tick_handle = None
+        self.route_errors = {}
+        self.access_log = None
+        self.access_sample = 1.0
+
+    def __init__(self, RouteTable table, loop, connector, log, *,
+                 Py_ssize_t max_frame=16 * 1024 * 1024, Py_ssize_t max_header=64 * 1024,
+                 Py_ssize_t max_in_flight=10000, Py_ssize_t max_connections=10000,
+                 Py_ssize_t read_buffer=65536, Py_ssize_t high_water=4 * 1024 * 1024,
+                 Py_ssize_t low_water=1024 * 1024, Py_ssize_t max_unread=32 * 1024 * 1024,
+                 double default_timeout=3.0,
+                 double max_timeout=60.0, int conns_per_node=2, double backoff_base=0.1,
+                 double backoff_max=5.0, double idle_timeout=300.0, double connect_timeout=1.0):
+        self.table = table
+        self.loop = loop
+        self.connector = connector
+        self.log = log
+        self.max_frame = max_frame
+        self.max_header = max_header
+        self.max_in_flight = max_in_flight
+        self.max_connections = max_connections
+        self.read_buffer = read_buffer
+        self.high_water = high_water
+        self.low_water = low_water
+        self.max_unread = max_unread
+        self.default_timeout = default_timeout
+        self.max_timeout = max_timeout
+        self.conns_per_node = conns_per_node
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+
+    cdef UpstreamPool get_pool(self, Node node):
+        cdef UpstreamPool pool = self.pools.get(node.address)
+        if pool is None:
+            pool = UpstreamPool(self, node.host, node.port)
+            self.pools[node.address] = pool
+        node.upstream = pool
+        return pool
+
+    cdef int on_answer(self, Node node, int status, double sent_at, double now) except -1:
+        """Count one answer for a request that went to `node`."""
+        cdef double lat = now - sent_at
+        cdef int b = 0
+        node.answers[status & (STATUS_SLOTS - 1)] += 1
+        while b < 16 and lat > C_LAT_BOUNDS[b]:
+            b += 1
+        self.lat_buckets[b] += 1
+        self.lat_sum += lat
+        if self.access_log is not None and (self.access_sample >= 1.0
+                                            or _random.random() < self.access_sample):
+            self.access_log(node.appkey, status, node.address, lat)
+        return 0
+
+    def latency_histogram(self):
+        """(cumulative bucket counts by upper bound incl. +Inf, sum in seconds)."""
+        cdef int i
+        cdef long long acc = 0
+        out = []
+        for i in range(17):
+            acc += self.lat_buckets[i]
+            out.append((LAT_BOUNDS[i] if i < 16 else float("inf"), acc))
+        return out, self.lat_sum
+
+    def route_error_counts(self):
+        return dict(self.route_errors)
+
+    def histogram_state(self):
+        cdef int i
+        return {"buckets": [self.lat_buckets[i] for i in range(17)], "sum": self.lat_sum,
+                "route_errors": [[k[0], k[1], v] for k, v in self.route_errors.items()]}
+
+    def restore_histogram(self, dict st):
+        """Continue the previous generation's histogram and route errors (hot restart)."""
+        cdef int i
+        b = st.get("buckets", [])
+        for i in range(min(17, len(b))):
+            self.lat_buckets[i] += b[i]
+        self.lat_sum += st.get("sum", 0.0)
+        for name, status, v in st.get("route_errors", []):
+            self.route_errors[(name, status)] = self.route_errors.get((name, status), 0) + v
+
+    cdef int arm_timer(self) except -1:
+        if self.tick_handle is None and self.timed:
+            self.tick_handle = self.loop.call_later(TICK, self._on_tick)
+        return 0
+
+    def _on_tick(self):
+        cdef UpstreamConn c
+        cdef double now = mono()
+        self.tick_handle = None
+        for c in list(self.timed):
+            c.up_sweep(now)
+        self.arm_timer()
+
+    # -- Python-side API (per connection / per config change / per scrape)
+
+    def outbound(self):
+        """Protocol factory for an outbound (app) listener."""
+        return OutboundConn(self)
+
+    def inbound(self, str provider_path):
+        """Protocol factory for an inbound listener that forwards to `provider_path`."""
+        return InboundConn(self, provider_path)
+
+    def idle_sweep(self):
+        """Close upstream connections idle for longer than idle_timeout."""
+        cdef UpstreamPool pool
+        cdef UpstreamConn c
+        cdef double now = mono()
+        for pool in list(self.pools.values()):
+            for c in list(pool.conns):
+                if c.in_flight == 0 and c.state == CONN_OPEN and now - c.last_active > self.idle_timeout:
+                    pool.conns.remove(c)
+                    c.state = CONN_DRAINING
+                    if c.transport is not None:
+                        c.transport.close()
+
+    def start_drain(self):
+        """Hot restart: from now on every new app request is answered at once
+        with the restart flag (STATUS_RPC) so the SDK retries on the new process.
+        Every app connection also gets a restart notice (the flagged answer
+        with sequence id 0, docs/protocol.md) so that idle SDK connections move
+        too, and close once nothing is owed on them."""
+        cdef OutboundConn d
+        self.draining = True
+        for d in list(self.outbounds):
+            if not d.closed:
+                d.out_error(0, STATUS_RPC, "octo-proxy is hot-restarting: reconnect", True, 1)
+                d.out_flush()
+
+    def send_proxy_restarts(self):
+        """ProxyRestart on every inbound connection from a client-side proxy
+        that has not had one; returns how many were sent."""
+        cdef InboundConn ic
+        cdef int n = 0
+        for ic in list(self.inbounds):
+            if ic.is_proxy and not ic.restart_sent and not ic.closed:
+                ic.send_proxy_restart()
+                n += 1
+        return n
+
+    def counters(self):
+        cdef int i
+        return {
+            "requests": self.n_requests, "responses": self.n_responses,
+            "oneway": self.n_oneway, "timeouts": self.n_timeouts,
+            "inbound_requests": self.n_inbound_requests,
+            "inbound_responses": self.n_inbound_responses,
+            "malformed": self.n_malformed, "heartbeats": self.n_heartbeats,
+            "restart_answers": self.n_restart_answers, "slow_consumers": self.n_slow_consumers,
+            "errors": {str(i): self.n_errors[i] for i in range(STATUS_SLOTS) if self.n_errors[i]},
+        }
+
+    def restore_counters(self, dict c):
+        """Continue the previous generation's counters (hot restart)."""
+        cdef int i
+        self.n_requests += c.get("requests", 0)
+        self.n_responses += c.get("responses", 0)
+        self.n_oneway += c.get("oneway", 0)
+        self.n_timeouts += c.get("timeouts", 0)
+        self.n_inbound_requests += c.get("inbound_requests", 0)
+        self.n_inbound_responses += c.get("inbound_responses", 0)
+        self.n_malformed += c.get("malformed", 0)
+        self.n_heartbeats += c.get("heartbeats", 0)
+        self.n_restart_answers += c.get("restart_answers", 0)
+        self.n_slow_consumers += c.get("slow_consumers", 0)
+        for k, v in c.get("errors", {}).items():
+            i = int(k)
+            if 0 <= i < STATUS_SLOTS:
+                self.n_errors[i] += v
+
+    def in_flight(self):
+        """Requests this process still owes an answer for (both directions)."""
+        cdef UpstreamConn c
+        cdef InboundConn ic
+        cdef Py_ssize_t n = 0
+        for c in self.timed:   # every upstream connection with requests in flight
+            n += c.in_flight
+        for ic in self.inbounds:
+            n += ic.in_flight
+        return n
+
+    def inbound_conns(self):
+        return list(self.inbounds)
+
+    def outbound_conns(self):
+        return list(self.outbounds)
+
+    def pool_stats(self):
+        cdef UpstreamPool pool
+        cdef UpstreamConn c
+        out = {}
+        for addr, pool in self.pools.items():
+            out[addr] = {
+                "connections": len(pool.conns),
+                "in_flight": sum([c.in_flight for c in pool.conns]),
+                "connects": pool.n_connects,
+                "connect_failures": pool.n_connect_failures,
+                "last_error": pool.last_error,
+            }
+        return out
+
+    def close_all(self):
+        cdef UpstreamPool pool
+        cdef UpstreamConn c
+        for pool in list(self.pools.values()):
+            for c in list(pool.conns):
+                if c.transport is not None:
+                    c.transport.close()
+        if self.tick_handle is not None:
+            self.tick_handle.cancel()
+            self.tick_handle = None
+
+

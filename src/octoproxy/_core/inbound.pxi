@@ -1,0 +1,184 @@
+# ---------------------------------------------------------------- inbound
+
+@cython.final
+cdef class InboundConn(Conn):
+    """A connection on the provider's registered TCP port, from a client-side
+    proxy or a legacy OCTO client; paired 1:1 with a UDS connection to the
+    provider app, so sequence ids pass through unchanged."""
+
+    def __cinit__(self, Engine engine, str provider_path):
+        self.provider_path = provider_path
+        self.reply.data = NULL
+        self.reply.len = self.reply.cap = 0
+        self.backlog = []
+        self.in_flight = 0
+
+    def __dealloc__(self):
+        ob_free(&self.reply)
+
+    cdef int in_flush(self) except -1:
+        cdef ProviderConn pv = self.provider
+        if self.reply.len:
+            if not self.closed:
+                self._write(ob_take(&self.reply))
+            else:
+                self.reply.len = 0
+        if self.out.len:
+            data = ob_take(&self.out)
+            if pv is None or pv.transport is None:
+                if pv is not None and pv.closed:
+                    return 0
+                self.backlog.append(data)
+                self.pause(PAUSE_PEER)  # bounded: stop reading until the provider is there
+            else:
+                pv._write(data)
+        return 0
+
+    cdef int in_process(self) except -1:
+        cdef FrameInfo fi
+        cdef Py_ssize_t r
+        cdef uint8_t* p
+        cdef Engine eng = self.engine
+        while True:
+            r = self.rb_next(&fi, &p)
+            if r == 0:
+                break
+            if r < 0:
+                self.in_flush()
+                self.malformed(r, "inbound")
+                return 0
+            if fi.msg_type == MT_HEARTBEAT:
+                # peer-to-peer: answered here (it may announce a proxy); a
+                # ScannerHeartbeat goes on to the provider, whose health it checks
+                if not (fi.flags & FF_RESPONSE):
+                    if fi.flags & FF_PROXY_ANNOUNCE:
+                        self.is_proxy = True
+                    self.answer_heartbeat(&fi, &self.reply)
+                continue
+            if (fi.flags & FF_REQUEST) and fi.call_type != CALL_ONEWAY:
+                self.in_flight += 1
+                eng.n_inbound_requests += 1
+            ob_append(&self.out, <char*>p, r)
+        self.in_flush()
+        return 0
+
+    def send_proxy_restart(self):
+        """Hot restart: tell a client-side proxy to move to a fresh connection."""
+        if self.is_proxy and not self.restart_sent and not self.closed:
+            self.restart_sent = True
+            self._write(fr_proxy_restart())
+
+    # -- asyncio protocol
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self._write = transport.write
+        transport.set_write_buffer_limits(self.engine.high_water, self.engine.low_water)
+        if len(self.engine.inbounds) >= self.engine.max_connections:
+            self.engine.log.warning("inbound connection limit (%d) reached: closing %s",
+                                    self.engine.max_connections, transport.get_extra_info("peername"))
+            self.closed = True
+            transport.abort()
+            return
+        self.engine.inbounds.add(self)
+        self.provider = ProviderConn(self.engine, self)
+        self.engine.connector(self.provider, None, self.provider_path)
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        self.rend += nbytes
+        self.in_process()
+        self.rb_compact()
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.engine.inbounds.discard(self)
+        if self.provider is not None and self.provider.transport is not None:
+            self.provider.transport.close()
+        self.transport = None
+        self._write = None
+
+    def _on_pause_writing(self):
+        # the peer does not read its answers: stop reading the provider
+        if self.provider is not None:
+            self.provider.pause(PAUSE_PEER)
+
+    def _on_resume_writing(self):
+        if self.provider is not None:
+            self.provider.resume(PAUSE_PEER)
+
+    def _provider_ready(self):
+        backlog = self.backlog
+        self.backlog = []
+        if backlog:
+            self.provider._write(b"".join(backlog))
+        self.resume(PAUSE_PEER)
+
+    def _provider_failed(self, str why):
+        self.engine.log.warning("provider %s unavailable (%s): closing inbound connection %s",
+                                self.provider_path, why,
+                                self.transport.get_extra_info("peername") if self.transport else None)
+        self.backlog = []
+        if self.transport is not None:
+            self.transport.close()
+
+
+@cython.final
+cdef class ProviderConn(Conn):
+    """The UDS connection from an inbound connection to the provider app."""
+
+    def __cinit__(self, Engine engine, InboundConn inbound):
+        self.inbound = inbound
+
+    cdef int pv_process(self) except -1:
+        cdef FrameInfo fi
+        cdef Py_ssize_t r
+        cdef uint8_t* p
+        cdef InboundConn ic = self.inbound
+        cdef Engine eng = self.engine
+        while True:
+            r = self.rb_next(&fi, &p)
+            if r == 0:
+                break
+            if r < 0:
+                ic.in_flush()
+                self.malformed(r, "provider")
+                return 0
+            if (fi.flags & FF_RESPONSE) and fi.msg_type != MT_HEARTBEAT and ic.in_flight > 0:
+                ic.in_flight -= 1
+                eng.n_inbound_responses += 1
+            ob_append(&ic.reply, <char*>p, r)
+        ic.in_flush()
+        return 0
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self._write = transport.write
+        transport.set_write_buffer_limits(self.engine.high_water, self.engine.low_water)
+        if self.inbound.closed:
+            transport.close()
+            return
+        self.inbound._provider_ready()
+
+    def connect_failed(self, str why):
+        self.closed = True
+        self.inbound._provider_failed(why)
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        self.rend += nbytes
+        self.pv_process()
+        self.rb_compact()
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.transport = None
+        self._write = None
+        if not self.inbound.closed and self.inbound.transport is not None:
+            # the requests in flight cannot be answered any more: closing the
+            # inbound connection makes the client side answer them at once
+            self.inbound.transport.close()
+
+    def _on_pause_writing(self):
+        self.inbound.pause(PAUSE_PEER)
+
+    def _on_resume_writing(self):
+        self.inbound.resume(PAUSE_PEER)

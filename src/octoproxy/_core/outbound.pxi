@@ -1,0 +1,214 @@
+# ---------------------------------------------------------------- downstream
+
+@cython.final
+cdef class OutboundConn(Conn):
+    """An app's connection to the outbound UDS listener."""
+
+    def __cinit__(self, Engine engine):
+        self.dests = []
+        self.in_flight = 0
+
+    cdef int out_error(self, int64_t seq_id, int status, str message, bint restart,
+                      int protocol) except -1:
+        self.engine.n_errors[status & (STATUS_SLOTS - 1)] += 1
+        ob_append_bytes(&self.out, fr_error_response(seq_id, status, message, restart, protocol & PROTO_SERIAL_MASK))
+        return 0
+
+    cdef int out_flush(self) except -1:
+        if self.out.len and not self.closed:
+            self._write(ob_take(&self.out))
+            if self.pause_mask & PAUSE_SELF:
+                self.out_check_unread()
+        else:
+            self.out.len = 0
+        return 0
+
+    cdef int out_check_unread(self) except -1:
+        """Only while the app is not reading (paused): cut it off when what it
+        leaves unread passes the hard limit, so it cannot grow the proxy."""
+        cdef Py_ssize_t n = self.transport.get_write_buffer_size()
+        if n > self.engine.max_unread:
+            self.engine.n_slow_consumers += 1
+            self.engine.log.warning(
+                "closing app connection: it leaves %d bytes of answers unread "
+                "(limits.max_unread_bytes = %d)", n, self.engine.max_unread)
+            self.closed = True
+            self.transport.abort()
+        return 0
+
+    cdef int out_process(self) except -1:
+        cdef FrameInfo fi
+        cdef Py_ssize_t r, s
+        cdef uint8_t* p
+        cdef int err = 0
+        cdef Node node
+        cdef UpstreamPool pool
+        cdef UpstreamConn conn
+        cdef Engine eng = self.engine
+        cdef RouteTable table = eng.table
+        cdef double now = mono()
+        cdef double timeout
+        cdef Pending* slot
+        while True:
+            r = self.rb_next(&fi, &p)
+            if r == 0:
+                break
+            if r < 0:
+                self.out_flush_dests()
+                if r == FE_TOO_LARGE:
+                    self._answer_too_large(p, self.rend - self.rstart)
+                self.out_flush()
+                self.malformed(r, "app")
+                return 0
+            if fi.kind != FK_OCTO or fi.flags & (FF_GZIP | FF_SNAPPY):
+                # nothing to route by (docs/protocol.md): say why, then close,
+                # since the caller cannot match an answer to this request
+                self.out_flush_dests()
+                if fi.kind == FK_OCTO:
+                    self.out_error(0, STATUS_PROTOCOL, "compressed frames are not supported by the "
+                                  "mesh: the proxy cannot read their header to route them",
+                                  False, fi.protocol)
+                self.out_flush()
+                self.engine.log.warning(
+                    "closing app connection: %s frames cannot be routed (no readable OCTO header); "
+                    "see docs/protocol.md", "compressed" if fi.kind == FK_OCTO else "native Thrift")
+                self.engine.n_malformed += 1
+                self.transport.abort()
+                return 0
+            if fi.msg_type == MT_HEARTBEAT or fi.msg_type == MT_SCANNER_HEARTBEAT:
+                if not (fi.flags & FF_RESPONSE):
+                    self.answer_heartbeat(&fi, &self.out)
+                continue
+            if not (fi.flags & FF_REQUEST):
+                continue  # apps send requests; anything else is ignored
+            if eng.draining:
+                eng.n_restart_answers += 1
+                self.out_error(fi.seq_id, STATUS_RPC, "octo-proxy is hot-restarting: reconnect and retry",
+                              True, fi.protocol)
+                continue
+            if self.rejected:
+                self.out_error(fi.seq_id, STATUS_DEGRADE, f"overload: connection limit of "
+                              f"{eng.max_connections} app connections reached", False, fi.protocol)
+                continue
+            if fi.call_type != CALL_ONEWAY and self.in_flight >= eng.max_in_flight:
+                self.out_error(fi.seq_id, STATUS_DEGRADE, f"overload: {self.in_flight} requests in flight "
+                              f"on this connection (limit {eng.max_in_flight})", False, fi.protocol)
+                continue
+            node = table.rt_route(
+                p + fi.appkey_off, fi.appkey_len, p + fi.service_off, fi.service_len,
+                p + fi.liteset_off, fi.liteset_len, p + fi.set_off, fi.set_len,
+                p + fi.swimlane_off, fi.swimlane_len, p + fi.hashkey_off, fi.hashkey_len, &err)
+            if node is None:
+                self._route_error(<char*>p, &fi, err)
+                continue
+            pool = <UpstreamPool>node.upstream
+            if pool is None:
+                pool = eng.get_pool(node)
+            conn = pool.pick()
+            if conn is None:
+                node.answers[<int>STATUS_TRANSPORT] += 1
+                self.out_error(fi.seq_id, STATUS_TRANSPORT, f"upstream {pool.address} unavailable: "
+                              f"{pool.last_error}", False, fi.protocol)
+                continue
+            if conn.out.len == 0:
+                self.dests.append(conn)
+            if fi.call_type == CALL_ONEWAY:
+                # one-way: no answer, no state; the id is left as the app chose it
+                eng.n_oneway += 1
+                ob_append(&conn.out, <char*>p, r)
+                continue
+            timeout = eng.default_timeout if fi.timeout <= 0 else fi.timeout * 0.001
+            if timeout > eng.max_timeout:
+                timeout = eng.max_timeout
+            s = conn.up_alloc(now + timeout)
+            slot = &conn.slots[s]
+            slot.orig_id = fi.seq_id
+            slot.timeout_ms = <float>(timeout * 1000.0)
+            slot.protocol = <uint8_t>fi.protocol
+            slot.sent_at = now
+            Py_INCREF(self)
+            slot.app = <PyObject*>self
+            Py_INCREF(node)
+            slot.node = <PyObject*>node
+            fr_set_seq_id(p, &fi, slot.id)
+            ob_append(&conn.out, <char*>p, r)
+            self.in_flight += 1
+            lb_on_send(node)
+            eng.n_requests += 1
+        self.out_flush_dests()
+        self.out_flush()
+        return 0
+
+    cdef int out_flush_dests(self) except -1:
+        """One write per upstream connection this read fed."""
+        cdef UpstreamConn c
+        if not self.dests:
+            return 0
+        for c in self.dests:
+            c.up_flush()
+            if c.paused and not c.closed:
+                self.pause(PAUSE_UPSTREAM)
+                c.waiters.append(self)
+        self.dests.clear()
+        return 0
+
+    cdef _route_error(self, char* p, FrameInfo* fi, int err):
+        cdef RouteTable table = self.engine.table
+        name = slice_str(p, fi.appkey_off, fi.appkey_len) or slice_str(p, fi.service_off, fi.service_len)
+        key = (name or "", STATUS_SERVICE if err in (RT_UNKNOWN_SERVICE, RT_NO_SERVICE_KEY) else STATUS_TRANSPORT)
+        self.engine.route_errors[key] = self.engine.route_errors.get(key, 0) + 1
+        if err == RT_UNKNOWN_SERVICE:
+            self.out_error(fi.seq_id, STATUS_SERVICE, f"unknown service {name!r}: no route (not in the "
+                          f"route table; subscribe to it first)", False, fi.protocol)
+        elif err == RT_NO_SERVICE_KEY:
+            self.out_error(fi.seq_id, STATUS_SERVICE, "request names no service: neither "
+                          "octo-remote-appkey nor serviceName is set", False, fi.protocol)
+        elif err == RT_SET_NO_NODE:
+            cell = slice_str(p, fi.set_off, fi.set_len)
+            if cell is None:
+                cell = table.labels.set
+            self.out_error(fi.seq_id, STATUS_TRANSPORT, f"no node of service {name!r} in Set cell "
+                          f"{cell!r} (Set routing does not fall back)", False, fi.protocol)
+        else:
+            self.out_error(fi.seq_id, STATUS_TRANSPORT, f"no healthy node for service {name!r}",
+                          False, fi.protocol)
+
+    cdef _answer_too_large(self, uint8_t* p, Py_ssize_t avail):
+        """Answer an oversized request with ProtocolException when its header
+        is already here (the frame itself is never buffered)."""
+        cdef FrameInfo fi
+        cdef Py_ssize_t total
+        if avail < 8:
+            return
+        total = 8 + ((<Py_ssize_t>p[4] << 24) | (p[5] << 16) | (p[6] << 8) | p[7])
+        if fr_scan_header(p, avail, self.engine.max_header, &fi) > 0 and fi.seq_off >= 0 \
+                and fi.flags & FF_REQUEST:
+            self.out_error(fi.seq_id, STATUS_PROTOCOL, f"frame of {total} bytes exceeds the limit of "
+                          f"{self.engine.max_frame} bytes (limits.max_frame_bytes)", False, fi.protocol)
+
+    # -- asyncio protocol
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self._write = transport.write
+        transport.set_write_buffer_limits(self.engine.high_water, self.engine.low_water)
+        if len(self.engine.outbounds) >= self.engine.max_connections:
+            self.rejected = True
+            self.engine.log.warning("app connection limit (%d) reached: answering with overload",
+                                    self.engine.max_connections)
+        self.engine.outbounds.add(self)
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        self.rend += nbytes
+        self.out_process()
+        if self.rejected and self.transport is not None:
+            self.transport.close()
+        self.rb_compact()
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.engine.outbounds.discard(self)
+        self.transport = None
+        self._write = None
+
+

@@ -1,0 +1,350 @@
+# ---------------------------------------------------------------- upstream
+
+@cython.final
+cdef class UpstreamPool:
+    """The multiplexed connections to one remote node (a provider's proxy)."""
+
+    def __cinit__(self, Engine engine, str host, int port):
+        self.engine = engine
+        self.host = host
+        self.port = port
+        self.address = f"{host}:{port}"
+        self.conns = []
+        self.rr = 0
+        self.retry_at = 0.0
+        self.backoff = engine.backoff_base
+        self.last_error = None
+
+    cdef UpstreamConn pick(self):
+        """A connection for the next request, opening one on first use; None
+        while connecting is backed off after a failure and none is left."""
+        cdef Py_ssize_t n = len(self.conns)
+        cdef UpstreamConn c
+        if n < self.engine.conns_per_node and (n == 0 or mono() >= self.retry_at):
+            if n == 0 and mono() < self.retry_at:
+                return None
+            c = UpstreamConn(self.engine, self)
+            self.conns.append(c)
+            self.n_connects += 1
+            self.engine.connector(c, self.host, self.port)
+            return c
+        if n == 0:
+            return None
+        self.rr += 1
+        return <UpstreamConn>self.conns[self.rr % n]
+
+    cdef _on_conn_failed(self, UpstreamConn c, str why):
+        cdef double jitter
+        if c in self.conns:
+            self.conns.remove(c)
+        self.n_connect_failures += 1
+        self.last_error = why
+        # full jitter over the current backoff, doubling up to the maximum
+        jitter = _random.random() * self.backoff
+        self.retry_at = mono() + jitter
+        self.backoff = min(self.backoff * 2, self.engine.backoff_max)
+
+    cdef _on_conn_ok(self):
+        self.backoff = self.engine.backoff_base
+        self.retry_at = 0.0
+        self.last_error = None
+
+
+@cython.final
+cdef class UpstreamConn(Conn):
+    """One multiplexed TCP connection to a remote proxy; requests from many
+    app connections share it under sequence ids of its own."""
+
+    def __cinit__(self, Engine engine, UpstreamPool pool):
+        cdef Py_ssize_t i
+        self.pool = pool
+        self.state = CONN_CONNECTING
+        self.backlog = []
+        self.waiters = []
+        self.touched = []
+        self.cap = FIRST_SLOTS
+        self.slots = <Pending*>malloc(self.cap * sizeof(Pending))
+        if self.slots == NULL:
+            raise MemoryError()
+        for i in range(self.cap):
+            self.slots[i].id = -1
+        self.in_flight = 0
+        self.head = self.tail = -1
+        self.next_id = 1 + <int64_t>(_random.getrandbits(20))
+        self.last_active = mono()
+        self.hb_id = 0
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        if self.slots != NULL:
+            for i in range(self.cap):
+                if self.slots[i].id != -1:
+                    Py_DECREF(<object>self.slots[i].app)
+                    Py_DECREF(<object>self.slots[i].node)
+            free(self.slots)
+            self.slots = NULL
+
+    # -- pending table: id & mask is the slot; at most half full, so the
+    #    next free id is found in about one probe and a grow never collides.
+
+    cdef Py_ssize_t up_alloc(self, double deadline) except -1:
+        cdef int64_t sid
+        cdef Py_ssize_t s, t
+        if (self.in_flight + 1) * 2 > self.cap:
+            self.up_grow()
+        while True:
+            sid = self.next_id
+            self.next_id = sid + 1 if sid < MAX_ID else 1
+            s = sid & (self.cap - 1)
+            if self.slots[s].id == -1:
+                break
+        self.slots[s].id = sid
+        self.slots[s].deadline = deadline
+        # insert into the deadline list from the tail: usually O(1) since
+        # most requests share the default timeout
+        t = self.tail
+        while t != -1 and self.slots[t].deadline > deadline:
+            t = self.slots[t].prev
+        self.slots[s].prev = <int32_t>t
+        if t == -1:
+            self.slots[s].next = self.head
+            if self.head != -1:
+                self.slots[self.head].prev = <int32_t>s
+            self.head = <int32_t>s
+        else:
+            self.slots[s].next = self.slots[t].next
+            if self.slots[t].next != -1:
+                self.slots[self.slots[t].next].prev = <int32_t>s
+            self.slots[t].next = <int32_t>s
+        if self.slots[s].next == -1:
+            self.tail = <int32_t>s
+        self.in_flight += 1
+        if self.in_flight == 1:
+            self.engine.timed.add(self)
+            self.engine.arm_timer()
+        return s
+
+    cdef int up_grow(self) except -1:
+        cdef Py_ssize_t ncap = self.cap * 2
+        cdef Pending* ns = <Pending*>malloc(ncap * sizeof(Pending))
+        cdef Py_ssize_t i, s, prev_new = -1
+        cdef int32_t old = self.head
+        if ns == NULL:
+            raise MemoryError()
+        for i in range(ncap):
+            ns[i].id = -1
+        # re-place every live entry at id & newmask, keeping deadline order
+        self.head = -1
+        while old != -1:
+            s = self.slots[old].id & (ncap - 1)
+            ns[s] = self.slots[old]
+            ns[s].prev = <int32_t>prev_new
+            ns[s].next = -1
+            if prev_new == -1:
+                self.head = <int32_t>s
+            else:
+                ns[prev_new].next = <int32_t>s
+            prev_new = s
+            old = self.slots[old].next
+        self.tail = <int32_t>prev_new
+        free(self.slots)
+        self.slots = ns
+        self.cap = ncap
+        return 0
+
+    cdef void up_unlink(self, Py_ssize_t s) noexcept:
+        cdef int32_t p = self.slots[s].prev
+        cdef int32_t n = self.slots[s].next
+        if p != -1:
+            self.slots[p].next = n
+        else:
+            self.head = n
+        if n != -1:
+            self.slots[n].prev = p
+        else:
+            self.tail = p
+
+    cdef int up_release(self, Py_ssize_t s) except -1:
+        cdef object app = <object>self.slots[s].app
+        cdef object node = <object>self.slots[s].node
+        self.up_unlink(s)
+        self.slots[s].id = -1
+        self.in_flight -= 1
+        (<OutboundConn>app).in_flight -= 1
+        lb_on_done(<Node>node)
+        Py_DECREF(app)
+        Py_DECREF(node)
+        if self.in_flight == 0:
+            self.engine.timed.discard(self)
+        return 0
+
+    cdef int up_fail_all(self, int status, str why) except -1:
+        """Answer every request in flight here with an error, at once."""
+        cdef Py_ssize_t s
+        cdef OutboundConn app
+        cdef double now = mono()
+        while self.head != -1:
+            s = self.head
+            app = <OutboundConn>self.slots[s].app
+            self.engine.on_answer(<Node>self.slots[s].node, status, self.slots[s].sent_at, now)
+            if not app.closed:
+                app.out_error(self.slots[s].orig_id, status, why, False, self.slots[s].protocol)
+                if not app.in_touched:
+                    app.in_touched = True
+                    self.touched.append(app)
+            self.up_release(s)
+        self.up_flush_touched()
+        return 0
+
+    cdef int up_sweep(self, double now) except -1:
+        cdef Py_ssize_t s
+        cdef OutboundConn app
+        while self.head != -1 and self.slots[self.head].deadline <= now:
+            s = self.head
+            app = <OutboundConn>self.slots[s].app
+            self.engine.n_timeouts += 1
+            self.engine.on_answer(<Node>self.slots[s].node, STATUS_TRANSPORT, self.slots[s].sent_at, now)
+            if not app.closed:
+                app.out_error(self.slots[s].orig_id, STATUS_TRANSPORT,
+                              f"timeout: no answer from {self.pool.address} within "
+                              f"{self.slots[s].timeout_ms:.0f} ms", False, self.slots[s].protocol)
+                if not app.in_touched:
+                    app.in_touched = True
+                    self.touched.append(app)
+            self.up_release(s)
+        self.up_flush_touched()
+        if self.state == CONN_DRAINING and self.in_flight == 0 and self.transport is not None:
+            self.transport.close()
+        return 0
+
+    cdef int up_flush(self) except -1:
+        if self.out.len == 0:
+            return 0
+        data = ob_take(&self.out)
+        if self.state == CONN_CONNECTING:
+            self.backlog.append(data)
+        elif self.state != CONN_CLOSED:
+            self._write(data)
+        return 0
+
+    cdef int up_flush_touched(self) except -1:
+        cdef OutboundConn d
+        if not self.touched:
+            return 0
+        for d in self.touched:
+            d.in_touched = False
+            d.out_flush()
+        self.touched.clear()
+        return 0
+
+    cdef int up_process(self) except -1:
+        cdef FrameInfo fi
+        cdef Py_ssize_t r, s
+        cdef uint8_t* p
+        cdef OutboundConn app
+        cdef Engine eng = self.engine
+        while True:
+            r = self.rb_next(&fi, &p)
+            if r == 0:
+                break
+            if r < 0:
+                self.up_flush_touched()
+                self.malformed(r, "upstream")
+                return 0
+            if fi.msg_type == MT_HEARTBEAT or fi.msg_type == MT_SCANNER_HEARTBEAT:
+                if not (fi.flags & FF_RESPONSE):
+                    self.answer_heartbeat(&fi, &self.out)
+                continue  # else: the answer to our own announce
+            if fi.msg_type == MT_PROXY_RESTART:
+                self._on_proxy_restart()
+                continue
+            if not (fi.flags & FF_RESPONSE) or fi.seq_off < 0:
+                continue  # nothing a client side expects; ignore
+            s = fi.seq_id & (self.cap - 1)
+            if fi.seq_id < 0 or self.slots[s].id != fi.seq_id:
+                continue  # late (timed out) or unknown: dropped
+            app = <OutboundConn>self.slots[s].app
+            eng.on_answer(<Node>self.slots[s].node, fi.status if fi.status >= 0 else STATUS_SUCCESS,
+                          self.slots[s].sent_at, mono())
+            if not app.closed:
+                fr_set_seq_id(p, &fi, self.slots[s].orig_id)
+                ob_append(&app.out, <char*>p, r)
+                if not app.in_touched:
+                    app.in_touched = True
+                    self.touched.append(app)
+                eng.n_responses += 1
+            self.up_release(s)
+        self.up_flush_touched()
+        self.up_flush()
+        if self.state == CONN_DRAINING and self.in_flight == 0 and self.transport is not None:
+            self.transport.close()  # after ProxyRestart: nothing more is owed here
+        return 0
+
+    def _on_proxy_restart(self):
+        # PROTOCOL.md 3: out of the pool at once, keep reading what is owed
+        if self.state == CONN_OPEN or self.state == CONN_CONNECTING:
+            self.state = CONN_DRAINING
+            if self in self.pool.conns:
+                self.pool.conns.remove(self)
+            self.engine.timed.add(self)  # keeps it swept and closed when empty
+            self.engine.arm_timer()
+            if self.in_flight == 0 and self.transport is not None:
+                self.transport.close()
+
+    # -- asyncio protocol
+
+    def connection_made(self, transport):
+        cdef list backlog
+        self.transport = transport
+        self._write = transport.write
+        transport.set_write_buffer_limits(self.engine.high_water, self.engine.low_water)
+        if self.state == CONN_CONNECTING:
+            self.state = CONN_OPEN
+        self.pool._on_conn_ok()
+        self.hb_id += 1
+        backlog = self.backlog
+        self.backlog = []
+        transport.writelines([fr_proxy_announce(self.hb_id)] + backlog)
+
+    def connect_failed(self, str why):
+        """Called by the connector when the connection could not be made."""
+        self.state = CONN_CLOSED
+        self.closed = True
+        self.backlog = []
+        self.pool._on_conn_failed(self, why)
+        self.up_fail_all(STATUS_TRANSPORT, f"upstream {self.pool.address} unavailable: connect failed: {why}")
+        self._release_waiters()
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        self.rend += nbytes
+        self.last_active = mono()
+        self.up_process()
+        self.rb_compact()
+
+    def connection_lost(self, exc):
+        was = self.state
+        self.state = CONN_CLOSED
+        self.closed = True
+        if self in self.pool.conns:
+            self.pool.conns.remove(self)
+        self.engine.timed.discard(self)
+        if self.in_flight:
+            self.up_fail_all(STATUS_TRANSPORT, f"upstream connection to {self.pool.address} closed"
+                             + (f": {exc}" if exc else ""))
+        self._release_waiters()
+        self.transport = None
+        self._write = None
+
+    def _on_pause_writing(self):
+        self.paused = True
+
+    def _on_resume_writing(self):
+        self.paused = False
+        self._release_waiters()
+
+    def _release_waiters(self):
+        cdef OutboundConn d
+        waiters = self.waiters
+        self.waiters = []
+        for d in waiters:
+            d.resume(PAUSE_UPSTREAM)
