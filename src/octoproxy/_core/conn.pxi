@@ -72,6 +72,8 @@ cdef class Conn:
         self.rstart = self.rend = 0
         self.out.data = NULL
         self.out.len = self.out.cap = 0
+        self.fd = -1
+        self.via_transport = True
 
     def __dealloc__(self):
         free(self.rbuf)
@@ -85,6 +87,51 @@ cdef class Conn:
 
     def eof_received(self):
         return False
+
+    cdef int set_transport(self, object transport) except -1:
+        """connection_made's common part."""
+        self.transport = transport
+        self._write = transport.write
+        transport.set_write_buffer_limits(self.engine.high_water, self.engine.low_water)
+        sock = transport.get_extra_info("socket")
+        self.fd = sock.fileno() if sock is not None else -1
+        self.via_transport = True  # connection_made may write through the transport
+        return 0
+
+    cdef int flush_now(self) except -1:
+        """Send what the iteration staged here (Engine._flush_all)."""
+        return 0
+
+    cdef int send_ob(self, OutBuf* ob) except -1:
+        """Send what ob holds and empty it: from ob straight to the socket
+        while nothing of ours waits in the transport (no bytes object, one
+        send), the rest (or, while the transport holds bytes, all of it)
+        through the transport, which keeps the order and the write-buffer
+        water marks.  The fd stays valid until connection_lost: uvloop closes
+        it after calling that."""
+        cdef ssize_t n = 0
+        cdef Py_ssize_t left = ob.len
+        if left == 0:
+            return 0
+        if self.fd >= 0:
+            if self.via_transport and self.transport.get_write_buffer_size() == 0:
+                self.via_transport = False
+            if not self.via_transport:
+                while True:
+                    n = c_send(self.fd, ob.data, left, MSG_DONTWAIT | MSG_NOSIGNAL)
+                    if n >= 0 or errno != EINTR:
+                        break
+                if n < 0:
+                    n = 0  # EAGAIN, or an error that the transport meets and reports
+        if n < left:
+            self.via_transport = True
+            self._write(PyBytes_FromStringAndSize(ob.data + n, left - n))
+        ob.len = 0
+        if ob.cap > 1048576:
+            free(ob.data)
+            ob.data = NULL
+            ob.cap = 0
+        return 0
 
     def pause_writing(self):
         self._on_pause_writing()

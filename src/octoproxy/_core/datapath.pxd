@@ -19,8 +19,9 @@ cdef class InboundConn
 cdef class ProviderConn
 
 
-# A growable C byte buffer where one read event stages what it sends to one
-# destination; flushed as one bytes object = one transport.write per event.
+# A growable C byte buffer where the reads of one event-loop iteration stage
+# what they send to one destination; flushed once at the end of the
+# iteration, straight to the socket when the transport holds nothing.
 cdef struct OutBuf:
     char* data
     Py_ssize_t len
@@ -85,9 +86,16 @@ cdef class Engine:
     cdef public object access_log        # callable(appkey, status, upstream, latency_s) or None
     cdef public double access_sample     # fraction of answers logged
     cdef dict route_errors               # (service name, status) -> count, for requests without a node
+    # output staged by one loop iteration's reads, flushed once per connection at its end
+    cdef list flushq                     # Conns with staged output, in staging order
+    cdef list flushq_spare               # the other list (the two are swapped, never reallocated)
+    cdef bint flush_armed                # a call_soon(_flush_all) is pending
+    cdef object flush_cb                 # self._flush_all, bound once
+    cdef long long read_seq              # counts app reads (which upstream conns one read fed)
 
     cdef UpstreamPool get_pool(self, Node node)
     cdef int arm_timer(self) except -1
+    cdef int defer(self, Conn c) except -1
     cdef int on_answer(self, Node node, int status, double sent_at, double now) except -1
 
 
@@ -105,7 +113,13 @@ cdef class Conn:
     cdef OutBuf out                     # staged output for this connection's destination
     cdef public bint closed
     cdef int pause_mask                 # why reading is paused (PAUSE_* bits)
+    cdef bint queued                    # in engine.flushq
+    cdef int fd                         # the socket while connected (sent to directly); else -1
+    cdef bint via_transport             # bytes went through the transport: check it is empty first
 
+    cdef int set_transport(self, object transport) except -1
+    cdef int flush_now(self) except -1
+    cdef int send_ob(self, OutBuf* ob) except -1
     cdef int rb_compact(self) except -1
     cdef Py_ssize_t rb_next(self, FrameInfo* fi, uint8_t** frame) noexcept
     cdef int answer_heartbeat(self, FrameInfo* fi, OutBuf* out) except -1
@@ -146,6 +160,7 @@ cdef class UpstreamConn(Conn):
     cdef list touched                   # OutboundConns with staged responses during one read
     cdef public double last_active
     cdef int64_t hb_id
+    cdef long long fed_by               # engine.read_seq of the last app read that staged here
 
     cdef Py_ssize_t up_alloc(self, double deadline) except -1
     cdef int up_grow(self) except -1

@@ -5,8 +5,10 @@ Each connection is an asyncio BufferedProtocol implemented here: the event
 loop reads straight into the connection's C receive buffer, then calls
 ``buffer_updated`` once; from there every frame of the read is scanned,
 routed, its sequence id rewritten in place, and staged for its destination
-without touching Python objects.  At the end of the read each destination
-gets one ``transport.write``.  Connections are created and closed by the
+without touching Python objects.  What the reads of one event-loop iteration
+stage for a destination goes out in one write at the end of the iteration,
+from the core's buffer straight to the socket when nothing waits in the
+transport.  Connections are created and closed by the
 Python modules (listeners.py, upstream.py); this module never awaits.
 
 One extension, one file per role (``include``d below, in this order):
@@ -28,6 +30,7 @@ from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport int32_t, int64_t, uint8_t
 from libc.stdlib cimport free, malloc, realloc
+from libc.errno cimport EINTR, errno
 from libc.string cimport memcpy, memmove
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
@@ -56,6 +59,11 @@ cdef enum:
 
     MIN_TAIL = 4096         # compact the receive buffer when less free space is left
     FIRST_SLOTS = 64        # initial pending-table size per upstream connection
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t c_send "send"(int fd, const void* buf, size_t n, int flags)
+    int MSG_DONTWAIT
+    int MSG_NOSIGNAL
 
 cdef double TICK = 0.01                        # timeout sweep period (seconds)
 cdef int64_t MAX_ID = 0x3FFFFFFFFFFFFFFF       # upstream sequence ids wrap below this

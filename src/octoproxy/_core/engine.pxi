@@ -14,6 +14,10 @@ cdef class Engine:
         self.route_errors = {}
         self.access_log = None
         self.access_sample = 1.0
+        self.flushq = []
+        self.flushq_spare = []
+        self.flush_armed = False
+        self.flush_cb = self._flush_all
 
     def __init__(self, RouteTable table, loop, connector, log, *,
                  Py_ssize_t max_frame=16 * 1024 * 1024, Py_ssize_t max_header=64 * 1024,
@@ -97,6 +101,30 @@ cdef class Engine:
         if self.tick_handle is None and self.timed:
             self.tick_handle = self.loop.call_later(TICK, self._on_tick)
         return 0
+
+    cdef int defer(self, Conn c) except -1:
+        """Send c's staged output once, after every read of this loop
+        iteration.  The first one schedules the flush: call_soon runs before
+        the loop polls again, so nothing staged waits past the iteration (and
+        the reads of one iteration share one write per destination)."""
+        if not c.queued:
+            c.queued = True
+            self.flushq.append(c)
+            if not self.flush_armed:
+                self.flush_armed = True
+                self.loop.call_soon(self.flush_cb)
+        return 0
+
+    def _flush_all(self):
+        cdef Conn c
+        cdef list q = self.flushq
+        self.flush_armed = False
+        self.flushq = self.flushq_spare
+        for c in q:
+            c.queued = False
+            c.flush_now()
+        q.clear()
+        self.flushq_spare = q
 
     def _on_tick(self):
         cdef UpstreamConn c

@@ -18,20 +18,22 @@ cdef class InboundConn(Conn):
 
     cdef int in_flush(self) except -1:
         cdef ProviderConn pv = self.provider
+        # B pairs one inbound with one provider connection: a read here has
+        # nothing to share a write with, so it is sent at once
         if self.reply.len:
-            if not self.closed:
-                self._write(ob_take(&self.reply))
+            if not self.closed and self.transport is not None:
+                self.send_ob(&self.reply)
             else:
                 self.reply.len = 0
         if self.out.len:
-            data = ob_take(&self.out)
             if pv is None or pv.transport is None:
                 if pv is not None and pv.closed:
+                    self.out.len = 0
                     return 0
-                self.backlog.append(data)
+                self.backlog.append(ob_take(&self.out))
                 self.pause(PAUSE_PEER)  # bounded: stop reading until the provider is there
             else:
-                pv._write(data)
+                pv.send_ob(&self.out)
         return 0
 
     cdef int in_process(self) except -1:
@@ -66,14 +68,14 @@ cdef class InboundConn(Conn):
         """Hot restart: tell a client-side proxy to move to a fresh connection."""
         if self.is_proxy and not self.restart_sent and not self.closed:
             self.restart_sent = True
+            self.in_flush()  # what is staged goes first
+            self.via_transport = True
             self._write(fr_proxy_restart())
 
     # -- asyncio protocol
 
     def connection_made(self, transport):
-        self.transport = transport
-        self._write = transport.write
-        transport.set_write_buffer_limits(self.engine.high_water, self.engine.low_water)
+        self.set_transport(transport)
         if len(self.engine.inbounds) >= self.engine.max_connections:
             self.engine.log.warning("inbound connection limit (%d) reached: closing %s",
                                     self.engine.max_connections, transport.get_extra_info("peername"))
@@ -96,6 +98,7 @@ cdef class InboundConn(Conn):
             self.provider.transport.close()
         self.transport = None
         self._write = None
+        self.fd = -1
 
     def _on_pause_writing(self):
         # the peer does not read its answers: stop reading the provider
@@ -110,6 +113,7 @@ cdef class InboundConn(Conn):
         backlog = self.backlog
         self.backlog = []
         if backlog:
+            self.provider.via_transport = True
             self.provider._write(b"".join(backlog))
         self.resume(PAUSE_PEER)
 
@@ -151,9 +155,7 @@ cdef class ProviderConn(Conn):
         return 0
 
     def connection_made(self, transport):
-        self.transport = transport
-        self._write = transport.write
-        transport.set_write_buffer_limits(self.engine.high_water, self.engine.low_water)
+        self.set_transport(transport)
         if self.inbound.closed:
             transport.close()
             return
@@ -172,6 +174,7 @@ cdef class ProviderConn(Conn):
         self.closed = True
         self.transport = None
         self._write = None
+        self.fd = -1
         if not self.inbound.closed and self.inbound.transport is not None:
             # the requests in flight cannot be answered any more: closing the
             # inbound connection makes the client side answer them at once

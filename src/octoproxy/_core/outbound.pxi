@@ -15,13 +15,16 @@ cdef class OutboundConn(Conn):
         return 0
 
     cdef int out_flush(self) except -1:
-        if self.out.len and not self.closed:
-            self._write(ob_take(&self.out))
+        if self.out.len and not self.closed and self.transport is not None:
+            self.send_ob(&self.out)
             if self.pause_mask & PAUSE_SELF:
                 self.out_check_unread()
         else:
             self.out.len = 0
         return 0
+
+    cdef int flush_now(self) except -1:
+        return self.out_flush()
 
     cdef int out_check_unread(self) except -1:
         """Only while the app is not reading (paused): cut it off when what it
@@ -49,6 +52,7 @@ cdef class OutboundConn(Conn):
         cdef double now = mono()
         cdef double timeout
         cdef Pending* slot
+        eng.read_seq += 1
         while True:
             r = self.rb_next(&fi, &p)
             if r == 0:
@@ -110,7 +114,8 @@ cdef class OutboundConn(Conn):
                 self.out_error(fi.seq_id, STATUS_TRANSPORT, f"upstream {pool.address} unavailable: "
                               f"{pool.last_error}", False, fi.protocol)
                 continue
-            if conn.out.len == 0:
+            if conn.fed_by != eng.read_seq:
+                conn.fed_by = eng.read_seq
                 self.dests.append(conn)
             if fi.call_type == CALL_ONEWAY:
                 # one-way: no answer, no state; the id is left as the app chose it
@@ -135,12 +140,22 @@ cdef class OutboundConn(Conn):
             self.in_flight += 1
             lb_on_send(node)
             eng.n_requests += 1
-        self.out_flush_dests()
-        self.out_flush()
+        if self.dests:
+            # sent at the end of the loop iteration, with what other reads stage there;
+            # an upstream connection already over its high mark pauses this app now
+            for conn in self.dests:
+                eng.defer(conn)
+                if conn.paused and not conn.closed:
+                    self.pause(PAUSE_UPSTREAM)
+                    conn.waiters.append(self)
+            self.dests.clear()
+        if self.out.len:
+            eng.defer(self)
         return 0
 
     cdef int out_flush_dests(self) except -1:
-        """One write per upstream connection this read fed."""
+        """Now (before an error closes this connection): the upstream
+        connections this read fed."""
         cdef UpstreamConn c
         if not self.dests:
             return 0
@@ -189,9 +204,7 @@ cdef class OutboundConn(Conn):
     # -- asyncio protocol
 
     def connection_made(self, transport):
-        self.transport = transport
-        self._write = transport.write
-        transport.set_write_buffer_limits(self.engine.high_water, self.engine.low_water)
+        self.set_transport(transport)
         if len(self.engine.outbounds) >= self.engine.max_connections:
             self.rejected = True
             self.engine.log.warning("app connection limit (%d) reached: answering with overload",
@@ -202,6 +215,7 @@ cdef class OutboundConn(Conn):
         self.rend += nbytes
         self.out_process()
         if self.rejected and self.transport is not None:
+            self.out_flush()  # before close: a closing transport drops what is written after
             self.transport.close()
         self.rb_compact()
 
@@ -210,5 +224,6 @@ cdef class OutboundConn(Conn):
         self.engine.outbounds.discard(self)
         self.transport = None
         self._write = None
+        self.fd = -1
 
 

@@ -220,12 +220,16 @@ cdef class UpstreamConn(Conn):
     cdef int up_flush(self) except -1:
         if self.out.len == 0:
             return 0
-        data = ob_take(&self.out)
         if self.state == CONN_CONNECTING:
-            self.backlog.append(data)
-        elif self.state != CONN_CLOSED:
-            self._write(data)
+            self.backlog.append(ob_take(&self.out))
+        elif self.state != CONN_CLOSED and self.transport is not None:
+            self.send_ob(&self.out)
+        else:
+            self.out.len = 0
         return 0
+
+    cdef int flush_now(self) except -1:
+        return self.up_flush()
 
     cdef int up_flush_touched(self) except -1:
         cdef OutboundConn d
@@ -243,12 +247,12 @@ cdef class UpstreamConn(Conn):
         cdef uint8_t* p
         cdef OutboundConn app
         cdef Engine eng = self.engine
+        cdef double now = self.last_active  # this read's time (buffer_updated): one clock read
         while True:
             r = self.rb_next(&fi, &p)
             if r == 0:
                 break
             if r < 0:
-                self.up_flush_touched()
                 self.malformed(r, "upstream")
                 return 0
             if fi.msg_type == MT_HEARTBEAT or fi.msg_type == MT_SCANNER_HEARTBEAT:
@@ -265,19 +269,19 @@ cdef class UpstreamConn(Conn):
                 continue  # late (timed out) or unknown: dropped
             app = <OutboundConn>self.slots[s].app
             eng.on_answer(<Node>self.slots[s].node, fi.status if fi.status >= 0 else STATUS_SUCCESS,
-                          self.slots[s].sent_at, mono())
+                          self.slots[s].sent_at, now)
             if not app.closed:
                 fr_set_seq_id(p, &fi, self.slots[s].orig_id)
                 ob_append(&app.out, <char*>p, r)
-                if not app.in_touched:
-                    app.in_touched = True
-                    self.touched.append(app)
+                if not app.queued:
+                    eng.defer(app)  # one write per app per loop iteration, whichever reads fed it
                 eng.n_responses += 1
             self.up_release(s)
-        self.up_flush_touched()
-        self.up_flush()
         if self.state == CONN_DRAINING and self.in_flight == 0 and self.transport is not None:
+            self.up_flush()
             self.transport.close()  # after ProxyRestart: nothing more is owed here
+        elif self.out.len:
+            eng.defer(self)
         return 0
 
     def _on_proxy_restart(self):
@@ -295,9 +299,7 @@ cdef class UpstreamConn(Conn):
 
     def connection_made(self, transport):
         cdef list backlog
-        self.transport = transport
-        self._write = transport.write
-        transport.set_write_buffer_limits(self.engine.high_water, self.engine.low_water)
+        self.set_transport(transport)
         if self.state == CONN_CONNECTING:
             self.state = CONN_OPEN
         self.pool._on_conn_ok()
@@ -334,6 +336,7 @@ cdef class UpstreamConn(Conn):
         self._release_waiters()
         self.transport = None
         self._write = None
+        self.fd = -1
 
     def _on_pause_writing(self):
         self.paused = True
