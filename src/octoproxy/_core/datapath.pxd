@@ -12,6 +12,7 @@ from octoproxy._core.frame cimport FrameInfo
 from octoproxy._core.route cimport Node, RouteTable
 
 
+cdef class Answer
 cdef class UpstreamPool
 cdef class UpstreamConn
 cdef class OutboundConn
@@ -26,6 +27,24 @@ cdef struct OutBuf:
     char* data
     Py_ssize_t len
     Py_ssize_t cap
+
+
+# A local answer encoded once (answer.pxi): the frame with sequence id 0,
+# copied and patched at each use.
+cdef class Answer:
+    cdef bytes data
+    cdef Py_ssize_t seq_off             # the 8-byte sequence id in data
+    cdef Py_ssize_t name_at             # Thrift EXCEPTION body: where the method name goes; else -1
+    cdef bint checksum                  # an Adler-32 trailer to recompute
+    cdef int status
+    # what it was made for (its cache compares these)
+    cdef int64_t k1
+    cdef int64_t k2
+    cdef object k3                      # compared by identity
+    cdef bytes name_key                 # route errors: the name the request used,
+    cdef bytes cell_key                 # and (Set routing) its cell
+    cdef str name                       # route errors: counted under (name, status)
+    cdef long long count                # uses not yet added to Engine.route_errors
 
 
 # One request in flight on an upstream connection.
@@ -92,10 +111,17 @@ cdef class Engine:
     cdef bint flush_armed                # a call_soon(_flush_all) is pending
     cdef object flush_cb                 # self._flush_all, bound once
     cdef long long read_seq              # counts app reads (which upstream conns one read fed)
+    # pre-encoded local answers (answer.pxi), by akey()
+    cdef list ans_restart
+    cdef list ans_overload
+    cdef list ans_conn_limit
+    cdef list ans_route                  # ROUTE_SLOTS, hashed by (error, kind, name, cell)
 
     cdef UpstreamPool get_pool(self, Node node)
     cdef int arm_timer(self) except -1
     cdef int defer(self, Conn c) except -1
+    cdef Answer route_answer(self, const char* p, const FrameInfo* fi, int err, int kind)
+    cdef int fold_route_errors(self) except -1
     cdef int on_answer(self, Node node, int status, double sent_at, double now) except -1
 
 
@@ -140,6 +166,8 @@ cdef class UpstreamPool:
     cdef public str last_error
     cdef public long long n_connects
     cdef public long long n_connect_failures
+    cdef list ans_timeout               # by akey(): the last timeout answer made here
+    cdef list ans_unavailable           # by akey(): keyed by last_error's identity
 
     cdef UpstreamConn pick(self)
     cdef _on_conn_failed(self, UpstreamConn c, str why)
@@ -181,10 +209,11 @@ cdef class OutboundConn(Conn):
 
     cdef int out_process(self) except -1
     cdef int out_error(self, int64_t seq_id, int status, str message, bint restart, int protocol) except -1
+    cdef int out_answer(self, Answer a, int64_t seq_id, const uint8_t* p, Py_ssize_t moff,
+                        Py_ssize_t mlen, int32_t body_seq) except -1
     cdef int out_flush(self) except -1
     cdef int out_check_unread(self) except -1
     cdef int out_flush_dests(self) except -1
-    cdef _route_error(self, char* p, FrameInfo* fi, int err)
     cdef _answer_too_large(self, uint8_t* p, Py_ssize_t avail)
 
 

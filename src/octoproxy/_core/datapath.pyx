@@ -14,6 +14,7 @@ Python modules (listeners.py, upstream.py); this module never awaits.
 One extension, one file per role (``include``d below, in this order):
 
 - conn.pxi      the connection base: receive buffer, staged output, pausing
+- answer.pxi    local answers, pre-encoded per reason
 - engine.pxi    Engine: limits, protocol factories, counters, latency, timers, drain
 - upstream.pxi  UpstreamPool and UpstreamConn with its pending table
 - outbound.pxi  OutboundConn: an app's connection to the outbound listener
@@ -28,10 +29,10 @@ from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.buffer cimport PyBUF_WRITE
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
-from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.errno cimport EINTR, errno
-from libc.string cimport memcpy, memmove
+from libc.string cimport memcmp, memcpy, memmove
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from octoproxy._core.constants cimport (
@@ -41,8 +42,8 @@ from octoproxy._core.constants cimport (
 )
 from octoproxy._core.frame cimport (
     FE_TOO_LARGE, FF_GZIP, FF_PROXY_ANNOUNCE, FF_REQUEST, FF_RESPONSE, FF_SNAPPY, FK_OCTO,
-    FrameInfo, fr_error_response, fr_heartbeat_response, fr_proxy_announce, fr_proxy_restart,
-    fr_scan, fr_scan_header, fr_set_seq_id, fr_strerror,
+    FrameInfo, fr_adler32, fr_error_answer, fr_error_response, fr_heartbeat_response,
+    fr_proxy_announce, fr_proxy_restart, fr_scan, fr_scan_header, fr_set_seq_id, fr_strerror,
 )
 from octoproxy._core.route cimport (
     RT_NO_SERVICE_KEY, RT_SET_NO_NODE, RT_UNKNOWN_SERVICE, Node, RouteTable, lb_on_done,
@@ -75,6 +76,7 @@ cdef double[16] C_LAT_BOUNDS = LAT_BOUNDS
 
 
 include "conn.pxi"
+include "answer.pxi"
 include "engine.pxi"
 include "upstream.pxi"
 include "outbound.pxi"

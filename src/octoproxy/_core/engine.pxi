@@ -18,6 +18,10 @@ cdef class Engine:
         self.flushq_spare = []
         self.flush_armed = False
         self.flush_cb = self._flush_all
+        self.ans_restart = [None] * ANSWER_KINDS
+        self.ans_overload = [None] * ANSWER_KINDS
+        self.ans_conn_limit = [None] * ANSWER_KINDS
+        self.ans_route = [None] * ROUTE_SLOTS
 
     def __init__(self, RouteTable table, loop, connector, log, *,
                  Py_ssize_t max_frame=16 * 1024 * 1024, Py_ssize_t max_header=64 * 1024,
@@ -80,10 +84,12 @@ cdef class Engine:
         return out, self.lat_sum
 
     def route_error_counts(self):
+        self.fold_route_errors()
         return dict(self.route_errors)
 
     def histogram_state(self):
         cdef int i
+        self.fold_route_errors()
         return {"buckets": [self.lat_buckets[i] for i in range(17)], "sum": self.lat_sum,
                 "route_errors": [[k[0], k[1], v] for k, v in self.route_errors.items()]}
 
@@ -101,6 +107,73 @@ cdef class Engine:
         if self.tick_handle is None and self.timed:
             self.tick_handle = self.loop.call_later(TICK, self._on_tick)
         return 0
+
+    cdef int fold_route_errors(self) except -1:
+        """Add the counts kept on the cached route-error answers to route_errors."""
+        cdef Answer a
+        for a in self.ans_route:
+            if a is not None and a.count:
+                key = (a.name or "", a.status)
+                self.route_errors[key] = self.route_errors.get(key, 0) + a.count
+                a.count = 0
+        return 0
+
+    cdef Answer route_answer(self, const char* p, const FrameInfo* fi, int err, int kind):
+        """The answer to a request the route table found no node for (unknown
+        service, no service named, no node in the Set cell, no healthy node):
+        encoded once per (error, kind, name, cell), kept in a small hashed
+        table; each use counts toward route_errors (added on scrape)."""
+        cdef Py_ssize_t noff = fi.appkey_off, nlen = fi.appkey_len
+        cdef Py_ssize_t coff = 0, clen = -1
+        cdef uint64_t h
+        cdef Answer a
+        cdef int status
+        cdef Py_ssize_t slot
+        if nlen <= 0:
+            noff, nlen = fi.service_off, fi.service_len  # the name is `appkey or serviceName`
+        if err == RT_SET_NO_NODE:
+            coff, clen = fi.set_off, fi.set_len
+        h = fnv(14695981039346656037ULL ^ <uint64_t>(err * ANSWER_KINDS + kind),
+                p + noff, nlen if nlen > 0 else 0)
+        h = fnv(h ^ <uint64_t>(nlen < 0), p + coff, clen if clen > 0 else 0)
+        slot = <Py_ssize_t>((h ^ (h >> 29)) & (ROUTE_SLOTS - 1))
+        a = <Answer>self.ans_route[slot]
+        if a is not None and a.k1 == err and a.k2 == kind \
+                and same_bytes(a.name_key, p + noff, nlen) \
+                and same_bytes(a.cell_key, p + coff, clen) \
+                and (err != RT_SET_NO_NODE or clen >= 0 or a.k3 is self.table.labels.set):
+            return a
+        # the first of its kind (or its slot was taken): encode it
+        if a is not None and a.count:
+            key = (a.name or "", a.status)
+            self.route_errors[key] = self.route_errors.get(key, 0) + a.count
+        name = slice_str(p, noff, nlen)
+        cell_src = None
+        if err == RT_UNKNOWN_SERVICE:
+            status = STATUS_SERVICE
+            msg = (f"unknown service {name!r}: no route (not in the route table; subscribe "
+                   f"to it first)")
+        elif err == RT_NO_SERVICE_KEY:
+            status = STATUS_SERVICE
+            msg = "request names no service: neither octo-remote-appkey nor serviceName is set"
+        elif err == RT_SET_NO_NODE:
+            status = STATUS_TRANSPORT
+            cell = slice_str(p, coff, clen)
+            if cell is None:
+                cell = cell_src = self.table.labels.set
+            msg = f"no node of service {name!r} in Set cell {cell!r} (Set routing does not fall back)"
+        else:
+            status = STATUS_TRANSPORT
+            msg = f"no healthy node for service {name!r}"
+        a = make_answer(status, msg, False, kind)
+        a.k1 = err
+        a.k2 = kind
+        a.k3 = cell_src
+        a.name_key = p[noff:noff + nlen] if nlen >= 0 else None
+        a.cell_key = p[coff:coff + clen] if clen >= 0 else None
+        a.name = name
+        self.ans_route[slot] = a
+        return a
 
     cdef int defer(self, Conn c) except -1:
         """Send c's staged output once, after every read of this loop

@@ -14,6 +14,13 @@ cdef class OutboundConn(Conn):
         ob_append_bytes(&self.out, fr_error_response(seq_id, status, message, restart, protocol & PROTO_SERIAL_MASK))
         return 0
 
+    cdef int out_answer(self, Answer a, int64_t seq_id, const uint8_t* p, Py_ssize_t moff,
+                        Py_ssize_t mlen, int32_t body_seq) except -1:
+        """A pre-encoded local answer (answer.pxi) with this request's ids."""
+        self.engine.n_errors[a.status & (STATUS_SLOTS - 1)] += 1
+        answer_into(&self.out, a, seq_id, <const char*>p + moff, mlen, body_seq)
+        return 0
+
     cdef int out_flush(self) except -1:
         if self.out.len and not self.closed and self.transport is not None:
             self.send_ob(&self.out)
@@ -52,6 +59,10 @@ cdef class OutboundConn(Conn):
         cdef double now = mono()
         cdef double timeout
         cdef Pending* slot
+        cdef Answer a
+        cdef int kind
+        cdef Py_ssize_t moff, mlen
+        cdef int32_t body_seq
         eng.read_seq += 1
         while True:
             r = self.rb_next(&fi, &p)
@@ -85,25 +96,49 @@ cdef class OutboundConn(Conn):
                 continue
             if not (fi.flags & FF_REQUEST):
                 continue  # apps send requests; anything else is ignored
+            # local answers: pre-encoded per reason (answer.pxi), the request's
+            # sequence id (and method, for a Thrift body) written in
             if eng.draining:
                 eng.n_restart_answers += 1
-                self.out_error(fi.seq_id, STATUS_RPC, "octo-proxy is hot-restarting: reconnect and retry",
-                              True, fi.protocol)
+                kind = answer_kind(p, &fi, &moff, &mlen, &body_seq)
+                a = <Answer>eng.ans_restart[kind]
+                if a is None:
+                    a = make_answer(STATUS_RPC, "octo-proxy is hot-restarting: reconnect and retry",
+                                    True, kind)
+                    eng.ans_restart[kind] = a
+                self.out_answer(a, fi.seq_id, p, moff, mlen, body_seq)
                 continue
             if self.rejected:
-                self.out_error(fi.seq_id, STATUS_DEGRADE, f"overload: connection limit of "
-                              f"{eng.max_connections} app connections reached", False, fi.protocol)
+                kind = answer_kind(p, &fi, &moff, &mlen, &body_seq)
+                a = <Answer>eng.ans_conn_limit[kind]
+                if a is None or a.k1 != eng.max_connections:
+                    a = make_answer(STATUS_DEGRADE, f"overload: connection limit of "
+                                    f"{eng.max_connections} app connections reached", False, kind)
+                    a.k1 = eng.max_connections
+                    eng.ans_conn_limit[kind] = a
+                self.out_answer(a, fi.seq_id, p, moff, mlen, body_seq)
                 continue
             if fi.call_type != CALL_ONEWAY and self.in_flight >= eng.max_in_flight:
-                self.out_error(fi.seq_id, STATUS_DEGRADE, f"overload: {self.in_flight} requests in flight "
-                              f"on this connection (limit {eng.max_in_flight})", False, fi.protocol)
+                kind = answer_kind(p, &fi, &moff, &mlen, &body_seq)
+                a = <Answer>eng.ans_overload[kind]
+                if a is None or a.k1 != self.in_flight or a.k2 != eng.max_in_flight:
+                    a = make_answer(STATUS_DEGRADE, f"overload: {self.in_flight} requests in "
+                                    f"flight on this connection (limit {eng.max_in_flight})",
+                                    False, kind)
+                    a.k1 = self.in_flight
+                    a.k2 = eng.max_in_flight
+                    eng.ans_overload[kind] = a
+                self.out_answer(a, fi.seq_id, p, moff, mlen, body_seq)
                 continue
             node = table.rt_route(
                 p + fi.appkey_off, fi.appkey_len, p + fi.service_off, fi.service_len,
                 p + fi.liteset_off, fi.liteset_len, p + fi.set_off, fi.set_len,
                 p + fi.swimlane_off, fi.swimlane_len, p + fi.hashkey_off, fi.hashkey_len, &err)
             if node is None:
-                self._route_error(<char*>p, &fi, err)
+                kind = answer_kind(p, &fi, &moff, &mlen, &body_seq)
+                a = eng.route_answer(<const char*>p, &fi, err, kind)
+                a.count += 1
+                self.out_answer(a, fi.seq_id, p, moff, mlen, body_seq)
                 continue
             pool = <UpstreamPool>node.upstream
             if pool is None:
@@ -111,8 +146,14 @@ cdef class OutboundConn(Conn):
             conn = pool.pick()
             if conn is None:
                 node.answers[<int>STATUS_TRANSPORT] += 1
-                self.out_error(fi.seq_id, STATUS_TRANSPORT, f"upstream {pool.address} unavailable: "
-                              f"{pool.last_error}", False, fi.protocol)
+                kind = answer_kind(p, &fi, &moff, &mlen, &body_seq)
+                a = <Answer>pool.ans_unavailable[kind]
+                if a is None or a.k3 is not pool.last_error:
+                    a = make_answer(STATUS_TRANSPORT, f"upstream {pool.address} unavailable: "
+                                    f"{pool.last_error}", False, kind)
+                    a.k3 = pool.last_error
+                    pool.ans_unavailable[kind] = a
+                self.out_answer(a, fi.seq_id, p, moff, mlen, body_seq)
                 continue
             if conn.fed_by != eng.read_seq:
                 conn.fed_by = eng.read_seq
@@ -166,27 +207,6 @@ cdef class OutboundConn(Conn):
                 c.waiters.append(self)
         self.dests.clear()
         return 0
-
-    cdef _route_error(self, char* p, FrameInfo* fi, int err):
-        cdef RouteTable table = self.engine.table
-        name = slice_str(p, fi.appkey_off, fi.appkey_len) or slice_str(p, fi.service_off, fi.service_len)
-        key = (name or "", STATUS_SERVICE if err in (RT_UNKNOWN_SERVICE, RT_NO_SERVICE_KEY) else STATUS_TRANSPORT)
-        self.engine.route_errors[key] = self.engine.route_errors.get(key, 0) + 1
-        if err == RT_UNKNOWN_SERVICE:
-            self.out_error(fi.seq_id, STATUS_SERVICE, f"unknown service {name!r}: no route (not in the "
-                          f"route table; subscribe to it first)", False, fi.protocol)
-        elif err == RT_NO_SERVICE_KEY:
-            self.out_error(fi.seq_id, STATUS_SERVICE, "request names no service: neither "
-                          "octo-remote-appkey nor serviceName is set", False, fi.protocol)
-        elif err == RT_SET_NO_NODE:
-            cell = slice_str(p, fi.set_off, fi.set_len)
-            if cell is None:
-                cell = table.labels.set
-            self.out_error(fi.seq_id, STATUS_TRANSPORT, f"no node of service {name!r} in Set cell "
-                          f"{cell!r} (Set routing does not fall back)", False, fi.protocol)
-        else:
-            self.out_error(fi.seq_id, STATUS_TRANSPORT, f"no healthy node for service {name!r}",
-                          False, fi.protocol)
 
     cdef _answer_too_large(self, uint8_t* p, Py_ssize_t avail):
         """Answer an oversized request with ProtocolException when its header

@@ -14,6 +14,8 @@ cdef class UpstreamPool:
         self.retry_at = 0.0
         self.backoff = engine.backoff_base
         self.last_error = None
+        self.ans_timeout = [None] * ANSWER_KINDS
+        self.ans_unavailable = [None] * ANSWER_KINDS
 
     cdef UpstreamConn pick(self):
         """A connection for the next request, opening one on first use; None
@@ -183,12 +185,19 @@ cdef class UpstreamConn(Conn):
         cdef Py_ssize_t s
         cdef OutboundConn app
         cdef double now = mono()
+        cdef list answers = [None] * ANSWER_KINDS    # `why` encoded once per kind
+        cdef Answer a
+        cdef int kind
         while self.head != -1:
             s = self.head
             app = <OutboundConn>self.slots[s].app
             self.engine.on_answer(<Node>self.slots[s].node, status, self.slots[s].sent_at, now)
             if not app.closed:
-                app.out_error(self.slots[s].orig_id, status, why, False, self.slots[s].protocol)
+                kind = akey(self.slots[s].protocol & PROTO_SERIAL_MASK, False)
+                a = <Answer>answers[kind]
+                if a is None:
+                    a = answers[kind] = make_answer(status, why, False, kind)
+                app.out_answer(a, self.slots[s].orig_id, NULL, 0, 0, 0)
                 if not app.in_touched:
                     app.in_touched = True
                     self.touched.append(app)
@@ -199,15 +208,28 @@ cdef class UpstreamConn(Conn):
     cdef int up_sweep(self, double now) except -1:
         cdef Py_ssize_t s
         cdef OutboundConn app
+        cdef Answer a
+        cdef int kind
+        cdef float tm
+        cdef uint32_t tm_bits
+        cdef UpstreamPool pool = self.pool
         while self.head != -1 and self.slots[self.head].deadline <= now:
             s = self.head
             app = <OutboundConn>self.slots[s].app
             self.engine.n_timeouts += 1
             self.engine.on_answer(<Node>self.slots[s].node, STATUS_TRANSPORT, self.slots[s].sent_at, now)
             if not app.closed:
-                app.out_error(self.slots[s].orig_id, STATUS_TRANSPORT,
-                              f"timeout: no answer from {self.pool.address} within "
-                              f"{self.slots[s].timeout_ms:.0f} ms", False, self.slots[s].protocol)
+                # one encoding per timeout value (the message names it)
+                kind = akey(self.slots[s].protocol & PROTO_SERIAL_MASK, False)
+                tm = self.slots[s].timeout_ms
+                memcpy(&tm_bits, &tm, 4)  # the float's bits: exactly this timeout
+                a = <Answer>pool.ans_timeout[kind]
+                if a is None or a.k1 != tm_bits:
+                    a = make_answer(STATUS_TRANSPORT, f"timeout: no answer from {pool.address} "
+                                    f"within {tm:.0f} ms", False, kind)
+                    a.k1 = tm_bits
+                    pool.ans_timeout[kind] = a
+                app.out_answer(a, self.slots[s].orig_id, NULL, 0, 0, 0)
                 if not app.in_touched:
                     app.in_touched = True
                     self.touched.append(app)
