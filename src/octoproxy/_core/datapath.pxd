@@ -111,6 +111,9 @@ cdef class Engine:
     cdef bint flush_armed                # a call_soon(_flush_all) is pending
     cdef object flush_cb                 # self._flush_all, bound once
     cdef long long read_seq              # counts app reads (which upstream conns one read fed)
+    cdef int iter_reads                  # reads that staged output in the batched iteration
+    cdef int single_streak               # batched iterations in a row with one such read
+    cdef int solo_left                   # reads still to send at once before batching one again
     # pre-encoded local answers (answer.pxi), by akey()
     cdef list ans_restart
     cdef list ans_overload
@@ -120,6 +123,7 @@ cdef class Engine:
     cdef UpstreamPool get_pool(self, Node node)
     cdef int arm_timer(self) except -1
     cdef int defer(self, Conn c) except -1
+    cdef bint read_solo(self) noexcept
     cdef Answer route_answer(self, const char* p, const FrameInfo* fi, int err, int kind)
     cdef int fold_route_errors(self) except -1
     cdef int on_answer(self, Node node, int status, double sent_at, double now) except -1

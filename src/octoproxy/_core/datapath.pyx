@@ -60,6 +60,8 @@ cdef enum:
 
     MIN_TAIL = 4096         # compact the receive buffer when less free space is left
     FIRST_SLOTS = 64        # initial pending-table size per upstream connection
+    SOLO_STREAK = 4         # batched iterations with one read each before sending at once
+    SOLO_RUN = 64           # reads sent at once between two batched (sampling) iterations
 
 cdef extern from "<sys/socket.h>" nogil:
     ssize_t c_send "send"(int fd, const void* buf, size_t n, int flags)

@@ -175,6 +175,23 @@ cdef class Engine:
         self.ans_route[slot] = a
         return a
 
+    cdef bint read_solo(self) noexcept:
+        """Asked once by each read that has output: send it at once (True)
+        or join this iteration's batch (False).  Batching costs a call_soon
+        per iteration, which buys nothing when each iteration has a single
+        read (1 connection x 1 in flight); so after SOLO_STREAK batched
+        iterations of one read each, the next SOLO_RUN reads send at once,
+        then one iteration is batched again to look: a second read in it
+        goes back to batching."""
+        if self.flush_armed:
+            self.iter_reads += 1
+            return False
+        if self.solo_left > 0:
+            self.solo_left -= 1
+            return True
+        self.iter_reads = 1
+        return False
+
     cdef int defer(self, Conn c) except -1:
         """Send c's staged output once, after every read of this loop
         iteration.  The first one schedules the flush: call_soon runs before
@@ -192,6 +209,13 @@ cdef class Engine:
         cdef Conn c
         cdef list q = self.flushq
         self.flush_armed = False
+        if self.iter_reads <= 1:
+            self.single_streak += 1
+            if self.single_streak >= SOLO_STREAK:
+                self.solo_left = SOLO_RUN
+        else:
+            self.single_streak = 0
+        self.iter_reads = 0
         self.flushq = self.flushq_spare
         for c in q:
             c.queued = False

@@ -181,6 +181,12 @@ cdef class OutboundConn(Conn):
             self.in_flight += 1
             lb_on_send(node)
             eng.n_requests += 1
+        if not self.dests and not self.out.len:
+            return 0
+        if eng.read_solo():
+            self.out_flush_dests()
+            self.out_flush()
+            return 0
         if self.dests:
             # sent at the end of the loop iteration, with what other reads stage there;
             # an upstream connection already over its high mark pauses this app now

@@ -270,11 +270,13 @@ cdef class UpstreamConn(Conn):
         cdef OutboundConn app
         cdef Engine eng = self.engine
         cdef double now = self.last_active  # this read's time (buffer_updated): one clock read
+        cdef int mode = 0                   # 1: send at once (touched), 2: batch (defer); 0: not asked
         while True:
             r = self.rb_next(&fi, &p)
             if r == 0:
                 break
             if r < 0:
+                self.up_flush_touched()
                 self.malformed(r, "upstream")
                 return 0
             if fi.msg_type == MT_HEARTBEAT or fi.msg_type == MT_SCANNER_HEARTBEAT:
@@ -295,10 +297,18 @@ cdef class UpstreamConn(Conn):
             if not app.closed:
                 fr_set_seq_id(p, &fi, self.slots[s].orig_id)
                 ob_append(&app.out, <char*>p, r)
-                if not app.queued:
+                if mode == 0:
+                    mode = 1 if eng.read_solo() else 2
+                if mode == 1:
+                    if not app.in_touched:
+                        app.in_touched = True
+                        self.touched.append(app)
+                elif not app.queued:
                     eng.defer(app)  # one write per app per loop iteration, whichever reads fed it
                 eng.n_responses += 1
             self.up_release(s)
+        if mode == 1:
+            self.up_flush_touched()
         if self.state == CONN_DRAINING and self.in_flight == 0 and self.transport is not None:
             self.up_flush()
             self.transport.close()  # after ProxyRestart: nothing more is owed here
