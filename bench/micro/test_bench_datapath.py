@@ -58,12 +58,14 @@ class FakeLoop:
         self.ready: list[FakeHandle] = []
         self.later: list[FakeHandle] = []
 
-    def call_soon(self, cb: Callable[..., Any], *args: Any) -> FakeHandle:
+    def call_soon(self, cb: Callable[..., Any], *args: Any, context: Any = None) -> FakeHandle:
         h = FakeHandle(cb, args)
         self.ready.append(h)
         return h
 
-    def call_later(self, delay: float, cb: Callable[..., Any], *args: Any) -> FakeHandle:
+    def call_later(
+        self, delay: float, cb: Callable[..., Any], *args: Any, context: Any = None
+    ) -> FakeHandle:
         h = FakeHandle(cb, args)
         self.later.append(h)
         return h

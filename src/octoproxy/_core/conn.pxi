@@ -83,7 +83,13 @@ cdef class Conn:
     def get_buffer(self, Py_ssize_t sizehint):
         if self.rend == self.rcap:
             self.rb_compact()
-        return PyMemoryView_FromMemory(self.rbuf + self.rend, self.rcap - self.rend, PyBUF_WRITE)
+        # the same span as the last read (everything consumed: rend back at 0)
+        # reuses its memoryview: no allocation per read
+        if self.rview_at != self.rbuf + self.rend or self.rview_len != self.rcap - self.rend:
+            self.rview_at = self.rbuf + self.rend
+            self.rview_len = self.rcap - self.rend
+            self.rview = PyMemoryView_FromMemory(self.rview_at, self.rview_len, PyBUF_WRITE)
+        return self.rview
 
     def eof_received(self):
         return False

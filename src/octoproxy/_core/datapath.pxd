@@ -110,6 +110,7 @@ cdef class Engine:
     cdef list flushq_spare               # the other list (the two are swapped, never reallocated)
     cdef bint flush_armed                # a call_soon(_flush_all) is pending
     cdef object flush_cb                 # self._flush_all, bound once
+    cdef object flush_ctx                # its contextvars.Context (call_soon copies none)
     cdef long long read_seq              # counts app reads (which upstream conns one read fed)
     cdef int iter_reads                  # reads that staged output in the batched iteration
     cdef int single_streak               # batched iterations in a row with one such read
@@ -141,6 +142,9 @@ cdef class Conn:
     cdef Py_ssize_t rstart              # first unconsumed byte
     cdef Py_ssize_t rend                # end of received bytes
     cdef OutBuf out                     # staged output for this connection's destination
+    cdef object rview                   # the memoryview get_buffer last returned, and what it spans
+    cdef char* rview_at
+    cdef Py_ssize_t rview_len
     cdef public bint closed
     cdef int pause_mask                 # why reading is paused (PAUSE_* bits)
     cdef bint queued                    # in engine.flushq

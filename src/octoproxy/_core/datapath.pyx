@@ -50,6 +50,7 @@ from octoproxy._core.route cimport (
     lb_on_send,
 )
 
+import contextvars as _contextvars
 import random as _random
 
 cdef enum:

@@ -18,6 +18,7 @@ cdef class Engine:
         self.flushq_spare = []
         self.flush_armed = False
         self.flush_cb = self._flush_all
+        self.flush_ctx = _contextvars.Context()
         self.ans_restart = [None] * ANSWER_KINDS
         self.ans_overload = [None] * ANSWER_KINDS
         self.ans_conn_limit = [None] * ANSWER_KINDS
@@ -202,7 +203,7 @@ cdef class Engine:
             self.flushq.append(c)
             if not self.flush_armed:
                 self.flush_armed = True
-                self.loop.call_soon(self.flush_cb)
+                self.loop.call_soon(self.flush_cb, context=self.flush_ctx)
         return 0
 
     def _flush_all(self):
