@@ -73,7 +73,13 @@ BODY_LEN = 128
 DRAIN_S = 3.0  # the load generator's drain limit after the run
 
 SYSTEMS = ("direct", "octo", "haproxy", "nginx")
-LABEL = {"direct": "direct", "octo": "octo-proxy", "haproxy": "HAProxy", "nginx": "nginx"}
+LABEL = {
+    "direct": "direct",
+    "octo": "octo-proxy",
+    "base": "octo-proxy (baseline)",
+    "haproxy": "HAProxy",
+    "nginx": "nginx",
+}
 POINTS = {"1x1": (1, 1), "32x8": (32, 8), "256x1": (256, 1)}
 LAYOUTS = ("split", "one-core", "free")
 DEFAULT_SCENARIOS = ("1x1 one-core", "32x8 split", "32x8 one-core", "256x1 split", "256x1 one-core")
@@ -255,8 +261,10 @@ class Bench:
         pinner: Pinner,
         cpus: list[int],
         systems: list[str],
+        baseline: str | None = None,
     ) -> None:
         self.tools, self.tpl, self.pinner = tools, tpl, pinner
+        self.baseline = baseline
         self.cpus = cpus
         self.c = harness.Cluster()
         try:
@@ -293,15 +301,18 @@ class Bench:
     def start_direct(self) -> System:
         return System("direct", self.prov_sock)
 
-    def start_octo(self) -> System:
+    def start_base(self) -> System:
+        return self.start_octo("base", self.baseline)
+
+    def start_octo(self, name: str = "octo", src: str | None = None) -> System:
         port = harness.free_port()
         # own node ids and hot-restart sockets: the defaults (/tmp/octo-proxy-<node id>.restart.sock)
         # are shared with every other proxy on the host that has the same node id
         tag = f"bench-{os.getpid()}"
         scfg = harness.server_proxy_cfg({port: self.prov_sock}, id=f"{tag}-server")
-        scfg["hot_restart"] = {"socket": self.c.path("server.hr")}
-        b = self.c.proxy("octo-b", scfg)
-        entry = self.c.path("octo.sock")
+        scfg["hot_restart"] = {"socket": self.c.path(f"{name}-server.hr")}
+        scfg["node"]["id"] += f"-{name}"
+        entry = self.c.path(f"{name}.sock")
         services = [
             {
                 "appkey": APPKEY,
@@ -312,11 +323,28 @@ class Bench:
         ccfg = harness.client_proxy_cfg(
             entry,
             services,
-            node={"id": f"{tag}-client"},
-            hot_restart={"socket": self.c.path("client.hr")},
+            node={"id": f"{tag}-client-{name}"},
+            hot_restart={"socket": self.c.path(f"{name}-client.hr")},
         )
-        a = self.c.proxy("octo-a", ccfg)
-        return System("octo", entry, a, b)
+        if src is None:
+            b = self.c.proxy(f"{name}-b", scfg)
+            a = self.c.proxy(f"{name}-a", ccfg)
+        else:
+            # another checkout's octo-proxy (built in place): its src first on sys.path
+            b = self.proxy_from(src, f"{name}-b", scfg)
+            a = self.proxy_from(src, f"{name}-a", ccfg)
+        return System(name, entry, a, b)
+
+    def proxy_from(self, src: str, name: str, cfg: dict[str, Any]) -> harness.Proc:
+        path = self.c.write_config(name, cfg)
+        boot = (
+            f"import sys, runpy; sys.path.insert(0, {src!r}); "
+            "runpy.run_module('octoproxy', run_name='__main__', alter_sys=True)"
+        )
+        p = harness.Proc([sys.executable, "-c", boot, "run", "-c", path], name, self.c.dir)
+        self.c.procs.append(p)
+        self.c.wait_ready(p, cfg)
+        return p
 
     def _relay(
         self, name: str, cmd_a: list[str], cmd_b: list[str], entry: str, port: int
@@ -888,6 +916,12 @@ def main(argv: list[str] | None = None) -> int:
         "installed are left out)",
     )
     ap.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also run the octo-proxy of another checkout (its core built in place), e.g. "
+        "a worktree of the commit before a change: system 'base', in the same run",
+    )
+    ap.add_argument(
         "--install",
         action="store_true",
         help="apt-get install haproxy / nginx + libnginx-mod-stream when missing (root, Debian)",
@@ -907,10 +941,16 @@ def main(argv: list[str] | None = None) -> int:
         install_comparators()
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     for s in systems:
-        if s not in SYSTEMS:
+        if s not in SYSTEMS or s == "base":
             raise SystemExit(f"unknown system {s!r}")
     missing = [s for s in systems if not have(s)]
     systems = [s for s in systems if have(s)]
+    baseline = None
+    if args.baseline:
+        baseline = str(Path(args.baseline).resolve() / "src")
+        if not (Path(baseline) / "octoproxy").is_dir():
+            raise SystemExit(f"--baseline: no src/octoproxy under {args.baseline}")
+        systems.insert(systems.index("octo") + 1 if "octo" in systems else 0, "base")
     scenarios = [parse_scenario(s) for s in (args.scenario or DEFAULT_SCENARIOS)]
 
     pinner = Pinner()
@@ -927,7 +967,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.mkdtemp(prefix="opbench", dir="/tmp")
     tools = build_tools(tmp)
     tpl = make_templates(tmp)
-    bench = Bench(tools, tpl, pinner, cpus, systems)
+    bench = Bench(tools, tpl, pinner, cpus, systems, baseline)
     print(f"# temp dirs: {tmp} (tools, templates), {bench.c.dir} (configs, logs)", flush=True)
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     raw: list[dict[str, Any]] = []
