@@ -108,6 +108,8 @@ class ProxyCollector:
             ("octo_proxy_outbound_requests", "Requests routed upstream", c["requests"]),
             ("octo_proxy_outbound_answers", "Upstream answers delivered to apps", c["responses"]),
             ("octo_proxy_oneway_requests", "One-way requests forwarded", c["oneway"]),
+            ("octo_proxy_oneway_unanswered", "One-way requests whose deadline passed without an answer",
+             c["oneway_unanswered"]),
             ("octo_proxy_timeouts", "Requests answered by the proxy with a timeout", c["timeouts"]),
             ("octo_proxy_inbound_requests", "Requests forwarded to the local provider",
              c["inbound_requests"]),

@@ -417,18 +417,20 @@ def test_sync_client_back_to_back_calls_do_not_wait(mesh: Cluster) -> None:
         assert time.monotonic() - t0 < 2.0
 
 
-def test_compressed_frame_from_app_answered_then_closed(mesh: Cluster) -> None:
+def test_unreadable_compressed_frame_from_app_closes_without_an_answer(mesh: Cluster) -> None:
+    # docs/protocol.md 9: a compressed request is answered under its own
+    # sequence id (tests/e2e/test_dorado_wire.py); when its bytes cannot be
+    # decompressed there is no id to answer with, and never an id 0 answer
     s = socket.socket(socket.AF_UNIX)
     s.connect(mesh.path("proxy.sock"))
     req = bytearray(frame.encode_request(3, "com.demo.Echo", b"echo:x"))
-    req[3] |= 0x40  # gzip flag: the header is now unreadable
+    req[3] |= 0x40  # gzip flag on bytes that are not gzip
     s.sendall(bytes(req))
     s.settimeout(5)
     data = b""
     while chunk := s.recv(4096):
         data += chunk
-    (f,), _ = frame.scan(data)
-    assert f.status == 5 and f.seq_id == 0 and "compressed" in f.message
+    assert data == b""
     with Client(mesh.path("proxy.sock")) as c:
         assert c.call("com.demo.Echo", b"echo:ok").ok
 

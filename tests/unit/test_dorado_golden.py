@@ -198,3 +198,18 @@ def test_trace_info_always_carries_client_appkey():
     assert F.decode_frame(b)["header"]["traceInfo"] == {"clientAppkey": "", "traceId": "t"}
     b = F.encode_request(1, SVC, trace_info={"clientAppkey": "me"})
     assert F.decode_frame(b)["header"]["traceInfo"] == {"clientAppkey": "me"}
+
+
+@pytest.mark.parametrize("protocol", [0x01, 0x81])
+def test_pre_encoded_local_answer_equals_the_encoder_for_a_dorado_request(protocol):
+    """The data path's template answers (answer.pxi) carry the same bytes as
+    encode_error_response: the request's checksum bit, the Thrift EXCEPTION body."""
+    from octoproxy._core import datapath
+
+    kind = (protocol & 3) | (4 if protocol & 0x80 else 0) | 8
+    got = datapath._answer_for_test(F.STATUS_SERVICE, "no route", False, kind, 2**31,
+                                    b"echo", -(2**31))
+    want = F.encode_error_response(2**31, F.STATUS_SERVICE, "no route", protocol=protocol,
+                                   method="echo", body_seq_id=-(2**31))
+    assert got == want
+    assert F.decode_thrift_exception(one(got).body)["seq_id"] == -(2**31)

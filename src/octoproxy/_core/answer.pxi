@@ -32,13 +32,20 @@ cdef inline int akey(int protocol, bint thrift_body) noexcept nogil:
 cdef int answer_kind(const uint8_t* p, const FrameInfo* fi, Py_ssize_t* moff, Py_ssize_t* mlen,
                      int32_t* body_seq) noexcept nogil:
     """The template kind (akey) an answer to the request p/fi uses, and the
-    method name and body seqid that go in it.  Answers are plain (empty body,
-    serialization bits only, the checksum bit dropped); a Thrift EXCEPTION
-    body would be: fr_method() -> moff/mlen, body_seq, akey(fi.protocol, True)."""
-    moff[0] = 0
+    method name and body seqid that go in it (docs/protocol.md 11): the
+    request's serialization and checksum bits, and, when its body is a strict
+    TBinaryProtocol call, a Thrift EXCEPTION body with its method and seqid
+    (where a Dorado client reads the reason)."""
+    cdef Py_ssize_t off
     mlen[0] = 0
     body_seq[0] = 0
-    return akey(fi.protocol & PROTO_SERIAL_MASK, False)
+    off = fr_error_call(p, fi, mlen, body_seq)
+    if off < 0:
+        moff[0] = 0
+        mlen[0] = 0
+        return akey(fi.protocol, False)
+    moff[0] = off
+    return akey(fi.protocol, True)
 
 
 cdef Answer make_answer(int status, str message, bint restart, int kind):

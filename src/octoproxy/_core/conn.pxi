@@ -203,9 +203,10 @@ cdef class Conn:
 
     cdef int answer_heartbeat(self, FrameInfo* fi, OutBuf* out) except -1:
         """A peer heartbeat that is not itself an answer is answered here,
-        with the same sequence id (PROTOCOL.md section 2)."""
+        with the same sequence id and message type (docs/protocol.md 4.2, 12.3)."""
         self.engine.n_heartbeats += 1
-        ob_append_bytes(out, fr_heartbeat_response(fi.seq_id, fi.protocol & PROTO_SERIAL_MASK))
+        ob_append_bytes(out, fr_heartbeat_answer(fi.seq_id, fi.msg_type,
+                                                 fi.protocol & PROTO_SERIAL_MASK))
         return 0
 
     cdef int pause(self, int why) except -1:

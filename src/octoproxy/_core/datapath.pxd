@@ -58,7 +58,10 @@ cdef struct Pending:
     double sent_at        # monotonic seconds when it went out (latency)
     int32_t prev          # deadline-ordered doubly linked list of live slots
     int32_t next
-    uint8_t protocol      # serialization bits of the request, for error answers
+    uint8_t protocol      # the request's protocol byte, for error answers (docs/protocol.md 11)
+    uint8_t oneway        # callType 1: not in the app's in-flight count, expires silently (6.2)
+    int32_t body_seq      # the Thrift call's seqid, for an error answer's body
+    PyObject* method      # the Thrift call's method name (bytes, strong ref) or NULL
 
 
 cdef class Engine:
@@ -92,6 +95,7 @@ cdef class Engine:
     cdef public long long n_requests     # requests routed upstream (outbound)
     cdef public long long n_responses    # responses delivered to apps (outbound)
     cdef public long long n_oneway
+    cdef public long long n_oneway_unanswered  # one-way entries that expired without an answer
     cdef public long long n_timeouts
     cdef public long long n_inbound_requests
     cdef public long long n_inbound_responses
@@ -202,6 +206,7 @@ cdef class UpstreamConn(Conn):
     cdef int up_grow(self) except -1
     cdef void up_unlink(self, Py_ssize_t s) noexcept
     cdef int up_release(self, Py_ssize_t s) except -1
+    cdef int up_answer(self, OutboundConn app, Py_ssize_t s, Answer a) except -1
     cdef int up_fail_all(self, int status, str why) except -1
     cdef int up_sweep(self, double now) except -1
     cdef int up_flush(self) except -1
@@ -214,9 +219,13 @@ cdef class OutboundConn(Conn):
     cdef readonly Py_ssize_t in_flight  # requests read here and not answered yet
     cdef bint in_touched                # already in some UpstreamConn.touched list
     cdef bint rejected                  # over the connection limit
+    cdef bytes last_method              # the method name of the last Thrift call, reused
 
     cdef int out_process(self) except -1
-    cdef int out_error(self, int64_t seq_id, int status, str message, bint restart, int protocol) except -1
+    cdef int out_error(self, int64_t seq_id, int status, str message, bint restart, int protocol,
+                       object method=*, int32_t body_seq=*) except -1
+    cdef object out_method(self, const uint8_t* p, Py_ssize_t moff, Py_ssize_t mlen)
+    cdef bint _answer_compressed(self, uint8_t* p, Py_ssize_t r, FrameInfo* fi) except -1
     cdef int out_answer(self, Answer a, int64_t seq_id, const uint8_t* p, Py_ssize_t moff,
                         Py_ssize_t mlen, int32_t body_seq) except -1
     cdef int out_flush(self) except -1

@@ -42,7 +42,7 @@ from octoproxy._core.constants cimport (
 )
 from octoproxy._core.frame cimport (
     FE_TOO_LARGE, FF_GZIP, FF_PROXY_ANNOUNCE, FF_REQUEST, FF_RESPONSE, FF_SNAPPY, FK_OCTO,
-    FrameInfo, fr_adler32, fr_error_answer, fr_error_response, fr_heartbeat_response,
+    FrameInfo, fr_adler32, fr_error_answer, fr_error_call, fr_error_response, fr_heartbeat_answer,
     fr_proxy_announce, fr_proxy_restart, fr_scan, fr_scan_header, fr_set_seq_id, fr_strerror,
 )
 from octoproxy._core.route cimport (
@@ -52,6 +52,8 @@ from octoproxy._core.route cimport (
 
 import contextvars as _contextvars
 import random as _random
+
+from octoproxy._core.frame import read_compressed_request
 
 cdef enum:
     # Conn.pause_mask bits: why a connection's reading is paused

@@ -283,7 +283,8 @@ cdef class Engine:
         cdef int i
         return {
             "requests": self.n_requests, "responses": self.n_responses,
-            "oneway": self.n_oneway, "timeouts": self.n_timeouts,
+            "oneway": self.n_oneway, "oneway_unanswered": self.n_oneway_unanswered,
+            "timeouts": self.n_timeouts,
             "inbound_requests": self.n_inbound_requests,
             "inbound_responses": self.n_inbound_responses,
             "malformed": self.n_malformed, "heartbeats": self.n_heartbeats,
@@ -297,6 +298,7 @@ cdef class Engine:
         self.n_requests += c.get("requests", 0)
         self.n_responses += c.get("responses", 0)
         self.n_oneway += c.get("oneway", 0)
+        self.n_oneway_unanswered += c.get("oneway_unanswered", 0)
         self.n_timeouts += c.get("timeouts", 0)
         self.n_inbound_requests += c.get("inbound_requests", 0)
         self.n_inbound_responses += c.get("inbound_responses", 0)

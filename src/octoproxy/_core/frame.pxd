@@ -112,8 +112,13 @@ cdef bytes fr_error_response(int64_t seq_id, int status, str message, bint resta
 # byte keeps the request's serialization and checksum bits (docs/protocol.md).
 cdef bytes fr_error_answer(int64_t seq_id, int status, str message, bint restart, int protocol,
                            object method, int32_t body_seq)
-# Added: for an error answer: the method name (bytes) of a request whose body
-# is a strict TBinaryProtocol message, and its seqid in *body_seq; else None.
+# Added: for an error answer (docs/protocol.md 11): when the request's body is
+# a strict TBinaryProtocol message (serialization 1, uncompressed), the offset
+# of its method name in `frame` (*name_len its length, *body_seq its seqid);
+# else -1.  No Python object, reads at most the first bytes of the body.
+cdef Py_ssize_t fr_error_call(const uint8_t* frame, const FrameInfo* fi, Py_ssize_t* name_len,
+                              int32_t* body_seq) noexcept nogil
+# The same as a Python bytes object (None when there is none).
 cdef object fr_error_method(const uint8_t* frame, const FrameInfo* fi, int32_t* body_seq)
 cdef bytes fr_heartbeat_response(int64_t seq_id, int protocol)
 # Added: the answer to a heartbeat request of either kind: NormalHeartbeat (1)

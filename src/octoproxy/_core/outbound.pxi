@@ -9,10 +9,24 @@ cdef class OutboundConn(Conn):
         self.in_flight = 0
 
     cdef int out_error(self, int64_t seq_id, int status, str message, bint restart,
-                      int protocol) except -1:
+                       int protocol, object method=None, int32_t body_seq=0) except -1:
+        """A local answer encoded on the spot (cold paths; see answer.pxi for
+        the pre-encoded ones): a Thrift EXCEPTION body when a method is given,
+        the request's checksum and compression bits kept (docs/protocol.md 11)."""
         self.engine.n_errors[status & (STATUS_SLOTS - 1)] += 1
-        ob_append_bytes(&self.out, fr_error_response(seq_id, status, message, restart, protocol & PROTO_SERIAL_MASK))
+        ob_append_bytes(&self.out, fr_error_answer(seq_id, status, message, restart, protocol,
+                                                   method, body_seq))
         return 0
+
+    cdef object out_method(self, const uint8_t* p, Py_ssize_t moff, Py_ssize_t mlen):
+        """p[moff:moff + mlen] as bytes, the previous object when it is the
+        same name: a connection calling one method makes none per request."""
+        cdef bytes last = self.last_method
+        if last is not None and PyBytes_GET_SIZE(last) == mlen \
+                and memcmp(PyBytes_AS_STRING(last), p + moff, mlen) == 0:
+            return last
+        self.last_method = PyBytes_FromStringAndSize(<const char*>p + moff, mlen)
+        return self.last_method
 
     cdef int out_answer(self, Answer a, int64_t seq_id, const uint8_t* p, Py_ssize_t moff,
                         Py_ssize_t mlen, int32_t body_seq) except -1:
@@ -75,14 +89,14 @@ cdef class OutboundConn(Conn):
                 self.out_flush()
                 self.malformed(r, "app")
                 return 0
+            if fi.kind == FK_OCTO and fi.flags & (FF_GZIP | FF_SNAPPY) \
+                    and self._answer_compressed(p, r, &fi):
+                continue
             if fi.kind != FK_OCTO or fi.flags & (FF_GZIP | FF_SNAPPY):
-                # nothing to route by (docs/protocol.md): say why, then close,
-                # since the caller cannot match an answer to this request
+                # nothing to route by and no sequence id to answer with
+                # (docs/protocol.md 9, 10): close, never answer with an id the
+                # app did not use
                 self.out_flush_dests()
-                if fi.kind == FK_OCTO:
-                    self.out_error(0, STATUS_PROTOCOL, "compressed frames are not supported by the "
-                                  "mesh: the proxy cannot read their header to route them",
-                                  False, fi.protocol)
                 self.out_flush()
                 self.engine.log.warning(
                     "closing app connection: %s frames cannot be routed (no readable OCTO header); "
@@ -158,11 +172,6 @@ cdef class OutboundConn(Conn):
             if conn.fed_by != eng.read_seq:
                 conn.fed_by = eng.read_seq
                 self.dests.append(conn)
-            if fi.call_type == CALL_ONEWAY:
-                # one-way: no answer, no state; the id is left as the app chose it
-                eng.n_oneway += 1
-                ob_append(&conn.out, <char*>p, r)
-                continue
             timeout = eng.default_timeout if fi.timeout <= 0 else fi.timeout * 0.001
             if timeout > eng.max_timeout:
                 timeout = eng.max_timeout
@@ -176,11 +185,28 @@ cdef class OutboundConn(Conn):
             slot.app = <PyObject*>self
             Py_INCREF(node)
             slot.node = <PyObject*>node
+            # kept for an error answer's Thrift EXCEPTION body (docs/protocol.md 11)
+            moff = fr_error_call(p, &fi, &mlen, &body_seq)
+            if moff < 0:
+                slot.method = NULL
+                slot.body_seq = 0
+            else:
+                method = self.out_method(p, moff, mlen)
+                Py_INCREF(method)
+                slot.method = <PyObject*>method
+                slot.body_seq = body_seq
+            # one-way (callType 1): tracked under an id of its own, so that an
+            # answer, if the provider sends one (Dorado's do), reaches this
+            # request and no other; it expires silently (docs/protocol.md 6.2)
+            slot.oneway = fi.call_type == CALL_ONEWAY
             fr_set_seq_id(p, &fi, slot.id)
             ob_append(&conn.out, <char*>p, r)
-            self.in_flight += 1
-            lb_on_send(node)
-            eng.n_requests += 1
+            if slot.oneway:
+                eng.n_oneway += 1
+            else:
+                self.in_flight += 1
+                lb_on_send(node)
+                eng.n_requests += 1
         if not self.dests and not self.out.len:
             return 0
         if eng.read_solo():
@@ -213,6 +239,20 @@ cdef class OutboundConn(Conn):
                 c.waiters.append(self)
         self.dests.clear()
         return 0
+
+    cdef bint _answer_compressed(self, uint8_t* p, Py_ssize_t r, FrameInfo* fi) except -1:
+        """docs/protocol.md 9: read the compressed request's sequence id (and
+        Thrift method) from the start of its decompressed bytes and answer it
+        with status 5 under that id; False when even that cannot be read."""
+        info = read_compressed_request(PyBytes_FromStringAndSize(<char*>p, r),
+                                       max_header=self.engine.max_header)
+        if info is None or not info["is_request"]:
+            return False
+        self.out_error(info["seq_id"], STATUS_PROTOCOL, "compressed frames are not supported "
+                       "by the mesh: the proxy cannot route them (send them uncompressed)", False,
+                       fi.protocol, info["method"],
+                       info["body_seq_id"] if info["body_seq_id"] is not None else 0)
+        return True
 
     cdef _answer_too_large(self, uint8_t* p, Py_ssize_t avail):
         """Answer an oversized request with ProtocolException when its header

@@ -83,6 +83,8 @@ cdef class UpstreamConn(Conn):
                 if self.slots[i].id != -1:
                     Py_DECREF(<object>self.slots[i].app)
                     Py_DECREF(<object>self.slots[i].node)
+                    if self.slots[i].method != NULL:
+                        Py_DECREF(<object>self.slots[i].method)
             free(self.slots)
             self.slots = NULL
 
@@ -172,13 +174,27 @@ cdef class UpstreamConn(Conn):
         self.up_unlink(s)
         self.slots[s].id = -1
         self.in_flight -= 1
-        (<OutboundConn>app).in_flight -= 1
-        lb_on_done(<Node>node)
+        if not self.slots[s].oneway:
+            (<OutboundConn>app).in_flight -= 1
+            lb_on_done(<Node>node)
+        if self.slots[s].method != NULL:
+            Py_DECREF(<object>self.slots[s].method)
+            self.slots[s].method = NULL
         Py_DECREF(app)
         Py_DECREF(node)
         if self.in_flight == 0:
             self.engine.timed.discard(self)
         return 0
+
+    cdef int up_answer(self, OutboundConn app, Py_ssize_t s, Answer a) except -1:
+        """The local answer a to slot s's request, with the method name and
+        body seqid kept for its Thrift EXCEPTION body (docs/protocol.md 11)."""
+        cdef PyObject* m = self.slots[s].method
+        if m == NULL:
+            return app.out_answer(a, self.slots[s].orig_id, NULL, 0, 0, 0)
+        return app.out_answer(a, self.slots[s].orig_id,
+                              <const uint8_t*>PyBytes_AS_STRING(<object>m), 0,
+                              PyBytes_GET_SIZE(<object>m), self.slots[s].body_seq)
 
     cdef int up_fail_all(self, int status, str why) except -1:
         """Answer every request in flight here with an error, at once."""
@@ -193,11 +209,11 @@ cdef class UpstreamConn(Conn):
             app = <OutboundConn>self.slots[s].app
             self.engine.on_answer(<Node>self.slots[s].node, status, self.slots[s].sent_at, now)
             if not app.closed:
-                kind = akey(self.slots[s].protocol & PROTO_SERIAL_MASK, False)
+                kind = akey(self.slots[s].protocol, self.slots[s].method != NULL)
                 a = <Answer>answers[kind]
                 if a is None:
                     a = answers[kind] = make_answer(status, why, False, kind)
-                app.out_answer(a, self.slots[s].orig_id, NULL, 0, 0, 0)
+                self.up_answer(app, s, a)
                 if not app.in_touched:
                     app.in_touched = True
                     self.touched.append(app)
@@ -216,11 +232,16 @@ cdef class UpstreamConn(Conn):
         while self.head != -1 and self.slots[self.head].deadline <= now:
             s = self.head
             app = <OutboundConn>self.slots[s].app
+            if self.slots[s].oneway:
+                # no answer came for a one-way call: none is owed (docs/protocol.md 6.2)
+                self.engine.n_oneway_unanswered += 1
+                self.up_release(s)
+                continue
             self.engine.n_timeouts += 1
             self.engine.on_answer(<Node>self.slots[s].node, STATUS_TRANSPORT, self.slots[s].sent_at, now)
             if not app.closed:
                 # one encoding per timeout value (the message names it)
-                kind = akey(self.slots[s].protocol & PROTO_SERIAL_MASK, False)
+                kind = akey(self.slots[s].protocol, self.slots[s].method != NULL)
                 tm = self.slots[s].timeout_ms
                 memcpy(&tm_bits, &tm, 4)  # the float's bits: exactly this timeout
                 a = <Answer>pool.ans_timeout[kind]
@@ -229,7 +250,7 @@ cdef class UpstreamConn(Conn):
                                     f"within {tm:.0f} ms", False, kind)
                     a.k1 = tm_bits
                     pool.ans_timeout[kind] = a
-                app.out_answer(a, self.slots[s].orig_id, NULL, 0, 0, 0)
+                self.up_answer(app, s, a)
                 if not app.in_touched:
                     app.in_touched = True
                     self.touched.append(app)
