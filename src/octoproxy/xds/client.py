@@ -691,10 +691,18 @@ class XdsClient:
             self._slice_start = time.perf_counter()
 
     def _plan_one(
-        self, plan: _Plan, t: str, name: str, body: bytes, version: str, msg: Any
+        self,
+        plan: _Plan,
+        t: str,
+        name: str,
+        body: bytes,
+        version: str,
+        msg: Any,
+        raw: bytes | None = None,
     ) -> None:
         e = self._entries[name]
-        raw = digest(body)
+        if raw is None:
+            raw = digest(body)
         try:
             if t == CLUSTER_TYPE:
                 if raw == e.cluster_raw:
@@ -754,9 +762,16 @@ class XdsClient:
     async def _plan_sotw(self, resp: discovery_pb2.DiscoveryResponse) -> _Plan:
         t = resp.type_url
         plan = _Plan()
-        named: dict[str, tuple[bytes, Any]] = {}
+        named: dict[str, tuple[bytes, Any, bytes]] = {}
         twice: set[str] = set()
         unnamed = False  # a resource whose name is unknown: it might be any of ours
+        # SotW servers resend unchanged resources (CDS always, EDS often): those
+        # are recognised by their digest and not decoded again
+        known = {
+            raw: name
+            for name, e in self._entries.items()
+            if (raw := e.cluster_raw if t == CLUSTER_TYPE else e.cla_raw) is not None
+        }
         for i, any_ in enumerate(resp.resources):
             await self._pace()
             if any_.type_url != t:
@@ -765,13 +780,18 @@ class XdsClient:
                 )
                 unnamed = True
                 continue
-            try:
-                msg = self._decode(t, any_.value, f"resources[{i}]")
-            except ResourceError as bad:
-                plan.errors.append(str(bad))
-                unnamed = True
-                continue
-            name = msg.name if t == CLUSTER_TYPE else msg.cluster_name
+            body = any_.value
+            d = digest(body)
+            msg = None
+            name = known.get(d)
+            if name is None:
+                try:
+                    msg = self._decode(t, body, f"resources[{i}]")
+                except ResourceError as bad:
+                    plan.errors.append(str(bad))
+                    unnamed = True
+                    continue
+                name = msg.name if t == CLUSTER_TYPE else msg.cluster_name
             if not name:
                 plan.errors.append(f"resources[{i}]: {_KIND[t]} without a name")
                 unnamed = True
@@ -779,16 +799,16 @@ class XdsClient:
             if name in named:
                 twice.add(name)
                 continue
-            named[name] = (any_.value, msg)
+            named[name] = (body, msg, d)
         for name in sorted(twice):
             err = f"{_KIND[t]} {name!r}: appears twice in the response"
             plan.errors.append(err)
             if name in self._entries:
                 plan.rejected[name] = err
-        for name, (body, msg) in named.items():
+        for name, (body, msg, d) in named.items():
             if name in self._entries and name not in twice:
                 await self._pace()
-                self._plan_one(plan, t, name, body, "", msg)
+                self._plan_one(plan, t, name, body, "", msg, d)
         if t == CLUSTER_TYPE:
             # SotW CDS responses carry every subscribed cluster that exists: one
             # seen before and absent now was removed.  One never seen may just
