@@ -33,3 +33,14 @@ def test_micro_benchmarks_run() -> None:
                         "--benchmark-warmup=off", str(ROOT / "bench/micro")],
                        env=env(), cwd=str(ROOT), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_xds_bench_smoke_runs_clean() -> None:
+    # a real proxy subscribed in concurrent batches; exits non-zero if a call is
+    # not answered 200 or a service is left without endpoints
+    r = subprocess.run([sys.executable, str(ROOT / "bench/e2e/bench_xds.py"), "--proxy",
+                        "--services", "60", "--nodes", "5", "--batches", "6", "--rounds", "2"],
+                       env=env(), cwd=str(ROOT), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "0 services left without endpoints" in r.stdout, r.stdout
+    assert "one endpoint changed" in r.stdout, r.stdout
