@@ -726,8 +726,13 @@ class XdsClient:
                     raise ResourceError(
                         f"ClusterLoadAssignment {cla.cluster_name!r} delivered under the name {name!r}"
                     )
+                # the first assignment of a name is converted plainly (most are
+                # never updated); from the second on, unchanged LbEndpoints are
+                # remembered by digest and reused
                 cache: EndpointCache = {}
-                plan.clas[name] = (cla_to_endpoints(cla, e.ep_cache, cache), raw, version, cache)
+                new_cache = cache if e.cla is not None else None
+                eps = cla_to_endpoints(cla, e.ep_cache, new_cache)
+                plan.clas[name] = (eps, raw, version, cache)
         except ResourceError as bad:
             plan.rejected[name] = str(bad)
             plan.errors.append(str(bad))
