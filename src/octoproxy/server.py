@@ -411,6 +411,10 @@ class Proxy:
                 self.engine.send_proxy_restarts()  # peers that announced themselves late
             if (self.engine.in_flight() == 0 and not self.engine.outbound_conns()
                     and not any(c.is_proxy for c in self.engine.inbound_conns())):
+                # in the same step as the check: legacy clients left on the
+                # inbound ports must not get a request read (and executed)
+                # whose answer would be lost when this process exits
+                self.engine.close_clients()
                 break
             await asyncio.sleep(0.01)
         left = self.engine.in_flight()
@@ -445,7 +449,10 @@ class Proxy:
     async def shutdown(self) -> None:
         """Graceful stop: stop accepting, let what is in flight finish, close."""
         await self.stop_accepting()
-        if not await self.wait_idle(self.cfg.hot_restart.shutdown_s):
+        if await self.wait_idle(self.cfg.hot_restart.shutdown_s):
+            # nothing owed: read no request more (its answer would be lost)
+            self.engine.close_clients()
+        else:
             log.warning("shutdown: %d request(s) still in flight after %.1f s",
                         self.engine.in_flight(), self.cfg.hot_restart.shutdown_s)
         await self.close()

@@ -60,6 +60,7 @@ cdef enum:
     PAUSE_SELF = 1          # our own transport's write buffer is over the high mark
     PAUSE_UPSTREAM = 2      # an upstream connection we feed is over its high mark
     PAUSE_PEER = 4          # (inbound) the paired connection cannot take more
+    PAUSE_CLOSING = 8       # close_clients(): nothing more is read, ever
 
     MIN_TAIL = 4096         # compact the receive buffer when less free space is left
     FIRST_SLOTS = 64        # initial pending-table size per upstream connection
