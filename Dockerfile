@@ -57,8 +57,13 @@ COPY examples/container.yaml /etc/octo-proxy/config.yaml
 # a standby container takes over when its image differs from the one its
 # slot ran before (docs/operating.md, "Two proxy containers in one pod").
 ARG OCTO_IMAGE_ID=dev
+# XDG_RUNTIME_DIR: the proxy's derived state (the subscriptions file, the
+# default hot-restart socket) goes to $XDG_RUNTIME_DIR/octo-proxy, made 0700
+# by the proxy, on the writable volume (the user has no home, the root
+# file system may be read-only).
 ENV PATH=/opt/octo-proxy/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
+    XDG_RUNTIME_DIR=/run/octo-proxy \
     OCTO_PROXY_IMAGE_ID=$OCTO_IMAGE_ID
 LABEL org.opencontainers.image.title="octo-proxy" \
       org.opencontainers.image.description="OCTO RPC service-mesh sidecar" \

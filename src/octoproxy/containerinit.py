@@ -31,8 +31,8 @@ standby container the new image" (docs/operating.md):
   orchestrator): stay on standby, do nothing until stopped.
 
 The image of each slot (OCTO_PROXY_IMAGE_ID, set at build time) is recorded
-in `slot-NAME.image` beside the hot-restart socket once this slot's proxy
-serves, so a new image that fails to start is tried again at each restart
+in `slot-NAME.image` beside the hot-restart socket (a directory this init
+creates 0700 when missing) once this slot's proxy serves, so a new image that fails to start is tried again at each restart
 and never mistaken for a standby.
 
 No import beyond the standard library: this process stays small.
@@ -44,6 +44,7 @@ import contextlib
 import fcntl
 import os
 import signal
+import stat
 import sys
 import time
 import urllib.error
@@ -51,7 +52,7 @@ import urllib.request
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
              signal.SIGUSR1, signal.SIGUSR2)
-DEFAULT_SOCKET = "/run/octo-proxy/restart.sock"
+DEFAULT_SOCKET = "/run/octo-proxy/hot-restart/restart.sock"
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
 PR_SET_CHILD_SUBREAPER = 36
 SO_ACCEPTCON = 0x10000
@@ -64,20 +65,36 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------ who listens where
 
 
-def listening_inode(path: str) -> int | None:
-    """The inode of the socket listening on UDS `path` in this network
-    namespace (/proc/net/unix), or None: a check that connects nowhere, so
-    the serving proxy sees nothing."""
+def listening_inodes(path: str) -> set[int]:
+    """The inodes of the sockets listening as the hot-restart socket `path`
+    in this network namespace (/proc/net/unix): a check that connects
+    nowhere, so the serving proxy sees nothing.  A proxy binds that socket
+    under a temporary name beside `path` and renames it into place, and
+    /proc/net/unix shows the name it was bound to: both count."""
+    d, name = os.path.split(path)
+    tmp_prefix = os.path.join(d, f".{name}.")
+    out = set()
     try:
         with open("/proc/net/unix") as f:
             next(f)
             for line in f:
                 parts = line.split()
-                if len(parts) >= 8 and parts[7] == path and int(parts[3], 16) & SO_ACCEPTCON:
-                    return int(parts[6])
+                if (len(parts) >= 8 and int(parts[3], 16) & SO_ACCEPTCON
+                        and (parts[7] == path or parts[7].startswith(tmp_prefix))):
+                    out.add(int(parts[6]))
     except OSError:
-        return None
-    return None
+        return set()
+    return out
+
+
+def serving(path: str) -> bool:
+    """A proxy serves: its hot-restart socket is in place and listened on."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    return bool(listening_inodes(path))
 
 
 def socket_inodes(pid: int) -> set[int]:
@@ -93,8 +110,8 @@ def socket_inodes(pid: int) -> set[int]:
 
 def serves_here(path: str, pids: list[int]) -> bool:
     """True when one of `pids` holds the socket listening on `path`."""
-    ino = listening_inode(path)
-    return ino is not None and any(ino in socket_inodes(p) for p in pids)
+    inodes = listening_inodes(path)
+    return bool(inodes) and os.path.exists(path) and any(inodes & socket_inodes(p) for p in pids)
 
 
 def proxy_pids() -> list[int]:
@@ -116,7 +133,7 @@ def decide(slot: str, sock: str, command: list[str]) -> tuple[list[str] | None, 
             before: str | None = f.read().strip()
     except OSError:
         before = None
-    if listening_inode(sock) is None:
+    if not serving(sock):
         return command, "no proxy serves: starting one"
     if before is not None and before != image:
         return ([*command, "--hot-restart-from", sock],
@@ -137,7 +154,21 @@ def write_record(slot: str, sock: str) -> None:
 # ------------------------------------------------------------ PID 1
 
 
+def private_dir(d: str) -> None:
+    """Create the hot-restart socket's directory 0700 if it is missing: the
+    proxy listens there only if nobody else can write in it, and a shared
+    volume (a Kubernetes emptyDir is mode 0777) is not such a place."""
+    old = os.umask(0o077)
+    try:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+    except OSError as e:
+        log(f"cannot create {d}: {e.strerror}")
+    finally:
+        os.umask(old)
+
+
 def supervise(command: list[str], slot: str | None, sock: str) -> int:
+    private_dir(os.path.dirname(sock))
     with contextlib.suppress(OSError, AttributeError):
         import ctypes
 

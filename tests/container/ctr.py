@@ -164,6 +164,9 @@ def shared_dir() -> Iterator[Path]:
     for sub in ("run", "out", "cfg"):
         (d / sub).mkdir()
         os.chown(d / sub, UID, UID)
+    # as a Kubernetes emptyDir: writable by everyone, so the hot-restart
+    # socket must be in a private directory inside (octo-proxy-init makes it)
+    os.chmod(d / "run", 0o777)
     try:
         yield d
     finally:
@@ -197,8 +200,9 @@ def proxy_cfg(**over: object) -> dict:
         "static": {"services": [{"appkey": "com.demo.echo", "service_names": ["com.demo.Echo"],
                                  "endpoints": [{"address": "127.0.0.1:9001"}]}]},
         "admin": {"host": "127.0.0.1", "port": 9901},
-        "hot_restart": {"socket": f"{RUN}/restart.sock", "drain_s": 3.0, "shutdown_s": 10.0,
-                        "proxy_restart_spread_s": 0.2, "start_timeout_s": 30.0},
+        "hot_restart": {"socket": f"{RUN}/hot-restart/restart.sock", "drain_s": 3.0,
+                        "shutdown_s": 10.0, "proxy_restart_spread_s": 0.2,
+                        "start_timeout_s": 30.0},
     }
     cfg.update(over)
     return cfg

@@ -71,7 +71,7 @@ def test_mesh_in_containers_with_in_place_hot_restarts(podman: Podman, images: d
     host = ("--network", "host")
     tests = ("-v", f"{REPO / 'tests'}:/tests:ro")
     cfg = ("-v", f"{d / 'cfg'}:/cfg:ro")
-    hr = {"socket": "/run/octo-proxy/restart.sock", "drain_s": 3.0, "shutdown_s": 10.0,
+    hr = {"socket": "/run/octo-proxy/hot-restart/restart.sock", "drain_s": 3.0, "shutdown_s": 10.0,
           "proxy_restart_spread_s": 0.2}
     write_config(d, "endpoints.yaml", {"services": [{
         "appkey": "com.demo.echo", "service_names": ["com.demo.Echo"],

@@ -43,7 +43,8 @@ def only_child(pid: int) -> int | None:
 
 def test_init_follows_generations_and_exits_with_the_last() -> None:
     with cluster() as c:
-        init = start_init(c, "init", c.write_config("p", proxy_cfg(c)))
+        init = start_init(c, "init", c.write_config("p", proxy_cfg(c)),
+                          "--hot-restart-socket", c.path("restart.sock"))
         try:
             wait_for(lambda: can_connect_uds(c.path("px.sock")), 20, "the proxy")
             gen = wait_for(lambda: only_child(init.pid), 10, "the first generation")

@@ -42,7 +42,7 @@ def test_sidecar_pod_layout_and_embedded_config(tmp_path: Path) -> None:
     cfg_file.write_text(cm["data"]["config.yaml"])
     cfg = load_config(str(cfg_file))
     run = "/run/octo-proxy"
-    assert cfg.hot_restart.socket == f"{run}/restart.sock"
+    assert cfg.hot_restart.socket == f"{run}/hot-restart/restart.sock"
     assert cfg.listeners.outbound[0].path.startswith(run + "/")
     assert cfg.hot_restart.pid_file is None  # pids mean nothing across two containers
     spec = pod["spec"]
