@@ -18,7 +18,7 @@ the end-to-end CPU figure that the proxy controls (the rest is syscalls).
 Goal (issue 13): a locally answered request costs <= 2x a forwarded one.
 
     PYTHONPATH=src python -m pytest bench/micro/test_bench_datapath.py
-    PYTHONPATH=src python bench/micro/test_bench_datapath.py     # table: ns per request, ratios
+    PYTHONPATH=src python bench/micro/test_bench_datapath.py [FRAMES_PER_READ]   # table, ratios
 """
 
 from __future__ import annotations
@@ -320,6 +320,9 @@ def measure(kind: str, rounds: int = 3000) -> float:
 
 
 def main() -> int:
+    global BATCH
+    if len(sys.argv) > 1:
+        BATCH = int(sys.argv[1])  # frames per read
     res = {k: measure(k) for k in KINDS}
     print(f"data path, in-process, fake transports; {BATCH} frames per read; median ns per request")
     fwd = res["forwarded"]
