@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from xml.sax.saxutils import escape
 
 if TYPE_CHECKING:
-    from octoproxy.demo import Results
+    from octoproxy.demo_results import Results
 
 WINDOW_S = 0.1
 P50_COLOR = "#1f77b4"
@@ -70,7 +70,7 @@ def _log_ticks(lo: float, hi: float) -> list[float]:
 
 
 def svg(res: Results) -> str:
-    from octoproxy.demo import windows
+    from octoproxy.demo_results import windows
 
     win = windows(res, WINDOW_S)
     dur = max(res.duration, WINDOW_S)
@@ -230,7 +230,7 @@ def _png(res: Results, path: str) -> None:  # pragma: no cover  (needs matplotli
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from octoproxy.demo import windows
+    from octoproxy.demo_results import windows
 
     win = windows(res, WINDOW_S)
     ts = [w[0] + WINDOW_S / 2 for w in win]
