@@ -9,6 +9,7 @@ Each UDS answers with b"<NAME>|" + what the body asks for:
   b"ctx"           -> swimlane/set/liteset/hash seen by the provider
   b"id:<x>"        -> x, and counts how many times each id was handled
   b"dups"          -> "<ids seen> <ids seen more than once>"
+  b"started"       -> how many sleep requests have arrived so far
 Prints "ready" when every socket listens.
 """
 
@@ -21,6 +22,7 @@ import uvloop
 from octoproxy.sdk import Request, serve
 
 SEEN: collections.Counter[bytes] = collections.Counter()
+STARTED = collections.Counter[str]()
 
 
 def make_handler(name: str):
@@ -33,7 +35,10 @@ def make_handler(name: str):
             return prefix + body[3:]
         if body == b"dups":
             return prefix + b"%d %d" % (len(SEEN), sum(1 for v in SEEN.values() if v > 1))
+        if body == b"started":
+            return prefix + b"%d" % STARTED["sleep"]
         if body.startswith(b"sleep:"):
+            STARTED["sleep"] += 1
             _, ms, rest = body.split(b":", 2)
             await asyncio.sleep(int(ms) / 1000)
             return prefix + rest

@@ -179,10 +179,8 @@ def test_timeout_bounded_by_configured_maximum() -> None:
     with cluster() as c:
         simple_chain(c, upstream={"default_timeout_ms": 100, "max_timeout_ms": 200})
         with Client(c.path("px.sock")) as cl:
-            t0 = time.monotonic()
             r = cl.call("m", b"sleep:1500:x", appkey="a", timeout_ms=60000, raise_on_error=False)
-            assert r.status == 4 and "200 ms" in r.message
-            assert time.monotonic() - t0 < 1.0
+            assert r.status == 4 and "200 ms" in r.message  # not the 1.5 s answer
             r = cl.call("m", b"sleep:1500:x", appkey="a", timeout_ms=0, raise_on_error=False)
             assert r.status == 4 and "100 ms" in r.message
 
@@ -200,11 +198,17 @@ def test_upstream_killed_mid_flight_answers_every_request_at_once() -> None:
             assert (await cl.call("m", b"echo:up", appkey="a")).body == b"p|up"
             calls = [asyncio.ensure_future(cl.call("m", b"sleep:20000:x", appkey="a",
                                                    raise_on_error=False)) for _ in range(200)]
-            await asyncio.sleep(0.3)  # let them get in flight (the kill is the event under test)
-            t0 = time.monotonic()
+            # until the provider has all 200: then they are in flight everywhere
+            for _ in range(1000):
+                started = await cl.call("m", b"started", appkey="a")
+                if int(started.body.split(b"|")[1]) >= 200:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError(f"only {started.body!r} requests reached the provider")
             server.kill()
+            # answered at once, not after their 20 s (or the 30 s timeout)
             rs = await asyncio.wait_for(asyncio.gather(*calls), 5)
-            assert time.monotonic() - t0 < 2.0
             assert all(r.status == 4 for r in rs), {r.message for r in rs}
             assert all("closed" in r.message or "unavailable" in r.message for r in rs)
             # with the upstream gone, new requests fail fast with a reason
@@ -296,9 +300,12 @@ def test_connection_limit_answers_overload() -> None:
             r = extra.call("m", b"echo:x", appkey="a", raise_on_error=False)
         assert r.status == 6 and "connection limit" in r.message
         held[0].close()
-        wait_for(lambda: Client(c.path("px.sock")).call("m", b"echo:x", appkey="a",
-                                                        raise_on_error=False).ok, 5,
-                 "a slot freed by a closed connection")
+
+        def new_connection_served() -> bool:
+            with Client(c.path("px.sock")) as cl:
+                return cl.call("m", b"echo:x", appkey="a", raise_on_error=False).ok
+
+        wait_for(new_connection_served, 5, "a slot freed by a closed connection")
         held[1].close()
 
 
@@ -327,14 +334,14 @@ def test_malformed_frame_closes_only_its_connection(mesh: Cluster) -> None:
 def test_oversized_frame_answered_and_connection_closed() -> None:
     with cluster() as c:
         simple_chain(c, limits={"max_frame_bytes": 4096, "max_header_bytes": 1024})
-        s = socket.socket(socket.AF_UNIX)
-        s.connect(c.path("px.sock"))
-        s.sendall(frame.encode_request(5, "m", b"y" * 10000,
-                                       local_context={"octo-remote-appkey": "a"})[:2000])
-        s.settimeout(5)
-        data = b""
-        while chunk := s.recv(4096):
-            data += chunk
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(c.path("px.sock"))
+            s.sendall(frame.encode_request(5, "m", b"y" * 10000,
+                                           local_context={"octo-remote-appkey": "a"})[:2000])
+            s.settimeout(5)
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
         (f,), _ = frame.scan(data)
         assert f.seq_id == 5 and f.status == 5 and "exceeds the limit of 4096" in f.message
         with Client(c.path("px.sock")) as cl:
@@ -421,15 +428,15 @@ def test_unreadable_compressed_frame_from_app_closes_without_an_answer(mesh: Clu
     # docs/protocol.md 9: a compressed request is answered under its own
     # sequence id (tests/e2e/test_dorado_wire.py); when its bytes cannot be
     # decompressed there is no id to answer with, and never an id 0 answer
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(mesh.path("proxy.sock"))
     req = bytearray(frame.encode_request(3, "com.demo.Echo", b"echo:x"))
     req[3] |= 0x40  # gzip flag on bytes that are not gzip
-    s.sendall(bytes(req))
-    s.settimeout(5)
-    data = b""
-    while chunk := s.recv(4096):
-        data += chunk
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(mesh.path("proxy.sock"))
+        s.sendall(bytes(req))
+        s.settimeout(5)
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
     assert data == b""
     with Client(mesh.path("proxy.sock")) as c:
         assert c.call("com.demo.Echo", b"echo:ok").ok

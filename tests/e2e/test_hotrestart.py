@@ -155,7 +155,8 @@ def test_failed_new_generation_leaves_old_serving(chain: Cluster) -> None:
     old = read_pid(pidf)
     assert old
     cfg_path = c.path("client.yaml")
-    good = open(cfg_path).read()
+    with open(cfg_path) as f:
+        good = f.read()
     load = LoadThread(c.path("px.sock"), clients=2, inflight=4).start()
     fds_before = fd_count(old)  # with the load's connections open
     try:
@@ -208,8 +209,10 @@ def test_sigusr2_during_drain_keeps_two_generations_at_most(chain: Cluster) -> N
         for d in os.listdir("/proc"):
             if d.isdigit():
                 with contextlib.suppress(OSError):
-                    cmd = open(f"/proc/{d}/cmdline", "rb").read()
-                    ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+                    with open(f"/proc/{d}/cmdline", "rb") as f:
+                        cmd = f.read()
+                    with open(f"/proc/{d}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
                     if c.path("client.yaml").encode() in cmd and pid_alive(int(d)):
                         procs[int(d)] = (cmd, ppid)
         gens = [p for p, (cmd, ppid) in procs.items() if procs.get(ppid, (None,))[0] != cmd]
@@ -224,7 +227,9 @@ def test_sigusr2_during_drain_keeps_two_generations_at_most(chain: Cluster) -> N
             1, "com.demo.Echo", b"sleep:1500:slow"
         )
     )
-    time.sleep(0.2)  # let the slow call get in flight (the event under test is the signal)
+    with Client(c.path("px.sock")) as probe:  # until the provider has the slow call
+        wait_for(lambda: probe.call("com.demo.Echo", b"started").body == b"p|1", 10,
+                 "the slow call to reach the provider")
     os.kill(gen1, signal.SIGUSR2)
     gen2 = wait_for(lambda: (p := read_pid(pidf)) != gen1 and p, 15, "generation 2")
     assert pid_alive(gen1), "generation 1 should still be draining"
@@ -315,25 +320,25 @@ def test_handshake_version_mismatch_refused_on_both_sides(chain: Cluster) -> Non
 
 def test_pid_file_and_systemd_notifications_follow_the_live_process(chain: Cluster) -> None:
     with cluster() as c:
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(c.path("notify"))
-        notify.settimeout(10)
-        os.environ["NOTIFY_SOCKET"] = c.path("notify")
-        try:
-            cfg = client_proxy_cfg(c.path("px.sock"), [], hot_restart=hr(c, "client"))
-            p = c.proxy("client", cfg)
-        finally:
-            del os.environ["NOTIFY_SOCKET"]
-        msgs = [notify.recv(4096).decode()]
-        assert f"MAINPID={p.pid}" in msgs[0] and "READY=1" in msgs[0]
-        assert read_pid(c.path("client.pid")) == p.pid
-        new = restart(c, "client")
-        msgs = [notify.recv(4096).decode() for _ in range(2)]
-        assert any("RELOADING=1" in m for m in msgs)
-        assert any(f"MAINPID={new}" in m and "READY=1" in m for m in msgs)
-        os.kill(new, signal.SIGTERM)
-        wait_for(lambda: not pid_alive(new), 10, "stop")
-        assert not os.path.exists(c.path("client.pid"))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.bind(c.path("notify"))
+            notify.settimeout(10)
+            os.environ["NOTIFY_SOCKET"] = c.path("notify")
+            try:
+                cfg = client_proxy_cfg(c.path("px.sock"), [], hot_restart=hr(c, "client"))
+                p = c.proxy("client", cfg)
+            finally:
+                del os.environ["NOTIFY_SOCKET"]
+            msgs = [notify.recv(4096).decode()]
+            assert f"MAINPID={p.pid}" in msgs[0] and "READY=1" in msgs[0]
+            assert read_pid(c.path("client.pid")) == p.pid
+            new = restart(c, "client")
+            msgs = [notify.recv(4096).decode() for _ in range(2)]
+            assert any("RELOADING=1" in m for m in msgs)
+            assert any(f"MAINPID={new}" in m and "READY=1" in m for m in msgs)
+            os.kill(new, signal.SIGTERM)
+            wait_for(lambda: not pid_alive(new), 10, "stop")
+            assert not os.path.exists(c.path("client.pid"))
 
 
 def test_sigusr2_to_a_generation_still_starting_is_honoured_once_it_serves(chain: Cluster) -> None:

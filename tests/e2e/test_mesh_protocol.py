@@ -121,8 +121,13 @@ def test_proxy_restart_moves_new_requests_keeps_reading_owed_then_closes() -> No
                                        and len(fake.conns[0]["held"]) == 5, 5, "held requests"))
             fake.send_proxy_restart(0)
             fake.hold = False
+            # frames on one connection are handled in order: once the heartbeat
+            # sent after ProxyRestart is answered, ProxyRestart has been handled
+            fake.conns[0]["sock"].sendall(frame.encode_heartbeat(4243))
+            await asyncio.get_running_loop().run_in_executor(None, lambda: wait_for(
+                lambda: any(f.msg_type == 1 and f.is_response and f.seq_id == 4243
+                            for f in fake.conns[0]["frames"]), 5, "the heartbeat answer"))
             # new requests after ProxyRestart go on a fresh connection
-            await asyncio.sleep(0.1)  # let the ProxyRestart frame arrive (it is the event under test)
             r = await cl.call("m", b"new", appkey="a")
             assert r.body == b"fake|new"
             assert len(fake.conns) == 2
@@ -166,6 +171,7 @@ def test_legacy_clients_never_receive_proxy_restart() -> None:
             if not data:
                 break
             got.extend(sc.feed(data))
+        legacy.close()
         assert all(f.msg_type != 3 for f in got), "a legacy client received ProxyRestart"
         wait_for(lambda: not pid_alive(old), 15, "the old generation to exit")
 
@@ -210,7 +216,7 @@ def test_connect_timeout_answers_with_reason() -> None:
             r = cl.call("m", b"x", appkey="a", raise_on_error=False)
             took = time.monotonic() - t0
         assert r.status == 4 and "timed out after 300 ms" in r.message, r.message
-        assert 0.25 < took < 2.0
+        assert took >= 0.25  # answered when the connect timed out, not before
     for f in fillers:
         f.close()
     full.close()
