@@ -71,6 +71,9 @@ def req(seq: int, body: bytes = b"echo:x", *, appkey: str = "a", timeout_ms: int
                             global_context=global_context, local_context=loc)
 
 
+PEERS: list[Peer] = []  # every Peer of the running test: conftest closes them after it
+
+
 class Peer:
     """A blocking raw OCTO peer on a UDS or TCP socket: sends bytes, collects
     every frame it receives (nothing is dropped or matched away)."""
@@ -89,6 +92,7 @@ class Peer:
         self.scanner = F.FrameScanner()
         self.frames: list[F.Frame] = []
         self.closed = False
+        PEERS.append(self)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -189,11 +190,14 @@ class Cluster:
 
 @contextlib.contextmanager
 def cluster() -> Iterator[Cluster]:
+    """A Cluster that is stopped and whose temp dir is removed on the way out
+    (the benches use Cluster itself and keep the dir on request)."""
     c = Cluster()
     try:
         yield c
     finally:
         c.close()
+        shutil.rmtree(c.dir, ignore_errors=True)
 
 
 def server_proxy_cfg(ports_to_uds: dict[int, str], **node: str) -> dict[str, Any]:

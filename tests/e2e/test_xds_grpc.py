@@ -115,5 +115,7 @@ def test_grpcio_xds_client_calls_a_server_from_the_endpoints_file(tmp_path: Path
     finally:
         cp.kill()
         cp.wait()
+        if cp.stdout is not None:
+            cp.stdout.close()
         a.stop(None)
         b.stop(None)
