@@ -29,6 +29,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from octoproxy._core.constants import Status
 from octoproxy.logs import repeat_limiter
 
 if TYPE_CHECKING:
@@ -58,10 +59,9 @@ class AdminTarget(Protocol):
     async def stop_accepting(self, keep_sockets: bool = False) -> None: ...
 
 
-STATUS_NAMES = {
-    0: "success", 1: "application", 2: "runtime", 3: "rpc", 4: "transport", 5: "protocol",
-    6: "degrade", 7: "security", 8: "service", 9: "remote",
-}
+# metric labels: the core's status names, lower case ("transport"), defined once
+# in _core/constants.pxd (docs/protocol.md section 5)
+STATUS_NAMES = {int(v): k.removeprefix("STATUS_").lower() for k, v in Status.__members__.items()}
 
 
 # (engine counter key, metric name, help) for the counters the hardening added

@@ -16,9 +16,10 @@ import time
 from dataclasses import dataclass, field
 
 from octoproxy._core import frame as _frame
+from octoproxy._core.constants import Status
 
-STATUS_SUCCESS = 0
-STATUS_RPC = 3
+STATUS_SUCCESS = int(Status.STATUS_SUCCESS)
+STATUS_RPC = int(Status.STATUS_RPC)
 
 
 class RpcError(Exception):
