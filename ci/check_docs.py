@@ -7,7 +7,8 @@
 - every test named in docs exists (`test_name` with a `def`, or a file);
 - every "docs/protocol.md section N" (or "protocol.md section N.M")
   reference names a numbered section or item of docs/protocol.md;
-- nothing cites a document outside the repository by name (PROTOCOL.md).
+- nothing cites a document outside the repository by name (PROTOCOL.md),
+  and no comment is a note to an implementer ("Added: ...").
 
 Prints each problem as FILE:LINE: message and exits 1 when there is one.
 """
@@ -29,6 +30,8 @@ SECTION_RE = re.compile(r"protocol\.md\)?,? sections? (\d+(?:\.\d+)?)")
 TEST_RE = re.compile(r"`(test_\w+)`")
 GENERATED = re.compile(r"\.(c|html|so)$")
 FOREIGN = re.compile(r"\bPROTOCOL\.md\b|\bDESIGN\.md\b|\bSTYLE\.md\b")
+# notes addressed to whoever implemented a seam, not to the reader
+IMPLEMENTER = re.compile(r"(#|//|/\*|\"\"\")\s*Added:|as the implementation needs")
 
 
 def files() -> list[Path]:
@@ -92,6 +95,8 @@ def main() -> int:
             where = f"{rel}:{n}"
             if FOREIGN.search(line) and rel.as_posix() != "ci/check_docs.py":
                 problems.append(f"{where}: cites a document outside the repository")
+            if IMPLEMENTER.search(line) and rel.as_posix() != "ci/check_docs.py":
+                problems.append(f"{where}: a note to an implementer, not to the reader")
             for m in PATH_RE.finditer(line):
                 path = m.group(1).rstrip(".")
                 if GENERATED.search(path) or "*" in path or "<" in path or path.split("/")[1][:1].isupper():
