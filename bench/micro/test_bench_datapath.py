@@ -40,6 +40,9 @@ from octoproxy.model import Endpoint, Labels, Service
 APPKEY = "com.bench.echo"
 SERVICE = "com.bench.Echo"
 BODY = bytes(range(128))
+# a strict TBinaryProtocol call (what Dorado apps send): a local answer to it
+# carries a Thrift EXCEPTION body with its method name and seqid
+THRIFT_BODY = F.encode_thrift_message("echo", 1, 7, b"\x0b\x00\x01\x00\x00\x00\x04ping\x00")[4:]
 BATCH = 8  # frames per read (the end-to-end 32x8 point batches ~6.6 per read)
 
 
@@ -164,12 +167,14 @@ class Rig:
         self.eng.close_all()
 
 
-def request_batch(appkey: str = APPKEY, timeout_ms: int = 0, protocol: int = 1) -> bytes:
+def request_batch(
+    appkey: str = APPKEY, timeout_ms: int = 0, protocol: int = 1, body: bytes = BODY
+) -> bytes:
     return b"".join(
         F.encode_request(
             1000 + i,
             SERVICE,
-            BODY,
+            body,
             timeout=timeout_ms,
             protocol=protocol,
             local_context={"octo-remote-appkey": appkey},
@@ -181,9 +186,9 @@ def request_batch(appkey: str = APPKEY, timeout_ms: int = 0, protocol: int = 1) 
 class Forwarding:
     """Round trips through one Rig: requests in, their answers back."""
 
-    def __init__(self) -> None:
+    def __init__(self, body: bytes = BODY) -> None:
         self.rig = Rig()
-        self.reqs = request_batch()
+        self.reqs = request_batch(body=body)
         self.resp = F.encode_response(1, BODY)
         self.resp_seq = seq_off_of(self.resp)
         self.req_len = len(self.reqs) // BATCH
@@ -235,7 +240,7 @@ def check_answers(t: FakeTransport, before: int, n: int, status: int) -> None:
 class LocalAnswer:
     """Requests the proxy answers itself, one read of BATCH at a time."""
 
-    def __init__(self, why: str) -> None:
+    def __init__(self, why: str, body: bytes = BODY) -> None:
         self.why = why
         limits: dict[str, Any] = {}
         appkey = APPKEY
@@ -248,7 +253,7 @@ class LocalAnswer:
         self.rig = Rig(**limits)
         if why == "draining":
             self.rig.eng.start_drain()
-        self.reqs = request_batch(appkey)
+        self.reqs = request_batch(appkey, body=body)
         self.status = {"unknown service": 8, "overload": 6, "draining": 3}[why]
         before = self.rig.app.nbytes
         self.timed()
@@ -262,11 +267,11 @@ class LocalAnswer:
 class Timeouts:
     """Requests that went upstream and timed out: the sweep answers them."""
 
-    def __init__(self) -> None:
+    def __init__(self, body: bytes = BODY) -> None:
         # a timeout cap of 1 ns: every request is past its deadline when the
         # sweep runs (no sleep between, which would leave the caches cold)
         self.rig = Rig(max_timeout=1e-9)
-        self.reqs = request_batch()
+        self.reqs = request_batch(body=body)
         self.prepare()
         before = self.rig.app.nbytes
         self.timed()
@@ -281,20 +286,21 @@ class Timeouts:
         self.rig.loop.run_ready()
 
 
-def make(kind: str) -> Any:
+def make(kind: str, body: bytes = BODY) -> Any:
     if kind == "forwarded":
-        return Forwarding()
+        return Forwarding(body)
     if kind == "timeout":
-        return Timeouts()
-    return LocalAnswer(kind)
+        return Timeouts(body)
+    return LocalAnswer(kind, body)
 
 
 KINDS = ("forwarded", "unknown service", "overload", "draining", "timeout")
 
 
+@pytest.mark.parametrize("body", ["plain", "thrift"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_datapath(benchmark: Any, kind: str) -> None:
-    case = make(kind)
+def test_datapath(benchmark: Any, kind: str, body: str) -> None:
+    case = make(kind, THRIFT_BODY if body == "thrift" else BODY)
     setup = getattr(case, "prepare", None)
     benchmark.pedantic(case.timed, setup=setup, rounds=2000, iterations=1, warmup_rounds=50)
     ns = benchmark.stats.stats.median / BATCH * 1e9
@@ -303,9 +309,9 @@ def test_datapath(benchmark: Any, kind: str) -> None:
     case.rig.close()
 
 
-def measure(kind: str, rounds: int = 3000) -> float:
+def measure(kind: str, rounds: int = 3000, body: bytes = BODY) -> float:
     """Median ns per request over `rounds` timed rounds."""
-    case = make(kind)
+    case = make(kind, body)
     setup = getattr(case, "prepare", None)
     ts = []
     for _ in range(rounds):
@@ -323,13 +329,16 @@ def main() -> int:
     global BATCH
     if len(sys.argv) > 1:
         BATCH = int(sys.argv[1])  # frames per read
-    res = {k: measure(k) for k in KINDS}
     print(f"data path, in-process, fake transports; {BATCH} frames per read; median ns per request")
-    fwd = res["forwarded"]
-    for k, v in res.items():
-        print(
-            f"  {k:<16} {v:8.0f} ns" + ("" if k == "forwarded" else f"  {v / fwd:5.2f}x forwarded")
-        )
+    for label, body in (("body not Thrift", BODY), ("body a Thrift call", THRIFT_BODY)):
+        res = {k: measure(k, body=body) for k in KINDS}
+        fwd = res["forwarded"]
+        print(f" {label}:")
+        for k, v in res.items():
+            print(
+                f"  {k:<16} {v:8.0f} ns"
+                + ("" if k == "forwarded" else f"  {v / fwd:5.2f}x forwarded")
+            )
     return 0
 
 
