@@ -50,6 +50,8 @@ import time
 import urllib.error
 import urllib.request
 
+from octoproxy.process import AtomicFile
+
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
              signal.SIGUSR1, signal.SIGUSR2)
 DEFAULT_SOCKET = "/run/octo-proxy/hot-restart/restart.sock"
@@ -145,10 +147,7 @@ def decide(slot: str, sock: str, command: list[str]) -> tuple[list[str] | None, 
 def write_record(slot: str, sock: str) -> None:
     image = os.environ.get("OCTO_PROXY_IMAGE_ID", "dev")
     record = os.path.join(os.path.dirname(sock), f"slot-{slot}.image")
-    tmp = f"{record}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(image + "\n")
-    os.replace(tmp, record)
+    AtomicFile(record).commit(f"{image}\n".encode())  # never through a symlink
 
 
 # ------------------------------------------------------------ PID 1
