@@ -245,9 +245,9 @@ class ProxyCollector:
                 ("resource_timeouts", "Names settled by the resource timeout",
                  st.resource_timeouts),
             ):  # fmt: skip
-                c = CounterMetricFamily(f"octo_proxy_xds_{name}", doc)
-                c.add_metric([], value)
-                yield c
+                xm = CounterMetricFamily(f"octo_proxy_xds_{name}", doc)
+                xm.add_metric([], value)
+                yield xm
 
 
 def _node_json(n: Any) -> dict[str, Any]:
