@@ -66,8 +66,6 @@ STATUS_NAMES = {int(v): k.removeprefix("STATUS_").lower() for k, v in Status.__m
 
 # (engine counter key, metric name, help) for the counters the hardening added
 HARDENING_COUNTERS = [
-    ("oneway_dropped", "octo_proxy_oneway_dropped",
-     "One-way requests dropped (no route, over a limit)"),
     ("frame_timeouts", "octo_proxy_frame_timeouts",
      "Connections closed for a frame not completed within limits.frame_timeout_s"),
     ("idle_closed", "octo_proxy_idle_closed",
@@ -122,7 +120,7 @@ class ProxyCollector:
             ("octo_proxy_slow_consumers", "App connections closed for leaving answers unread",
              c["slow_consumers"]),
         ]
-        # hardening (docs/operating.md "Limits and hostile peers"): the
+        # hardening (docs/protocol.md 6.4-6.7, 7.5): the
         # engine's counters, each exported when the engine has it
         simple += [(name, doc, c[key]) for key, name, doc in HARDENING_COUNTERS if key in c]
         simple += [

@@ -85,6 +85,20 @@ class Limits(_Strict):
     # answers queued for a connection that does not read them: past this the
     # connection is closed (a stalled consumer must not grow the proxy)
     max_unread_bytes: int = Field(default=32 * MiB, ge=64 * 1024)
+    # requests in flight in the whole process (both directions): past it a
+    # new request is answered at once with status 6 (overload)
+    max_inflight_total: int = Field(default=20_000, ge=1)
+    # a frame that has begun to arrive must be complete within this (slowloris)
+    frame_timeout_s: float = Field(default=30.0, gt=0)
+    # an app or inbound connection with nothing owed that sends nothing for
+    # this long is closed
+    idle_timeout_s: float = Field(default=600.0, gt=0)
+    # receive-buffer bytes the whole process may hold beyond read_buffer_bytes
+    # per connection (frames larger than one read buffer)
+    max_buffered_bytes: int = Field(default=256 * MiB, ge=64 * 1024)
+    # context maps of a request from an app, in bytes of their encoding
+    max_global_context_bytes: int = Field(default=512, ge=6)
+    max_local_context_bytes: int = Field(default=2048, ge=6)
 
     @model_validator(mode="after")
     def _marks(self) -> Limits:
@@ -94,6 +108,8 @@ class Limits(_Strict):
             raise ValueError("max_unread_bytes must be greater than write_high_water")
         if self.max_header_bytes > self.max_frame_bytes:
             raise ValueError("max_header_bytes cannot exceed max_frame_bytes")
+        if self.max_buffered_bytes < self.max_frame_bytes:
+            raise ValueError("max_buffered_bytes must hold at least one max_frame_bytes frame")
         return self
 
 
@@ -103,6 +119,10 @@ class Upstream(_Strict):
     idle_timeout_s: float = Field(default=300.0, gt=0)
     reconnect_backoff_base_ms: int = Field(default=100, ge=1)
     reconnect_backoff_max_ms: int = Field(default=5000, ge=1)
+    # a connection the peer closes sooner than this after it was made (and
+    # before any answer) counts as a failed connect: backoff, so a peer that
+    # accepts and closes at once is not stormed
+    min_connection_life_ms: int = Field(default=1000, ge=0)
     default_timeout_ms: int = Field(default=3000, ge=1)
     max_timeout_ms: int = Field(default=60_000, ge=1)
 

@@ -251,6 +251,13 @@ class Proxy:
             backoff_max=cfg.upstream.reconnect_backoff_max_ms / 1000,
             idle_timeout=cfg.upstream.idle_timeout_s,
             connect_timeout=cfg.upstream.connect_timeout_ms / 1000,
+            max_in_flight_total=cfg.limits.max_inflight_total,
+            frame_timeout=cfg.limits.frame_timeout_s,
+            conn_idle_timeout=cfg.limits.idle_timeout_s,
+            max_buffered=cfg.limits.max_buffered_bytes,
+            max_global_context=cfg.limits.max_global_context_bytes,
+            max_local_context=cfg.limits.max_local_context_bytes,
+            min_connection_life=cfg.upstream.min_connection_life_ms / 1000,
         )
         if not self.sockets:
             self.open_sockets(inherited)
@@ -345,6 +352,7 @@ class Proxy:
         while True:
             await asyncio.sleep(period)
             self.engine.idle_sweep()
+            self.engine.conn_sweep()
             fd_watch.check()
             self.fd_limit_hits = fd_watch.hits
 
@@ -435,6 +443,7 @@ class Proxy:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._engine is not None:
+            await self._finish_data_path()
             self._engine.close_all()
         if self.connector is not None:
             await self.connector.close()
@@ -446,9 +455,28 @@ class Proxy:
                     os.unlink(path)
         self.sockets.clear()
 
+    async def _finish_data_path(self) -> None:
+        """Nothing the proxy has read goes unanswered: what is still owed
+        upstream is answered now (status 4), then every app and inbound
+        connection ends once its answers are written (at most 1 s)."""
+        eng = self.engine
+        n = eng.fail_in_flight("octo-proxy is shutting down: no answer came before it stopped")
+        if n:
+            log.warning("stopping: answered %d request(s) still in flight with status 4", n)
+        # read nothing more, end each connection (FIN) once its answers are
+        # written, and give the clients a moment to see them and close
+        if eng.close_clients():
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 1.0
+            while (eng.outbound_conns() or eng.inbound_conns()) and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+
     async def shutdown(self) -> None:
-        """Graceful stop: stop accepting, let what is in flight finish, close."""
+        """Graceful stop: stop accepting, answer new requests with status 6
+        (shutting down), let what is in flight finish, then answer what is
+        left and close (docs/operating.md, signals)."""
         await self.stop_accepting()
+        self.engine.start_shutdown()
         if await self.wait_idle(self.cfg.hot_restart.shutdown_s):
             # nothing owed: read no request more (its answer would be lost)
             self.engine.close_clients()

@@ -126,20 +126,20 @@ def test_frames_an_app_must_not_send_are_counted_and_logged_with_its_pid() -> No
         wait_for(lambda: log_lines(client, me) >= 1, 5, "a log line naming the app")
 
 
-def test_one_way_request_is_never_answered() -> None:
-    # a one-way request to an unknown service (or one the proxy cannot
-    # route) gets no answer: the caller expects none; it is counted
+def test_one_way_request_to_unknown_service_answered_once_under_its_own_id() -> None:
+    # decided in docs/protocol.md 6.2 (Dorado clients wait for an answer to a
+    # one-way call): a one-way request the proxy cannot route is answered like
+    # any request, exactly once, under the sequence id the app used
     with cluster() as c:
-        aport = free_port()
-        scfg, ccfg, _ = chain_cfgs(c, client_extra={"admin": admin_cfg(aport)})
+        scfg, ccfg, _ = chain_cfgs(c)
         start_proxy(c, "server", scfg)
         start_proxy(c, "client", ccfg)
         p = Peer(c.path("px.sock"))
         p.send(req(1, appkey="nope", one_way=True) + req(2))
-        p.wait(lambda: 2 in p.answers(), 10)
+        p.wait(lambda: 2 in p.answers() and 1 in p.answers(), 10)
         p.poll(0.3)
-        assert [f.seq_id for f in p.frames] == [2], p.describe()
-        assert metric(scrape(aport), "octo_proxy_oneway_dropped_total") == 1
+        assert sorted(f.seq_id for f in p.frames) == [1, 2], p.describe()
+        assert p.answers()[1][0].status == 8
 
 
 def test_context_size_limits() -> None:

@@ -23,7 +23,7 @@ STOP, BOOL, BYTE, DOUBLE, I16, I32, I64, STRING, STRUCT, MAP, SET, LIST = (
 
 FK_OCTO, FK_THRIFT = 1, 2
 FF_CHECKSUM, FF_GZIP, FF_SNAPPY, FF_REQUEST, FF_RESPONSE = 1, 2, 4, 8, 16
-FF_PROXY_RESTART, FF_PROXY_ANNOUNCE = 32, 64
+FF_PROXY_RESTART, FF_PROXY_ANNOUNCE, FF_RESTART_NOTICE = 32, 64, 128
 FE_NEED_MORE, FE_BAD_MAGIC, FE_TOO_LARGE, FE_BAD_LENGTH = 0, -1, -2, -3
 FE_HEADER_TOO_LARGE, FE_BAD_HEADER, FE_BAD_FIELD_TYPE, FE_TOO_DEEP = -4, -5, -6, -7
 FE_BAD_CHECKSUM, FE_BAD_THRIFT = -8, -9
@@ -295,6 +295,8 @@ def scan_one(b: bytes, max_frame: int = 16 << 20, max_header: int = 64 << 10) ->
         info["flags"] |= FF_PROXY_RESTART
     if local.get("octo-proxy") == "1":
         info["flags"] |= FF_PROXY_ANNOUNCE
+    if local.get("octo-restart-notice") == "1":
+        info["flags"] |= FF_RESTART_NOTICE
     return total, info
 
 

@@ -91,6 +91,19 @@ cdef class Engine:
     cdef public double idle_timeout      # seconds
     cdef public double connect_timeout   # seconds
     cdef public bint draining            # hot restart: answer new app requests with the restart flag
+    cdef public bint stopping            # SIGTERM: answer new requests with status 6 (shutting down)
+    # hardening limits (docs/protocol.md 6.4-6.7)
+    cdef public Py_ssize_t max_in_flight_total  # requests in flight in the process, both directions
+    cdef public double frame_timeout     # seconds a started frame may take to complete
+    cdef public double conn_idle_timeout # seconds an app/inbound connection may stay silent
+    cdef public Py_ssize_t max_buffered  # receive-buffer bytes beyond read_buffer, process-wide
+    cdef public Py_ssize_t max_gctx      # globalContext bytes of an app's request
+    cdef public Py_ssize_t max_lctx      # localContext bytes of an app's request
+    cdef public double min_life          # seconds: an upstream connection closed sooner died young
+    cdef readonly Py_ssize_t total_in_flight    # requests owed an answer, both directions
+    cdef readonly Py_ssize_t buffered_bytes     # receive-buffer bytes beyond read_buffer
+    cdef str budget_msg                  # the answers' messages, "{total}" = the frame's size
+    cdef str too_large_msg
     # counters, exported on scrape (admin)
     cdef public long long n_requests     # requests routed upstream (outbound)
     cdef public long long n_responses    # responses delivered to apps (outbound)
@@ -103,6 +116,19 @@ cdef class Engine:
     cdef public long long n_heartbeats
     cdef public long long n_restart_answers
     cdef public long long n_slow_consumers  # app connections closed for not reading
+    cdef public long long n_frame_timeouts      # connections closed for a stalled partial frame
+    cdef public long long n_idle_closed         # connections closed for silence
+    cdef public long long n_budget_rejects      # frames refused for the buffered-bytes budget
+    cdef public long long n_inflight_rejects    # requests refused for max_in_flight_total
+    cdef public long long n_context_rejects     # requests refused for a context over its limit
+    cdef public long long n_oversized           # frames over max_frame answered and skipped
+    cdef public long long n_early_closes        # upstream connections that died young
+    cdef public long long n_restart_notices     # ProxyRestart frames sent to apps that asked
+    cdef public long long n_shutdown_answers    # requests answered because the proxy was stopping
+    cdef public long long n_ignored_response    # Response frames from apps (ignored)
+    cdef public long long n_ignored_restart     # ProxyRestart frames from apps (ignored)
+    cdef public long long n_rejected_app        # app connections over max_connections
+    cdef public long long n_rejected_inbound    # inbound connections over max_connections
     cdef long long n_errors[STATUS_SLOTS]          # proxy-made error answers by status
     cdef long long lat_buckets[17]       # outbound latency histogram (LAT_BOUNDS + +Inf)
     cdef double lat_sum                  # seconds, for the histogram's _sum
@@ -122,7 +148,6 @@ cdef class Engine:
     # pre-encoded local answers (answer.pxi), by akey()
     cdef list ans_restart
     cdef list ans_overload
-    cdef list ans_conn_limit
     cdef list ans_route                  # ROUTE_SLOTS, hashed by (error, kind, name, cell)
 
     cdef UpstreamPool get_pool(self, Node node)
@@ -151,6 +176,10 @@ cdef class Conn:
     cdef Py_ssize_t rview_len
     cdef public bint closed
     cdef int pause_mask                 # why reading is paused (PAUSE_* bits)
+    cdef Py_ssize_t grown               # rcap beyond read_buffer, counted in Engine.buffered_bytes
+    cdef Py_ssize_t skip                # bytes of a refused frame still to discard as they arrive
+    cdef double last_rx                 # monotonic time of the last read
+    cdef double progress_at             # last time a frame completed or a new one began
     cdef bint queued                    # in engine.flushq
     cdef int fd                         # the socket while connected (sent to directly); else -1
     cdef bint via_transport             # bytes went through the transport: check it is empty first
@@ -159,6 +188,14 @@ cdef class Conn:
     cdef int flush_now(self) except -1
     cdef int send_ob(self, OutBuf* ob) except -1
     cdef int rb_compact(self) except -1
+    cdef int rb_grow(self, Py_ssize_t cap) except -1
+    cdef int rb_release(self) except -1
+    cdef int rb_refuse(self, int status, str why) except -1
+    cdef int rb_oversized(self, uint8_t* p) except -1
+    cdef int refuse_frame(self, FrameInfo* fi, int status, str why) except -1
+    cdef int rb_read(self, Py_ssize_t nbytes, double now) except -1
+    cdef int rb_done(self, Py_ssize_t start, bint was_empty, double now) except -1
+    cdef bint sweep_check(self, double now, Py_ssize_t owed) except -1
     cdef Py_ssize_t rb_next(self, FrameInfo* fi, uint8_t** frame) noexcept
     cdef int answer_heartbeat(self, FrameInfo* fi, OutBuf* out) except -1
     cdef int pause(self, int why) except -1
@@ -178,11 +215,13 @@ cdef class UpstreamPool:
     cdef public str last_error
     cdef public long long n_connects
     cdef public long long n_connect_failures
+    cdef public long long n_early_closes
     cdef list ans_timeout               # by akey(): the last timeout answer made here
     cdef list ans_unavailable           # by akey(): keyed by last_error's identity
 
     cdef UpstreamConn pick(self)
     cdef _on_conn_failed(self, UpstreamConn c, str why)
+    cdef _back_off(self, str why)
     cdef _on_conn_ok(self)
 
 
@@ -200,6 +239,9 @@ cdef class UpstreamConn(Conn):
     cdef list touched                   # OutboundConns with staged responses during one read
     cdef public double last_active
     cdef int64_t hb_id
+    cdef Py_ssize_t backlog_bytes       # bytes queued while connecting (counts toward backpressure)
+    cdef double made_at                 # monotonic time the connection was made (0: not yet)
+    cdef bint proven                    # an answer came back: the peer serves
     cdef long long fed_by               # engine.read_seq of the last app read that staged here
 
     cdef Py_ssize_t up_alloc(self, double deadline) except -1
@@ -212,14 +254,15 @@ cdef class UpstreamConn(Conn):
     cdef int up_flush(self) except -1
     cdef int up_flush_touched(self) except -1
     cdef int up_process(self) except -1
+    cdef int refuse_frame(self, FrameInfo* fi, int status, str why) except -1
 
 
 cdef class OutboundConn(Conn):
     cdef list dests                     # UpstreamConns with staged frames during one read
     cdef readonly Py_ssize_t in_flight  # requests read here and not answered yet
     cdef bint in_touched                # already in some UpstreamConn.touched list
-    cdef bint rejected                  # over the connection limit
     cdef bytes last_method              # the method name of the last Thrift call, reused
+    cdef readonly bint wants_notice     # asked for the restart notice (octo-restart-notice: 1)
 
     cdef int out_process(self) except -1
     cdef int out_error(self, int64_t seq_id, int status, str message, bint restart, int protocol,
@@ -231,7 +274,8 @@ cdef class OutboundConn(Conn):
     cdef int out_flush(self) except -1
     cdef int out_check_unread(self) except -1
     cdef int out_flush_dests(self) except -1
-    cdef _answer_too_large(self, uint8_t* p, Py_ssize_t avail)
+    cdef int out_refuse(self, FrameInfo* fi, int status, str message) except -1
+    cdef int refuse_frame(self, FrameInfo* fi, int status, str why) except -1
 
 
 cdef class InboundConn(Conn):
@@ -242,12 +286,17 @@ cdef class InboundConn(Conn):
     cdef public bint is_proxy           # the peer announced itself (octo-proxy: 1)
     cdef public bint restart_sent
     cdef readonly Py_ssize_t in_flight  # requests read here and not answered yet
+    cdef double deadline                # latest caller deadline among them (monotonic)
 
-    cdef int in_process(self) except -1
+    cdef int in_process(self, double now) except -1
+    cdef int in_expire(self, double now) except -1
+    cdef int in_error(self, FrameInfo* fi, int status, str message) except -1
     cdef int in_flush(self) except -1
+    cdef int refuse_frame(self, FrameInfo* fi, int status, str why) except -1
 
 
 cdef class ProviderConn(Conn):
     cdef InboundConn inbound
 
     cdef int pv_process(self) except -1
+    cdef int refuse_frame(self, FrameInfo* fi, int status, str why) except -1

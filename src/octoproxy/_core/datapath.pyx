@@ -41,7 +41,8 @@ from octoproxy._core.constants cimport (
     STATUS_RPC, STATUS_SERVICE, STATUS_SLOTS, STATUS_SUCCESS, STATUS_TRANSPORT,
 )
 from octoproxy._core.frame cimport (
-    FE_TOO_LARGE, FF_GZIP, FF_PROXY_ANNOUNCE, FF_REQUEST, FF_RESPONSE, FF_SNAPPY, FK_OCTO,
+    FE_TOO_LARGE, FF_GZIP, FF_PROXY_ANNOUNCE, FF_REQUEST, FF_RESPONSE, FF_RESTART_NOTICE, FF_SNAPPY,
+    FK_OCTO,
     FrameInfo, fr_adler32, fr_error_answer, fr_error_call, fr_error_response, fr_heartbeat_answer,
     fr_proxy_announce, fr_proxy_restart, fr_scan, fr_scan_header, fr_set_seq_id, fr_strerror,
 )
@@ -54,6 +55,7 @@ import contextvars as _contextvars
 import random as _random
 
 from octoproxy._core.frame import read_compressed_request
+from octoproxy.logs import peer_name as _peer_name
 
 cdef enum:
     # Conn.pause_mask bits: why a connection's reading is paused

@@ -21,7 +21,6 @@ cdef class Engine:
         self.flush_ctx = _contextvars.Context()
         self.ans_restart = [None] * ANSWER_KINDS
         self.ans_overload = [None] * ANSWER_KINDS
-        self.ans_conn_limit = [None] * ANSWER_KINDS
         self.ans_route = [None] * ROUTE_SLOTS
 
     def __init__(self, RouteTable table, loop, connector, log, *,
@@ -31,7 +30,11 @@ cdef class Engine:
                  Py_ssize_t low_water=1024 * 1024, Py_ssize_t max_unread=32 * 1024 * 1024,
                  double default_timeout=3.0,
                  double max_timeout=60.0, int conns_per_node=2, double backoff_base=0.1,
-                 double backoff_max=5.0, double idle_timeout=300.0, double connect_timeout=1.0):
+                 double backoff_max=5.0, double idle_timeout=300.0, double connect_timeout=1.0,
+                 Py_ssize_t max_in_flight_total=20000, double frame_timeout=30.0,
+                 double conn_idle_timeout=600.0, Py_ssize_t max_buffered=256 * 1024 * 1024,
+                 Py_ssize_t max_global_context=512, Py_ssize_t max_local_context=2048,
+                 double min_connection_life=1.0):
         self.table = table
         self.loop = loop
         self.connector = connector
@@ -51,6 +54,17 @@ cdef class Engine:
         self.backoff_max = backoff_max
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
+        self.max_in_flight_total = max_in_flight_total
+        self.frame_timeout = frame_timeout
+        self.conn_idle_timeout = conn_idle_timeout
+        self.max_buffered = max_buffered
+        self.max_gctx = max_global_context
+        self.max_lctx = max_local_context
+        self.min_life = min_connection_life
+        self.budget_msg = ("overload: the proxy's receive-buffer budget (limits.max_buffered_bytes "
+                           "= %d) cannot hold this frame of {total} bytes now; retry" % max_buffered)
+        self.too_large_msg = ("frame of {total} bytes exceeds the limit of %d bytes "
+                              "(limits.max_frame_bytes)" % max_frame)
 
     cdef UpstreamPool get_pool(self, Node node):
         cdef UpstreamPool pool = self.pools.get(node.address)
@@ -257,16 +271,50 @@ cdef class Engine:
 
     def start_drain(self):
         """Hot restart: from now on every new app request is answered at once
-        with the restart flag (STATUS_RPC) so the SDK retries on the new process.
-        Every app connection also gets a restart notice (the flagged answer
-        with sequence id 0, docs/protocol.md) so that idle SDK connections move
-        too, and close once nothing is owed on them."""
+        with the restart flag (STATUS_RPC) so the SDK retries on the new
+        process.  App connections that asked for it (octo-restart-notice: 1
+        in a heartbeat) also get a ProxyRestart frame, so that idle ones move
+        too; no other app connection gets anything it did not ask for
+        (docs/protocol.md 7.5)."""
         cdef OutboundConn d
         self.draining = True
         for d in list(self.outbounds):
-            if not d.closed:
-                d.out_error(0, STATUS_RPC, "octo-proxy is hot-restarting: reconnect", True, 1)
-                d.out_flush()
+            if not d.closed and d.wants_notice and d.transport is not None:
+                self.n_restart_notices += 1
+                d.out_flush()  # what is staged goes first
+                d.via_transport = True
+                d._write(fr_proxy_restart())
+
+    def start_shutdown(self):
+        """SIGTERM: new requests (both directions) are answered at once with
+        status 6 ("shutting down") instead of being taken on; what is in
+        flight goes on."""
+        self.stopping = True
+
+    def fail_in_flight(self, str why):
+        """The end of a shutdown or drain: answer every request still in
+        flight upstream (status 4, `why`) so that nothing read goes
+        unanswered; returns how many were."""
+        cdef UpstreamConn c
+        cdef Py_ssize_t n = 0
+        for c in list(self.timed):
+            n += c.in_flight
+            self.n_shutdown_answers += c.in_flight
+            c.up_fail_all(STATUS_TRANSPORT, why)
+        return n
+
+    def conn_sweep(self):
+        """Once a second (server.py): close stalled partial frames and idle
+        connections, and stop counting inbound requests whose callers'
+        deadlines have all passed."""
+        cdef OutboundConn d
+        cdef InboundConn ic
+        cdef double now = mono()
+        for d in list(self.outbounds):
+            d.sweep_check(now, d.in_flight)
+        for ic in list(self.inbounds):
+            ic.in_expire(now)
+            ic.sweep_check(now, ic.in_flight)
 
     def send_proxy_restarts(self):
         """ProxyRestart on every inbound connection from a client-side proxy
@@ -289,6 +337,15 @@ cdef class Engine:
             "inbound_responses": self.n_inbound_responses,
             "malformed": self.n_malformed, "heartbeats": self.n_heartbeats,
             "restart_answers": self.n_restart_answers, "slow_consumers": self.n_slow_consumers,
+            "frame_timeouts": self.n_frame_timeouts,
+            "idle_closed": self.n_idle_closed, "budget_rejects": self.n_budget_rejects,
+            "inflight_rejects": self.n_inflight_rejects, "context_rejects": self.n_context_rejects,
+            "oversized": self.n_oversized, "early_closes": self.n_early_closes,
+            "restart_notices": self.n_restart_notices,
+            "shutdown_answers": self.n_shutdown_answers,
+            "ignored_response": self.n_ignored_response,
+            "ignored_proxy_restart": self.n_ignored_restart,
+            "rejected_app": self.n_rejected_app, "rejected_inbound": self.n_rejected_inbound,
             "errors": {str(i): self.n_errors[i] for i in range(STATUS_SLOTS) if self.n_errors[i]},
         }
 
@@ -306,6 +363,19 @@ cdef class Engine:
         self.n_heartbeats += c.get("heartbeats", 0)
         self.n_restart_answers += c.get("restart_answers", 0)
         self.n_slow_consumers += c.get("slow_consumers", 0)
+        self.n_frame_timeouts += c.get("frame_timeouts", 0)
+        self.n_idle_closed += c.get("idle_closed", 0)
+        self.n_budget_rejects += c.get("budget_rejects", 0)
+        self.n_inflight_rejects += c.get("inflight_rejects", 0)
+        self.n_context_rejects += c.get("context_rejects", 0)
+        self.n_oversized += c.get("oversized", 0)
+        self.n_early_closes += c.get("early_closes", 0)
+        self.n_restart_notices += c.get("restart_notices", 0)
+        self.n_shutdown_answers += c.get("shutdown_answers", 0)
+        self.n_ignored_response += c.get("ignored_response", 0)
+        self.n_ignored_restart += c.get("ignored_proxy_restart", 0)
+        self.n_rejected_app += c.get("rejected_app", 0)
+        self.n_rejected_inbound += c.get("rejected_inbound", 0)
         for k, v in c.get("errors", {}).items():
             i = int(k)
             if 0 <= i < STATUS_SLOTS:
@@ -316,9 +386,11 @@ cdef class Engine:
         cdef UpstreamConn c
         cdef InboundConn ic
         cdef Py_ssize_t n = 0
+        cdef double now = mono()
         for c in self.timed:   # every upstream connection with requests in flight
             n += c.in_flight
         for ic in self.inbounds:
+            ic.in_expire(now)  # those whose callers gave up are not owed any more
             n += ic.in_flight
         return n
 

@@ -17,6 +17,7 @@ cdef enum:
     FF_RESPONSE = 16     # Header.responseInfo present
     FF_PROXY_RESTART = 32   # localContext octo-proxy-restart == "1"
     FF_PROXY_ANNOUNCE = 64  # localContext octo-proxy == "1"
+    FF_RESTART_NOTICE = 128 # localContext octo-restart-notice == "1" (an app asks for ProxyRestart)
 
     # fr_scan errors (negative return values); fr_strerror() names them
     FE_NEED_MORE = 0           # not an error: incomplete frame
@@ -65,6 +66,8 @@ cdef struct FrameInfo:
     Py_ssize_t message_len
     Py_ssize_t caller_off     # traceInfo.clientAppkey (heartbeats: heartbeatInfo.appkey)
     Py_ssize_t caller_len
+    Py_ssize_t gctx_len       # bytes of the globalContext map's encoding (0 if absent)
+    Py_ssize_t lctx_len       # bytes of the localContext map's encoding (0 if absent)
 
 # Message types, status codes and call types: constants.pxd.
 cdef enum:

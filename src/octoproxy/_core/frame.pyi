@@ -14,6 +14,7 @@ FF_REQUEST: Final[int]
 FF_RESPONSE: Final[int]
 FF_PROXY_RESTART: Final[int]
 FF_PROXY_ANNOUNCE: Final[int]
+FF_RESTART_NOTICE: Final[int]
 
 MT_NORMAL: Final[int]
 MT_HEARTBEAT: Final[int]

@@ -376,6 +376,9 @@ cdef const uint8_t* fr_context(const uint8_t* p, const uint8_t* end, const uint8
             elif klen == 10 and memcmp(key, b"octo-proxy", 10) == 0:
                 if vlen == 1 and base[voff] == b'1':
                     fi.flags |= FF_PROXY_ANNOUNCE
+            elif klen == 19 and memcmp(key, b"octo-restart-notice", 19) == 0:
+                if vlen == 1 and base[voff] == b'1':
+                    fi.flags |= FF_RESTART_NOTICE
         else:
             if klen == 12 and memcmp(key, b"octo-liteset", 12) == 0:
                 fi.liteset_off = voff
@@ -418,6 +421,7 @@ cdef int fr_header(const uint8_t* base, Py_ssize_t off, Py_ssize_t hl, FrameInfo
     # Decode the Header struct at base[off:off+hl]; 0 or an FE_* code.
     cdef const uint8_t* p = base + off
     cdef const uint8_t* end = p + hl
+    cdef const uint8_t* q
     cdef int ft = 0, fid = 0, err = FE_BAD_HEADER
     while True:
         p = fr_field(p, end, &ft, &fid, &err)
@@ -441,7 +445,14 @@ cdef int fr_header(const uint8_t* base, Py_ssize_t off, Py_ssize_t hl, FrameInfo
         elif fid == 5 or fid == 6:        # globalContext / localContext
             if ft != T_MAP:
                 return FE_BAD_FIELD_TYPE
+            q = p
             p = fr_context(p, end, base, fi, fid == 6, &err)
+            if p != NULL:
+                # the map's size, for the context limits (the last one wins)
+                if fid == 6:
+                    fi.lctx_len = p - q
+                else:
+                    fi.gctx_len = p - q
         elif fid == 4 or fid == 7:        # traceInfo / heartbeatInfo: only the caller's appkey
             if ft != T_STRUCT:
                 return FE_BAD_FIELD_TYPE
@@ -492,6 +503,8 @@ cdef inline void fr_reset(FrameInfo* fi) noexcept nogil:
     fi.message_len = -1
     fi.caller_off = -1
     fi.caller_len = -1
+    fi.gctx_len = 0
+    fi.lctx_len = 0
 
 
 cdef Py_ssize_t fr_scan_thrift(const uint8_t* buf, Py_ssize_t n, Py_ssize_t max_frame,
@@ -829,6 +842,7 @@ for _name, _value in (
     ("FF_CHECKSUM", FF_CHECKSUM), ("FF_GZIP", FF_GZIP), ("FF_SNAPPY", FF_SNAPPY),
     ("FF_REQUEST", FF_REQUEST), ("FF_RESPONSE", FF_RESPONSE),
     ("FF_PROXY_RESTART", FF_PROXY_RESTART), ("FF_PROXY_ANNOUNCE", FF_PROXY_ANNOUNCE),
+    ("FF_RESTART_NOTICE", FF_RESTART_NOTICE),
     ("MT_NORMAL", MT_NORMAL), ("MT_HEARTBEAT", MT_HEARTBEAT),
     ("MT_SCANNER_HEARTBEAT", MT_SCANNER_HEARTBEAT), ("MT_PROXY_RESTART", MT_PROXY_RESTART),
     ("FE_NEED_MORE", FE_NEED_MORE), ("FE_BAD_MAGIC", FE_BAD_MAGIC),

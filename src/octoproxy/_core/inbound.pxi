@@ -25,7 +25,9 @@ cdef class InboundConn(Conn):
                 self.send_ob(&self.reply)
             else:
                 self.reply.len = 0
-        if self.out.len:
+        if self.out.len and self.closed:
+            self.out.len = 0
+        elif self.out.len:
             if pv is None or pv.transport is None:
                 if pv is not None and pv.closed:
                     self.out.len = 0
@@ -36,9 +38,11 @@ cdef class InboundConn(Conn):
                 pv.send_ob(&self.out)
         return 0
 
-    cdef int in_process(self) except -1:
+    cdef int in_process(self, double now) except -1:
         cdef FrameInfo fi
         cdef Py_ssize_t r
+        cdef int k
+        cdef double timeout
         cdef uint8_t* p
         cdef Engine eng = self.engine
         while True:
@@ -46,6 +50,14 @@ cdef class InboundConn(Conn):
             if r == 0:
                 break
             if r < 0:
+                if r == FE_TOO_LARGE:
+                    k = self.rb_oversized(p)
+                    if k == 1:
+                        continue  # answered (status 5), its bytes are skipped
+                    if k == 0:
+                        break
+                    self.in_flush()
+                    return 0
                 self.in_flush()
                 self.malformed(r, "inbound")
                 return 0
@@ -58,10 +70,50 @@ cdef class InboundConn(Conn):
                     self.answer_heartbeat(&fi, &self.reply)
                 continue
             if (fi.flags & FF_REQUEST) and fi.call_type != CALL_ONEWAY:
+                if eng.stopping:
+                    eng.n_shutdown_answers += 1
+                    self.in_error(&fi, STATUS_DEGRADE, "octo-proxy is shutting down: it takes no "
+                                  "new requests; retry on another instance")
+                    continue
+                if eng.total_in_flight >= eng.max_in_flight_total:
+                    eng.n_inflight_rejects += 1
+                    self.in_error(&fi, STATUS_DEGRADE, f"overload: {eng.total_in_flight} requests "
+                                  "in flight in this proxy (limits.max_inflight_total)")
+                    continue
+                # owed until the provider answers or the caller's deadline passes
+                timeout = eng.default_timeout if fi.timeout <= 0 else fi.timeout * 0.001
+                if timeout > eng.max_timeout:
+                    timeout = eng.max_timeout
+                if now + timeout > self.deadline:
+                    self.deadline = now + timeout
                 self.in_flight += 1
+                eng.total_in_flight += 1
                 eng.n_inbound_requests += 1
             ob_append(&self.out, <char*>p, r)
         self.in_flush()
+        return 0
+
+    cdef int in_error(self, FrameInfo* fi, int status, str message) except -1:
+        if fi.seq_off >= 0:
+            self.engine.n_errors[status & (STATUS_SLOTS - 1)] += 1
+            ob_append_bytes(&self.reply, fr_error_response(fi.seq_id, status, message, False,
+                                                           fi.protocol & PROTO_SERIAL_MASK))
+        return 0
+
+    cdef int in_expire(self, double now) except -1:
+        """Every request here is past its caller's deadline: the caller
+        answered itself (timeout); nothing is owed any more."""
+        if self.in_flight > 0 and now > self.deadline:
+            self.engine.total_in_flight -= self.in_flight
+            self.in_flight = 0
+        return 0
+
+    cdef int refuse_frame(self, FrameInfo* fi, int status, str why) except -1:
+        # a request too large for this side: answer it alone, keep the
+        # connection (the client side's other requests share it)
+        if fi.flags & FF_REQUEST and fi.call_type != CALL_ONEWAY:
+            self.in_error(fi, status, why)
+            self.in_flush()
         return 0
 
     def send_proxy_restart(self):
@@ -76,9 +128,11 @@ cdef class InboundConn(Conn):
 
     def connection_made(self, transport):
         self.set_transport(transport)
+        self.last_rx = self.progress_at = mono()
         if len(self.engine.inbounds) >= self.engine.max_connections:
-            self.engine.log.warning("inbound connection limit (%d) reached: closing %s",
-                                    self.engine.max_connections, transport.get_extra_info("peername"))
+            self.engine.n_rejected_inbound += 1
+            self.engine.log.warning("inbound connection limit (%d, limits.max_connections) reached: "
+                                    "closing %s", self.engine.max_connections, _peer_name(transport))
             self.closed = True
             transport.abort()
             return
@@ -87,40 +141,55 @@ cdef class InboundConn(Conn):
         self.engine.connector(self.provider, None, self.provider_path)
 
     def buffer_updated(self, Py_ssize_t nbytes):
-        self.rend += nbytes
-        self.in_process()
-        self.rb_compact()
+        cdef double now = mono()
+        cdef bint was_empty = self.rend == self.rstart
+        cdef Py_ssize_t start
+        self.rb_read(nbytes, now)
+        start = self.rstart
+        self.in_process(now)
+        self.rb_done(start, was_empty, now)
 
     def connection_lost(self, exc):
+        cdef ProviderConn pv = self.provider
         self.closed = True
         self.engine.inbounds.discard(self)
-        if self.provider is not None and self.provider.transport is not None:
-            self.provider.transport.close()
+        self.engine.total_in_flight -= self.in_flight
+        self.in_flight = 0
+        # break the InboundConn <-> ProviderConn cycle now, so both (and
+        # their buffers) go with their last reference, not at the next GC
+        self.provider = None
+        if pv is not None and pv.transport is not None:
+            pv.transport.close()
+        self.backlog = []
+        ob_free(&self.reply)
+        self.rb_release()
         self.transport = None
         self._write = None
         self.fd = -1
 
     def _on_pause_writing(self):
-        # the peer does not read its answers: stop reading the provider
+        # the peer does not read its answers: stop reading the provider, and
+        # the peer itself (heartbeats answered here count toward it too)
+        self.pause(PAUSE_SELF)
         if self.provider is not None:
             self.provider.pause(PAUSE_PEER)
 
     def _on_resume_writing(self):
+        self.resume(PAUSE_SELF)
         if self.provider is not None:
             self.provider.resume(PAUSE_PEER)
 
     def _provider_ready(self):
         backlog = self.backlog
         self.backlog = []
-        if backlog:
+        if backlog and self.provider is not None:
             self.provider.via_transport = True
             self.provider._write(b"".join(backlog))
         self.resume(PAUSE_PEER)
 
     def _provider_failed(self, str why):
         self.engine.log.warning("provider %s unavailable (%s): closing inbound connection %s",
-                                self.provider_path, why,
-                                self.transport.get_extra_info("peername") if self.transport else None)
+                                self.provider_path, why, _peer_name(self.transport))
         self.backlog = []
         if self.transport is not None:
             self.transport.close()
@@ -133,8 +202,20 @@ cdef class ProviderConn(Conn):
     def __cinit__(self, Engine engine, InboundConn inbound):
         self.inbound = inbound
 
+    cdef int refuse_frame(self, FrameInfo* fi, int status, str why) except -1:
+        # an answer too large to pass: the caller gets the reason instead
+        cdef InboundConn ic = self.inbound
+        if fi.flags & FF_RESPONSE and fi.seq_off >= 0 and not ic.closed:
+            if ic.in_flight > 0:
+                ic.in_flight -= 1
+                self.engine.total_in_flight -= 1
+            ic.in_error(fi, status, "the provider's answer was refused: " + why)
+            ic.in_flush()
+        return 0
+
     cdef int pv_process(self) except -1:
         cdef FrameInfo fi
+        cdef int k
         cdef Py_ssize_t r
         cdef uint8_t* p
         cdef InboundConn ic = self.inbound
@@ -144,11 +225,20 @@ cdef class ProviderConn(Conn):
             if r == 0:
                 break
             if r < 0:
+                if r == FE_TOO_LARGE:
+                    k = self.rb_oversized(p)
+                    if k == 1:
+                        continue  # the caller got status 5 instead, the answer is skipped
+                    if k == 0:
+                        break
+                    ic.in_flush()
+                    return 0
                 ic.in_flush()
                 self.malformed(r, "provider")
                 return 0
             if (fi.flags & FF_RESPONSE) and fi.msg_type != MT_HEARTBEAT and ic.in_flight > 0:
                 ic.in_flight -= 1
+                eng.total_in_flight -= 1
                 eng.n_inbound_responses += 1
             ob_append(&ic.reply, <char*>p, r)
         ic.in_flush()
@@ -166,12 +256,17 @@ cdef class ProviderConn(Conn):
         self.inbound._provider_failed(why)
 
     def buffer_updated(self, Py_ssize_t nbytes):
-        self.rend += nbytes
+        cdef double now = mono()
+        cdef bint was_empty = self.rend == self.rstart
+        cdef Py_ssize_t start
+        self.rb_read(nbytes, now)
+        start = self.rstart
         self.pv_process()
-        self.rb_compact()
+        self.rb_done(start, was_empty, now)
 
     def connection_lost(self, exc):
         self.closed = True
+        self.rb_release()
         self.transport = None
         self._write = None
         self.fd = -1

@@ -77,15 +77,24 @@ cdef class OutboundConn(Conn):
         cdef int kind
         cdef Py_ssize_t moff, mlen
         cdef int32_t body_seq
+        cdef int k
+        cdef bint oneway
         eng.read_seq += 1
         while True:
             r = self.rb_next(&fi, &p)
             if r == 0:
                 break
             if r < 0:
-                self.out_flush_dests()
                 if r == FE_TOO_LARGE:
-                    self._answer_too_large(p, self.rend - self.rstart)
+                    k = self.rb_oversized(p)
+                    if k == 1:
+                        continue  # answered (status 5), its bytes are skipped
+                    if k == 0:
+                        break  # its header is still coming
+                    self.out_flush_dests()
+                    self.out_flush()
+                    return 0
+                self.out_flush_dests()
                 self.out_flush()
                 self.malformed(r, "app")
                 return 0
@@ -106,10 +115,39 @@ cdef class OutboundConn(Conn):
                 return 0
             if fi.msg_type == MT_HEARTBEAT or fi.msg_type == MT_SCANNER_HEARTBEAT:
                 if not (fi.flags & FF_RESPONSE):
+                    if fi.flags & FF_RESTART_NOTICE:
+                        self.wants_notice = True
                     self.answer_heartbeat(&fi, &self.out)
                 continue
             if not (fi.flags & FF_REQUEST):
-                continue  # apps send requests; anything else is ignored
+                # apps send requests (docs/protocol.md 6.5): anything else is
+                # ignored, counted and logged with the app's pid/uid
+                if fi.msg_type == MT_PROXY_RESTART:
+                    eng.n_ignored_restart += 1
+                    what = "ProxyRestart"
+                else:
+                    eng.n_ignored_response += 1
+                    what = "response" if fi.flags & FF_RESPONSE else "non-request"
+                eng.log.warning("ignoring a %s frame from app %s: apps send requests only",
+                                what, _peer_name(self.transport))
+                continue
+            oneway = fi.call_type == CALL_ONEWAY
+            if eng.stopping:
+                eng.n_shutdown_answers += 1
+                self.out_refuse(&fi, STATUS_DEGRADE, "octo-proxy is shutting down: it takes no "
+                                "new requests; retry on another instance")
+                continue
+            if fi.gctx_len > eng.max_gctx or fi.lctx_len > eng.max_lctx:
+                eng.n_context_rejects += 1
+                if fi.gctx_len > eng.max_gctx:
+                    self.out_refuse(&fi, STATUS_PROTOCOL, f"globalContext of {fi.gctx_len} bytes "
+                                    f"exceeds the limit of {eng.max_gctx} bytes "
+                                    "(limits.max_global_context_bytes)")
+                else:
+                    self.out_refuse(&fi, STATUS_PROTOCOL, f"localContext of {fi.lctx_len} bytes "
+                                    f"exceeds the limit of {eng.max_lctx} bytes "
+                                    "(limits.max_local_context_bytes)")
+                continue
             # local answers: pre-encoded per reason (answer.pxi), the request's
             # sequence id (and method, for a Thrift body) written in
             if eng.draining:
@@ -122,17 +160,7 @@ cdef class OutboundConn(Conn):
                     eng.ans_restart[kind] = a
                 self.out_answer(a, fi.seq_id, p, moff, mlen, body_seq)
                 continue
-            if self.rejected:
-                kind = answer_kind(p, &fi, &moff, &mlen, &body_seq)
-                a = <Answer>eng.ans_conn_limit[kind]
-                if a is None or a.k1 != eng.max_connections:
-                    a = make_answer(STATUS_DEGRADE, f"overload: connection limit of "
-                                    f"{eng.max_connections} app connections reached", False, kind)
-                    a.k1 = eng.max_connections
-                    eng.ans_conn_limit[kind] = a
-                self.out_answer(a, fi.seq_id, p, moff, mlen, body_seq)
-                continue
-            if fi.call_type != CALL_ONEWAY and self.in_flight >= eng.max_in_flight:
+            if not oneway and self.in_flight >= eng.max_in_flight:
                 kind = answer_kind(p, &fi, &moff, &mlen, &body_seq)
                 a = <Answer>eng.ans_overload[kind]
                 if a is None or a.k1 != self.in_flight or a.k2 != eng.max_in_flight:
@@ -143,6 +171,12 @@ cdef class OutboundConn(Conn):
                     a.k2 = eng.max_in_flight
                     eng.ans_overload[kind] = a
                 self.out_answer(a, fi.seq_id, p, moff, mlen, body_seq)
+                continue
+            if not oneway and eng.total_in_flight >= eng.max_in_flight_total:
+                eng.n_inflight_rejects += 1
+                self.out_error(fi.seq_id, STATUS_DEGRADE, f"overload: {eng.total_in_flight} requests "
+                               "in flight in this proxy (limits.max_inflight_total)", False,
+                               fi.protocol)
                 continue
             node = table.rt_route(
                 p + fi.appkey_off, fi.appkey_len, p + fi.service_off, fi.service_len,
@@ -205,6 +239,7 @@ cdef class OutboundConn(Conn):
                 eng.n_oneway += 1
             else:
                 self.in_flight += 1
+                eng.total_in_flight += 1
                 lb_on_send(node)
                 eng.n_requests += 1
         if not self.dests and not self.out.len:
@@ -254,42 +289,49 @@ cdef class OutboundConn(Conn):
                        info["body_seq_id"] if info["body_seq_id"] is not None else 0)
         return True
 
-    cdef _answer_too_large(self, uint8_t* p, Py_ssize_t avail):
-        """Answer an oversized request with ProtocolException when its header
-        is already here (the frame itself is never buffered)."""
-        cdef FrameInfo fi
-        cdef Py_ssize_t total
-        if avail < 8:
-            return
-        total = 8 + ((<Py_ssize_t>p[4] << 24) | (p[5] << 16) | (p[6] << 8) | p[7])
-        if fr_scan_header(p, avail, self.engine.max_header, &fi) > 0 and fi.seq_off >= 0 \
-                and fi.flags & FF_REQUEST:
-            self.out_error(fi.seq_id, STATUS_PROTOCOL, f"frame of {total} bytes exceeds the limit of "
-                          f"{self.engine.max_frame} bytes (limits.max_frame_bytes)", False, fi.protocol)
+    cdef int out_refuse(self, FrameInfo* fi, int status, str message) except -1:
+        """Answer a request the proxy will not take (one-way ones too,
+        docs/protocol.md 6.2)."""
+        self.out_error(fi.seq_id, status, message, False, fi.protocol)
+        return 0
+
+    cdef int refuse_frame(self, FrameInfo* fi, int status, str why) except -1:
+        # a frame too large (or over the buffer budget): answer it alone
+        if fi.flags & FF_REQUEST and fi.seq_off >= 0:
+            self.out_refuse(fi, status, why)
+            self.out_flush()
+        return 0
 
     # -- asyncio protocol
 
     def connection_made(self, transport):
+        cdef Engine eng = self.engine
+        self.last_rx = self.progress_at = mono()
+        if len(eng.outbounds) >= eng.max_connections:
+            # over the limit: closed at once, so the limit bounds open fds
+            eng.n_rejected_app += 1
+            eng.log.warning("app connection limit (%d, limits.max_connections) reached: closing "
+                            "the connection from %s", eng.max_connections, _peer_name(transport))
+            self.closed = True
+            transport.abort()
+            return
         self.set_transport(transport)
-        if len(self.engine.outbounds) >= self.engine.max_connections:
-            self.rejected = True
-            self.engine.log.warning("app connection limit (%d) reached: answering with overload",
-                                    self.engine.max_connections)
-        self.engine.outbounds.add(self)
+        eng.outbounds.add(self)
 
     def buffer_updated(self, Py_ssize_t nbytes):
-        self.rend += nbytes
+        cdef double now = mono()
+        cdef bint was_empty = self.rend == self.rstart
+        cdef Py_ssize_t start
+        self.rb_read(nbytes, now)
+        start = self.rstart
         self.out_process()
-        if self.rejected and self.transport is not None:
-            self.out_flush()  # before close: a closing transport drops what is written after
-            self.transport.close()
-        self.rb_compact()
+        self.rb_done(start, was_empty, now)
 
     def connection_lost(self, exc):
         self.closed = True
         self.engine.outbounds.discard(self)
+        self.dests.clear()
+        self.rb_release()
         self.transport = None
         self._write = None
         self.fd = -1
-
-

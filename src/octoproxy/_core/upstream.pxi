@@ -36,10 +36,13 @@ cdef class UpstreamPool:
         return <UpstreamConn>self.conns[self.rr % n]
 
     cdef _on_conn_failed(self, UpstreamConn c, str why):
-        cdef double jitter
         if c in self.conns:
             self.conns.remove(c)
         self.n_connect_failures += 1
+        self._back_off(why)
+
+    cdef _back_off(self, str why):
+        cdef double jitter
         self.last_error = why
         # full jitter over the current backoff, doubling up to the maximum
         jitter = _random.random() * self.backoff
@@ -175,6 +178,7 @@ cdef class UpstreamConn(Conn):
         self.slots[s].id = -1
         self.in_flight -= 1
         if not self.slots[s].oneway:
+            self.engine.total_in_flight -= 1
             (<OutboundConn>app).in_flight -= 1
             lb_on_done(<Node>node)
         if self.slots[s].method != NULL:
@@ -264,7 +268,11 @@ cdef class UpstreamConn(Conn):
         if self.out.len == 0:
             return 0
         if self.state == CONN_CONNECTING:
+            # queued until connected: as much backpressure as a full write buffer
+            self.backlog_bytes += self.out.len
             self.backlog.append(ob_take(&self.out))
+            if self.backlog_bytes > self.engine.high_water:
+                self.paused = True
         elif self.state != CONN_CLOSED and self.transport is not None:
             self.send_ob(&self.out)
         else:
@@ -284,8 +292,28 @@ cdef class UpstreamConn(Conn):
         self.touched.clear()
         return 0
 
+    cdef int refuse_frame(self, FrameInfo* fi, int status, str why) except -1:
+        # an answer too large for this side: its request is answered with the
+        # reason instead, the connection and the other requests stay
+        cdef Py_ssize_t s
+        cdef OutboundConn app
+        if not (fi.flags & FF_RESPONSE) or fi.seq_off < 0 or fi.seq_id < 0:
+            return 0
+        s = fi.seq_id & (self.cap - 1)
+        if self.slots[s].id != fi.seq_id:
+            return 0
+        app = <OutboundConn>self.slots[s].app
+        self.engine.on_answer(<Node>self.slots[s].node, status, self.slots[s].sent_at, mono())
+        if not app.closed:
+            app.out_error(self.slots[s].orig_id, status, "the answer was refused: " + why, False,
+                          self.slots[s].protocol)
+            app.out_flush()
+        self.up_release(s)
+        return 0
+
     cdef int up_process(self) except -1:
         cdef FrameInfo fi
+        cdef int k
         cdef Py_ssize_t r, s
         cdef uint8_t* p
         cdef OutboundConn app
@@ -297,6 +325,14 @@ cdef class UpstreamConn(Conn):
             if r == 0:
                 break
             if r < 0:
+                if r == FE_TOO_LARGE:
+                    k = self.rb_oversized(p)
+                    if k == 1:
+                        continue  # that request answered with status 5, the answer skipped
+                    if k == 0:
+                        break
+                    self.up_flush_touched()
+                    return 0
                 self.up_flush_touched()
                 self.malformed(r, "upstream")
                 return 0
@@ -313,6 +349,9 @@ cdef class UpstreamConn(Conn):
             if fi.seq_id < 0 or self.slots[s].id != fi.seq_id:
                 continue  # late (timed out) or unknown: dropped
             app = <OutboundConn>self.slots[s].app
+            if not self.proven:
+                self.proven = True  # the peer serves: connecting to it is healthy again
+                self.pool._on_conn_ok()
             eng.on_answer(<Node>self.slots[s].node, fi.status if fi.status >= 0 else STATUS_SUCCESS,
                           self.slots[s].sent_at, now)
             if not app.closed:
@@ -355,11 +394,18 @@ cdef class UpstreamConn(Conn):
         self.set_transport(transport)
         if self.state == CONN_CONNECTING:
             self.state = CONN_OPEN
-        self.pool._on_conn_ok()
+        self.made_at = mono()
+        # the backoff is reset once the peer answers (up_process) or once the
+        # connection has lived min_connection_life: a peer that accepts and
+        # closes at once is backed off like one that refuses
         self.hb_id += 1
         backlog = self.backlog
         self.backlog = []
+        self.backlog_bytes = 0
+        self.paused = False
         transport.writelines([fr_proxy_announce(self.hb_id)] + backlog)
+        if not self.paused:  # else: released by resume_writing
+            self._release_waiters()
 
     def connect_failed(self, str why):
         """Called by the connector when the connection could not be made."""
@@ -371,22 +417,37 @@ cdef class UpstreamConn(Conn):
         self._release_waiters()
 
     def buffer_updated(self, Py_ssize_t nbytes):
-        self.rend += nbytes
-        self.last_active = mono()
+        cdef double now = mono()
+        cdef bint was_empty = self.rend == self.rstart
+        cdef Py_ssize_t start
+        self.rb_read(nbytes, now)
+        self.last_active = now
+        start = self.rstart
         self.up_process()
-        self.rb_compact()
+        self.rb_done(start, was_empty, now)
 
     def connection_lost(self, exc):
+        cdef double lived = mono() - self.made_at
         was = self.state
         self.state = CONN_CLOSED
         self.closed = True
         if self in self.pool.conns:
             self.pool.conns.remove(self)
         self.engine.timed.discard(self)
+        if self.made_at > 0 and was == CONN_OPEN and not self.proven:
+            if lived < self.engine.min_life:
+                # died young, closed by the peer: a failed connect (backoff)
+                self.engine.n_early_closes += 1
+                self.pool.n_early_closes += 1
+                self.pool._back_off(f"the peer closed the connection {lived * 1000:.0f} ms "
+                                    "after it was made")
+            else:
+                self.pool._on_conn_ok()
         if self.in_flight:
             self.up_fail_all(STATUS_TRANSPORT, f"upstream connection to {self.pool.address} closed"
                              + (f": {exc}" if exc else ""))
         self._release_waiters()
+        self.rb_release()
         self.transport = None
         self._write = None
         self.fd = -1

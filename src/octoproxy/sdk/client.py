@@ -4,6 +4,12 @@ Requests are pipelined: many calls share one connection and are matched to
 their responses by sequence id.  A response carrying the hot-restart flag
 (`octo-proxy-restart: 1`) makes the client reconnect (to the new proxy
 process) and retry that request once, so the app never sees it.
+
+On connect, each client sends one heartbeat announcing that it understands
+the restart notice (`octo-restart-notice: 1`, docs/protocol.md): a proxy
+that hot-restarts then sends it a ProxyRestart frame, and the client moves
+its next calls to a new connection (the new process) while the answers still
+owed arrive on the old one.
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ from octoproxy._core.constants import Status
 
 STATUS_SUCCESS = int(Status.STATUS_SUCCESS)
 STATUS_RPC = int(Status.STATUS_RPC)
+
+# the first frame on every connection: "send me the restart notice"
+_ANNOUNCE = _frame.encode_heartbeat(0, local_context={"octo-restart-notice": "1"})
+_NOT_ANSWERS = (_frame.MT_HEARTBEAT, _frame.MT_SCANNER_HEARTBEAT)
 
 
 class RpcError(Exception):
@@ -95,6 +105,7 @@ class _AsyncConn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.transport.write(_ANNOUNCE)  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -105,19 +116,23 @@ class _AsyncConn(asyncio.Protocol):
                 self.transport.abort()
             return
         for f in frames:
-            if not f.is_response:
+            if f.msg_type == _frame.MT_PROXY_RESTART:
+                self._restart_notice()
+                continue
+            if not f.is_response or f.msg_type in _NOT_ANSWERS:
                 continue
             w = self.waiters.pop(f.seq_id, None)
             if w is not None and not w.done():
                 w.set_result(_response(f))
-            elif f.proxy_restart:
-                # restart notice: new calls go to a new connection (the new
-                # process); this one closes once nothing is owed on it
-                self.draining = True
-                if self.owner._conn is self:
-                    self.owner._conn = None
         if self.draining and not self.waiters and self.transport is not None:
             self.transport.close()
+
+    def _restart_notice(self) -> None:
+        # new calls go to a new connection (the new process); this one
+        # closes once nothing is owed on it
+        self.draining = True
+        if self.owner._conn is self:
+            self.owner._conn = None
 
     def _fail(self, exc: Exception) -> None:
         waiters, self.waiters = self.waiters, {}
@@ -265,6 +280,7 @@ class Client:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.02)
+        s.sendall(_ANNOUNCE)
         self._sock = s
         self._scanner = _frame.FrameScanner()
         return s
@@ -315,7 +331,7 @@ class Client:
         except OSError:
             self._reset()
             return
-        if not data or any(f.proxy_restart for f in self._scanner.feed(data)):
+        if not data or any(f.msg_type == _frame.MT_PROXY_RESTART for f in self._scanner.feed(data)):
             self._reset()
 
     def _batch(self, calls: list[tuple[str, bytes]], ctx: Context | None,
@@ -336,10 +352,10 @@ class Client:
                     self._reset()
                     raise ConnectionError("connection to the proxy closed")
                 for f in self._scanner.feed(data):
-                    if f.is_response and f.seq_id in want:
-                        got[f.seq_id] = _response(f)
-                    elif f.proxy_restart:
+                    if f.msg_type == _frame.MT_PROXY_RESTART:
                         draining = True
+                    elif f.is_response and f.msg_type not in _NOT_ANSWERS and f.seq_id in want:
+                        got[f.seq_id] = _response(f)
         except TimeoutError:
             self._reset()
             raise
