@@ -76,9 +76,13 @@ PEERS: list[Peer] = []  # every Peer of the running test: conftest closes them a
 
 class Peer:
     """A blocking raw OCTO peer on a UDS or TCP socket: sends bytes, collects
-    every frame it receives (nothing is dropped or matched away)."""
+    every frame it receives (nothing is dropped or matched away).  Every peer
+    is closed at the end of its test (conftest.py)."""
+
+    opened: list[Peer] = []
 
     def __init__(self, where: str | int, *, rcvbuf: int | None = None) -> None:
+        Peer.opened.append(self)
         if isinstance(where, int):
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             if rcvbuf:

@@ -19,3 +19,12 @@ def _close_peers() -> Iterator[None]:
 
     while PEERS:
         PEERS.pop().close()
+
+
+@pytest.fixture(autouse=True)
+def _close_peers() -> Iterator[None]:
+    from attack import Peer
+
+    yield
+    while Peer.opened:
+        Peer.opened.pop().close()

@@ -290,15 +290,18 @@ def test_inflight_limit_per_connection_answers_overload() -> None:
         assert all(r.status == 6 and "limit 10" in r.message for r in over)
 
 
-def test_connection_limit_answers_overload() -> None:
+def test_connection_limit_closes_the_extra_connection() -> None:
+    # limits.max_connections bounds open app connections: one more is closed
+    # at once (docs/protocol.md 6.4), the held ones keep working
     with cluster() as c:
         simple_chain(c, limits={"max_connections": 2})
         held = [Client(c.path("px.sock")) for _ in range(2)]
         for h in held:
             assert h.call("m", b"echo:x", appkey="a").ok
-        with Client(c.path("px.sock")) as extra:
-            r = extra.call("m", b"echo:x", appkey="a", raise_on_error=False)
-        assert r.status == 6 and "connection limit" in r.message
+        with socket.socket(socket.AF_UNIX) as extra:
+            extra.connect(c.path("px.sock"))
+            extra.settimeout(5)
+            assert extra.recv(100) == b""  # closed by the proxy
         held[0].close()
 
         def new_connection_served() -> bool:
@@ -306,6 +309,7 @@ def test_connection_limit_answers_overload() -> None:
                 return cl.call("m", b"echo:x", appkey="a", raise_on_error=False).ok
 
         wait_for(new_connection_served, 5, "a slot freed by a closed connection")
+        assert held[1].call("m", b"echo:y", appkey="a").ok
         held[1].close()
 
 
@@ -331,21 +335,24 @@ def test_malformed_frame_closes_only_its_connection(mesh: Cluster) -> None:
     good.close()
 
 
-def test_oversized_frame_answered_and_connection_closed() -> None:
+def test_oversized_frame_answered_and_skipped_connection_kept() -> None:
+    # docs/protocol.md 6.4: answered with status 5 once its header is in,
+    # its bytes discarded as they come; the same connection goes on
     with cluster() as c:
         simple_chain(c, limits={"max_frame_bytes": 4096, "max_header_bytes": 1024})
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(c.path("px.sock"))
-            s.sendall(frame.encode_request(5, "m", b"y" * 10000,
-                                           local_context={"octo-remote-appkey": "a"})[:2000])
+            big = frame.encode_request(5, "m", b"y" * 10000,
+                                       local_context={"octo-remote-appkey": "a"})
+            s.sendall(big[:2000])
             s.settimeout(5)
-            data = b""
-            while chunk := s.recv(4096):
-                data += chunk
-        (f,), _ = frame.scan(data)
-        assert f.seq_id == 5 and f.status == 5 and "exceeds the limit of 4096" in f.message
-        with Client(c.path("px.sock")) as cl:
-            assert cl.call("m", b"echo:small", appkey="a").ok
+            sc = frame.FrameScanner()
+            (f,) = wait_for(lambda: sc.feed(s.recv(4096)), 5, "the answer to the oversized request")
+            assert f.seq_id == 5 and f.status == 5 and "exceeds the limit of 4096" in f.message
+            s.sendall(big[2000:] + frame.encode_request(6, "m", b"echo:after",
+                                                        local_context={"octo-remote-appkey": "a"}))
+            (g,) = wait_for(lambda: sc.feed(s.recv(4096)), 5, "the next request's answer")
+            assert g.seq_id == 6 and g.status == 0 and g.body.endswith(b"after")
 
 
 def test_checksummed_frames_forwarded_intact(mesh: Cluster) -> None:
