@@ -90,7 +90,7 @@ build() {
   local tag=${1:-latest} id version t0=$SECONDS
   [ -n "${OCTO_BASE:-}" ] || base
   setup
-  version=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
+  version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' src/octoproxy/__init__.py | head -1)
   id=${OCTO_IMAGE_ID:-$version-$(git rev-parse --short HEAD 2>/dev/null || echo src)-$tag}
   local secret=()
   # pip in the build trusts the host's CA bundle (a TLS-re-signing proxy)

@@ -35,7 +35,8 @@ in `slot-NAME.image` beside the hot-restart socket (a directory this init
 creates 0700 when missing) once this slot's proxy serves, so a new image that fails to start is tried again at each restart
 and never mistaken for a standby.
 
-No import beyond the standard library: this process stays small.
+No import beyond the standard library, and only the small modules while it
+supervises (the probes import urllib in their own process).
 """
 
 from __future__ import annotations
@@ -47,8 +48,6 @@ import signal
 import stat
 import sys
 import time
-import urllib.error
-import urllib.request
 
 from octoproxy.process import AtomicFile
 
@@ -243,6 +242,9 @@ def standby() -> int:
 
 
 def ready(url: str) -> int:
+    import urllib.error
+    import urllib.request
+
     try:
         with urllib.request.urlopen(f"{url}/ready", timeout=3) as r:
             print(r.read().decode(errors="replace").strip())
@@ -262,6 +264,8 @@ def prestop(url: str, sock: str, timeout: float) -> int:
     if not serves_here(sock, proxy_pids()):
         print("prestop: this container's proxy does not serve; nothing to drain")
         return 0
+    import urllib.request
+
     req = urllib.request.Request(f"{url}/drain", method="POST")
     with urllib.request.urlopen(req, timeout=5) as r:
         print(f"prestop: {r.read().decode().strip()}")

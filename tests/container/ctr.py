@@ -8,6 +8,7 @@ that into a failure.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -136,14 +137,17 @@ def images() -> dict[str, str]:
             pytest.fail(f"container tests required (OCTO_REQUIRE_CONTAINERS=1) but {why}")
         pytest.skip(why)
     tags = {}
-    for tag in ("v1", "v2", "v3"):
+    # tags of this checkout only: two checkouts testing at once on one
+    # machine (one engine, one image store) must not run each other's image
+    here = hashlib.sha1(str(REPO).encode()).hexdigest()[:8]
+    for tag in (f"v1-{here}", f"v2-{here}", f"v3-{here}"):
         t0 = time.monotonic()
         r = subprocess.run(["bash", str(REPO / "ci/container.sh"), "build", tag],
                            capture_output=True, text=True, timeout=1800)
         if r.returncode != 0:
             pytest.fail(f"image build {tag} failed:\n{r.stdout}\n{r.stderr}")
         print(f"image {IMAGE}:{tag} ready in {time.monotonic() - t0:.1f} s", flush=True)
-        tags[tag] = f"{IMAGE}:{tag}"
+        tags[tag.split("-")[0]] = f"{IMAGE}:{tag}"
     return tags
 
 
