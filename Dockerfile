@@ -74,7 +74,7 @@ WORKDIR /run/octo-proxy
 # with the app container(s) and with the standby proxy container.
 VOLUME ["/run/octo-proxy"]
 # Docker reads this; podman keeps it with `build --format docker`.
-HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=3 \
+HEALTHCHECK --interval=5s --timeout=10s --start-period=10s --retries=3 \
     CMD ["octo-proxy-init", "ready"]
 # octo-proxy-init is PID 1: it forwards signals to the proxy's process group
 # and reaps, and exits only when no generation is left, so SIGUSR2 (a new

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import json
 import os
 import signal
+import socket
 import time
 import urllib.request
 from typing import Any
@@ -90,29 +90,40 @@ async def sdk_client(a: argparse.Namespace, st: Stats, stop: asyncio.Event, ids:
 
 
 async def legacy_client(a: argparse.Namespace, st: Stats, stop: asyncio.Event, ids: Any) -> None:
+    """Plain sockets, as a blocking Thrift client reads: recv() returns what
+    arrived before a reset, a reset only after it (an asyncio StreamReader
+    would drop data it already holds when the reset comes)."""
+    loop = asyncio.get_running_loop()
     host, port = a.legacy_tcp.rsplit(":", 1)
     owed: dict[int, bytes] = {}  # seq id -> body, sent and not answered
     seqs = itertools.count(1)
     while not stop.is_set() or owed:
+        s = socket.socket()
+        s.setblocking(False)
         try:
-            reader, writer = await asyncio.open_connection(host, int(port))
+            await loop.sock_connect(s, (host, int(port)))
         except OSError:
+            s.close()
             await asyncio.sleep(0.05)
             continue
         st.legacy_reconnects += 1
-        if owed:  # answers lost with the previous connection: send again
-            st.legacy_resent += len(owed)
-            writer.write(b"".join(frame.encode_request(s, a.service, b) for s, b in owed.items()))
         sc = frame.FrameScanner()
         try:
+            if owed:  # answers lost with the previous connection: send again
+                st.legacy_resent += len(owed)
+                await loop.sock_sendall(s, b"".join(frame.encode_request(q, a.service, b)
+                                                    for q, b in owed.items()))
             while not stop.is_set() or owed:
+                batch = []
                 while not stop.is_set() and len(owed) < a.pipeline:
-                    s = next(seqs)
+                    q = next(seqs)
                     body = b"id:%s-L%d" % (a.tag.encode(), next(ids))
-                    owed[s] = body
+                    owed[q] = body
                     st.legacy_sent += 1
-                    writer.write(frame.encode_request(s, a.service, body))
-                data = await asyncio.wait_for(reader.read(65536), 15)
+                    batch.append(frame.encode_request(q, a.service, body))
+                if batch:
+                    await loop.sock_sendall(s, b"".join(batch))
+                data = await asyncio.wait_for(loop.sock_recv(s, 65536), 15)
                 if not data:
                     break
                 for f in sc.feed(data):
@@ -123,14 +134,13 @@ async def legacy_client(a: argparse.Namespace, st: Stats, stop: asyncio.Event, i
                         st.legacy_ok += 1
                     else:
                         st.legacy_failed.append(f"{body!r}: status {f.status}: {f.message}")
-        except (OSError, TimeoutError) as e:
-            if isinstance(e, TimeoutError):
-                st.legacy_failed.extend(f"{b!r}: no answer in 15 s" for b in owed.values())
-                owed.clear()
+        except TimeoutError:
+            st.legacy_failed.extend(f"{b!r}: no answer in 15 s" for b in owed.values())
+            owed.clear()
+        except OSError:
+            pass  # reset: what is owed goes again on a new connection
         finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+            s.close()
 
 
 def subscribe(url: str, appkey: str) -> None:

@@ -427,6 +427,10 @@ cdef class Engine:
         Returns how many connections it ended."""
         cdef Conn c
         cdef int n = 0
+        if self.flush_armed:
+            # answers staged by this loop iteration's reads go out first: a
+            # FIN before them would lose them (its send after it fails)
+            self._flush_all()
         for c in [*self.outbounds, *self.inbounds]:
             if not c.closed and c.transport is not None:
                 c.pause(PAUSE_CLOSING)
