@@ -18,10 +18,10 @@ from harness import can_connect_uds, children_of, client_proxy_cfg, cluster, env
 def start_init(c, name: str, cfg_path: str, *pre: str, image: str = "img-1") -> subprocess.Popen:
     e = env()
     e["OCTO_PROXY_IMAGE_ID"] = image
-    log = open(c.path(f"{name}.log"), "ab")
-    return subprocess.Popen([sys.executable, "-m", "octoproxy.containerinit", *pre, "--",
-                             sys.executable, "-m", "octoproxy", "run", "-c", cfg_path],
-                            env=e, stdout=log, stderr=subprocess.STDOUT)
+    with open(c.path(f"{name}.log"), "ab") as log:  # the child keeps its own copy
+        return subprocess.Popen([sys.executable, "-m", "octoproxy.containerinit", *pre, "--",
+                                 sys.executable, "-m", "octoproxy", "run", "-c", cfg_path],
+                                env=e, stdout=log, stderr=subprocess.STDOUT)
 
 
 def log_of(c, name: str) -> str:
