@@ -6,6 +6,7 @@ counted here.  Endpoints (docs/operating.md):
     GET  /stats            Prometheus text format
     GET  /clusters         JSON: every service's nodes with labels, weights, health, active
     GET  /config_dump      JSON: effective config and the last accepted xDS resources
+    GET  /governance       JSON: rate limits, quotas, breakers, ejections, retries per service
     GET  /ready            200 when serving and healthy, 503 otherwise
     POST /healthcheck/fail /healthcheck/ok
     POST /drain            stop accepting new connections, fail health; GET /drain: progress
@@ -215,6 +216,9 @@ class ProxyCollector:
             up.add_metric([addr], st["connections"])
             upf.add_metric([addr], st["connect_failures"])
         yield from (up, upf)
+        gov = getattr(p, "gov", None)
+        if gov is not None:
+            yield from governance_metrics(gov)
 
         g = GaugeMetricFamily("octo_proxy_route_table_version", "Route table snapshot version")
         g.add_metric([], table.version)
@@ -246,6 +250,67 @@ class ProxyCollector:
                 xm = CounterMetricFamily(f"octo_proxy_xds_{name}", doc)
                 xm.add_metric([], value)
                 yield xm
+
+
+def governance_metrics(gov: Any) -> Iterator[Any]:
+    """Per-service governance counters (docs/governance.md, "Operating it")."""
+    from octoproxy.governance import QUOTA_MODE_NAMES
+
+    st = gov.stats()
+    limited = CounterMetricFamily("octo_proxy_rate_limited",
+                                  "Requests refused by a rate-limit rule (status 6)",
+                                  labels=["service", "rule", "side"])
+    allowed = CounterMetricFamily("octo_proxy_rate_allowed", "Requests a rate-limit rule let through",
+                                  labels=["service", "rule", "side"])
+    quota = CounterMetricFamily("octo_proxy_quota_requests", "Requests checked against the cluster quota",
+                                labels=["service", "result"])
+    qmode = GaugeMetricFamily("octo_proxy_quota_mode", "1 for the cluster quota's current mode",
+                              labels=["service", "mode"])
+    qsteps = CounterMetricFamily("octo_proxy_quota_steps", "Quota steps taken from Redis",
+                                 labels=["service"])
+    brk = CounterMetricFamily("octo_proxy_breaker_refused", "Requests refused by a circuit breaker",
+                              labels=["service", "breaker"])
+    ejected = GaugeMetricFamily("octo_proxy_ejected_nodes", "Nodes ejected now", labels=["service"])
+    ejections = CounterMetricFamily("octo_proxy_ejections", "Ejections so far", labels=["service"])
+    retries = CounterMetricFamily("octo_proxy_retries", "Requests sent again",
+                                  labels=["service", "kind"])
+    budget = CounterMetricFamily("octo_proxy_retry_budget_exhausted",
+                                 "Retries not made because of the retry budget", labels=["service"])
+    adaptive = GaugeMetricFamily("octo_proxy_adaptive_limit",
+                                 "The adaptive concurrency limit (0 = off)", labels=["service"])
+    for appkey, s in sorted(st.items()):
+        for r in s["rate_limits"]:
+            limited.add_metric([appkey, r["name"], r["side"]], r["limited"])
+            allowed.add_metric([appkey, r["name"], r["side"]], r["allowed"])
+        q = s["quota"]
+        if q["mode"] != "off":
+            quota.add_metric([appkey, "allowed"], q["allowed"])
+            quota.add_metric([appkey, "limited"], q["limited"])
+            for mode_name in QUOTA_MODE_NAMES.values():
+                if mode_name != "off":
+                    qmode.add_metric([appkey, mode_name], 1 if mode_name == q["mode"] else 0)
+            qsteps.add_metric([appkey], q["steps"])
+        for b, v in s["breakers"].items():
+            brk.add_metric([appkey, b], v)
+        ejected.add_metric([appkey], len(s["ejected"]))
+        ejections.add_metric([appkey], s["ejections"])
+        retries.add_metric([appkey, "unsent"], s["retries_unsent"])
+        retries.add_metric([appkey, "idempotent"], s["retries"] - s["retries_unsent"])
+        budget.add_metric([appkey], s["retry_budget_exhausted"])
+        adaptive.add_metric([appkey], s["adaptive_limit"])
+    yield from (limited, allowed, quota, qmode, qsteps, brk, ejected, ejections, retries, budget,
+                adaptive)
+    r = gov.redis_stats()
+    if r["configured"]:
+        g = GaugeMetricFamily("octo_proxy_redis_up", "1 while the quota Redis answers")
+        g.add_metric([], 1 if r["up"] else 0)
+        yield g
+        for mname, key, doc in (("octo_proxy_redis_failures", "failures", "Times Redis was lost"),
+                               ("octo_proxy_redis_errors", "errors", "Failed Redis operations"),
+                               ("octo_proxy_redis_ops", "ops", "Quota steps taken (one round trip each)")):
+            m = CounterMetricFamily(mname, doc)
+            m.add_metric([], r[key])
+            yield m
 
 
 def _node_json(n: Any) -> dict[str, Any]:
@@ -292,6 +357,7 @@ class AdminServer:
         app.router.add_get("/stats", self.stats)
         app.router.add_get("/clusters", self.clusters)
         app.router.add_get("/config_dump", self.config_dump)
+        app.router.add_get("/governance", self.governance)
         app.router.add_get("/ready", self.ready)
         app.router.add_post("/healthcheck/fail", self.hc_fail)
         app.router.add_post("/healthcheck/ok", self.hc_ok)
@@ -331,8 +397,23 @@ class AdminServer:
 
     async def clusters(self, _: web.Request) -> web.Response:
         t = self.proxy.table
-        out = {a: {"nodes": [_node_json(n) for n in t.nodes(a)]} for a in sorted(t.appkeys())}
+        gov = getattr(self.proxy, "gov", None)
+        out = {}
+        for a in sorted(t.appkeys()):
+            nodes = []
+            for n in t.nodes(a):
+                j = _node_json(n)
+                st = gov.node_state(a, n.address) if gov is not None else None
+                j.update(st or {"ejected": False, "ejected_until": None, "ejections": 0})
+                nodes.append(j)
+            out[a] = {"nodes": nodes}
         return web.json_response({"version": t.version, "services": out})
+
+    async def governance(self, _: web.Request) -> web.Response:
+        gov = getattr(self.proxy, "gov", None)
+        if gov is None:
+            return web.json_response({"services": {}, "redis": None})
+        return web.json_response({"services": gov.stats(), "redis": gov.redis_stats()})
 
     async def config_dump(self, _: web.Request) -> web.Response:
         p = self.proxy

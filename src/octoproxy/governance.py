@@ -525,7 +525,8 @@ class Manager:
             q = self.quotas.get(appkey)
             ngs = self.node_govs.get(appkey, {})
             out[appkey] = {
-                "rate_limits": [{"name": r.name, "side": side, "allowed": r.n_allowed,
+                "rate_limits": [{"name": r.name, "side": side, "rate": r.rate,
+                                 "burst": r.burst, "allowed": r.n_allowed,
                                  "limited": r.n_limited}
                                 for side, rules in (("provider", g.inbound_rules),
                                                     ("caller", g.outbound_rules))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 # Endpoint status values (OCTO registry): only ALIVE serves.
 STATUS_DEAD = 0
@@ -135,6 +136,27 @@ class Governance:
 
     def empty(self) -> bool:
         return self == Governance()
+
+    @staticmethod
+    def from_dict(d: dict[str, Any] | None) -> Governance | None:
+        """The inverse of dataclasses.asdict (hot restart hands services over as JSON)."""
+        if not d:
+            return None
+
+        def opt(cls: Any, key: str, tuples: tuple[str, ...] = ()) -> Any:
+            v = d.get(key)
+            if not v:
+                return None
+            return cls(**{k: tuple(x) if k in tuples else x for k, x in v.items()})
+
+        return Governance(
+            rate_limits=tuple(RateLimit(**r) for r in d.get("rate_limits") or ()),
+            cluster_quota=opt(ClusterQuota, "cluster_quota"),
+            circuit_breakers=opt(CircuitBreakers, "circuit_breakers"),
+            outlier_detection=opt(OutlierDetection, "outlier_detection", ("error_statuses",)),
+            retry=opt(RetryPolicy, "retry", ("idempotent_methods",)),
+            adaptive_concurrency=opt(AdaptiveConcurrency, "adaptive_concurrency"),
+        )
 
 
 @dataclass(frozen=True, slots=True)

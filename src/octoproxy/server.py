@@ -86,8 +86,18 @@ def services_from_json(items: list[dict[str, Any]]) -> list[model.Service]:
         out.append(model.Service(appkey=d["appkey"], endpoints=eps,
                                  lb_policy=model.LbPolicy(d.get("lb_policy", "round_robin")),
                                  set_enabled=bool(d.get("set_enabled", False)),
-                                 service_names=tuple(d.get("service_names", ()))))
+                                 service_names=tuple(d.get("service_names", ())),
+                                 governance=model.Governance.from_dict(d.get("governance"))))
     return out
+
+
+def _needs_governance(cfg: Config) -> bool:
+    """Governance (docs/governance.md) is loaded when a policy can come: a
+    static service has one, an inbound listener names its service, a Redis
+    is configured, or a control plane may send one."""
+    return bool(cfg.xds.server or cfg.redis.url
+                or any(ib.appkey for ib in cfg.listeners.inbound)
+                or any(s.governance() is not None for s in cfg.static.services))
 
 
 def hot_restart_path(cfg: Config) -> str:
@@ -143,6 +153,12 @@ class Proxy:
         self.cfg = cfg
         self.config_path = config_path
         self.table = RouteTable(cfg.node.labels())
+        self.gov: Any = None
+        if _needs_governance(cfg):
+            from octoproxy.governance import Manager
+
+            self.gov = Manager.from_config(cfg, self.table, asyncio.get_running_loop())
+            self.table.gov_hook = self.gov.on_build
         self.table.replace_all([s.to_model() for s in cfg.static.services])
         self._engine: Engine | None = None
         self.sockets: dict[str, socket.socket] = {}  # kept open: servers listen on dups
@@ -296,7 +312,8 @@ class Proxy:
                                                               backlog=ob.backlog))
         for ib in self.cfg.listeners.inbound:
             sock = self.sockets[listener_key_inbound(ib.host, ib.port)].dup()
-            factory = functools.partial(engine.inbound, ib.upstream_uds)
+            gov = self.gov.service_gov(ib.appkey) if self.gov is not None and ib.appkey else None
+            factory = functools.partial(engine.inbound, ib.upstream_uds, gov)
             self.servers.append(await loop.create_server(factory, sock=sock, backlog=ib.backlog))
 
     def _sock(self, prefix: str) -> socket.socket | None:
@@ -445,6 +462,8 @@ class Proxy:
         if self._engine is not None:
             await self._finish_data_path()
             self._engine.close_all()
+        if self.gov is not None:
+            await self.gov.close()
         if self.connector is not None:
             await self.connector.close()
         for key, s in self.sockets.items():

@@ -10,6 +10,11 @@ Each UDS answers with b"<NAME>|" + what the body asks for:
   b"id:<x>"        -> x, and counts how many times each id was handled
   b"dups"          -> "<ids seen> <ids seen more than once>"
   b"started"       -> how many sleep requests have arrived so far
+  b"count:<x>"     -> how many times id x was handled (b"id:<x>", also after a sleep)
+  b"started:<x>"   -> how many b"sleep:<ms>:id:<x>" calls have begun
+  b"break" / b"mend" -> from now on every other request answers status 2 / normally
+A body that is a strict TBinaryProtocol call (frame.thrift_call) whose
+arguments start with one of the commands above is handled as its arguments.
 Prints "ready" when every socket listens.
 """
 
@@ -23,6 +28,9 @@ from octoproxy.sdk import Request, serve
 
 SEEN: collections.Counter[bytes] = collections.Counter()
 STARTED = collections.Counter[str]()
+BROKEN: set[str] = set()
+COMMANDS = (b"id:", b"sleep:", b"count:", b"started:", b"break", b"mend", b"echo:")
+STARTED_IDS: collections.Counter[bytes] = collections.Counter()  # sleeping calls begun, by id
 
 
 def make_handler(name: str):
@@ -30,6 +38,22 @@ def make_handler(name: str):
 
     async def handler(req: Request):
         body = req.body
+        if body[:2] == b"\x80\x01" and len(body) >= 12:
+            n = int.from_bytes(body[4:8], "big")
+            if body[12 + n:].startswith(COMMANDS):
+                body = body[12 + n:]
+        if body == b"break":
+            BROKEN.add(name)
+            return prefix + b"broken"
+        if body == b"mend":
+            BROKEN.discard(name)
+            return prefix + b"mended"
+        if name in BROKEN and not body.startswith(b"count:"):
+            return (2, b"", f"{name} is broken")
+        if body.startswith(b"count:"):
+            return prefix + b"%d" % SEEN[b"id:" + body[6:]]
+        if body.startswith(b"started:"):
+            return prefix + b"%d" % STARTED_IDS[b"id:" + body[8:]]
         if body.startswith(b"id:"):
             SEEN[body] += 1
             return prefix + body[3:]
@@ -40,7 +64,11 @@ def make_handler(name: str):
         if body.startswith(b"sleep:"):
             STARTED["sleep"] += 1
             _, ms, rest = body.split(b":", 2)
+            if rest.startswith(b"id:"):
+                STARTED_IDS[rest] += 1
             await asyncio.sleep(int(ms) / 1000)
+            if rest.startswith(b"id:"):
+                SEEN[rest] += 1
             return prefix + rest
         if body.startswith(b"big:"):
             return prefix + b"x" * int(body[4:])

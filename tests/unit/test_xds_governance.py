@@ -101,3 +101,13 @@ def test_bad_outlier_status_is_nacked() -> None:
                  "metadata": {"filter_metadata": {"octo": {"outlier_error_statuses": [4]}}}})
     with pytest.raises(R.ResourceError, match=r"outlier_detection\.error_statuses"):
         R.cluster_to_settings(c)
+
+
+def test_hot_restart_json_round_trip() -> None:
+    import dataclasses
+    import json
+
+    svc = ServiceSpec.model_validate(FULL).to_model()
+    d = json.loads(json.dumps(dataclasses.asdict(svc)))
+    assert model.Governance.from_dict(d["governance"]) == svc.governance
+    assert model.Governance.from_dict(None) is None

@@ -9,6 +9,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t
 
 from octoproxy._core.constants cimport STATUS_SLOTS
 from octoproxy._core.frame cimport FrameInfo
+from octoproxy._core.limits cimport ServiceGov
 from octoproxy._core.route cimport Node, RouteTable
 
 
@@ -62,6 +63,10 @@ cdef struct Pending:
     uint8_t oneway        # callType 1: not in the app's in-flight count, expires silently (6.2)
     int32_t body_seq      # the Thrift call's seqid, for an error answer's body
     PyObject* method      # the Thrift call's method name (bytes, strong ref) or NULL
+    uint8_t attempt       # 1 = first attempt; retries count up (governance)
+    uint8_t gflags        # GF_*: what this request counts in its service's governance
+    PyObject* gov         # the service's limits.ServiceGov (strong ref) when counted, else NULL
+    PyObject* retry       # bytes: a copy of the request (app's id) to execute again, or NULL
 
 
 cdef class Engine:
@@ -129,6 +134,7 @@ cdef class Engine:
     cdef public long long n_ignored_restart     # ProxyRestart frames from apps (ignored)
     cdef public long long n_rejected_app        # app connections over max_connections
     cdef public long long n_rejected_inbound    # inbound connections over max_connections
+    cdef public long long n_gov_dropped     # one-way requests dropped by a limit (governance)
     cdef long long n_errors[STATUS_SLOTS]          # proxy-made error answers by status
     cdef long long lat_buckets[17]       # outbound latency histogram (LAT_BOUNDS + +Inf)
     cdef double lat_sum                  # seconds, for the histogram's _sum
@@ -249,7 +255,8 @@ cdef class UpstreamConn(Conn):
     cdef void up_unlink(self, Py_ssize_t s) noexcept
     cdef int up_release(self, Py_ssize_t s) except -1
     cdef int up_answer(self, OutboundConn app, Py_ssize_t s, Answer a) except -1
-    cdef int up_fail_all(self, int status, str why) except -1
+    cdef int up_fail_all(self, int status, str why, dict unsent=*) except -1
+    cdef dict up_unsent(self)
     cdef int up_sweep(self, double now) except -1
     cdef int up_flush(self) except -1
     cdef int up_flush_touched(self) except -1
@@ -269,6 +276,10 @@ cdef class OutboundConn(Conn):
                        object method=*, int32_t body_seq=*) except -1
     cdef object out_method(self, const uint8_t* p, Py_ssize_t moff, Py_ssize_t mlen)
     cdef bint _answer_compressed(self, uint8_t* p, Py_ssize_t r, FrameInfo* fi) except -1
+    cdef int out_send(self, uint8_t* p, Py_ssize_t r, FrameInfo* fi, double now, double deadline,
+                      int attempt, Node avoid) except -1
+    cdef int out_resend(self, bytes frame, int64_t orig_id, double deadline, int attempt,
+                        Node avoid, bint unsent) except -1
     cdef int out_answer(self, Answer a, int64_t seq_id, const uint8_t* p, Py_ssize_t moff,
                         Py_ssize_t mlen, int32_t body_seq) except -1
     cdef int out_flush(self) except -1
@@ -287,6 +298,7 @@ cdef class InboundConn(Conn):
     cdef public bint restart_sent
     cdef readonly Py_ssize_t in_flight  # requests read here and not answered yet
     cdef double deadline                # latest caller deadline among them (monotonic)
+    cdef public ServiceGov gov          # provider-side limits of the listener's appkey, or None
 
     cdef int in_process(self, double now) except -1
     cdef int in_expire(self, double now) except -1

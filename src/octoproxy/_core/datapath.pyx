@@ -36,7 +36,7 @@ from libc.string cimport memcmp, memcpy, memmove
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from octoproxy._core.constants cimport (
-    CALL_ONEWAY, CONN_CLOSED, CONN_CONNECTING, CONN_DRAINING, CONN_OPEN, MT_HEARTBEAT,
+    CALL_ONEWAY, CONN_CLOSED, CONN_CONNECTING, CONN_DRAINING, CONN_OPEN, MT_HEARTBEAT, MT_NORMAL,
     MT_PROXY_RESTART, MT_SCANNER_HEARTBEAT, PROTO_SERIAL_MASK, STATUS_DEGRADE, STATUS_PROTOCOL,
     STATUS_RPC, STATUS_SERVICE, STATUS_SLOTS, STATUS_SUCCESS, STATUS_TRANSPORT,
 )
@@ -45,6 +45,10 @@ from octoproxy._core.frame cimport (
     FK_OCTO,
     FrameInfo, fr_adler32, fr_error_answer, fr_error_call, fr_error_response, fr_heartbeat_answer,
     fr_proxy_announce, fr_proxy_restart, fr_scan, fr_scan_header, fr_set_seq_id, fr_strerror,
+)
+from octoproxy._core.limits cimport (
+    GV_MAX_PENDING, GV_OK, NodeGov, ServiceGov, gv_budget, gv_inbound, gv_may_retry, gv_on_answer,
+    gv_outbound,
 )
 from octoproxy._core.route cimport (
     RT_NO_SERVICE_KEY, RT_SET_NO_NODE, RT_UNKNOWN_SERVICE, Node, RouteTable, lb_on_done,
@@ -63,6 +67,12 @@ cdef enum:
     PAUSE_UPSTREAM = 2      # an upstream connection we feed is over its high mark
     PAUSE_PEER = 4          # (inbound) the paired connection cannot take more
     PAUSE_CLOSING = 8       # close_clients(): nothing more is read, ever
+
+    # Pending.gflags: what a request counts in its service's governance
+    GF_COUNTED = 1          # in ServiceGov.inflight
+    GF_PENDING = 2          # in ServiceGov.pending (its connection is still being made)
+    GF_RETRY = 4            # in ServiceGov.retries_active
+    MAX_UNSENT_TRIES = 3    # picks per request when a node's connection is backed off
 
     MIN_TAIL = 4096         # compact the receive buffer when less free space is left
     FIRST_SLOTS = 64        # initial pending-table size per upstream connection

@@ -79,6 +79,8 @@ cdef class Engine:
         cdef double lat = now - sent_at
         cdef int b = 0
         node.answers[status & (STATUS_SLOTS - 1)] += 1
+        if node.gov is not None:
+            gv_on_answer(<NodeGov>node.gov, status, lat)
         while b < 16 and lat > C_LAT_BOUNDS[b]:
             b += 1
         self.lat_buckets[b] += 1
@@ -252,9 +254,12 @@ cdef class Engine:
         """Protocol factory for an outbound (app) listener."""
         return OutboundConn(self)
 
-    def inbound(self, str provider_path):
-        """Protocol factory for an inbound listener that forwards to `provider_path`."""
-        return InboundConn(self, provider_path)
+    def inbound(self, str provider_path, ServiceGov gov=None):
+        """Protocol factory for an inbound listener that forwards to
+        `provider_path`; `gov`: the provider-side limits of its service."""
+        cdef InboundConn c = InboundConn(self, provider_path)
+        c.gov = gov
+        return c
 
     def idle_sweep(self):
         """Close upstream connections idle for longer than idle_timeout."""
@@ -346,6 +351,7 @@ cdef class Engine:
             "ignored_response": self.n_ignored_response,
             "ignored_proxy_restart": self.n_ignored_restart,
             "rejected_app": self.n_rejected_app, "rejected_inbound": self.n_rejected_inbound,
+            "gov_dropped": self.n_gov_dropped,
             "errors": {str(i): self.n_errors[i] for i in range(STATUS_SLOTS) if self.n_errors[i]},
         }
 
@@ -376,6 +382,7 @@ cdef class Engine:
         self.n_ignored_restart += c.get("ignored_proxy_restart", 0)
         self.n_rejected_app += c.get("rejected_app", 0)
         self.n_rejected_inbound += c.get("rejected_inbound", 0)
+        self.n_gov_dropped += c.get("gov_dropped", 0)
         for k, v in c.get("errors", {}).items():
             i = int(k)
             if 0 <= i < STATUS_SLOTS:

@@ -1,5 +1,12 @@
 # ---------------------------------------------------------------- inbound
 
+cdef bytes _thrift_refusal(const uint8_t* p, FrameInfo* fi, str message):
+    from octoproxy._core.frame import encode_thrift_exception
+    cdef bytes name = (<const char*>p)[fi.service_off:fi.service_off + fi.service_len]
+    cdef bytes body = encode_thrift_exception(name, <int32_t>fi.seq_id, message)
+    return (<uint32_t>len(body)).to_bytes(4, "big") + body
+
+
 @cython.final
 cdef class InboundConn(Conn):
     """A connection on the provider's registered TCP port, from a client-side
@@ -45,6 +52,10 @@ cdef class InboundConn(Conn):
         cdef double timeout
         cdef uint8_t* p
         cdef Engine eng = self.engine
+        cdef ServiceGov g = self.gov
+        cdef int code, kind
+        cdef Py_ssize_t moff, mlen
+        cdef int32_t body_seq
         while True:
             r = self.rb_next(&fi, &p)
             if r == 0:
@@ -69,6 +80,22 @@ cdef class InboundConn(Conn):
                         self.is_proxy = True
                     self.answer_heartbeat(&fi, &self.reply)
                 continue
+            if g is not None and fi.flags & FF_REQUEST and fi.msg_type <= MT_NORMAL:
+                # provider-side limits (docs/governance.md): refused here, at once
+                code = gv_inbound(g, p, &fi, now)
+                if code != GV_OK:
+                    if fi.call_type == CALL_ONEWAY:
+                        eng.n_gov_dropped += 1
+                    else:
+                        eng.n_errors[<int>STATUS_DEGRADE] += 1
+                        if fi.kind == FK_OCTO:
+                            kind = answer_kind(p, &fi, &moff, &mlen, &body_seq)
+                            answer_into(&self.reply, gov_answer(g, code, kind), fi.seq_id,
+                                        <const char*>p + moff, mlen, body_seq)
+                        else:
+                            # a native Thrift caller reads a Thrift EXCEPTION message
+                            ob_append_bytes(&self.reply, _thrift_refusal(p, &fi, g.reasons[code]))
+                    continue
             if (fi.flags & FF_REQUEST) and fi.call_type != CALL_ONEWAY:
                 if eng.stopping:
                     eng.n_shutdown_answers += 1

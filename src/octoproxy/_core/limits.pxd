@@ -102,6 +102,7 @@ cdef class ServiceGov:
     cdef public uint32_t status_mask   # bit s: status s counts as an error (consec_status, rate)
     cdef public object on_trip         # callable(NodeGov, str reason)
     cdef public list reasons           # GV_* / rule index -> message
+    cdef public list answers           # the data path's pre-encoded refusals (None after a change)
 
     cdef int gv_rules(self, list rules, const uint8_t* frame, const FrameInfo* fi,
                       bint by_method, bint by_caller, double now) except -2
@@ -132,6 +133,9 @@ cdef int gv_outbound(ServiceGov g, const uint8_t* frame, const FrameInfo* fi, lo
 
 # One answer (or a proxy-made failure) for a request sent to the node.
 cdef int gv_on_answer(NodeGov ng, int status, double latency) except -1
+
+# One more retry in flight fits the service's retry budget.
+cdef bint gv_budget(ServiceGov g) noexcept
 
 # Whether a request written upstream may be executed again: its method is
 # idempotent and the retry budget allows one more.

@@ -211,6 +211,7 @@ cdef class ServiceGov:
                               for r in new_in])
         self.out_caller = any([(<RateRule>r).caller is not None or (<RateRule>r).per_caller
                                for r in new_out])
+        self.answers = None  # the messages change: the data path encodes them again
         del self.reasons[GV_RULE:]
         while len(self.reasons) < GV_RULE:
             self.reasons.append("")

@@ -1,5 +1,19 @@
 # ---------------------------------------------------------------- downstream
 
+cdef Answer gov_answer(ServiceGov g, int code, int kind):
+    """A governance refusal (status 6 naming the limit), pre-encoded per
+    reason and kind in the service's governance object; encoded again after
+    its rules change (ServiceGov.answers is reset then)."""
+    cdef Answer a
+    if g.answers is None or len(g.answers) < len(g.reasons) * ANSWER_KINDS:
+        g.answers = [None] * (len(g.reasons) * ANSWER_KINDS)
+    a = <Answer>g.answers[code * ANSWER_KINDS + kind]
+    if a is None:
+        a = make_answer(STATUS_DEGRADE, g.reasons[code], False, kind)
+        g.answers[code * ANSWER_KINDS + kind] = a
+    return a
+
+
 @cython.final
 cdef class OutboundConn(Conn):
     """An app's connection to the outbound UDS listener."""
@@ -178,70 +192,10 @@ cdef class OutboundConn(Conn):
                                "in flight in this proxy (limits.max_inflight_total)", False,
                                fi.protocol)
                 continue
-            node = table.rt_route(
-                p + fi.appkey_off, fi.appkey_len, p + fi.service_off, fi.service_len,
-                p + fi.liteset_off, fi.liteset_len, p + fi.set_off, fi.set_len,
-                p + fi.swimlane_off, fi.swimlane_len, p + fi.hashkey_off, fi.hashkey_len, &err)
-            if node is None:
-                kind = answer_kind(p, &fi, &moff, &mlen, &body_seq)
-                a = eng.route_answer(<const char*>p, &fi, err, kind)
-                a.count += 1
-                self.out_answer(a, fi.seq_id, p, moff, mlen, body_seq)
-                continue
-            pool = <UpstreamPool>node.upstream
-            if pool is None:
-                pool = eng.get_pool(node)
-            conn = pool.pick()
-            if conn is None:
-                node.answers[<int>STATUS_TRANSPORT] += 1
-                kind = answer_kind(p, &fi, &moff, &mlen, &body_seq)
-                a = <Answer>pool.ans_unavailable[kind]
-                if a is None or a.k3 is not pool.last_error:
-                    a = make_answer(STATUS_TRANSPORT, f"upstream {pool.address} unavailable: "
-                                    f"{pool.last_error}", False, kind)
-                    a.k3 = pool.last_error
-                    pool.ans_unavailable[kind] = a
-                self.out_answer(a, fi.seq_id, p, moff, mlen, body_seq)
-                continue
-            if conn.fed_by != eng.read_seq:
-                conn.fed_by = eng.read_seq
-                self.dests.append(conn)
             timeout = eng.default_timeout if fi.timeout <= 0 else fi.timeout * 0.001
             if timeout > eng.max_timeout:
                 timeout = eng.max_timeout
-            s = conn.up_alloc(now + timeout)
-            slot = &conn.slots[s]
-            slot.orig_id = fi.seq_id
-            slot.timeout_ms = <float>(timeout * 1000.0)
-            slot.protocol = <uint8_t>fi.protocol
-            slot.sent_at = now
-            Py_INCREF(self)
-            slot.app = <PyObject*>self
-            Py_INCREF(node)
-            slot.node = <PyObject*>node
-            # kept for an error answer's Thrift EXCEPTION body (docs/protocol.md 11)
-            moff = fr_error_call(p, &fi, &mlen, &body_seq)
-            if moff < 0:
-                slot.method = NULL
-                slot.body_seq = 0
-            else:
-                method = self.out_method(p, moff, mlen)
-                Py_INCREF(method)
-                slot.method = <PyObject*>method
-                slot.body_seq = body_seq
-            # one-way (callType 1): tracked under an id of its own, so that an
-            # answer, if the provider sends one (Dorado's do), reaches this
-            # request and no other; it expires silently (docs/protocol.md 6.2)
-            slot.oneway = fi.call_type == CALL_ONEWAY
-            fr_set_seq_id(p, &fi, slot.id)
-            ob_append(&conn.out, <char*>p, r)
-            if slot.oneway:
-                eng.n_oneway += 1
-            else:
-                self.in_flight += 1
-                eng.total_in_flight += 1
-                lb_on_send(node)
-                eng.n_requests += 1
+            self.out_send(p, r, &fi, now, now + timeout, 1, None)
         if not self.dests and not self.out.len:
             return 0
         if eng.read_solo():
@@ -260,6 +214,178 @@ cdef class OutboundConn(Conn):
         if self.out.len:
             eng.defer(self)
         return 0
+
+    cdef int out_send(self, uint8_t* p, Py_ssize_t r, FrameInfo* fi, double now, double deadline,
+                      int attempt, Node avoid) except -1:
+        """Route one request and stage it for its upstream connection: the
+        governance checks of its service (breakers, adaptive limit, caller
+        rate limits, docs/governance.md), and a pick of another node when the
+        chosen node's connection is backed off (never written: always safe to
+        move).  `avoid`: the node a retry comes from; when only that node is
+        left the request is neither sent nor answered and 1 is returned (the
+        caller answers it).  p[0:r] is the request with the app's sequence
+        id; it is rewritten in place."""
+        cdef Engine eng = self.engine
+        cdef RouteTable table = eng.table
+        cdef int err = 0, code, tries = 0
+        cdef Node node
+        cdef UpstreamPool pool = None
+        cdef UpstreamConn conn = None
+        cdef ServiceGov g = None
+        cdef Py_ssize_t s
+        cdef Pending* slot
+        cdef Answer a
+        cdef int kind
+        cdef Py_ssize_t moff, mlen
+        cdef int32_t body_seq
+        cdef bint oneway = fi.call_type == CALL_ONEWAY
+        cdef bint is_retry = avoid is not None
+        cdef object again, method
+        while True:
+            node = table.rt_route(
+                p + fi.appkey_off, fi.appkey_len, p + fi.service_off, fi.service_len,
+                p + fi.liteset_off, fi.liteset_len, p + fi.set_off, fi.set_len,
+                p + fi.swimlane_off, fi.swimlane_len, p + fi.hashkey_off, fi.hashkey_len, &err)
+            if node is None:
+                if pool is not None:
+                    break  # a backed-off node before: say so below
+                kind = answer_kind(p, fi, &moff, &mlen, &body_seq)
+                a = eng.route_answer(<const char*>p, fi, err, kind)
+                a.count += 1
+                self.out_answer(a, fi.seq_id, p, moff, mlen, body_seq)
+                return 0
+            if node is avoid:
+                if tries < MAX_UNSENT_TRIES:
+                    tries += 1  # a retry goes to another node when there is one
+                    continue
+                if is_retry:
+                    return 1
+            pool = <UpstreamPool>node.upstream
+            if pool is None:
+                pool = eng.get_pool(node)
+            conn = pool.pick()
+            if conn is not None:
+                break
+            # the node's connection is backed off after a failed connect: the
+            # request was never written anywhere, so another node may take it
+            node.answers[<int>STATUS_TRANSPORT] += 1
+            if node.gov is not None:
+                gv_on_answer(<NodeGov>node.gov, STATUS_TRANSPORT, 0.0)
+            tries += 1
+            if tries >= MAX_UNSENT_TRIES:
+                break
+            avoid = node
+            is_retry = False  # the next node is a first write, not a retry
+            if node.gov is not None:
+                g = (<NodeGov>node.gov).svc
+                g.n_retries += 1
+                g.n_retries_unsent += 1
+                g = None
+        if conn is None:
+            kind = answer_kind(p, fi, &moff, &mlen, &body_seq)
+            a = <Answer>pool.ans_unavailable[kind]
+            if a is None or a.k3 is not pool.last_error:
+                a = make_answer(STATUS_TRANSPORT, f"upstream {pool.address} unavailable: "
+                                f"{pool.last_error}", False, kind)
+                a.k3 = pool.last_error
+                pool.ans_unavailable[kind] = a
+            self.out_answer(a, fi.seq_id, p, moff, mlen, body_seq)
+            return 0
+        if node.gov is not None:
+            g = (<NodeGov>node.gov).svc
+            code = gv_outbound(g, p, fi, node.in_flight, now)
+            if (code == GV_OK and g.max_pending > 0 and conn.state == CONN_CONNECTING
+                    and g.pending >= g.max_pending):
+                g.n_cb[GV_MAX_PENDING - 1] += 1
+                code = GV_MAX_PENDING
+            if code != GV_OK:
+                if oneway:
+                    eng.n_gov_dropped += 1
+                else:
+                    kind = answer_kind(p, fi, &moff, &mlen, &body_seq)
+                    self.out_answer(gov_answer(g, code, kind), fi.seq_id, p, moff, mlen, body_seq)
+                return 0
+        if conn.fed_by != eng.read_seq:
+            conn.fed_by = eng.read_seq
+            self.dests.append(conn)
+        s = conn.up_alloc(deadline)
+        slot = &conn.slots[s]
+        slot.orig_id = fi.seq_id
+        slot.timeout_ms = <float>((deadline - now) * 1000.0)
+        slot.protocol = <uint8_t>fi.protocol
+        slot.sent_at = now
+        slot.attempt = <uint8_t>attempt
+        Py_INCREF(self)
+        slot.app = <PyObject*>self
+        Py_INCREF(node)
+        slot.node = <PyObject*>node
+        # kept for an error answer's Thrift EXCEPTION body (docs/protocol.md 11)
+        moff = fr_error_call(p, fi, &mlen, &body_seq)
+        if moff < 0:
+            slot.method = NULL
+            slot.body_seq = 0
+        else:
+            method = self.out_method(p, moff, mlen)
+            Py_INCREF(method)
+            slot.method = <PyObject*>method
+            slot.body_seq = body_seq
+        # one-way (callType 1): tracked under an id of its own, so that an
+        # answer, if the provider sends one (Dorado's do), reaches this
+        # request and no other; it expires silently (docs/protocol.md 6.2)
+        slot.oneway = oneway
+        if g is not None and not oneway:
+            Py_INCREF(g)
+            slot.gov = <PyObject*>g
+            slot.gflags = GF_COUNTED
+            g.inflight += 1
+            if conn.state == CONN_CONNECTING:
+                slot.gflags |= GF_PENDING
+                g.pending += 1
+            if attempt > 1:
+                slot.gflags |= GF_RETRY
+                g.retries_active += 1
+            if attempt < g.max_attempts and gv_may_retry(g, p, fi):
+                # a copy with the app's id, for executing it again
+                again = PyBytes_FromStringAndSize(<char*>p, r)
+                Py_INCREF(again)
+                slot.retry = <PyObject*>again
+        fr_set_seq_id(p, fi, slot.id)
+        ob_append(&conn.out, <char*>p, r)
+        if oneway:
+            eng.n_oneway += 1
+        else:
+            self.in_flight += 1
+            eng.total_in_flight += 1
+            lb_on_send(node)
+            eng.n_requests += 1
+        return 0
+
+    cdef int out_resend(self, bytes frame, int64_t orig_id, double deadline, int attempt,
+                        Node avoid, bint unsent) except -1:
+        """Send a request again (a retry): `frame` is its bytes with any
+        sequence id; the app's id and the original deadline are restored, and
+        it is written at once.  Returns out_send's result (1: no node but
+        `avoid` is left)."""
+        cdef bytes cp = PyBytes_FromStringAndSize(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+        cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(cp)
+        cdef Py_ssize_t r
+        cdef FrameInfo fi
+        cdef ServiceGov g
+        cdef int res
+        r = fr_scan(p, PyBytes_GET_SIZE(cp), self.engine.max_frame, self.engine.max_header, &fi)
+        if r <= 0 or self.closed:
+            return 0
+        fr_set_seq_id(p, &fi, orig_id)
+        fi.seq_id = orig_id
+        self.engine.read_seq += 1  # its own batch: out_flush_dests below writes it
+        res = self.out_send(p, r, &fi, mono(), deadline, attempt, avoid)
+        if res == 0 and avoid.gov is not None:
+            g = (<NodeGov>avoid.gov).svc
+            g.n_retries += 1
+            if unsent:
+                g.n_retries_unsent += 1
+        self.out_flush_dests()
+        return res
 
     cdef int out_flush_dests(self) except -1:
         """Now (before an error closes this connection): the upstream

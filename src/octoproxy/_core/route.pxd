@@ -39,6 +39,8 @@ cdef class Node:
     cdef bytes addr_b               # address as bytes: seeds the node's ring points
     cdef RtClock clock              # the owning table's clock, for effective_weight
     cdef long long answers[16]      # data path: answers by status (upstream's or the proxy's own)
+    cdef public object gov          # governance (limits.NodeGov) or None; set by RouteTable.gov_hook
+    cdef public bint ejected        # outlier ejection: out of the candidate sets (governance.py)
 
 # The table's notion of "now": a fixed time (tests), a Python callable (tests),
 # or the coarse C realtime clock.  Shared by the table and its nodes (no cycle).
@@ -153,6 +155,7 @@ cdef class RouteTable:
     cdef str _own_region            # locality tier 2 (build time only)
     cdef uint64_t _rng              # splitmix64 state: RR offsets and random picks
     cdef RtClock _clock             # warm-up clock
+    cdef public object gov_hook     # callable(model.Service, [Node]) per service build (governance)
     # Route one request to a node.  Returns the node, or None with *err set to
     # an RT_* code.  Advances the picker's state and counts the pick (Node.picks).
     cdef Node rt_route(self,

@@ -235,6 +235,8 @@ cdef class Node:
 
     def __cinit__(self):
         self.upstream = None
+        self.gov = None
+        self.ejected = False
         self.in_flight = 0
         self.picks = 0
 
@@ -422,11 +424,20 @@ cdef inline bytes _b(str s):
 
 
 cdef list rt_health_locality(list group, str own_idc, str own_region):
-    """Steps 3 and 4 over the nodes of one (cell, lane)."""
+    """Steps 3 and 4 over the nodes of one (cell, lane).  Ejected nodes
+    (outlier detection) count as unhealthy, unless that would leave the set
+    empty: then they serve (no silent black hole, docs/governance.md)."""
+    cdef list res = rt_health_locality_ej(group, own_idc, own_region, True)
+    if not res:
+        res = rt_health_locality_ej(group, own_idc, own_region, False)
+    return res
+
+
+cdef list rt_health_locality_ej(list group, str own_idc, str own_region, bint skip_ejected):
     cdef list prim = [], back = [], tier
     cdef Node nd
     for nd in group:
-        if nd.weight <= 0 or nd.status != _STATUS_ALIVE:
+        if nd.weight <= 0 or nd.status != _STATUS_ALIVE or (skip_ejected and nd.ejected):
             continue
         if nd.role == _ROLE_PRIMARY:
             prim.append(nd)
@@ -520,6 +531,9 @@ cdef ServiceEntry rt_build_service(RouteTable t, object svc, ServiceEntry old, d
             grp.append(nd)
     if "" not in groups:
         groups[""] = {}
+    if t.gov_hook is not None:
+        # governance: each node's NodeGov and ejection state, before the sets are made
+        t.gov_hook(svc, nodes)
     e.appkey = appkey
     e.appkey_b = _b(appkey)
     e.appkey_h = rt_hash_bytes(e.appkey_b)
@@ -774,6 +788,13 @@ cdef class RouteTable:
         entries[e.appkey] = e
         self._services[e.appkey] = service
         self._swap(rt_snapshot(entries))
+
+    def rebuild(self, appkey):
+        """Rebuild one service from what it was last given (e.g. a node's
+        ejection changed); no error if absent."""
+        svc = self._services.get(appkey)
+        if svc is not None:
+            self.update_service(svc)
 
     def remove_service(self, appkey):
         """Remove one service (no error if absent)."""

@@ -1,5 +1,58 @@
 # ---------------------------------------------------------------- upstream
 
+cdef inline void up_gov_release(Pending* sl) noexcept:
+    """What a finished request counted in its service's governance."""
+    cdef ServiceGov g = <ServiceGov>sl.gov
+    if sl.gflags & GF_COUNTED:
+        g.inflight -= 1
+    if sl.gflags & GF_PENDING:
+        g.pending -= 1
+    if sl.gflags & GF_RETRY:
+        g.retries_active -= 1
+    sl.gflags = 0
+    sl.gov = NULL
+    Py_DECREF(g)
+
+
+cdef int up_clear_pending(UpstreamConn c) except -1:
+    """The connection is made (or failed): its requests wait for it no more."""
+    cdef int32_t s = c.head
+    cdef ServiceGov g
+    while s != -1:
+        if c.slots[s].gflags & GF_PENDING:
+            g = <ServiceGov>c.slots[s].gov
+            g.pending -= 1
+            c.slots[s].gflags &= ~GF_PENDING
+        s = c.slots[s].next
+    return 0
+
+
+cdef bint up_retry_answered(UpstreamConn c, Py_ssize_t s, double now) except -1:
+    """The node answered status 4 for a request with a retry copy: send it
+    again elsewhere when attempts, budget and deadline allow."""
+    cdef ServiceGov g = <ServiceGov>c.slots[s].gov
+    cdef OutboundConn app = <OutboundConn>c.slots[s].app
+    cdef Node node = <Node>c.slots[s].node
+    cdef bytes again = <bytes>c.slots[s].retry
+    cdef int64_t orig = c.slots[s].orig_id
+    cdef double deadline = c.slots[s].deadline
+    cdef int attempt = c.slots[s].attempt
+    cdef int protocol = c.slots[s].protocol
+    if attempt >= g.max_attempts or deadline - now <= 0.001:
+        return False
+    if not gv_budget(g):
+        g.n_budget_exhausted += 1
+        return False
+    c.up_release(s)
+    if app.out_resend(again, orig, deadline, attempt + 1, node, False):
+        app.out_error(orig, STATUS_TRANSPORT, f"upstream {c.pool.address} answered status 4 and "
+                      f"no other node is left to retry on", False, protocol)
+    if not app.in_touched:
+        app.in_touched = True
+        c.touched.append(app)
+    return True
+
+
 @cython.final
 cdef class UpstreamPool:
     """The multiplexed connections to one remote node (a provider's proxy)."""
@@ -88,6 +141,10 @@ cdef class UpstreamConn(Conn):
                     Py_DECREF(<object>self.slots[i].node)
                     if self.slots[i].method != NULL:
                         Py_DECREF(<object>self.slots[i].method)
+                    if self.slots[i].gov != NULL:
+                        Py_DECREF(<object>self.slots[i].gov)
+                    if self.slots[i].retry != NULL:
+                        Py_DECREF(<object>self.slots[i].retry)
             free(self.slots)
             self.slots = NULL
 
@@ -107,6 +164,10 @@ cdef class UpstreamConn(Conn):
                 break
         self.slots[s].id = sid
         self.slots[s].deadline = deadline
+        self.slots[s].attempt = 1
+        self.slots[s].gflags = 0
+        self.slots[s].gov = NULL
+        self.slots[s].retry = NULL
         # insert into the deadline list from the tail: usually O(1) since
         # most requests share the default timeout
         t = self.tail
@@ -184,6 +245,11 @@ cdef class UpstreamConn(Conn):
         if self.slots[s].method != NULL:
             Py_DECREF(<object>self.slots[s].method)
             self.slots[s].method = NULL
+        if self.slots[s].gov != NULL:
+            up_gov_release(&self.slots[s])
+        if self.slots[s].retry != NULL:
+            Py_DECREF(<object>self.slots[s].retry)
+            self.slots[s].retry = NULL
         Py_DECREF(app)
         Py_DECREF(node)
         if self.in_flight == 0:
@@ -200,18 +266,57 @@ cdef class UpstreamConn(Conn):
                               <const uint8_t*>PyBytes_AS_STRING(<object>m), 0,
                               PyBytes_GET_SIZE(<object>m), self.slots[s].body_seq)
 
-    cdef int up_fail_all(self, int status, str why) except -1:
-        """Answer every request in flight here with an error, at once."""
+    cdef int up_fail_all(self, int status, str why, dict unsent=None) except -1:
+        """Answer every request in flight here with an error, at once, or
+        send it again to another node when that is safe (docs/governance.md):
+        `unsent` maps the upstream ids of requests never written (the
+        connection was never made) to their bytes; a written request goes
+        again only with a retry copy (an idempotent method), within its
+        service's retry budget and its own deadline."""
         cdef Py_ssize_t s
         cdef OutboundConn app
         cdef double now = mono()
         cdef list answers = [None] * ANSWER_KINDS    # `why` encoded once per kind
         cdef Answer a
         cdef int kind
+        cdef Node node
+        cdef ServiceGov g
+        cdef bytes again
+        cdef bint never
+        cdef int64_t orig
+        cdef double deadline
+        cdef int attempt, protocol
         while self.head != -1:
             s = self.head
             app = <OutboundConn>self.slots[s].app
-            self.engine.on_answer(<Node>self.slots[s].node, status, self.slots[s].sent_at, now)
+            node = <Node>self.slots[s].node
+            self.engine.on_answer(node, status, self.slots[s].sent_at, now)
+            again = None
+            never = False
+            if not app.closed and not self.slots[s].oneway and self.slots[s].deadline - now > 0.001:
+                if unsent is not None:
+                    again = unsent.get(self.slots[s].id)
+                    never = again is not None
+                if again is None and self.slots[s].retry != NULL:
+                    g = <ServiceGov>self.slots[s].gov
+                    if self.slots[s].attempt < g.max_attempts and gv_budget(g):
+                        again = <bytes>self.slots[s].retry
+                    elif self.slots[s].attempt < g.max_attempts:
+                        g.n_budget_exhausted += 1
+            if never and self.slots[s].attempt >= MAX_UNSENT_TRIES:
+                again = None  # bounced off enough failed connects
+            if again is not None:
+                orig = self.slots[s].orig_id
+                deadline = self.slots[s].deadline
+                attempt = self.slots[s].attempt
+                protocol = self.slots[s].protocol
+                self.up_release(s)
+                if app.out_resend(again, orig, deadline, attempt + 1, node, never):
+                    app.out_error(orig, status, why, False, protocol)  # no other node
+                if not app.closed and not app.in_touched:
+                    app.in_touched = True
+                    self.touched.append(app)
+                continue
             if not app.closed:
                 kind = akey(self.slots[s].protocol, self.slots[s].method != NULL)
                 a = <Answer>answers[kind]
@@ -224,6 +329,27 @@ cdef class UpstreamConn(Conn):
             self.up_release(s)
         self.up_flush_touched()
         return 0
+
+    cdef dict up_unsent(self):
+        """The requests still in the connect backlog (never written): upstream
+        id -> a copy of the frame."""
+        cdef dict out = {}
+        cdef bytes chunk
+        cdef const uint8_t* b
+        cdef Py_ssize_t n, pos, r
+        cdef FrameInfo fi
+        for chunk in self.backlog:
+            b = <const uint8_t*>PyBytes_AS_STRING(chunk)
+            n = PyBytes_GET_SIZE(chunk)
+            pos = 0
+            while pos < n:
+                r = fr_scan(b + pos, n - pos, self.engine.max_frame, self.engine.max_header, &fi)
+                if r <= 0:
+                    break
+                if fi.flags & FF_REQUEST and fi.seq_off >= 0:
+                    out[fi.seq_id] = PyBytes_FromStringAndSize(<const char*>(b + pos), r)
+                pos += r
+        return out
 
     cdef int up_sweep(self, double now) except -1:
         cdef Py_ssize_t s
@@ -354,6 +480,9 @@ cdef class UpstreamConn(Conn):
                 self.pool._on_conn_ok()
             eng.on_answer(<Node>self.slots[s].node, fi.status if fi.status >= 0 else STATUS_SUCCESS,
                           self.slots[s].sent_at, now)
+            if (fi.status == STATUS_TRANSPORT and self.slots[s].retry != NULL and not app.closed
+                    and up_retry_answered(self, s, now)):
+                continue  # an idempotent request the node could not deliver: sent again
             if not app.closed:
                 fr_set_seq_id(p, &fi, self.slots[s].orig_id)
                 ob_append(&app.out, <char*>p, r)
@@ -395,6 +524,7 @@ cdef class UpstreamConn(Conn):
         if self.state == CONN_CONNECTING:
             self.state = CONN_OPEN
         self.made_at = mono()
+        up_clear_pending(self)
         # the backoff is reset once the peer answers (up_process) or once the
         # connection has lived min_connection_life: a peer that accepts and
         # closes at once is backed off like one that refuses
@@ -409,11 +539,18 @@ cdef class UpstreamConn(Conn):
 
     def connect_failed(self, str why):
         """Called by the connector when the connection could not be made."""
+        cdef dict unsent
+        if self.out.len:
+            self.backlog.append(ob_take(&self.out))  # staged this iteration: never written either
+        unsent = self.up_unsent() if self.in_flight else None
         self.state = CONN_CLOSED
         self.closed = True
         self.backlog = []
         self.pool._on_conn_failed(self, why)
-        self.up_fail_all(STATUS_TRANSPORT, f"upstream {self.pool.address} unavailable: connect failed: {why}")
+        up_clear_pending(self)
+        # nothing here was ever written: each request goes to another node if there is one
+        self.up_fail_all(STATUS_TRANSPORT, f"upstream {self.pool.address} unavailable: connect failed: {why}",
+                         unsent)
         self._release_waiters()
 
     def buffer_updated(self, Py_ssize_t nbytes):

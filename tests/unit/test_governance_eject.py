@@ -1,0 +1,124 @@
+"""Outlier ejection decided by governance.Manager on a real route table:
+candidates, the ejection share, return and probation, localities."""
+
+import asyncio
+
+import uvloop
+
+from octoproxy import model
+from octoproxy._core.route import RouteTable
+from octoproxy.governance import Manager
+
+
+def svc(n: int, **od: object) -> model.Service:
+    eps = tuple(model.Endpoint(f"10.0.0.{i + 1}", 9000, idc="a" if i < 2 else "b")
+                for i in range(n))
+    pol = model.OutlierDetection(**{"consecutive_transport_failures": 2,
+                                    "base_ejection_s": 0.3, "max_ejection_percent": 50,
+                                    **od})  # type: ignore[arg-type]
+    return model.Service("s", eps, governance=model.Governance(outlier_detection=pol))
+
+
+def addrs(table: RouteTable) -> list[str]:
+    return sorted(n.address for n in table.candidates("s"))
+
+
+def fail(table: RouteTable, address: str, times: int, status: int = 4) -> None:
+    node = next(n for n in table.nodes("s") if n.address == address)
+    for _ in range(times):
+        node.gov.on_answer(status)
+
+
+def run(coro_fn):  # type: ignore[no-untyped-def]
+    async def main():  # type: ignore[no-untyped-def]
+        table = RouteTable(model.Labels(idc="a"))
+        m = Manager(asyncio.get_running_loop(), table)
+        table.gov_hook = m.on_build
+        try:
+            return await coro_fn(table, m)
+        finally:
+            await m.close()
+
+    return uvloop.run(main())
+
+
+def test_ejection_leaves_the_locality_then_returns_on_probation() -> None:
+    async def body(table: RouteTable, m: Manager) -> None:
+        table.update_service(svc(4))
+        assert addrs(table) == ["10.0.0.1:9000", "10.0.0.2:9000"]  # own idc "a"
+        fail(table, "10.0.0.1:9000", 1)
+        assert len(addrs(table)) == 2  # below the threshold
+        fail(table, "10.0.0.1:9000", 1)
+        assert addrs(table) == ["10.0.0.2:9000"]
+        st = m.node_state("s", "10.0.0.1:9000")
+        assert st is not None and st["ejected"] and st["ejections"] == 1
+        await asyncio.sleep(0.45)  # 0.3 s ejection
+        assert addrs(table) == ["10.0.0.1:9000", "10.0.0.2:9000"]
+        fail(table, "10.0.0.1:9000", 1)  # probation: one failure is enough
+        assert addrs(table) == ["10.0.0.2:9000"]
+        await asyncio.sleep(0.4)
+        assert "10.0.0.1:9000" not in addrs(table)  # the second ejection lasts 0.6 s
+        await asyncio.sleep(0.35)
+        assert "10.0.0.1:9000" in addrs(table)
+
+    run(body)
+
+
+def test_locality_emptied_by_ejection_the_next_one_serves() -> None:
+    async def body(table: RouteTable, m: Manager) -> None:
+        table.update_service(svc(4, max_ejection_percent=50))
+        fail(table, "10.0.0.1:9000", 2)
+        fail(table, "10.0.0.2:9000", 2)
+        assert addrs(table) == ["10.0.0.3:9000", "10.0.0.4:9000"]  # idc "b"
+
+    run(body)
+
+
+def test_never_more_than_the_share() -> None:
+    async def body(table: RouteTable, m: Manager) -> None:
+        table.update_service(svc(4, max_ejection_percent=25))
+        for i in (1, 2, 3):
+            fail(table, f"10.0.0.{i}:9000", 5)
+        ejected = [a for a in ("10.0.0.1:9000", "10.0.0.2:9000", "10.0.0.3:9000")
+                   if m.node_state("s", a)["ejected"]]  # type: ignore[index]
+        assert len(ejected) == 1
+        assert m.stats()["s"]["ejected"] == ejected
+
+    run(body)
+
+
+def test_all_ejected_still_serves_and_the_last_node_is_never_ejected() -> None:
+    async def body(table: RouteTable, m: Manager) -> None:
+        table.update_service(svc(1, max_ejection_percent=100))
+        fail(table, "10.0.0.1:9000", 5)
+        assert addrs(table) == ["10.0.0.1:9000"]
+        assert not m.node_state("s", "10.0.0.1:9000")["ejected"]  # type: ignore[index]
+
+    run(body)
+
+
+def test_failure_rate_over_an_interval() -> None:
+    async def body(table: RouteTable, m: Manager) -> None:
+        table.update_service(svc(4, consecutive_transport_failures=0, consecutive_errors=0,
+                                 failure_rate_threshold=0.5, failure_rate_min_requests=10,
+                                 interval_s=0.2))
+        node = next(n for n in table.nodes("s") if n.address == "10.0.0.2:9000")
+        for i in range(20):
+            node.gov.on_answer(2 if i % 2 else 0)  # 50% runtime exceptions
+        await asyncio.sleep(0.3)
+        assert addrs(table) == ["10.0.0.1:9000"]
+
+    run(body)
+
+
+def test_policy_removed_returns_everyone() -> None:
+    async def body(table: RouteTable, m: Manager) -> None:
+        table.update_service(svc(4))
+        fail(table, "10.0.0.1:9000", 2)
+        assert addrs(table) == ["10.0.0.2:9000"]
+        base = svc(4)
+        table.update_service(model.Service("s", base.endpoints))
+        assert addrs(table) == ["10.0.0.1:9000", "10.0.0.2:9000"]
+        assert all(n.gov is None for n in table.nodes("s"))
+
+    run(body)
