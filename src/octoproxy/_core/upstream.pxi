@@ -506,7 +506,7 @@ cdef class UpstreamConn(Conn):
         return 0
 
     def _on_proxy_restart(self):
-        # PROTOCOL.md 3: out of the pool at once, keep reading what is owed
+        # docs/protocol.md 7.3: out of the pool at once, keep reading what is owed
         if self.state == CONN_OPEN or self.state == CONN_CONNECTING:
             self.state = CONN_DRAINING
             if self in self.pool.conns:
