@@ -173,8 +173,10 @@ cdef class ServiceGov:
         self.reasons = [
             f"rate limited by octo-proxy: cluster quota of service {appkey!r} used up",
             f"circuit breaker of octo-proxy open: service {appkey!r} has too many requests in flight",
-            f"circuit breaker of octo-proxy open: service {appkey!r} has too many requests waiting for a connection",
-            f"circuit breaker of octo-proxy open: the picked node of {appkey!r} has too many requests in flight",
+            f"circuit breaker of octo-proxy open: service {appkey!r} has too many requests "
+            f"waiting for a connection",
+            f"circuit breaker of octo-proxy open: the picked node of {appkey!r} has too many "
+            f"requests in flight",
             f"overload: adaptive concurrency limit of service {appkey!r} reached",
         ]
         self.qmode = QM_OFF
