@@ -19,6 +19,7 @@ ruff check src tests bench
 if [ "$(id -u)" = 0 ]; then bash ci/container.sh setup; fi
 if [ "${CI:-}" = true ]; then export OCTO_REQUIRE_CONTAINERS=1; fi
 mypy src/octoproxy
+python ci/check_docs.py   # links, repo paths, test names, protocol.md sections
 python -m pytest -q -p no:cacheprovider "$@"
 # the wheel installs and runs without a compiler or Cython (prints "wheel check: ok" last)
 bash ci/wheel_check.sh

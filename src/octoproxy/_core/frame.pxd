@@ -80,7 +80,7 @@ cdef enum:
 cdef Py_ssize_t fr_scan(const uint8_t* buf, Py_ssize_t n, Py_ssize_t max_frame,
                         Py_ssize_t max_header, FrameInfo* fi) noexcept nogil
 
-# Added: decode only the header of the OCTO frame at buf[0:n] (prefix + header
+# Decode only the header of the OCTO frame at buf[0:n] (prefix + header
 # present; body, total_length and checksum unchecked), e.g. to answer a frame
 # too large to buffer.  Returns 10 + header_length, FE_NEED_MORE or FE_*;
 # fi.length is the length the frame claims, fi.body_len is 0.
@@ -109,13 +109,13 @@ cdef const char* fr_strerror(Py_ssize_t code) noexcept nogil
 
 # Encoders for the frames the proxy sends on its own (not on the hot path).
 cdef bytes fr_error_response(int64_t seq_id, int status, str message, bint restart, int protocol)
-# Added: the proxy's own error answer as Dorado providers write one: for a
+# The proxy's own error answer as Dorado providers write one: for a
 # thrift-serialized request (method not None) the body is a Thrift EXCEPTION
 # message (method, body_seq, TApplicationException{message}); the protocol
 # byte keeps the request's serialization and checksum bits (docs/protocol.md).
 cdef bytes fr_error_answer(int64_t seq_id, int status, str message, bint restart, int protocol,
                            object method, int32_t body_seq)
-# Added: for an error answer (docs/protocol.md 11): when the request's body is
+# For an error answer (docs/protocol.md 11): when the request's body is
 # a strict TBinaryProtocol message (serialization 1, uncompressed), the offset
 # of its method name in `frame` (*name_len its length, *body_seq its seqid);
 # else -1.  No Python object, reads at most the first bytes of the body.
@@ -124,17 +124,17 @@ cdef Py_ssize_t fr_error_call(const uint8_t* frame, const FrameInfo* fi, Py_ssiz
 # The same as a Python bytes object (None when there is none).
 cdef object fr_error_method(const uint8_t* frame, const FrameInfo* fi, int32_t* body_seq)
 cdef bytes fr_heartbeat_response(int64_t seq_id, int protocol)
-# Added: the answer to a heartbeat request of either kind: NormalHeartbeat (1)
+# The answer to a heartbeat request of either kind: NormalHeartbeat (1)
 # -> messageType 1; ScannerHeartbeat (2) -> messageType 2 with
 # heartbeatInfo{sendTime (ms), status 2 ALIVE} as Dorado providers answer.
 cdef bytes fr_heartbeat_answer(int64_t seq_id, int msg_type, int protocol)
 cdef bytes fr_proxy_restart()
 cdef bytes fr_proxy_announce(int64_t seq_id)
 
-# Added: Adler-32 of p[0:n] (the OCTO trailer checksum).
+# Adler-32 of p[0:n] (the OCTO trailer checksum).
 cdef uint32_t fr_adler32(const uint8_t* p, Py_ssize_t n) noexcept nogil
 
-# Added: a scanned frame as a Python object (SDK/tests); a copy of its bytes.
+# A scanned frame as a Python object (SDK/tests); a copy of its bytes.
 cdef class Frame:
     cdef FrameInfo fi          # what fr_scan filled in
     cdef Py_ssize_t offset     # where the frame started in the scanned buffer

@@ -1,4 +1,4 @@
-"""Route table snapshots and load balancers (PROTOCOL.md section 4).
+"""Route table snapshots and load balancers (docs/protocol.md section 8).
 
 Everything that depends only on the discovery snapshot and the proxy's own
 labels -- cell, swimlane, health and locality filtering -- is done when a
@@ -26,7 +26,7 @@ cdef extern from *:
     #include <time.h>
 
     /* XXH64 (Yann Collet's xxHash, 64-bit), reimplemented; checked against the
-       `xxhash` package in tests/unit/test_route_hash.py. */
+       `xxhash` package in tests/unit/test_route.py. */
     #define RT_P1 11400714785074694791ULL
     #define RT_P2 14029467366897019727ULL
     #define RT_P3 1609587929392839161ULL
