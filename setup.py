@@ -48,6 +48,8 @@ extensions = [
         extra_compile_args=cflags,
         define_macros=macros,
         include_dirs=[str(CORE)],
+        # service authentication: OpenSSL's HMAC (docs/auth.md)
+        libraries=["crypto"] if pyx.stem == "auth" else [],
     )
     for pyx in sorted(CORE.glob("*.pyx"))
     # OCTOPROXY_ONLY=frame,route builds just those modules (development only)

@@ -11,6 +11,10 @@ fi
 if ! command -v redis-server >/dev/null; then
   apt-get install -y redis-server || { apt-get update && apt-get install -y redis-server; }
 fi
+# the core's service authentication links OpenSSL's libcrypto (docs/auth.md)
+if [ ! -f /usr/include/openssl/hmac.h ]; then
+  apt-get install -y libssl-dev || { apt-get update && apt-get install -y libssl-dev; }
+fi
 python -m pip install -q --upgrade pip
 OCTOPROXY_WERROR=1 python -m pip install -q -e ".[dev]"  # warnings are errors in CI
 ruff check src tests bench

@@ -32,6 +32,9 @@ def validate(config_path: str, paths: bool) -> None:
     """Check a config file; print every error with its path in the file."""
     try:
         cfg = load_config(config_path)
+        from octoproxy import auth
+
+        auth.load(cfg)  # the token file: its mode, its form, the tokens sign_for needs
         if paths:
             from octoproxy.server import check_paths
 
@@ -55,6 +58,9 @@ def run(config_path: str, hot_restart_from: str | None, log_level: str | None) -
     """Run the proxy with a config file."""
     try:
         cfg = load_config(config_path)
+        from octoproxy import auth
+
+        auth.load(cfg)  # refuse to start on a bad token file (read again by the proxy)
     except ConfigError as e:
         click.echo(f"{e.source}: {len(e.problems)} error(s)", err=True)
         for p in e.problems:

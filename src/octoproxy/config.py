@@ -45,6 +45,10 @@ class OutboundListener(_Strict):
     path: str
     mode: int = Field(default=0o660, ge=0, le=0o777)
     backlog: int = Field(default=1024, ge=1, le=65535)
+    # service authentication (docs/auth.md): the appkeys of the apps that use
+    # this listener, which the proxy signs requests for; a request claiming any
+    # other caller appkey is refused with status 7.  Empty: nothing is signed.
+    sign_for: list[str] = []
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -53,6 +57,39 @@ class OutboundListener(_Strict):
         if isinstance(v, str):
             return int(v, 8)
         return v
+
+
+class AllowRule(_Strict):
+    """One caller appkey allowed to call a provider; `methods`: only these."""
+
+    caller: str = Field(min_length=1)
+    methods: list[str] | None = None  # None: every method
+
+
+class ProviderAuth(_Strict):
+    """How an inbound listener authenticates and authorizes its callers."""
+
+    # enforce: refuse (status 7) what fails; log-only: count and log, forward
+    # (migration); off: no check
+    mode: Literal["enforce", "log-only", "off"] = "enforce"
+    allow: list[AllowRule] = []  # the ACL; empty: nobody
+
+    @model_validator(mode="after")
+    def _unique(self) -> ProviderAuth:
+        seen = [r.caller for r in self.allow]
+        if len(seen) != len(set(seen)):
+            raise ValueError("a caller appears twice in allow")
+        return self
+
+
+class Auth(_Strict):
+    """Service authentication (docs/auth.md)."""
+
+    # appkey -> token, YAML or JSON; must not be readable or writable by group
+    # or others.  Its values never reach logs, /config_dump or handed-over state.
+    token_file: str | None = None
+    # a signature's timestamp may differ from this proxy's clock by this much
+    max_skew_s: float = Field(default=300.0, gt=0, le=86400)
 
 
 class InboundListener(_Strict):
@@ -65,6 +102,14 @@ class InboundListener(_Strict):
     # the service this port serves: its provider-side rate limits and cluster
     # quota apply here (docs/governance.md); None = no provider-side limits
     appkey: str | None = None
+    # service authentication of the callers of `appkey` (docs/auth.md)
+    auth: ProviderAuth | None = None
+
+    @model_validator(mode="after")
+    def _auth_needs_appkey(self) -> InboundListener:
+        if self.auth is not None and not self.appkey:
+            raise ValueError("auth needs the listener's appkey (the provider the callers sign for)")
+        return self
 
 
 class Listeners(_Strict):
@@ -229,6 +274,15 @@ class Config(_Strict):
     hot_restart: HotRestart = HotRestart()
     logging: Logging = Logging()
     redis: Redis = Redis()
+    auth: Auth = Auth()
+
+    @model_validator(mode="after")
+    def _token_file(self) -> Config:
+        uses = any(ob.sign_for for ob in self.listeners.outbound) or any(
+            ib.auth is not None and ib.auth.mode != "off" for ib in self.listeners.inbound)
+        if uses and not self.auth.token_file:
+            raise ValueError("auth.token_file is needed: a listener signs or verifies requests")
+        return self
 
 
 class ConfigError(Exception):

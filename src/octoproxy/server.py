@@ -148,10 +148,14 @@ class Proxy:
     """One generation of the proxy inside one process."""
 
     def __init__(self, cfg: Config, config_path: str | None = None) -> None:
+        from octoproxy import auth
         from octoproxy._core.route import RouteTable
 
         self.cfg = cfg
         self.config_path = config_path
+        # service authentication (docs/auth.md): tokens stay in this object and
+        # the core's Signers/Verifiers, never in handed-over state or dumps
+        self._tokens = auth.load(cfg)
         self.table = RouteTable(cfg.node.labels())
         self.gov: Any = None
         if _needs_governance(cfg):
@@ -303,17 +307,21 @@ class Proxy:
         """Accept on the data path's listeners.  The servers get duplicates:
         closing a server closes its socket, and this generation keeps the
         originals to hand over, or to serve again after a failed handover."""
+        from octoproxy import auth
+
         loop = asyncio.get_running_loop()
         engine = self.engine
         for ob in self.cfg.listeners.outbound:
             sock = self.sockets[listener_key_outbound(ob.path)].dup()
+            signer = auth.signer(ob, self._tokens)
             # the backlog again: create_*_server(sock=...) re-listens with its own (100)
-            self.servers.append(await loop.create_unix_server(engine.outbound, sock=sock,
-                                                              backlog=ob.backlog))
+            self.servers.append(await loop.create_unix_server(
+                functools.partial(engine.outbound, signer), sock=sock, backlog=ob.backlog))
         for ib in self.cfg.listeners.inbound:
             sock = self.sockets[listener_key_inbound(ib.host, ib.port)].dup()
             gov = self.gov.service_gov(ib.appkey) if self.gov is not None and ib.appkey else None
-            factory = functools.partial(engine.inbound, ib.upstream_uds, gov)
+            factory = functools.partial(engine.inbound, ib.upstream_uds, gov,
+                                        verifier=auth.verifier(ib, self.cfg, self._tokens))
             self.servers.append(await loop.create_server(factory, sock=sock, backlog=ib.backlog))
 
     def _sock(self, prefix: str) -> socket.socket | None:

@@ -15,6 +15,7 @@ Each UDS answers with b"<NAME>|" + what the body asks for:
   b"break" / b"mend" -> from now on every other request answers status 2 / normally
 A body that is a strict TBinaryProtocol call (frame.thrift_call) whose
 arguments start with one of the commands above is handled as its arguments.
+  b"handled"       -> how many requests of any kind were handled before this one
 Prints "ready" when every socket listens.
 """
 
@@ -31,6 +32,7 @@ STARTED = collections.Counter[str]()
 BROKEN: set[str] = set()
 COMMANDS = (b"id:", b"sleep:", b"count:", b"started:", b"break", b"mend", b"echo:")
 STARTED_IDS: collections.Counter[bytes] = collections.Counter()  # sleeping calls begun, by id
+HANDLED = collections.Counter[str]()
 
 
 def make_handler(name: str):
@@ -38,6 +40,9 @@ def make_handler(name: str):
 
     async def handler(req: Request):
         body = req.body
+        HANDLED["all"] += 1
+        if body == b"handled":
+            return prefix + b"%d" % (HANDLED["all"] - 1)
         if body[:2] == b"\x80\x01" and len(body) >= 12:
             n = int.from_bytes(body[4:8], "big")
             if body[12 + n:].startswith(COMMANDS):

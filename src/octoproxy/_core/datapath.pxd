@@ -7,6 +7,7 @@
 from cpython.object cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint8_t
 
+from octoproxy._core.auth cimport Signer, Verifier
 from octoproxy._core.constants cimport STATUS_SLOTS
 from octoproxy._core.frame cimport FrameInfo
 from octoproxy._core.limits cimport ServiceGov
@@ -270,6 +271,7 @@ cdef class OutboundConn(Conn):
     cdef bint in_touched                # already in some UpstreamConn.touched list
     cdef bytes last_method              # the method name of the last Thrift call, reused
     cdef readonly bint wants_notice     # asked for the restart notice (octo-restart-notice: 1)
+    cdef Signer signer                  # service authentication: the appkeys signed for, or None
 
     cdef int out_process(self) except -1
     cdef int out_error(self, int64_t seq_id, int status, str message, bint restart, int protocol,
@@ -299,6 +301,7 @@ cdef class InboundConn(Conn):
     cdef readonly Py_ssize_t in_flight  # requests read here and not answered yet
     cdef double deadline                # latest caller deadline among them (monotonic)
     cdef public ServiceGov gov          # provider-side limits of the listener's appkey, or None
+    cdef Verifier verifier              # service authentication of the callers, or None
 
     cdef int in_process(self, double now) except -1
     cdef int in_expire(self, double now) except -1

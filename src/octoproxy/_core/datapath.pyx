@@ -19,6 +19,7 @@ One extension, one file per role (``include``d below, in this order):
 - upstream.pxi  UpstreamPool and UpstreamConn with its pending table
 - outbound.pxi  OutboundConn: an app's connection to the outbound listener
 - inbound.pxi   InboundConn and ProviderConn: the provider side, paired 1:1
+- authpath.pxi  service authentication: signing (outbound), verifying (inbound)
 
 The declarations (fields and C methods of every class) are in datapath.pxd.
 """
@@ -35,10 +36,16 @@ from libc.errno cimport EINTR, errno
 from libc.string cimport memcmp, memcpy, memmove
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+
+from octoproxy._core.auth cimport (
+    AU_BAD_SIGNATURE, AU_EXPIRED, AU_METHOD, AU_NOT_ALLOWED, AU_OK, AU_UNKNOWN_CALLER,
+    AU_UNSIGNED, Signer, Verifier, au_now_ms, au_sign_extra, au_sign_into, au_verify,
+)
 from octoproxy._core.constants cimport (
     CALL_ONEWAY, CONN_CLOSED, CONN_CONNECTING, CONN_DRAINING, CONN_OPEN, MT_HEARTBEAT, MT_NORMAL,
     MT_PROXY_RESTART, MT_SCANNER_HEARTBEAT, PROTO_SERIAL_MASK, STATUS_DEGRADE, STATUS_PROTOCOL,
-    STATUS_RPC, STATUS_SERVICE, STATUS_SLOTS, STATUS_SUCCESS, STATUS_TRANSPORT,
+    STATUS_RPC, STATUS_SECURITY, STATUS_SERVICE, STATUS_SLOTS, STATUS_SUCCESS, STATUS_TRANSPORT,
 )
 from octoproxy._core.frame cimport (
     FE_TOO_LARGE, FF_GZIP, FF_PROXY_ANNOUNCE, FF_REQUEST, FF_RESPONSE, FF_RESTART_NOTICE, FF_SNAPPY,
@@ -58,7 +65,7 @@ from octoproxy._core.route cimport (
 import contextvars as _contextvars
 import random as _random
 
-from octoproxy._core.frame import read_compressed_request
+from octoproxy._core.frame import encode_thrift_exception, read_compressed_request
 from octoproxy.logs import peer_name as _peer_name
 
 cdef enum:
@@ -99,3 +106,4 @@ include "engine.pxi"
 include "upstream.pxi"
 include "outbound.pxi"
 include "inbound.pxi"
+include "authpath.pxi"

@@ -250,15 +250,20 @@ cdef class Engine:
 
     # -- Python-side API (per connection / per config change / per scrape)
 
-    def outbound(self):
-        """Protocol factory for an outbound (app) listener."""
-        return OutboundConn(self)
+    def outbound(self, Signer signer=None):
+        """Protocol factory for an outbound (app) listener; `signer`: the
+        appkeys its requests are signed for (docs/auth.md)."""
+        cdef OutboundConn c = OutboundConn(self)
+        c.signer = signer
+        return c
 
-    def inbound(self, str provider_path, ServiceGov gov=None):
+    def inbound(self, str provider_path, ServiceGov gov=None, *, Verifier verifier=None):
         """Protocol factory for an inbound listener that forwards to
-        `provider_path`; `gov`: the provider-side limits of its service."""
+        `provider_path`; `gov`: the provider-side limits of its service;
+        `verifier`: its service authentication (docs/auth.md)."""
         cdef InboundConn c = InboundConn(self, provider_path)
         c.gov = gov
+        c.verifier = verifier
         return c
 
     def idle_sweep(self):

@@ -68,6 +68,16 @@ cdef struct FrameInfo:
     Py_ssize_t caller_len
     Py_ssize_t gctx_len       # bytes of the globalContext map's encoding (0 if absent)
     Py_ssize_t lctx_len       # bytes of the localContext map's encoding (0 if absent)
+    # service authentication (docs/auth.md): localContext octo-auth-*, and
+    # where localContext's map header (6 bytes) starts and its entries end
+    Py_ssize_t auth_app_off   # localContext octo-auth-appkey
+    Py_ssize_t auth_app_len
+    Py_ssize_t auth_ts_off    # localContext octo-auth-ts
+    Py_ssize_t auth_ts_len
+    Py_ssize_t auth_sig_off   # localContext octo-auth-sig
+    Py_ssize_t auth_sig_len
+    Py_ssize_t lctx_off       # -1: no localContext
+    Py_ssize_t lctx_end
 
 # Message types, status codes and call types: constants.pxd.
 cdef enum:

@@ -342,6 +342,9 @@ cdef const uint8_t* fr_context(const uint8_t* p, const uint8_t* end, const uint8
     if end - p < 6:
         err[0] = FE_BAD_HEADER
         return NULL
+    if local:
+        fi.lctx_off = p - base
+        fi.lctx_end = p + 6 - base
     cnt = <int32_t>fr_rd_u32(p + 2)
     if cnt == 0:
         # some encoders write key/value type 0 for an empty map
@@ -379,6 +382,15 @@ cdef const uint8_t* fr_context(const uint8_t* p, const uint8_t* end, const uint8
             elif klen == 19 and memcmp(key, b"octo-restart-notice", 19) == 0:
                 if vlen == 1 and base[voff] == b'1':
                     fi.flags |= FF_RESTART_NOTICE
+            elif klen == 16 and memcmp(key, b"octo-auth-appkey", 16) == 0:
+                fi.auth_app_off = voff
+                fi.auth_app_len = vlen
+            elif klen == 12 and memcmp(key, b"octo-auth-ts", 12) == 0:
+                fi.auth_ts_off = voff
+                fi.auth_ts_len = vlen
+            elif klen == 13 and memcmp(key, b"octo-auth-sig", 13) == 0:
+                fi.auth_sig_off = voff
+                fi.auth_sig_len = vlen
         else:
             if klen == 12 and memcmp(key, b"octo-liteset", 12) == 0:
                 fi.liteset_off = voff
@@ -389,6 +401,8 @@ cdef const uint8_t* fr_context(const uint8_t* p, const uint8_t* end, const uint8
             elif klen == 13 and memcmp(key, b"octo-swimlane", 13) == 0:
                 fi.swimlane_off = voff
                 fi.swimlane_len = vlen
+    if local:
+        fi.lctx_end = p - base
     return p
 
 
@@ -505,6 +519,14 @@ cdef inline void fr_reset(FrameInfo* fi) noexcept nogil:
     fi.caller_len = -1
     fi.gctx_len = 0
     fi.lctx_len = 0
+    fi.auth_app_off = -1
+    fi.auth_app_len = -1
+    fi.auth_ts_off = -1
+    fi.auth_ts_len = -1
+    fi.auth_sig_off = -1
+    fi.auth_sig_len = -1
+    fi.lctx_off = -1
+    fi.lctx_end = -1
 
 
 cdef Py_ssize_t fr_scan_thrift(const uint8_t* buf, Py_ssize_t n, Py_ssize_t max_frame,

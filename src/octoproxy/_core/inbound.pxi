@@ -52,6 +52,9 @@ cdef class InboundConn(Conn):
         cdef double timeout
         cdef uint8_t* p
         cdef Engine eng = self.engine
+        cdef Verifier v = self.verifier
+        cdef int64_t now_ms = au_now_ms() if v is not None else 0
+        cdef Py_ssize_t vmoff = 0, vmlen = 0
         cdef ServiceGov g = self.gov
         cdef int code, kind
         cdef Py_ssize_t moff, mlen
@@ -80,6 +83,16 @@ cdef class InboundConn(Conn):
                         self.is_proxy = True
                     self.answer_heartbeat(&fi, &self.reply)
                 continue
+            if v is not None and fi.flags & FF_REQUEST and fi.msg_type <= MT_NORMAL:
+                # service authentication (docs/auth.md): verified before forwarding
+                code = au_verify(v, p, &fi, now_ms, &vmoff, &vmlen)
+                if code != AU_OK:
+                    if v.enforce:
+                        au_refuse_inbound(self, v, code, p, &fi, vmoff, vmlen)
+                        continue
+                    v.n_logged += 1
+                    eng.log.warning("auth (log-only) forwarded a request that fails: %s",
+                                    _au_reason(v, code, p, &fi, vmoff, vmlen))
             if g is not None and fi.flags & FF_REQUEST and fi.msg_type <= MT_NORMAL:
                 # provider-side limits (docs/governance.md): refused here, at once
                 code = gv_inbound(g, p, &fi, now)

@@ -93,6 +93,7 @@ cdef class OutboundConn(Conn):
         cdef int32_t body_seq
         cdef int k
         cdef bint oneway
+        cdef Signer signer = self.signer
         eng.read_seq += 1
         while True:
             r = self.rb_next(&fi, &p)
@@ -192,6 +193,12 @@ cdef class OutboundConn(Conn):
                                "in flight in this proxy (limits.max_inflight_total)", False,
                                fi.protocol)
                 continue
+            if signer is not None and (
+                    signer.token_for(p + fi.caller_off, fi.caller_len) is None
+                    or fi.header_len + au_sign_extra(&fi) > 0xFFFF):
+                # service authentication (docs/auth.md): only the listener's own apps are signed for
+                au_refuse_outbound(self, signer, p, &fi, fi.header_len + au_sign_extra(&fi) > 0xFFFF)
+                continue
             timeout = eng.default_timeout if fi.timeout <= 0 else fi.timeout * 0.001
             if timeout > eng.max_timeout:
                 timeout = eng.max_timeout
@@ -241,6 +248,7 @@ cdef class OutboundConn(Conn):
         cdef bint oneway = fi.call_type == CALL_ONEWAY
         cdef bint is_retry = avoid is not None
         cdef object again, method
+        cdef bytes token
         while True:
             node = table.rt_route(
                 p + fi.appkey_off, fi.appkey_len, p + fi.service_off, fi.service_len,
@@ -350,7 +358,14 @@ cdef class OutboundConn(Conn):
                 Py_INCREF(again)
                 slot.retry = <PyObject*>again
         fr_set_seq_id(p, fi, slot.id)
-        ob_append(&conn.out, <char*>p, r)
+        token = self.signer.token_for(p + fi.caller_off, fi.caller_len) \
+            if self.signer is not None else None
+        if token is not None:
+            # signed for its app (docs/auth.md): the copy with octo-auth-* is what is sent
+            au_sign_append(&conn.out, p, fi, token, node)
+            self.signer.n_signed += 1
+        else:
+            ob_append(&conn.out, <char*>p, r)
         if oneway:
             eng.n_oneway += 1
         else:

@@ -1,0 +1,153 @@
+"""Service authentication (docs/auth.md): the token file, the configuration,
+and the core's signing and verifying against an independent HMAC (hashlib)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from pathlib import Path
+
+import pytest
+
+from octoproxy import auth as pyauth
+from octoproxy._core import auth, frame
+from octoproxy.config import ConfigError, parse_config
+
+TOKEN = b"s3cr3t-token-of-web"
+CALLER, PROVIDER = b"com.demo.web", b"com.demo.echo"
+
+
+def mac(token: bytes, caller: bytes, provider: bytes, ts: int, method: bytes) -> str:
+    return hmac.new(token, b"|".join([caller, provider, str(ts).encode(), method]),
+                    hashlib.sha256).hexdigest()
+
+
+def request(local: dict[str, str] | None = None, method: str = "echo", checksum: bool = False,
+            caller: str = "com.demo.web") -> bytes:
+    body = frame.thrift_call(method, 7)
+    return frame.encode_request(5, "com.demo.echo.Service", body, local_context=local,
+                                trace_info={"clientAppkey": caller}, checksum=checksum)
+
+
+def signed(ts: int, sig: str | None = None, method: str = "echo", caller: str = "com.demo.web",
+           extra: dict[str, str] | None = None) -> bytes:
+    sig = sig if sig is not None else mac(TOKEN, caller.encode(), PROVIDER, ts, method.encode())
+    ctx = {"octo-auth-appkey": caller, "octo-auth-ts": str(ts), "octo-auth-sig": sig, **(extra or {})}
+    return request(ctx, method)
+
+
+def verifier(acl: dict[bytes, frozenset[bytes] | None] | None = None) -> auth.Verifier:
+    return auth.Verifier(PROVIDER, True, 300_000, {CALLER: TOKEN, b"com.demo.other": b"x"},
+                         {CALLER: None} if acl is None else acl)
+
+
+NOW = 1_800_000_000_000
+
+
+def test_sign_matches_hmac_sha256() -> None:
+    assert auth.sign(TOKEN, CALLER, PROVIDER, NOW, b"echo") == mac(TOKEN, CALLER, PROVIDER, NOW, b"echo")
+    long_method = b"m" * 2000  # past the stack buffer
+    assert auth.sign(TOKEN, CALLER, PROVIDER, 1, long_method) == mac(TOKEN, CALLER, PROVIDER, 1, long_method)
+
+
+def test_verify_reasons() -> None:
+    v = verifier()
+    assert v.verify(signed(NOW), NOW) == 0
+    assert v.verify(signed(NOW), NOW + 299_000) == 0
+    assert v.verify(request(), NOW) == 1                              # unsigned
+    assert v.verify(signed(NOW, caller="com.demo.nobody"), NOW) == 2  # unknown caller
+    assert v.verify(signed(NOW, sig="0" * 64), NOW) == 3              # bad signature
+    assert v.verify(signed(NOW, sig="ab"), NOW) == 3
+    assert v.verify(signed(NOW), NOW + 301_000) == 4                  # expired
+    assert v.verify(signed(NOW), NOW - 301_000) == 4                  # from the future
+    other = mac(b"x", b"com.demo.other", PROVIDER, NOW, b"echo")
+    assert v.verify(signed(NOW, sig=other, caller="com.demo.other"), NOW) == 5  # not in the ACL
+    vm = verifier({CALLER: frozenset({b"get"})})
+    assert vm.verify(signed(NOW), NOW) == 6                           # method not allowed
+    assert vm.verify(signed(NOW, method="get"), NOW) == 0
+    c = v.counters()
+    assert c["ok"] == 2 and c["unsigned"] == 1 and c["bad_signature"] == 2 and c["expired"] == 2
+
+
+def test_signature_covers_method_and_provider() -> None:
+    v = verifier()
+    sig = mac(TOKEN, CALLER, PROVIDER, NOW, b"echo")
+    assert v.verify(signed(NOW, sig=sig, method="drop"), NOW) == 3
+    wrong_provider = mac(TOKEN, CALLER, b"com.demo.other", NOW, b"echo")
+    assert v.verify(signed(NOW, sig=wrong_provider), NOW) == 3
+
+
+@pytest.mark.parametrize("checksum", [False, True])
+@pytest.mark.parametrize("local", [None, {}, {"octo-remote-appkey": "com.demo.echo"},
+                                   {"octo-auth-sig": "f" * 64, "octo-auth-appkey": "com.evil"}])
+def test_sign_frame_roundtrip(local: dict[str, str] | None, checksum: bool) -> None:
+    f = request(local, checksum=checksum)
+    out = auth.sign_frame(f, TOKEN, PROVIDER, NOW)
+    frames, used = frame.scan(out)
+    assert used == len(out) and len(frames) == 1
+    h = frame.decode_header(out[10:10 + int.from_bytes(out[8:10], "big")])
+    ctx = h["localContext"]
+    assert ctx["octo-auth-appkey"] == "com.demo.web" and ctx["octo-auth-ts"] == str(NOW)
+    assert ctx["octo-auth-sig"] == mac(TOKEN, CALLER, PROVIDER, NOW, b"echo")
+    for k, v in (local or {}).items():
+        if not k.startswith("octo-auth-"):
+            assert ctx[k] == v
+    assert out.endswith(f[len(f) - (4 if checksum else 0) - len(frame.thrift_call("echo", 7)):
+                          len(f) - (4 if checksum else 0)] + (out[-4:] if checksum else b""))
+    assert verifier().verify(out, NOW) == 0
+
+
+def test_tokens_never_printed() -> None:
+    t = pyauth.Tokens({"a": TOKEN})
+    assert TOKEN.decode() not in repr(t) + str(t)
+    v = verifier()
+    assert TOKEN.decode() not in repr(v) + repr(auth.Signer({CALLER: TOKEN}))
+    with pytest.raises(TypeError):
+        import pickle
+        pickle.dumps(v)
+
+
+def write_tokens(tmp_path: Path, text: str, mode: int) -> str:
+    p = tmp_path / "tokens.yaml"
+    p.write_text(text)
+    os.chmod(p, mode)
+    return str(p)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o602])
+def test_token_file_mode_refused(tmp_path: Path, mode: int) -> None:
+    p = write_tokens(tmp_path, "com.demo.web: s3cr3t\n", mode)
+    with pytest.raises(ConfigError) as e:
+        pyauth.load_tokens(p)
+    assert "chmod 600" in str(e.value)
+
+
+def test_token_file_ok_and_errors_quote_nothing(tmp_path: Path) -> None:
+    p = write_tokens(tmp_path, "com.demo.web: s3cr3t\ncom.demo.x: other\n", 0o600)
+    t = pyauth.load_tokens(p)
+    assert t.get("com.demo.web") == b"s3cr3t" and t.appkeys() == ["com.demo.web", "com.demo.x"]
+    bad = write_tokens(tmp_path, "com.demo.web: [s3cr3t-unclosed\n", 0o400)
+    with pytest.raises(ConfigError) as e:
+        pyauth.load_tokens(bad)
+    assert "s3cr3t" not in str(e.value)
+    os.unlink(bad)
+    os.symlink(p, bad)
+    with pytest.raises(ConfigError):
+        pyauth.load_tokens(bad)
+
+
+def test_config(tmp_path: Path) -> None:
+    base = {"listeners": {"outbound": [{"path": "/tmp/x.sock", "sign_for": ["com.demo.web"]}]}}
+    with pytest.raises(ConfigError, match="token_file"):
+        parse_config(base)
+    with pytest.raises(ConfigError, match="appkey"):
+        parse_config({"listeners": {"inbound": [{"port": 1, "upstream_uds": "/x", "auth": {}}]}})
+    with pytest.raises(ConfigError, match="twice"):
+        parse_config({"auth": {"token_file": "/t"}, "listeners": {"inbound": [
+            {"port": 1, "upstream_uds": "/x", "appkey": "p",
+             "auth": {"allow": [{"caller": "a"}, {"caller": "a"}]}}]}})
+    p = write_tokens(tmp_path, "com.demo.other: t\n", 0o600)
+    cfg = parse_config({**base, "auth": {"token_file": p}})
+    with pytest.raises(ConfigError, match=r"no token for 'com\.demo\.web'"):
+        pyauth.load(cfg)
