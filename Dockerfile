@@ -9,9 +9,11 @@
 ARG BASE=python:3.11-slim
 
 FROM ${BASE} AS build
-# A C compiler, libc headers and, where the base lacks them, Python's headers.
+# A C compiler, libc and OpenSSL headers (the core links libcrypto for
+# service authentication, docs/auth.md) and, where the base lacks them,
+# Python's headers.
 RUN set -eu; \
-    pkgs="gcc libc6-dev"; \
+    pkgs="gcc libc6-dev libssl-dev"; \
     python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("include"), "Python.h")))' \
       || pkgs="$pkgs python3-dev"; \
     apt-get update; \
