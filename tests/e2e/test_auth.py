@@ -86,6 +86,7 @@ def mesh() -> Any:
             json.dump(TOKENS, f)
         c.providers(echo="echo.sock")
         port = free_port()
+        c.port_log = free_port()  # type: ignore[attr-defined]
         c.server_admin = free_port()  # type: ignore[attr-defined]
         c.client_admin = free_port()  # type: ignore[attr-defined]
         c.port = port  # type: ignore[attr-defined]
@@ -98,7 +99,10 @@ def mesh() -> Any:
                 "appkey": PROVIDER,
                 "auth": {"mode": "enforce", "allow": [
                     {"caller": "com.demo.web"}, {"caller": "com.demo.legacy"},
-                    {"caller": "com.demo.batch", "methods": ["get"]}]}}]},
+                    {"caller": "com.demo.batch", "methods": ["get"]}]}},
+                {"host": "127.0.0.1", "port": c.port_log,  # type: ignore[attr-defined]
+                 "upstream_uds": c.path("echo.sock"), "appkey": PROVIDER,
+                 "auth": {"mode": "log-only"}}]},
         }
         c.proxy("server", c.server_cfg)  # type: ignore[attr-defined]
         c.client_cfg = {  # type: ignore[attr-defined]
@@ -190,6 +194,16 @@ def test_legacy_client_signing_by_itself_is_verified(mesh: Cluster) -> None:
     r = leg.signed(body, "com.demo.legacy", ts=ts, sig=mac("com.demo.legacy", ts, "get"))
     assert r["status"] == 0, r
     leg.close()
+
+
+def test_log_only_mode_forwards_and_logs(mesh: Cluster) -> None:
+    w = Wire(mesh.port_log)  # type: ignore[attr-defined]
+    r = w.call(b"echo:migrating", "com.demo.old")
+    assert r["status"] == 0 and r["body"] == b"echo|migrating", r
+    w.close()
+    server = next(p for p in mesh.procs if p.name == "server")
+    wait_for(lambda: "auth (log-only) forwarded a request that fails" in server.log()
+             and "is not signed" in server.log(), 10, "the log-only line")
 
 
 def _get(port: int, path: str) -> bytes:
