@@ -18,15 +18,22 @@ from octoproxy.config import Config, ConfigError, InboundListener, OutboundListe
 
 
 class Tokens:
-    """appkey -> token (bytes).  Never printed: repr names the appkeys only."""
+    """appkey -> (current token, [previous token]) as bytes.  Never printed:
+    repr names the appkeys only."""
 
     __slots__ = ("_t",)
 
-    def __init__(self, tokens: dict[str, bytes]) -> None:
-        self._t = dict(tokens)
+    def __init__(self, tokens: dict[str, bytes | tuple[bytes, ...]]) -> None:
+        self._t = {k: v if isinstance(v, tuple) else (v,) for k, v in tokens.items()}
 
     def get(self, appkey: str) -> bytes | None:
-        return self._t.get(appkey)
+        """The current token (what is signed with)."""
+        t = self._t.get(appkey)
+        return t[0] if t else None
+
+    def accepted(self, appkey: str) -> tuple[bytes, ...]:
+        """What a signature is verified against: current, then previous."""
+        return self._t.get(appkey, ())
 
     def appkeys(self) -> list[str]:
         return sorted(self._t)
@@ -72,13 +79,16 @@ def load_tokens(path: str) -> Tokens:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(path, ["token file: must be a mapping appkey -> token"])
-    out: dict[str, bytes] = {}
+    out: dict[str, bytes | tuple[bytes, ...]] = {}
     problems = []
     for k, v in data.items():
         if not isinstance(k, str) or not k:
             problems.append("token file: an appkey is not a non-empty string")
+        elif isinstance(v, list) and 1 <= len(v) <= 2 and all(isinstance(x, str) and x for x in v):
+            out[k] = tuple(x.encode() for x in v)  # [current, previous]: a rotation window
         elif not isinstance(v, str) or not v:
-            problems.append(f"token file: the token of {k!r} is not a non-empty string")
+            problems.append(f"token file: the token of {k!r} is not a non-empty string "
+                            "(or a list [current, previous])")
         else:
             out[k] = v.encode()
     if problems:
@@ -125,6 +135,6 @@ def verifier(ib: InboundListener, cfg: Config, tokens: Tokens | None) -> Any:
 
     acl = {r.caller.encode(): None if r.methods is None else frozenset(m.encode() for m in r.methods)
            for r in ib.auth.allow}
-    toks = {a.encode(): t for a in tokens.appkeys() if (t := tokens.get(a)) is not None}
+    toks = {a.encode(): tokens.accepted(a) for a in tokens.appkeys()}
     return Verifier(ib.appkey.encode(), ib.auth.mode == "enforce", int(cfg.auth.max_skew_s * 1000),
                     toks, acl)

@@ -38,7 +38,7 @@ def signed(ts: int, sig: str | None = None, method: str = "echo", caller: str = 
 
 
 def verifier(acl: dict[bytes, frozenset[bytes] | None] | None = None) -> auth.Verifier:
-    return auth.Verifier(PROVIDER, True, 300_000, {CALLER: TOKEN, b"com.demo.other": b"x"},
+    return auth.Verifier(PROVIDER, True, 300_000, {CALLER: (TOKEN,), b"com.demo.other": (b"x",)},
                          {CALLER: None} if acl is None else acl)
 
 
@@ -151,3 +151,15 @@ def test_config(tmp_path: Path) -> None:
     cfg = parse_config({**base, "auth": {"token_file": p}})
     with pytest.raises(ConfigError, match=r"no token for 'com\.demo\.web'"):
         pyauth.load(cfg)
+
+
+def test_rotation_window_accepts_current_and_previous(tmp_path: Path) -> None:
+    p = write_tokens(tmp_path, "com.demo.web: [new-token, old-token]\n", 0o600)
+    toks = pyauth.load_tokens(p)
+    assert toks.get("com.demo.web") == b"new-token"
+    assert toks.accepted("com.demo.web") == (b"new-token", b"old-token")
+    v = auth.Verifier(PROVIDER, True, 300_000, {CALLER: toks.accepted("com.demo.web")}, {CALLER: None})
+    for tok, want in ((b"new-token", 0), (b"old-token", 0), (b"older-token", 3)):
+        sig = mac(tok, CALLER, PROVIDER, NOW, b"echo")
+        assert v.verify(signed(NOW, sig=sig), NOW) == want
+    assert "old-token" not in repr(toks)

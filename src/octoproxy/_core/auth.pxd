@@ -24,7 +24,7 @@ cdef class Verifier:
     cdef readonly bytes provider
     cdef readonly bint enforce          # False: log-only (count, log, forward)
     cdef readonly int64_t skew_ms
-    cdef dict tokens                    # caller appkey (bytes) -> token (bytes)
+    cdef dict tokens                    # caller appkey (bytes) -> (current token, [previous])
     cdef dict acl                       # caller appkey -> None (all methods) | frozenset of methods
     cdef public dict answers            # the data path's pre-encoded refusals (bounded)
     cdef long long n_ok

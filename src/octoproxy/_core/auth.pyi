@@ -7,7 +7,8 @@ class Verifier:
     enforce: bool
     skew_ms: int
     answers: dict[object, object]
-    def __init__(self, provider: bytes, enforce: bool, skew_ms: int, tokens: dict[bytes, bytes],
+    def __init__(self, provider: bytes, enforce: bool, skew_ms: int,
+                 tokens: dict[bytes, tuple[bytes, ...]],
                  acl: dict[bytes, frozenset[bytes] | None]) -> None: ...
     def counters(self) -> dict[str, int]: ...
     def verify(self, frame: bytes, now_ms: int = 0) -> int: ...

@@ -152,6 +152,7 @@ cdef int au_verify(Verifier v, const uint8_t* p, const FrameInfo* fi, int64_t no
     cdef Py_ssize_t i
     cdef char mac[AU_SIG_HEX]
     cdef bytes caller, token
+    cdef tuple toks
     cdef object methods
     cdef int r
     mlen[0] = 0
@@ -163,8 +164,8 @@ cdef int au_verify(Verifier v, const uint8_t* p, const FrameInfo* fi, int64_t no
         r = AU_UNSIGNED
     else:
         caller = PyBytes_FromStringAndSize(<const char*>p + fi.auth_app_off, fi.auth_app_len)
-        token = v.tokens.get(caller)
-        if token is None:
+        toks = v.tokens.get(caller)
+        if toks is None:
             r = AU_UNKNOWN_CALLER
         else:
             r = AU_OK
@@ -179,13 +180,18 @@ cdef int au_verify(Verifier v, const uint8_t* p, const FrameInfo* fi, int64_t no
                 if r == AU_OK and (ts > now_ms + v.skew_ms or ts < now_ms - v.skew_ms):
                     r = AU_EXPIRED
             if r == AU_OK:
-                if fi.auth_sig_len != AU_SIG_HEX or au_mac_hex(
-                        token, <const char*>p + fi.auth_app_off, fi.auth_app_len,
-                        PyBytes_AS_STRING(v.provider), PyBytes_GET_SIZE(v.provider),
-                        <const char*>p + fi.auth_ts_off, fi.auth_ts_len,
-                        <const char*>p + moff[0], mlen[0], mac) != 0 \
-                        or CRYPTO_memcmp(mac, p + fi.auth_sig_off, AU_SIG_HEX) != 0:
-                    r = AU_BAD_SIGNATURE
+                # the current token, then (rotation window) the previous one
+                r = AU_BAD_SIGNATURE
+                if fi.auth_sig_len == AU_SIG_HEX:
+                    for token in toks:
+                        if au_mac_hex(
+                                token, <const char*>p + fi.auth_app_off, fi.auth_app_len,
+                                PyBytes_AS_STRING(v.provider), PyBytes_GET_SIZE(v.provider),
+                                <const char*>p + fi.auth_ts_off, fi.auth_ts_len,
+                                <const char*>p + moff[0], mlen[0], mac) == 0 \
+                                and CRYPTO_memcmp(mac, p + fi.auth_sig_off, AU_SIG_HEX) == 0:
+                            r = AU_OK
+                            break
             if r == AU_OK:
                 if caller not in v.acl:
                     r = AU_NOT_ALLOWED
