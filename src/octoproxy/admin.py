@@ -31,7 +31,9 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from octoproxy._core.constants import Status
+from octoproxy._core.datapath import COUNTER_HELP
 from octoproxy.logs import repeat_limiter
+from octoproxy.model import STATUS_ALIVE
 
 if TYPE_CHECKING:
     from octoproxy._core.datapath import Engine
@@ -103,25 +105,9 @@ class ProxyCollector:
         eng = p.engine
         table = p.table
         c = eng.counters()
-        simple = [
-            ("octo_proxy_outbound_requests", "Requests routed upstream", c["requests"]),
-            ("octo_proxy_outbound_answers", "Upstream answers delivered to apps", c["responses"]),
-            ("octo_proxy_oneway_requests", "One-way requests forwarded", c["oneway"]),
-            ("octo_proxy_oneway_unanswered", "One-way requests whose deadline passed without an answer",
-             c["oneway_unanswered"]),
-            ("octo_proxy_timeouts", "Requests answered by the proxy with a timeout", c["timeouts"]),
-            ("octo_proxy_inbound_requests", "Requests forwarded to the local provider",
-             c["inbound_requests"]),
-            ("octo_proxy_inbound_answers", "Provider answers sent back", c["inbound_responses"]),
-            ("octo_proxy_malformed_frames", "Connections closed for a malformed frame",
-             c["malformed"]),
-            ("octo_proxy_heartbeats", "Heartbeats answered by the proxy", c["heartbeats"]),
-            ("octo_proxy_restart_answers", "Requests answered with the hot-restart flag",
-             c["restart_answers"]),
-            ("octo_proxy_slow_consumers", "App connections closed for leaving answers unread",
-             c["slow_consumers"]),
-        ]
-        # hardening (docs/protocol.md 6.4-6.7, 7.5): the
+        # the core's counters table (datapath.pxd: Counters), octo_proxy_<name>
+        simple = [(f"octo_proxy_{name}", doc, c[name]) for name, doc in COUNTER_HELP.items()]
+        # hardening (docs/operating.md "Limits and hostile peers"): the
         # engine's counters, each exported when the engine has it
         simple += [(name, doc, c[key]) for key, name, doc in HARDENING_COUNTERS if key in c]
         simple += [
@@ -316,7 +302,7 @@ def governance_metrics(gov: Any) -> Iterator[Any]:
 def _node_json(n: Any) -> dict[str, Any]:
     return {
         "address": n.address, "weight": n.weight, "effective_weight": n.effective_weight,
-        "status": n.status, "healthy": n.status == 2 and n.weight > 0, "role": n.role,
+        "status": n.status, "healthy": n.status == STATUS_ALIVE and n.weight > 0, "role": n.role,
         "cell": n.cell, "swimlane": n.swimlane, "idc": n.idc, "region": n.region,
         "warmup_s": n.warmup_s, "start_time": n.start_time, "active": n.in_flight,
         "requests": n.picks,

@@ -324,7 +324,7 @@ cdef class Conn:
     cdef int answer_heartbeat(self, FrameInfo* fi, OutBuf* out) except -1:
         """A peer heartbeat that is not itself an answer is answered here,
         with the same sequence id and message type (docs/protocol.md 4.2, 12.3)."""
-        self.engine.n_heartbeats += 1
+        self.engine.count.heartbeats += 1
         ob_append_bytes(out, fr_heartbeat_answer(fi.seq_id, fi.msg_type,
                                                  fi.protocol & PROTO_SERIAL_MASK))
         return 0
@@ -345,7 +345,7 @@ cdef class Conn:
 
     cdef int malformed(self, Py_ssize_t code, str side) except -1:
         """A malformed frame closes this connection only, with one log line."""
-        self.engine.n_malformed += 1
+        self.engine.count.malformed_frames += 1
         self.engine.log.warning(
             "closing %s connection %s: malformed frame: %s", side, _peer_name(self.transport),
             (<bytes>fr_strerror(code)).decode())
@@ -353,5 +353,3 @@ cdef class Conn:
         if self.transport is not None:
             self.transport.abort()
         return 0
-
-

@@ -22,6 +22,25 @@ cdef class InboundConn
 cdef class ProviderConn
 
 
+# The engine's counters, one table: a field added here (with its help line
+# in COUNTER_HELP, engine.pxi; a unit test keeps the two in step) is counted
+# by `eng.count.<name> += 1` and is then in Engine.counters(), handed over
+# across hot restart and exported as the Prometheus counter octo_proxy_<name>.
+# Every field is a long long (restore_counters adds them as one array).
+cdef struct Counters:
+    long long outbound_requests     # requests routed upstream
+    long long outbound_answers      # upstream answers delivered to apps
+    long long oneway_requests       # one-way requests forwarded
+    long long oneway_unanswered     # one-way requests that expired without an answer
+    long long timeouts              # requests answered by the proxy with a timeout
+    long long inbound_requests      # requests forwarded to the local provider
+    long long inbound_answers       # provider answers sent back
+    long long malformed_frames      # connections closed for a malformed frame
+    long long heartbeats            # heartbeats answered by the proxy
+    long long restart_answers       # requests answered with the hot-restart flag
+    long long slow_consumers        # app connections closed for leaving answers unread
+
+
 # A growable C byte buffer where the reads of one event-loop iteration stage
 # what they send to one destination; flushed once at the end of the
 # iteration, straight to the socket when the transport holds nothing.
@@ -71,10 +90,10 @@ cdef struct Pending:
 
 
 cdef class Engine:
-    cdef public RouteTable table
-    cdef public object loop
-    cdef public object connector        # upstream.py: connector(conn, host, port) starts a connect
-    cdef public object log              # logging.Logger
+    cdef readonly RouteTable table
+    cdef readonly object loop
+    cdef readonly object connector        # upstream.py: connector(conn, host, port) starts a connect
+    cdef readonly object log              # logging.Logger
     cdef dict pools                     # address -> UpstreamPool
     cdef set timed                      # UpstreamConns with requests in flight (timeout sweep)
     cdef set outbounds                  # live OutboundConn connections
@@ -110,18 +129,8 @@ cdef class Engine:
     cdef readonly Py_ssize_t buffered_bytes     # receive-buffer bytes beyond read_buffer
     cdef str budget_msg                  # the answers' messages, "{total}" = the frame's size
     cdef str too_large_msg
-    # counters, exported on scrape (admin)
-    cdef public long long n_requests     # requests routed upstream (outbound)
-    cdef public long long n_responses    # responses delivered to apps (outbound)
-    cdef public long long n_oneway
-    cdef public long long n_oneway_unanswered  # one-way entries that expired without an answer
-    cdef public long long n_timeouts
-    cdef public long long n_inbound_requests
-    cdef public long long n_inbound_responses
-    cdef public long long n_malformed
-    cdef public long long n_heartbeats
-    cdef public long long n_restart_answers
-    cdef public long long n_slow_consumers  # app connections closed for not reading
+    cdef Counters count                  # the counters table (datapath.pxd: Counters)
+    # the hardening's counters (docs/protocol.md 6.4-6.7), exported by admin.HARDENING_COUNTERS
     cdef public long long n_frame_timeouts      # connections closed for a stalled partial frame
     cdef public long long n_idle_closed         # connections closed for silence
     cdef public long long n_budget_rejects      # frames refused for the buffered-bytes budget
@@ -181,7 +190,7 @@ cdef class Conn:
     cdef object rview                   # the memoryview get_buffer last returned, and what it spans
     cdef char* rview_at
     cdef Py_ssize_t rview_len
-    cdef public bint closed
+    cdef readonly bint closed
     cdef int pause_mask                 # why reading is paused (PAUSE_* bits)
     cdef Py_ssize_t grown               # rcap beyond read_buffer, counted in Engine.buffered_bytes
     cdef Py_ssize_t skip                # bytes of a refused frame still to discard as they arrive
@@ -244,7 +253,7 @@ cdef class UpstreamConn(Conn):
     cdef bint paused                    # our transport's write buffer is over the high mark
     cdef list waiters                   # OutboundConns paused because of us
     cdef list touched                   # OutboundConns with staged responses during one read
-    cdef public double last_active
+    cdef readonly double last_active
     cdef int64_t hb_id
     cdef Py_ssize_t backlog_bytes       # bytes queued while connecting (counts toward backpressure)
     cdef double made_at                 # monotonic time the connection was made (0: not yet)
@@ -263,6 +272,7 @@ cdef class UpstreamConn(Conn):
     cdef int up_flush_touched(self) except -1
     cdef int up_process(self) except -1
     cdef int refuse_frame(self, FrameInfo* fi, int status, str why) except -1
+    cdef int up_check(self) except -1
 
 
 cdef class OutboundConn(Conn):
@@ -293,11 +303,11 @@ cdef class OutboundConn(Conn):
 
 cdef class InboundConn(Conn):
     cdef readonly str provider_path     # the provider app's UDS
-    cdef public ProviderConn provider
+    cdef readonly ProviderConn provider
     cdef OutBuf reply                   # staged back to the peer (heartbeat answers, errors)
     cdef list backlog                   # bytes for the provider while it connects
-    cdef public bint is_proxy           # the peer announced itself (octo-proxy: 1)
-    cdef public bint restart_sent
+    cdef readonly bint is_proxy           # the peer announced itself (octo-proxy: 1)
+    cdef readonly bint restart_sent
     cdef readonly Py_ssize_t in_flight  # requests read here and not answered yet
     cdef double deadline                # latest caller deadline among them (monotonic)
     cdef public ServiceGov gov          # provider-side limits of the listener's appkey, or None

@@ -67,6 +67,17 @@ import random as _random
 
 from octoproxy._core.frame import encode_thrift_exception, read_compressed_request
 from octoproxy.logs import peer_name as _peer_name
+cdef extern from *:
+    """
+    #ifndef OCTOPROXY_DEBUG
+    #define OCTOPROXY_DEBUG 0
+    #endif
+    """
+    # 1 in OCTOPROXY_DEBUG=1 builds (setup.py): invariant checks are compiled
+    # in; 0 in release builds, where the C compiler drops them
+    const int OCTOPROXY_DEBUG
+
+DEBUG = bool(OCTOPROXY_DEBUG)
 
 cdef enum:
     # Conn.pause_mask bits: why a connection's reading is paused

@@ -1,5 +1,22 @@
 # ---------------------------------------------------------------- Engine
 
+# Help text of each counter of the table (datapath.pxd: Counters), in its
+# order; the admin's Prometheus export names them octo_proxy_<name>.
+COUNTER_HELP = {
+    "outbound_requests": "Requests routed upstream",
+    "outbound_answers": "Upstream answers delivered to apps",
+    "oneway_requests": "One-way requests forwarded",
+    "oneway_unanswered": "One-way requests whose deadline passed without an answer",
+    "timeouts": "Requests answered by the proxy with a timeout",
+    "inbound_requests": "Requests forwarded to the local provider",
+    "inbound_answers": "Provider answers sent back",
+    "malformed_frames": "Connections closed for a malformed frame",
+    "heartbeats": "Heartbeats answered by the proxy",
+    "restart_answers": "Requests answered with the hot-restart flag",
+    "slow_consumers": "App connections closed for leaving answers unread",
+}
+
+
 @cython.final
 cdef class Engine:
     """Shared state of one proxy process's data path: the route table, the
@@ -338,15 +355,11 @@ cdef class Engine:
         return n
 
     def counters(self):
+        """Every counter of the table by name, and the proxy's own error
+        answers by status ({"errors": {"4": n, ...}})."""
         cdef int i
-        return {
-            "requests": self.n_requests, "responses": self.n_responses,
-            "oneway": self.n_oneway, "oneway_unanswered": self.n_oneway_unanswered,
-            "timeouts": self.n_timeouts,
-            "inbound_requests": self.n_inbound_requests,
-            "inbound_responses": self.n_inbound_responses,
-            "malformed": self.n_malformed, "heartbeats": self.n_heartbeats,
-            "restart_answers": self.n_restart_answers, "slow_consumers": self.n_slow_consumers,
+        cdef dict out = self.count  # the struct as a dict, field by field
+        out.update({
             "frame_timeouts": self.n_frame_timeouts,
             "idle_closed": self.n_idle_closed, "budget_rejects": self.n_budget_rejects,
             "inflight_rejects": self.n_inflight_rejects, "context_rejects": self.n_context_rejects,
@@ -357,23 +370,19 @@ cdef class Engine:
             "ignored_proxy_restart": self.n_ignored_restart,
             "rejected_app": self.n_rejected_app, "rejected_inbound": self.n_rejected_inbound,
             "gov_dropped": self.n_gov_dropped,
-            "errors": {str(i): self.n_errors[i] for i in range(STATUS_SLOTS) if self.n_errors[i]},
-        }
+        })
+        out["errors"] = {str(i): self.n_errors[i] for i in range(STATUS_SLOTS) if self.n_errors[i]}
+        return out
 
     def restore_counters(self, dict c):
-        """Continue the previous generation's counters (hot restart)."""
-        cdef int i
-        self.n_requests += c.get("requests", 0)
-        self.n_responses += c.get("responses", 0)
-        self.n_oneway += c.get("oneway", 0)
-        self.n_oneway_unanswered += c.get("oneway_unanswered", 0)
-        self.n_timeouts += c.get("timeouts", 0)
-        self.n_inbound_requests += c.get("inbound_requests", 0)
-        self.n_inbound_responses += c.get("inbound_responses", 0)
-        self.n_malformed += c.get("malformed", 0)
-        self.n_heartbeats += c.get("heartbeats", 0)
-        self.n_restart_answers += c.get("restart_answers", 0)
-        self.n_slow_consumers += c.get("slow_consumers", 0)
+        """Continue the previous generation's counters (hot restart); names
+        it does not know are ignored, names it lacks count from 0."""
+        cdef Counters prev = {name: int(c.get(name, 0)) for name in COUNTER_HELP}
+        cdef long long* dst = <long long*>&self.count
+        cdef const long long* src = <const long long*>&prev
+        cdef Py_ssize_t i
+        for i in range(<Py_ssize_t>(sizeof(Counters) // sizeof(long long))):
+            dst[i] += src[i]
         self.n_frame_timeouts += c.get("frame_timeouts", 0)
         self.n_idle_closed += c.get("idle_closed", 0)
         self.n_budget_rejects += c.get("budget_rejects", 0)
@@ -461,5 +470,3 @@ cdef class Engine:
         if self.tick_handle is not None:
             self.tick_handle.cancel()
             self.tick_handle = None
-
-

@@ -128,7 +128,7 @@ cdef class InboundConn(Conn):
                     self.deadline = now + timeout
                 self.in_flight += 1
                 eng.total_in_flight += 1
-                eng.n_inbound_requests += 1
+                eng.count.inbound_requests += 1
             ob_append(&self.out, <char*>p, r)
         self.in_flush()
         return 0
@@ -279,7 +279,7 @@ cdef class ProviderConn(Conn):
             if (fi.flags & FF_RESPONSE) and fi.msg_type != MT_HEARTBEAT and ic.in_flight > 0:
                 ic.in_flight -= 1
                 eng.total_in_flight -= 1
-                eng.n_inbound_responses += 1
+                eng.count.inbound_answers += 1
             ob_append(&ic.reply, <char*>p, r)
         ic.in_flush()
         return 0

@@ -66,7 +66,7 @@ cdef class OutboundConn(Conn):
         leaves unread passes the hard limit, so it cannot grow the proxy."""
         cdef Py_ssize_t n = self.transport.get_write_buffer_size()
         if n > self.engine.max_unread:
-            self.engine.n_slow_consumers += 1
+            self.engine.count.slow_consumers += 1
             self.engine.log.warning(
                 "closing app connection: it leaves %d bytes of answers unread "
                 "(limits.max_unread_bytes = %d)", n, self.engine.max_unread)
@@ -125,7 +125,7 @@ cdef class OutboundConn(Conn):
                 self.engine.log.warning(
                     "closing app connection: %s frames cannot be routed (no readable OCTO header); "
                     "see docs/protocol.md", "compressed" if fi.kind == FK_OCTO else "native Thrift")
-                self.engine.n_malformed += 1
+                self.engine.count.malformed_frames += 1
                 self.transport.abort()
                 return 0
             if fi.msg_type == MT_HEARTBEAT or fi.msg_type == MT_SCANNER_HEARTBEAT:
@@ -166,7 +166,7 @@ cdef class OutboundConn(Conn):
             # local answers: pre-encoded per reason (answer.pxi), the request's
             # sequence id (and method, for a Thrift body) written in
             if eng.draining:
-                eng.n_restart_answers += 1
+                eng.count.restart_answers += 1
                 kind = answer_kind(p, &fi, &moff, &mlen, &body_seq)
                 a = <Answer>eng.ans_restart[kind]
                 if a is None:
@@ -367,12 +367,12 @@ cdef class OutboundConn(Conn):
         else:
             ob_append(&conn.out, <char*>p, r)
         if oneway:
-            eng.n_oneway += 1
+            eng.count.oneway_requests += 1
         else:
             self.in_flight += 1
             eng.total_in_flight += 1
             lb_on_send(node)
-            eng.n_requests += 1
+            eng.count.outbound_requests += 1
         return 0
 
     cdef int out_resend(self, bytes frame, int64_t orig_id, double deadline, int attempt,

@@ -130,4 +130,7 @@ def bench_route(
     n_iter: int,
     hash_key: bytes | None = None,
     send_done: bool = False,
+    liteset: bytes | None = None,
+    set_: bytes | None = None,
+    swimlane: bytes | None = None,
 ) -> int: ...

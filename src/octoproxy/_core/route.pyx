@@ -18,7 +18,8 @@ from libc.stdlib cimport calloc, free, malloc, qsort
 from libc.string cimport memcmp
 
 import os
-import time
+
+from octoproxy import model as _model
 
 cdef extern from *:
     """
@@ -150,8 +151,9 @@ globals().update(
     RT_NO_SERVICE_KEY=RT_NO_SERVICE_KEY,
 )
 
-cdef int _STATUS_ALIVE = 2
-cdef int _ROLE_PRIMARY = 0
+# the registry values that matter here (one source: octoproxy.model)
+cdef int _STATUS_ALIVE = _model.STATUS_ALIVE
+cdef int _ROLE_PRIMARY = _model.ROLE_PRIMARY
 
 
 class RouteError(LookupError):
@@ -917,7 +919,7 @@ cdef class RouteTable:
             return (f"service {appkey!r}: Set cell {s!r} has no node "
                     f"(Set-enabled service, no fallback to the center)")
         if code == RT_NO_HEALTHY:
-            cs, _ = self._lookup(_enc(appkey), None, _enc(liteset), _enc(set), _enc(swimlane))
+            self._lookup(_enc(appkey), None, _enc(liteset), _enc(set), _enc(swimlane))
             cell, lane, n = "", "", 0
             e = self._snap.entries.get(appkey)
             if e is not None:
@@ -964,7 +966,7 @@ def bench_route(RouteTable table, bytes appkey, long n_iter, bytes hash_key=None
     cdef const uint8_t* lp = _ptr(liteset, &ll)
     cdef const uint8_t* sp = _ptr(set_, &sl)
     cdef const uint8_t* wp = _ptr(swimlane, &wl)
-    for i in range(n_iter):
+    for i in range(n_iter):  # no-cython-lint: only the count matters
         nd = table.rt_route(ak, akl, NULL, -1, lp, ll, sp, sl, wp, wl, hk, hkl, &err)
         if nd is not None:
             ok += 1

@@ -190,6 +190,8 @@ cdef class UpstreamConn(Conn):
         if self.in_flight == 1:
             self.engine.timed.add(self)
             self.engine.arm_timer()
+        if OCTOPROXY_DEBUG:
+            self.up_check()
         return s
 
     cdef int up_grow(self) except -1:
@@ -218,6 +220,8 @@ cdef class UpstreamConn(Conn):
         free(self.slots)
         self.slots = ns
         self.cap = ncap
+        if OCTOPROXY_DEBUG:
+            self.up_check()
         return 0
 
     cdef void up_unlink(self, Py_ssize_t s) noexcept:
@@ -254,6 +258,8 @@ cdef class UpstreamConn(Conn):
         Py_DECREF(node)
         if self.in_flight == 0:
             self.engine.timed.discard(self)
+        if OCTOPROXY_DEBUG:
+            self.up_check()
         return 0
 
     cdef int up_answer(self, OutboundConn app, Py_ssize_t s, Answer a) except -1:
@@ -265,6 +271,43 @@ cdef class UpstreamConn(Conn):
         return app.out_answer(a, self.slots[s].orig_id,
                               <const uint8_t*>PyBytes_AS_STRING(<object>m), 0,
                               PyBytes_GET_SIZE(<object>m), self.slots[s].body_seq)
+    cdef int up_check(self) except -1:
+        """The pending table's invariants (compiled into OCTOPROXY_DEBUG=1
+        builds after every change; _check_pending() runs them in any build):
+        every live slot sits at id & mask, is on the deadline list exactly
+        once, the list is ordered by deadline with consistent links, and the
+        live count is in_flight, at most half the capacity."""
+        cdef Py_ssize_t i, live = 0, linked = 0
+        cdef int32_t s = self.head, prev = -1
+        cdef double last = -1.0
+        for i in range(self.cap):
+            if self.slots[i].id != -1:
+                live += 1
+                if (self.slots[i].id & (self.cap - 1)) != i:
+                    raise AssertionError(f"pending: slot {i} holds id {self.slots[i].id}")
+        while s != -1:
+            if s < 0 or s >= self.cap or self.slots[s].id == -1:
+                raise AssertionError(f"pending: deadline list reaches free slot {s}")
+            if self.slots[s].prev != prev:
+                raise AssertionError(f"pending: slot {s} links back to {self.slots[s].prev}, not {prev}")
+            if self.slots[s].deadline < last:
+                raise AssertionError(f"pending: deadline list out of order at slot {s}")
+            linked += 1
+            if linked > live:
+                raise AssertionError("pending: deadline list has a cycle")
+            last = self.slots[s].deadline
+            prev = s
+            s = self.slots[s].next
+        if self.tail != prev:
+            raise AssertionError(f"pending: tail is {self.tail}, the list ends at {prev}")
+        if not (live == linked == self.in_flight) or live * 2 > self.cap:
+            raise AssertionError(f"pending: {live} live, {linked} linked, in_flight "
+                                 f"{self.in_flight}, capacity {self.cap}")
+        return 0
+
+    def _check_pending(self):
+        """Run the pending table's invariant checks now (tests)."""
+        self.up_check()
 
     cdef int up_fail_all(self, int status, str why, dict unsent=None) except -1:
         """Answer every request in flight here with an error, at once, or
@@ -364,10 +407,10 @@ cdef class UpstreamConn(Conn):
             app = <OutboundConn>self.slots[s].app
             if self.slots[s].oneway:
                 # no answer came for a one-way call: none is owed (docs/protocol.md 6.2)
-                self.engine.n_oneway_unanswered += 1
+                self.engine.count.oneway_unanswered += 1
                 self.up_release(s)
                 continue
-            self.engine.n_timeouts += 1
+            self.engine.count.timeouts += 1
             self.engine.on_answer(<Node>self.slots[s].node, STATUS_TRANSPORT, self.slots[s].sent_at, now)
             if not app.closed:
                 # one encoding per timeout value (the message names it)
@@ -494,7 +537,7 @@ cdef class UpstreamConn(Conn):
                         self.touched.append(app)
                 elif not app.queued:
                     eng.defer(app)  # one write per app per loop iteration, whichever reads fed it
-                eng.n_responses += 1
+                eng.count.outbound_answers += 1
             self.up_release(s)
         if mode == 1:
             self.up_flush_touched()

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from octoproxy._core import frame as _frame
+from octoproxy._core.constants import CallType
 
 log = logging.getLogger("octoproxy.sdk.provider")
 
@@ -84,7 +85,7 @@ class _ProviderConn(asyncio.Protocol):
                 continue
             if not f.is_request:
                 continue
-            req = Request(f.seq_id, f.service_name, f.body, f.call_type == 1,
+            req = Request(f.seq_id, f.service_name, f.body, f.call_type == CallType.CALL_ONEWAY,
                           f.timeout, f.swimlane, f.set, f.liteset, f.hash_key, f.protocol & 3,
                           bool(f.checksum), f.method, f.body_seq_id)
             if self.is_async:
