@@ -18,6 +18,7 @@ fi
 python -m pip install -q --upgrade pip
 OCTOPROXY_WERROR=1 python -m pip install -q -e ".[dev]"  # warnings are errors in CI
 ruff check src tests bench
+cython-lint src/octoproxy/_core/
 # tests/container needs the engine (podman + runc from Debian): installed here
 # when we are root; in CI (CI=true) those tests must run, never skip
 if [ "$(id -u)" = 0 ]; then bash ci/container.sh setup; fi

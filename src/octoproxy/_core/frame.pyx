@@ -6,7 +6,7 @@ encoders/decoder used for control frames, the SDK and tests.
 The contract is frame.pxd; the wire format is docs/protocol.md."""
 
 cimport cython
-from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp
 
 from octoproxy._core.constants cimport (
@@ -171,7 +171,7 @@ cdef const uint8_t* fr_skip(const uint8_t* p, const uint8_t* end, int t, int dep
         if cnt < 0 or ks < 0 or vs < 0 or cnt > (end - p) // (ks + vs):
             err[0] = FE_BAD_HEADER
             return NULL
-        for i in range(cnt):
+        for i in range(cnt):  # no-cython-lint: only the count matters
             p = fr_skip(p, end, kt, depth + 1, err)
             if p == NULL:
                 return NULL
@@ -195,7 +195,7 @@ cdef const uint8_t* fr_skip(const uint8_t* p, const uint8_t* end, int t, int dep
     if ks == 8 or ks == 4 and kt != T_STRING or ks == 2 or ks == 1 and kt != T_STRUCT:
         # fixed-size elements: one bounds check for the whole run
         return p + cnt * ks
-    for i in range(cnt):
+    for i in range(cnt):  # no-cython-lint: only the count matters
         p = fr_skip(p, end, kt, depth + 1, err)
         if p == NULL:
             return NULL
@@ -356,7 +356,7 @@ cdef const uint8_t* fr_context(const uint8_t* p, const uint8_t* end, const uint8
     if cnt < 0 or cnt > (end - p) // 8:
         err[0] = FE_BAD_HEADER
         return NULL
-    for i in range(cnt):
+    for i in range(cnt):  # no-cython-lint: only the count matters
         p = fr_string(p, end, base, &koff, &klen, err)
         if p == NULL:
             return NULL

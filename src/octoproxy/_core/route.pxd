@@ -6,6 +6,7 @@ cimport cython
 from cpython.object cimport PyObject
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
+
 cdef enum:
     RT_OK = 0
     RT_UNKNOWN_SERVICE = 1    # no such appkey / serviceName in the table
@@ -13,7 +14,9 @@ cdef enum:
     RT_NO_HEALTHY = 3         # candidates exist but none healthy (weight 0 / not ALIVE / ...)
     RT_NO_SERVICE_KEY = 4     # request names neither an appkey nor a serviceName
 
+
 cdef class RtClock  # defined below; Node keeps one
+
 
 # One node of one service.  The same Node object is carried over from one
 # snapshot to the next while (service, address) stays, so that picker state
@@ -35,12 +38,13 @@ cdef class Node:
     cdef readonly str idc           # for locality tiers
     cdef readonly str region        # for locality tiers
     cdef readonly double warmup_s   # seconds over which the weight ramps up (0 = none)
-    cdef readonly double start_time # unix seconds the node started (warm-up origin)
+    cdef readonly double start_time  # unix seconds the node started (warm-up origin)
     cdef bytes addr_b               # address as bytes: seeds the node's ring points
     cdef RtClock clock              # the owning table's clock, for effective_weight
     cdef long long answers[16]      # data path: answers by status (upstream's or the proxy's own)
     cdef public object gov          # governance (limits.NodeGov) or None; set by RouteTable.gov_hook
     cdef public bint ejected        # outlier ejection: out of the candidate sets (governance.py)
+
 
 # The table's notion of "now": a fixed time (tests), a Python callable (tests),
 # or the coarse C realtime clock.  Shared by the table and its nodes (no cycle).
@@ -50,6 +54,7 @@ cdef class RtClock:
     cdef bint has_fixed             # set_time() was called
     cdef object fn                  # optional Python callable; None = C clock
     cdef double now(self) except? -1.0
+
 
 # Open-addressing hash index: bytes key -> borrowed object, looked up with a
 # (pointer, length, xxh64) triple so that a request slice needs no Python object.
@@ -64,6 +69,7 @@ cdef class RtIndex:
     cdef list keys                  # keeps the key bytes alive
     cdef list values                # keeps the values alive
     cdef PyObject* get(self, const uint8_t* p, Py_ssize_t n, uint64_t h) noexcept
+
 
 # One ready-to-pick candidate set: the result of steps 1-4 for one
 # (service, cell, swimlane).  Immutable list; the pick structures inside are
@@ -96,12 +102,14 @@ cdef class CandSet:
     cdef uint32_t* ring_idx         # CH: node index of each ring point
     cdef Py_ssize_t ring_len        # CH: points on the ring (0 = not built yet)
 
+
 # A cell of a service: its swimlane index and the trunk fallback.
 @cython.final
 cdef class CellEntry:
     cdef str cell                   # "" = center
     cdef RtIndex lanes              # lane bytes -> CandSet (non-empty lanes only)
     cdef CandSet trunk              # (cell, "") candidates: fallback and no-lane callers
+
 
 # One service in one snapshot.  Reused as-is by the next snapshot when another
 # service is updated.
@@ -121,6 +129,7 @@ cdef class ServiceEntry:
     cdef list nodes                 # every Node of the service, endpoint order
     cdef object service             # the model.Service it was built from
 
+
 # An immutable snapshot: what one version of the table routes with.
 @cython.final
 cdef class Snapshot:
@@ -129,11 +138,13 @@ cdef class Snapshot:
     cdef RtIndex by_name            # serviceName bytes -> ServiceEntry
     cdef dict name_to_appkey        # serviceName -> appkey (admin, messages)
 
+
 cdef enum:
     LB_ROUND_ROBIN = 0
     LB_LEAST_REQUEST = 1
     LB_RANDOM = 2
     LB_CONSISTENT_HASH = 3
+
 
 # The live table the data path holds for its whole life; snapshots are swapped
 # inside it atomically.  Strings are (pointer, length); length -1 = absent
@@ -142,7 +153,7 @@ cdef enum:
 cdef class RouteTable:
     cdef Snapshot _snap             # the current snapshot; swapped by one assignment
     cdef readonly object labels     # the proxy's own model.Labels
-    cdef readonly long long version # bumps on each swap
+    cdef readonly long long version  # bumps on each swap
     cdef readonly long long builds  # services built since creation (tests: no needless rebuilds)
     cdef dict _services             # appkey -> model.Service (source of rebuilds)
     cdef bytes _own_l               # own liteset (utf-8)
@@ -167,8 +178,10 @@ cdef class RouteTable:
                        const uint8_t* hashkey, Py_ssize_t hashkey_len,
                        int* err)
 
+
 cdef inline void lb_on_send(Node node) noexcept:
     node.in_flight += 1
+
 
 cdef inline void lb_on_done(Node node) noexcept:
     if node.in_flight > 0:
