@@ -16,6 +16,7 @@ import pytest
 import uvloop
 
 from octoproxy._core import frame
+from octoproxy._core.constants import CallType, Status
 from octoproxy.sdk import AsyncClient, Client, Context, RpcError
 
 from harness import (
@@ -123,12 +124,32 @@ def test_heartbeat_answered_by_proxy(mesh: Cluster) -> None:
     s.close()
 
 
+def raw_frames_until(s: socket.socket, seq_id: int, timeout: float = 10.0) -> list[frame.Frame]:
+    """Every frame the proxy writes on raw socket `s` up to and including the
+    answer with `seq_id` (what the SDK would hide: unknown ids, repeats)."""
+    sc = frame.FrameScanner()
+    got: list[frame.Frame] = []
+    s.settimeout(timeout)
+    while not any(f.seq_id == seq_id for f in got):
+        data = s.recv(65536)
+        assert data, f"proxy closed the connection before answering {seq_id}"
+        got += sc.feed(data)
+    return got
+
+
 def test_one_way_call_gets_no_answer_and_holds_no_state(mesh: Cluster) -> None:
-    with Client(mesh.path("proxy.sock")) as c:
-        for _ in range(20):
-            c.send_one_way("com.demo.Echo", b"echo:fire")
-        # a normal call after them is answered first and alone
-        assert c.call("com.demo.Echo", b"echo:after").body == b"gh|after"
+    # Raw socket: an answer to a one-way request (or a timeout answer for a
+    # slot it should never have had: 50 ms here) would arrive before the
+    # answer to the two-way call sent after them, which takes 300 ms.
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(mesh.path("proxy.sock"))
+        s.sendall(b"".join(
+            frame.encode_request(i, "com.demo.Echo", b"echo:fire", call_type=CallType.CALL_ONEWAY,
+                                 timeout=50)
+            for i in range(1, 21)
+        ) + frame.encode_request(100, "com.demo.Echo", b"sleep:300:after", timeout=5000))
+        got = raw_frames_until(s, 100)
+    assert [(f.seq_id, f.status, f.body) for f in got] == [(100, 0, b"gh|after")]
 
 
 # ---------------------------------------------------------------- pipelining
@@ -154,25 +175,21 @@ def test_pipelined_out_of_order_responses_reach_the_right_caller(mesh: Cluster) 
 
 
 def test_timeout_answers_transport_exception_and_drops_late_response(mesh: Cluster) -> None:
-    async def main() -> None:
-        c = await AsyncClient.connect(mesh.path("proxy.sock"))
-        t0 = time.monotonic()
-        with pytest.raises(RpcError) as e:
-            await c.call("com.demo.Echo", b"sleep:600:late", timeout_ms=100)
-        took = time.monotonic() - t0
-        assert e.value.status == 4 and "timeout" in e.value.message
-        assert 0.08 < took < 0.5
-        # the late answer arrives at the proxy ~0.5 s later and must be dropped:
-        # nothing but the answers to these calls comes back
-        rs = await asyncio.gather(*(c.call("com.demo.Echo", b"sleep:100:%d" % i)
-                                    for i in range(20)))
-        await asyncio.sleep(0.7)
-        assert [r.body for r in rs] == [b"gh|%d" % i for i in range(20)]
-        r = await c.call("com.demo.Echo", b"echo:still-fine")
-        assert r.body == b"gh|still-fine"
-        await c.close()
-
-    run(main())
+    # Raw socket: the SDK would drop a second answer for the same id unseen.
+    # Request 5 times out after 100 ms, its real answer reaches the proxy at
+    # ~600 ms; request 6 is answered at ~1000 ms, so every frame the proxy
+    # writes for 5 is on the wire before 6's answer.
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(mesh.path("proxy.sock"))
+        s.sendall(frame.encode_request(5, "com.demo.Echo", b"sleep:600:late", timeout=100))
+        (err,) = raw_frames_until(s, 5)
+        assert err.status == Status.STATUS_TRANSPORT and "timeout" in (err.message or "")
+        assert "100 ms" in (err.message or "")
+        s.sendall(frame.encode_request(6, "com.demo.Echo", b"sleep:1000:sentinel", timeout=5000))
+        got = raw_frames_until(s, 6)
+    assert [(f.seq_id, f.status, f.body) for f in got] == [(6, 0, b"gh|sentinel")]
+    with Client(mesh.path("proxy.sock")) as c:  # and the proxy is still fine
+        assert c.call("com.demo.Echo", b"echo:still-fine").body == b"gh|still-fine"
 
 
 def test_timeout_bounded_by_configured_maximum() -> None:

@@ -106,26 +106,27 @@ def test_round_robin_offset_is_per_version():
 
 def test_least_request_avoids_a_slow_node():
     # 10 equal nodes; node 0 answers in 20 ticks, the others in 2.  Each tick
-    # sends 6 requests (active += 1) and completes the due ones (active -= 1).
+    # sends 6 requests (in_flight += 1) and completes the due ones (in_flight -= 1).
     t = table([100] * 10, LbPolicy.LEAST_REQUEST)
     latency = {f"10.0.0.{i}": (20 if i == 0 else 2) for i in range(10)}
-    due = Counter()
-    inflight = []
+    pending = []
     sent = Counter()
     for tick in range(5000):
         still = []
-        for when, node in inflight:
+        for when, node in pending:
             if when <= tick:
                 node.in_flight -= 1
             else:
                 still.append((when, node))
-        inflight = still
+        pending = still
         for _ in range(6):
             node = t.route(APP)
             node.in_flight += 1
             sent[node.host] += 1
-            inflight.append((tick + latency[node.host], node))
-    del due
+            pending.append((tick + latency[node.host], node))
+    # the picker compared exactly what this loop left pending
+    left = Counter(node.host for _, node in pending)
+    assert {n.host: n.in_flight for n in t.nodes(APP)} == {h: left[h] for h in latency}
     others = sum(sent[f"10.0.0.{i}"] for i in range(1, 10)) / 9
     # measurably fewer: under half of what a fast node gets
     assert sent["10.0.0.0"] < 0.5 * others, (sent["10.0.0.0"], others)
