@@ -137,10 +137,10 @@ def raw_frames_until(s: socket.socket, seq_id: int, timeout: float = 10.0) -> li
     return got
 
 
-def test_one_way_call_gets_no_answer_and_holds_no_state(mesh: Cluster) -> None:
-    # Raw socket: an answer to a one-way request (or a timeout answer for a
-    # slot it should never have had: 50 ms here) would arrive before the
-    # answer to the two-way call sent after them, which takes 300 ms.
+def test_one_way_call_the_provider_does_not_answer_gets_no_answer(mesh: Cluster) -> None:
+    # Raw socket: an answer the proxy made up for a one-way request (a timeout
+    # answer when its entry expires: 50 ms here, docs/protocol.md 6.2) would
+    # arrive before the answer to the two-way call sent after them (300 ms).
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(mesh.path("proxy.sock"))
         s.sendall(b"".join(
