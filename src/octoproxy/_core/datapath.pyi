@@ -15,6 +15,7 @@ from octoproxy._core.route import RouteTable
 
 LAT_BOUNDS: Final[tuple[float, ...]]
 COUNTER_HELP: Final[dict[str, str]]
+DEBUG: Final[bool]  # an OCTOPROXY_DEBUG=1 build: the pending table's invariants are checked
 
 # connector(conn, host, target): TCP to host:target, or the UDS at target when host is None
 Connector = Callable[[Any, str | None, Any], None]
@@ -119,6 +120,9 @@ class Conn(asyncio.BufferedProtocol):
     def pause_writing(self) -> None: ...
     def resume_writing(self) -> None: ...
 
+class Answer:
+    """A pre-encoded local answer (answer.pxi); opaque to Python."""
+
 class UpstreamPool:
     @property
     def address(self) -> str: ...
@@ -139,6 +143,7 @@ class UpstreamConn(Conn):
     @property
     def last_active(self) -> float: ...
     def connect_failed(self, why: str) -> None: ...
+    def _check_pending(self) -> None: ...  # the pending table's invariants, now (tests)
 
 class OutboundConn(Conn):
     @property

@@ -52,6 +52,7 @@ class ServiceGov:
     qwant: Callable[[], None] | None
     n_quota_allowed: int
     n_quota_limited: int
+    n_cb: list[int]  # refusals by GV_MAX_REQUESTS .. GV_ADAPTIVE (a copy: assigning writes the C array)
     max_requests: int
     max_pending: int
     node_max_requests: int
@@ -110,3 +111,6 @@ class NodeGov:
     def take_window(self) -> tuple[int, int]: ...
 
 def retry_budget_allows(g: ServiceGov) -> bool: ...
+
+class CallerBucket:
+    """One caller's token bucket of a caller-scoped rate rule; opaque to Python."""
