@@ -120,7 +120,7 @@ cdef class Engine:
     # hardening limits (docs/protocol.md 6.4-6.7)
     cdef public Py_ssize_t max_in_flight_total  # requests in flight in the process, both directions
     cdef public double frame_timeout     # seconds a started frame may take to complete
-    cdef public double conn_idle_timeout # seconds an app/inbound connection may stay silent
+    cdef public double conn_idle_timeout  # seconds an app/inbound connection may stay silent
     cdef public Py_ssize_t max_buffered  # receive-buffer bytes beyond read_buffer, process-wide
     cdef public Py_ssize_t max_gctx      # globalContext bytes of an app's request
     cdef public Py_ssize_t max_lctx      # localContext bytes of an app's request

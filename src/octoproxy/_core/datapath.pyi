@@ -45,6 +45,13 @@ class Engine:
         backoff_max: float = ...,
         idle_timeout: float = ...,
         connect_timeout: float = ...,
+        max_in_flight_total: int = ...,
+        frame_timeout: float = ...,
+        conn_idle_timeout: float = ...,
+        max_buffered: int = ...,
+        max_global_context: int = ...,
+        max_local_context: int = ...,
+        min_connection_life: float = ...,
     ) -> None: ...
     @property
     def table(self) -> RouteTable: ...
@@ -88,6 +95,32 @@ class Engine:
     def draining(self) -> bool: ...
     access_log: AccessLog | None
     access_sample: float
+    # hardening (docs/protocol.md 6.4-6.7): limits, state and its counters
+    stopping: bool
+    max_in_flight_total: int
+    frame_timeout: float
+    conn_idle_timeout: float
+    max_buffered: int
+    max_gctx: int
+    max_lctx: int
+    min_life: float
+    @property
+    def total_in_flight(self) -> int: ...
+    @property
+    def buffered_bytes(self) -> int: ...
+    n_frame_timeouts: int
+    n_idle_closed: int
+    n_budget_rejects: int
+    n_inflight_rejects: int
+    n_context_rejects: int
+    n_oversized: int
+    n_early_closes: int
+    n_restart_notices: int
+    n_shutdown_answers: int
+    n_ignored_response: int
+    n_ignored_restart: int
+    n_rejected_app: int
+    n_rejected_inbound: int
     # protocol factories for the listeners
     def outbound(self) -> OutboundConn: ...
     def inbound(self, provider_path: str) -> InboundConn: ...
@@ -104,7 +137,10 @@ class Engine:
     def pool_stats(self) -> dict[str, dict[str, Any]]: ...
     # lifecycle
     def idle_sweep(self) -> None: ...
+    def conn_sweep(self) -> None: ...
     def start_drain(self) -> None: ...
+    def start_shutdown(self) -> None: ...
+    def fail_in_flight(self, why: str) -> int: ...
     def send_proxy_restarts(self) -> int: ...
     def close_clients(self) -> int: ...
     def close_all(self) -> None: ...
@@ -136,6 +172,7 @@ class UpstreamPool:
     def n_connects(self) -> int: ...
     @property
     def n_connect_failures(self) -> int: ...
+    n_early_closes: int
 
 class UpstreamConn(Conn):
     @property

@@ -17,7 +17,7 @@ cdef enum:
     FF_RESPONSE = 16     # Header.responseInfo present
     FF_PROXY_RESTART = 32   # localContext octo-proxy-restart == "1"
     FF_PROXY_ANNOUNCE = 64  # localContext octo-proxy == "1"
-    FF_RESTART_NOTICE = 128 # localContext octo-restart-notice == "1" (an app asks for ProxyRestart)
+    FF_RESTART_NOTICE = 128  # localContext octo-restart-notice == "1" (an app asks for ProxyRestart)
 
     # fr_scan errors (negative return values); fr_strerror() names them
     FE_NEED_MORE = 0           # not an error: incomplete frame
