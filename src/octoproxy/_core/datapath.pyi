@@ -185,6 +185,8 @@ class UpstreamConn(Conn):
 class OutboundConn(Conn):
     @property
     def in_flight(self) -> int: ...
+    @property
+    def wants_notice(self) -> bool: ...  # asked for the restart notice (octo-restart-notice)
 
 class InboundConn(Conn):
     @property
