@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Final
 
+from octoproxy._core.limits import ServiceGov
 from octoproxy._core.route import RouteTable
 
 LAT_BOUNDS: Final[tuple[float, ...]]
@@ -121,9 +122,10 @@ class Engine:
     n_ignored_restart: int
     n_rejected_app: int
     n_rejected_inbound: int
+    n_gov_dropped: int
     # protocol factories for the listeners
     def outbound(self) -> OutboundConn: ...
-    def inbound(self, provider_path: str) -> InboundConn: ...
+    def inbound(self, provider_path: str, gov: ServiceGov | None = None) -> InboundConn: ...
     # per scrape / per state hand-over
     def counters(self) -> dict[str, Any]: ...
     def restore_counters(self, c: dict[str, Any]) -> None: ...
@@ -191,6 +193,7 @@ class OutboundConn(Conn):
 class InboundConn(Conn):
     @property
     def provider_path(self) -> str: ...
+    gov: ServiceGov | None  # provider-side limits of the listener's appkey
     @property
     def provider(self) -> ProviderConn | None: ...
     @property

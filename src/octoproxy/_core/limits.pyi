@@ -1,7 +1,7 @@
 """Type stubs for octoproxy._core.limits (governance in the data path)."""
 
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 QM_OFF: Final[int]
 QM_REDIS: Final[int]
@@ -52,6 +52,7 @@ class ServiceGov:
     qwant: Callable[[], None] | None
     n_quota_allowed: int
     n_quota_limited: int
+    answers: list[Any] | None  # the data path's pre-encoded refusals (None after a change)
     n_cb: list[int]  # refusals by GV_MAX_REQUESTS .. GV_ADAPTIVE (a copy: assigning writes the C array)
     max_requests: int
     max_pending: int
