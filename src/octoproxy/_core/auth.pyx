@@ -237,7 +237,7 @@ cdef Py_ssize_t au_sign_extra(const FrameInfo* fi) noexcept nogil:
 cdef Py_ssize_t au_sign_into(char* dst, const uint8_t* p, const FrameInfo* fi, bytes token,
                              const char* provider, Py_ssize_t plen, int64_t now_ms) noexcept:
     cdef char ts[24]
-    cdef Py_ssize_t tlen = 0, i, at, extra, hl
+    cdef Py_ssize_t tlen = 0, at, extra, hl
     cdef char mac[AU_SIG_HEX]
     cdef Py_ssize_t moff, mlen = 0
     cdef const char* src = <const char*>p

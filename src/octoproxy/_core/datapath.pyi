@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Final
 
+from octoproxy._core.auth import Signer, Verifier
 from octoproxy._core.limits import ServiceGov
 from octoproxy._core.route import RouteTable
 
@@ -124,8 +125,10 @@ class Engine:
     n_rejected_inbound: int
     n_gov_dropped: int
     # protocol factories for the listeners
-    def outbound(self) -> OutboundConn: ...
-    def inbound(self, provider_path: str, gov: ServiceGov | None = None) -> InboundConn: ...
+    def outbound(self, signer: Signer | None = None) -> OutboundConn: ...
+    def inbound(
+        self, provider_path: str, gov: ServiceGov | None = None, *, verifier: Verifier | None = None
+    ) -> InboundConn: ...
     # per scrape / per state hand-over
     def counters(self) -> dict[str, Any]: ...
     def restore_counters(self, c: dict[str, Any]) -> None: ...
