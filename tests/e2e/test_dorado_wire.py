@@ -8,8 +8,10 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from tests.reference import octo_codec as ref
 
 from octoproxy._core import frame as F
@@ -38,6 +40,7 @@ class DoradoLikeProvider:
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.bind(path)
         self.sock.listen(16)
+        _to_close.append(self.sock)
         self.seen: list[tuple[int, int, int]] = []
         self.held: list[tuple[socket.socket, bytes]] = []
         self.lock = threading.Lock()
@@ -49,7 +52,11 @@ class DoradoLikeProvider:
                 s, _ = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(s,), daemon=True).start()
+            threading.Thread(target=self._serve_and_close, args=(s,), daemon=True).start()
+
+    def _serve_and_close(self, s: socket.socket) -> None:
+        with s:
+            self._serve(s)
 
     def _serve(self, s: socket.socket) -> None:
         sc = F.FrameScanner()
@@ -89,11 +96,24 @@ class DoradoLikeProvider:
             return [x for x in self.seen if x[2] == F.MT_NORMAL]
 
 
+_to_close: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_sockets() -> Iterator[None]:
+    """Every socket a test's App or provider opens is closed after it
+    (ResourceWarnings are errors)."""
+    yield
+    while _to_close:
+        _to_close.pop().close()
+
+
 class App:
     """A raw app connection to the outbound UDS."""
 
     def __init__(self, path: str) -> None:
         self.s = socket.socket(socket.AF_UNIX)
+        _to_close.append(self.s)
         self.s.connect(path)
         self.s.settimeout(20)
         self.sc = F.FrameScanner()
