@@ -13,14 +13,11 @@ def req(method: str | None = "get", caller: str | None = None, seq: int = 1) -> 
     return F.encode_request(seq, "com.x.S", body, trace_info=trace)
 
 
-def test_bucket_starts_full_then_refills_at_rate() -> None:
-    r = L.RateRule("r", 100.0, 10.0)
+def test_bucket_starts_full_at_its_burst() -> None:
+    # a rate slow enough that no scheduler pause refills a token meanwhile;
+    # the refill itself is checked against the clock by the next-but-one test
+    r = L.RateRule("r", 1.0, 10.0)
     assert sum(r.try_take() for _ in range(50)) == 10
-    t0 = time.monotonic()
-    time.sleep(0.1)
-    got = sum(r.try_take() for _ in range(50))
-    elapsed = time.monotonic() - t0
-    assert abs(got - 100 * elapsed) <= 2.5, (got, elapsed)
 
 
 def test_burst_defaults_to_the_rate_and_at_least_one() -> None:
@@ -46,13 +43,13 @@ def test_refill_follows_the_clock_exactly() -> None:
 
 def test_rules_by_method_and_caller() -> None:
     g = L.ServiceGov("svc")
-    g.set_rules([L.RateRule("get", 1000, 2, method="get"),
-                 L.RateRule("greedy", 1000, 1, caller="com.greedy")], [])
+    g.set_rules([L.RateRule("get", 1, 2, method="get"),
+                 L.RateRule("greedy", 1, 1, caller="com.greedy")], [])
     assert [g.check_inbound(req("get")) is None for _ in range(3)] == [True, True, False]
     assert g.check_inbound(req("put")) is None  # another method: no limit
     assert g.check_inbound(req("put", "com.greedy")) is None
     msg = g.check_inbound(req("put", "com.greedy"))
-    assert msg is not None and "greedy" in msg and "1000/s" in msg
+    assert msg is not None and "greedy" in msg and "1/s" in msg
     assert g.check_inbound(req("put", "com.nice")) is None
 
 
@@ -65,7 +62,7 @@ def test_a_body_without_a_method_name_is_not_limited_by_method_rules() -> None:
 
 def test_per_caller_buckets_are_independent() -> None:
     g = L.ServiceGov("svc")
-    g.set_rules([L.RateRule("each", 1000, 2, per_caller=True)], [])
+    g.set_rules([L.RateRule("each", 1, 2, per_caller=True)], [])
     a = [g.check_inbound(req("m", "a")) is None for _ in range(3)]
     b = [g.check_inbound(req("m", "b")) is None for _ in range(3)]
     none = [g.check_inbound(req("m", None)) is None for _ in range(3)]
@@ -74,8 +71,8 @@ def test_per_caller_buckets_are_independent() -> None:
 
 def test_a_refusal_gives_back_the_tokens_of_earlier_rules() -> None:
     g = L.ServiceGov("svc")
-    svc_rule = L.RateRule("service", 1000, 5)
-    meth = L.RateRule("method", 1000, 1, method="get")
+    svc_rule = L.RateRule("service", 1, 5)
+    meth = L.RateRule("method", 1, 1, method="get")
     g.set_rules([svc_rule, meth], [])
     assert g.check_inbound(req("get")) is None
     for _ in range(3):
@@ -117,9 +114,9 @@ def test_breakers_and_adaptive_limit_on_the_caller_side() -> None:
 
 def test_caller_side_rules_are_reported_after_the_provider_rules() -> None:
     g = L.ServiceGov("svc")
-    g.set_rules([L.RateRule("p", 1000, 100)], [L.RateRule("c", 1000, 1, caller="app")])
+    g.set_rules([L.RateRule("p", 1, 100)], [L.RateRule("c", 1, 1, caller="app")])
     assert g.check_outbound(req("m", "app")) is None
-    assert "c (1000/s" in g.check_outbound(req("m", "app"))
+    assert "c (1/s" in g.check_outbound(req("m", "app"))
 
 
 def test_outlier_counts_and_trip_once() -> None:
@@ -200,6 +197,6 @@ def test_quota_modes() -> None:
     g.qmode = L.QM_OPEN
     assert g.check_inbound(f) is None
     g.qmode = L.QM_LOCAL
-    g.set_local_share(1000.0, 2.0)
-    time.sleep(0.01)  # a changed bucket keeps its tokens: let it fill
+    g.set_local_share(4.0, 2.0)
+    time.sleep(0.6)  # a changed bucket keeps its tokens: let it fill (a 0.25 s pause refills one)
     assert [g.check_inbound(f) is None for _ in range(3)] == [True, True, False]
