@@ -429,6 +429,8 @@ class HotRestartParent:
                      "the restart starts when it has exited")
             self.deferred = True
             return
+        if self.child is not None and self.child.poll() is not None:
+            self.child = None  # it failed and exited; its watcher has not looked yet
         if self.busy or self.child is not None:
             log.warning("SIGUSR2: a hot restart is already under way; ignored")
             return
@@ -582,6 +584,7 @@ class HotRestartParent:
             rc = child.wait(timeout=2.0)
         except subprocess.TimeoutExpired:
             return " (it is still running)"
+        self.child = None  # gone: the next SIGUSR2 may start another at once
         return f" (it exited with code {rc})"
 
 
