@@ -40,11 +40,10 @@ from octoproxy.listeners import replace_stale_uds
 from octoproxy.process import AtomicFile
 from octoproxy.xds.client import (
     DEFAULT_MAX_SUBSCRIPTIONS,
-    BadAppkey,
     ResourceState,
     SubscriptionError,
-    TooManySubscriptions,
     XdsClient,
+    new_subscriptions,
 )
 from octoproxy.xds.resources import appkey_problem
 from octoproxy.xds.sink import RouteSink
@@ -114,17 +113,7 @@ class StaticDiscovery:
         return frozenset(self._subs)
 
     def check(self, appkeys: Iterable[str]) -> list[str]:
-        added = [a for a in dict.fromkeys(appkeys) if a not in self._subs]
-        for a in added:
-            problem = appkey_problem(a)
-            if problem is not None:
-                raise BadAppkey(problem)
-        if len(self._subs) + len(added) > self.max_subscriptions:
-            raise TooManySubscriptions(
-                f"subscription limit reached: {len(self._subs)} subscribed, {len(added)} more "
-                f"asked for, at most {self.max_subscriptions} (xds.max_subscriptions)"
-            )
-        return added
+        return new_subscriptions(self._subs, appkeys, self.max_subscriptions)
 
     def subscribe(self, appkeys: Iterable[str]) -> set[str]:
         added = set(self.check(appkeys))

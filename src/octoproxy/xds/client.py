@@ -98,6 +98,24 @@ class TooManySubscriptions(SubscriptionError):
     status = 429
 
 
+def new_subscriptions(subs: set[str] | frozenset[str], appkeys: Iterable[str],
+                      max_subscriptions: int) -> list[str]:
+    """The appkeys not in `subs` yet, in order; raises BadAppkey or
+    TooManySubscriptions if subscribing them would be refused.  The one rule
+    for the xDS client and static discovery."""
+    added = [a for a in dict.fromkeys(appkeys) if a not in subs]
+    for a in added:
+        problem = appkey_problem(a)
+        if problem is not None:
+            raise BadAppkey(problem)
+    if len(subs) + len(added) > max_subscriptions:
+        raise TooManySubscriptions(
+            f"subscription limit reached: {len(subs)} subscribed, {len(added)} more "
+            f"asked for, at most {max_subscriptions} (xds.max_subscriptions)"
+        )
+    return added
+
+
 @dataclass
 class XdsStats:
     streams: int = 0  # streams opened
@@ -309,16 +327,7 @@ class XdsClient:
     def check(self, appkeys: Iterable[str]) -> list[str]:
         """The appkeys not subscribed yet; raises SubscriptionError (BadAppkey,
         TooManySubscriptions) if subscribing them would be refused."""
-        added = [a for a in dict.fromkeys(appkeys) if a not in self._subs]
-        for a in added:
-            problem = appkey_problem(a)
-            if problem is not None:
-                raise BadAppkey(problem)
-        if len(self._subs) + len(added) > self.max_subscriptions:
-            raise TooManySubscriptions(
-                f"subscription limit reached: {len(self._subs)} subscribed, {len(added)} more "
-                f"asked for, at most {self.max_subscriptions} (xds.max_subscriptions)"
-            )
+        added = new_subscriptions(self._subs, appkeys, self.max_subscriptions)
         more = sum(len(a.encode()) + _NAME_OVERHEAD for a in added)
         # a SotW request carries every name (delta requests are split instead)
         if not self.delta and self._names_bytes + more + _REQUEST_OVERHEAD > self.max_request_bytes:
