@@ -45,6 +45,7 @@ class Endpoint:
     region: str = ""
     warmup_s: float = 0.0  # seconds over which the weight ramps up linearly
     start_time: float = 0.0  # unix seconds when the node started (for warm-up)
+    group: str = ""  # node group for traffic shunting ("" = the service's default nodes)
 
     @property
     def address(self) -> str:
@@ -182,3 +183,72 @@ class Labels:
     idc: str = ""
     region: str = ""
 
+
+
+# --- Traffic shunting (issue 16; docs/shunting.md) ---------------------------
+#
+# A rule set is an ordered tuple of ShuntRule. For a request to provider P the
+# caller's proxy evaluates P's own rules, then the global ("public") rules;
+# the first rule whose every condition holds applies its action; no match
+# leaves the request as it was.
+
+SHUNT_GLOBAL = "*"  # the scope name of the global rules (never a valid appkey)
+
+# ShuntMatch.source
+SRC_SERVICE = "service"  # RequestInfo.serviceName
+SRC_METHOD = "method"  # the Thrift message name in the body
+SRC_CALLER = "caller"  # the caller appkey (traceInfo.clientAppkey)
+SRC_CONTEXT = "context"  # a context value: localContext[key], else globalContext[key]
+SRC_RANDOM = "random"  # only with OP_PERCENT: a fresh random draw per request
+
+# ShuntMatch.op
+OP_EQ = "eq"  # value == values[0]
+OP_IN = "in"  # value in values
+OP_PREFIX = "prefix"  # value.startswith(values[0])
+OP_PRESENT = "present"  # the value exists (context key present / non-empty)
+OP_RANGE = "range"  # int(value) in [lo, hi)  (Envoy's Int64Range is half-open)
+OP_MOD = "mod"  # int(value) % modulus in remainders
+OP_PERCENT = "percent"  # hash(value) % 10000 < round(percent * 100)  (sticky per value)
+
+# ShuntRule action kinds
+ACT_GROUP = "group"  # route to the nodes of `group`
+ACT_CONTEXT = "context"  # set context `target` (e.g. octo-set) before cell routing
+
+# ShuntRule.on_no_node when the group has no serving node for this request
+NO_NODE_FALLBACK = "fallback"  # use the service's default (ungrouped) nodes
+NO_NODE_REJECT = "reject"  # answer status 8 naming the rule
+
+
+@dataclass(frozen=True, slots=True)
+class ShuntMatch:
+    """One condition of a rule. A value that is missing, or not an integer
+    for range/mod, makes the condition false (never an error per request)."""
+
+    source: str
+    op: str
+    key: str = ""  # the context key for SRC_CONTEXT (and the hash key's source)
+    values: tuple[str, ...] = ()  # eq / prefix: one value; in: the set
+    lo: int = 0  # range: lo <= v < hi
+    hi: int = 0
+    modulus: int = 0  # mod: v % modulus in remainders (modulus > 0)
+    remainders: tuple[int, ...] = ()
+    percent: float = 0.0  # percent: 0..100, two decimals honoured
+
+
+@dataclass(frozen=True, slots=True)
+class ShuntRule:
+    """One ordered rule: every condition must hold (an empty tuple matches all)."""
+
+    name: str  # unique within its scope; named in answers, logs and /clusters
+    matches: tuple[ShuntMatch, ...] = ()
+    action: str = ACT_GROUP
+    # ACT_GROUP
+    group: str = ""
+    on_no_node: str = NO_NODE_FALLBACK
+    # ACT_CONTEXT: target = value, where value = unit_table[context source_key]
+    # if source_key is set (a value missing from the table: the rule does not
+    # match and evaluation goes on), else the constant `value`.
+    target: str = ""  # "octo-set" | "octo-liteset" | "octo-swimlane" | another context key
+    value: str = ""
+    source_key: str = ""
+    unit_table: tuple[tuple[str, str], ...] = ()  # (request value, target value) pairs
