@@ -184,7 +184,6 @@ class Labels:
     region: str = ""
 
 
-
 # --- Traffic shunting (issue 16; docs/shunting.md) ---------------------------
 #
 # A rule set is an ordered tuple of ShuntRule. For a request to provider P the
