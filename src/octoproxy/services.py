@@ -49,6 +49,7 @@ class EndpointSpec(_Strict):
     role: int | str = 0  # 0/1 or primary/backup
     cell: str = ""
     swimlane: str = ""
+    group: str = ""  # node group for traffic shunting ("" = the default nodes)
     idc: str = ""
     region: str = ""
     warmup_s: float = Field(default=0.0, ge=0)
@@ -108,6 +109,7 @@ class EndpointSpec(_Strict):
             role=model.ROLE_BACKUP if self.role in (1, "backup") else model.ROLE_PRIMARY,
             cell=self.cell,
             swimlane=self.swimlane,
+            group=self.group,
             idc=self.idc,
             region=self.region,
             warmup_s=self.warmup_s,

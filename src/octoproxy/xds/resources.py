@@ -368,17 +368,17 @@ def governance_to_cluster(g: model.Governance, c: cluster_pb2.Cluster) -> None:
         c.metadata.filter_metadata[OCTO_NS].update(md)
 
 
-# LbEndpoint metadata -> (cell, swimlane, role, warmup_s, start_time, weight, status),
-# None = not set.  Nodes of a service mostly share their metadata: parsed once
+# LbEndpoint metadata -> (cell, swimlane, role, warmup_s, start_time, weight, status,
+# group), None = not set.  Nodes of a service mostly share their metadata: parsed once
 # per distinct serialized form (bounded; cleared when full).
-_Meta = tuple[str, str, int | None, float, float, int | None, int | None]
+_Meta = tuple[str, str, int | None, float, float, int | None, int | None, str]
 _META_CACHE: dict[bytes, _Meta] = {}
 _META_CACHE_MAX = 65_536
 
 
 def _endpoint_metadata(md: Any, where: str) -> _Meta:
     fm = md.filter_metadata
-    cell = swimlane = ""
+    cell = swimlane = group = ""
     role: int | None = None
     weight: int | None = None
     status: int | None = None
@@ -388,6 +388,7 @@ def _endpoint_metadata(md: Any, where: str) -> _Meta:
         mw = f'{where}: metadata.filter_metadata["{LB_NS}"]'
         cell = _str(f"{mw}.cell", f.get("cell"))
         swimlane = _str(f"{mw}.swimlane", f.get("swimlane"))
+        group = _str(f"{mw}.group", f.get("group"))
         rv = f.get("role")
         if rv is not None:
             r = _num(f"{mw}.role", rv)
@@ -411,7 +412,7 @@ def _endpoint_metadata(md: Any, where: str) -> _Meta:
             if st not in (0.0, 1.0, 2.0, 3.0, 4.0, 5.0):
                 raise ResourceError(f"{mo}.status must be 0..5, got {st}")
             status = int(st)
-    return (cell, swimlane, role, warmup_s, start_time, weight, status)
+    return (cell, swimlane, role, warmup_s, start_time, weight, status, group)
 
 
 def cla_to_endpoints(
@@ -488,14 +489,14 @@ def cla_to_endpoints(
                     if len(_META_CACHE) >= _META_CACHE_MAX:
                         _META_CACHE.clear()
                     _META_CACHE[mkey] = meta
-                cell, swimlane, m_role, warmup_s, start_time, m_weight, m_status = meta
+                cell, swimlane, m_role, warmup_s, start_time, m_weight, m_status, group = meta
                 role = prio_role if m_role is None else m_role
                 if m_weight is not None:
                     weight = m_weight
                 if m_status is not None:
                     status = m_status
             else:
-                cell = swimlane = ""
+                cell = swimlane = group = ""
                 role = prio_role
                 warmup_s = start_time = 0.0
             ep = model.Endpoint(
@@ -506,6 +507,7 @@ def cla_to_endpoints(
                 role=role,
                 cell=cell,
                 swimlane=swimlane,
+                group=group,
                 idc=idc,
                 region=region,
                 warmup_s=warmup_s,
@@ -571,15 +573,16 @@ def service_to_cla(svc: model.Service) -> endpoint_pb2.ClusterLoadAssignment:
             lbe.health_status = _HS.UNHEALTHY
             octo["weight"] = 0
         lb = lbe.metadata.filter_metadata[LB_NS]
-        lb.update(
-            {
-                "cell": e.cell,
-                "swimlane": e.swimlane,
-                "role": e.role,
-                "warmup_s": e.warmup_s,
-                "start_time": e.start_time,
-            }
-        )
+        lbmd: dict[str, Any] = {
+            "cell": e.cell,
+            "swimlane": e.swimlane,
+            "role": e.role,
+            "warmup_s": e.warmup_s,
+            "start_time": e.start_time,
+        }
+        if e.group:
+            lbmd["group"] = e.group  # only when set: the default nodes carry no group
+        lb.update(lbmd)
         lbe.metadata.filter_metadata[OCTO_NS].update(octo)
     # gRPC clients drop a locality without a weight: the sum of the weights of
     # its serving endpoints (at least 1, at most what a uint32 holds)
