@@ -20,6 +20,7 @@ from google.protobuf import any_pb2
 
 from octoproxy import model
 from octoproxy.xds import CLUSTER_TYPE, ENDPOINT_TYPE, XdsClient, service_to_cla, service_to_cluster
+from octoproxy.xds.shunting import THRIFT_ROUTE_TYPE
 
 pytestmark = pytest.mark.timeout(30)
 CDS, EDS = CLUSTER_TYPE, ENDPOINT_TYPE
@@ -59,6 +60,7 @@ class ScriptedAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.good: dict[str, list[Any]] = {
             CDS: [service_to_cluster(s) for s in good.values()],
             EDS: [service_to_cla(s) for s in good.values()],
+            THRIFT_ROUTE_TYPE: [],  # no shunting rules (tests/unit/test_xds_shunting.py)
         }
 
     def response(self, t: str, msgs: list[Any], version: str) -> Any:

@@ -21,6 +21,16 @@ request at once and resends newly requested resources):
 - ``stale_cds_first``: before answering a CDS request that adds names, send
   a CDS response built for the previous name set (a push that crossed the
   request), then the real answer ``stale_gap_s`` later.
+- ``routes_first``: shunting rules (Thrift RouteConfiguration, ``TRDS``) are
+  pushed before clusters and assignments, and CDS/EDS answers to new names
+  are held ``cds_hold_s`` while TRDS ones go at once (as a go-control-plane
+  snapshot with no ordering guarantee across types may).
+- ``resend_same_routes``: SotW: every TRDS answer carries every requested
+  RouteConfiguration, changed or not, under the same version_info when
+  nothing changed (go-control-plane's SotW cache resends a whole type).
+
+TRDS resources are set with ``put_routes`` / ``remove_routes``; delta
+streams get ``removed_resources`` for names without a RouteConfiguration.
 
 The double checks the client while it serves, into ``violations``:
 
@@ -43,14 +53,16 @@ from typing import Any
 import grpc
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.extensions.filters.network.thrift_proxy.v3 import route_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
 from octoproxy import model
 from octoproxy.xds import CLUSTER_TYPE, ENDPOINT_TYPE, service_to_cla, service_to_cluster
+from octoproxy.xds.shunting import THRIFT_ROUTE_TYPE, resource_of, rules_to_route_config
 
-CDS, EDS = CLUSTER_TYPE, ENDPOINT_TYPE
-TYPES = (CDS, EDS)
+CDS, EDS, TRDS = CLUSTER_TYPE, ENDPOINT_TYPE, THRIFT_ROUTE_TYPE
+TYPES = (CDS, EDS, TRDS)
 
 
 def _version(msg: Any) -> str:
@@ -58,7 +70,7 @@ def _version(msg: Any) -> str:
 
 
 def _name(t: str, msg: Any) -> str:
-    return str(msg.name if t == CDS else msg.cluster_name)
+    return str(msg.cluster_name if t == EDS else msg.name)
 
 
 @dataclass
@@ -72,6 +84,8 @@ class Behaviour:
     delay_s: dict[str, float] = field(default_factory=dict)
     stale_cds_first: bool = False
     stale_gap_s: float = 0.1
+    routes_first: bool = False
+    resend_same_routes: bool = False
 
 
 @dataclass
@@ -104,6 +118,8 @@ class AdsDouble(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.b = behaviour or Behaviour()
         self.clusters: dict[str, cluster_pb2.Cluster] = {}
         self.assignments: dict[str, endpoint_pb2.ClusterLoadAssignment] = {}
+        self.routes: dict[str, route_pb2.RouteConfiguration] = {}
+        self._routes_version = 0
         self.requests: list[Received] = []
         self.responses: list[tuple[int, Any]] = []
         self.nacks: list[tuple[str, str]] = []  # (type_url, message)
@@ -127,7 +143,19 @@ class AdsDouble(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
     def put_raw(self, t: str, *msgs: Any) -> None:
         for m in msgs:
-            (self.clusters if t == CDS else self.assignments)[_name(t, m)] = m
+            self._world(t)[_name(t, m)] = m
+        if t == TRDS:
+            self._routes_version += 1
+        self.push()
+
+    def put_routes(self, scope: str, rules: Iterable[model.ShuntRule]) -> None:
+        """Set the shunting rules of a scope (an appkey or model.SHUNT_GLOBAL) and push."""
+        self.put_raw(TRDS, rules_to_route_config(scope, tuple(rules)))
+
+    def remove_routes(self, *scopes: str) -> None:
+        for sc in scopes:
+            self.routes.pop(resource_of(sc), None)
+        self._routes_version += 1
         self.push()
 
     def remove(self, *appkeys: str) -> None:
@@ -137,7 +165,9 @@ class AdsDouble(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.push()
 
     def push(self) -> None:
-        order = (EDS, CDS) if self.b.eds_first else TYPES
+        order: tuple[str, ...] = (EDS, CDS, TRDS) if self.b.eds_first else TYPES
+        if self.b.routes_first:
+            order = (TRDS, *[t for t in order if t != TRDS])
         for s in list(self.streams.values()):
             for t in order:
                 if t in s.started:
@@ -188,8 +218,11 @@ class AdsDouble(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         else:
             go()
 
+    def _world(self, t: str) -> dict[str, Any]:
+        return {CDS: self.clusters, EDS: self.assignments, TRDS: self.routes}[t]
+
     def _resources(self, t: str) -> dict[str, Any]:
-        return dict(self.clusters if t == CDS else self.assignments)
+        return dict(self._world(t))
 
     def _answer(self, s: _Stream, t: str, added: set[str], delay: float = 0.0) -> None:
         """Send what changed for type t (``added``: names just subscribed)."""
@@ -220,6 +253,18 @@ class AdsDouble(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 return
             s.sent[t] = dict(state)
             msgs = [present[n] for n in sorted(present)] + list(self.b.extra_clusters)
+        elif t == TRDS and self.b.resend_same_routes:
+            # the whole type, under a version that changes only with the routes
+            for n in present:
+                sent[n] = _version(present[n])
+            msgs = [present[n] for n in sorted(present)]
+            r = discovery_pb2.DiscoveryResponse(
+                type_url=t,
+                version_info=f"r{self._routes_version}",
+                resources=[any_pb2.Any(type_url=t, value=m.SerializeToString()) for m in msgs],
+            )
+            self._emit(s, r, delay)
+            return
         else:
             msgs = []
             for n in sorted(present):
@@ -313,6 +358,8 @@ class AdsDouble(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             self._answer(s, t, added, delay=self.b.stale_gap_s)
             return
         hold = self.b.cds_hold_s if (t == CDS and self.b.eds_first and added) else 0.0
+        if self.b.routes_first and added and t in (CDS, EDS):
+            hold = self.b.cds_hold_s
         self._answer(s, t, added, delay=hold)
 
     async def _serve(self, it: AsyncIterator[Any], delta: bool) -> AsyncIterator[Any]:

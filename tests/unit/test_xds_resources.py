@@ -226,7 +226,7 @@ services:
         ),
         ("services: [{appkey: a, lb_policy: fastest}]", "lb_policy must be one of"),
         ("services: [{appkey: a, colour: red}]", "services[0].colour"),
-        ("clusters: []", "single key 'services'"),
+        ("clusters: []", "with the key 'services'"),
         ("services: [", "not valid YAML"),
     ],
 )

@@ -26,6 +26,7 @@ import yaml
 from google.protobuf import any_pb2
 from pydantic import ValidationError
 
+from octoproxy import model
 from octoproxy.services import ServiceSpec
 from octoproxy.xds.resources import (
     CLUSTER_TYPE,
@@ -38,9 +39,15 @@ from octoproxy.xds.resources import (
     service_to_listener,
     service_to_route,
 )
+from octoproxy.xds.shunting import (
+    GLOBAL_RESOURCE,
+    THRIFT_ROUTE_TYPE,
+    rules_from_list,
+    rules_to_route_config,
+)
 
 # what the store serves, in the order a change is pushed (make before break)
-SERVED = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
+SERVED = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, THRIFT_ROUTE_TYPE)
 
 log = logging.getLogger("octoproxy.controlplane")
 
@@ -74,6 +81,8 @@ class Snapshot:
 @dataclass
 class _Cache:
     raw: dict[str, Any] = field(default_factory=dict)  # appkey -> the service's parsed text
+    global_rules: Any = None  # the top-level `shunting` list's parsed text
+    global_built: Resource | None = None
     built: dict[str, tuple[Resource, ...]] = field(default_factory=dict)  # one per SERVED type
 
 
@@ -99,13 +108,30 @@ def build(path: Path, prev: _Cache) -> tuple[_Cache, dict[str, dict[str, Resourc
         # an empty (or truncated to nothing) file is a write in progress or a
         # mistake far more often than "no services"; that must be said explicitly
         raise FileError(f"{path}: the file is empty (write 'services: []' to serve no services)")
-    if not isinstance(data, dict) or set(data) != {"services"}:
-        raise FileError(f"{path}: the top level must be a mapping with the single key 'services'")
+    if not isinstance(data, dict) or "services" not in data or set(data) - {"services", "shunting"}:
+        raise FileError(
+            f"{path}: the top level must be a mapping with the key 'services' "
+            "(and optionally 'shunting', the global rules)"
+        )
     services = data["services"]
     if not isinstance(services, list):
         raise FileError(f"{path}: services must be a list ('services: []' for none)")
     problems: list[str] = []
     cache = _Cache()
+    # the global ("public") traffic-shunting rules: always served (empty when
+    # none), so a proxy never waits for them
+    global_rules = data.get("shunting", [])
+    if global_rules == prev.global_rules and prev.global_built is not None:
+        cache.global_rules, cache.global_built = prev.global_rules, prev.global_built
+    else:
+        try:
+            rules = rules_from_list(model.SHUNT_GLOBAL, global_rules, "shunting")
+            cache.global_rules = global_rules
+            cache.global_built = _resource(
+                GLOBAL_RESOURCE, THRIFT_ROUTE_TYPE, rules_to_route_config(model.SHUNT_GLOBAL, rules)
+            )
+        except ValueError as e:
+            problems.append(str(e))
     for i, raw in enumerate(services):
         appkey = raw.get("appkey") if isinstance(raw, dict) else None
         if isinstance(appkey, str) and appkey in cache.raw:
@@ -120,7 +146,9 @@ def build(path: Path, prev: _Cache) -> tuple[_Cache, dict[str, dict[str, Resourc
             problems.append(f"services[{i}].appkey: {problem}")
             continue
         try:
-            svc = ServiceSpec.model_validate(raw).to_model()
+            spec = {k: v for k, v in raw.items() if k != "shunting"}
+            svc = ServiceSpec.model_validate(spec).to_model()
+            rules = rules_from_list(svc.appkey, raw.get("shunting", []), f"services[{i}].shunting")
         except ValidationError as e:
             for err in e.errors():
                 loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
@@ -135,6 +163,11 @@ def build(path: Path, prev: _Cache) -> tuple[_Cache, dict[str, dict[str, Resourc
             _resource(svc.appkey, ENDPOINT_TYPE, service_to_cla(svc)),
             _resource(svc.appkey, LISTENER_TYPE, service_to_listener(svc.appkey)),
             _resource(svc.appkey, ROUTE_TYPE, service_to_route(svc.appkey)),
+            # the service's shunting rules: served even when there are none
+            # (an empty RouteConfiguration says "no rules" in SotW too)
+            _resource(
+                svc.appkey, THRIFT_ROUTE_TYPE, rules_to_route_config(svc.appkey, rules)
+            ),
         )
     if problems:
         raise FileError(f"{path}: " + "; ".join(problems[:20]))
@@ -142,6 +175,8 @@ def build(path: Path, prev: _Cache) -> tuple[_Cache, dict[str, dict[str, Resourc
     for appkey, built in cache.built.items():
         for t, r in zip(SERVED, built, strict=True):
             resources[t][appkey] = r
+    assert cache.global_built is not None
+    resources[THRIFT_ROUTE_TYPE][GLOBAL_RESOURCE] = cache.global_built
     return cache, resources
 
 

@@ -60,6 +60,7 @@ from octoproxy.xds.resources import (
     digest,
     make_service,
 )
+from octoproxy.xds.shunting import THRIFT_ROUTE_TYPE, RuleResources
 from octoproxy.xds.sink import RouteSink
 
 if TYPE_CHECKING:
@@ -67,9 +68,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("octoproxy.xds")
 
-TYPES = (CLUSTER_TYPE, ENDPOINT_TYPE)
-_SHORT = {CLUSTER_TYPE: "CDS", ENDPOINT_TYPE: "EDS"}
-_KIND = {CLUSTER_TYPE: "Cluster", ENDPOINT_TYPE: "ClusterLoadAssignment"}
+# the Thrift RouteConfiguration (traffic-shunting rules) is handled by RuleResources
+TYPES = (CLUSTER_TYPE, ENDPOINT_TYPE, THRIFT_ROUTE_TYPE)
+_SHORT = {CLUSTER_TYPE: "CDS", ENDPOINT_TYPE: "EDS", THRIFT_ROUTE_TYPE: "TRDS"}
+_KIND = {
+    CLUSTER_TYPE: "Cluster",
+    ENDPOINT_TYPE: "ClusterLoadAssignment",
+    THRIFT_ROUTE_TYPE: "RouteConfiguration",
+}
 # gRPC servers refuse messages above 4 MiB unless told otherwise
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_SUBSCRIPTIONS = 10_000
@@ -218,6 +224,7 @@ class XdsClient:
         self._subs: set[str] = set()
         self._names_bytes = 0  # what the names take in a SotW request
         self._entries: dict[str, _Entry] = {}
+        self._rules = RuleResources(sink)  # shunting rules: per appkey + the global ones
         self._connected = False
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -306,6 +313,7 @@ class XdsClient:
             "versions": self.versions(),
             "stats": dataclasses.asdict(self.stats),
             "subscriptions": subs,
+            "shunting": self._rules.dump(),
         }
 
     def start(self) -> None:
@@ -346,6 +354,7 @@ class XdsClient:
             self._names_bytes += len(a.encode()) + _NAME_OVERHEAD
             self._entries[a] = _Entry()
         if added:
+            self._rules.sync(self._subs)
             self._schedule_flush()
             self._notify()
         return set(added)
@@ -362,6 +371,7 @@ class XdsClient:
             if e.pushed is not None:
                 self._sink_remove(a)
         if removed:
+            self._rules.sync(self._subs)
             self._schedule_flush()
             self._notify()
         return removed
@@ -555,6 +565,7 @@ class XdsClient:
         self._sub_requests(CLUSTER_TYPE, set(self._subs))
         # EDS names are always a subset of what CDS requests already carried
         self._sub_requests(ENDPOINT_TYPE, self._subs & self._sent_names[CLUSTER_TYPE])
+        self._sub_requests(THRIFT_ROUTE_TYPE, set(self._rules.entries))
 
     def _sub_requests(self, t: str, want: set[str]) -> None:
         assert self._out is not None
@@ -603,7 +614,9 @@ class XdsClient:
         for kind, names in (("sub", sub), ("unsub", unsub)):
             for name in names:
                 version = ""
-                if kind == "sub" and first:
+                if kind == "sub" and first and t == THRIFT_ROUTE_TYPE:
+                    version = self._rules.version(name)
+                elif kind == "sub" and first:
                     e = self._entries.get(name)
                     if e is not None:
                         version = e.cluster_version if t == CLUSTER_TYPE else e.cla_version
@@ -970,6 +983,20 @@ class XdsClient:
         if touched or plan.removed_clusters or plan.missing or plan.rejected:
             self._notify()
 
+    async def _handle(self, t: str, resp: Any) -> list[str]:
+        """Validate and apply a response; the problems found (NACK if any)."""
+        if t == THRIFT_ROUTE_TYPE:
+            before = self._rules.rejected
+            if self.delta:
+                errors = self._rules.on_delta(resp)
+            else:
+                errors = self._rules.on_sotw(resp.resources, t)
+            self.stats.rejected_resources += self._rules.rejected - before
+            return errors
+        plan = await (self._plan_delta(resp) if self.delta else self._plan_sotw(resp))
+        self._apply(plan)
+        return plan.errors
+
     def _nack(self, t: str, nonce: str, errors: list[str]) -> None:
         self.stats.nacks += 1
         self.stats.last_nack = "; ".join(errors)[:4096]
@@ -993,12 +1020,11 @@ class XdsClient:
             return req
         self._nonce[t] = resp.nonce
         self._slice_start = time.perf_counter()
-        plan = await self._plan_sotw(resp)
-        self._apply(plan)
-        if plan.errors:
+        errors = await self._handle(t, resp)
+        if errors:
             # the valid resources are applied; the version stays the last fully accepted one
-            self._nack(t, resp.nonce, plan.errors)
-            return self._sotw_request(t, plan.errors)
+            self._nack(t, resp.nonce, errors)
+            return self._sotw_request(t, errors)
         self._version[t] = resp.version_info
         self.stats.acks += 1
         return self._sotw_request(t)
@@ -1014,11 +1040,10 @@ class XdsClient:
             req.error_detail.CopyFrom(_status(errors))
             return req
         self._slice_start = time.perf_counter()
-        plan = await self._plan_delta(resp)
-        self._apply(plan)
-        if plan.errors:
-            self._nack(t, resp.nonce, plan.errors)
-            req.error_detail.CopyFrom(_status(plan.errors))
+        errors = await self._handle(t, resp)
+        if errors:
+            self._nack(t, resp.nonce, errors)
+            req.error_detail.CopyFrom(_status(errors))
         else:
             self.stats.acks += 1
             if resp.system_version_info:

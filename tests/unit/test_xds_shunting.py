@@ -1,0 +1,512 @@
+"""Traffic-shunting rules over xDS: the Thrift RouteConfiguration <-> rule
+mapping both ways, its extensions and rejections, the control plane's file
+format, and the per-resource handling of the client (docs/xds.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from envoy.config.route.v3 import route_components_pb2
+from envoy.extensions.filters.network.thrift_proxy.v3 import route_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import any_pb2, json_format
+
+from octoproxy import model as M
+from octoproxy.controlplane.store import FileError, _Cache, build
+from octoproxy.xds.resources import ENDPOINT_TYPE, ResourceError, cla_to_endpoints
+from octoproxy.xds.shunting import (
+    GLOBAL_RESOURCE,
+    THRIFT_ROUTE_TYPE,
+    RuleResources,
+    route_config_to_rules,
+    rules_from_list,
+    rules_to_route_config,
+)
+
+RC = route_pb2.RouteConfiguration
+HM = route_components_pb2.HeaderMatcher
+
+
+def m(source: str, op: str, **kw: Any) -> M.ShuntMatch:
+    return M.ShuntMatch(source, op, **kw)
+
+
+EVERY_OP = (
+    M.ShuntRule(
+        "gray",
+        (
+            m(M.SRC_METHOD, M.OP_EQ, values=("getUser",)),
+            m(M.SRC_SERVICE, M.OP_EQ, values=("com.x.UserService",)),
+            m(M.SRC_SERVICE, M.OP_PREFIX, values=("com.",)),
+            m(M.SRC_METHOD, M.OP_IN, values=("a", "b.c", "d|e", "")),
+            m(M.SRC_CALLER, M.OP_IN, values=("com.web",)),
+            m(M.SRC_CALLER, M.OP_PRESENT),
+            m(M.SRC_CONTEXT, M.OP_EQ, key="region", values=("bj",)),
+            m(M.SRC_CONTEXT, M.OP_PREFIX, key="city", values=("0",)),
+            m(M.SRC_CONTEXT, M.OP_PRESENT, key="vip"),
+            m(M.SRC_CONTEXT, M.OP_RANGE, key="uid", lo=-(2**63), hi=2**63 - 1),
+            m(M.SRC_CONTEXT, M.OP_MOD, key="userId", modulus=100, remainders=(1, 7)),
+            m(M.SRC_CONTEXT, M.OP_PERCENT, key="userId", percent=12.34),
+            m(M.SRC_RANDOM, M.OP_PERCENT, percent=50.0),
+            m(M.SRC_CONTEXT, M.OP_EQ, key=":odd", values=("x",)),
+        ),
+        group="gray",
+        on_no_node=M.NO_NODE_REJECT,
+    ),
+    M.ShuntRule("all-to-blue", (), group="blue"),
+    M.ShuntRule(
+        "unit",
+        (m(M.SRC_CONTEXT, M.OP_PRESENT, key="locId"),),
+        action=M.ACT_CONTEXT,
+        target="octo-set",
+        source_key="locId",
+        unit_table=(("1001", "set-bj"), ("2002", "set-sh")),
+    ),
+    M.ShuntRule(
+        "lane",
+        (m(M.SRC_SERVICE, M.OP_EQ, values=("S",)),),
+        action=M.ACT_CONTEXT,
+        target="octo-swimlane",
+        value="lane-1",
+    ),
+)
+
+
+def same(a: tuple[M.ShuntRule, ...], b: tuple[M.ShuntRule, ...]) -> None:
+    """Equal rule sets (a rule's conditions are ANDed: their order is free)."""
+    assert [r.name for r in a] == [r.name for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert sorted(map(repr, x.matches)) == sorted(map(repr, y.matches)), x.name
+        assert x.__class__(x.name, (), *[getattr(x, f) for f in _REST]) == y.__class__(
+            y.name, (), *[getattr(y, f) for f in _REST]
+        )
+
+
+_REST = ("action", "group", "on_no_node", "target", "value", "source_key", "unit_table")
+
+
+def wire(rc: Any) -> Any:
+    return RC.FromString(rc.SerializeToString())
+
+
+@pytest.mark.parametrize("scope", ["app.a", M.SHUNT_GLOBAL])
+def test_round_trip_every_op_and_extension(scope: str) -> None:
+    rc = rules_to_route_config(scope, EVERY_OP)
+    assert rc.name == (GLOBAL_RESOURCE if scope == M.SHUNT_GLOBAL else scope)
+    same(route_config_to_rules(wire(rc)), EVERY_OP)
+    # the standard fields carry what they can say
+    r0 = rc.routes[0]
+    assert r0.match.method_name == "getUser"
+    names = [h.name for h in r0.match.headers]
+    assert names == [
+        ":octo-service", ":octo-service", ":octo-method", ":client-id", ":client-id",
+        "region", "city", "vip", "uid",
+    ]  # fmt: skip
+    assert r0.match.headers[2].string_match.safe_regex.regex == r"^(?:a|b\.c|d\|e|)$"
+    assert r0.match.headers[8].range_match.start == -(2**63)
+    assert dict(r0.route.metadata_match.filter_metadata["envoy.lb"]) == {"group": "gray"}
+    octo = json_format.MessageToDict(r0.route.metadata_match.filter_metadata["octo"])
+    assert octo["name"] == "gray" and octo["on_no_node"] == "reject"
+    assert [c["op"] for c in octo["conditions"]] == ["mod", "percent", "percent", "eq"]
+    if scope == M.SHUNT_GLOBAL:
+        assert r0.route.cluster_header == ":dest"
+    else:
+        assert r0.route.cluster == "app.a"
+
+
+def test_standard_forms() -> None:
+    """What a stock control plane writes: deprecated exact/prefix fields, a
+    service_name with Envoy's trailing ':', a matcher with no specifier
+    (presence), a route without a name (route-<index>)."""
+    rc = RC(name="app.a")
+    r = rc.routes.add()
+    r.match.service_name = "com.x.S:"
+    r.match.headers.add(name="k1", exact_match="v")
+    r.match.headers.add(name="k2", prefix_match="p")
+    r.match.headers.add(name="k3")
+    r.match.headers.add(name=":client-id").string_match.safe_regex.regex = "^only$"
+    r.route.cluster = "app.a"
+    r.route.metadata_match.filter_metadata["envoy.lb"].update({"group": "g"})
+    r2 = rc.routes.add()
+    r2.match.method_name = ""  # Envoy: the empty method name matches every method
+    r2.route.cluster = "app.a"
+    r2.route.metadata_match.filter_metadata["envoy.lb"].update({"group": "h"})
+    rules = route_config_to_rules(wire(rc))
+    assert rules == (
+        M.ShuntRule(
+            "route-0",
+            (
+                m(M.SRC_SERVICE, M.OP_EQ, values=("com.x.S",)),
+                m(M.SRC_CONTEXT, M.OP_EQ, key="k1", values=("v",)),
+                m(M.SRC_CONTEXT, M.OP_PREFIX, key="k2", values=("p",)),
+                m(M.SRC_CONTEXT, M.OP_PRESENT, key="k3"),
+                m(M.SRC_CALLER, M.OP_IN, values=("only",)),
+            ),
+            group="g",
+        ),
+        M.ShuntRule("route-1", (), group="h"),
+    )
+
+
+def weighted(entries: list[tuple[str, int, str]], hash_key: str = "") -> Any:
+    rc = RC(name="app.a")
+    r = rc.routes.add()
+    r.match.method_name = "m"
+    for name, w, g in entries:
+        cw = r.route.weighted_clusters.clusters.add(name=name)
+        cw.weight.value = w
+        if g:
+            cw.metadata_match.filter_metadata["envoy.lb"].update({"group": g})
+    ext: dict[str, Any] = {"name": "split"}
+    if hash_key:
+        ext["hash_key"] = hash_key
+    r.route.metadata_match.filter_metadata["octo"].update(ext)
+    return rc
+
+
+def test_weighted_clusters() -> None:
+    meth = m(M.SRC_METHOD, M.OP_EQ, values=("m",))
+    # one group: a random share of the requests
+    rules = route_config_to_rules(weighted([("app.a", 90, ""), ("app.a", 10, "gray")]))
+    assert rules == (
+        M.ShuntRule("split", (meth, m(M.SRC_RANDOM, M.OP_PERCENT, percent=10.0)), group="gray"),
+    )
+    # several groups: consecutive slices of one key's hash buckets
+    rules = route_config_to_rules(
+        weighted([("app.a", 1, "a"), ("app.a", 1, ""), ("app.a", 1, "b")], hash_key="uid")
+    )
+    assert rules == (
+        M.ShuntRule(
+            "split[0]",
+            (meth, m(M.SRC_CONTEXT, M.OP_PERCENT, key="uid", percent=33.33)),
+            group="a",
+        ),
+        M.ShuntRule(
+            "split[2]",
+            (meth, m(M.SRC_CONTEXT, M.OP_PERCENT, key="uid", percent=66.67)),
+            group="b",
+        ),
+    )
+
+
+def reject(rc: Any, *needles: str) -> None:
+    with pytest.raises(ResourceError) as ei:
+        route_config_to_rules(wire(rc))
+    msg = str(ei.value)
+    assert msg.startswith(f"RouteConfiguration {rc.name!r}"), msg
+    for n in needles:
+        assert n in msg, msg
+
+
+def one_route(name: str = "r1", scope: str = "app.a", group: str = "g") -> tuple[Any, Any]:
+    rc = RC(name=scope)
+    r = rc.routes.add()
+    r.route.cluster = scope
+    if group:
+        r.route.metadata_match.filter_metadata["envoy.lb"].update({"group": group})
+    if name:
+        r.route.metadata_match.filter_metadata["octo"].update({"name": name})
+    return rc, r
+
+
+def _hdr(r: Any, **kw: Any) -> Any:
+    return r.match.headers.add(name=kw.pop("name", "k"), **kw)
+
+
+REJECTIONS: list[tuple[str, Any, tuple[str, ...]]] = [
+    ("invert", lambda r: setattr(r.match, "invert", True), ("match.invert",)),
+    ("invert_match", lambda r: _hdr(r, exact_match="x", invert_match=True), ("invert_match",)),
+    ("absent", lambda r: _hdr(r, present_match=False), ("present_match false",)),
+    ("suffix", lambda r: _hdr(r, suffix_match="x"), ("suffix_match",)),
+    ("contains", lambda r: _hdr(r, contains_match="x"), ("contains_match",)),
+    ("sm-suffix", lambda r: setattr(_hdr(r).string_match, "suffix", "x"), ("string_match suffix",)),
+    (
+        "regex",
+        lambda r: setattr(_hdr(r).safe_regex_match, "regex", "^a.*$"),
+        ("regex '^a.*$' is not supported",),
+    ),
+    (
+        "class",
+        lambda r: setattr(_hdr(r).string_match.safe_regex, "regex", r"^\d$"),
+        ("is not supported",),
+    ),
+    (
+        "ignore-case",
+        lambda r: _hdr(r, string_match={"exact": "x", "ignore_case": True}),
+        ("ignore_case",),
+    ),
+    (
+        "missing-empty",
+        lambda r: _hdr(r, exact_match="", treat_missing_header_as_empty=True),
+        ("treat_missing_header_as_empty",),
+    ),
+    (
+        "pseudo",
+        lambda r: _hdr(r, name=":path", exact_match="x"),
+        ("unknown pseudo-header ':path'",),
+    ),
+    (
+        "lb-key",
+        lambda r: r.route.metadata_match.filter_metadata["envoy.lb"].update({"cell": "c"}),
+        ('only "group" selects nodes', "cell"),
+    ),
+    (
+        "lb-type",
+        lambda r: r.route.metadata_match.filter_metadata["envoy.lb"].update({"group": 3}),
+        ("group must be a non-empty string",),
+    ),
+    ("cluster", lambda r: setattr(r.route, "cluster", "other"), ("routes to cluster 'other'",)),
+    ("cluster-header", lambda r: setattr(r.route, "cluster_header", "x"), ("cluster_header",)),
+    (
+        "ext-key",
+        lambda r: r.route.metadata_match.filter_metadata["octo"].update({"grop": "g"}),
+        ("unknown key(s) grop",),
+    ),
+    (
+        "both",
+        lambda r: r.route.metadata_match.filter_metadata["octo"].update({"target": "octo-set"}),
+        ("either selects a group or sets a context value",),
+    ),
+    (
+        "hash-key",
+        lambda r: r.route.metadata_match.filter_metadata["octo"].update({"hash_key": "u"}),
+        ("hash_key is only for weighted_clusters",),
+    ),
+    ("rate-limits", lambda r: r.route.rate_limits.add(), ("rate_limits",)),
+    ("mirror", lambda r: r.route.request_mirror_policies.add(), ("request_mirror_policies",)),
+    (
+        "mod-float",
+        lambda r: r.route.metadata_match.filter_metadata["octo"].update(
+            {"conditions": [{"source": "context", "key": "u", "op": "mod", "modulus": 2.5}]}
+        ),
+        ('filter_metadata["octo"].conditions[0].modulus must be an integer',),
+    ),
+    (
+        "mod-big",
+        lambda r: r.route.metadata_match.filter_metadata["octo"].update(
+            {"conditions": [{"source": "context", "key": "u", "op": "mod", "modulus": 2.0**60}]}
+        ),
+        ("beyond 2^53",),
+    ),
+    (
+        "cond-key",
+        lambda r: r.route.metadata_match.filter_metadata["octo"].update(
+            {"conditions": [{"source": "context", "op": "eq", "vaule": "x"}]}
+        ),
+        ("unknown key(s) vaule",),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", REJECTIONS, ids=[c[0] for c in REJECTIONS])
+def test_rejections_name_the_rule(case: tuple[str, Any, tuple[str, ...]]) -> None:
+    _, change, needles = case
+    rc, r = one_route()
+    change(r)
+    reject(rc, "routes[0] (rule 'r1')", *needles)
+
+
+def test_rejections_of_the_route_as_a_whole() -> None:
+    rc, _ = one_route(group="")
+    reject(rc, "routes[0] (rule 'r1')", "no action")
+    rc, _ = one_route(name="", group="")
+    reject(rc, "routes[0] (rule 'route-0')", "no action")
+    rc, _ = one_route(scope=GLOBAL_RESOURCE)
+    reject(rc, "(rule 'r1')", "a global rule routes within each request's own provider")
+    reject(RC(name="bad name"), "the name is an appkey or 'octo/global'")
+    reject(weighted([("app.a", 1, "a"), ("app.a", 1, "b")]), "need", "hash_key")
+    reject(weighted([("app.a", 0, "a")]), "the weights add up to 0")
+    reject(weighted([("app.a", 1, "")]), "selects no group")
+    reject(weighted([("app.b", 1, "a")]), "routes to cluster 'app.b'")
+    reject(weighted([("app.a", 1, "a"), ("app.a", 1, "a")], "u"), "group 'a' appears twice")
+
+
+def test_the_cores_checks_name_the_rule() -> None:
+    """What only the core's validation says (duplicate names, a remainder
+    beyond the modulus...) is reported the same way."""
+    pytest.importorskip("octoproxy.shunting")
+    rc, _ = one_route("twice")
+    rc.routes.append(rc.routes[0])
+    reject(rc, "'twice'", "twice")
+    rc, r = one_route("mod")
+    r.route.metadata_match.filter_metadata["octo"].update(
+        {
+            "conditions": [
+                {"source": "context", "key": "u", "op": "mod", "modulus": 10, "remainders": [12]}
+            ]
+        }
+    )
+    reject(rc, "'mod'", "remainder")
+
+
+# --- the control plane's file -------------------------------------------------------
+
+FILE = """
+shunting:
+  - name: gray-users
+    match:
+      - {source: context, key: userId, op: mod, modulus: 100, remainders: [1]}
+    group: gray
+services:
+  - appkey: app.a
+    endpoints:
+      - {address: 10.0.0.1:9000}
+      - {address: 10.0.0.2:9000, group: gray}
+    shunting:
+      - name: by-method
+        match: [{source: method, op: in, values: [a, b]}]
+        group: gray
+        on_no_node: reject
+      - name: unit
+        target: octo-set
+        source_key: locId
+        unit_table: {1001: set-bj, "2002": set-sh}
+  - appkey: app.b
+"""
+
+
+def test_file_rules_and_groups(tmp_path: Path) -> None:
+    p = tmp_path / "e.yaml"
+    p.write_text(FILE)
+    cache, res = build(p, _Cache())
+    routes = res[THRIFT_ROUTE_TYPE]
+    assert set(routes) == {"app.a", "app.b", GLOBAL_RESOURCE}
+    a = route_config_to_rules(RC.FromString(routes["app.a"].raw))
+    assert a == (
+        M.ShuntRule(
+            "by-method",
+            (m(M.SRC_METHOD, M.OP_IN, values=("a", "b")),),
+            group="gray",
+            on_no_node=M.NO_NODE_REJECT,
+        ),
+        M.ShuntRule(
+            "unit",
+            action=M.ACT_CONTEXT,
+            target="octo-set",
+            source_key="locId",
+            unit_table=(("1001", "set-bj"), ("2002", "set-sh")),
+        ),
+    )
+    assert route_config_to_rules(RC.FromString(routes["app.b"].raw)) == ()
+    g = route_config_to_rules(RC.FromString(routes[GLOBAL_RESOURCE].raw))
+    assert [r.name for r in g] == ["gray-users"] and g[0].matches[0].modulus == 100
+    # the group reaches the assignment and back
+    from envoy.config.endpoint.v3 import endpoint_pb2
+
+    cla = endpoint_pb2.ClusterLoadAssignment.FromString(res[ENDPOINT_TYPE]["app.a"].raw)
+    assert [e.group for e in cla_to_endpoints(cla)] == ["", "gray"]
+    # unchanged text: the same resources (versions stable)
+    _, res2 = build(p, cache)
+    assert res2[THRIFT_ROUTE_TYPE] == routes
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("shunting: [{name: x}]\nservices: []", "shunting[0] (rule 'x'): no action"),
+        (
+            "services: [{appkey: a, shunting: [{name: y, group: g, match: [{op: eq, value: 3}]}]}]",
+            "services[0].shunting[0] (rule 'y').match[0].value must be a string",
+        ),
+        (
+            "services: [{appkey: a, shunting: [{name: y, group: g, colour: red}]}]",
+            "unknown key(s) colour",
+        ),
+        ("services: []\nrules: []", "the top level must be a mapping with the key 'services'"),
+    ],
+)
+def test_file_rejections(tmp_path: Path, text: str, needle: str) -> None:
+    p = tmp_path / "e.yaml"
+    p.write_text(text)
+    with pytest.raises(FileError) as ei:
+        build(p, _Cache())
+    assert needle in str(ei.value)
+
+
+def test_rules_from_list_round_trip() -> None:
+    from octoproxy.xds.shunting import rule_to_dict
+
+    rules = rules_from_list("app.a", [rule_to_dict(r) for r in EVERY_OP], "x")
+    assert rules == EVERY_OP
+
+
+# --- the client's per-resource handling ---------------------------------------------
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.rules: dict[str, tuple[M.ShuntRule, ...]] = {}
+        self.calls: list[str] = []
+
+    def update_shunting(self, scope: str, rules: tuple[M.ShuntRule, ...]) -> None:
+        self.calls.append(scope)
+        if rules:
+            self.rules[scope] = rules
+        else:
+            self.rules.pop(scope, None)
+
+
+def packed(scope: str, rules: tuple[M.ShuntRule, ...]) -> Any:
+    a = any_pb2.Any()
+    a.Pack(rules_to_route_config(scope, rules))
+    return a
+
+
+GOOD = (M.ShuntRule("r", (), group="g"),)
+
+
+def test_sotw_per_resource_nack_keeps_the_old_rules() -> None:
+    sink = Sink()
+    rr = RuleResources(sink)
+    rr.sync({"app.a", "app.b"})
+    assert set(rr.entries) == {"app.a", "app.b", GLOBAL_RESOURCE}
+    errors = rr.on_sotw([packed("app.a", GOOD), packed(M.SHUNT_GLOBAL, GOOD)], THRIFT_ROUTE_TYPE)
+    assert errors == [] and set(sink.rules) == {"app.a", M.SHUNT_GLOBAL}
+    bad = rules_to_route_config("app.a", GOOD)
+    bad.routes[0].match.invert = True
+    a = any_pb2.Any()
+    a.Pack(bad)
+    newb = (M.ShuntRule("rb", (), group="g2"),)
+    errors = rr.on_sotw([a, packed("app.b", newb)], THRIFT_ROUTE_TYPE)
+    assert len(errors) == 1 and "RouteConfiguration 'app.a': routes[0] (rule 'r')" in errors[0]
+    assert sink.rules["app.a"] == GOOD and sink.rules["app.b"] == newb  # old kept, other applied
+    assert rr.dump()["app.a"]["error"] == errors[0]
+    # the same content again: not pushed again
+    n = len(sink.calls)
+    assert rr.on_sotw([packed("app.b", newb)], THRIFT_ROUTE_TYPE) == []
+    assert len(sink.calls) == n
+    # SotW absence changes nothing; an empty RouteConfiguration removes
+    assert rr.on_sotw([packed("app.b", ())], THRIFT_ROUTE_TYPE) == []
+    assert set(sink.rules) == {"app.a", M.SHUNT_GLOBAL}
+    # unsubscribing drops them; the global ones go with the last subscription
+    rr.sync({"app.b"})
+    assert set(sink.rules) == {M.SHUNT_GLOBAL}
+    rr.sync(set())
+    assert sink.rules == {} and rr.entries == {}
+    # twice in a response, wrong type
+    rr.sync({"app.a"})
+    wrong = any_pb2.Any(type_url=ENDPOINT_TYPE, value=b"")
+    errors = rr.on_sotw([packed("app.a", GOOD), packed("app.a", GOOD), wrong], THRIFT_ROUTE_TYPE)
+    assert any("appears twice" in e for e in errors) and any("resource type" in e for e in errors)
+    assert "app.a" not in sink.rules
+
+
+def test_delta_removal_and_versions() -> None:
+    sink = Sink()
+    rr = RuleResources(sink)
+    rr.sync({"app.a"})
+    resp = discovery_pb2.DeltaDiscoveryResponse(type_url=THRIFT_ROUTE_TYPE)
+    resp.resources.add(name="app.a", version="v1", resource=packed("app.a", GOOD))
+    resp.resources.add(name="app.zz", version="v1", resource=packed("app.zz", GOOD))  # not asked
+    assert rr.on_delta(resp) == []
+    assert sink.rules == {"app.a": GOOD} and rr.version("app.a") == "v1"
+    resp = discovery_pb2.DeltaDiscoveryResponse(type_url=THRIFT_ROUTE_TYPE)
+    resp.resources.add(name=GLOBAL_RESOURCE, version="g1", resource=packed("app.a", GOOD))
+    errors = rr.on_delta(resp)
+    assert errors == ["RouteConfiguration 'app.a' delivered under the name 'octo/global'"]
+    resp = discovery_pb2.DeltaDiscoveryResponse(type_url=THRIFT_ROUTE_TYPE)
+    resp.removed_resources.append("app.a")
+    assert rr.on_delta(resp) == []
+    assert sink.rules == {} and rr.version("app.a") == ""
