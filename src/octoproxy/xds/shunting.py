@@ -11,6 +11,7 @@ Struct any control plane can carry.  docs/xds.md section 2, "Shunting rules".
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -24,6 +25,8 @@ from google.protobuf.message import DecodeError
 
 from octoproxy import model
 from octoproxy.xds.resources import LB_NS, OCTO_NS, ResourceError, appkey_problem, digest
+
+log = logging.getLogger("octoproxy.xds")
 
 THRIFT_ROUTE_TYPE = (
     "type.googleapis.com/envoy.extensions.filters.network.thrift_proxy.v3.RouteConfiguration"
@@ -680,6 +683,9 @@ class RuleResources:
                 self._push(name, rules)
             except ValueError as bad:  # the core's own checks
                 raise ResourceError(f"RouteConfiguration {name!r}: {bad}") from None
+            except Exception as bad:  # never let a sink failure end the stream
+                log.exception("route sink rejected the shunting rules of %s", name)
+                raise ResourceError(f"RouteConfiguration {name!r}: not applied: {bad!r}") from None
         except ResourceError as bad:
             self.rejected += 1
             e.error = str(bad)
