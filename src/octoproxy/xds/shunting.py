@@ -651,7 +651,7 @@ class RuleResources:
         for name in set(self.entries) - want:
             e = self.entries.pop(name)
             if e.pushed:
-                self._push(name, ())
+                self._clear(name)
 
     def version(self, name: str) -> str:
         e = self.entries.get(name)
@@ -662,6 +662,13 @@ class RuleResources:
         if update is None:
             return  # a sink without shunting (tests of discovery alone)
         update(scope_of(name), rules)
+
+    def _clear(self, name: str) -> None:
+        """No rules for this scope any more (a failure is logged: removing cannot be refused)."""
+        try:
+            self._push(name, ())
+        except Exception:
+            log.exception("route sink failed to drop the shunting rules of %s", name)
 
     def _one(self, name: str, body: bytes, version: str, errors: list[str]) -> None:
         e = self.entries[name]
@@ -697,7 +704,7 @@ class RuleResources:
     def _remove(self, name: str) -> None:
         e = self.entries[name]
         if e.pushed:
-            self._push(name, ())
+            self._clear(name)
         self.entries[name] = _Rules()
 
     def on_sotw(self, resources: Iterable[Any], t: str) -> list[str]:
