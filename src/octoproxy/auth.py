@@ -118,23 +118,42 @@ def load(cfg: Config) -> Tokens | None:
     return tokens
 
 
-def signer(ob: OutboundListener, tokens: Tokens | None) -> Any:
+# A token replaced at run time stays accepted (never signed with) this long,
+# for the requests signed just before the change reached their proxy.
+ROTATION_GRACE_S = 60.0
+
+
+def token_store(tokens: Tokens | None) -> Any:
+    """The core's TokenStore of one generation (tokens from the token file,
+    or empty), shared by its Signers and Verifiers; changed at run time by
+    store.set/remove/replace (docs/auth.md, "Changes at run time")."""
+    from octoproxy._core.auth import TokenStore
+
+    return TokenStore({a: tokens.accepted(a) for a in tokens.appkeys()} if tokens else {},
+                      ROTATION_GRACE_S)
+
+
+def acl_of(ib: InboundListener) -> dict[bytes, frozenset[bytes] | None]:
+    """An inbound listener's configured ACL, as Verifier.set_acl takes it."""
+    assert ib.auth is not None
+    return {r.caller.encode(): None if r.methods is None else frozenset(m.encode() for m in r.methods)
+            for r in ib.auth.allow}
+
+
+def signer(ob: OutboundListener, store: Any) -> Any:
     """The core's Signer for an outbound listener, or None when it signs nothing."""
-    if not ob.sign_for or tokens is None:
+    if not ob.sign_for or store is None:
         return None
     from octoproxy._core.auth import Signer
 
-    return Signer({a.encode(): t for a in ob.sign_for if (t := tokens.get(a)) is not None})
+    return Signer(store, ob.sign_for)
 
 
-def verifier(ib: InboundListener, cfg: Config, tokens: Tokens | None) -> Any:
+def verifier(ib: InboundListener, cfg: Config, store: Any) -> Any:
     """The core's Verifier for an inbound listener, or None (no check)."""
-    if ib.auth is None or ib.auth.mode == "off" or tokens is None or not ib.appkey:
+    if ib.auth is None or ib.auth.mode == "off" or store is None or not ib.appkey:
         return None
     from octoproxy._core.auth import Verifier
 
-    acl = {r.caller.encode(): None if r.methods is None else frozenset(m.encode() for m in r.methods)
-           for r in ib.auth.allow}
-    toks = {a.encode(): tokens.accepted(a) for a in tokens.appkeys()}
     return Verifier(ib.appkey.encode(), ib.auth.mode == "enforce", int(cfg.auth.max_skew_s * 1000),
-                    toks, acl)
+                    store, acl_of(ib))

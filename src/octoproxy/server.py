@@ -156,6 +156,10 @@ class Proxy:
         # service authentication (docs/auth.md): tokens stay in this object and
         # the core's Signers/Verifiers, never in handed-over state or dumps
         self._tokens = auth.load(cfg)
+        # the tokens as the core uses them, changed at run time (auth.py)
+        self.auth_store: Any = auth.token_store(self._tokens) if self._tokens is not None else None
+        self.signers: dict[str, Any] = {}    # outbound listener path -> its Signer
+        self.verifiers: dict[str, Any] = {}  # inbound listener key -> its Verifier
         self.table = RouteTable(cfg.node.labels())
         self.gov: Any = None
         if _needs_governance(cfg):
@@ -313,15 +317,19 @@ class Proxy:
         engine = self.engine
         for ob in self.cfg.listeners.outbound:
             sock = self.sockets[listener_key_outbound(ob.path)].dup()
-            signer = auth.signer(ob, self._tokens)
+            signer = auth.signer(ob, self.auth_store)
+            if signer is not None:
+                self.signers[ob.path] = signer
             # the backlog again: create_*_server(sock=...) re-listens with its own (100)
             self.servers.append(await loop.create_unix_server(
                 functools.partial(engine.outbound, signer), sock=sock, backlog=ob.backlog))
         for ib in self.cfg.listeners.inbound:
             sock = self.sockets[listener_key_inbound(ib.host, ib.port)].dup()
             gov = self.gov.service_gov(ib.appkey) if self.gov is not None and ib.appkey else None
-            factory = functools.partial(engine.inbound, ib.upstream_uds, gov,
-                                        verifier=auth.verifier(ib, self.cfg, self._tokens))
+            verifier = auth.verifier(ib, self.cfg, self.auth_store)
+            if verifier is not None:
+                self.verifiers[listener_key_inbound(ib.host, ib.port)] = verifier
+            factory = functools.partial(engine.inbound, ib.upstream_uds, gov, verifier=verifier)
             self.servers.append(await loop.create_server(factory, sock=sock, backlog=ib.backlog))
 
     def _sock(self, prefix: str) -> socket.socket | None:

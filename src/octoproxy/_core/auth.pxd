@@ -6,6 +6,11 @@ from libc.stdint cimport int64_t, uint8_t
 
 from octoproxy._core.frame cimport FrameInfo
 
+
+cdef extern from "openssl/evp.h" nogil:
+    ctypedef struct EVP_MD_CTX:
+        pass
+
 cdef enum:
     # au_verify results; AU_REASONS sizes the per-reason counters
     AU_OK = 0
@@ -19,12 +24,36 @@ cdef enum:
     AU_SIG_HEX = 64        # octo-auth-sig: lowercase hex of the 32-byte MAC
 
 
+# One token's HMAC-SHA256 state, precomputed: SHA-256 after the key's inner
+# and outer pad blocks (copied per MAC); `check`: its MAC of a fixed text.
+cdef class _Hmac:
+    cdef EVP_MD_CTX* inner
+    cdef EVP_MD_CTX* outer
+    cdef unsigned char check[32]
+
+
+# One appkey's accepted tokens; replaced whole on a change, never modified.
+cdef class _Accepted:
+    cdef _Hmac current                  # signs; accepted
+    cdef _Hmac previous                 # accepted during a rotation, or None
+    cdef int64_t previous_until_ms      # 0: as long as this entry
+
+
+# The proxy's tokens by appkey (bytes -> _Accepted), changed at run time.
+cdef class TokenStore:
+    cdef dict keys
+    cdef readonly int64_t rotation_grace_ms
+    cdef readonly long long generation  # + 1 per change (the Signers' lookup cache)
+
+    cdef _set(self, bytes appkey, bytes current, bytes previous, int64_t now_ms)
+
+
 # One inbound listener's checks: the provider it serves, its callers' tokens and ACL.
 cdef class Verifier:
     cdef readonly bytes provider
     cdef readonly bint enforce          # False: log-only (count, log, forward)
     cdef readonly int64_t skew_ms
-    cdef dict tokens                    # caller appkey (bytes) -> (current token, [previous])
+    cdef TokenStore store               # the callers' tokens
     cdef dict acl                       # caller appkey -> None (all methods) | frozenset of methods
     cdef public dict answers            # the data path's pre-encoded refusals (bounded)
     cdef long long n_ok
@@ -32,16 +61,18 @@ cdef class Verifier:
     cdef long long n_logged             # log-only: failures forwarded
 
 
-# One outbound listener's signing keys: the appkeys of the apps that use it.
+# One outbound listener's signing: the appkeys of the apps that use it.
 cdef class Signer:
-    cdef dict tokens                    # appkey (bytes) -> token (bytes)
+    cdef TokenStore store
+    cdef frozenset sign_for             # appkeys (bytes)
     cdef public dict answers            # the data path's pre-encoded refusals (bounded)
-    cdef bytes last_caller              # the last caller looked up, and its token
-    cdef bytes last_token
+    cdef bytes last_caller              # the last caller looked up, its key, the store's generation
+    cdef _Hmac last_key
+    cdef long long last_gen
     cdef readonly long long n_signed
     cdef readonly long long n_refused
 
-    cdef bytes token_for(self, const uint8_t* caller, Py_ssize_t clen)
+    cdef _Hmac key_for(self, const uint8_t* caller, Py_ssize_t clen)
 
 
 cdef int64_t au_now_ms() noexcept nogil
@@ -58,5 +89,5 @@ cdef Py_ssize_t au_sign_extra(const FrameInfo* fi) noexcept nogil
 # for fi.length + au_sign_extra(fi)): the octo-auth-* entries appended to its
 # localContext, lengths and checksum fixed.  Returns the new length, or -1
 # when the header would outgrow its 16-bit length.
-cdef Py_ssize_t au_sign_into(char* dst, const uint8_t* p, const FrameInfo* fi, bytes token,
+cdef Py_ssize_t au_sign_into(char* dst, const uint8_t* p, const FrameInfo* fi, _Hmac key,
                              const char* provider, Py_ssize_t plen, int64_t now_ms) noexcept

@@ -12,7 +12,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint8_t, uint32_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcmp, memcpy, memset, strlen
 from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 from octoproxy._core.frame cimport FF_CHECKSUM, FrameInfo, fr_adler32, fr_method, fr_scan
@@ -21,19 +21,32 @@ from octoproxy._core.frame cimport FF_CHECKSUM, FrameInfo, fr_adler32, fr_method
 cdef extern from "openssl/evp.h" nogil:
     ctypedef struct EVP_MD:
         pass
-    const EVP_MD* EVP_sha256()
-
-cdef extern from "openssl/hmac.h" nogil:
-    unsigned char* HMAC(const EVP_MD* md, const void* key, int key_len, const unsigned char* d,
-                        size_t n, unsigned char* md_out, unsigned int* md_len)
+    EVP_MD* EVP_MD_fetch(void* libctx, const char* algorithm, const char* properties)
+    EVP_MD_CTX* EVP_MD_CTX_new()
+    void EVP_MD_CTX_free(EVP_MD_CTX* ctx)
+    int EVP_MD_CTX_copy_ex(EVP_MD_CTX* out, const EVP_MD_CTX* src)
+    int EVP_DigestInit_ex2(EVP_MD_CTX* ctx, const EVP_MD* md, const void* params)
+    int EVP_DigestUpdate(EVP_MD_CTX* ctx, const void* d, size_t n)
+    int EVP_DigestFinal_ex(EVP_MD_CTX* ctx, unsigned char* md, unsigned int* n)
+    int EVP_Digest(const void* d, size_t n, unsigned char* md, unsigned int* size,
+                   const EVP_MD* t, void* engine)
 
 cdef extern from "openssl/crypto.h" nogil:
     int CRYPTO_memcmp(const void* a, const void* b, size_t n)
+    void OPENSSL_cleanse(void* p, size_t n)
 
 
 cdef const char* HEX = b"0123456789abcdef"
 REASONS = ("ok", "unsigned", "unknown_caller", "bad_signature", "expired", "not_allowed",
            "method_not_allowed")
+
+# SHA-256 fetched once (OpenSSL 3's HMAC() fetches it on every call), and the
+# one context each MAC works in: the data path runs under the GIL, one thread.
+cdef EVP_MD* _SHA256 = EVP_MD_fetch(NULL, b"SHA256", NULL)
+cdef EVP_MD_CTX* _WORK = EVP_MD_CTX_new()
+if _SHA256 == NULL or _WORK == NULL:
+    raise ImportError("OpenSSL's libcrypto has no SHA-256")
+cdef const char* _CHECK = b"octo-proxy: tells tokens apart without keeping them"
 
 
 cdef int64_t au_now_ms() noexcept nogil:
@@ -42,7 +55,68 @@ cdef int64_t au_now_ms() noexcept nogil:
     return <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
 
 
-cdef int au_mac_hex(bytes token, const char* caller, Py_ssize_t clen, const char* provider,
+@cython.final
+@cython.no_gc
+cdef class _Hmac:
+    """One token's HMAC-SHA256 state, precomputed (RFC 2104): SHA-256 after the
+    key's inner pad block and after its outer pad block.  The token itself is
+    not kept; `check` (its MAC of a fixed text) tells two tokens apart."""
+
+    def __dealloc__(self):
+        # OpenSSL clears a digest context's state when it frees it
+        EVP_MD_CTX_free(self.inner)
+        EVP_MD_CTX_free(self.outer)
+
+    def __repr__(self):
+        return "<HMAC key>"
+
+    def __reduce__(self):
+        raise TypeError("an HMAC key is not serialised")
+
+
+cdef _Hmac hm_new(bytes token):
+    cdef _Hmac h = _Hmac.__new__(_Hmac)
+    cdef unsigned char k[64]
+    cdef unsigned char pad[64]
+    cdef unsigned int n = 0
+    cdef Py_ssize_t klen = PyBytes_GET_SIZE(token), i
+    cdef int ok
+    memset(k, 0, 64)
+    if klen > 64:   # a key longer than the block is its digest
+        ok = EVP_Digest(PyBytes_AS_STRING(token), klen, k, &n, _SHA256, NULL)
+    else:
+        memcpy(k, PyBytes_AS_STRING(token), klen)
+        ok = 1
+    h.inner = EVP_MD_CTX_new()
+    h.outer = EVP_MD_CTX_new()
+    for i in range(64):
+        pad[i] = k[i] ^ 0x36
+    ok = ok and h.inner != NULL and EVP_DigestInit_ex2(h.inner, _SHA256, NULL) \
+        and EVP_DigestUpdate(h.inner, pad, 64)
+    for i in range(64):
+        pad[i] = k[i] ^ 0x5c
+    ok = ok and h.outer != NULL and EVP_DigestInit_ex2(h.outer, _SHA256, NULL) \
+        and EVP_DigestUpdate(h.outer, pad, 64)
+    OPENSSL_cleanse(k, 64)
+    OPENSSL_cleanse(pad, 64)
+    if not ok or hm_mac(h, <const unsigned char*>_CHECK, strlen(_CHECK), h.check) != 0:
+        raise MemoryError("OpenSSL: preparing an HMAC key")
+    return h
+
+
+cdef int hm_mac(_Hmac h, const unsigned char* m, size_t n, unsigned char* out) noexcept:
+    """out[0:32] = HMAC-SHA256 of m[0:n] under h's token; 0, or -1 (OpenSSL failed)."""
+    cdef unsigned char ih[32]
+    cdef unsigned int l = 0
+    if EVP_MD_CTX_copy_ex(_WORK, h.inner) != 1 or EVP_DigestUpdate(_WORK, m, n) != 1 \
+            or EVP_DigestFinal_ex(_WORK, ih, &l) != 1 \
+            or EVP_MD_CTX_copy_ex(_WORK, h.outer) != 1 or EVP_DigestUpdate(_WORK, ih, 32) != 1 \
+            or EVP_DigestFinal_ex(_WORK, out, &l) != 1:
+        return -1
+    return 0
+
+
+cdef int au_mac_hex(_Hmac key, const char* caller, Py_ssize_t clen, const char* provider,
                     Py_ssize_t plen, const char* ts, Py_ssize_t tlen, const char* method,
                     Py_ssize_t mlen, char* out) noexcept:
     """out[0:64] = hex(HMAC-SHA256(token, caller|provider|ts|method)); 0, or -1
@@ -51,8 +125,8 @@ cdef int au_mac_hex(bytes token, const char* caller, Py_ssize_t clen, const char
     cdef Py_ssize_t n = clen + plen + tlen + mlen + 3
     cdef char* m = stack
     cdef unsigned char mac[32]
-    cdef unsigned int maclen = 0
     cdef Py_ssize_t i
+    cdef int r
     if n > 512:
         m = <char*>malloc(n)
         if m == NULL:
@@ -65,10 +139,11 @@ cdef int au_mac_hex(bytes token, const char* caller, Py_ssize_t clen, const char
     m[clen + plen + tlen + 2] = b'|'
     if mlen:
         memcpy(m + clen + plen + tlen + 3, method, mlen)
-    HMAC(EVP_sha256(), PyBytes_AS_STRING(token), <int>PyBytes_GET_SIZE(token),
-         <const unsigned char*>m, n, mac, &maclen)
+    r = hm_mac(key, <const unsigned char*>m, n, mac)
     if m != stack:
         free(m)
+    if r != 0:
+        return -1
     for i in range(32):
         out[2 * i] = HEX[mac[i] >> 4]
         out[2 * i + 1] = HEX[mac[i] & 15]
@@ -76,20 +151,167 @@ cdef int au_mac_hex(bytes token, const char* caller, Py_ssize_t clen, const char
 
 
 @cython.final
-cdef class Verifier:
-    """An inbound listener's authentication and ACL (docs/auth.md)."""
+@cython.no_gc
+cdef class _Accepted:
+    """One appkey's tokens: the current one, and during a rotation the previous
+    one (until previous_until_ms; 0: as long as this entry)."""
 
-    def __cinit__(self, bytes provider not None, bint enforce, int64_t skew_ms, dict tokens not None,
+    def __repr__(self):
+        return "<tokens>"
+
+    def __reduce__(self):
+        raise TypeError("tokens are not serialised")
+
+
+cdef bytes _appkey(appkey):
+    if isinstance(appkey, str):
+        appkey = (<str>appkey).encode()
+    if not isinstance(appkey, bytes) or not appkey:
+        raise TypeError("an appkey is a non-empty str or bytes")
+    return <bytes>appkey
+
+
+cdef bytes _token(token):
+    if isinstance(token, str):
+        token = (<str>token).encode()
+    if not isinstance(token, bytes) or not token:
+        # never the value in the message
+        raise TypeError("a token is non-empty str or bytes")
+    return <bytes>token
+
+
+@cython.final
+cdef class TokenStore:
+    """The tokens a proxy signs and verifies with, by appkey, as precomputed
+    HMAC state (docs/auth.md).  Changed at run time by the token file's watcher
+    or the control plane (SDS): each change swaps one appkey's entry whole, so
+    a request is checked against either the old or the new tokens, never a mix;
+    Signers and Verifiers built on this store see it at their next request.
+
+    A new current token keeps the replaced one accepted (not signed with) for
+    `rotation_grace_s`, unless the change names the previous token itself."""
+
+    def __cinit__(self, tokens=None, double rotation_grace_s=60.0):
+        self.keys = {}
+        if rotation_grace_s < 0:
+            raise ValueError("rotation_grace_s must be >= 0")
+        self.rotation_grace_ms = <int64_t>(rotation_grace_s * 1000)
+        if tokens is not None:
+            self.replace(tokens)
+
+    def set(self, appkey, current, previous=None) -> None:
+        """appkey signs with `current`; signatures made with `current` or
+        `previous` (when given) are accepted.  Without `previous`, a changed
+        current token keeps the old one accepted for rotation_grace_s."""
+        self._set(_appkey(appkey), _token(current),
+                  None if previous is None else _token(previous), au_now_ms())
+        self.generation += 1
+
+    cdef _set(self, bytes appkey, bytes current, bytes previous, int64_t now_ms):
+        cdef _Accepted old = self.keys.get(appkey)
+        cdef _Accepted e = _Accepted.__new__(_Accepted)
+        e.current = hm_new(current)
+        if previous is not None:
+            e.previous = hm_new(previous)
+        elif old is not None and memcmp(old.current.check, e.current.check, 32) != 0:
+            e.previous = old.current
+            e.previous_until_ms = now_ms + self.rotation_grace_ms
+        elif old is not None and old.previous is not None and old.previous_until_ms:
+            e.previous = old.previous    # unchanged: a running grace period goes on
+            e.previous_until_ms = old.previous_until_ms
+        self.keys[appkey] = e
+
+    def remove(self, appkey) -> bool:
+        """Forget appkey: it is no longer signed for nor verified.  True when known."""
+        found = self.keys.pop(_appkey(appkey), None) is not None
+        self.generation += 1
+        return found
+
+    def replace(self, tokens) -> None:
+        """Make the store hold exactly `tokens`: appkey -> token, or a tuple
+        (current, previous) (a token file's rotation window); the appkeys not
+        in it are removed, and each changed token follows set()'s rule."""
+        cdef int64_t now = au_now_ms()
+        cdef dict items = {}
+        for k, v in dict(tokens).items():
+            if isinstance(v, tuple):
+                if not 1 <= len(v) <= 2:
+                    raise ValueError("a token entry is a token or (current, previous)")
+                items[_appkey(k)] = (_token(v[0]), _token(v[1]) if len(v) == 2 else None)
+            else:
+                items[_appkey(k)] = (_token(v), None)
+        for k in [k for k in self.keys if k not in items]:
+            del self.keys[k]
+        for k, (cur, prev) in items.items():
+            self._set(k, cur, prev, now)
+        self.generation += 1
+
+    def appkeys(self) -> list:
+        """The appkeys with a token (str), sorted."""
+        return sorted(k.decode("utf-8", "replace") for k in self.keys)
+
+    def rotating(self, appkey) -> bool:
+        """Whether a previous token of appkey is still accepted."""
+        cdef _Accepted e = self.keys.get(_appkey(appkey))
+        return e is not None and e.previous is not None and (
+            e.previous_until_ms == 0 or au_now_ms() < e.previous_until_ms)
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __contains__(self, appkey):
+        return isinstance(appkey, (str, bytes)) and bool(appkey) and _appkey(appkey) in self.keys
+
+    def __repr__(self):
+        return f"TokenStore(<{len(self.keys)} appkeys>)"
+
+    def __reduce__(self):
+        raise TypeError("a TokenStore holds tokens: it is not serialised")
+
+
+cdef inline _Accepted ts_get(TokenStore s, const uint8_t* appkey, Py_ssize_t n):
+    return <_Accepted>s.keys.get(PyBytes_FromStringAndSize(<const char*>appkey, n))
+
+
+cdef TokenStore _store_of(tokens):
+    """A TokenStore, or one made of a dict appkey -> token | (current, previous)."""
+    if isinstance(tokens, TokenStore):
+        return <TokenStore>tokens
+    if isinstance(tokens, dict):
+        return TokenStore(tokens, 0.0)
+    raise TypeError("tokens: a TokenStore or a dict appkey -> token")
+
+
+@cython.final
+cdef class Verifier:
+    """An inbound listener's authentication and ACL (docs/auth.md).  `tokens`:
+    the proxy's TokenStore (or a dict, made into one); set_acl() changes the
+    ACL at run time."""
+
+    def __cinit__(self, bytes provider not None, bint enforce, int64_t skew_ms, tokens not None,
                   dict acl not None):
         self.provider = provider
         self.enforce = enforce
         self.skew_ms = skew_ms
-        self.tokens = tokens
-        self.acl = acl
+        self.store = _store_of(tokens)
+        self.acl = _acl(acl)
         self.answers = {}
 
+    def set_acl(self, acl not None) -> None:
+        """Replace the ACL (caller appkey -> None for every method, or the
+        methods it may call), whole: the next request is checked against it."""
+        self.acl = _acl(acl)
+
+    def set_enforce(self, bint enforce) -> None:
+        """enforce (True) or log-only (False), at run time."""
+        self.enforce = enforce
+
+    @property
+    def tokens(self) -> TokenStore:
+        return self.store
+
     def __repr__(self):
-        return f"Verifier({self.provider!r}, {len(self.tokens)} tokens, {len(self.acl)} callers)"
+        return f"Verifier({self.provider!r}, {len(self.store)} tokens, {len(self.acl)} callers)"
 
     def __reduce__(self):
         raise TypeError("a Verifier holds tokens: it is not serialised")
@@ -110,6 +332,14 @@ cdef class Verifier:
                          now_ms or au_now_ms(), &moff, &mlen)
 
 
+cdef dict _acl(acl):
+    cdef dict out = {}
+    for k, v in dict(acl).items():
+        out[_appkey(k)] = None if v is None else frozenset(
+            m.encode() if isinstance(m, str) else bytes(m) for m in v)
+    return out
+
+
 cdef int _scan_whole(bytes frame, FrameInfo* fi) except -1:
     cdef Py_ssize_t n = PyBytes_GET_SIZE(frame)
     if fr_scan(<const uint8_t*>PyBytes_AS_STRING(frame), n, n + 8, n, fi) != n:
@@ -119,40 +349,76 @@ cdef int _scan_whole(bytes frame, FrameInfo* fi) except -1:
 
 @cython.final
 cdef class Signer:
-    """The appkeys an outbound listener signs for, with their tokens."""
+    """The appkeys an outbound listener signs for (its apps), with the proxy's
+    TokenStore (or a dict appkey -> token, made into one; then `sign_for`
+    defaults to its appkeys).  set_sign_for() changes the appkeys at run time."""
 
-    def __cinit__(self, dict tokens not None):
-        self.tokens = tokens
+    def __cinit__(self, tokens not None, sign_for=None):
+        self.store = _store_of(tokens)
+        if sign_for is None:
+            if isinstance(tokens, TokenStore):
+                raise TypeError("Signer(store, sign_for): the appkeys it signs for")
+            sign_for = tokens.keys()
+        self.sign_for = frozenset(_appkey(a) for a in sign_for)
         self.answers = {}
 
+    def set_sign_for(self, appkeys) -> None:
+        """The appkeys signed for, replaced whole (the listener's apps)."""
+        self.sign_for = frozenset(_appkey(a) for a in appkeys)
+        self.last_caller = None
+        self.last_key = None
+
+    @property
+    def appkeys(self) -> list:
+        return sorted(a.decode("utf-8", "replace") for a in self.sign_for)
+
     def __repr__(self):
-        return f"Signer({sorted(self.tokens)!r})"
+        return f"Signer({self.appkeys!r})"
 
     def __reduce__(self):
         raise TypeError("a Signer holds tokens: it is not serialised")
 
-    cdef bytes token_for(self, const uint8_t* caller, Py_ssize_t clen):
+    cdef _Hmac key_for(self, const uint8_t* caller, Py_ssize_t clen):
+        """The current key of caller when this listener signs for it, else None."""
         cdef bytes last = self.last_caller
+        cdef _Accepted e
         if clen <= 0:
             return None
-        if last is not None and PyBytes_GET_SIZE(last) == clen \
+        if last is not None and self.last_gen == self.store.generation \
+                and PyBytes_GET_SIZE(last) == clen \
                 and memcmp(PyBytes_AS_STRING(last), caller, clen) == 0:
-            return self.last_token
+            return self.last_key
         last = PyBytes_FromStringAndSize(<const char*>caller, clen)
-        token = self.tokens.get(last)
-        if token is not None:
-            self.last_caller = last
-            self.last_token = token
-        return token
+        if last not in self.sign_for:
+            return None
+        e = self.store.keys.get(last)
+        if e is None:
+            return None
+        self.last_caller = last
+        self.last_key = e.current
+        self.last_gen = self.store.generation
+        return e.current
+
+
+cdef object _NOT_LISTED = object()
+
+
+cdef inline bint _sig_ok(_Hmac key, Verifier v, const uint8_t* p, const FrameInfo* fi,
+                         Py_ssize_t moff, Py_ssize_t mlen) noexcept:
+    cdef char mac[AU_SIG_HEX]
+    return au_mac_hex(key, <const char*>p + fi.auth_app_off, fi.auth_app_len,
+                      PyBytes_AS_STRING(v.provider), PyBytes_GET_SIZE(v.provider),
+                      <const char*>p + fi.auth_ts_off, fi.auth_ts_len,
+                      <const char*>p + moff, mlen, mac) == 0 \
+        and CRYPTO_memcmp(mac, p + fi.auth_sig_off, AU_SIG_HEX) == 0
 
 
 cdef int au_verify(Verifier v, const uint8_t* p, const FrameInfo* fi, int64_t now_ms,
                    Py_ssize_t* moff, Py_ssize_t* mlen) except -1:
     cdef int64_t ts = 0
     cdef Py_ssize_t i
-    cdef char mac[AU_SIG_HEX]
-    cdef bytes caller, token
-    cdef tuple toks
+    cdef bytes caller
+    cdef _Accepted toks
     cdef object methods
     cdef int r
     mlen[0] = 0
@@ -164,7 +430,7 @@ cdef int au_verify(Verifier v, const uint8_t* p, const FrameInfo* fi, int64_t no
         r = AU_UNSIGNED
     else:
         caller = PyBytes_FromStringAndSize(<const char*>p + fi.auth_app_off, fi.auth_app_len)
-        toks = v.tokens.get(caller)
+        toks = v.store.keys.get(caller)     # this request's entry, whatever changes after
         if toks is None:
             r = AU_UNKNOWN_CALLER
         else:
@@ -183,23 +449,19 @@ cdef int au_verify(Verifier v, const uint8_t* p, const FrameInfo* fi, int64_t no
                 # the current token, then (rotation window) the previous one
                 r = AU_BAD_SIGNATURE
                 if fi.auth_sig_len == AU_SIG_HEX:
-                    for token in toks:
-                        if au_mac_hex(
-                                token, <const char*>p + fi.auth_app_off, fi.auth_app_len,
-                                PyBytes_AS_STRING(v.provider), PyBytes_GET_SIZE(v.provider),
-                                <const char*>p + fi.auth_ts_off, fi.auth_ts_len,
-                                <const char*>p + moff[0], mlen[0], mac) == 0 \
-                                and CRYPTO_memcmp(mac, p + fi.auth_sig_off, AU_SIG_HEX) == 0:
-                            r = AU_OK
-                            break
+                    if _sig_ok(toks.current, v, p, fi, moff[0], mlen[0]):
+                        r = AU_OK
+                    elif toks.previous is not None and (
+                            toks.previous_until_ms == 0 or now_ms < toks.previous_until_ms) \
+                            and _sig_ok(toks.previous, v, p, fi, moff[0], mlen[0]):
+                        r = AU_OK
             if r == AU_OK:
-                if caller not in v.acl:
+                methods = v.acl.get(caller, _NOT_LISTED)
+                if methods is _NOT_LISTED:
                     r = AU_NOT_ALLOWED
-                else:
-                    methods = v.acl[caller]
-                    if methods is not None and PyBytes_FromStringAndSize(
-                            <const char*>p + moff[0], mlen[0]) not in methods:
-                        r = AU_METHOD
+                elif methods is not None and PyBytes_FromStringAndSize(
+                        <const char*>p + moff[0], mlen[0]) not in methods:
+                    r = AU_METHOD
     if r == AU_OK:
         v.n_ok += 1
     else:
@@ -234,7 +496,7 @@ cdef Py_ssize_t au_sign_extra(const FrameInfo* fi) noexcept nogil:
     return n
 
 
-cdef Py_ssize_t au_sign_into(char* dst, const uint8_t* p, const FrameInfo* fi, bytes token,
+cdef Py_ssize_t au_sign_into(char* dst, const uint8_t* p, const FrameInfo* fi, _Hmac key,
                              const char* provider, Py_ssize_t plen, int64_t now_ms) noexcept:
     cdef char ts[24]
     cdef Py_ssize_t tlen = 0, at, extra, hl
@@ -260,7 +522,7 @@ cdef Py_ssize_t au_sign_into(char* dst, const uint8_t* p, const FrameInfo* fi, b
     if moff < 0:
         moff = 0
         mlen = 0
-    if au_mac_hex(token, caller, clen, provider, plen, ts, tlen, src + moff, mlen, mac) != 0:
+    if au_mac_hex(key, caller, clen, provider, plen, ts, tlen, src + moff, mlen, mac) != 0:
         return -1
     extra = (4 + 16 + 4 + clen) + (4 + 12 + 4 + tlen) + (4 + 13 + 4 + AU_SIG_HEX)
     if fi.lctx_off < 0:
@@ -307,7 +569,7 @@ def sign(token, caller, provider, ts, method=b"") -> str:
     cdef char out[AU_SIG_HEX]
     cdef bytes t = bytes(token), c = bytes(caller), pv = bytes(provider), m = bytes(method)
     cdef bytes s = str(ts).encode()
-    if au_mac_hex(t, c, len(c), pv, len(pv), s, len(s), m, len(m), out) != 0:
+    if au_mac_hex(hm_new(_token(t)), c, len(c), pv, len(pv), s, len(s), m, len(m), out) != 0:
         raise MemoryError()
     return out[:AU_SIG_HEX].decode()
 
@@ -323,7 +585,7 @@ def sign_frame(bytes frame not None, token, provider, int64_t now_ms=0) -> bytes
     if buf == NULL:
         raise MemoryError()
     try:
-        n = au_sign_into(buf, <const uint8_t*>PyBytes_AS_STRING(frame), &fi, bytes(token),
+        n = au_sign_into(buf, <const uint8_t*>PyBytes_AS_STRING(frame), &fi, hm_new(_token(token)),
                          pv, len(pv), now_ms or au_now_ms())
         if n < 0:
             raise ValueError("the signed header would exceed 65535 bytes")

@@ -79,15 +79,21 @@ cdef int au_refuse_outbound(OutboundConn c, Signer s, const uint8_t* p, FrameInf
     cdef Py_ssize_t moff, mlen
     cdef int32_t body_seq
     cdef Answer a
+    cdef bytes caller = PyBytes_FromStringAndSize(<const char*>p + fi.caller_off,
+                                                  fi.caller_len if fi.caller_len > 0 else 0)
+    # one of this listener's apps whose token is not (or no longer) in the store
+    cdef bint no_token = not too_large and caller in s.sign_for and caller not in s.store.keys
     kind = answer_kind(p, fi, &moff, &mlen, &body_seq)
-    key = (kind, too_large, PyBytes_FromStringAndSize(<const char*>p + fi.caller_off,
-                                                      fi.caller_len if fi.caller_len > 0 else 0))
+    key = (kind, too_large, no_token, caller)
     a = <Answer>s.answers.get(key)
     if a is None:
         if len(s.answers) >= AUTH_ANSWERS_MAX:
             s.answers.clear()
         if too_large:
             msg = "authentication: the request's header is too large to be signed (65535 bytes)"
+        elif no_token:
+            msg = (f"authentication: octo-proxy has no token for caller appkey "
+                   f"{_au_name(p, fi.caller_off, fi.caller_len)} (yet): not signed, not sent")
         else:
             msg = (f"authentication: octo-proxy does not sign for caller appkey "
                    f"{_au_name(p, fi.caller_off, fi.caller_len)} on this listener "
@@ -99,7 +105,7 @@ cdef int au_refuse_outbound(OutboundConn c, Signer s, const uint8_t* p, FrameInf
     return 0
 
 
-cdef int au_sign_append(OutBuf* ob, const uint8_t* p, FrameInfo* fi, bytes token,
+cdef int au_sign_append(OutBuf* ob, const uint8_t* p, FrameInfo* fi, _Hmac key,
                         Node node) except -1:
     """Append the signed copy of the request p/fi (auth.pyx) to ob."""
     cdef Py_ssize_t plen = 0
@@ -107,7 +113,7 @@ cdef int au_sign_append(OutBuf* ob, const uint8_t* p, FrameInfo* fi, bytes token
     cdef Py_ssize_t n = fi.length + au_sign_extra(fi)
     if ob.len + n > ob.cap:
         ob_reserve(ob, n)
-    n = au_sign_into(ob.data + ob.len, p, fi, token, provider, plen, au_now_ms())
+    n = au_sign_into(ob.data + ob.len, p, fi, key, provider, plen, au_now_ms())
     if n < 0:
         raise MemoryError("signing a request")
     ob.len += n

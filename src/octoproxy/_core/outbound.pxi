@@ -194,7 +194,7 @@ cdef class OutboundConn(Conn):
                                fi.protocol)
                 continue
             if signer is not None and (
-                    signer.token_for(p + fi.caller_off, fi.caller_len) is None
+                    signer.key_for(p + fi.caller_off, fi.caller_len) is None
                     or fi.header_len + au_sign_extra(&fi) > 0xFFFF):
                 # service authentication (docs/auth.md): only the listener's own apps are signed for
                 au_refuse_outbound(self, signer, p, &fi, fi.header_len + au_sign_extra(&fi) > 0xFFFF)
@@ -248,7 +248,7 @@ cdef class OutboundConn(Conn):
         cdef bint oneway = fi.call_type == CALL_ONEWAY
         cdef bint is_retry = avoid is not None
         cdef object again, method
-        cdef bytes token
+        cdef _Hmac key
         while True:
             node = table.rt_route(
                 p + fi.appkey_off, fi.appkey_len, p + fi.service_off, fi.service_len,
@@ -358,11 +358,11 @@ cdef class OutboundConn(Conn):
                 Py_INCREF(again)
                 slot.retry = <PyObject*>again
         fr_set_seq_id(p, fi, slot.id)
-        token = self.signer.token_for(p + fi.caller_off, fi.caller_len) \
+        key = self.signer.key_for(p + fi.caller_off, fi.caller_len) \
             if self.signer is not None else None
-        if token is not None:
+        if key is not None:
             # signed for its app (docs/auth.md): the copy with octo-auth-* is what is sent
-            au_sign_append(&conn.out, p, fi, token, node)
+            au_sign_append(&conn.out, p, fi, key, node)
             self.signer.n_signed += 1
         else:
             ob_append(&conn.out, <char*>p, r)
