@@ -78,6 +78,9 @@ cdef struct FrameInfo:
     Py_ssize_t auth_sig_len
     Py_ssize_t lctx_off       # -1: no localContext
     Py_ssize_t lctx_end
+    # the same for globalContext (traffic shunting reads any context key)
+    Py_ssize_t gctx_off       # -1: no globalContext
+    Py_ssize_t gctx_end
 
 # Message types, status codes and call types: constants.pxd.
 cdef enum:
@@ -109,6 +112,13 @@ cdef void fr_set_seq_id(uint8_t* frame, const FrameInfo* fi, int64_t seq_id) noe
 # frames, empty or foreign bodies).  Reads at most the first bytes of the body.
 cdef Py_ssize_t fr_method(const uint8_t* frame, const FrameInfo* fi,
                           Py_ssize_t* name_len) noexcept nogil
+
+# A context value by key, without creating a Python object: localContext[key]
+# if present, else globalContext[key] (docs/shunting.md).  Returns the value's
+# offset in `frame` and sets *vlen, or -1 when neither map has the key.  fi
+# must come from fr_scan on these bytes (the maps were checked there).
+cdef Py_ssize_t fr_context_get(const uint8_t* frame, const FrameInfo* fi, const char* key,
+                               Py_ssize_t klen, Py_ssize_t* vlen) noexcept nogil
 
 # The same over a bare Thrift message at body[0:n]: the name's offset in body.
 cdef Py_ssize_t fr_thrift_method(const uint8_t* body, Py_ssize_t n,

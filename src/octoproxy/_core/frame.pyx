@@ -345,6 +345,9 @@ cdef const uint8_t* fr_context(const uint8_t* p, const uint8_t* end, const uint8
     if local:
         fi.lctx_off = p - base
         fi.lctx_end = p + 6 - base
+    else:
+        fi.gctx_off = p - base
+        fi.gctx_end = p + 6 - base
     cnt = <int32_t>fr_rd_u32(p + 2)
     if cnt == 0:
         # some encoders write key/value type 0 for an empty map
@@ -403,6 +406,8 @@ cdef const uint8_t* fr_context(const uint8_t* p, const uint8_t* end, const uint8
                 fi.swimlane_len = vlen
     if local:
         fi.lctx_end = p - base
+    else:
+        fi.gctx_end = p - base
     return p
 
 
@@ -527,6 +532,8 @@ cdef inline void fr_reset(FrameInfo* fi) noexcept nogil:
     fi.auth_sig_len = -1
     fi.lctx_off = -1
     fi.lctx_end = -1
+    fi.gctx_off = -1
+    fi.gctx_end = -1
 
 
 cdef Py_ssize_t fr_scan_thrift(const uint8_t* buf, Py_ssize_t n, Py_ssize_t max_frame,
@@ -768,6 +775,39 @@ cdef Py_ssize_t fr_method(const uint8_t* frame, const FrameInfo* fi,
     if off < 0:
         return -1
     return fi.body_off + off
+
+
+cdef Py_ssize_t fr_ctx_find(const uint8_t* frame, Py_ssize_t off, Py_ssize_t end,
+                            const char* key, Py_ssize_t klen, Py_ssize_t* vlen) noexcept nogil:
+    # one context map at frame[off:end] (6-byte map header, then the entries
+    # fr_context checked): the last entry with `key` wins, as when decoding
+    cdef const uint8_t* p
+    cdef const uint8_t* e
+    cdef Py_ssize_t kl, vl, found = -1
+    if off < 0 or end - off < 6:
+        return -1
+    p = frame + off + 6
+    e = frame + end
+    while e - p >= 8:
+        kl = <int32_t>fr_rd_u32(p)
+        if kl < 0 or e - p - 4 < kl + 4:
+            break
+        vl = <int32_t>fr_rd_u32(p + 4 + kl)
+        if vl < 0 or e - p - 8 - kl < vl:
+            break
+        if kl == klen and memcmp(p + 4, key, <size_t>kl) == 0:
+            found = p + 8 + kl - frame
+            vlen[0] = vl
+        p += 8 + kl + vl
+    return found
+
+
+cdef Py_ssize_t fr_context_get(const uint8_t* frame, const FrameInfo* fi, const char* key,
+                               Py_ssize_t klen, Py_ssize_t* vlen) noexcept nogil:
+    cdef Py_ssize_t off = fr_ctx_find(frame, fi.lctx_off, fi.lctx_end, key, klen, vlen)
+    if off >= 0:
+        return off
+    return fr_ctx_find(frame, fi.gctx_off, fi.gctx_end, key, klen, vlen)
 
 
 cdef const char* fr_strerror(Py_ssize_t code) noexcept nogil:

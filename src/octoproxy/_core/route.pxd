@@ -6,6 +6,8 @@ cimport cython
 from cpython.object cimport PyObject
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
+from octoproxy._core.frame cimport FrameInfo
+
 
 cdef enum:
     RT_OK = 0
@@ -13,6 +15,7 @@ cdef enum:
     RT_SET_NO_NODE = 2        # Set-enabled service, caller's Set cell has no node (no fallback)
     RT_NO_HEALTHY = 3         # candidates exist but none healthy (weight 0 / not ALIVE / ...)
     RT_NO_SERVICE_KEY = 4     # request names neither an appkey nor a serviceName
+    RT_SHUNT_NO_NODE = 5      # a shunting rule's group has no node for it, and the rule rejects
 
 
 cdef class RtClock  # defined below; Node keeps one
@@ -39,6 +42,7 @@ cdef class Node:
     cdef readonly str region        # for locality tiers
     cdef readonly double warmup_s   # seconds over which the weight ramps up (0 = none)
     cdef readonly double start_time  # unix seconds the node started (warm-up origin)
+    cdef readonly str group         # node group for traffic shunting ("" = default nodes)
     cdef bytes addr_b               # address as bytes: seeds the node's ring points
     cdef RtClock clock              # the owning table's clock, for effective_weight
     cdef long long answers[16]      # data path: answers by status (upstream's or the proxy's own)
@@ -111,6 +115,72 @@ cdef class CellEntry:
     cdef CandSet trunk              # (cell, "") candidates: fallback and no-lane callers
 
 
+# The cells of one node group of a service ("" = the default nodes, kept in
+# the ServiceEntry itself; named groups in ServiceEntry.groups).
+@cython.final
+cdef class GroupEntry:
+    cdef readonly str name
+    cdef RtIndex cells              # non-center cell bytes -> CellEntry
+    cdef CellEntry center           # cell "" of the group
+
+
+# Traffic shunting (docs/shunting.md), compiled at snapshot time: one C
+# array of rules per service (its own rules, then the global ones), every
+# string a (pointer, length) into bytes the RtRules object keeps alive.
+cdef struct RtCond:
+    int src                         # RS_*
+    int op                          # RO_*
+    const char* key                 # context key (RS_CONTEXT)
+    Py_ssize_t key_len
+    const char** vals               # eq/prefix: 1; in: n
+    Py_ssize_t* vlens
+    Py_ssize_t nvals
+    int64_t lo                      # range [lo, hi)
+    int64_t hi
+    int64_t modulus                 # mod
+    int64_t* rems
+    Py_ssize_t nrems
+    uint32_t threshold              # percent: buckets of 10000
+
+
+cdef struct RtRule:
+    RtCond* conds
+    Py_ssize_t nconds
+    int action                      # 0 group, 1 context
+    PyObject* group                 # this service's GroupEntry (borrowed), NULL: no such group
+    bint reject                     # on_no_node == reject
+    int target                      # context: 0 liteset, 1 set, 2 swimlane
+    const char* value               # context: the constant value
+    Py_ssize_t value_len
+    const char* skey                # context: the unit table's source key (NULL: constant)
+    Py_ssize_t skey_len
+    PyObject* table                 # RtIndex value -> bytes (borrowed) or NULL
+    PyObject* stat                  # ShuntStat (borrowed)
+
+
+# One rule's identity and counters, shared by every service it is compiled
+# into; kept across rule updates while (scope, name) stays.
+@cython.final
+cdef class ShuntStat:
+    cdef readonly str scope
+    cdef readonly str name
+    cdef readonly str label         # "scope/name" (access log)
+    cdef readonly object rule       # the model.ShuntRule
+    cdef public long long hits      # requests it matched
+    cdef public long long fallbacks  # ... whose group had no node: default nodes
+    cdef public long long rejects   # ... whose group had no node: answered status 8
+    cdef public list answers        # the data path's pre-encoded answers, per kind
+
+
+@cython.final
+cdef class RtRules:
+    cdef RtRule* rules
+    cdef Py_ssize_t n
+    cdef bint needs_method          # a condition reads the method (parsed once per request)
+    cdef list keep                  # bytes, RtIndex and ShuntStat objects the arrays point into
+    cdef const char* keep_str(self, str v, Py_ssize_t* n) except? NULL
+
+
 # One service in one snapshot.  Reused as-is by the next snapshot when another
 # service is updated.
 @cython.final
@@ -128,6 +198,8 @@ cdef class ServiceEntry:
     cdef dict nodes_by_addr         # address -> Node, carried to the next build
     cdef list nodes                 # every Node of the service, endpoint order
     cdef object service             # the model.Service it was built from
+    cdef dict groups                # group name -> GroupEntry (named groups with nodes)
+    cdef RtRules shunt              # compiled rules (provider's then global); None: none
 
 
 # An immutable snapshot: what one version of the table routes with.
@@ -167,6 +239,9 @@ cdef class RouteTable:
     cdef uint64_t _rng              # splitmix64 state: RR offsets and random picks
     cdef RtClock _clock             # warm-up clock
     cdef public object gov_hook     # callable(model.Service, [Node]) per service build (governance)
+    cdef dict _shunt                # scope (appkey or "*") -> tuple[model.ShuntRule, ...] (validated)
+    cdef dict _stats                # (scope, name) -> ShuntStat
+    cdef PyObject* last_rule        # ShuntStat of the rule the last rt_route_req matched, or NULL
     # Route one request to a node.  Returns the node, or None with *err set to
     # an RT_* code.  Advances the picker's state and counts the pick (Node.picks).
     cdef Node rt_route(self,
@@ -177,6 +252,9 @@ cdef class RouteTable:
                        const uint8_t* swimlane, Py_ssize_t swimlane_len,
                        const uint8_t* hashkey, Py_ssize_t hashkey_len,
                        int* err)
+    # The same for a scanned request frame, with its shunting rules applied
+    # first (docs/shunting.md); last_rule names the rule that matched.
+    cdef Node rt_route_req(self, const uint8_t* p, const FrameInfo* fi, int* err)
 
 
 cdef inline void lb_on_send(Node node) noexcept:

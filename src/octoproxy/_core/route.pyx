@@ -16,10 +16,14 @@ from libc.math cimport floor
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort
 from libc.string cimport memcmp
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+
+from octoproxy._core.frame cimport FrameInfo, fr_context_get, fr_method, fr_scan
 
 import os
 
 from octoproxy import model as _model
+from octoproxy import shunting as _shunting
 
 cdef extern from *:
     """
@@ -149,6 +153,7 @@ globals().update(
     RT_SET_NO_NODE=RT_SET_NO_NODE,
     RT_NO_HEALTHY=RT_NO_HEALTHY,
     RT_NO_SERVICE_KEY=RT_NO_SERVICE_KEY,
+    RT_SHUNT_NO_NODE=RT_SHUNT_NO_NODE,
 )
 
 # the registry values that matter here (one source: octoproxy.model)
@@ -162,6 +167,7 @@ class RouteError(LookupError):
     def __init__(self, code, message):
         super().__init__(message)
         self.code = code
+        self.rule = None  # route_frame: the shunting rule that refused it
 
 
 cdef dict _POLICIES = {
@@ -421,6 +427,290 @@ cdef class Snapshot:
     pass
 
 
+@cython.final
+cdef class GroupEntry:
+    pass
+
+
+# ---------------------------------------------------------- traffic shunting
+#
+# docs/shunting.md.  Rules are compiled per service when it is built (its own
+# rules, then the global ones): C arrays of conditions over (pointer, length)
+# strings, the rule's group resolved to this service's GroupEntry, a unit
+# table as an RtIndex.  A request evaluates them in order with memcmp and
+# integer arithmetic only: no Python object, no allocation, no regex.
+
+cdef enum:
+    RS_SERVICE = 0
+    RS_METHOD = 1
+    RS_CALLER = 2
+    RS_CONTEXT = 3
+    RS_RANDOM = 4
+
+    RO_EQ = 0
+    RO_IN = 1
+    RO_PREFIX = 2
+    RO_PRESENT = 3
+    RO_RANGE = 4
+    RO_MOD = 5
+    RO_PERCENT = 6
+
+    RA_GROUP = 0
+    RA_CONTEXT = 1
+
+cdef dict _RS = {_model.SRC_SERVICE: RS_SERVICE, _model.SRC_METHOD: RS_METHOD,
+                 _model.SRC_CALLER: RS_CALLER, _model.SRC_CONTEXT: RS_CONTEXT,
+                 _model.SRC_RANDOM: RS_RANDOM}
+cdef dict _RO = {_model.OP_EQ: RO_EQ, _model.OP_IN: RO_IN, _model.OP_PREFIX: RO_PREFIX,
+                 _model.OP_PRESENT: RO_PRESENT, _model.OP_RANGE: RO_RANGE,
+                 _model.OP_MOD: RO_MOD, _model.OP_PERCENT: RO_PERCENT}
+cdef dict _TARGETS = {"octo-liteset": 0, "octo-set": 1, "octo-swimlane": 2}
+
+
+@cython.final
+cdef class ShuntStat:
+    """One rule's identity and counters (hits, fallbacks, rejects)."""
+
+    def __cinit__(self):
+        self.hits = 0
+        self.fallbacks = 0
+        self.rejects = 0
+        self.answers = None
+
+
+@cython.final
+cdef class RtRules:
+    def __cinit__(self):
+        self.rules = NULL
+        self.n = 0
+        self.needs_method = False
+        self.keep = []
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i, j
+        cdef RtRule* r
+        if self.rules == NULL:
+            return
+        for i in range(self.n):
+            r = &self.rules[i]
+            if r.conds != NULL:
+                for j in range(r.nconds):
+                    free(<void*>r.conds[j].vals)
+                    free(r.conds[j].vlens)
+                    free(r.conds[j].rems)
+                free(r.conds)
+        free(self.rules)
+
+    cdef const char* keep_str(self, str v, Py_ssize_t* n) except? NULL:
+        cdef bytes b = _b(v)
+        self.keep.append(b)
+        n[0] = PyBytes_GET_SIZE(b)
+        return PyBytes_AS_STRING(b)
+
+
+cdef int rt_compile_cond(RtRules rs, RtCond* c, object m) except -1:
+    cdef Py_ssize_t i, nv
+    c.vals = NULL
+    c.vlens = NULL
+    c.rems = NULL
+    c.nvals = 0
+    c.nrems = 0
+    c.key = NULL
+    c.key_len = 0
+    c.src = _RS[m.source]
+    c.op = _RO[m.op]
+    if c.src == RS_METHOD:
+        rs.needs_method = True
+    if c.src == RS_CONTEXT:
+        c.key = rs.keep_str(m.key, &c.key_len)
+    nv = len(m.values)
+    if nv:
+        c.vals = <const char**>calloc(nv, sizeof(char*))
+        c.vlens = <Py_ssize_t*>calloc(nv, sizeof(Py_ssize_t))
+        if c.vals == NULL or c.vlens == NULL:
+            raise MemoryError()
+        for i in range(nv):
+            c.vals[i] = rs.keep_str(m.values[i], &c.vlens[i])
+        c.nvals = nv
+    c.lo = m.lo
+    c.hi = m.hi
+    c.modulus = m.modulus
+    if m.remainders:
+        c.rems = <int64_t*>calloc(len(m.remainders), sizeof(int64_t))
+        if c.rems == NULL:
+            raise MemoryError()
+        for i in range(len(m.remainders)):
+            c.rems[i] = m.remainders[i]
+        c.nrems = len(m.remainders)
+    c.threshold = <uint32_t>_shunting.percent_threshold(m.percent)
+    return 0
+
+
+cdef RtRules rt_compile_rules(RouteTable t, ServiceEntry e):
+    """The service's rules, then the global ones, as one C array (None: no rules)."""
+    cdef list todo = []
+    cdef RtRules rs
+    cdef RtRule* r
+    cdef ShuntStat st
+    cdef Py_ssize_t i, j, n
+    cdef list keys, hashes, vals
+    cdef bytes kb
+    for scope in (e.appkey, _model.SHUNT_GLOBAL):
+        for rule in t._shunt.get(scope, ()):
+            todo.append(t._stats[(scope, rule.name)])
+    if not todo:
+        return None
+    rs = RtRules.__new__(RtRules)
+    n = len(todo)
+    rs.rules = <RtRule*>calloc(n, sizeof(RtRule))
+    if rs.rules == NULL:
+        raise MemoryError()
+    rs.n = n
+    for i in range(n):
+        st = <ShuntStat>todo[i]
+        rule = st.rule
+        rs.keep.append(st)
+        r = &rs.rules[i]
+        r.stat = <PyObject*>st
+        r.nconds = len(rule.matches)
+        if r.nconds:
+            r.conds = <RtCond*>calloc(r.nconds, sizeof(RtCond))
+            if r.conds == NULL:
+                r.nconds = 0
+                raise MemoryError()
+            for j in range(r.nconds):
+                rt_compile_cond(rs, &r.conds[j], rule.matches[j])
+        if rule.action == _model.ACT_GROUP:
+            r.action = RA_GROUP
+            ge = e.groups.get(rule.group)
+            r.group = <PyObject*>ge if ge is not None else NULL
+            r.reject = rule.on_no_node == _model.NO_NODE_REJECT
+        else:
+            r.action = RA_CONTEXT
+            r.target = _TARGETS[rule.target]
+            if rule.source_key:
+                r.skey = rs.keep_str(rule.source_key, &r.skey_len)
+                keys = []
+                hashes = []
+                vals = []
+                for k, v in rule.unit_table:
+                    kb = _b(k)
+                    keys.append(kb)
+                    hashes.append(rt_hash_bytes(kb))
+                    vals.append(_b(v))
+                ix = rt_index_new(keys, hashes, vals)
+                rs.keep.append(ix)
+                r.table = <PyObject*>ix
+            else:
+                r.value = rs.keep_str(rule.value, &r.value_len)
+    return rs
+
+
+cdef inline bint rt_parse_i64(const uint8_t* v, Py_ssize_t n, int64_t* out) noexcept:
+    # an optional '-' then ASCII digits, within int64 (shunting.parse_int)
+    cdef Py_ssize_t i = 0
+    cdef uint64_t acc = 0
+    cdef bint neg = n > 0 and v[0] == 45  # '-'
+    if neg:
+        i = 1
+    if i >= n or n - i > 19:
+        return False
+    while i < n:
+        if v[i] < 48 or v[i] > 57:  # '0'..'9'
+            return False
+        acc = acc * 10 + (v[i] - 48)  # 19 digits < 2^64: no overflow
+        i += 1
+    if neg:
+        if acc > 9223372036854775808ULL:
+            return False
+        out[0] = <int64_t>(<uint64_t>0 - acc)
+    else:
+        if acc > 9223372036854775807ULL:
+            return False
+        out[0] = <int64_t>acc
+    return True
+
+
+cdef inline uint64_t rt_fnv1a64(const uint8_t* p, Py_ssize_t n) noexcept:
+    # FNV-1a 64: the percentage rules' stable hash (shunting.fnv1a64)
+    cdef uint64_t h = 14695981039346656037ULL
+    cdef Py_ssize_t i
+    for i in range(n):
+        h = (h ^ p[i]) * 1099511628211ULL
+    return h
+
+
+cdef bint rt_cond(RouteTable t, const RtCond* c, const uint8_t* p, const FrameInfo* fi,
+                  Py_ssize_t* moff, Py_ssize_t* mlen) noexcept:
+    """One condition on one request; a missing value makes it false."""
+    cdef Py_ssize_t off = 0, vl = -1, i
+    cdef const uint8_t* v
+    cdef int64_t x, r
+    if c.src == RS_RANDOM:
+        return rt_below(rt_rand(&t._rng), 10000) < c.threshold
+    if c.src == RS_SERVICE:
+        off = fi.service_off
+        vl = fi.service_len
+    elif c.src == RS_CALLER:
+        off = fi.caller_off
+        vl = fi.caller_len
+    elif c.src == RS_METHOD:
+        if mlen[0] == -2:
+            # parsed once per request, and only when a rule reads it
+            moff[0] = fr_method(p, fi, mlen)
+            if moff[0] < 0:
+                mlen[0] = -1
+        off = moff[0]
+        vl = mlen[0]
+    else:
+        off = fr_context_get(p, fi, c.key, c.key_len, &vl)
+        if off < 0:
+            vl = -1
+    if vl < 0:
+        return False
+    v = p + off
+    if c.op == RO_EQ:
+        return vl == c.vlens[0] and memcmp(v, c.vals[0], <size_t>vl) == 0
+    if c.op == RO_IN:
+        for i in range(c.nvals):
+            if vl == c.vlens[i] and memcmp(v, c.vals[i], <size_t>vl) == 0:
+                return True
+        return False
+    if c.op == RO_PREFIX:
+        return vl >= c.vlens[0] and memcmp(v, c.vals[0], <size_t>c.vlens[0]) == 0
+    if c.op == RO_PRESENT:
+        return vl > 0
+    if c.op == RO_PERCENT:
+        return <uint32_t>(rt_fnv1a64(v, vl) % 10000) < c.threshold
+    if not rt_parse_i64(v, vl, &x):
+        return False
+    if c.op == RO_RANGE:
+        return c.lo <= x < c.hi
+    # RO_MOD, floored like Python's %: -3 % 10 == 7
+    r = x % c.modulus
+    if r < 0:
+        r += c.modulus
+    for i in range(c.nrems):
+        if c.rems[i] == r:
+            return True
+    return False
+
+
+cdef inline Node rt_pick(RouteTable t, CandSet cs, const uint8_t* hashkey, Py_ssize_t hashkey_len):
+    cdef double now
+    cdef Py_ssize_t i
+    cdef Node nd
+    if cs.warming:
+        # weights follow the clock: recompute at most once per tick
+        now = t._clock.now()
+        if now - cs.prepared_at >= RT_WARM_TICK:
+            lb_prepare(cs, now, &t._rng)
+    i = lb_pick(cs, &t._rng, hashkey, hashkey_len)
+    nd = <Node>cs.nodes[i]
+    nd.picks += 1
+    return nd
+
+
 cdef inline bytes _b(str s):
     return s.encode("utf-8")
 
@@ -458,13 +748,13 @@ cdef list rt_health_locality_ej(list group, str own_idc, str own_region, bint sk
     return prim
 
 
-cdef CandSet rt_make_cs(RouteTable t, ServiceEntry old, int policy, str cell, str lane,
-                        list group, double now):
+cdef CandSet rt_make_cs(RouteTable t, ServiceEntry old, int policy, str gname, str cell,
+                        str lane, list group, double now):
     cdef list cands = rt_health_locality(group, t._own_idc, t._own_region)
     cdef CandSet cs = cs_new(policy, cell, lane, len(group), cands, now)
     cdef CandSet prev
     if old is not None:
-        prev = old.by_key.get((cell, lane))
+        prev = old.by_key.get(_ck(gname, cell, lane))
         if prev is not None and cs_same(prev, cs):
             # same candidates: keep the old set and its picker state (RR position)
             return prev
@@ -478,7 +768,10 @@ cdef ServiceEntry rt_build_service(RouteTable t, object svc, ServiceEntry old, d
     cdef dict old_nodes = old.nodes_by_addr if old is not None else None
     cdef dict by_addr = {}
     cdef list nodes = []
-    cdef dict groups = {}    # cell -> {lane -> [Node]}
+    cdef dict ngroups = {}   # group -> {cell -> {lane -> [Node]}}
+    cdef dict groups         # cell -> {lane -> [Node]}
+    cdef str gname
+    cdef GroupEntry ge
     cdef dict lanes
     cdef list grp
     cdef Node nd
@@ -521,8 +814,13 @@ cdef ServiceEntry rt_build_service(RouteTable t, object svc, ServiceEntry old, d
         nd.region = ep.region
         nd.warmup_s = ep.warmup_s
         nd.start_time = ep.start_time
+        nd.group = ep.group
         by_addr[addr] = nd
         nodes.append(nd)
+        # grouped nodes are kept apart: default routing never sees them
+        groups = ngroups.get(nd.group)
+        if groups is None:
+            groups = ngroups[nd.group] = {}
         lanes = groups.get(nd.cell)
         if lanes is None:
             lanes = groups[nd.cell] = {}
@@ -531,8 +829,8 @@ cdef ServiceEntry rt_build_service(RouteTable t, object svc, ServiceEntry old, d
             lanes[nd.swimlane] = [nd]
         else:
             grp.append(nd)
-    if "" not in groups:
-        groups[""] = {}
+    if "" not in ngroups:
+        ngroups[""] = {}
     if t.gov_hook is not None:
         # governance: each node's NodeGov and ejection state, before the sets are made
         t.gov_hook(svc, nodes)
@@ -545,40 +843,57 @@ cdef ServiceEntry rt_build_service(RouteTable t, object svc, ServiceEntry old, d
     e.nodes = nodes
     e.nodes_by_addr = by_addr
     e.by_key = {}
-    ckeys = []
-    chash = []
-    cvals = []
-    for cell, lanes in groups.items():
-        ce = CellEntry.__new__(CellEntry)
-        ce.cell = cell
-        lkeys = []
-        lhash = []
-        lvals = []
-        for lane, grp in lanes.items():
-            cs = rt_make_cs(t, old, policy, cell, lane, grp, now)
-            e.by_key[(cell, lane)] = cs
-            if lane:
-                kb = _b(lane)
-                lkeys.append(kb)
-                lhash.append(rt_hash_bytes(kb))
-                lvals.append(cs)
-        if "" in lanes:
-            ce.trunk = e.by_key[(cell, "")]
+    e.groups = {}
+    for gname, groups in ngroups.items():
+        # by_key: (cell, lane) for the default nodes, (group, cell, lane) for a group's
+        ge = GroupEntry.__new__(GroupEntry)
+        ge.name = gname
+        ckeys = []
+        chash = []
+        cvals = []
+        if "" not in groups:
+            groups[""] = {}
+        for cell, lanes in groups.items():
+            ce = CellEntry.__new__(CellEntry)
+            ce.cell = cell
+            lkeys = []
+            lhash = []
+            lvals = []
+            for lane, grp in lanes.items():
+                cs = rt_make_cs(t, old, policy, gname, cell, lane, grp, now)
+                e.by_key[_ck(gname, cell, lane)] = cs
+                if lane:
+                    kb = _b(lane)
+                    lkeys.append(kb)
+                    lhash.append(rt_hash_bytes(kb))
+                    lvals.append(cs)
+            if "" in lanes:
+                ce.trunk = e.by_key[_ck(gname, cell, "")]
+            else:
+                ce.trunk = rt_make_cs(t, old, policy, gname, cell, "", [], now)
+                e.by_key[_ck(gname, cell, "")] = ce.trunk
+            ce.lanes = rt_index_new(lkeys, lhash, lvals)
+            if cell:
+                kb = _b(cell)
+                ckeys.append(kb)
+                chash.append(rt_hash_bytes(kb))
+                cvals.append(ce)
+            else:
+                ge.center = ce
+        ge.cells = rt_index_new(ckeys, chash, cvals)
+        if gname:
+            e.groups[gname] = ge
         else:
-            ce.trunk = rt_make_cs(t, old, policy, cell, "", [], now)
-            e.by_key[(cell, "")] = ce.trunk
-        ce.lanes = rt_index_new(lkeys, lhash, lvals)
-        if cell:
-            kb = _b(cell)
-            ckeys.append(kb)
-            chash.append(rt_hash_bytes(kb))
-            cvals.append(ce)
-        else:
-            e.center = ce
-    e.cells = rt_index_new(ckeys, chash, cvals)
+            e.cells = ge.cells
+            e.center = ge.center
     e.default_cs = None
     e.default_err = RT_OK
+    e.shunt = rt_compile_rules(t, e)
     return e
+
+
+cdef inline tuple _ck(str group, str cell, str lane):
+    return (cell, lane) if not group else (group, cell, lane)
 
 
 cdef int rt_set_default(RouteTable t, ServiceEntry e) except -1:
@@ -620,10 +935,17 @@ cdef Snapshot rt_snapshot(dict entries):
 
 # ------------------------------------------------------------------ lookup
 
-cdef CandSet rt_resolve(RouteTable t, ServiceEntry svc,
-                        const uint8_t* l, Py_ssize_t ll,
-                        const uint8_t* s, Py_ssize_t sl,
-                        const uint8_t* w, Py_ssize_t wl, int* err):
+cdef inline CandSet rt_resolve(RouteTable t, ServiceEntry svc,
+                               const uint8_t* l, Py_ssize_t ll,
+                               const uint8_t* s, Py_ssize_t sl,
+                               const uint8_t* w, Py_ssize_t wl, int* err):
+    return rt_resolve_in(t, svc.cells, svc.center, svc.set_enabled, l, ll, s, sl, w, wl, err)
+
+
+cdef CandSet rt_resolve_in(RouteTable t, RtIndex cells, CellEntry center, bint set_enabled,
+                           const uint8_t* l, Py_ssize_t ll,
+                           const uint8_t* s, Py_ssize_t sl,
+                           const uint8_t* w, Py_ssize_t wl, int* err):
     """Steps 1-2 as two O(1) probes; steps 3-4 were done at build time."""
     cdef uint64_t lh = 0, sh = 0, wh = 0
     cdef PyObject* p
@@ -637,8 +959,8 @@ cdef CandSet rt_resolve(RouteTable t, ServiceEntry svc,
         lh = rt_xxh64(l, ll, 0)
     if ll > 0:
         # LiteSet: its cell, else the center
-        p = svc.cells.get(l, ll, lh)
-        ce = <CellEntry>p if p != NULL else svc.center
+        p = cells.get(l, ll, lh)
+        ce = <CellEntry>p if p != NULL else center
     else:
         if sl < 0:
             s = <const uint8_t*><char*>t._own_s
@@ -646,15 +968,15 @@ cdef CandSet rt_resolve(RouteTable t, ServiceEntry svc,
             sh = t._own_s_h
         elif sl > 0:
             sh = rt_xxh64(s, sl, 0)
-        if sl > 0 and svc.set_enabled:
+        if sl > 0 and set_enabled:
             # Set: its cell, no fallback
-            p = svc.cells.get(s, sl, sh)
+            p = cells.get(s, sl, sh)
             if p == NULL:
                 err[0] = RT_SET_NO_NODE
                 return None
             ce = <CellEntry>p
         else:
-            ce = svc.center
+            ce = center
     if wl < 0:
         w = <const uint8_t*><char*>t._own_w
         wl = len(t._own_w)
@@ -730,6 +1052,9 @@ cdef class RouteTable:
         self._clock = RtClock.__new__(RtClock)
         self._clock.fn = clock
         self._snap = rt_snapshot({})
+        self._shunt = {}
+        self._stats = {}
+        self.last_rule = NULL
 
     # -- the data path's entry point ---------------------------------------
 
@@ -743,9 +1068,6 @@ cdef class RouteTable:
                        int* err):
         cdef ServiceEntry svc
         cdef CandSet cs
-        cdef Node nd
-        cdef double now
-        cdef Py_ssize_t i
         svc = rt_find(self._snap, appkey, appkey_len, service, service_len, err)
         if svc is None:
             return None
@@ -759,16 +1081,93 @@ cdef class RouteTable:
                             swimlane, swimlane_len, err)
             if cs is None:
                 return None
-        if cs.warming:
-            # weights follow the clock: recompute at most once per tick
-            now = self._clock.now()
-            if now - cs.prepared_at >= RT_WARM_TICK:
-                lb_prepare(cs, now, &self._rng)
-        i = lb_pick(cs, &self._rng, hashkey, hashkey_len)
-        nd = <Node>cs.nodes[i]
-        nd.picks += 1
         err[0] = RT_OK
-        return nd
+        return rt_pick(self, cs, hashkey, hashkey_len)
+
+    cdef Node rt_route_req(self, const uint8_t* p, const FrameInfo* fi, int* err):
+        cdef ServiceEntry svc
+        cdef CandSet cs
+        cdef RtRules rs
+        cdef RtRule* r
+        cdef ShuntStat st
+        cdef GroupEntry ge
+        cdef PyObject* hit
+        cdef Py_ssize_t i, j, moff = 0, mlen = -2, voff, vl = 0
+        cdef const uint8_t* lp = p + fi.liteset_off
+        cdef const uint8_t* sp = p + fi.set_off
+        cdef const uint8_t* wp = p + fi.swimlane_off
+        cdef Py_ssize_t ll = fi.liteset_len, sl = fi.set_len, wl = fi.swimlane_len
+        cdef const uint8_t* vp
+        cdef bint matched
+        self.last_rule = NULL
+        svc = rt_find(self._snap, p + fi.appkey_off, fi.appkey_len,
+                      p + fi.service_off, fi.service_len, err)
+        if svc is None:
+            return None
+        rs = svc.shunt
+        if rs is not None:
+            # first match wins: the service's rules, then the global ones
+            for i in range(rs.n):
+                r = &rs.rules[i]
+                matched = True
+                for j in range(r.nconds):
+                    if not rt_cond(self, &r.conds[j], p, fi, &moff, &mlen):
+                        matched = False
+                        break
+                if not matched:
+                    continue
+                if r.action == RA_CONTEXT:
+                    if r.skey != NULL:
+                        # unit mapping: a value missing from the table is no match
+                        voff = fr_context_get(p, fi, r.skey, r.skey_len, &vl)
+                        if voff < 0:
+                            continue
+                        hit = (<RtIndex>r.table).get(p + voff, vl, rt_xxh64(p + voff, vl, 0))
+                        if hit == NULL:
+                            continue
+                        vp = <const uint8_t*>PyBytes_AS_STRING(<object>hit)
+                        vl = PyBytes_GET_SIZE(<object>hit)
+                    else:
+                        vp = <const uint8_t*>r.value
+                        vl = r.value_len
+                    if r.target == 0:
+                        lp = vp
+                        ll = vl
+                    elif r.target == 1:
+                        sp = vp
+                        sl = vl
+                    else:
+                        wp = vp
+                        wl = vl
+                st = <ShuntStat>r.stat
+                st.hits += 1
+                self.last_rule = r.stat
+                if r.action == RA_GROUP:
+                    cs = None
+                    if r.group != NULL:
+                        ge = <GroupEntry>r.group
+                        cs = rt_resolve_in(self, ge.cells, ge.center, svc.set_enabled,
+                                           lp, ll, sp, sl, wp, wl, err)
+                    if cs is not None:
+                        err[0] = RT_OK
+                        return rt_pick(self, cs, p + fi.hashkey_off, fi.hashkey_len)
+                    if r.reject:
+                        st.rejects += 1
+                        err[0] = RT_SHUNT_NO_NODE
+                        return None
+                    st.fallbacks += 1
+                break
+        if ll < 0 and sl < 0 and wl < 0:
+            cs = svc.default_cs
+            if cs is None:
+                err[0] = svc.default_err
+                return None
+        else:
+            cs = rt_resolve(self, svc, lp, ll, sp, sl, wp, wl, err)
+            if cs is None:
+                return None
+        err[0] = RT_OK
+        return rt_pick(self, cs, p + fi.hashkey_off, fi.hashkey_len)
 
     # -- building -----------------------------------------------------------
 
@@ -822,6 +1221,97 @@ cdef class RouteTable:
             entries[appkey] = e
         self._services = src
         self._swap(rt_snapshot(entries))
+
+    def update_shunting(self, str scope, rules):
+        """Replace the shunting rules of `scope` (a provider appkey, or
+        model.SHUNT_GLOBAL for the global rules); an empty tuple removes them.
+        ValueError naming the rule when the set is invalid (nothing changes
+        then).  docs/shunting.md."""
+        cdef ShuntStat st
+        rules = tuple(rules)
+        _shunting.validate_rules(scope, rules)
+        if rules == self._shunt.get(scope, ()):
+            return
+        stats = {}
+        for rule in rules:
+            st = self._stats.get((scope, rule.name))
+            if st is None:
+                st = ShuntStat.__new__(ShuntStat)
+                st.scope = scope
+                st.name = rule.name
+                st.label = f"{scope}/{rule.name}"
+            elif st.rule != rule:
+                st.answers = None  # its answer names the rule's group
+            st.rule = rule
+            stats[(scope, rule.name)] = st
+        for key in [k for k in self._stats if k[0] == scope]:
+            if key not in stats:
+                del self._stats[key]
+        self._stats.update(stats)
+        if rules:
+            self._shunt[scope] = rules
+        else:
+            self._shunt.pop(scope, None)
+        # recompiled into a new snapshot, swapped at once (a request sees the
+        # old rules or the new ones, never a mix)
+        if scope == _model.SHUNT_GLOBAL:
+            if self._services:
+                self.replace_all(list(self._services.values()))
+        elif scope in self._services:
+            self.update_service(self._services[scope])
+
+    def shunting_rules(self, str scope):
+        """The rules stored for `scope` (empty tuple when none)."""
+        return self._shunt.get(scope, ())
+
+    def shunting_stats(self):
+        """Every rule with its counters, in evaluation order per scope
+        (the global rules last): dicts for /clusters and /config_dump."""
+        cdef ShuntStat st
+        out = []
+        for scope in sorted(self._shunt, key=lambda s: (s == _model.SHUNT_GLOBAL, s)):
+            for rule in self._shunt[scope]:
+                st = self._stats[(scope, rule.name)]
+                out.append({"scope": scope, "name": st.name, "hits": st.hits,
+                            "fallbacks": st.fallbacks, "rejects": st.rejects,
+                            "rule": rule})
+        return out
+
+    def groups(self, appkey):
+        """The named node groups of a service that has nodes in them."""
+        cdef ServiceEntry e = self._snap.entries.get(appkey)
+        if e is None:
+            raise RouteError(RT_UNKNOWN_SERVICE, f"unknown service: appkey {appkey!r}")
+        return sorted(e.groups)
+
+    def route_frame(self, frame):
+        """Route one request frame (bytes) with its shunting rules: the
+        Python twin of rt_route_req.  Returns (node, matched rule name or
+        None); RouteError on failure (RT_SHUNT_NO_NODE names the rule)."""
+        cdef bytes b = bytes(frame)
+        cdef FrameInfo fi
+        cdef int err = RT_OK
+        cdef Py_ssize_t r = fr_scan(<const uint8_t*><char*>b, len(b), len(b) + 1, 65536, &fi)
+        if r <= 0:
+            raise ValueError(f"not a whole frame ({r})")
+        nd = self.rt_route_req(<const uint8_t*><char*>b, &fi, &err)
+        name = (<ShuntStat>self.last_rule).name if self.last_rule != NULL else None
+        if nd is None:
+            e = RouteError(err, self.shunt_message(<ShuntStat>self.last_rule)
+                           if err == RT_SHUNT_NO_NODE else f"routing error {err}")
+            e.rule = name
+            raise e
+        return nd, name
+
+    def shunt_message(self, ShuntStat st):
+        """The message of a rule's status-8 answer (its group has no node)."""
+        scope = "global rule" if st.scope == _model.SHUNT_GLOBAL else "rule"
+        return (f"traffic shunting: {scope} {st.name!r} sends this request to node group "
+                f"{st.rule.group!r}, which has no serving node for it (on_no_node: reject)")
+
+    def shunting_scopes(self):
+        """Every scope with rules (appkeys and possibly model.SHUNT_GLOBAL)."""
+        return sorted(self._shunt)
 
     def set_time(self, now):
         """Freeze the warm-up clock at `now` (unix seconds); None unfreezes."""
@@ -939,7 +1429,7 @@ cdef tuple _resolved_where(RouteTable t, ServiceEntry e, liteset, set_, swimlane
     cdef str w = swimlane if swimlane is not None else t.labels.swimlane
     cdef str cell = ""
     cdef CandSet cs
-    cells = {k[0] for k in e.by_key}
+    cells = {k[0] for k in e.by_key if len(k) == 2}
     if l:
         cell = l if l in cells else ""
     elif s and e.set_enabled:

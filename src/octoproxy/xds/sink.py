@@ -20,3 +20,10 @@ class RouteSink(Protocol):
     def remove_service(self, appkey: str) -> None: ...
 
     def has_service(self, appkey: str) -> bool: ...
+
+    def update_shunting(self, scope: str, rules: tuple[model.ShuntRule, ...]) -> None:
+        """Replace the traffic-shunting rules of `scope` (a provider appkey,
+        or model.SHUNT_GLOBAL); an empty tuple removes them.  Raises
+        ValueError naming the rule for an invalid set (octoproxy.shunting.
+        validate_rules; check first to NACK).  docs/shunting.md."""
+        ...
