@@ -292,11 +292,13 @@ class Proxy:
             access = logging.getLogger("octoproxy.access")
             engine.access_sample = cfg.logging.access_log_sample
 
-            def access_line(svc: str, st: int, up: str, lat: float) -> None:
-                access.info("service=%s status=%d upstream=%s latency_ms=%.3f",
-                            svc, st, up, lat * 1000,
+            def access_line(svc: str, st: int, up: str, lat: float, rule: str) -> None:
+                # rule: the shunting rule that routed it (docs/shunting.md), "-" for none
+                access.info("service=%s status=%d upstream=%s latency_ms=%.3f rule=%s",
+                            svc, st, up, lat * 1000, rule or "-",
                             extra={"fields": {"service": svc, "status": st, "upstream": up,
-                                              "latency_ms": round(lat * 1000, 3)}})
+                                              "latency_ms": round(lat * 1000, 3),
+                                              "rule": rule}})
 
             engine.access_log = access_line
         await self._start_discovery()

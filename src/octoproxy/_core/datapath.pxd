@@ -87,6 +87,7 @@ cdef struct Pending:
     uint8_t gflags        # GF_*: what this request counts in its service's governance
     PyObject* gov         # the service's limits.ServiceGov (strong ref) when counted, else NULL
     PyObject* retry       # bytes: a copy of the request (app's id) to execute again, or NULL
+    PyObject* shunt       # route.ShuntStat of the shunting rule that routed it (strong ref), or NULL
 
 
 cdef class Engine:
@@ -148,7 +149,7 @@ cdef class Engine:
     cdef long long n_errors[STATUS_SLOTS]          # proxy-made error answers by status
     cdef long long lat_buckets[17]       # outbound latency histogram (LAT_BOUNDS + +Inf)
     cdef double lat_sum                  # seconds, for the histogram's _sum
-    cdef public object access_log        # callable(appkey, status, upstream, latency_s) or None
+    cdef public object access_log        # callable(appkey, status, upstream, latency_s, rule) or None
     cdef public double access_sample     # fraction of answers logged
     cdef dict route_errors               # (service name, status) -> count, for requests without a node
     # output staged by one loop iteration's reads, flushed once per connection at its end
@@ -172,7 +173,8 @@ cdef class Engine:
     cdef bint read_solo(self) noexcept
     cdef Answer route_answer(self, const char* p, const FrameInfo* fi, int err, int kind)
     cdef int fold_route_errors(self) except -1
-    cdef int on_answer(self, Node node, int status, double sent_at, double now) except -1
+    cdef int on_answer(self, Node node, int status, double sent_at, double now,
+                       PyObject* shunt=*) except -1
 
 
 # What every connection of the data path shares: the transport, one

@@ -21,8 +21,9 @@ DEBUG: Final[bool]  # an OCTOPROXY_DEBUG=1 build: the pending table's invariants
 
 # connector(conn, host, target): TCP to host:target, or the UDS at target when host is None
 Connector = Callable[[Any, str | None, Any], None]
-# access_log(service, status, upstream address, latency in seconds)
-AccessLog = Callable[[str, int, str, float], None]
+# access_log(service, status, upstream address, latency in seconds,
+#            the shunting rule that routed it: "" none, "scope/name" else)
+AccessLog = Callable[[str, int, str, float, str], None]
 
 class Engine:
     def __init__(

@@ -58,8 +58,8 @@ from octoproxy._core.limits cimport (
     gv_outbound,
 )
 from octoproxy._core.route cimport (
-    RT_NO_SERVICE_KEY, RT_SET_NO_NODE, RT_UNKNOWN_SERVICE, Node, RouteTable, lb_on_done,
-    lb_on_send,
+    RT_NO_SERVICE_KEY, RT_SET_NO_NODE, RT_SHUNT_NO_NODE, RT_UNKNOWN_SERVICE, Node, RouteTable,
+    ShuntStat, lb_on_done, lb_on_send,
 )
 
 import contextvars as _contextvars

@@ -91,8 +91,10 @@ cdef class Engine:
         node.upstream = pool
         return pool
 
-    cdef int on_answer(self, Node node, int status, double sent_at, double now) except -1:
-        """Count one answer for a request that went to `node`."""
+    cdef int on_answer(self, Node node, int status, double sent_at, double now,
+                       PyObject* shunt=NULL) except -1:
+        """Count one answer for a request that went to `node` (`shunt`: the
+        ShuntStat of the rule that routed it, for the access log)."""
         cdef double lat = now - sent_at
         cdef int b = 0
         node.answers[status & (STATUS_SLOTS - 1)] += 1
@@ -104,7 +106,8 @@ cdef class Engine:
         self.lat_sum += lat
         if self.access_log is not None and (self.access_sample >= 1.0
                                             or _random.random() < self.access_sample):
-            self.access_log(node.appkey, status, node.address, lat)
+            self.access_log(node.appkey, status, node.address, lat,
+                            "" if shunt == NULL else (<ShuntStat>shunt).label)
         return 0
 
     def latency_histogram(self):

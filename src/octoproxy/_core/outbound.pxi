@@ -14,6 +14,20 @@ cdef Answer gov_answer(ServiceGov g, int code, int kind):
     return a
 
 
+cdef Answer shunt_answer(RouteTable t, ShuntStat st, int kind):
+    """A shunting rule's refusal (status 8 naming the rule, its group has no
+    node for the request), pre-encoded per kind in the rule's counters;
+    encoded again when the rule changes (ShuntStat.answers is reset then)."""
+    cdef Answer a
+    if st.answers is None:
+        st.answers = [None] * ANSWER_KINDS
+    a = <Answer>st.answers[kind]
+    if a is None:
+        a = make_answer(STATUS_SERVICE, t.shunt_message(st), False, kind)
+        st.answers[kind] = a
+    return a
+
+
 @cython.final
 cdef class OutboundConn(Conn):
     """An app's connection to the outbound UDS listener."""
@@ -249,17 +263,20 @@ cdef class OutboundConn(Conn):
         cdef bint is_retry = avoid is not None
         cdef object again, method
         cdef _Hmac key
+        cdef PyObject* rule = NULL
         while True:
-            node = table.rt_route(
-                p + fi.appkey_off, fi.appkey_len, p + fi.service_off, fi.service_len,
-                p + fi.liteset_off, fi.liteset_len, p + fi.set_off, fi.set_len,
-                p + fi.swimlane_off, fi.swimlane_len, p + fi.hashkey_off, fi.hashkey_len, &err)
+            # the service's shunting rules, then cell/lane routing (docs/shunting.md)
+            node = table.rt_route_req(p, fi, &err)
+            rule = table.last_rule
             if node is None:
                 if pool is not None:
                     break  # a backed-off node before: say so below
                 kind = answer_kind(p, fi, &moff, &mlen, &body_seq)
-                a = eng.route_answer(<const char*>p, fi, err, kind)
-                a.count += 1
+                if err == RT_SHUNT_NO_NODE:
+                    a = shunt_answer(table, <ShuntStat>rule, kind)
+                else:
+                    a = eng.route_answer(<const char*>p, fi, err, kind)
+                    a.count += 1
                 self.out_answer(a, fi.seq_id, p, moff, mlen, body_seq)
                 return 0
             if node is avoid:
@@ -327,6 +344,9 @@ cdef class OutboundConn(Conn):
         slot.app = <PyObject*>self
         Py_INCREF(node)
         slot.node = <PyObject*>node
+        if rule != NULL:
+            Py_INCREF(<object>rule)  # the access log names the rule
+        slot.shunt = rule
         # kept for an error answer's Thrift EXCEPTION body (docs/protocol.md 11)
         moff = fr_error_call(p, fi, &mlen, &body_seq)
         if moff < 0:

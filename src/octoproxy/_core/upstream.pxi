@@ -145,6 +145,8 @@ cdef class UpstreamConn(Conn):
                         Py_DECREF(<object>self.slots[i].gov)
                     if self.slots[i].retry != NULL:
                         Py_DECREF(<object>self.slots[i].retry)
+                    if self.slots[i].shunt != NULL:
+                        Py_DECREF(<object>self.slots[i].shunt)
             free(self.slots)
             self.slots = NULL
 
@@ -168,6 +170,7 @@ cdef class UpstreamConn(Conn):
         self.slots[s].gflags = 0
         self.slots[s].gov = NULL
         self.slots[s].retry = NULL
+        self.slots[s].shunt = NULL
         # insert into the deadline list from the tail: usually O(1) since
         # most requests share the default timeout
         t = self.tail
@@ -254,6 +257,9 @@ cdef class UpstreamConn(Conn):
         if self.slots[s].retry != NULL:
             Py_DECREF(<object>self.slots[s].retry)
             self.slots[s].retry = NULL
+        if self.slots[s].shunt != NULL:
+            Py_DECREF(<object>self.slots[s].shunt)
+            self.slots[s].shunt = NULL
         Py_DECREF(app)
         Py_DECREF(node)
         if self.in_flight == 0:
@@ -333,7 +339,7 @@ cdef class UpstreamConn(Conn):
             s = self.head
             app = <OutboundConn>self.slots[s].app
             node = <Node>self.slots[s].node
-            self.engine.on_answer(node, status, self.slots[s].sent_at, now)
+            self.engine.on_answer(node, status, self.slots[s].sent_at, now, self.slots[s].shunt)
             again = None
             never = False
             if not app.closed and not self.slots[s].oneway and self.slots[s].deadline - now > 0.001:
@@ -411,7 +417,8 @@ cdef class UpstreamConn(Conn):
                 self.up_release(s)
                 continue
             self.engine.count.timeouts += 1
-            self.engine.on_answer(<Node>self.slots[s].node, STATUS_TRANSPORT, self.slots[s].sent_at, now)
+            self.engine.on_answer(<Node>self.slots[s].node, STATUS_TRANSPORT, self.slots[s].sent_at, now,
+                                  self.slots[s].shunt)
             if not app.closed:
                 # one encoding per timeout value (the message names it)
                 kind = akey(self.slots[s].protocol, self.slots[s].method != NULL)
@@ -472,7 +479,8 @@ cdef class UpstreamConn(Conn):
         if self.slots[s].id != fi.seq_id:
             return 0
         app = <OutboundConn>self.slots[s].app
-        self.engine.on_answer(<Node>self.slots[s].node, status, self.slots[s].sent_at, mono())
+        self.engine.on_answer(<Node>self.slots[s].node, status, self.slots[s].sent_at, mono(),
+                              self.slots[s].shunt)
         if not app.closed:
             app.out_error(self.slots[s].orig_id, status, "the answer was refused: " + why, False,
                           self.slots[s].protocol)
@@ -522,7 +530,7 @@ cdef class UpstreamConn(Conn):
                 self.proven = True  # the peer serves: connecting to it is healthy again
                 self.pool._on_conn_ok()
             eng.on_answer(<Node>self.slots[s].node, fi.status if fi.status >= 0 else STATUS_SUCCESS,
-                          self.slots[s].sent_at, now)
+                          self.slots[s].sent_at, now, self.slots[s].shunt)
             if (fi.status == STATUS_TRANSPORT and self.slots[s].retry != NULL and not app.closed
                     and up_retry_answered(self, s, now)):
                 continue  # an idempotent request the node could not deliver: sent again
