@@ -191,6 +191,39 @@ class Static(_Strict):
         return self
 
 
+class Shunting(_Strict):
+    """Traffic-shunting rules given in the config (docs/shunting.md): the
+    global ("public") rules and each provider appkey's, in the control
+    plane file's rule format.  Checked whole at load: an error names the
+    scope and the rule."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    global_rules: list[Any] = Field(default=[], alias="global")
+    services: dict[str, list[Any]] = {}
+
+    @model_validator(mode="after")
+    def _rules_ok(self) -> Shunting:
+        self.rules()
+        return self
+
+    def rules(self) -> dict[str, tuple[model.ShuntRule, ...]]:
+        """scope (appkey or model.SHUNT_GLOBAL) -> its rules, checked."""
+        from octoproxy.xds.shunting import rules_from_list
+
+        out: dict[str, tuple[model.ShuntRule, ...]] = {}
+        if self.global_rules:
+            out[model.SHUNT_GLOBAL] = rules_from_list(
+                model.SHUNT_GLOBAL, self.global_rules, "shunting.global"
+            )
+        for appkey, rules in self.services.items():
+            if not appkey or appkey == model.SHUNT_GLOBAL:
+                raise ValueError(f"shunting.services: {appkey!r} is not an appkey")
+            if rules:
+                out[appkey] = rules_from_list(appkey, rules, f"shunting.services[{appkey!r}]")
+        return out
+
+
 class Xds(_Strict):
     """The xDS control plane this proxy subscribes to (on demand)."""
 
@@ -268,6 +301,7 @@ class Config(_Strict):
     limits: Limits = Limits()
     upstream: Upstream = Upstream()
     static: Static = Static()
+    shunting: Shunting = Shunting()
     xds: Xds = Xds()
     subscribe: Subscribe = Subscribe()
     admin: Admin = Admin()

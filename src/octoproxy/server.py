@@ -168,6 +168,9 @@ class Proxy:
             self.gov = Manager.from_config(cfg, self.table, asyncio.get_running_loop())
             self.table.gov_hook = self.gov.on_build
         self.table.replace_all([s.to_model() for s in cfg.static.services])
+        for scope, rules in cfg.shunting.rules().items():
+            # the config's rules; xDS may replace a scope's later (docs/shunting.md)
+            self.table.update_shunting(scope, rules)
         self._engine: Engine | None = None
         self.sockets: dict[str, socket.socket] = {}  # kept open: servers listen on dups
         self.servers: list[asyncio.AbstractServer] = []

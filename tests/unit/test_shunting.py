@@ -157,3 +157,19 @@ def test_route_table_stores_validated_rules() -> None:
     t.update_shunting("svc.a", ())
     assert t.shunting_rules("svc.a") == ()
     assert t.shunting_scopes() == []
+
+
+def test_static_config_section() -> None:
+    from octoproxy.config import ConfigError, parse_config
+
+    rule = {"name": "g", "match": [{"source": "caller", "op": "eq", "value": "c"}], "group": "x"}
+    cfg = parse_config({"shunting": {"global": [rule], "services": {"svc.a": [rule]}}})
+    got = cfg.shunting.rules()
+    assert set(got) == {model.SHUNT_GLOBAL, "svc.a"} and got["svc.a"][0].group == "x"
+    bad_rule = {**rule, "name": "broken", "on_no_node": "explode"}
+    with pytest.raises(ConfigError, match=r"rule 'broken'.*no-node policy 'explode'"):
+        parse_config({"shunting": {"services": {"svc.a": [rule, bad_rule]}}})
+    with pytest.raises(ConfigError, match="used twice"):
+        parse_config({"shunting": {"global": [rule, rule]}})
+    with pytest.raises(ConfigError, match="not an appkey"):
+        parse_config({"shunting": {"services": {"*": [rule]}}})
