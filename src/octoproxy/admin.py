@@ -33,7 +33,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from octoproxy._core.constants import Status
 from octoproxy._core.datapath import COUNTER_HELP
 from octoproxy.logs import repeat_limiter
-from octoproxy.model import STATUS_ALIVE
+from octoproxy.model import SHUNT_GLOBAL, STATUS_ALIVE
 
 if TYPE_CHECKING:
     from octoproxy._core.datapath import Engine
@@ -172,6 +172,16 @@ class ProxyCollector:
         for (name, s), v in sorted(eng.route_error_counts().items()):
             ans.add_metric([name, status_label(s)], v)
         yield from (req, ans, node_req, node_active, node_weight)
+        hits = CounterMetricFamily("octo_proxy_shunt_rule_hits",
+                                   "Requests a traffic-shunting rule matched",
+                                   labels=["scope", "rule", "outcome"])
+        for s in table.shunting_stats():
+            # outcome: routed (to its group or its context), fallback, rejected
+            routed = s["hits"] - s["fallbacks"] - s["rejects"]
+            for outcome, v in (("routed", routed), ("fallback", s["fallbacks"]),
+                               ("rejected", s["rejects"])):
+                hits.add_metric([s["scope"], s["name"], outcome], v)
+        yield hits
 
         buckets, total = eng.latency_histogram()
         h = HistogramMetricFamily("octo_proxy_request_duration_seconds",
@@ -299,12 +309,22 @@ def governance_metrics(gov: Any) -> Iterator[Any]:
             yield m
 
 
+def shunting_json(table: Any) -> list[dict[str, Any]]:
+    """Every shunting rule in evaluation order (per scope; the global ones
+    last) with its hit counts (docs/shunting.md)."""
+    from octoproxy.xds.shunting import rule_to_dict
+
+    return [{"scope": s["scope"], "name": s["name"], "hits": s["hits"],
+             "fallbacks": s["fallbacks"], "rejects": s["rejects"],
+             "rule": rule_to_dict(s["rule"])} for s in table.shunting_stats()]
+
+
 def _node_json(n: Any) -> dict[str, Any]:
     return {
         "address": n.address, "weight": n.weight, "effective_weight": n.effective_weight,
         "status": n.status, "healthy": n.status == STATUS_ALIVE and n.weight > 0, "role": n.role,
-        "cell": n.cell, "swimlane": n.swimlane, "idc": n.idc, "region": n.region,
-        "warmup_s": n.warmup_s, "start_time": n.start_time, "active": n.in_flight,
+        "cell": n.cell, "swimlane": n.swimlane, "group": n.group, "idc": n.idc,
+        "region": n.region, "warmup_s": n.warmup_s, "start_time": n.start_time, "active": n.in_flight,
         "requests": n.picks,
         "answers": {status_label(s): v for s, v in n.answers_by_status().items()},
     }
@@ -385,6 +405,7 @@ class AdminServer:
         t = self.proxy.table
         gov = getattr(self.proxy, "gov", None)
         out = {}
+        rules = shunting_json(t)
         for a in sorted(t.appkeys()):
             nodes = []
             for n in t.nodes(a):
@@ -392,8 +413,9 @@ class AdminServer:
                 st = gov.node_state(a, n.address) if gov is not None else None
                 j.update(st or {"ejected": False, "ejected_until": None, "ejections": 0})
                 nodes.append(j)
-            out[a] = {"nodes": nodes}
-        return web.json_response({"version": t.version, "services": out})
+            out[a] = {"nodes": nodes, "groups": t.groups(a),
+                      "shunting": [r for r in rules if r["scope"] in (a, SHUNT_GLOBAL)]}
+        return web.json_response({"version": t.version, "services": out, "shunting": rules})
 
     async def governance(self, _: web.Request) -> web.Response:
         gov = getattr(self.proxy, "gov", None)
@@ -410,6 +432,7 @@ class AdminServer:
             "generation": p.generation,
             "pid": os.getpid(),
             "xds": xds.dump() if xds is not None else None,
+            "shunting": shunting_json(p.table),
         })
 
     def _healthy(self) -> bool:

@@ -1,0 +1,172 @@
+"""Traffic shunting end to end (issue 16, docs/shunting.md): app -> client
+proxy (rules from its config) -> server proxy -> labelled provider apps.
+Each answer names the provider node that handled it, so the counts per node
+are taken at the providers."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import urllib.request
+from typing import Any
+
+import pytest
+import uvloop
+
+from octoproxy._core.frame import thrift_call
+from octoproxy.sdk import AsyncClient, Client, Context
+from octoproxy.shunting import percent_bucket
+
+from harness import Cluster, client_proxy_cfg, cluster, free_port, server_proxy_cfg, wait_for
+
+NODES: dict[str, dict[str, str]] = {
+    "d1": {},
+    "d2": {},
+    "g1": {"group": "gray"},
+    "g2": {"group": "gray"},
+    "sa": {"cell": "set-a"},
+    "sb": {"cell": "set-b"},
+}
+
+
+def uid_mod(n: int, *rems: int) -> dict[str, Any]:
+    return {"source": "context", "key": "uid", "op": "mod", "modulus": n, "remainders": list(rems)}
+
+
+SHUNTING = {
+    "services": {
+        "com.shunt.mod": [{"name": "mod-gray", "match": [uid_mod(100, 1)], "group": "gray"}],
+        "com.shunt.pct": [
+            {"name": "pct-gray", "group": "gray",
+             "match": [{"source": "context", "key": "uid", "op": "percent", "percent": 20}]},
+        ],
+        "com.shunt.unit": [
+            {"name": "loc-unit", "target": "octo-set", "source_key": "loc",
+             "unit_table": {"bj": "set-a", "sh": "set-b"}},
+        ],
+        "com.shunt.nonode": [
+            {"name": "to-canary-fb", "group": "canary", "on_no_node": "fallback",
+             "match": [{"source": "method", "op": "eq", "value": "fb"}]},
+            {"name": "to-canary-rej", "group": "canary", "on_no_node": "reject",
+             "match": [{"source": "method", "op": "eq", "value": "rej"}]},
+        ],
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    with cluster() as c:
+        c.providers(**{n: f"{n}.sock" for n in NODES})
+        ports = {n: free_port() for n in NODES}
+        c.proxy("server", server_proxy_cfg({ports[n]: c.path(f"{n}.sock") for n in NODES}))
+        eps = {n: {"address": f"127.0.0.1:{ports[n]}", **NODES[n]} for n in NODES}
+        both = [eps[n] for n in ("d1", "d2", "g1", "g2")]
+        services = [
+            {"appkey": "com.shunt.mod", "endpoints": both},
+            {"appkey": "com.shunt.pct", "endpoints": both},
+            {"appkey": "com.shunt.unit", "set_enabled": True,
+             "endpoints": [eps["d1"], eps["sa"], eps["sb"]]},
+            {"appkey": "com.shunt.nonode", "endpoints": [eps["d1"], eps["g1"]]},
+        ]
+        admin = free_port()
+        c.proxy("client", client_proxy_cfg(c.path("px.sock"), services,
+                                           shunting=SHUNTING, admin={"port": admin},
+                                           logging={"access_log": True},
+                                           upstream={"default_timeout_ms": 5000}))
+        c.admin = admin  # type: ignore[attr-defined]
+        yield c
+
+
+def who(body: bytes) -> str:
+    return body.split(b"|", 1)[0].decode()
+
+
+def per_user(c: Cluster, appkey: str, uids: list[int]) -> dict[int, str]:
+    """uid -> the provider node that answered its request (pipelined, in batches)."""
+
+    async def go() -> dict[int, str]:
+        out: dict[int, str] = {}
+        cl = AsyncClient(c.path("px.sock"), default_timeout_ms=10000)
+        try:
+            for i in range(0, len(uids), 500):
+                batch = uids[i:i + 500]
+                rs = await asyncio.gather(*(
+                    cl.call("m", b"echo:x", appkey=appkey,
+                            context=Context(global_extra={"uid": str(u)}))
+                    for u in batch))
+                out.update({u: who(r.body) for u, r in zip(batch, rs, strict=True)})
+        finally:
+            await cl.close()
+        return out
+
+    return uvloop.run(go())
+
+
+def admin_json(c: Cluster, path: str) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{c.admin}{path}", timeout=5) as r:  # type: ignore[attr-defined]
+        return json.load(r)
+
+
+def test_modulo_rule_sends_exactly_the_matching_users_to_the_group(mesh: Cluster) -> None:
+    uids = list(range(1000))
+    got = per_user(mesh, "com.shunt.mod", uids)
+    gray = {u for u, n in got.items() if n in ("g1", "g2")}
+    assert gray == {u for u in uids if u % 100 == 1}  # exactly uid % 100 == 1
+    counts = collections.Counter(got.values())
+    assert counts["g1"] + counts["g2"] == 10 and counts["g1"] > 0 and counts["g2"] > 0
+    assert counts["d1"] + counts["d2"] == 990
+    # visible in /clusters: the group, and the rule's hits
+    cl = admin_json(mesh, "/clusters")
+    svc = cl["services"]["com.shunt.mod"]
+    assert svc["groups"] == ["gray"]
+    assert {n["group"] for n in svc["nodes"]} == {"", "gray"}
+    rule = next(r for r in svc["shunting"] if r["name"] == "mod-gray")
+    assert rule["hits"] >= 10 and rule["rule"]["group"] == "gray"
+    dump = admin_json(mesh, "/config_dump")
+    assert any(r["name"] == "mod-gray" for r in dump["shunting"])
+    # the access log names the rule
+    wait_for(lambda: "rule=com.shunt.mod/mod-gray" in mesh.procs[-1].log(), 10,
+             "an access-log line naming the rule")
+
+
+def test_percentage_rule_share_and_stickiness(mesh: Cluster) -> None:
+    uids = list(range(10000))
+    got = per_user(mesh, "com.shunt.pct", uids)
+    gray = {u for u, n in got.items() if n in ("g1", "g2")}
+    share = len(gray) / len(uids)
+    assert abs(share - 0.20) <= 0.02, share
+    # the documented hash decides, so the same user always lands the same way
+    assert gray == {u for u in uids if percent_bucket(str(u).encode()) < 2000}
+    again = per_user(mesh, "com.shunt.pct", uids[:2000])
+    assert {u for u, n in again.items() if n in ("g1", "g2")} == {u for u in gray if u < 2000}
+
+
+def test_unit_table_maps_location_to_set_nodes(mesh: Cluster) -> None:
+    with Client(mesh.path("px.sock")) as cl:
+        def to(loc: str | None) -> set[str]:
+            ctx = Context(local_extra={"loc": loc} if loc is not None else {})
+            rs = cl.call_many([("m", b"echo:x")] * 20, appkey="com.shunt.unit", context=ctx)
+            return {who(r.body) for r in rs}
+
+        assert to("bj") == {"sa"}
+        assert to("sh") == {"sb"}
+        assert to("gz") == {"d1"}  # not in the table: no match, the center
+        assert to(None) == {"d1"}
+
+
+def test_group_without_node_falls_back_or_answers_8(mesh: Cluster) -> None:
+    with Client(mesh.path("px.sock")) as cl:
+        # the rules match the Thrift method name in the body
+        r = cl.call("Svc", thrift_call("fb", 1, b"echo:x"), appkey="com.shunt.nonode")
+        assert who(r.body) == "d1"  # fallback: the default nodes, never the other group
+        r = cl.call("Svc", thrift_call("rej", 1, b"echo:x"), appkey="com.shunt.nonode",
+                    raise_on_error=False)
+        assert r.status == 8
+        assert "'to-canary-rej'" in (r.message or "") and "'canary'" in (r.message or "")
+        r = cl.call("Svc", thrift_call("other", 1, b"echo:x"), appkey="com.shunt.nonode")
+        assert who(r.body) == "d1"  # no rule matched: default nodes only (g1 is isolated)
+    rules = {r["name"]: r for r in admin_json(mesh, "/clusters")["shunting"]}
+    assert rules["to-canary-fb"]["fallbacks"] >= 1
+    assert rules["to-canary-rej"]["rejects"] >= 1
