@@ -37,7 +37,7 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from envoy.config.cluster.v3 import cluster_pb2
@@ -81,6 +81,35 @@ DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_SUBSCRIPTIONS = 10_000
 _REQUEST_OVERHEAD = 16 * 1024  # node, type URL, version, nonce, error detail
 _NAME_OVERHEAD = 4  # protobuf tag + length of a repeated string
+
+
+class TypeHandler(Protocol):
+    """Another resource type on the same ADS stream (e.g. SDS secrets and RBAC
+    ACLs, xds/authsource.py), added with `XdsClient.add_type`.  The client
+    asks for `names()` (never a wildcard: nothing until there is a name),
+    hands every response of the type to `on_response`, and ACKs it, or NACKs
+    it with the problems returned (the handler keeps the last good version of
+    a rejected resource).  Call `XdsClient.names_changed` when `names()` changes."""
+
+    type_url: str
+    short: str  # for logs and versions(), e.g. "SDS"
+
+    def names(self) -> set[str]: ...
+
+    def versions(self) -> dict[str, str]:
+        """Delta: the version held per name (initial_resource_versions)."""
+        ...
+
+    def on_response(
+        self, resources: list[tuple[str, str, Any]], removed: list[str], sotw: bool
+    ) -> list[str]:
+        """resources: (name, version, Any) ("" for SotW: the name is inside the
+        resource); removed: delta removed_resources.  Returns the problems."""
+        ...
+
+    def dump(self) -> dict[str, Any]:
+        """JSON-able state for the admin config dump (never a secret value)."""
+        ...
 
 
 class ResourceState(enum.Enum):
@@ -241,6 +270,7 @@ class XdsClient:
         # per type, across streams (SotW): the last accepted version_info
         self._version: dict[str, str] = dict.fromkeys(TYPES, "")
         self._slice_start = 0.0
+        self._extra: dict[str, TypeHandler] = {}  # type URL -> handler (add_type)
 
     @classmethod
     def from_config(cls, cfg: Config, sink: RouteSink) -> XdsClient:
@@ -289,7 +319,24 @@ class XdsClient:
 
     def versions(self) -> dict[str, str]:
         """Last accepted version per type (SotW version_info; delta system_version_info)."""
-        return {_SHORT[t]: self._version[t] for t in TYPES}
+        out = {_SHORT[t]: self._version[t] for t in TYPES}
+        out.update({h.short: self._version[t] for t, h in self._extra.items()})
+        return out
+
+    def add_type(self, handler: TypeHandler) -> None:
+        """Carry another resource type on the stream (before start())."""
+        t = handler.type_url
+        self._extra[t] = handler
+        self._sent_names[t] = set()
+        self._nonce[t] = ""
+        self._version[t] = ""
+
+    def names_changed(self) -> None:
+        """An added type's names() changed: ask for the new set soon."""
+        self._schedule_flush()
+
+    def _types(self) -> tuple[str, ...]:
+        return TYPES + tuple(self._extra)
 
     def dump(self) -> dict[str, Any]:
         """JSON-able state for the admin config dump."""
@@ -314,6 +361,7 @@ class XdsClient:
             "stats": dataclasses.asdict(self.stats),
             "subscriptions": subs,
             "shunting": self._rules.dump(),
+            **{h.short: h.dump() for h in self._extra.values()},
         }
 
     def start(self) -> None:
@@ -497,9 +545,9 @@ class XdsClient:
                 stub.DeltaAggregatedResources() if self.delta else stub.StreamAggregatedResources()
             )
             self._node_sent = False
-            self._sent_names = {t: set() for t in TYPES}
+            self._sent_names = {t: set() for t in self._types()}
             self._started_types = set()
-            self._nonce = dict.fromkeys(TYPES, "")
+            self._nonce = dict.fromkeys(self._types(), "")
             self._eds_refresh = set()
             self._busy = False
             self._out = asyncio.Queue()
@@ -566,6 +614,8 @@ class XdsClient:
         # EDS names are always a subset of what CDS requests already carried
         self._sub_requests(ENDPOINT_TYPE, self._subs & self._sent_names[CLUSTER_TYPE])
         self._sub_requests(THRIFT_ROUTE_TYPE, set(self._rules.entries))
+        for t, h in self._extra.items():
+            self._sub_requests(t, h.names())
 
     def _sub_requests(self, t: str, want: set[str]) -> None:
         assert self._out is not None
@@ -616,6 +666,8 @@ class XdsClient:
                 version = ""
                 if kind == "sub" and first and t == THRIFT_ROUTE_TYPE:
                     version = self._rules.version(name)
+                elif kind == "sub" and first and t in self._extra:
+                    version = self._extra[t].versions().get(name, "")
                 elif kind == "sub" and first:
                     e = self._entries.get(name)
                     if e is not None:
@@ -1002,7 +1054,7 @@ class XdsClient:
         self.stats.last_nack = "; ".join(errors)[:4096]
         log.error(
             "xDS: rejecting %s response (nonce %s), %d problem(s): %s",
-            _SHORT.get(t, t),
+            _SHORT.get(t) or (self._extra[t].short if t in self._extra else t),
             nonce,
             len(errors),
             self.stats.last_nack,
@@ -1012,6 +1064,8 @@ class XdsClient:
         self, resp: discovery_pb2.DiscoveryResponse
     ) -> discovery_pb2.DiscoveryRequest:
         t = resp.type_url
+        if t in self._extra:
+            return self._on_extra_sotw(resp)
         if t not in TYPES:
             errors = [f"unsupported type {t}"]
             self._nack(t, resp.nonce, errors)
@@ -1034,6 +1088,8 @@ class XdsClient:
     ) -> discovery_pb2.DeltaDiscoveryRequest:
         t = resp.type_url
         req = discovery_pb2.DeltaDiscoveryRequest(type_url=t, response_nonce=resp.nonce)
+        if t in self._extra:
+            return self._on_extra_delta(resp, req)
         if t not in TYPES:
             errors = [f"unsupported type {t}"]
             self._nack(t, resp.nonce, errors)
@@ -1041,6 +1097,45 @@ class XdsClient:
             return req
         self._slice_start = time.perf_counter()
         errors = await self._handle(t, resp)
+        if errors:
+            self._nack(t, resp.nonce, errors)
+            req.error_detail.CopyFrom(_status(errors))
+        else:
+            self.stats.acks += 1
+            if resp.system_version_info:
+                self._version[t] = resp.system_version_info
+        return req
+
+    # --- added types (add_type) ---------------------------------------------
+
+    def _extra_errors(self, t: str, resources: list[tuple[str, str, Any]],
+                      removed: list[str], sotw: bool) -> list[str]:
+        try:
+            errors = self._extra[t].on_response(resources, removed, sotw)
+        except Exception as e:  # a handler's bug must not end the stream
+            log.exception("xDS: %s handler failed", self._extra[t].short)
+            errors = [f"internal error: {type(e).__name__}"]
+        self._notify()
+        return errors
+
+    def _on_extra_sotw(self, resp: discovery_pb2.DiscoveryResponse) -> discovery_pb2.DiscoveryRequest:
+        t = resp.type_url
+        self._nonce[t] = resp.nonce
+        errors = self._extra_errors(t, [("", "", r) for r in resp.resources], [], True)
+        if errors:
+            self._nack(t, resp.nonce, errors)
+            return self._sotw_request(t, errors)
+        self._version[t] = resp.version_info
+        self.stats.acks += 1
+        return self._sotw_request(t)
+
+    def _on_extra_delta(
+        self, resp: discovery_pb2.DeltaDiscoveryResponse, req: discovery_pb2.DeltaDiscoveryRequest
+    ) -> discovery_pb2.DeltaDiscoveryRequest:
+        t = resp.type_url
+        res = [(r.name, r.version, r.resource if r.HasField("resource") else None)
+               for r in resp.resources]
+        errors = self._extra_errors(t, res, list(resp.removed_resources), False)
         if errors:
             self._nack(t, resp.nonce, errors)
             req.error_detail.CopyFrom(_status(errors))
