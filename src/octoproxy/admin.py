@@ -426,6 +426,7 @@ class AdminServer:
     async def config_dump(self, _: web.Request) -> web.Response:
         p = self.proxy
         xds = getattr(p, "xds", None)
+        keyring = getattr(p, "keyring", None)
         return web.json_response({
             "config": p.cfg.model_dump(mode="json"),
             "config_path": p.config_path,
@@ -433,6 +434,8 @@ class AdminServer:
             "pid": os.getpid(),
             "xds": xds.dump() if xds is not None else None,
             "shunting": shunting_json(p.table),
+            # appkeys, versions and counts only, never a token
+            "auth": keyring.dump() if keyring is not None else None,
         })
 
     def _healthy(self) -> bool:

@@ -137,7 +137,7 @@ def acl_of(ib: InboundListener) -> dict[bytes, frozenset[bytes] | None]:
     """An inbound listener's configured ACL, as Verifier.set_acl takes it."""
     assert ib.auth is not None
     return {r.caller.encode(): None if r.methods is None else frozenset(m.encode() for m in r.methods)
-            for r in ib.auth.allow}
+            for r in ib.auth.allow or ()}
 
 
 def signer(ob: OutboundListener, store: Any) -> Any:

@@ -72,11 +72,13 @@ class ProviderAuth(_Strict):
     # enforce: refuse (status 7) what fails; log-only: count and log, forward
     # (migration); off: no check
     mode: Literal["enforce", "log-only", "off"] = "enforce"
-    allow: list[AllowRule] = []  # the ACL; empty: nobody
+    # the ACL; empty or unset: nobody.  Unset with auth.source xds: the
+    # control plane's RBAC policy for the listener's appkey
+    allow: list[AllowRule] | None = None
 
     @model_validator(mode="after")
     def _unique(self) -> ProviderAuth:
-        seen = [r.caller for r in self.allow]
+        seen = [r.caller for r in self.allow or ()]
         if len(seen) != len(set(seen)):
             raise ValueError("a caller appears twice in allow")
         return self
@@ -88,6 +90,10 @@ class Auth(_Strict):
     # appkey -> token, YAML or JSON; must not be readable or writable by group
     # or others.  Its values never reach logs, /config_dump or handed-over state.
     token_file: str | None = None
+    # file: tokens from token_file, ACLs from listeners.inbound[].auth.allow;
+    # xds: tokens as SDS secrets and ACLs as RBAC policies from the control
+    # plane (xds.server), on demand for this proxy's appkeys (docs/auth.md)
+    source: Literal["file", "xds"] = "file"
     # a signature's timestamp may differ from this proxy's clock by this much
     max_skew_s: float = Field(default=300.0, gt=0, le=86400)
 
@@ -314,6 +320,17 @@ class Config(_Strict):
     def _token_file(self) -> Config:
         uses = any(ob.sign_for for ob in self.listeners.outbound) or any(
             ib.auth is not None and ib.auth.mode != "off" for ib in self.listeners.inbound)
+        if self.auth.source == "xds":
+            if not self.xds.server:
+                raise ValueError("auth.source xds needs xds.server (the control plane)")
+            if self.auth.token_file:
+                raise ValueError("auth.token_file and auth.source xds exclude each other "
+                                 "(tokens come from the control plane)")
+            for i, ib in enumerate(self.listeners.inbound):
+                if ib.auth is not None and ib.auth.allow is not None:
+                    raise ValueError(f"listeners.inbound[{i}].auth.allow is set, but with "
+                                     "auth.source xds the ACL comes from the control plane")
+            return self
         if uses and not self.auth.token_file:
             raise ValueError("auth.token_file is needed: a listener signs or verifies requests")
         return self

@@ -150,14 +150,17 @@ class Proxy:
     def __init__(self, cfg: Config, config_path: str | None = None) -> None:
         from octoproxy import auth
         from octoproxy._core.route import RouteTable
+        from octoproxy.keyring import Keyring
 
         self.cfg = cfg
         self.config_path = config_path
-        # service authentication (docs/auth.md): tokens stay in this object and
-        # the core's Signers/Verifiers, never in handed-over state or dumps
+        # service authentication (docs/auth.md): tokens stay in the core's
+        # TokenStore and Signers/Verifiers, never in handed-over state or dumps
         self._tokens = auth.load(cfg)
+        # the keyring owns them and applies run-time changes (SDS, RBAC: keyring.py)
+        self.keyring = Keyring(cfg, self._tokens)
         # the tokens as the core uses them, changed at run time (auth.py)
-        self.auth_store: Any = auth.token_store(self._tokens) if self._tokens is not None else None
+        self.auth_store: Any = self.keyring.store
         self.signers: dict[str, Any] = {}    # outbound listener path -> its Signer
         self.verifiers: dict[str, Any] = {}  # inbound listener key -> its Verifier
         self.table = RouteTable(cfg.node.labels())
@@ -316,13 +319,11 @@ class Proxy:
         """Accept on the data path's listeners.  The servers get duplicates:
         closing a server closes its socket, and this generation keeps the
         originals to hand over, or to serve again after a failed handover."""
-        from octoproxy import auth
-
         loop = asyncio.get_running_loop()
         engine = self.engine
         for ob in self.cfg.listeners.outbound:
             sock = self.sockets[listener_key_outbound(ob.path)].dup()
-            signer = auth.signer(ob, self.auth_store)
+            signer = self.keyring.signer(ob)
             if signer is not None:
                 self.signers[ob.path] = signer
             # the backlog again: create_*_server(sock=...) re-listens with its own (100)
@@ -331,7 +332,7 @@ class Proxy:
         for ib in self.cfg.listeners.inbound:
             sock = self.sockets[listener_key_inbound(ib.host, ib.port)].dup()
             gov = self.gov.service_gov(ib.appkey) if self.gov is not None and ib.appkey else None
-            verifier = auth.verifier(ib, self.cfg, self.auth_store)
+            verifier = self.keyring.verifier(ib)
             if verifier is not None:
                 self.verifiers[listener_key_inbound(ib.host, ib.port)] = verifier
             factory = functools.partial(engine.inbound, ib.upstream_uds, gov, verifier=verifier)
@@ -359,6 +360,10 @@ class Proxy:
             from octoproxy.xds.client import XdsClient
 
             self.xds = XdsClient.from_config(cfg, self.table)
+            if cfg.auth.source == "xds":
+                from octoproxy.xds.authsource import attach
+
+                attach(self.xds, self.keyring)  # tokens (SDS) and ACLs (RBAC) on the stream
             self.xds.start()
             self.discovery = self.xds
         else:
@@ -372,6 +377,13 @@ class Proxy:
         # hold readiness for a control plane that may be down
         wait = 0.0 if self.inherited_state.get("services") else None
         await api.start(restore_timeout_s=wait, appkeys=inherited, sock=sock)
+        if cfg.auth.source == "xds":
+            # sign and verify from the first request when the control plane is
+            # up; without it, requests are refused (status 7) until they come
+            missing = await self.keyring.wait_complete(cfg.subscribe.timeout_s)
+            if missing:
+                log.warning("auth: not received from the control plane yet (requests that "
+                            "need them are refused with status 7): %s", ", ".join(missing[:20]))
 
     async def _start_admin(self) -> None:
         sock = self._sock("admin:")

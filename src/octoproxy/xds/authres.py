@@ -1,0 +1,228 @@
+"""Service authentication over xDS (docs/xds.md section 2, docs/auth.md): the
+mapping of tokens to SDS secrets and of ACLs to RBAC policies, both ways.
+
+- A token is an SDS ``Secret`` named after its appkey whose
+  ``generic_secret.secret`` (inline bytes or string) is the current token; a
+  rotation window adds the previous token as ``generic_secret.secrets["previous"]``.
+- A provider's ACL is an ECDS ``TypedExtensionConfig`` named after the
+  provider appkey whose ``typed_config`` is the network RBAC filter
+  (``envoy.extensions.filters.network.rbac.v3.RBAC``, its ``rules``) or a bare
+  ``envoy.config.rbac.v3.RBAC``: action ALLOW, each policy's principals are
+  caller appkeys (``authenticated.principal_name.exact``) and its permissions
+  the methods they may call (``url_path.path.exact`` = the method name, or
+  ``any: true`` for every method).
+
+Everything here is pure: a resource converts, or raises `ResourceError` naming
+the resource and the field.  Messages never contain a token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2, extension_pb2
+from envoy.config.rbac.v3 import rbac_pb2
+from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as net_rbac_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from envoy.type.matcher.v3 import path_pb2, string_pb2
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
+
+from octoproxy.xds.resources import ResourceError, appkey_problem
+
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+# ACLs travel as extension configs (ECDS), the standard way to deliver a filter's config
+RBAC_TYPE = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
+NETWORK_RBAC = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC"
+RBAC_RULES = "type.googleapis.com/envoy.config.rbac.v3.RBAC"
+PREVIOUS = "previous"  # generic_secret.secrets key of the previous token (rotation window)
+MAX_TOKEN_BYTES = 4096
+
+# caller appkey -> None (every method) or the methods it may call
+Acl = dict[str, frozenset[str] | None]
+
+
+def _decode(cls: Any, raw: bytes, where: str) -> Any:
+    try:
+        return cls.FromString(raw)
+    except DecodeError as e:
+        raise ResourceError(f"{where}: cannot decode {cls.__name__}: {e}") from None
+
+
+def decode_secret(raw: bytes, where: str) -> secret_pb2.Secret:
+    return _decode(secret_pb2.Secret, raw, where)
+
+
+def decode_rbac(raw: bytes, where: str) -> extension_pb2.TypedExtensionConfig:
+    return _decode(extension_pb2.TypedExtensionConfig, raw, where)
+
+
+def _token(where: str, ds: base_pb2.DataSource) -> bytes:
+    kind = ds.WhichOneof("specifier")
+    if kind == "inline_bytes":
+        value = bytes(ds.inline_bytes)
+    elif kind == "inline_string":
+        value = ds.inline_string.encode()
+    elif kind is None:
+        raise ResourceError(f"{where} is missing")
+    else:
+        raise ResourceError(
+            f"{where}: {kind} is not supported (inline_bytes or inline_string: the proxy "
+            "never reads a token from its own files or environment)"
+        )
+    if not value:
+        raise ResourceError(f"{where} is empty")
+    if len(value) > MAX_TOKEN_BYTES:
+        raise ResourceError(f"{where} is longer than {MAX_TOKEN_BYTES} bytes")
+    return value
+
+
+def secret_to_tokens(name: str, s: secret_pb2.Secret) -> tuple[bytes, ...]:
+    """(current,) or (current, previous) of the Secret named ``name``."""
+    where = f"Secret {name!r}"
+    if s.name != name:
+        raise ResourceError(f"Secret {s.name!r} delivered under the name {name!r}")
+    if s.WhichOneof("type") != "generic_secret":
+        raise ResourceError(
+            f"{where}: a token is a generic_secret, got {s.WhichOneof('type') or 'nothing'}"
+        )
+    g = s.generic_secret
+    current = _token(f"{where}: generic_secret.secret", g.secret)
+    extra = sorted(k for k in g.secrets if k != PREVIOUS)
+    if extra:
+        # the keys are not quoted: a token pasted as a key must not reach a NACK
+        raise ResourceError(
+            f"{where}: generic_secret.secrets may hold only {PREVIOUS!r} "
+            f"({len(extra)} other key(s))"
+        )
+    if PREVIOUS in g.secrets:
+        return current, _token(f'{where}: generic_secret.secrets["{PREVIOUS}"]', g.secrets[PREVIOUS])
+    return (current,)
+
+
+def tokens_to_secret(appkey: str, tokens: tuple[bytes, ...]) -> secret_pb2.Secret:
+    """The Secret the bundled control plane serves for appkey."""
+    s = secret_pb2.Secret(name=appkey)
+    s.generic_secret.secret.inline_bytes = tokens[0]
+    if len(tokens) > 1:
+        s.generic_secret.secrets[PREVIOUS].inline_bytes = tokens[1]
+    return s
+
+
+def _exact(where: str, m: string_pb2.StringMatcher) -> str:
+    if m.WhichOneof("match_pattern") != "exact" or m.ignore_case:
+        raise ResourceError(f"{where} must be an exact match (case-sensitive)")
+    return str(m.exact)
+
+
+def _callers(where: str, principals: Any, out: list[str]) -> None:
+    for i, p in enumerate(principals):
+        w = f"{where}[{i}]"
+        kind = p.WhichOneof("identifier")
+        if kind == "or_ids":
+            _callers(f"{w}.or_ids.ids", p.or_ids.ids, out)
+            continue
+        if kind != "authenticated":
+            raise ResourceError(
+                f"{w}: {kind or 'an empty principal'} is not supported (a caller appkey is "
+                "authenticated.principal_name.exact; 'any' callers cannot be verified)"
+            )
+        caller = _exact(f"{w}.authenticated.principal_name", p.authenticated.principal_name)
+        problem = appkey_problem(caller)
+        if problem is not None:
+            raise ResourceError(f"{w}.authenticated.principal_name.exact: {problem}")
+        out.append(caller)
+
+
+def _methods(where: str, permissions: Any, out: set[str]) -> bool:
+    """Adds the methods to out; True when every method is allowed."""
+    every = False
+    for i, p in enumerate(permissions):
+        w = f"{where}[{i}]"
+        kind = p.WhichOneof("rule")
+        if kind == "any":
+            if not p.any:
+                raise ResourceError(f"{w}.any must be true")
+            every = True
+        elif kind == "or_rules":
+            every |= _methods(f"{w}.or_rules.rules", p.or_rules.rules, out)
+        elif kind == "url_path":
+            if p.url_path.WhichOneof("rule") != "path":
+                raise ResourceError(f"{w}.url_path.path is missing")
+            m = _exact(f"{w}.url_path.path", p.url_path.path)
+            if not m:
+                raise ResourceError(f"{w}.url_path.path.exact is empty (a method name)")
+            out.add(m)
+        else:
+            raise ResourceError(
+                f"{w}: {kind or 'an empty permission'} is not supported (url_path.path.exact "
+                "= a method name, or any: true)"
+            )
+    return every
+
+
+def rules_to_acl(where: str, rules: rbac_pb2.RBAC) -> Acl:
+    if rules.action != rbac_pb2.RBAC.ALLOW:
+        raise ResourceError(
+            f"{where}.action {rbac_pb2.RBAC.Action.Name(rules.action)} is not supported (ALLOW)"
+        )
+    acl: Acl = {}
+    for pname in sorted(rules.policies):
+        pol = rules.policies[pname]
+        w = f"{where}.policies[{pname!r}]"
+        if pol.HasField("condition") or pol.HasField("checked_condition"):
+            raise ResourceError(f"{w}: conditions are not supported")
+        if not pol.principals:
+            raise ResourceError(f"{w}.principals is empty")
+        if not pol.permissions:
+            raise ResourceError(f"{w}.permissions is empty")
+        methods: set[str] = set()
+        every = _methods(f"{w}.permissions", pol.permissions, methods)
+        callers: list[str] = []
+        _callers(f"{w}.principals", pol.principals, callers)
+        for c in callers:
+            had = acl.get(c, frozenset())
+            acl[c] = None if every or had is None else had | methods
+    return acl
+
+
+def rbac_to_acl(name: str, tec: extension_pb2.TypedExtensionConfig) -> Acl:
+    """The ACL of provider ``name`` from its TypedExtensionConfig."""
+    where = f"TypedExtensionConfig {name!r}"
+    if tec.name != name:
+        raise ResourceError(f"TypedExtensionConfig {tec.name!r} delivered under the name {name!r}")
+    tc = tec.typed_config
+    if tc.type_url == NETWORK_RBAC:
+        f = _decode(net_rbac_pb2.RBAC, tc.value, f"{where}.typed_config")
+        if f.HasField("matcher"):
+            raise ResourceError(f"{where}.typed_config.matcher is not supported (rules)")
+        if not f.HasField("rules"):
+            raise ResourceError(f"{where}.typed_config.rules is missing")
+        return rules_to_acl(f"{where}.typed_config.rules", f.rules)
+    if tc.type_url == RBAC_RULES:
+        return rules_to_acl(f"{where}.typed_config", _decode(rbac_pb2.RBAC, tc.value, where))
+    raise ResourceError(
+        f"{where}.typed_config: type {tc.type_url or '(none)'} is not an RBAC config "
+        f"({NETWORK_RBAC} or {RBAC_RULES})"
+    )
+
+
+def acl_to_rbac(provider: str, acl: Acl) -> extension_pb2.TypedExtensionConfig:
+    """The TypedExtensionConfig the bundled control plane serves for a
+    provider: one policy per caller, ``caller:<appkey>``."""
+    rules = rbac_pb2.RBAC(action=rbac_pb2.RBAC.ALLOW)
+    for caller in sorted(acl):
+        methods = acl[caller]
+        pol = rules.policies[f"caller:{caller}"]
+        pol.principals.add().authenticated.principal_name.CopyFrom(
+            string_pb2.StringMatcher(exact=caller)
+        )
+        if methods is None:
+            pol.permissions.add(any=True)
+        for m in sorted(methods or ()):
+            pol.permissions.add().url_path.CopyFrom(
+                path_pb2.PathMatcher(path=string_pb2.StringMatcher(exact=m))
+            )
+    f = net_rbac_pb2.RBAC(stat_prefix="octo_acl", rules=rules)
+    packed = any_pb2.Any(type_url=NETWORK_RBAC, value=f.SerializeToString(deterministic=True))
+    return extension_pb2.TypedExtensionConfig(name=provider, typed_config=packed)

@@ -1,0 +1,218 @@
+"""Tokens (SDS) and ACLs (RBAC over ECDS) on the proxy's ADS stream, feeding
+a `Keyring` (docs/xds.md section 2, docs/auth.md).
+
+Two `TypeHandler`s for `XdsClient.add_type`:
+
+- `RbacSource` asks for the ACL of every provider appkey of the proxy's
+  inbound listeners that verify (resource name = the provider appkey).
+- `SecretSource` asks for the token of every appkey the proxy signs for and
+  of every caller those ACLs name (resource name = the appkey), so a new
+  caller in an ACL is fetched at once, and one that left every ACL is
+  unsubscribed and its token dropped.
+
+Each resource is validated on its own: a bad one is NACKed naming it and its
+last good version stays in use.  In SotW the absence of a resource from a
+response says nothing (these types are not "full state"); delta
+``removed_resources`` removes a token (the caller becomes unknown) or an ACL
+(nobody is allowed).  No token value reaches a log, a NACK or a dump.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from octoproxy.keyring import Keyring
+from octoproxy.xds.authres import (
+    RBAC_TYPE,
+    SECRET_TYPE,
+    Acl,
+    decode_rbac,
+    decode_secret,
+    rbac_to_acl,
+    secret_to_tokens,
+)
+from octoproxy.xds.resources import ResourceError, digest
+
+log = logging.getLogger("octoproxy.xds")
+
+
+class _Source:
+    type_url = ""
+    short = ""
+    kind = ""
+
+    def __init__(self, keyring: Keyring, names_changed: Callable[[], None]) -> None:
+        self.keyring = keyring
+        self.names_changed = names_changed
+        self._held: dict[str, tuple[bytes, str]] = {}  # name -> (digest, version)
+        self.rejected: dict[str, str] = {}  # name -> why its last version was rejected
+
+    # the type's own parts
+    def _decode(self, raw: bytes, where: str) -> Any:
+        raise NotImplementedError
+
+    def _name(self, msg: Any) -> str:
+        return str(msg.name)
+
+    def _convert(self, name: str, msg: Any) -> Any:
+        raise NotImplementedError
+
+    def _apply(self, changes: dict[str, Any], versions: dict[str, str]) -> None:
+        raise NotImplementedError
+
+    def names(self) -> set[str]:
+        raise NotImplementedError
+
+    # the TypeHandler protocol (xds/client.py)
+    def versions(self) -> dict[str, str]:
+        return {n: v for n, (_, v) in self._held.items() if v}
+
+    def dump(self) -> dict[str, Any]:
+        return {"names": sorted(self.names()),
+                "versions": dict(sorted(self.versions().items())),
+                "rejected": dict(sorted(self.rejected.items()))}
+
+    def on_response(
+        self, resources: list[tuple[str, str, Any]], removed: list[str], sotw: bool
+    ) -> list[str]:
+        wanted = self.names()
+        known = {d: n for n, (d, _) in self._held.items()}
+        errors: list[str] = []
+        changes: dict[str, Any] = {}
+        versions: dict[str, str] = {}
+        seen: set[str] = set()
+        for i, (name, version, any_) in enumerate(resources):
+            where = f"{self.kind} {name!r}" if name else f"resources[{i}]"
+            if any_ is None:
+                errors.append(f"{where}: Resource without a resource body")
+                continue
+            if any_.type_url != self.type_url:
+                errors.append(f"{where}: resource type {any_.type_url} in a {self.type_url} response")
+                continue
+            d = digest(any_.value)
+            msg = None
+            if not name:
+                name = known.get(d, "")
+                if not name:
+                    try:
+                        msg = self._decode(any_.value, where)
+                    except ResourceError as e:
+                        errors.append(str(e))
+                        continue
+                    name = self._name(msg)
+                    if not name:
+                        errors.append(f"{where}: {self.kind} without a name")
+                        continue
+            if name in seen:
+                errors.append(f"{self.kind} {name!r}: appears twice in the response")
+                changes.pop(name, None)
+                continue
+            seen.add(name)
+            if name not in wanted:
+                continue  # not asked for (any more): ignored
+            held = self._held.get(name)
+            if held is not None and held[0] == d:
+                if version and version != held[1]:
+                    self._held[name] = (d, version)
+                continue
+            try:
+                if msg is None:
+                    msg = self._decode(any_.value, f"{self.kind} {name!r}")
+                value = self._convert(name, msg)
+            except ResourceError as e:
+                self.rejected[name] = str(e)
+                errors.append(str(e))
+                continue
+            self.rejected.pop(name, None)
+            changes[name] = (value, d, version)
+        for name in removed:
+            if name in seen:
+                errors.append(f"{self.kind} {name!r}: both updated and removed in the response")
+                changes.pop(name, None)
+                continue
+            if name in self._held:
+                changes[name] = None
+        applied: dict[str, Any] = {}
+        for name, ch in changes.items():
+            if ch is None:
+                self._held.pop(name, None)
+                applied[name] = None
+                log.info("xDS: %s %r removed by the control plane", self.kind, name)
+            else:
+                value, d, version = ch
+                self._held[name] = (d, version)
+                applied[name] = value
+                versions[name] = version or d.hex()[:16]
+        if applied:
+            self._apply(applied, versions)
+        return errors
+
+    def forget_unwanted(self) -> None:
+        wanted = self.names()
+        for name in [n for n in self._held if n not in wanted]:
+            del self._held[name]
+            self.rejected.pop(name, None)
+
+
+class SecretSource(_Source):
+    """SDS: ``Secret`` named after an appkey -> its tokens."""
+
+    type_url = SECRET_TYPE
+    short = "SDS"
+    kind = "Secret"
+
+    def _decode(self, raw: bytes, where: str) -> Any:
+        return decode_secret(raw, where)
+
+    def _convert(self, name: str, msg: Any) -> tuple[bytes, ...]:
+        return secret_to_tokens(name, msg)
+
+    def names(self) -> set[str]:
+        return self.keyring.needed_tokens()
+
+    def _apply(self, changes: dict[str, Any], versions: dict[str, str]) -> None:
+        self.keyring.update(tokens=changes, versions=versions)
+        log.info("xDS: tokens updated for %s", ", ".join(sorted(changes)))
+
+
+class RbacSource(_Source):
+    """RBAC over ECDS: ``TypedExtensionConfig`` named after a provider -> its ACL."""
+
+    type_url = RBAC_TYPE
+    short = "RBAC"
+    kind = "TypedExtensionConfig"
+
+    def __init__(self, keyring: Keyring, names_changed: Callable[[], None],
+                 secrets: SecretSource) -> None:
+        super().__init__(keyring, names_changed)
+        self.secrets = secrets
+
+    def _decode(self, raw: bytes, where: str) -> Any:
+        return decode_rbac(raw, where)
+
+    def _convert(self, name: str, msg: Any) -> Acl:
+        return rbac_to_acl(name, msg)
+
+    def names(self) -> set[str]:
+        return self.keyring.providers()
+
+    def _apply(self, changes: dict[str, Any], versions: dict[str, str]) -> None:
+        before = self.keyring.needed_tokens()
+        self.keyring.update(acls=changes, acl_versions=versions)
+        for p, acl in sorted(changes.items()):
+            log.info("xDS: ACL of %s: %s", p, "removed (nobody allowed)" if acl is None
+                     else f"{len(acl)} caller(s)")
+        if self.keyring.needed_tokens() != before:
+            self.secrets.forget_unwanted()
+            self.names_changed()  # ask for the new callers' tokens, drop the others
+
+
+def attach(client: Any, keyring: Keyring) -> tuple[SecretSource, RbacSource]:
+    """Carry the keyring's tokens and ACLs on the client's stream."""
+    secrets = SecretSource(keyring, client.names_changed)
+    rbac = RbacSource(keyring, client.names_changed, secrets)
+    client.add_type(rbac)
+    client.add_type(secrets)
+    return secrets, rbac
