@@ -75,13 +75,16 @@ def run(config_path: str, hot_restart_from: str | None, log_level: str | None) -
 @main.command("control-plane", context_settings={"ignore_unknown_options": True})
 @click.option("--endpoints", required=True, type=click.Path(dir_okay=False),
               help="YAML (or .json) file of services and endpoints; watched for changes.")
+@click.option("--tokens", default=None, type=click.Path(dir_okay=False),
+              help="Token file served as SDS secrets (mode 0600/0400); watched for changes.")
 @click.option("--listen", default="127.0.0.1:18000", show_default=True, help="HOST:PORT")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-def control_plane(endpoints: str, listen: str, log_level: str) -> None:
+def control_plane(endpoints: str, tokens: str | None, listen: str, log_level: str) -> None:
     """Run the bundled xDS control plane (ADS, SotW and delta) from a file."""
     from octoproxy.controlplane.server import main as cp_main
 
-    sys.exit(cp_main(["--endpoints", endpoints, "--listen", listen, "--log-level", log_level]))
+    sys.exit(cp_main(["--endpoints", endpoints, "--listen", listen, "--log-level", log_level]
+                     + (["--tokens", tokens] if tokens else [])))
 
 
 @main.command()

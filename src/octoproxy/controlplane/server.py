@@ -248,9 +248,10 @@ class ControlPlane:
     """A store watching the file plus the gRPC server; `port` is the bound port."""
 
     def __init__(
-        self, endpoints_file: str, host: str = "127.0.0.1", port: int = 18000, poll_s: float = 0.1
+        self, endpoints_file: str, host: str = "127.0.0.1", port: int = 18000, poll_s: float = 0.1,
+        tokens_file: str | None = None,
     ) -> None:
-        self.store = Store(endpoints_file, poll_s=poll_s)
+        self.store = Store(endpoints_file, poll_s=poll_s, tokens_path=tokens_file)
         self.ads = AdsServer(self.store)
         self.host = host
         self.port = port
@@ -284,10 +285,11 @@ class ControlPlane:
 
 
 async def run_control_plane(
-    endpoints_file: str, host: str = "127.0.0.1", port: int = 18000
+    endpoints_file: str, host: str = "127.0.0.1", port: int = 18000,
+    tokens_file: str | None = None,
 ) -> None:
     """Serve until cancelled."""
-    cp = ControlPlane(endpoints_file, host, port)
+    cp = ControlPlane(endpoints_file, host, port, tokens_file=tokens_file)
     await cp.start()
     print(f"octo-proxy control plane listening on {cp.host}:{cp.port}", flush=True)
     try:
@@ -304,9 +306,11 @@ def _listen(v: str) -> tuple[str, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``octo-proxy control-plane --endpoints FILE [--listen HOST:PORT]``"""
+    """``octo-proxy control-plane --endpoints FILE [--tokens FILE] [--listen HOST:PORT]``"""
     p = argparse.ArgumentParser(prog="octo-proxy control-plane", description=__doc__)
     p.add_argument("--endpoints", required=True, help="services/endpoints file (YAML or .json)")
+    p.add_argument("--tokens", default=None,
+                   help="token file served as SDS secrets (mode 0600/0400; docs/auth.md)")
     p.add_argument("--listen", type=_listen, default=("127.0.0.1", 18000), help="HOST:PORT")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     a = p.parse_args(argv)
@@ -321,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     try:
-        runner(run_control_plane(a.endpoints, host, port))
+        runner(run_control_plane(a.endpoints, host, port, tokens_file=a.tokens))
     except FileError as e:
         print(f"octo-proxy control-plane: {e}", file=sys.stderr)
         return 2

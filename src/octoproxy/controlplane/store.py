@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,9 @@ from google.protobuf import any_pb2
 from pydantic import ValidationError
 
 from octoproxy import model
+from octoproxy.config import AllowRule, ConfigError
 from octoproxy.services import ServiceSpec
+from octoproxy.xds.authres import RBAC_TYPE, SECRET_TYPE, acl_to_rbac, tokens_to_secret
 from octoproxy.xds.resources import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
@@ -47,7 +50,12 @@ from octoproxy.xds.shunting import (
 )
 
 # what the store serves, in the order a change is pushed (make before break)
-SERVED = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, THRIFT_ROUTE_TYPE)
+# (the per-service ones first: build() zips a service's resources with it)
+SERVED = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, THRIFT_ROUTE_TYPE, SECRET_TYPE,
+          RBAC_TYPE)
+# a Secret's version must not be a plain hash of its token (it is sent to
+# proxies and shown in their dumps): keyed with a key of this process
+_SECRET_KEY = secrets.token_bytes(16)
 
 log = logging.getLogger("octoproxy.controlplane")
 
@@ -69,7 +77,8 @@ class Resource:
 
 def _resource(name: str, type_url: str, msg: Any) -> Resource:
     raw = msg.SerializeToString(deterministic=True)
-    return Resource(name, hashlib.blake2b(raw, digest_size=8).hexdigest(), raw, type_url)
+    key = _SECRET_KEY if type_url == SECRET_TYPE else b""
+    return Resource(name, hashlib.blake2b(raw, digest_size=8, key=key).hexdigest(), raw, type_url)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,10 +117,11 @@ def build(path: Path, prev: _Cache) -> tuple[_Cache, dict[str, dict[str, Resourc
         # an empty (or truncated to nothing) file is a write in progress or a
         # mistake far more often than "no services"; that must be said explicitly
         raise FileError(f"{path}: the file is empty (write 'services: []' to serve no services)")
-    if not isinstance(data, dict) or "services" not in data or set(data) - {"services", "shunting"}:
+    if (not isinstance(data, dict) or "services" not in data
+            or set(data) - {"services", "shunting", "acls"}):
         raise FileError(
             f"{path}: the top level must be a mapping with the key 'services' "
-            "(and optionally 'shunting', the global rules)"
+            "(and optionally 'shunting', the global rules, and 'acls')"
         )
     services = data["services"]
     if not isinstance(services, list):
@@ -169,25 +179,95 @@ def build(path: Path, prev: _Cache) -> tuple[_Cache, dict[str, dict[str, Resourc
                 svc.appkey, THRIFT_ROUTE_TYPE, rules_to_route_config(svc.appkey, rules)
             ),
         )
+    acls = _acls(data.get("acls"), problems)
     if problems:
         raise FileError(f"{path}: " + "; ".join(problems[:20]))
     resources: dict[str, dict[str, Resource]] = {t: {} for t in SERVED}
     for appkey, built in cache.built.items():
-        for t, r in zip(SERVED, built, strict=True):
+        for t, r in zip(SERVED, built, strict=False):
             resources[t][appkey] = r
     assert cache.global_built is not None
     resources[THRIFT_ROUTE_TYPE][GLOBAL_RESOURCE] = cache.global_built
+    resources[RBAC_TYPE] = acls
     return cache, resources
+
+
+def _acls(data: Any, problems: list[str]) -> dict[str, Resource]:
+    """``acls: {provider appkey: [{caller, methods}...]}`` -> RBAC resources
+    (docs/xds.md section 3)."""
+    out: dict[str, Resource] = {}
+    if data is None:
+        return out
+    if not isinstance(data, dict):
+        problems.append("acls: must be a mapping provider appkey -> list of {caller, methods}")
+        return out
+    for provider, rules in data.items():
+        where = f"acls[{provider!r}]"
+        problem = appkey_problem(provider)
+        if problem is not None:
+            problems.append(f"{where}: {problem}")
+            continue
+        if not isinstance(rules, list):
+            problems.append(f"{where}: must be a list of {{caller, methods}} ([] allows nobody)")
+            continue
+        acl: dict[str, frozenset[str] | None] = {}
+        for i, raw in enumerate(rules):
+            try:
+                rule = AllowRule.model_validate(raw)
+            except ValidationError as e:
+                for err in e.errors():
+                    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+                    problems.append(f"{where}[{i}]{loc}: {err['msg']}")
+                continue
+            caller_problem = appkey_problem(rule.caller)
+            if caller_problem is not None:
+                problems.append(f"{where}[{i}].caller: {caller_problem}")
+            elif rule.caller in acl:
+                problems.append(f"{where}[{i}].caller: {rule.caller!r} appears twice")
+            elif rule.methods is not None and not all(rule.methods):
+                problems.append(f"{where}[{i}].methods: a method name is empty")
+            else:
+                acl[rule.caller] = None if rule.methods is None else frozenset(rule.methods)
+        out[provider] = _resource(provider, RBAC_TYPE, acl_to_rbac(provider, acl))
+    return out
+
+
+def build_tokens(path: Path) -> dict[str, Resource]:
+    """The token file (the proxy's format, docs/auth.md: appkey -> token or
+    [current, previous]) -> SDS Secrets.  Refused when group or others may
+    read or write it or it is not a regular file; errors never quote it."""
+    from octoproxy.auth import load_tokens
+
+    try:
+        tokens = load_tokens(str(path))
+    except ConfigError as e:
+        raise FileError(str(e)) from None
+    out: dict[str, Resource] = {}
+    problems = []
+    for appkey in tokens.appkeys():
+        problem = appkey_problem(appkey)
+        if problem is not None:
+            problems.append(f"token file: {problem}")
+            continue
+        out[appkey] = _resource(appkey, SECRET_TYPE, tokens_to_secret(appkey, tokens.accepted(appkey)))
+    if problems:
+        raise FileError(f"{path}: " + "; ".join(problems[:20]))
+    return out
 
 
 class Store:
     """The current snapshot, reloaded when the file changes; notifies listeners."""
 
-    def __init__(self, path: str | os.PathLike[str], poll_s: float = 0.1) -> None:
+    def __init__(self, path: str | os.PathLike[str], poll_s: float = 0.1,
+                 tokens_path: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path)
         self.poll_s = poll_s
+        self.tokens_path = Path(tokens_path) if tokens_path is not None else None
         self._cache = _Cache()
         self._stamp: tuple[int, int, int] | None = None
+        self._tokens_stamp: tuple[int, ...] | None = None
+        self._files: dict[str, dict[str, Resource]] = {}  # the endpoints file's resources
+        self._secrets: dict[str, Resource] = {}  # the token file's
         self.snapshot = Snapshot(0, {t: {} for t in SERVED})
         self._listeners: set[Callable[[], None]] = set()
         self._task: asyncio.Task[None] | None = None
@@ -202,13 +282,28 @@ class Store:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
+    def _tokens_stat(self) -> tuple[int, ...] | None:
+        """lstat: a chmod or a symlink put in its place is a change too."""
+        assert self.tokens_path is not None
+        try:
+            st = os.lstat(self.tokens_path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino, st.st_mode)
+
     def load(self) -> None:
         """First load (synchronous); raises FileError."""
         self._stamp = self._stat()
+        if self.tokens_path is not None:
+            self._tokens_stamp = self._tokens_stat()
+            self._secrets = build_tokens(self.tokens_path)
         self._cache, res = build(self.path, self._cache)
         self._set(res)
 
     def _set(self, res: dict[str, dict[str, Resource]]) -> None:
+        self._files = res
+        res = dict(res)
+        res[SECRET_TYPE] = self._secrets
         self.snapshot = Snapshot(self.snapshot.version + 1, res)
         self.reloads += 1
         for cb in list(self._listeners):
@@ -228,9 +323,31 @@ class Store:
                 await self._task
             self._task = None
 
+    async def _watch_tokens(self) -> None:
+        stamp = self._tokens_stat()
+        if stamp is None or stamp == self._tokens_stamp:
+            return
+        self._tokens_stamp = stamp
+        assert self.tokens_path is not None
+        try:
+            secrets_ = await asyncio.to_thread(build_tokens, self.tokens_path)
+        except FileError as e:
+            # logged once per change of the file; the message never quotes it
+            self.errors += 1
+            self.last_error = str(e)
+            log.error("token file rejected, keeping the previous tokens: %s", e)
+            return
+        if secrets_ != self._secrets:
+            self._secrets = secrets_
+            self._set(self._files)
+            log.info("token file loaded: %d tokens (snapshot %d)", len(secrets_),
+                     self.snapshot.version)
+
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.poll_s)
+            if self.tokens_path is not None:
+                await self._watch_tokens()
             stamp = self._stat()
             if stamp is None or stamp == self._stamp:
                 continue
