@@ -28,9 +28,18 @@ request at once and resends newly requested resources):
 - ``resend_same_routes``: SotW: every TRDS answer carries every requested
   RouteConfiguration, changed or not, under the same version_info when
   nothing changed (go-control-plane's SotW cache resends a whole type).
+- ``resend_all``: every answer of a type other than CDS (and TRDS) carries every
+  subscribed resource of that type, changed or not, under a new version (as
+  go-control-plane's SotW server does when its snapshot version changes).
 
 TRDS resources are set with ``put_routes`` / ``remove_routes``; delta
 streams get ``removed_resources`` for names without a RouteConfiguration.
+Other types (SDS secrets, RBAC extension configs...) are served from
+``other`` (type URL -> name -> message, the name being the message's
+``name``) with ``put_other`` / ``remove_other``, like EDS: SotW responses
+carry what changed (absence says nothing), delta ``removed_resources``.
+``push_order`` sets the order in which types are pushed after a change
+(e.g. SDS before CDS).
 
 The double checks the client while it serves, into ``violations``:
 
@@ -43,6 +52,7 @@ The double checks the client while it serves, into ``violations``:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import itertools
@@ -86,6 +96,8 @@ class Behaviour:
     stale_gap_s: float = 0.1
     routes_first: bool = False
     resend_same_routes: bool = False
+    resend_all: bool = False
+    push_order: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -99,12 +111,12 @@ class _Stream:
     def __init__(self, sid: int, delta: bool) -> None:
         self.id = sid
         self.delta = delta
-        self.names: dict[str, set[str]] = {t: set() for t in TYPES}
+        self.names: dict[str, set[str]] = collections.defaultdict(set)
         self.started: set[str] = set()
         # type -> name -> version sent (None: told "does not exist" (delta))
-        self.sent: dict[str, dict[str, str | None]] = {t: {} for t in TYPES}
+        self.sent: dict[str, dict[str, str | None]] = collections.defaultdict(dict)
         self.cds_named: set[str] = set()  # every name any CDS request carried
-        self.last_nonce: dict[str, str] = dict.fromkeys(TYPES, "")
+        self.last_nonce: dict[str, str] = collections.defaultdict(str)
         self.responses: dict[str, Any] = {}  # nonce -> response
         self.answered: set[str] = set()  # nonces that got their first request
         self.last_response: dict[str, Any] = {}
@@ -120,6 +132,7 @@ class AdsDouble(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.assignments: dict[str, endpoint_pb2.ClusterLoadAssignment] = {}
         self.routes: dict[str, route_pb2.RouteConfiguration] = {}
         self._routes_version = 0
+        self.other: dict[str, dict[str, Any]] = {}  # type URL -> name -> message
         self.requests: list[Received] = []
         self.responses: list[tuple[int, Any]] = []
         self.nacks: list[tuple[str, str]] = []  # (type_url, message)
@@ -164,10 +177,24 @@ class AdsDouble(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             self.assignments.pop(a, None)
         self.push()
 
+    def put_other(self, t: str, *msgs: Any) -> None:
+        """Add or change resources of another type (named by their ``name``)."""
+        for m in msgs:
+            self.other.setdefault(t, {})[m.name] = m
+        self.push()
+
+    def remove_other(self, t: str, *names: str) -> None:
+        for n in names:
+            self.other.get(t, {}).pop(n, None)
+        self.push()
+
     def push(self) -> None:
         order: tuple[str, ...] = (EDS, CDS, TRDS) if self.b.eds_first else TYPES
         if self.b.routes_first:
             order = (TRDS, *[t for t in order if t != TRDS])
+        order = (*order, *self.other)
+        if self.b.push_order:
+            order = (*self.b.push_order, *(t for t in order if t not in self.b.push_order))
         for s in list(self.streams.values()):
             for t in order:
                 if t in s.started:
@@ -222,6 +249,8 @@ class AdsDouble(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         return {CDS: self.clusters, EDS: self.assignments, TRDS: self.routes}[t]
 
     def _resources(self, t: str) -> dict[str, Any]:
+        if t not in TYPES:
+            return dict(self.other.get(t, {}))
         return dict(self._world(t))
 
     def _answer(self, s: _Stream, t: str, added: set[str], delay: float = 0.0) -> None:
@@ -267,10 +296,11 @@ class AdsDouble(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             return
         else:
             msgs = []
+            changed = any(sent.get(n) != _version(m) for n, m in present.items())
             for n in sorted(present):
                 v = _version(present[n])
                 resend = n in added and not self.b.only_changed
-                if resend or sent.get(n) != v:
+                if resend or sent.get(n) != v or (self.b.resend_all and (changed or added)):
                     sent[n] = v
                     msgs.append(present[n])
             if not msgs:
@@ -311,8 +341,6 @@ class AdsDouble(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self._check(s, req)
         if req.HasField("error_detail"):
             self.nacks.append((t, req.error_detail.message))
-        if t not in TYPES:
-            return
         if (
             not s.delta
             and self.b.ignore_stale_nonce
