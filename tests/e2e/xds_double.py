@@ -28,9 +28,10 @@ request at once and resends newly requested resources):
 - ``resend_same_routes``: SotW: every TRDS answer carries every requested
   RouteConfiguration, changed or not, under the same version_info when
   nothing changed (go-control-plane's SotW cache resends a whole type).
-- ``resend_all``: every answer of a type other than CDS (and TRDS) carries every
-  subscribed resource of that type, changed or not, under a new version (as
-  go-control-plane's SotW server does when its snapshot version changes).
+- ``resend_all``: every push answers every type, and every answer of a type
+  other than CDS (and TRDS) carries every subscribed resource of that type,
+  changed or not, under a new version (as go-control-plane's SotW server does
+  when a new snapshot version is set).
 
 TRDS resources are set with ``put_routes`` / ``remove_routes``; delta
 streams get ``removed_resources`` for names without a RouteConfiguration.
@@ -296,11 +297,10 @@ class AdsDouble(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             return
         else:
             msgs = []
-            changed = any(sent.get(n) != _version(m) for n, m in present.items())
             for n in sorted(present):
                 v = _version(present[n])
                 resend = n in added and not self.b.only_changed
-                if resend or sent.get(n) != v or (self.b.resend_all and (changed or added)):
+                if resend or sent.get(n) != v or self.b.resend_all:
                     sent[n] = v
                     msgs.append(present[n])
             if not msgs:

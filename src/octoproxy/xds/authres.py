@@ -193,16 +193,16 @@ def rbac_to_acl(name: str, tec: extension_pb2.TypedExtensionConfig) -> Acl:
         raise ResourceError(f"TypedExtensionConfig {tec.name!r} delivered under the name {name!r}")
     tc = tec.typed_config
     if tc.type_url == NETWORK_RBAC:
-        f = _decode(net_rbac_pb2.RBAC, tc.value, f"{where}.typed_config")
+        f = _decode(net_rbac_pb2.RBAC, tc.value, f"{where}: typed_config")
         if f.HasField("matcher"):
-            raise ResourceError(f"{where}.typed_config.matcher is not supported (rules)")
+            raise ResourceError(f"{where}: typed_config.matcher is not supported (rules)")
         if not f.HasField("rules"):
-            raise ResourceError(f"{where}.typed_config.rules is missing")
-        return rules_to_acl(f"{where}.typed_config.rules", f.rules)
+            raise ResourceError(f"{where}: typed_config.rules is missing")
+        return rules_to_acl(f"{where}: typed_config.rules", f.rules)
     if tc.type_url == RBAC_RULES:
-        return rules_to_acl(f"{where}.typed_config", _decode(rbac_pb2.RBAC, tc.value, where))
+        return rules_to_acl(f"{where}: typed_config", _decode(rbac_pb2.RBAC, tc.value, where))
     raise ResourceError(
-        f"{where}.typed_config: type {tc.type_url or '(none)'} is not an RBAC config "
+        f"{where}: typed_config: type {tc.type_url or '(none)'} is not an RBAC config "
         f"({NETWORK_RBAC} or {RBAC_RULES})"
     )
 
