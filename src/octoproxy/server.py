@@ -475,11 +475,38 @@ class Proxy:
                 self.engine.close_clients()
                 break
             await asyncio.sleep(0.01)
-        left = self.engine.in_flight()
-        if left:
-            log.warning("drain: %d request(s) still in flight after %.1f s", left, cfg.drain_s)
         else:
-            log.info("drain: nothing left in flight; exiting")
+            await self._drain_overtime()
+            return
+        log.info("drain: nothing left in flight; exiting")
+
+    async def _drain_overtime(self) -> None:
+        """drain_s has passed.  What is owed upstream is answered now (status
+        4).  Requests read on inbound connections are being executed by the
+        provider, and only it can answer them: ending their connections now
+        would lose the answers of executed requests (a client that sends
+        again executes them twice), so their answers are waited for, at
+        most hot_restart.shutdown_s more (requests whose callers' deadlines
+        have passed are not waited for)."""
+        eng = self.engine
+        cfg = self.cfg.hot_restart
+        n = eng.fail_in_flight("octo-proxy restarted: no answer came within its drain time")
+        if n:
+            log.warning("drain: answered %d request(s) still in flight upstream after %.1f s "
+                        "with status 4", n, cfg.drain_s)
+        left = eng.in_flight()
+        if left:
+            log.warning("drain: %d inbound request(s) still at the provider after %.1f s; "
+                        "waiting for their answers (at most %.1f s, hot_restart.shutdown_s)",
+                        left, cfg.drain_s, cfg.shutdown_s)
+            if await self.wait_idle(cfg.shutdown_s):
+                eng.close_clients()  # in the same step as the check, as above
+                log.info("drain: nothing left in flight; exiting")
+                return
+            log.warning("drain: %d request(s) still in flight after %.1f s more",
+                        eng.in_flight(), cfg.shutdown_s)
+        else:
+            log.info("drain: nothing left in flight after %.1f s; exiting", cfg.drain_s)
 
     async def close(self) -> None:
         await self.stop_accepting()

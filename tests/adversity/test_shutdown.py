@@ -4,12 +4,13 @@ status (6, "shutting down") instead of being taken on."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
 from attack import Peer, chain_cfgs, req, start_proxy
 
-from harness import cluster
+from harness import Cluster, cluster, free_port, wait_for
 
 
 def test_sigterm_answers_everything_read_and_refuses_new_work() -> None:
@@ -60,3 +61,52 @@ def test_sigterm_past_shutdown_s_still_answers_what_it_owes() -> None:
             assert all(v[0].status == 4 and "shutting down" in (v[0].message or "")
                        for v in a.answers().values())
         assert client.p.wait(10) == 0
+
+
+def _provider_count(c: Cluster, what: bytes) -> int:
+    from octoproxy.sdk import Client
+
+    with Client(c.path("p.sock")) as cl:
+        return int(cl.call("m", what).body.split(b"|")[1])
+
+
+def test_hot_restart_drain_answers_a_legacy_request_slower_than_drain_s() -> None:
+    # A legacy client (no restart notice) on the inbound port has a request
+    # at a provider that takes longer than drain_s when the hot restart
+    # comes.  The old generation reads nothing more from it, delivers that
+    # answer, then ends the connection (FIN); a request sent after the drain
+    # began is never executed there, so the client can send it again on a
+    # new connection (to the new generation) without it running twice.  It
+    # was: the drain ended at drain_s, the connection was ended with the
+    # request still at the provider, its answer was lost (the client sent it
+    # again: executed twice).
+    from harness import read_pid, server_proxy_cfg
+
+    with cluster() as c:
+        c.providers(p="p.sock")
+        port = free_port()
+        cfg = server_proxy_cfg({port: c.path("p.sock")})
+        cfg["hot_restart"] = {"socket": c.path("s.hr"), "pid_file": c.path("s.pid"),
+                              "drain_s": 0.3, "shutdown_s": 10.0}
+        srv = c.proxy("server", cfg)
+        old = read_pid(c.path("s.pid"))
+        p = Peer(port)
+        p.send(req(1, b"sleep:2500:id:slow") + req(2, b"id:fast"))
+        p.wait(lambda: 2 in p.answers(), 10, "the fast answer")
+        wait_for(lambda: _provider_count(c, b"started:slow") == 1, 10, "the slow call begun")
+        os.kill(old, signal.SIGUSR2)
+        wait_for(lambda: read_pid(c.path("s.pid")) not in (None, old), 30, "a new generation")
+        wait_for(lambda: "handed over; draining" in srv.log(), 10, "the old generation's drain")
+        p.send(req(3, b"id:late"))  # after the drain began: never read by the old generation
+        assert p.wait_closed(20), "the old generation did not end the connection"
+        a = p.answers()
+        print(f"legacy drain past drain_s: answers {sorted(a)}")
+        assert 1 in a and a[1][0].status == 0 and a[1][0].body == b"p|id:slow", p.describe()
+        assert sorted(a) == [1, 2], p.describe()
+        assert _provider_count(c, b"count:late") == 0
+        # sent again on a new connection: the new generation executes it once
+        p2 = Peer(port)
+        p2.send(req(3, b"id:late"))
+        p2.wait(lambda: 3 in p2.answers(), 10, "the resent answer")
+        assert _provider_count(c, b"count:slow") == 1 and _provider_count(c, b"count:late") == 1
+        assert srv.p.wait(20) == 0  # the old generation exits by itself after its drain

@@ -88,10 +88,19 @@ class FakeTransport:
         self.aborted = False
         self.reading = True
         self.unread = 0  # what get_write_buffer_size reports
+        self.eof = False  # write_eof() was called (our FIN)
 
     def write(self, b: bytes) -> None:
         assert not self.closed, "write after close"
+        assert not self.eof, "write after write_eof"
         self.data += b
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        assert not self.eof, "write_eof twice"
+        self.eof = True
 
     def writelines(self, seq: list[bytes]) -> None:
         for b in seq:
@@ -442,6 +451,60 @@ def test_drain_answers_new_requests_with_the_restart_flag() -> None:
     (ans,) = app_t.frames()
     assert ans.seq_id == 8 and ans.proxy_restart and ans.status == Status.STATUS_RPC
     assert rig.connector.calls == []
+
+
+def _inbound_pair(rig: Rig) -> tuple[Any, FakeTransport, Any, FakeTransport]:
+    """An inbound connection and its provider connection, both connected."""
+    ib = rig.engine.inbound("/run/provider.sock")
+    ib_t = FakeTransport()
+    ib.connection_made(ib_t)
+    pv = rig.connector.calls[-1][0]
+    pv_t = FakeTransport()
+    pv.connection_made(pv_t)
+    return ib, ib_t, pv, pv_t
+
+
+def test_drain_reads_a_legacy_client_no_more_and_ends_it_after_its_last_answer() -> None:
+    # a legacy client gets no restart notice: the drain reads nothing more
+    # from it (a request read then would run on the old generation) and ends
+    # its connection (FIN) the moment its last owed answer is out, whatever
+    # the other connections still owe.  It was: served until nothing was in
+    # flight in the whole process, or ended at drain_s with answers owed
+    rig = Rig()
+    ib, ib_t, pv, _ = _inbound_pair(rig)
+    other, other_t, other_pv, _ = _inbound_pair(rig)
+    feed(ib, request(1) + request(2))
+    feed(other, request(9))
+    assert rig.engine.in_flight() == 3
+    rig.engine.start_drain()
+    assert not ib_t.reading and not ib_t.eof and not other_t.reading
+    feed(pv, F.encode_response(1, b"one"))
+    assert [f.seq_id for f in ib_t.frames()] == [1] and not ib_t.eof
+    feed(pv, F.encode_response(2, b"two"))
+    assert [f.seq_id for f in ib_t.frames()] == [2] and ib_t.eof
+    assert ib.ending and not other_t.eof and rig.engine.in_flight() == 1
+    feed(other_pv, F.encode_response(9, b"nine"))
+    assert [f.seq_id for f in other_t.frames()] == [9] and other_t.eof
+    assert rig.engine.close_clients() == 2  # already ended: no second FIN
+    assert rig.engine.in_flight() == 0
+
+
+def test_drain_serves_a_new_legacy_connection_one_read_and_leaves_proxies_alone() -> None:
+    rig = Rig()
+    fresh, fresh_t, fresh_pv, fresh_pv_t = _inbound_pair(rig)
+    proxy, proxy_t, proxy_pv, _ = _inbound_pair(rig)
+    feed(proxy, F.encode_proxy_announce(3) + request(4))
+    proxy_t.frames()
+    rig.engine.start_drain()
+    assert fresh_t.reading and proxy_t.reading  # nothing read yet / a proxy (ProxyRestart)
+    feed(fresh, request(5) + request(6))  # accepted just before the handover
+    assert not fresh_t.reading and fresh_pv_t.frames() and not fresh_t.eof
+    feed(fresh_pv, F.encode_response(5) + F.encode_response(6))
+    assert [f.seq_id for f in fresh_t.frames()] == [5, 6] and fresh_t.eof
+    feed(proxy_pv, F.encode_response(4))
+    feed(proxy, request(7))
+    assert [f.seq_id for f in proxy_t.frames()] == [4] and proxy_t.reading and not proxy_t.eof
+    assert not proxy.ending and rig.engine.in_flight() == 1
 
 
 @pytest.mark.parametrize("n", [1, 63, 64, 200])

@@ -201,6 +201,7 @@ cdef class Conn:
     cdef bint queued                    # in engine.flushq
     cdef int fd                         # the socket while connected (sent to directly); else -1
     cdef bint via_transport             # bytes went through the transport: check it is empty first
+    cdef readonly bint eof_sent         # our side has ended (FIN after its answers): nothing more is sent
 
     cdef int set_transport(self, object transport) except -1
     cdef int flush_now(self) except -1
@@ -314,8 +315,11 @@ cdef class InboundConn(Conn):
     cdef double deadline                # latest caller deadline among them (monotonic)
     cdef public ServiceGov gov          # provider-side limits of the listener's appkey, or None
     cdef Verifier verifier              # service authentication of the callers, or None
+    cdef bint served                    # a request was read here (a legacy client, unless is_proxy)
+    cdef readonly bint ending           # drain: read nothing more; FIN once nothing read is owed
 
     cdef int in_process(self, double now) except -1
+    cdef int in_end_when_idle(self) except -1
     cdef int in_expire(self, double now) except -1
     cdef int in_error(self, FrameInfo* fi, int status, str message) except -1
     cdef int in_flush(self) except -1

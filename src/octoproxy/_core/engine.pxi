@@ -305,9 +305,15 @@ cdef class Engine:
         process.  App connections that asked for it (octo-restart-notice: 1
         in a heartbeat) also get a ProxyRestart frame, so that idle ones move
         too; no other app connection gets anything it did not ask for
-        (docs/protocol.md 7.5)."""
+        (docs/protocol.md 7.5).  Inbound connections of legacy clients (that
+        sent requests and never announced a proxy) are read no more and end
+        once nothing read on them is owed (InboundConn.in_end_when_idle)."""
         cdef OutboundConn d
+        cdef InboundConn ic
         self.draining = True
+        for ic in list(self.inbounds):
+            if ic.served and not ic.is_proxy:
+                ic.in_end_when_idle()
         for d in list(self.outbounds):
             if not d.closed and d.wants_notice and d.transport is not None:
                 self.n_restart_notices += 1
@@ -458,8 +464,10 @@ cdef class Engine:
         for c in [*self.outbounds, *self.inbounds]:
             if not c.closed and c.transport is not None:
                 c.pause(PAUSE_CLOSING)
-                if c.transport.can_write_eof():
-                    c.transport.write_eof()
+                if not c.eof_sent:
+                    c.eof_sent = True
+                    if c.transport.can_write_eof():
+                        c.transport.write_eof()
                 n += 1
         return n
 

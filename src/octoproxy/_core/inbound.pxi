@@ -28,7 +28,7 @@ cdef class InboundConn(Conn):
         # B pairs one inbound with one provider connection: a read here has
         # nothing to share a write with, so it is sent at once
         if self.reply.len:
-            if not self.closed and self.transport is not None:
+            if not self.closed and self.transport is not None and not self.eof_sent:
                 self.send_ob(&self.reply)
             else:
                 self.reply.len = 0
@@ -129,8 +129,32 @@ cdef class InboundConn(Conn):
                 self.in_flight += 1
                 eng.total_in_flight += 1
                 eng.count.inbound_requests += 1
+                self.served = True
             ob_append(&self.out, <char*>p, r)
         self.in_flush()
+        if eng.draining and self.served and not self.is_proxy:
+            self.in_end_when_idle()  # a legacy client's read during a drain: its last one
+        return 0
+
+    cdef int in_end_when_idle(self) except -1:
+        """Hot-restart drain, for a legacy client (no restart notice exists
+        for it): read nothing more from this connection, ever, and end it
+        (FIN after its answers) as soon as nothing read here is owed.  What
+        the client sent after its last read is never executed; it sees the
+        end of stream and sends it again on a new connection, which the new
+        generation accepts.  Ending the connection with a request still at
+        the provider would lose an answer to a request that was executed (a
+        client that sends it again executes it twice)."""
+        if self.closed or self.transport is None:
+            return 0
+        if not self.ending:
+            self.ending = True
+            self.pause(PAUSE_CLOSING)
+        if self.in_flight == 0 and not self.eof_sent:
+            self.in_flush()  # what is staged goes before the FIN
+            self.eof_sent = True
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
         return 0
 
     cdef int in_error(self, FrameInfo* fi, int status, str message) except -1:
@@ -251,6 +275,8 @@ cdef class ProviderConn(Conn):
                 self.engine.total_in_flight -= 1
             ic.in_error(fi, status, "the provider's answer was refused: " + why)
             ic.in_flush()
+            if ic.ending and ic.in_flight == 0:
+                ic.in_end_when_idle()
         return 0
 
     cdef int pv_process(self) except -1:
@@ -282,6 +308,8 @@ cdef class ProviderConn(Conn):
                 eng.count.inbound_answers += 1
             ob_append(&ic.reply, <char*>p, r)
         ic.in_flush()
+        if ic.ending and ic.in_flight == 0:
+            ic.in_end_when_idle()  # the last answer a draining legacy client was owed
         return 0
 
     def connection_made(self, transport):

@@ -64,7 +64,7 @@ cdef class OutboundConn(Conn):
         return 0
 
     cdef int out_flush(self) except -1:
-        if self.out.len and not self.closed and self.transport is not None:
+        if self.out.len and not self.closed and self.transport is not None and not self.eof_sent:
             self.send_ob(&self.out)
             if self.pause_mask & PAUSE_SELF:
                 self.out_check_unread()
