@@ -56,6 +56,9 @@ def validate(config_path: str, paths: bool) -> None:
 @click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]))
 def run(config_path: str, hot_restart_from: str | None, log_level: str | None) -> None:
     """Run the proxy with a config file."""
+    from octoproxy.process import hold_signals
+
+    hold_signals()  # a SIGTERM while starting waits for its handler (server.run_proxy)
     try:
         cfg = load_config(config_path)
         from octoproxy import auth

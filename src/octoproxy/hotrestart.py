@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 from octoproxy.config import HotRestart
 from octoproxy.process import (
+    HELD_SIGNALS,
     UnsafePath,
     check_private_dir,
     monotonic_usec,
@@ -437,10 +438,11 @@ class HotRestartParent:
         argv = [sys.executable, "-m", "octoproxy", *self.argv, "--hot-restart-from", self.path]
         log.info("SIGUSR2: starting the next generation: %s", " ".join(argv))
         sd_notify("RELOADING=1", monotonic_usec(), "STATUS=hot restart under way")
-        # the child starts with SIGUSR2 blocked (the mask survives exec) and
-        # unblocks it once its handler is in place: a reload sent to it while
-        # it starts is then kept, not fatal (SIGUSR2's default action)
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+        # the child starts with SIGUSR2, SIGTERM and SIGINT blocked (the mask
+        # survives exec) and unblocks them once its handlers are in place: a
+        # reload or a stop sent to it while it starts is then kept, not fatal
+        # (their default action)
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         try:
             child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         finally:

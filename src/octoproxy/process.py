@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import secrets
+import signal
 import socket
 import stat
 import time
@@ -137,6 +138,19 @@ class AtomicFile:
             with contextlib.suppress(OSError):
                 os.unlink(self._tmp)
             self._tmp = None
+
+
+# Signals whose default action ends the process, held (blocked, so they wait
+# pending) from the start of `octo-proxy run` until the event loop's handlers
+# are in place: a SIGTERM that comes while the proxy starts is then an orderly
+# stop (or, before anything is served, a clean exit), never a death by signal.
+HELD_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGUSR2})
+
+
+def hold_signals() -> None:
+    """Block HELD_SIGNALS in this thread (and the threads and processes it
+    starts from now on: the mask is inherited and survives exec)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
 
 
 def write_pid_file(path: str | None, pid: int | None = None) -> None:

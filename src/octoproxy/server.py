@@ -19,10 +19,12 @@ from octoproxy.config import Config
 from octoproxy.listeners import ListenerError, open_http_socket, open_inbound, open_outbound
 from octoproxy.logs import setup_logging
 from octoproxy.process import (
+    HELD_SIGNALS,
     AtomicFile,
     UnsafePath,
     check_private_dir,
     check_writable_dir,
+    hold_signals,
     remove_pid_file,
     runtime_dir,
     runtime_dir_path,
@@ -578,6 +580,12 @@ async def _main(cfg: Config, config_path: str | None, hot_restart_from: str | No
         hr_path = hot_restart_path(cfg)
         if hot_restart_from:
             pred = await hotrestart.HotRestartChild.connect(hot_restart_from, hr.start_timeout_s)
+        if stop_pending():
+            # nothing served yet: a predecessor keeps its listeners
+            log.info("stopped (SIGTERM or SIGINT) before serving; exiting")
+            if pred is not None:
+                pred.close()
+            return 0
         if pred is not None:
             proxy.generation = pred.handover.generation + 1
             proxy.open_sockets(pred.handover.sockets)
@@ -618,9 +626,10 @@ async def _main(cfg: Config, config_path: str | None, hot_restart_from: str | No
     sd_notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS=serving (generation {proxy.generation})")
     log.info("generation %d serving (pid %d); hot restart socket %s",
              proxy.generation, os.getpid(), parent.path)
-    # SIGUSR2 was blocked until its handler was in place: one that arrived
-    # while this generation started is delivered (and honoured) now
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
+    # the signals were blocked until their handlers were in place: one that
+    # arrived while this generation started is delivered (and honoured) now:
+    # a SIGTERM after the listeners opened is an orderly stop, not a death
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
     handed = loop.create_task(parent.handed_over.wait())
     stopped = loop.create_task(stop.wait())
     await asyncio.wait([handed, stopped], return_when=asyncio.FIRST_COMPLETED)
@@ -643,6 +652,11 @@ async def _main(cfg: Config, config_path: str | None, hot_restart_from: str | No
     return 0
 
 
+def stop_pending() -> bool:
+    """A SIGTERM or SIGINT arrived (and waits, blocked) since the start."""
+    return bool(signal.sigpending() & {signal.SIGTERM, signal.SIGINT})
+
+
 def _argv_without_hot_restart(argv: list[str]) -> list[str]:
     out: list[str] = []
     skip = False
@@ -663,10 +677,11 @@ def run_proxy(cfg: Config, *, config_path: str | None = None, hot_restart_from: 
               log_level: str | None = None) -> int:
     import uvloop
 
-    # SIGUSR2's default action kills the process: keep it blocked (pending)
-    # until the event loop's handler is in place (_main unblocks it).  A
-    # generation spawned by SIGUSR2 already starts with it blocked.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    # the default action of SIGUSR2, SIGTERM and SIGINT kills the process:
+    # keep them blocked (pending) until the event loop's handlers are in
+    # place (_main unblocks them).  `octo-proxy run` blocks them as its first
+    # step, and a generation spawned by SIGUSR2 starts with them blocked.
+    hold_signals()
 
     setup_logging(log_level or cfg.logging.level, cfg.logging.format,
                   repeat_burst=cfg.logging.repeat_burst, repeat_window_s=cfg.logging.repeat_window_s)
