@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
 from octoproxy import auth
 from octoproxy.auth import Tokens
+from octoproxy.config import ConfigError
 
 if TYPE_CHECKING:
     from octoproxy.config import Config, InboundListener, OutboundListener
@@ -57,6 +59,11 @@ class Keyring:
         self._changed = asyncio.Event()
         self.updates = 0  # changes applied at run time
         self.last_update = 0.0
+        # the token file (auth.source file), watched for changes
+        self.token_file = cfg.auth.token_file if not self.from_xds else None
+        self._file_stamp = _stamp(self.token_file) if self.token_file else None
+        self.file_reloads = 0
+        self.file_errors = 0
 
     def __repr__(self) -> str:
         return f"Keyring(<{len(self._tokens)} tokens>, {len(self._acls)} ACLs)"
@@ -178,6 +185,40 @@ class Keyring:
             self._changed = asyncio.Event()
             ev.set()
 
+    # --- the token file at run time ---------------------------------------------
+
+    async def watch_file(self, poll_s: float = 0.1) -> None:
+        """Poll the token file (lstat: a chmod or a symbolic link put in its
+        place is a change too) and apply each change; runs until cancelled."""
+        while self.token_file:
+            await asyncio.sleep(poll_s)
+            stamp = _stamp(self.token_file)
+            if stamp != self._file_stamp:
+                self._file_stamp = stamp
+                self.reload_file()
+
+    def reload_file(self) -> bool:
+        """Read the token file again and hold exactly its tokens.  A file that
+        is refused (mode, not a regular file, does not parse, lacks a sign_for
+        token) is logged once, never quoted, and the previous tokens stay."""
+        assert self.token_file is not None
+        try:
+            tokens = auth.load_tokens(self.token_file)
+            problems = auth.check_tokens(self.cfg, tokens)
+            if problems:
+                raise ConfigError(self.token_file, problems)
+        except ConfigError as e:
+            self.file_errors += 1
+            log.error("token file changed but refused, keeping the previous tokens: %s", e)
+            return False
+        self.store.replace({a: tokens.accepted(a) for a in tokens.appkeys()})
+        self._tokens = {a: len(tokens.accepted(a)) for a in tokens.appkeys()}
+        self.file_reloads += 1
+        self.updates += 1
+        self.last_update = time.time()
+        log.info("token file reloaded: %d tokens", len(self._tokens))
+        return True
+
     def dump(self) -> dict[str, Any]:
         """For /config_dump: appkeys, versions and counts, never a token."""
         return {
@@ -190,4 +231,15 @@ class Keyring:
                 for p, acl in sorted(self._acls.items())},
             "missing": self.missing(),
             "updates": self.updates,
+            "token_file": None if not self.token_file else {
+                "path": self.token_file, "reloads": self.file_reloads,
+                "refused": self.file_errors},
         }
+
+
+def _stamp(path: str) -> tuple[int, ...] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino, st.st_mode)

@@ -296,6 +296,9 @@ class Proxy:
         engine = self.engine
         await self._serve()
         self._tasks.append(loop.create_task(self._idle_loop()))
+        if self.keyring.token_file:
+            # a changed token file applies at once (docs/auth.md)
+            self._tasks.append(loop.create_task(self.keyring.watch_file()))
         if cfg.logging.access_log:
             access = logging.getLogger("octoproxy.access")
             engine.access_sample = cfg.logging.access_log_sample
