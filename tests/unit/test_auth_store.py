@@ -140,3 +140,24 @@ def test_acl_changes_at_run_time() -> None:
     assert v.verify(signed(b"t", now_ms(), method="get")) == 5
     v.set_enforce(False)
     assert not v.enforce and v.tokens is s
+
+
+def test_remembered_mac_never_accepts_another_signature() -> None:
+    """A key remembers its last message's MAC (requests of one caller within one
+    millisecond share it): the same request again passes, any other signature
+    for it, or another message, is computed and checked again."""
+    s = auth.TokenStore({CALLER: (b"cur", b"prev")})
+    v = auth.Verifier(PROVIDER, True, 300_000, s, {CALLER: None})
+    rnd = random.Random(7)
+    t = now_ms()
+    for i in range(300):
+        ts = t + rnd.choice([0, 0, 0, 1, 2])
+        method = rnd.choice(["echo", "get", "m" * 300])     # the long one is never remembered
+        tok = rnd.choice([b"cur", b"cur", b"prev", b"other"])
+        good = signed(tok, ts, method)
+        want = 0 if tok != b"other" else 3
+        assert v.verify(good) == want, (i, tok, method)
+        sig = mac(tok, CALLER, PROVIDER, ts, method.encode())
+        forged = good.replace(sig.encode(), bytes(reversed(sig.encode())))
+        assert v.verify(forged) == 3
+        assert v.verify(good) == want

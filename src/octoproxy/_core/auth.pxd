@@ -22,14 +22,20 @@ cdef enum:
     AU_METHOD = 6          # caller in the ACL, but not for this method
     AU_REASONS = 7
     AU_SIG_HEX = 64        # octo-auth-sig: lowercase hex of the 32-byte MAC
+    HM_LAST_MAX = 240      # longest message whose MAC a key remembers
 
 
 # One token's HMAC-SHA256 state, precomputed: SHA-256 after the key's inner
 # and outer pad blocks (copied per MAC); `check`: its MAC of a fixed text.
+# The last message MAC'd under it and the MAC (hex): requests within the same
+# millisecond from one caller for one method share it (signing and verifying).
 cdef class _Hmac:
     cdef EVP_MD_CTX* inner
     cdef EVP_MD_CTX* outer
     cdef unsigned char check[32]
+    cdef Py_ssize_t last_len            # 0: none
+    cdef char last_msg[HM_LAST_MAX]
+    cdef char last_mac[AU_SIG_HEX]
 
 
 # One appkey's accepted tokens; replaced whole on a change, never modified.
@@ -59,6 +65,10 @@ cdef class Verifier:
     cdef long long n_ok
     cdef long long n_failed[AU_REASONS]
     cdef long long n_logged             # log-only: failures forwarded
+    cdef bytes last_caller              # the last caller known: its entry and ACL (store generation)
+    cdef _Accepted last_acc
+    cdef object last_methods
+    cdef long long last_gen
 
 
 # One outbound listener's signing: the appkeys of the apps that use it.

@@ -1,0 +1,165 @@
+"""What service authentication costs: CPU per request of the two-proxy chain
+with signing (A) and verifying plus the ACL (B) against the same chain
+without, in the same run, rounds alternating (docs/auth.md, "Cost").
+
+    loadgen --UDS--> A --TCP--> B --UDS--> provider (echo), as bench_proxy.py
+
+- octo:      no authentication
+- octo-auth: A signs every request for its app (listeners.outbound[].sign_for),
+             B verifies the signature (enforce) and checks the ACL, which
+             names the method; tokens from a token file (mode 0600)
+
+The request body is a Thrift call and the header carries
+traceInfo.clientAppkey (the appkey A signs for), for both systems; the
+loadgen writes its stamp after the call's message header, so the method the
+signature and the ACL cover stays "echo" (bench_governance's templates put it
+over the method name). octo-auth's provider expects the signed frame (B
+forwards the octo-auth-* entries), so it gets a provider of its own.
+
+    PYTHONPATH=src python bench/e2e/bench_auth.py [--repeat 5] [--duration 5]
+        [--scenario '32x8 free']
+
+Prints per system the median A+B CPU per request (utime+stime, /proc) and
+the ratio to octo.  Exit status 1 when a run saw errors or refusals (a
+refused request would be a cheap one: the figure would lie).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_governance as BG  # noqa: E402
+import bench_proxy as BP  # noqa: E402
+from bench_proxy import APPKEY, SERVICE, harness  # noqa: E402
+
+from octoproxy._core import auth, frame  # noqa: E402
+
+CALLER = "com.bench.caller"   # bench_governance's templates' traceInfo.clientAppkey
+HEAD = len(frame.thrift_call("echo", 1))  # the body's Thrift message header
+
+
+class AuthBench(BP.Bench):
+    token_file = ""
+    token = b""
+
+    def signed_provider(self, name: str) -> str:
+        """A provider whose request template is the signed request (its length
+        and offsets are those of what B forwards)."""
+        src = self.tpl["req"]
+        with open(src["path"], "rb") as f:
+            data = auth.sign_frame(f.read(), self.token, APPKEY.encode())
+        frames, _ = frame.scan(data)
+        fr = frames[0]
+        path = self.c.path(f"{name}-req.bin")
+        with open(path, "wb") as f:
+            f.write(data)
+        sock = self.c.path(f"{name}-prov.sock")
+        resp = self.tpl["resp"]
+        p = harness.Proc([self.tools["provider"], sock, path, str(fr.seq_off + fr.offset),
+                          str(fr.body_off + fr.offset), resp["path"], str(resp["seq_off"]),
+                          str(resp["body_off"])], f"{name}-provider", self.c.dir)
+        self.c.procs.append(p)
+        harness.wait_for(lambda: harness.can_connect_uds(sock) or not p.alive(), 10,
+                         "provider socket")
+        assert p.alive(), p.log()
+        return sock
+
+    def _octo(self, name: str, signed: bool) -> BP.System:
+        port = harness.free_port()
+        tag = f"bench-{os.getpid()}-{name}"
+        prov = self.signed_provider(name) if signed else self.prov_sock
+        scfg = harness.server_proxy_cfg({port: prov}, id=f"{tag}-server")
+        scfg["hot_restart"] = {"socket": self.c.path(f"{name}-server.hr")}
+        svc: dict[str, Any] = {"appkey": APPKEY, "service_names": [SERVICE],
+                               "endpoints": [{"address": f"127.0.0.1:{port}"}]}
+        entry = self.c.path(f"{name}.sock")
+        ccfg = harness.client_proxy_cfg(entry, [svc], node={"id": f"{tag}-client"},
+                                        hot_restart={"socket": self.c.path(f"{name}-c.hr")})
+        if signed:
+            ib = scfg["listeners"]["inbound"][0]
+            ib["appkey"] = APPKEY
+            ib["auth"] = {"mode": "enforce", "allow": [{"caller": CALLER, "methods": ["echo"]}]}
+            scfg["auth"] = {"token_file": self.token_file}
+            ccfg["listeners"]["outbound"][0]["sign_for"] = [CALLER]
+            ccfg["auth"] = {"token_file": self.token_file}
+        b = self.c.proxy(f"{name}-b", scfg)
+        a = self.c.proxy(f"{name}-a", ccfg)
+        return BP.System(name, entry, a, b)
+
+    def start_octo(self) -> BP.System:
+        return self._octo("octo", False)
+
+    def start_octoauth(self) -> BP.System:
+        return self._octo("octoauth", True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--scenario", default="32x8 free")
+    ap.add_argument("--smoke", action="store_true", help="CI: 1 s runs, 1 round")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.duration, args.warmup, args.repeat = 1.0, 0.3, 1
+    systems = ["octo", "octoauth"]
+    scen, conns, inflight, layout, nlg = BP.parse_scenario(args.scenario)
+    tmp = tempfile.mkdtemp(prefix="opauth", dir="/tmp")
+    tok = os.path.join(tmp, "tokens.yaml")
+    fd = os.open(tok, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    token = os.urandom(24).hex()
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{CALLER}: {token}\n")
+    AuthBench.token_file, AuthBench.token = tok, token.encode()
+    pinner = BP.Pinner()
+    tpl = BG.make_templates(tmp)
+    bench = AuthBench(BP.build_tools(tmp), tpl, pinner, sorted(os.sched_getaffinity(0)), systems)
+    # the loadgen's stamp after the Thrift message header (the method stays "echo");
+    # the providers were started with the body's real offset, and echo it whole
+    bench.tpl["req"] = {**tpl["req"], "body_off": tpl["req"]["body_off"] + HEAD}
+    print(f"# {scen}, {args.repeat} round(s) of {args.warmup:g}+{args.duration:g} s, systems "
+          f"{', '.join(systems)}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    per: dict[str, list[float]] = {s: [] for s in systems}
+    rps: dict[str, list[float]] = {s: [] for s in systems}
+    bad = False
+    try:
+        lay = bench.apply_layout(layout)
+        for rep in range(args.repeat):
+            k = rep % len(systems)
+            for system in systems[k:] + systems[:k]:
+                r = bench.run(system, conns, inflight, args.duration, args.warmup, lay, nlg)
+                print(f"  [{rep + 1}/{args.repeat}] {system:<8} {r.get('rps', 0):>8.0f} rps  "
+                      f"A+B {r['proxies_cpu_us_per_req']:.2f} us/req  "
+                      f"(A {r['a_cpu_us_per_req']:.2f}, B {r['b_cpu_us_per_req']:.2f})", flush=True)
+                if not r["ok"]:
+                    bad = True
+                    print(f"    PROBLEM: { {k: v for k, v in r.items() if k != 'stderr'} }")
+                per[system].append(r["proxies_cpu_us_per_req"])
+                rps[system].append(r.get("rps", 0.0))
+    finally:
+        bench.close()
+        if not bad:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(bench.c.dir, ignore_errors=True)
+    base = statistics.median(per["octo"])
+    print(f"\nmedian A+B CPU per request over {args.repeat} round(s), {scen}:")
+    for s in systems:
+        m = statistics.median(per[s])
+        print(f"  {s:<8} {m:6.2f} us/req  {statistics.median(rps[s]):8.0f} rps  "
+              f"{(m / base - 1) * 100:+6.1f}% vs octo")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
