@@ -161,3 +161,18 @@ def test_remembered_mac_never_accepts_another_signature() -> None:
         forged = good.replace(sig.encode(), bytes(reversed(sig.encode())))
         assert v.verify(forged) == 3
         assert v.verify(good) == want
+
+
+def test_a_signature_wrong_in_any_one_byte_is_refused() -> None:
+    s = auth.TokenStore({CALLER: b"t"})
+    v = auth.Verifier(PROVIDER, True, 300_000, s, {CALLER: ["echo"]})
+    ts = now_ms()
+    good = signed(b"t", ts)
+    sig = mac(b"t", CALLER, PROVIDER, ts, b"echo").encode()
+    assert v.verify(good) == 0
+    for i in range(64):
+        bad = sig[:i] + (b"0" if sig[i:i + 1] != b"0" else b"1") + sig[i + 1:]
+        assert v.verify(good.replace(sig, bad)) == 3, i
+        assert v.verify(good) == 0
+    assert v.verify(signed(b"t", ts, method="drop")) == 6   # the method answer is not reused
+    assert v.verify(good) == 0

@@ -68,6 +68,8 @@ cdef class Verifier:
     cdef bytes last_caller              # the last caller known: its entry and ACL (store generation)
     cdef _Accepted last_acc
     cdef object last_methods
+    cdef bytes last_method              # and the last method checked against them, and the answer
+    cdef bint last_method_ok
     cdef long long last_gen
 
 
