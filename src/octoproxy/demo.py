@@ -627,6 +627,10 @@ def run_demo(seconds: float, chart: str | None, progress: bool) -> int:
         uvloop.run(demo.traffic())
         out.write(report(demo.res))
         out.flush()
+        from octoproxy.demo_auth import auth_scene
+
+        out.write(auth_scene(demo))
+        out.flush()
         if chart:
             from octoproxy.demo_chart import write_chart
 

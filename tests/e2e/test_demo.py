@@ -87,6 +87,10 @@ def test_demo_short_runs_clean_with_zero_failures(tmp_path: Path) -> None:
     assert "transparently retried" in out
     assert "client-side proxy" in out and "server-side proxy" in out
     assert len(re.findall(r"(\d+) -> (\d+)", out)) == 2  # both proxies restarted
+    # the service-authentication scene: one caller authorized, one refused with its reason
+    assert re.search(r"^  com\.demo\.web +authorized: answered by echo-gh-1$", out, re.M), out
+    assert re.search(r"^  com\.demo\.batch +refused, status 7: authorization failed: caller "
+                     r"'com\.demo\.batch' is not allowed to call com\.demo\.echo$", out, re.M), out
     # the chart: a valid SVG with the two restarts marked
     root = ET.parse(chart).getroot()
     assert root.tag == "{http://www.w3.org/2000/svg}svg"
