@@ -326,7 +326,6 @@ def test_rejections_of_the_route_as_a_whole() -> None:
 def test_the_cores_checks_name_the_rule() -> None:
     """What only the core's validation says (duplicate names, a remainder
     beyond the modulus...) is reported the same way."""
-    pytest.importorskip("octoproxy.shunting")
     rc, _ = one_route("twice")
     rc.routes.append(rc.routes[0])
     reject(rc, "'twice'", "twice")

@@ -24,6 +24,7 @@ from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import DecodeError
 
 from octoproxy import model
+from octoproxy.shunting import validate_rules
 from octoproxy.xds.resources import LB_NS, OCTO_NS, ResourceError, appkey_problem, digest
 
 log = logging.getLogger("octoproxy.xds")
@@ -71,11 +72,7 @@ def resource_of(scope: str) -> str:
 
 
 def _validate(scope: str, rules: tuple[model.ShuntRule, ...]) -> None:
-    """The core's own checks (octoproxy.shunting.validate_rules), as ValueError."""
-    try:
-        from octoproxy.shunting import validate_rules  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:  # the core side not there yet
-        return
+    """The core's own checks (the one gate: octoproxy.shunting.validate_rules), as ValueError."""
     validate_rules(scope, rules)
 
 
