@@ -8,6 +8,10 @@ without, in the same run, rounds alternating (docs/auth.md, "Cost").
 - octo-auth: A signs every request for its app (listeners.outbound[].sign_for),
              B verifies the signature (enforce) and checks the ACL, which
              names the method; tokens from a token file (mode 0600)
+- octo-pad:  no authentication, but the app's requests carry three more
+             localContext entries of exactly the octo-auth-* sizes: what
+             carrying the signature costs without computing or checking it
+             (the app -> A leg carries them too, which octo-auth's does not)
 
 The request body is a Thrift call and the header carries
 traceInfo.clientAppkey (the appkey A signs for), for both systems; the
@@ -17,7 +21,7 @@ over the method name). octo-auth's provider expects the signed frame (B
 forwards the octo-auth-* entries), so it gets a provider of its own.
 
     PYTHONPATH=src python bench/e2e/bench_auth.py [--repeat 5] [--duration 5]
-        [--scenario '32x8 free']
+        [--scenario '32x8 free'] [--no-pad]
 
 Prints per system the median A+B CPU per request (utime+stime, /proc) and
 the ratio to octo.  Exit status 1 when a run saw errors or refusals (a
@@ -48,16 +52,44 @@ CALLER = "com.bench.caller"   # bench_governance's templates' traceInfo.clientAp
 HEAD = len(frame.thrift_call("echo", 1))  # the body's Thrift message header
 
 
+def padded_template(outdir: str) -> dict[str, Any]:
+    """bench_governance's request with the octo-auth-* sizes in localContext
+    under other keys (octo-pad), as the loadgen's template."""
+    head = frame.thrift_call("echo", 1)
+    body = head + bytes(BP.BODY_LEN - len(head))
+    data = frame.encode_request(1, SERVICE, body, local_context={
+        "octo-remote-appkey": APPKEY, "octo-xpad-appkey": CALLER,
+        "octo-xpad-ts": "1" * 13, "octo-xpad-sig": "0" * 64},
+        trace_info={"clientAppkey": CALLER})
+    f = frame.scan(data)[0][0]
+    path = os.path.join(outdir, "req-pad.bin")
+    with open(path, "wb") as fh:
+        fh.write(data)
+    return {"path": path, "seq_off": f.seq_off + f.offset, "body_off": f.body_off + f.offset,
+            "len": len(data)}
+
+
 class AuthBench(BP.Bench):
     token_file = ""
     token = b""
+    pad: dict[str, Any] = {}
 
-    def signed_provider(self, name: str) -> str:
-        """A provider whose request template is the signed request (its length
-        and offsets are those of what B forwards)."""
-        src = self.tpl["req"]
+    def run(self, system: str, *args: Any, **kw: Any) -> dict[str, Any]:
+        if system != "octopad":
+            return super().run(system, *args, **kw)
+        saved = self.tpl["req"]
+        self.tpl["req"] = {**self.pad, "body_off": self.pad["body_off"] + HEAD}
+        try:
+            return super().run(system, *args, **kw)
+        finally:
+            self.tpl["req"] = saved
+
+    def signed_provider(self, name: str, padded: bool = False) -> str:
+        """A provider whose request template is what B forwards: the signed
+        request, or (padded) the padded one as the app sent it."""
+        src = self.pad if padded else self.tpl["req"]
         with open(src["path"], "rb") as f:
-            data = auth.sign_frame(f.read(), self.token, APPKEY.encode())
+            data = f.read() if padded else auth.sign_frame(f.read(), self.token, APPKEY.encode())
         frames, _ = frame.scan(data)
         fr = frames[0]
         path = self.c.path(f"{name}-req.bin")
@@ -74,10 +106,10 @@ class AuthBench(BP.Bench):
         assert p.alive(), p.log()
         return sock
 
-    def _octo(self, name: str, signed: bool) -> BP.System:
+    def _octo(self, name: str, signed: bool, padded: bool = False) -> BP.System:
         port = harness.free_port()
         tag = f"bench-{os.getpid()}-{name}"
-        prov = self.signed_provider(name) if signed else self.prov_sock
+        prov = self.signed_provider(name, padded) if signed or padded else self.prov_sock
         scfg = harness.server_proxy_cfg({port: prov}, id=f"{tag}-server")
         scfg["hot_restart"] = {"socket": self.c.path(f"{name}-server.hr")}
         svc: dict[str, Any] = {"appkey": APPKEY, "service_names": [SERVICE],
@@ -102,6 +134,9 @@ class AuthBench(BP.Bench):
     def start_octoauth(self) -> BP.System:
         return self._octo("octoauth", True)
 
+    def start_octopad(self) -> BP.System:
+        return self._octo("octopad", False, padded=True)
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -110,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--scenario", default="32x8 free")
     ap.add_argument("--smoke", action="store_true", help="CI: 1 s runs, 1 round")
+    ap.add_argument("--no-pad", action="store_true", help="leave out octo-pad")
     args = ap.parse_args(argv)
     if args.smoke:
         args.duration, args.warmup, args.repeat = 1.0, 0.3, 1
-    systems = ["octo", "octoauth"]
+    systems = ["octo", "octoauth"] + ([] if args.no_pad else ["octopad"])
     scen, conns, inflight, layout, nlg = BP.parse_scenario(args.scenario)
     tmp = tempfile.mkdtemp(prefix="opauth", dir="/tmp")
     tok = os.path.join(tmp, "tokens.yaml")
@@ -122,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     with os.fdopen(fd, "w") as f:
         f.write(f"{CALLER}: {token}\n")
     AuthBench.token_file, AuthBench.token = tok, token.encode()
+    AuthBench.pad = padded_template(tmp)
     pinner = BP.Pinner()
     tpl = BG.make_templates(tmp)
     bench = AuthBench(BP.build_tools(tmp), tpl, pinner, sorted(os.sched_getaffinity(0)), systems)

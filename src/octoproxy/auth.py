@@ -118,6 +118,24 @@ def load(cfg: Config) -> Tokens | None:
     return tokens
 
 
+def uses_tokens(cfg: Config) -> bool:
+    """Whether a proxy with this configuration holds tokens."""
+    return bool(cfg.auth.token_file) or cfg.auth.source == "xds"
+
+
+def no_core_dumps() -> bool:
+    """A process that holds tokens writes no core dump (docs/auth.md,
+    "Secrets"): its core file size limit, soft and hard, is 0, for it and the
+    generations it starts.  False when the limit could not be set."""
+    import resource
+
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ValueError, OSError):
+        return False
+    return True
+
+
 # A token replaced at run time stays accepted (never signed with) this long,
 # for the requests signed just before the change reached their proxy.
 ROTATION_GRACE_S = 60.0

@@ -159,6 +159,9 @@ class Proxy:
         # service authentication (docs/auth.md): tokens stay in the core's
         # TokenStore and Signers/Verifiers, never in handed-over state or dumps
         self._tokens = auth.load(cfg)
+        if auth.uses_tokens(cfg) and not auth.no_core_dumps():
+            log.warning("auth: could not turn core dumps off (RLIMIT_CORE): a crash could "
+                        "write tokens to disk")
         # the keyring owns them and applies run-time changes (SDS, RBAC: keyring.py)
         self.keyring = Keyring(cfg, self._tokens)
         # the tokens as the core uses them, changed at run time (auth.py)

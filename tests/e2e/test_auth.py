@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -216,13 +217,31 @@ def test_tokens_never_in_logs_config_dump_or_handover_state(mesh: Cluster) -> No
     test_refusals_are_status_7_with_reason_and_never_reach_the_provider(mesh)
     dumps = [_get(mesh.server_admin, "/config_dump"), _get(mesh.client_admin, "/config_dump")]  # type: ignore[attr-defined]
     assert b"token_file" in dumps[0] + dumps[1]
+    # every other admin page too (counters, clusters, governance, readiness, drain)
+    for port in (mesh.server_admin, mesh.client_admin):  # type: ignore[attr-defined]
+        for page in ("/stats", "/clusters", "/governance", "/ready", "/drain"):
+            try:
+                dumps.append(_get(port, page))
+            except urllib.error.HTTPError as e:  # /ready answers 503 while not ready
+                dumps.append(e.read())
     logs = [p.log() for p in mesh.procs]
     state = _handover_state(mesh)
     assert "counters" in state
     blobs = [d.decode() for d in dumps] + logs + [json.dumps(state)]
     for name, token in TOKENS.items():
         for blob in blobs:
-            assert token not in blob, f"the token of {name} leaked"
+            # the value, and its hex (a dump of the bytes, or of state built from them)
+            assert token not in blob and token.encode().hex() not in blob, f"the token of {name} leaked"
+
+
+def test_proxies_holding_tokens_write_no_core_dump(mesh: Cluster) -> None:
+    # the core file size limit of both proxies, soft and hard: 0
+    procs = [p for p in mesh.procs if p.name in ("server", "client")]
+    assert len(procs) == 2
+    for p in procs:
+        with open(f"/proc/{p.pid}/limits") as f:
+            line = next(x for x in f if x.startswith("Max core file size"))
+        assert line.split()[4:6] == ["0", "0"], (p.name, line)
 
 
 def _handover_state(mesh: Cluster) -> dict[str, Any]:
