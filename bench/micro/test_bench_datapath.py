@@ -35,6 +35,7 @@ import pytest
 from octoproxy._core import datapath as D
 from octoproxy._core import frame as F
 from octoproxy._core import route as R
+from octoproxy.config import Limits, Upstream
 from octoproxy.model import Endpoint, Labels, Service
 
 APPKEY = "com.bench.echo"
@@ -138,10 +139,36 @@ def seq_off_of(data: bytes) -> int:
     return frames[0].offset + frames[0].seq_off
 
 
+# an older build's Engine keyword (before it took the config's sections),
+# and the factor from the config's unit
+OLD_ENGINE_NAMES = {
+    "connections_per_node": ("conns_per_node", 1),
+    "max_inflight_per_connection": ("max_in_flight", 1),
+    "max_timeout_ms": ("max_timeout", 0.001),
+}
+
+
+def make_engine(table: Any, loop: Any, connect: Any, log: Any, **config: Any) -> Any:
+    lim = {k: v for k, v in config.items() if k in Limits.model_fields}
+    up = {k: v for k, v in config.items() if k not in lim}
+    try:
+        return D.Engine(table, loop, connect, log, Limits().model_copy(update=lim),
+                        Upstream().model_copy(update=up))
+    except TypeError:  # a build from before the engine took the config's sections
+        old: dict[str, Any] = {}
+        for k, v in config.items():
+            name, factor = OLD_ENGINE_NAMES[k]
+            if name == "max_in_flight" and not hasattr(D.Engine, name):
+                name = "max_inflight"  # before the core's split
+            old[name] = v * factor
+        return D.Engine(table, loop, connect, log, **old)
+
+
 class Rig:
     """A client-side proxy's Engine with one app connection and one upstream node."""
 
-    def __init__(self, **limits: Any) -> None:
+    def __init__(self, **config: Any) -> None:
+        """`config`: fields of config.Limits / config.Upstream, set unchecked."""
         self.loop = FakeLoop()
         self.table = R.RouteTable(Labels(idc="", region=""), seed=1)
         self.table.replace_all(
@@ -151,7 +178,8 @@ class Rig:
         log = logging.getLogger("bench.datapath")
         log.disabled = True
         # one upstream connection, so the ids of a round are known in advance
-        self.eng = D.Engine(self.table, self.loop, self.connect, log, conns_per_node=1, **limits)
+        self.eng = make_engine(self.table, self.loop, self.connect, log,
+                               connections_per_node=1, **config)
         # the app side's protocol factory (named outbound() since the core's split)
         factory = getattr(self.eng, "outbound", None) or self.eng.downstream
         self.down = factory()
@@ -245,9 +273,7 @@ class LocalAnswer:
         limits: dict[str, Any] = {}
         appkey = APPKEY
         if why == "overload":
-            # the per-connection limit (max_in_flight since the core's split)
-            name = "max_in_flight" if hasattr(D.Engine, "max_in_flight") else "max_inflight"
-            limits[name] = 0
+            limits["max_inflight_per_connection"] = 0  # the per-connection limit
         elif why == "unknown service":
             appkey = "com.bench.nowhere"
         self.rig = Rig(**limits)
@@ -268,9 +294,9 @@ class Timeouts:
     """Requests that went upstream and timed out: the sweep answers them."""
 
     def __init__(self, body: bytes = BODY) -> None:
-        # a timeout cap of 1 ns: every request is past its deadline when the
+        # a timeout cap of 0: every request is past its deadline when the
         # sweep runs (no sleep between, which would leave the caches cold)
-        self.rig = Rig(max_timeout=1e-9)
+        self.rig = Rig(max_timeout_ms=0)
         self.reqs = request_batch(body=body)
         self.prepare()
         before = self.rig.app.nbytes

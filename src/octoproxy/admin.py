@@ -31,7 +31,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from octoproxy._core.constants import Status
-from octoproxy._core.datapath import COUNTER_HELP
+from octoproxy._core.datapath import COUNTERS
 from octoproxy.logs import repeat_limiter
 from octoproxy.model import SHUNT_GLOBAL, STATUS_ALIVE
 
@@ -67,29 +67,6 @@ class AdminTarget(Protocol):
 STATUS_NAMES = {int(v): k.removeprefix("STATUS_").lower() for k, v in Status.__members__.items()}
 
 
-# (engine counter key, metric name, help) for the counters the hardening added
-HARDENING_COUNTERS = [
-    ("frame_timeouts", "octo_proxy_frame_timeouts",
-     "Connections closed for a frame not completed within limits.frame_timeout_s"),
-    ("idle_closed", "octo_proxy_idle_closed",
-     "Connections closed after limits.idle_timeout_s without traffic"),
-    ("budget_rejects", "octo_proxy_buffer_budget_rejects",
-     "Requests refused because limits.max_buffered_bytes was reached"),
-    ("inflight_rejects", "octo_proxy_inflight_limit_rejects",
-     "Requests refused because limits.max_inflight_total was reached"),
-    ("context_rejects", "octo_proxy_context_too_large",
-     "Requests refused for a context map over its size limit"),
-    ("oversized", "octo_proxy_oversized_frames",
-     "Frames over limits.max_frame_bytes answered and skipped"),
-    ("early_closes", "octo_proxy_upstream_early_closes",
-     "Upstream connections the peer closed within upstream.min_connection_life_ms"),
-    ("restart_notices", "octo_proxy_restart_notices",
-     "ProxyRestart notices sent to apps that asked for them"),
-    ("shutdown_answers", "octo_proxy_shutdown_answers",
-     "Requests answered by the proxy because it was stopping"),
-]
-
-
 def status_label(s: int) -> str:
     return STATUS_NAMES.get(s, str(s))
 
@@ -105,38 +82,30 @@ class ProxyCollector:
         eng = p.engine
         table = p.table
         c = eng.counters()
-        # the core's counters table (datapath.pxd: Counters), octo_proxy_<name>
-        simple = [(f"octo_proxy_{name}", doc, c[name]) for name, doc in COUNTER_HELP.items()]
-        # hardening (docs/operating.md "Limits and hostile peers"): the
-        # engine's counters, each exported when the engine has it
-        simple += [(name, doc, c[key]) for key, name, doc in HARDENING_COUNTERS if key in c]
-        simple += [
+        # the core's counters table (COUNTERS: field, metric, help), each
+        # counter as its metric or a labelled series of its family
+        fams: dict[str, CounterMetricFamily] = {}
+        for key, metric, doc in COUNTERS:
+            name, _, label = metric.partition("{")
+            lname, _, lvalue = label.rstrip("}").partition("=")
+            fam = fams.get(name)
+            if fam is None:
+                fam = fams[name] = CounterMetricFamily(name, doc, labels=[lname] if lname else None)
+            fam.add_metric([lvalue] if lname else [], c.get(key, 0))
+        admin = getattr(p, "admin", None)
+        fams["octo_proxy_connections_rejected"].add_metric(
+            ["admin"], admin.rejected if admin is not None else 0)
+        yield from fams.values()
+        for name, doc, v in [
             ("octo_proxy_fd_limit_hits",
              "Seconds (1 s checks) in which the process was at its file descriptor limit",
              getattr(p, "fd_limit_hits", 0)),
             ("octo_proxy_log_lines_suppressed", "Repetitive log lines held back by the rate limit",
              repeat_limiter().suppressed),
-        ]
-        for name, doc, v in simple:
+        ]:
             m = CounterMetricFamily(name, doc)
             m.add_metric([], v)
             yield m
-        if "ignored_response" in c:
-            ign = CounterMetricFamily("octo_proxy_ignored_frames",
-                                      "Frames an app must not send (ignored), by kind",
-                                      labels=["kind"])
-            ign.add_metric(["response"], c["ignored_response"])
-            ign.add_metric(["proxy_restart"], c["ignored_proxy_restart"])
-            yield ign
-        rej = CounterMetricFamily("octo_proxy_connections_rejected",
-                                  "Connections closed at once for a connection limit, by kind",
-                                  labels=["kind"])
-        for kind in ("app", "inbound"):
-            if f"rejected_{kind}" in c:
-                rej.add_metric([kind], c[f"rejected_{kind}"])
-        admin = getattr(p, "admin", None)
-        rej.add_metric(["admin"], admin.rejected if admin is not None else 0)
-        yield rej
         errs = CounterMetricFamily("octo_proxy_errors", "Answers the proxy made itself, by status",
                                    labels=["status"])
         for s, v in sorted(c["errors"].items()):

@@ -271,28 +271,7 @@ class Proxy:
         self.connector = Connector(loop, cfg.upstream.connect_timeout_ms / 1000)
         self._engine = Engine(
             self.table, loop, self.connector, logging.getLogger("octoproxy.datapath"),
-            max_frame=cfg.limits.max_frame_bytes,
-            max_header=cfg.limits.max_header_bytes,
-            max_in_flight=cfg.limits.max_inflight_per_connection,
-            max_connections=cfg.limits.max_connections,
-            read_buffer=cfg.limits.read_buffer_bytes,
-            high_water=cfg.limits.write_high_water,
-            low_water=cfg.limits.write_low_water,
-            max_unread=cfg.limits.max_unread_bytes,
-            default_timeout=cfg.upstream.default_timeout_ms / 1000,
-            max_timeout=cfg.upstream.max_timeout_ms / 1000,
-            conns_per_node=cfg.upstream.connections_per_node,
-            backoff_base=cfg.upstream.reconnect_backoff_base_ms / 1000,
-            backoff_max=cfg.upstream.reconnect_backoff_max_ms / 1000,
-            idle_timeout=cfg.upstream.idle_timeout_s,
-            connect_timeout=cfg.upstream.connect_timeout_ms / 1000,
-            max_in_flight_total=cfg.limits.max_inflight_total,
-            frame_timeout=cfg.limits.frame_timeout_s,
-            conn_idle_timeout=cfg.limits.idle_timeout_s,
-            max_buffered=cfg.limits.max_buffered_bytes,
-            max_global_context=cfg.limits.max_global_context_bytes,
-            max_local_context=cfg.limits.max_local_context_bytes,
-            min_connection_life=cfg.upstream.min_connection_life_ms / 1000,
+            cfg.limits, cfg.upstream,
         )
         if not self.sockets:
             self.open_sockets(inherited)

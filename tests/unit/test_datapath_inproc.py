@@ -16,8 +16,9 @@ import pytest
 
 from octoproxy._core import frame as F
 from octoproxy._core.constants import CallType, Status
-from octoproxy._core.datapath import COUNTER_HELP, Engine
+from octoproxy._core.datapath import COUNTERS, Engine
 from octoproxy._core.route import RouteTable
+from octoproxy.config import Limits, Upstream
 from octoproxy.model import Endpoint, Labels, Service
 
 APP = "com.example.order"
@@ -162,7 +163,9 @@ def feed(proto: Any, data: bytes, chunk: int | None = None) -> None:
 class Rig:
     """An engine with one service of `nodes` endpoints and fake everything."""
 
-    def __init__(self, nodes: int = 1, **limits: Any) -> None:
+    def __init__(self, nodes: int = 1, **config: Any) -> None:
+        """`config`: fields of config.Limits / config.Upstream, set unchecked
+        (a 0 ms timeout is due at once)."""
         self.table = RouteTable(Labels(), seed=7)
         self.table.replace_all(
             [Service(APP, [Endpoint(f"10.0.0.{i + 1}", 9000) for i in range(nodes)])]
@@ -170,8 +173,12 @@ class Rig:
         self.loop = FakeLoop()
         self.connector = Connector()
         self.log = FakeLog()
-        limits.setdefault("conns_per_node", 1)  # one upstream connection: easy to watch
-        self.engine = Engine(self.table, self.loop, self.connector, self.log, **limits)
+        config.setdefault("connections_per_node", 1)  # one upstream connection: easy to watch
+        lim = {k: v for k, v in config.items() if k in Limits.model_fields}
+        up = {k: v for k, v in config.items() if k not in lim}
+        assert set(up) <= set(Upstream.model_fields), up
+        self.engine = Engine(self.table, self.loop, self.connector, self.log,
+                             Limits().model_copy(update=lim), Upstream().model_copy(update=up))
 
     def app(self) -> tuple[Any, FakeTransport]:
         conn = self.engine.outbound()
@@ -244,7 +251,7 @@ def test_an_answer_for_an_unknown_or_repeated_id_is_dropped() -> None:
 def test_one_way_requests_get_an_id_of_their_own_and_expire_silently() -> None:
     # docs/protocol.md 6.2: tracked so that an answer, if one comes, reaches
     # this caller and no other; nothing is owed, so none is made up
-    rig = Rig(default_timeout=0.0)
+    rig = Rig(default_timeout_ms=0)
     app, app_t = rig.app()
     feed(app, request(42, call_type=CallType.CALL_ONEWAY))
     up, up_t = rig.connect_upstream()
@@ -279,7 +286,7 @@ def test_a_provider_answer_to_a_one_way_request_reaches_its_caller_only() -> Non
 
 
 def test_timeout_answers_transport_error_and_drops_the_late_answer() -> None:
-    rig = Rig(default_timeout=0.0)  # due at once: the next sweep answers it
+    rig = Rig(default_timeout_ms=0)  # due at once: the next sweep answers it
     app, app_t = rig.app()
     feed(app, request(9))
     up, up_t = rig.connect_upstream()
@@ -312,7 +319,7 @@ def test_upstream_close_answers_every_request_in_flight_at_once() -> None:
 
 
 def test_connect_failure_answers_what_waited_and_backs_off() -> None:
-    rig = Rig(backoff_base=60.0, backoff_max=60.0)
+    rig = Rig(reconnect_backoff_base_ms=60_000, reconnect_backoff_max_ms=60_000)
     app, app_t = rig.app()
     feed(app, request(1))
     conn, _, _ = rig.connector.calls[0]
@@ -337,7 +344,7 @@ def test_unknown_service_is_answered_with_service_status() -> None:
 
 
 def test_in_flight_limit_answers_degrade_per_connection() -> None:
-    rig = Rig(max_in_flight=2)
+    rig = Rig(max_inflight_per_connection=2)
     app, app_t = rig.app()
     feed(app, request(1) + request(2) + request(3))
     (err,) = app_t.frames()
@@ -394,7 +401,7 @@ def test_an_app_that_does_not_read_stops_its_upstream_reads_nothing_else() -> No
 
 
 def test_an_app_leaving_too_much_unread_is_cut_off() -> None:
-    rig = Rig(max_unread=1000)
+    rig = Rig(max_unread_bytes=1000)
     app, app_t = rig.app()
     feed(app, request(1))
     up, up_t = rig.connect_upstream()
@@ -532,7 +539,10 @@ def test_the_pending_table_grows_and_keeps_every_request(n: int) -> None:
 def test_the_counters_table_is_one_list_for_counting_handing_over_and_export() -> None:
     rig = Rig()
     names = [k for k in rig.engine.counters() if k != "errors"]
-    assert names[: len(COUNTER_HELP)] == list(COUNTER_HELP)  # a field without help fails here
+    assert names == [row[0] for row in COUNTERS]  # a field without its row fails here
+    families: dict[str, str] = {}
+    for _name, metric, doc in COUNTERS:  # a family's members share its help
+        assert families.setdefault(metric.partition("{")[0], doc) == doc, metric
     old = {name: i + 1 for i, name in enumerate(names)}
     rig.engine.restore_counters({**old, "errors": {"4": 2}, "not_a_counter": 9})
     rig.engine.restore_counters(old)
@@ -545,7 +555,7 @@ def test_pending_table_invariants_hold_under_mixed_timeouts() -> None:
     """Requests with different deadlines, answered, timed out and failed in
     turn; the table's invariants are checked after every step (and inside
     every change in an OCTOPROXY_DEBUG=1 build, see DEBUG)."""
-    rig = Rig(default_timeout=30.0)
+    rig = Rig(default_timeout_ms=30_000)
     app, app_t = rig.app()
     feed(app, request(1))
     up, up_t = rig.connect_upstream()

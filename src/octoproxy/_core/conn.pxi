@@ -83,7 +83,7 @@ cdef class Conn:
     def get_buffer(self, Py_ssize_t sizehint):
         if self.rend == self.rcap and self.rb_compact():
             if self.rb_refuse(STATUS_DEGRADE, self.engine.budget_msg) == 1:
-                self.engine.n_budget_rejects += 1
+                self.engine.count.budget_rejects += 1
             if self.rend == self.rcap:
                 self.rb_grow(self.rcap * 2)  # only to finish reading the refused frame's header
         # the same span as the last read (everything consumed: rend back at 0)
@@ -251,7 +251,7 @@ cdef class Conn:
         rb_refuse: 1 refused (go on), 0 wait for its header, 2 closed."""
         cdef int k = self.rb_refuse(STATUS_PROTOCOL, self.engine.too_large_msg)
         if k == 1:
-            self.engine.n_oversized += 1
+            self.engine.count.oversized += 1
         return k
 
     cdef int refuse_frame(self, FrameInfo* fi, int status, str why) except -1:
@@ -281,7 +281,7 @@ cdef class Conn:
         if self.rstart != start or was_empty:
             self.progress_at = now
         if self.rb_compact() and self.rb_refuse(STATUS_DEGRADE, self.engine.budget_msg) == 1:
-            self.engine.n_budget_rejects += 1
+            self.engine.count.budget_rejects += 1
         return 0
 
     cdef bint sweep_check(self, double now, Py_ssize_t owed) except -1:
@@ -293,14 +293,14 @@ cdef class Conn:
             return False
         if self.rend > self.rstart or self.skip:
             if now - self.progress_at > eng.frame_timeout:
-                eng.n_frame_timeouts += 1
+                eng.count.frame_timeouts += 1
                 eng.log.warning("closing connection %s: a frame begun %.0f s ago is not complete "
                                 "(limits.frame_timeout_s = %g)", _peer_name(self.transport),
                                 now - self.progress_at, eng.frame_timeout)
                 self.transport.abort()
                 return True
         elif owed == 0 and now - self.last_rx > eng.conn_idle_timeout:
-            eng.n_idle_closed += 1
+            eng.count.idle_closed += 1
             eng.log.info("closing connection %s: idle for %.0f s (limits.idle_timeout_s)",
                          _peer_name(self.transport), now - self.last_rx)
             self.transport.close()

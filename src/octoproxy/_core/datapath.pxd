@@ -15,6 +15,8 @@ from octoproxy._core.route cimport Node, RouteTable
 
 
 cdef class Answer
+cdef class Stats
+cdef class Engine
 cdef class UpstreamPool
 cdef class UpstreamConn
 cdef class OutboundConn
@@ -22,10 +24,11 @@ cdef class InboundConn
 cdef class ProviderConn
 
 
-# The engine's counters, one table: a field added here (with its help line
-# in COUNTER_HELP, engine.pxi; a unit test keeps the two in step) is counted
-# by `eng.count.<name> += 1` and is then in Engine.counters(), handed over
-# across hot restart and exported as the Prometheus counter octo_proxy_<name>.
+# The engine's counters, one table: a field added here, with its row in
+# COUNTERS (stats.pxi: its Prometheus metric and help; a unit test keeps the
+# two in step), is counted by `eng.count.<name> += 1` and is then in
+# Engine.counters() under <name> (also its key in the hot-restart hand-over)
+# and exported on the admin's /stats as its metric: nothing else names it.
 # Every field is a long long (restore_counters adds them as one array).
 cdef struct Counters:
     long long outbound_requests     # requests routed upstream
@@ -39,6 +42,22 @@ cdef struct Counters:
     long long heartbeats            # heartbeats answered by the proxy
     long long restart_answers       # requests answered with the hot-restart flag
     long long slow_consumers        # app connections closed for leaving answers unread
+    # the hardening's (docs/protocol.md 6.4-6.7)
+    long long frame_timeouts        # connections closed for a stalled partial frame
+    long long idle_closed           # connections closed for silence
+    long long budget_rejects        # frames refused for the buffered-bytes budget
+    long long inflight_rejects      # requests refused for max_in_flight_total
+    long long context_rejects       # requests refused for a context over its limit
+    long long oversized             # frames over max_frame answered and skipped
+    long long early_closes          # upstream connections that died young
+    long long restart_notices       # ProxyRestart frames sent to apps that asked
+    long long shutdown_answers      # requests answered because the proxy was stopping
+    long long ignored_response      # Response frames from apps (ignored)
+    long long ignored_proxy_restart  # ProxyRestart frames from apps (ignored)
+    long long rejected_app          # app connections over max_connections
+    long long rejected_inbound      # inbound connections over max_connections
+    # governance's (docs/governance.md)
+    long long gov_dropped           # one-way requests dropped by a limit
 
 
 # A growable C byte buffer where the reads of one event-loop iteration stage
@@ -90,7 +109,21 @@ cdef struct Pending:
     PyObject* shunt       # route.ShuntStat of the shunting rule that routed it (strong ref), or NULL
 
 
-cdef class Engine:
+# What the engine counts (stats.pxi): its base class, so the hot path's
+# `eng.count.<name> += 1` is a store into a C struct of the engine itself.
+cdef class Stats:
+    cdef Counters count                 # the counters table (above)
+    cdef long long n_errors[STATUS_SLOTS]  # proxy-made error answers by status
+    cdef long long lat_buckets[17]      # outbound latency histogram (LAT_BOUNDS + +Inf)
+    cdef double lat_sum                 # seconds, for the histogram's _sum
+    cdef dict route_errors              # (service name, status) -> count, for requests without a node
+    cdef public object access_log       # callable(appkey, status, upstream, latency_s, rule) or None
+    cdef public double access_sample    # fraction of answers logged
+
+    cdef int fold_route_errors(self) except -1
+
+
+cdef class Engine(Stats):
     cdef readonly RouteTable table
     cdef readonly object loop
     cdef readonly object connector        # upstream.py: connector(conn, host, port) starts a connect
@@ -100,58 +133,36 @@ cdef class Engine:
     cdef set outbounds                  # live OutboundConn connections
     cdef set inbounds                   # live InboundConn connections
     cdef object tick_handle
-    # limits (from config.limits / config.upstream)
-    cdef public Py_ssize_t max_frame
-    cdef public Py_ssize_t max_header
-    cdef public Py_ssize_t max_in_flight
-    cdef public Py_ssize_t max_connections
-    cdef public Py_ssize_t read_buffer
-    cdef public Py_ssize_t high_water
-    cdef public Py_ssize_t low_water
-    cdef public Py_ssize_t max_unread       # queued answers past which a non-reading app is cut off
-    cdef public double default_timeout   # seconds
-    cdef public double max_timeout       # seconds
-    cdef public int conns_per_node
-    cdef public double backoff_base      # seconds
-    cdef public double backoff_max       # seconds
-    cdef public double idle_timeout      # seconds
-    cdef public double connect_timeout   # seconds
-    cdef public bint draining            # hot restart: answer new app requests with the restart flag
-    cdef public bint stopping            # SIGTERM: answer new requests with status 6 (shutting down)
+    # limits, read from config.limits / config.upstream once (Engine.__init__)
+    cdef readonly Py_ssize_t max_frame
+    cdef readonly Py_ssize_t max_header
+    cdef readonly Py_ssize_t max_in_flight
+    cdef readonly Py_ssize_t max_connections
+    cdef readonly Py_ssize_t read_buffer
+    cdef readonly Py_ssize_t high_water
+    cdef readonly Py_ssize_t low_water
+    cdef readonly Py_ssize_t max_unread       # queued answers past which a non-reading app is cut off
+    cdef readonly double default_timeout   # seconds
+    cdef readonly double max_timeout       # seconds
+    cdef readonly int conns_per_node
+    cdef readonly double backoff_base      # seconds
+    cdef readonly double backoff_max       # seconds
+    cdef readonly double idle_timeout      # seconds
+    cdef readonly double connect_timeout   # seconds
+    cdef readonly bint draining            # hot restart: answer new app requests with the restart flag
+    cdef readonly bint stopping            # SIGTERM: answer new requests with status 6 (shutting down)
     # hardening limits (docs/protocol.md 6.4-6.7)
-    cdef public Py_ssize_t max_in_flight_total  # requests in flight in the process, both directions
-    cdef public double frame_timeout     # seconds a started frame may take to complete
-    cdef public double conn_idle_timeout  # seconds an app/inbound connection may stay silent
-    cdef public Py_ssize_t max_buffered  # receive-buffer bytes beyond read_buffer, process-wide
-    cdef public Py_ssize_t max_gctx      # globalContext bytes of an app's request
-    cdef public Py_ssize_t max_lctx      # localContext bytes of an app's request
-    cdef public double min_life          # seconds: an upstream connection closed sooner died young
+    cdef readonly Py_ssize_t max_in_flight_total  # requests in flight in the process, both directions
+    cdef readonly double frame_timeout     # seconds a started frame may take to complete
+    cdef readonly double conn_idle_timeout  # seconds an app/inbound connection may stay silent
+    cdef readonly Py_ssize_t max_buffered  # receive-buffer bytes beyond read_buffer, process-wide
+    cdef readonly Py_ssize_t max_gctx      # globalContext bytes of an app's request
+    cdef readonly Py_ssize_t max_lctx      # localContext bytes of an app's request
+    cdef readonly double min_life          # seconds: an upstream connection closed sooner died young
     cdef readonly Py_ssize_t total_in_flight    # requests owed an answer, both directions
     cdef readonly Py_ssize_t buffered_bytes     # receive-buffer bytes beyond read_buffer
     cdef str budget_msg                  # the answers' messages, "{total}" = the frame's size
     cdef str too_large_msg
-    cdef Counters count                  # the counters table (datapath.pxd: Counters)
-    # the hardening's counters (docs/protocol.md 6.4-6.7), exported by admin.HARDENING_COUNTERS
-    cdef public long long n_frame_timeouts      # connections closed for a stalled partial frame
-    cdef public long long n_idle_closed         # connections closed for silence
-    cdef public long long n_budget_rejects      # frames refused for the buffered-bytes budget
-    cdef public long long n_inflight_rejects    # requests refused for max_in_flight_total
-    cdef public long long n_context_rejects     # requests refused for a context over its limit
-    cdef public long long n_oversized           # frames over max_frame answered and skipped
-    cdef public long long n_early_closes        # upstream connections that died young
-    cdef public long long n_restart_notices     # ProxyRestart frames sent to apps that asked
-    cdef public long long n_shutdown_answers    # requests answered because the proxy was stopping
-    cdef public long long n_ignored_response    # Response frames from apps (ignored)
-    cdef public long long n_ignored_restart     # ProxyRestart frames from apps (ignored)
-    cdef public long long n_rejected_app        # app connections over max_connections
-    cdef public long long n_rejected_inbound    # inbound connections over max_connections
-    cdef public long long n_gov_dropped     # one-way requests dropped by a limit (governance)
-    cdef long long n_errors[STATUS_SLOTS]          # proxy-made error answers by status
-    cdef long long lat_buckets[17]       # outbound latency histogram (LAT_BOUNDS + +Inf)
-    cdef double lat_sum                  # seconds, for the histogram's _sum
-    cdef public object access_log        # callable(appkey, status, upstream, latency_s, rule) or None
-    cdef public double access_sample     # fraction of answers logged
-    cdef dict route_errors               # (service name, status) -> count, for requests without a node
     # output staged by one loop iteration's reads, flushed once per connection at its end
     cdef list flushq                     # Conns with staged output, in staging order
     cdef list flushq_spare               # the other list (the two are swapped, never reallocated)
@@ -173,8 +184,6 @@ cdef class Engine:
     cdef bint read_solo(self) noexcept
     cdef Answer route_answer(self, const char* p, const FrameInfo* fi, int err, int kind)
     cdef int fold_route_errors(self) except -1
-    cdef int on_answer(self, Node node, int status, double sent_at, double now,
-                       PyObject* shunt=*) except -1
 
 
 # What every connection of the data path shares: the transport, one

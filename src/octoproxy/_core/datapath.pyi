@@ -14,9 +14,10 @@ from typing import Any, Final
 from octoproxy._core.auth import Signer, Verifier
 from octoproxy._core.limits import ServiceGov
 from octoproxy._core.route import RouteTable
+from octoproxy.config import Limits, Upstream
 
 LAT_BOUNDS: Final[tuple[float, ...]]
-COUNTER_HELP: Final[dict[str, str]]
+COUNTERS: Final[tuple[tuple[str, str, str], ...]]
 DEBUG: Final[bool]  # an OCTOPROXY_DEBUG=1 build: the pending table's invariants are checked
 
 # connector(conn, host, target): TCP to host:target, or the UDS at target when host is None
@@ -25,36 +26,28 @@ Connector = Callable[[Any, str | None, Any], None]
 #            the shunting rule that routed it: "" none, "scope/name" else)
 AccessLog = Callable[[str, int, str, float, str], None]
 
-class Engine:
+class Stats:
+    """What the engine counts (its base class)."""
+
+    access_log: AccessLog | None
+    access_sample: float
+    # per scrape / per state hand-over
+    def counters(self) -> dict[str, Any]: ...
+    def restore_counters(self, c: dict[str, Any]) -> None: ...
+    def latency_histogram(self) -> tuple[list[tuple[float, int]], float]: ...
+    def route_error_counts(self) -> dict[tuple[str, int], int]: ...
+    def histogram_state(self) -> dict[str, Any]: ...
+    def restore_histogram(self, st: dict[str, Any]) -> None: ...
+
+class Engine(Stats):
     def __init__(
         self,
         table: RouteTable,
         loop: asyncio.AbstractEventLoop,
         connector: Connector,
         log: logging.Logger,
-        *,
-        max_frame: int = ...,
-        max_header: int = ...,
-        max_in_flight: int = ...,
-        max_connections: int = ...,
-        read_buffer: int = ...,
-        high_water: int = ...,
-        low_water: int = ...,
-        max_unread: int = ...,
-        default_timeout: float = ...,
-        max_timeout: float = ...,
-        conns_per_node: int = ...,
-        backoff_base: float = ...,
-        backoff_max: float = ...,
-        idle_timeout: float = ...,
-        connect_timeout: float = ...,
-        max_in_flight_total: int = ...,
-        frame_timeout: float = ...,
-        conn_idle_timeout: float = ...,
-        max_buffered: int = ...,
-        max_global_context: int = ...,
-        max_local_context: int = ...,
-        min_connection_life: float = ...,
+        limits: Limits,
+        upstream: Upstream,
     ) -> None: ...
     @property
     def table(self) -> RouteTable: ...
@@ -96,47 +89,33 @@ class Engine:
     def connect_timeout(self) -> float: ...
     @property
     def draining(self) -> bool: ...
-    access_log: AccessLog | None
-    access_sample: float
     # hardening (docs/protocol.md 6.4-6.7): limits, state and its counters
-    stopping: bool
-    max_in_flight_total: int
-    frame_timeout: float
-    conn_idle_timeout: float
-    max_buffered: int
-    max_gctx: int
-    max_lctx: int
-    min_life: float
+    @property
+    def stopping(self) -> bool: ...
+    @property
+    def max_in_flight_total(self) -> int: ...
+    @property
+    def frame_timeout(self) -> float: ...
+    @property
+    def conn_idle_timeout(self) -> float: ...
+    @property
+    def max_buffered(self) -> int: ...
+    @property
+    def max_gctx(self) -> int: ...
+    @property
+    def max_lctx(self) -> int: ...
+    @property
+    def min_life(self) -> float: ...
     @property
     def total_in_flight(self) -> int: ...
     @property
     def buffered_bytes(self) -> int: ...
-    n_frame_timeouts: int
-    n_idle_closed: int
-    n_budget_rejects: int
-    n_inflight_rejects: int
-    n_context_rejects: int
-    n_oversized: int
-    n_early_closes: int
-    n_restart_notices: int
-    n_shutdown_answers: int
-    n_ignored_response: int
-    n_ignored_restart: int
-    n_rejected_app: int
-    n_rejected_inbound: int
-    n_gov_dropped: int
     # protocol factories for the listeners
     def outbound(self, signer: Signer | None = None) -> OutboundConn: ...
     def inbound(
         self, provider_path: str, gov: ServiceGov | None = None, *, verifier: Verifier | None = None
     ) -> InboundConn: ...
-    # per scrape / per state hand-over
-    def counters(self) -> dict[str, Any]: ...
-    def restore_counters(self, c: dict[str, Any]) -> None: ...
-    def latency_histogram(self) -> tuple[list[tuple[float, int]], float]: ...
-    def route_error_counts(self) -> dict[tuple[str, int], int]: ...
-    def histogram_state(self) -> dict[str, Any]: ...
-    def restore_histogram(self, st: dict[str, Any]) -> None: ...
+    # per scrape
     def in_flight(self) -> int: ...
     def inbound_conns(self) -> list[InboundConn]: ...
     def outbound_conns(self) -> list[OutboundConn]: ...

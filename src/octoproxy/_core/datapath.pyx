@@ -15,7 +15,8 @@ One extension, one file per role (``include``d below, in this order):
 
 - conn.pxi      the connection base: receive buffer, staged output, pausing
 - answer.pxi    local answers, pre-encoded per reason
-- engine.pxi    Engine: limits, protocol factories, counters, latency, timers, drain
+- stats.pxi     Stats, the engine's base: the counters table, latency histogram, route errors
+- engine.pxi    Engine: limits, protocol factories, timers, write batching, drain
 - upstream.pxi  UpstreamPool and UpstreamConn with its pending table
 - outbound.pxi  OutboundConn: an app's connection to the outbound listener
 - inbound.pxi   InboundConn and ProviderConn: the provider side, paired 1:1
@@ -105,14 +106,9 @@ cdef extern from "<sys/socket.h>" nogil:
 cdef double TICK = 0.01                        # timeout sweep period (seconds)
 cdef int64_t MAX_ID = 0x3FFFFFFFFFFFFFFF       # upstream sequence ids wrap below this
 
-# upper bounds (seconds) of the outbound latency histogram buckets
-LAT_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-              0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-cdef double[16] C_LAT_BOUNDS = LAT_BOUNDS
-
-
 include "conn.pxi"
 include "answer.pxi"
+include "stats.pxi"
 include "engine.pxi"
 include "upstream.pxi"
 include "outbound.pxi"

@@ -1,26 +1,10 @@
 # ---------------------------------------------------------------- Engine
 
-# Help text of each counter of the table (datapath.pxd: Counters), in its
-# order; the admin's Prometheus export names them octo_proxy_<name>.
-COUNTER_HELP = {
-    "outbound_requests": "Requests routed upstream",
-    "outbound_answers": "Upstream answers delivered to apps",
-    "oneway_requests": "One-way requests forwarded",
-    "oneway_unanswered": "One-way requests whose deadline passed without an answer",
-    "timeouts": "Requests answered by the proxy with a timeout",
-    "inbound_requests": "Requests forwarded to the local provider",
-    "inbound_answers": "Provider answers sent back",
-    "malformed_frames": "Connections closed for a malformed frame",
-    "heartbeats": "Heartbeats answered by the proxy",
-    "restart_answers": "Requests answered with the hot-restart flag",
-    "slow_consumers": "App connections closed for leaving answers unread",
-}
-
-
 @cython.final
-cdef class Engine:
+cdef class Engine(Stats):
     """Shared state of one proxy process's data path: the route table, the
-    upstream pools, the limits and the counters."""
+    upstream pools and the limits; what it counts is its base, Stats
+    (stats.pxi)."""
 
     def __cinit__(self):
         self.pools = {}
@@ -28,9 +12,6 @@ cdef class Engine:
         self.outbounds = set()
         self.inbounds = set()
         self.tick_handle = None
-        self.route_errors = {}
-        self.access_log = None
-        self.access_sample = 1.0
         self.flushq = []
         self.flushq_spare = []
         self.flush_armed = False
@@ -40,48 +21,40 @@ cdef class Engine:
         self.ans_overload = [None] * ANSWER_KINDS
         self.ans_route = [None] * ROUTE_SLOTS
 
-    def __init__(self, RouteTable table, loop, connector, log, *,
-                 Py_ssize_t max_frame=16 * 1024 * 1024, Py_ssize_t max_header=64 * 1024,
-                 Py_ssize_t max_in_flight=10000, Py_ssize_t max_connections=10000,
-                 Py_ssize_t read_buffer=65536, Py_ssize_t high_water=4 * 1024 * 1024,
-                 Py_ssize_t low_water=1024 * 1024, Py_ssize_t max_unread=32 * 1024 * 1024,
-                 double default_timeout=3.0,
-                 double max_timeout=60.0, int conns_per_node=2, double backoff_base=0.1,
-                 double backoff_max=5.0, double idle_timeout=300.0, double connect_timeout=1.0,
-                 Py_ssize_t max_in_flight_total=20000, double frame_timeout=30.0,
-                 double conn_idle_timeout=600.0, Py_ssize_t max_buffered=256 * 1024 * 1024,
-                 Py_ssize_t max_global_context=512, Py_ssize_t max_local_context=2048,
-                 double min_connection_life=1.0):
+    def __init__(self, RouteTable table, loop, connector, log, limits, upstream):
+        """`limits`, `upstream`: the config's sections (config.Limits,
+        config.Upstream), where every default is; read once, here."""
         self.table = table
         self.loop = loop
         self.connector = connector
         self.log = log
-        self.max_frame = max_frame
-        self.max_header = max_header
-        self.max_in_flight = max_in_flight
-        self.max_connections = max_connections
-        self.read_buffer = read_buffer
-        self.high_water = high_water
-        self.low_water = low_water
-        self.max_unread = max_unread
-        self.default_timeout = default_timeout
-        self.max_timeout = max_timeout
-        self.conns_per_node = conns_per_node
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
-        self.idle_timeout = idle_timeout
-        self.connect_timeout = connect_timeout
-        self.max_in_flight_total = max_in_flight_total
-        self.frame_timeout = frame_timeout
-        self.conn_idle_timeout = conn_idle_timeout
-        self.max_buffered = max_buffered
-        self.max_gctx = max_global_context
-        self.max_lctx = max_local_context
-        self.min_life = min_connection_life
+        self.max_frame = limits.max_frame_bytes
+        self.max_header = limits.max_header_bytes
+        self.max_in_flight = limits.max_inflight_per_connection
+        self.max_connections = limits.max_connections
+        self.read_buffer = limits.read_buffer_bytes
+        self.high_water = limits.write_high_water
+        self.low_water = limits.write_low_water
+        self.max_unread = limits.max_unread_bytes
+        self.max_in_flight_total = limits.max_inflight_total
+        self.frame_timeout = limits.frame_timeout_s
+        self.conn_idle_timeout = limits.idle_timeout_s
+        self.max_buffered = limits.max_buffered_bytes
+        self.max_gctx = limits.max_global_context_bytes
+        self.max_lctx = limits.max_local_context_bytes
+        self.default_timeout = upstream.default_timeout_ms / 1000
+        self.max_timeout = upstream.max_timeout_ms / 1000
+        self.conns_per_node = upstream.connections_per_node
+        self.backoff_base = upstream.reconnect_backoff_base_ms / 1000
+        self.backoff_max = upstream.reconnect_backoff_max_ms / 1000
+        self.idle_timeout = upstream.idle_timeout_s
+        self.connect_timeout = upstream.connect_timeout_ms / 1000
+        self.min_life = upstream.min_connection_life_ms / 1000
         self.budget_msg = ("overload: the proxy's receive-buffer budget (limits.max_buffered_bytes "
-                           "= %d) cannot hold this frame of {total} bytes now; retry" % max_buffered)
+                           "= %d) cannot hold this frame of {total} bytes now; retry"
+                           % self.max_buffered)
         self.too_large_msg = ("frame of {total} bytes exceeds the limit of %d bytes "
-                              "(limits.max_frame_bytes)" % max_frame)
+                              "(limits.max_frame_bytes)" % self.max_frame)
 
     cdef UpstreamPool get_pool(self, Node node):
         cdef UpstreamPool pool = self.pools.get(node.address)
@@ -90,55 +63,6 @@ cdef class Engine:
             self.pools[node.address] = pool
         node.upstream = pool
         return pool
-
-    cdef int on_answer(self, Node node, int status, double sent_at, double now,
-                       PyObject* shunt=NULL) except -1:
-        """Count one answer for a request that went to `node` (`shunt`: the
-        ShuntStat of the rule that routed it, for the access log)."""
-        cdef double lat = now - sent_at
-        cdef int b = 0
-        node.answers[status & (STATUS_SLOTS - 1)] += 1
-        if node.gov is not None:
-            gv_on_answer(<NodeGov>node.gov, status, lat)
-        while b < 16 and lat > C_LAT_BOUNDS[b]:
-            b += 1
-        self.lat_buckets[b] += 1
-        self.lat_sum += lat
-        if self.access_log is not None and (self.access_sample >= 1.0
-                                            or _random.random() < self.access_sample):
-            self.access_log(node.appkey, status, node.address, lat,
-                            "" if shunt == NULL else (<ShuntStat>shunt).label)
-        return 0
-
-    def latency_histogram(self):
-        """(cumulative bucket counts by upper bound incl. +Inf, sum in seconds)."""
-        cdef int i
-        cdef long long acc = 0
-        out = []
-        for i in range(17):
-            acc += self.lat_buckets[i]
-            out.append((LAT_BOUNDS[i] if i < 16 else float("inf"), acc))
-        return out, self.lat_sum
-
-    def route_error_counts(self):
-        self.fold_route_errors()
-        return dict(self.route_errors)
-
-    def histogram_state(self):
-        cdef int i
-        self.fold_route_errors()
-        return {"buckets": [self.lat_buckets[i] for i in range(17)], "sum": self.lat_sum,
-                "route_errors": [[k[0], k[1], v] for k, v in self.route_errors.items()]}
-
-    def restore_histogram(self, dict st):
-        """Continue the previous generation's histogram and route errors (hot restart)."""
-        cdef int i
-        b = st.get("buckets", [])
-        for i in range(min(17, len(b))):
-            self.lat_buckets[i] += b[i]
-        self.lat_sum += st.get("sum", 0.0)
-        for name, status, v in st.get("route_errors", []):
-            self.route_errors[(name, status)] = self.route_errors.get((name, status), 0) + v
 
     cdef int arm_timer(self) except -1:
         if self.tick_handle is None and self.timed:
@@ -316,7 +240,7 @@ cdef class Engine:
                 ic.in_end_when_idle()
         for d in list(self.outbounds):
             if not d.closed and d.wants_notice and d.transport is not None:
-                self.n_restart_notices += 1
+                self.count.restart_notices += 1
                 d.out_flush()  # what is staged goes first
                 d.via_transport = True
                 d._write(fr_proxy_restart())
@@ -335,7 +259,7 @@ cdef class Engine:
         cdef Py_ssize_t n = 0
         for c in list(self.timed):
             n += c.in_flight
-            self.n_shutdown_answers += c.in_flight
+            self.count.shutdown_answers += c.in_flight
             c.up_fail_all(STATUS_TRANSPORT, why)
         return n
 
@@ -362,54 +286,6 @@ cdef class Engine:
                 ic.send_proxy_restart()
                 n += 1
         return n
-
-    def counters(self):
-        """Every counter of the table by name, and the proxy's own error
-        answers by status ({"errors": {"4": n, ...}})."""
-        cdef int i
-        cdef dict out = self.count  # the struct as a dict, field by field
-        out.update({
-            "frame_timeouts": self.n_frame_timeouts,
-            "idle_closed": self.n_idle_closed, "budget_rejects": self.n_budget_rejects,
-            "inflight_rejects": self.n_inflight_rejects, "context_rejects": self.n_context_rejects,
-            "oversized": self.n_oversized, "early_closes": self.n_early_closes,
-            "restart_notices": self.n_restart_notices,
-            "shutdown_answers": self.n_shutdown_answers,
-            "ignored_response": self.n_ignored_response,
-            "ignored_proxy_restart": self.n_ignored_restart,
-            "rejected_app": self.n_rejected_app, "rejected_inbound": self.n_rejected_inbound,
-            "gov_dropped": self.n_gov_dropped,
-        })
-        out["errors"] = {str(i): self.n_errors[i] for i in range(STATUS_SLOTS) if self.n_errors[i]}
-        return out
-
-    def restore_counters(self, dict c):
-        """Continue the previous generation's counters (hot restart); names
-        it does not know are ignored, names it lacks count from 0."""
-        cdef Counters prev = {name: int(c.get(name, 0)) for name in COUNTER_HELP}
-        cdef long long* dst = <long long*>&self.count
-        cdef const long long* src = <const long long*>&prev
-        cdef Py_ssize_t i
-        for i in range(<Py_ssize_t>(sizeof(Counters) // sizeof(long long))):
-            dst[i] += src[i]
-        self.n_frame_timeouts += c.get("frame_timeouts", 0)
-        self.n_idle_closed += c.get("idle_closed", 0)
-        self.n_budget_rejects += c.get("budget_rejects", 0)
-        self.n_inflight_rejects += c.get("inflight_rejects", 0)
-        self.n_context_rejects += c.get("context_rejects", 0)
-        self.n_oversized += c.get("oversized", 0)
-        self.n_early_closes += c.get("early_closes", 0)
-        self.n_restart_notices += c.get("restart_notices", 0)
-        self.n_shutdown_answers += c.get("shutdown_answers", 0)
-        self.n_ignored_response += c.get("ignored_response", 0)
-        self.n_ignored_restart += c.get("ignored_proxy_restart", 0)
-        self.n_rejected_app += c.get("rejected_app", 0)
-        self.n_rejected_inbound += c.get("rejected_inbound", 0)
-        self.n_gov_dropped += c.get("gov_dropped", 0)
-        for k, v in c.get("errors", {}).items():
-            i = int(k)
-            if 0 <= i < STATUS_SLOTS:
-                self.n_errors[i] += v
 
     def in_flight(self):
         """Requests this process still owes an answer for (both directions)."""

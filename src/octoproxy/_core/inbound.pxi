@@ -98,7 +98,7 @@ cdef class InboundConn(Conn):
                 code = gv_inbound(g, p, &fi, now)
                 if code != GV_OK:
                     if fi.call_type == CALL_ONEWAY:
-                        eng.n_gov_dropped += 1
+                        eng.count.gov_dropped += 1
                     else:
                         eng.n_errors[<int>STATUS_DEGRADE] += 1
                         if fi.kind == FK_OCTO:
@@ -111,12 +111,12 @@ cdef class InboundConn(Conn):
                     continue
             if (fi.flags & FF_REQUEST) and fi.call_type != CALL_ONEWAY:
                 if eng.stopping:
-                    eng.n_shutdown_answers += 1
+                    eng.count.shutdown_answers += 1
                     self.in_error(&fi, STATUS_DEGRADE, "octo-proxy is shutting down: it takes no "
                                   "new requests; retry on another instance")
                     continue
                 if eng.total_in_flight >= eng.max_in_flight_total:
-                    eng.n_inflight_rejects += 1
+                    eng.count.inflight_rejects += 1
                     self.in_error(&fi, STATUS_DEGRADE, f"overload: {eng.total_in_flight} requests "
                                   "in flight in this proxy (limits.max_inflight_total)")
                     continue
@@ -194,7 +194,7 @@ cdef class InboundConn(Conn):
         self.set_transport(transport)
         self.last_rx = self.progress_at = mono()
         if len(self.engine.inbounds) >= self.engine.max_connections:
-            self.engine.n_rejected_inbound += 1
+            self.engine.count.rejected_inbound += 1
             self.engine.log.warning("inbound connection limit (%d, limits.max_connections) reached: "
                                     "closing %s", self.engine.max_connections, _peer_name(transport))
             self.closed = True

@@ -152,22 +152,22 @@ cdef class OutboundConn(Conn):
                 # apps send requests (docs/protocol.md 6.5): anything else is
                 # ignored, counted and logged with the app's pid/uid
                 if fi.msg_type == MT_PROXY_RESTART:
-                    eng.n_ignored_restart += 1
+                    eng.count.ignored_proxy_restart += 1
                     what = "ProxyRestart"
                 else:
-                    eng.n_ignored_response += 1
+                    eng.count.ignored_response += 1
                     what = "response" if fi.flags & FF_RESPONSE else "non-request"
                 eng.log.warning("ignoring a %s frame from app %s: apps send requests only",
                                 what, _peer_name(self.transport))
                 continue
             oneway = fi.call_type == CALL_ONEWAY
             if eng.stopping:
-                eng.n_shutdown_answers += 1
+                eng.count.shutdown_answers += 1
                 self.out_refuse(&fi, STATUS_DEGRADE, "octo-proxy is shutting down: it takes no "
                                 "new requests; retry on another instance")
                 continue
             if fi.gctx_len > eng.max_gctx or fi.lctx_len > eng.max_lctx:
-                eng.n_context_rejects += 1
+                eng.count.context_rejects += 1
                 if fi.gctx_len > eng.max_gctx:
                     self.out_refuse(&fi, STATUS_PROTOCOL, f"globalContext of {fi.gctx_len} bytes "
                                     f"exceeds the limit of {eng.max_gctx} bytes "
@@ -202,7 +202,7 @@ cdef class OutboundConn(Conn):
                 self.out_answer(a, fi.seq_id, p, moff, mlen, body_seq)
                 continue
             if not oneway and eng.total_in_flight >= eng.max_in_flight_total:
-                eng.n_inflight_rejects += 1
+                eng.count.inflight_rejects += 1
                 self.out_error(fi.seq_id, STATUS_DEGRADE, f"overload: {eng.total_in_flight} requests "
                                "in flight in this proxy (limits.max_inflight_total)", False,
                                fi.protocol)
@@ -325,7 +325,7 @@ cdef class OutboundConn(Conn):
                 code = GV_MAX_PENDING
             if code != GV_OK:
                 if oneway:
-                    eng.n_gov_dropped += 1
+                    eng.count.gov_dropped += 1
                 else:
                     kind = answer_kind(p, fi, &moff, &mlen, &body_seq)
                     self.out_answer(gov_answer(g, code, kind), fi.seq_id, p, moff, mlen, body_seq)
@@ -470,7 +470,7 @@ cdef class OutboundConn(Conn):
         self.last_rx = self.progress_at = mono()
         if len(eng.outbounds) >= eng.max_connections:
             # over the limit: closed at once, so the limit bounds open fds
-            eng.n_rejected_app += 1
+            eng.count.rejected_app += 1
             eng.log.warning("app connection limit (%d, limits.max_connections) reached: closing "
                             "the connection from %s", eng.max_connections, _peer_name(transport))
             self.closed = True

@@ -339,7 +339,7 @@ cdef class UpstreamConn(Conn):
             s = self.head
             app = <OutboundConn>self.slots[s].app
             node = <Node>self.slots[s].node
-            self.engine.on_answer(node, status, self.slots[s].sent_at, now, self.slots[s].shunt)
+            count_answer(self.engine, node, status, self.slots[s].sent_at, now, self.slots[s].shunt)
             again = None
             never = False
             if not app.closed and not self.slots[s].oneway and self.slots[s].deadline - now > 0.001:
@@ -417,8 +417,8 @@ cdef class UpstreamConn(Conn):
                 self.up_release(s)
                 continue
             self.engine.count.timeouts += 1
-            self.engine.on_answer(<Node>self.slots[s].node, STATUS_TRANSPORT, self.slots[s].sent_at, now,
-                                  self.slots[s].shunt)
+            count_answer(self.engine, <Node>self.slots[s].node, STATUS_TRANSPORT,
+                         self.slots[s].sent_at, now, self.slots[s].shunt)
             if not app.closed:
                 # one encoding per timeout value (the message names it)
                 kind = akey(self.slots[s].protocol, self.slots[s].method != NULL)
@@ -479,8 +479,8 @@ cdef class UpstreamConn(Conn):
         if self.slots[s].id != fi.seq_id:
             return 0
         app = <OutboundConn>self.slots[s].app
-        self.engine.on_answer(<Node>self.slots[s].node, status, self.slots[s].sent_at, mono(),
-                              self.slots[s].shunt)
+        count_answer(self.engine, <Node>self.slots[s].node, status, self.slots[s].sent_at, mono(),
+                     self.slots[s].shunt)
         if not app.closed:
             app.out_error(self.slots[s].orig_id, status, "the answer was refused: " + why, False,
                           self.slots[s].protocol)
@@ -529,8 +529,8 @@ cdef class UpstreamConn(Conn):
             if not self.proven:
                 self.proven = True  # the peer serves: connecting to it is healthy again
                 self.pool._on_conn_ok()
-            eng.on_answer(<Node>self.slots[s].node, fi.status if fi.status >= 0 else STATUS_SUCCESS,
-                          self.slots[s].sent_at, now, self.slots[s].shunt)
+            count_answer(eng, <Node>self.slots[s].node, fi.status if fi.status >= 0 else STATUS_SUCCESS,
+                         self.slots[s].sent_at, now, self.slots[s].shunt)
             if (fi.status == STATUS_TRANSPORT and self.slots[s].retry != NULL and not app.closed
                     and up_retry_answered(self, s, now)):
                 continue  # an idempotent request the node could not deliver: sent again
@@ -625,7 +625,7 @@ cdef class UpstreamConn(Conn):
         if self.made_at > 0 and was == CONN_OPEN and not self.proven:
             if lived < self.engine.min_life:
                 # died young, closed by the peer: a failed connect (backoff)
-                self.engine.n_early_closes += 1
+                self.engine.count.early_closes += 1
                 self.pool.n_early_closes += 1
                 self.pool._back_off(f"the peer closed the connection {lived * 1000:.0f} ms "
                                     "after it was made")
