@@ -45,7 +45,11 @@ class _UnixHTTP(http.client.HTTPConnection):
     def connect(self) -> None:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(self.timeout)
-        s.connect(self._path)
+        try:
+            s.connect(self._path)
+        except OSError:
+            s.close()  # not ours to leak while the proxy is not listening yet
+            raise
         self.sock = s
 
 
