@@ -132,8 +132,9 @@ def write_endpoints(c: Cluster, ports: dict[str, int], rules: list[dict[str, Any
     tmp = c.path("endpoints.yaml.tmp")
     with open(tmp, "w") as f:
         yaml.safe_dump(data, f)
+    t = time.monotonic()  # before the rename: the change cannot be seen earlier
     os.replace(tmp, c.path("endpoints.yaml"))
-    return time.monotonic()
+    return t
 
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
