@@ -90,6 +90,7 @@ def mesh() -> Any:
         c.server_admin = free_port()  # type: ignore[attr-defined]
         c.client_admin = free_port()  # type: ignore[attr-defined]
         xds = {"server": f"127.0.0.1:{cp_port}"}
+        c.cp_target = xds["server"]  # type: ignore[attr-defined]
         c.proxy("server", {
             "node": {"id": "server"}, "xds": xds,
             "auth": {"source": "xds", "max_skew_s": 60},
@@ -257,12 +258,50 @@ def test_unknown_caller_until_its_token_arrives(mesh: Cluster) -> None:
     write_tokens(mesh, TOKENS)
 
 
-def test_tokens_never_in_logs_dumps_or_control_plane_log(mesh: Cluster) -> None:
+def _handover_state(mesh: Cluster) -> dict[str, Any]:
+    """What a generation with tokens from the control plane hands to the
+    next in a hot restart (its own socket), after one signed call."""
+    import asyncio
+
+    import uvloop
+
+    from octoproxy.config import parse_config
+    from octoproxy.server import Proxy
+
+    cfg = parse_config({
+        "node": {"id": "handover"}, "xds": {"server": mesh.cp_target},  # type: ignore[attr-defined]
+        "auth": {"source": "xds"}, "hot_restart": {"socket": mesh.path("hs.hr")},
+        "listeners": {"outbound": [{"path": mesh.path("hs.sock"), "sign_for": ["com.demo.web"]}]},
+        "static": {"services": [{"appkey": PROVIDER, "endpoints": [
+            {"address": f"127.0.0.1:{mesh.port}"}]}]}})  # type: ignore[attr-defined]
+
+    async def go() -> dict[str, Any]:
+        p = Proxy(cfg)
+        await p.start()
+        try:
+            def one() -> dict[str, Any]:
+                w = Wire(mesh.path("hs.sock"))
+                try:
+                    return w.call(b"echo:hs", "com.demo.web")
+                finally:
+                    w.close()
+
+            assert (await asyncio.get_running_loop().run_in_executor(None, one))["status"] == 0
+            return p.handover_state()
+        finally:
+            await p.close()
+
+    return uvloop.run(go())
+
+
+def test_tokens_never_in_logs_dumps_handover_or_control_plane_log(mesh: Cluster) -> None:
     test_tokens_and_acl_from_the_control_plane(mesh)
     dumps = [_get(a, "/config_dump").decode()
              for a in (mesh.server_admin, mesh.client_admin)]  # type: ignore[attr-defined]
     assert all('"source": "xds"' in d or '"source":"xds"' in d for d in dumps)
-    blobs = dumps + [p.log() for p in mesh.procs]
+    state = _handover_state(mesh)
+    assert "counters" in state
+    blobs = dumps + [p.log() for p in mesh.procs] + [json.dumps(state)]
     for token in SEEN_TOKENS:
         for blob in blobs:
             assert token not in blob, "a token leaked"
