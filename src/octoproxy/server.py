@@ -368,6 +368,13 @@ class Proxy:
             # sign and verify from the first request when the control plane is
             # up; without it, requests are refused (status 7) until they come
             missing = await self.keyring.wait_complete(cfg.subscribe.timeout_s)
+            if missing and self.generation > 1:
+                # tokens are never handed over: a generation that could not
+                # fetch them must not take over from one that has them
+                raise TimeoutError(
+                    f"auth: not received from the control plane within "
+                    f"{cfg.subscribe.timeout_s:g} s (subscribe.timeout_s), so the running "
+                    f"generation keeps serving: {', '.join(missing[:20])}")
             if missing:
                 log.warning("auth: not received from the control plane yet (requests that "
                             "need them are refused with status 7): %s", ", ".join(missing[:20]))

@@ -1,0 +1,78 @@
+"""Hot restart with tokens and ACLs from the control plane (docs/auth.md):
+tokens are never handed over, so a new generation fetches them before it
+takes over; one that cannot (the control plane is down) fails, and the
+running generation keeps serving, verifying with the tokens it holds."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+import yaml
+from test_auth import Wire, mac, now_ms
+
+from octoproxy.process import pid_alive
+from octoproxy.process import read_pid_file as read_pid
+
+from harness import Proc, cluster, free_port, wait_for
+
+PROVIDER = "com.demo.echo"
+TOKEN = "xds-restart-tok-legacy-71"
+
+
+def call(port: int) -> dict[str, Any]:
+    w = Wire(port)
+    try:
+        ts = now_ms()
+        return w.signed(b"echo:r", "com.demo.legacy", ts=ts,
+                        sig=mac("com.demo.legacy", ts, token=TOKEN))
+    finally:
+        w.close()
+
+
+def test_new_generation_fetches_tokens_or_does_not_take_over() -> None:
+    with cluster() as c:
+        tok = c.path("tokens.yaml")
+        fd = os.open(tok, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump({"com.demo.legacy": TOKEN}, f)
+        with open(c.path("eps.yaml"), "w") as f:
+            yaml.safe_dump({"services": [], "acls": {PROVIDER: [{"caller": "com.demo.legacy"}]}}, f)
+        cp_port = free_port()
+        cp_args = [sys.executable, "-m", "octoproxy", "control-plane", "--endpoints",
+                   c.path("eps.yaml"), "--tokens", tok, "--listen", f"127.0.0.1:{cp_port}"]
+        cp = Proc(cp_args, "cp", c.dir)
+        c.procs.append(cp)
+        wait_for(lambda: "listening on" in cp.log() or not cp.alive(), 20, "the control plane")
+        c.providers(echo="echo.sock")
+        port = free_port()
+        pidf = c.path("server.pid")
+        server = c.proxy("server", {
+            "node": {"id": "server"}, "xds": {"server": f"127.0.0.1:{cp_port}"},
+            "auth": {"source": "xds", "max_skew_s": 60},
+            "subscribe": {"timeout_s": 2},
+            "hot_restart": {"socket": c.path("server.hr"), "pid_file": pidf,
+                            "drain_s": 1.0, "start_timeout_s": 20.0},
+            "listeners": {"inbound": [{
+                "host": "127.0.0.1", "port": port, "upstream_uds": c.path("echo.sock"),
+                "appkey": PROVIDER, "auth": {"mode": "enforce"}}]}})
+        wait_for(lambda: call(port)["status"] == 0, 20, "the token and ACL from the control plane")
+        # 1. with the control plane up: the new generation fetches them and takes over
+        old = read_pid(pidf)
+        assert old is not None
+        os.kill(old, signal.SIGUSR2)
+        new = wait_for(lambda: (p := read_pid(pidf)) != old and p, 40, "generation 2")
+        wait_for(lambda: not pid_alive(old), 40, "generation 1 to exit")
+        assert call(port)["status"] == 0
+        # 2. with the control plane down: the new generation cannot get them and fails
+        cp.stop()
+        os.kill(new, signal.SIGUSR2)
+        wait_for(lambda: "auth: not received from the control plane" in server.log(), 40,
+                 "the new generation to give up")
+        wait_for(lambda: server.log().count("still serving") >= 1, 40,
+                 "the running generation to notice")
+        assert read_pid(pidf) == new and pid_alive(new)
+        assert call(port)["status"] == 0  # verified with the tokens it holds
+        assert TOKEN not in server.log() and TOKEN not in cp.log()
