@@ -1,7 +1,7 @@
 """Tokens (SDS) and ACLs (RBAC) against an xDS double that behaves like
 go-control-plane (tests/e2e/xds_double.py): secrets pushed before clusters,
-every resource of a type resent under a new version, delta removals, a bad
-policy.  The real XdsClient on a real gRPC stream feeds a Keyring whose
+every resource of a type resent (under a new version, and a response repeated
+with the same one), delta removals, a bad policy.  The real XdsClient on a real gRPC stream feeds a Keyring whose
 Verifier is checked with signed frames (docs/auth.md, docs/xds.md section 2)."""
 
 from __future__ import annotations
@@ -117,6 +117,13 @@ def test_go_control_plane_like_sds_first_resend_all(delta: bool) -> None:
             if not delta:  # SotW: the unchanged secrets came again
                 assert any(r.type_url == SECRET_TYPE and len(r.resources) == 2
                            for _, r in d.responses[sent:])
+            assert rig.ring.updates == updates
+            # the same response again, same version_info: ACKed, nothing re-applied
+            last = next(r for _, r in reversed(d.responses) if r.type_url == SECRET_TYPE)
+            sent = len(d.responses)
+            d.send_raw(last)
+            await until(lambda: rig.client.stats.acks + rig.client.stats.nacks
+                        == sent + 1, "the repeated response answered")
             assert rig.ring.updates == updates
             # the ACL grants OTHER: its token is asked for and arrives
             d.put_other(RBAC_TYPE, acl_to_rbac(PROVIDER, {BATCH: frozenset({"get"}), OTHER: None}))
