@@ -12,15 +12,19 @@ from envoy.config.route.v3 import route_components_pb2
 from envoy.extensions.filters.network.thrift_proxy.v3 import route_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, json_format
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from octoproxy import model as M
 from octoproxy.controlplane.store import FileError, _Cache, build
+from octoproxy.shunting import validate_rules
 from octoproxy.xds.resources import ENDPOINT_TYPE, ResourceError, cla_to_endpoints
 from octoproxy.xds.shunting import (
     GLOBAL_RESOURCE,
     THRIFT_ROUTE_TYPE,
     RuleResources,
     route_config_to_rules,
+    rule_to_dict,
     rules_from_list,
     rules_to_route_config,
 )
@@ -425,8 +429,6 @@ def test_file_rejections(tmp_path: Path, text: str, needle: str) -> None:
 
 
 def test_rules_from_list_round_trip() -> None:
-    from octoproxy.xds.shunting import rule_to_dict
-
     rules = rules_from_list("app.a", [rule_to_dict(r) for r in EVERY_OP], "x")
     assert rules == EVERY_OP
 
@@ -509,3 +511,68 @@ def test_delta_removal_and_versions() -> None:
     resp.removed_resources.append("app.a")
     assert rr.on_delta(resp) == []
     assert sink.rules == {} and rr.version("app.a") == ""
+
+
+# --- property: any valid rule set survives the trip through the wire ---------------
+
+_text = st.text(alphabet=st.sampled_from(list("ab.|\\^$()[]*+?{}:-_ 0é")), min_size=0, max_size=6)
+_key = st.one_of(st.sampled_from(["userId", "k", ":odd", "octo-set"]), _text.filter(bool))
+_i64 = st.integers(-(2**63), 2**63 - 1)
+
+
+@st.composite
+def _matches(draw: Any) -> M.ShuntMatch:
+    src = draw(st.sampled_from([M.SRC_SERVICE, M.SRC_METHOD, M.SRC_CALLER, M.SRC_CONTEXT,
+                                M.SRC_RANDOM]))  # fmt: skip
+    key = draw(_key) if src == M.SRC_CONTEXT else ""
+    if src == M.SRC_RANDOM:
+        return M.ShuntMatch(src, M.OP_PERCENT, percent=draw(st.integers(0, 10000)) / 100)
+    op = draw(st.sampled_from([M.OP_EQ, M.OP_IN, M.OP_PREFIX, M.OP_PRESENT, M.OP_RANGE,
+                               M.OP_MOD, M.OP_PERCENT]))  # fmt: skip
+    if op in (M.OP_EQ, M.OP_PREFIX):
+        return M.ShuntMatch(src, op, key=key, values=(draw(_text),))
+    if op == M.OP_IN:
+        return M.ShuntMatch(src, op, key=key, values=tuple(draw(st.lists(_text, min_size=1,
+                                                                          max_size=4))))  # fmt: skip
+    if op == M.OP_RANGE:
+        lo = draw(_i64)
+        return M.ShuntMatch(src, op, key=key, lo=lo, hi=draw(st.integers(lo + 1, 2**63 - 1))
+                            if lo < 2**63 - 1 else lo) if lo < 2**63 - 1 else M.ShuntMatch(
+            src, M.OP_PRESENT, key=key)  # fmt: skip
+    if op == M.OP_MOD:
+        mod = draw(st.integers(1, 2**53))
+        rems = draw(st.lists(st.integers(0, mod - 1), min_size=1, max_size=3, unique=True))
+        return M.ShuntMatch(src, op, key=key, modulus=mod, remainders=tuple(rems))
+    if op == M.OP_PERCENT:
+        return M.ShuntMatch(src, op, key=key, percent=draw(st.integers(0, 10000)) / 100)
+    return M.ShuntMatch(src, op, key=key)
+
+
+@st.composite
+def _rule_sets(draw: Any) -> tuple[M.ShuntRule, ...]:
+    out = []
+    for i in range(draw(st.integers(0, 4))):
+        ms = tuple(draw(st.lists(_matches(), max_size=4)))
+        if draw(st.booleans()):
+            out.append(M.ShuntRule(f"r{i}", ms, group=draw(_text.filter(bool)),
+                                   on_no_node=draw(st.sampled_from([M.NO_NODE_FALLBACK,
+                                                                    M.NO_NODE_REJECT]))))  # fmt: skip
+        elif draw(st.booleans()):
+            out.append(M.ShuntRule(f"r{i}", ms, action=M.ACT_CONTEXT, target="octo-set",
+                                   value=draw(_text)))  # fmt: skip
+        else:
+            table = draw(st.dictionaries(_text, _text, min_size=1, max_size=3))
+            out.append(M.ShuntRule(f"r{i}", ms, action=M.ACT_CONTEXT, target="octo-liteset",
+                                   source_key=draw(_key), unit_table=tuple(sorted(table.items()))))  # fmt: skip
+    return tuple(out)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rules=_rule_sets(), scope=st.sampled_from(["app.a", M.SHUNT_GLOBAL]))
+def test_round_trip_property(rules: tuple[M.ShuntRule, ...], scope: str) -> None:
+    try:
+        validate_rules(scope, rules)
+    except ValueError:
+        return  # not a rule set anyone may send (e.g. a source_key without a table entry)
+    same(route_config_to_rules(wire(rules_to_route_config(scope, rules))), rules)
+    assert rules_from_list(scope, [rule_to_dict(r) for r in rules], "x") == rules

@@ -573,10 +573,14 @@ def rules_to_route_config(
         ext: dict[str, Any] = {"name": r.name}
         conds: list[dict[str, Any]] = []
         rest = list(r.matches)
-        if rest and rest[0].op == model.OP_EQ and rest[0].source == model.SRC_METHOD:
-            route.match.method_name = rest.pop(0).values[0]
-        elif rest and rest[0].op == model.OP_EQ and rest[0].source == model.SRC_SERVICE:
-            route.match.service_name = rest.pop(0).values[0]
+        first = rest[0] if rest else None
+        # the standard specifiers read "" as "any" and drop a trailing ':' of
+        # a service name: such values go as headers
+        if first is not None and first.op == model.OP_EQ and first.values[0]:
+            if first.source == model.SRC_METHOD:
+                route.match.method_name = rest.pop(0).values[0]
+            elif first.source == model.SRC_SERVICE and not first.values[0].endswith(":"):
+                route.match.service_name = rest.pop(0).values[0]
         for m in rest:
             h = _to_header(m)
             if h is not None:
