@@ -10,6 +10,11 @@ the end-to-end CPU figure that the proxy controls (the rest is syscalls).
   read carrying their BATCH answers is matched, remapped back and staged for
   the app; the loop's end-of-iteration callbacks flush both.  Cost per
   request = the whole round trip.
+- forwarded+gov: the same with every caller-side governance feature of
+  docs/governance.md on and no limit hit (rate rules by service, method and
+  per caller, breakers, outlier counts, adaptive limit, a retry policy that
+  keeps a retry copy of each request); requests carry a caller appkey.
+  Goal (issue 14): <= +10% of forwarded.
 - locally answered: the proxy answers the request itself: unknown service,
   overload (the per-connection in-flight limit reached), draining (hot restart), and timeout (the
   request went upstream and its deadline passed: the cost of the sweep
@@ -34,6 +39,7 @@ import pytest
 
 from octoproxy._core import datapath as D
 from octoproxy._core import frame as F
+from octoproxy._core import limits as L
 from octoproxy._core import route as R
 from octoproxy.config import Limits, Upstream
 from octoproxy.model import Endpoint, Labels, Service
@@ -167,10 +173,18 @@ def make_engine(table: Any, loop: Any, connect: Any, log: Any, **config: Any) ->
 class Rig:
     """A client-side proxy's Engine with one app connection and one upstream node."""
 
-    def __init__(self, **config: Any) -> None:
-        """`config`: fields of config.Limits / config.Upstream, set unchecked."""
+    def __init__(self, gov: Any = None, **config: Any) -> None:
+        """`config`: fields of config.Limits / config.Upstream, set unchecked;
+        `gov`: a ServiceGov every node of the service gets (governance)."""
         self.loop = FakeLoop()
         self.table = R.RouteTable(Labels(idc="", region=""), seed=1)
+        if gov is not None:
+
+            def hook(svc: Any, nodes: list[Any]) -> None:
+                for n in nodes:
+                    n.gov = L.NodeGov(gov, n.address)
+
+            self.table.gov_hook = hook
         self.table.replace_all(
             [Service(APPKEY, (Endpoint("127.0.0.1", 9),), service_names=(SERVICE,))]
         )
@@ -196,7 +210,11 @@ class Rig:
 
 
 def request_batch(
-    appkey: str = APPKEY, timeout_ms: int = 0, protocol: int = 1, body: bytes = BODY
+    appkey: str = APPKEY,
+    timeout_ms: int = 0,
+    protocol: int = 1,
+    body: bytes = BODY,
+    caller: str | None = None,
 ) -> bytes:
     return b"".join(
         F.encode_request(
@@ -206,17 +224,40 @@ def request_batch(
             timeout=timeout_ms,
             protocol=protocol,
             local_context={"octo-remote-appkey": appkey},
+            trace_info={"clientAppkey": caller} if caller else None,
         )
         for i in range(BATCH)
     )
 
 
+def caller_gov() -> Any:
+    """Every caller-side governance feature on, limits far above the load
+    (bench/e2e/bench_governance.py's caller-side policy)."""
+    big = 10_000_000
+    g = L.ServiceGov(APPKEY)
+    g.set_rules(
+        [],
+        [
+            L.RateRule("service", big),
+            L.RateRule("method", big, method="echo"),
+            L.RateRule("each caller", big, per_caller=True),
+        ],
+    )
+    g.max_requests = g.max_pending = g.node_max_requests = big
+    g.adaptive_limit = big
+    g.consec_transport = g.consec_status = 5
+    g.status_mask = 1 << 2
+    g.max_attempts = 2
+    g.set_idempotent(["echo"])
+    return g
+
+
 class Forwarding:
     """Round trips through one Rig: requests in, their answers back."""
 
-    def __init__(self, body: bytes = BODY) -> None:
-        self.rig = Rig()
-        self.reqs = request_batch(body=body)
+    def __init__(self, body: bytes = BODY, gov: bool = False) -> None:
+        self.rig = Rig(gov=caller_gov() if gov else None)
+        self.reqs = request_batch(body=body, caller="com.bench.caller")
         self.resp = F.encode_response(1, BODY)
         self.resp_seq = seq_off_of(self.resp)
         self.req_len = len(self.reqs) // BATCH
@@ -315,12 +356,14 @@ class Timeouts:
 def make(kind: str, body: bytes = BODY) -> Any:
     if kind == "forwarded":
         return Forwarding(body)
+    if kind == "forwarded+gov":
+        return Forwarding(body, gov=True)
     if kind == "timeout":
         return Timeouts(body)
     return LocalAnswer(kind, body)
 
 
-KINDS = ("forwarded", "unknown service", "overload", "draining", "timeout")
+KINDS = ("forwarded", "forwarded+gov", "unknown service", "overload", "draining", "timeout")
 
 
 @pytest.mark.parametrize("body", ["plain", "thrift"])

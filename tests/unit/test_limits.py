@@ -69,6 +69,39 @@ def test_per_caller_buckets_are_independent() -> None:
     assert a == b == none == [True, True, False]
 
 
+def test_per_caller_table_grows_and_keeps_every_callers_tokens() -> None:
+    # the buckets live in a C hash table that doubles as callers arrive: a
+    # caller's spent tokens survive every growth (no caller starts full twice)
+    r = L.RateRule("each", 0.001, 2, per_caller=True)
+    names = [f"com.caller.{i}" for i in range(3000)]
+    for n in names:
+        assert r.try_take(n) and r.try_take(n)
+    assert r.n_callers == 3000
+    assert not any(r.try_take(n) for n in names)
+    assert r.try_take("") and r.try_take(None) and not r.try_take("")  # no caller: one bucket
+
+
+def test_per_caller_table_is_emptied_past_its_bound() -> None:
+    r = L.RateRule("each", 0.001, 1, per_caller=True)
+    for i in range(10_000):
+        assert r.try_take(f"c{i}")
+    assert r.n_callers == 10_000 and not r.try_take("c0")
+    assert r.try_take("one too many")  # the table is emptied: every caller starts full
+    assert r.n_callers == 1 and r.try_take("c0")
+
+
+def test_a_refusal_gives_back_per_caller_tokens_too() -> None:
+    g = L.ServiceGov("svc")
+    each = L.RateRule("each", 0.001, 3, per_caller=True)
+    meth = L.RateRule("method", 0.001, 1, method="get")
+    g.set_rules([each, meth], [])
+    assert g.check_inbound(req("get", "a")) is None
+    for _ in range(4):
+        assert g.check_inbound(req("get", "a")) is not None
+    assert each.n_allowed == 1
+    assert [g.check_inbound(req("put", "a")) is None for _ in range(3)] == [True, True, False]
+
+
 def test_a_refusal_gives_back_the_tokens_of_earlier_rules() -> None:
     g = L.ServiceGov("svc")
     svc_rule = L.RateRule("service", 1, 5)

@@ -81,10 +81,15 @@ cdef struct FrameInfo:
     # the same for globalContext (traffic shunting reads any context key)
     Py_ssize_t gctx_off       # -1: no globalContext
     Py_ssize_t gctx_end
+    # the request's method name, parsed once per request (fi_method below):
+    # FM_UNREAD until then; -1 when the body is not a readable Thrift message
+    Py_ssize_t method_off
+    Py_ssize_t method_len
 
 # Message types, status codes and call types: constants.pxd.
 cdef enum:
     FR_MAX_DEPTH = 32          # deepest struct/map/set/list nesting accepted in a header
+    FM_UNREAD = -2             # FrameInfo.method_off before fi_method has read the method
 
 # Scan one frame at buf[0:n].  Returns the frame's length (> 0) and fills *fi
 # when a whole frame is there; 0 (FE_NEED_MORE) when more bytes are needed; a
@@ -119,6 +124,17 @@ cdef Py_ssize_t fr_method(const uint8_t* frame, const FrameInfo* fi,
 # must come from fr_scan on these bytes (the maps were checked there).
 cdef Py_ssize_t fr_context_get(const uint8_t* frame, const FrameInfo* fi, const char* key,
                                Py_ssize_t klen, Py_ssize_t* vlen) noexcept nogil
+# fr_method, read once per frame and kept in fi.method_off/method_len: every
+# per-request consumer (governance rules and retries, auth, traffic shunting)
+# calls this, so the body's message header is parsed at most once.
+cdef inline Py_ssize_t fi_method(const uint8_t* frame, FrameInfo* fi,
+                                 Py_ssize_t* name_len) noexcept nogil:
+    if fi.method_off == FM_UNREAD:
+        fi.method_off = fr_method(frame, fi, &fi.method_len)
+        if fi.method_off < 0:
+            fi.method_len = -1
+    name_len[0] = fi.method_len
+    return fi.method_off
 
 # The same over a bare Thrift message at body[0:n]: the name's offset in body.
 cdef Py_ssize_t fr_thrift_method(const uint8_t* body, Py_ssize_t n,

@@ -534,6 +534,8 @@ cdef inline void fr_reset(FrameInfo* fi) noexcept nogil:
     fi.lctx_end = -1
     fi.gctx_off = -1
     fi.gctx_end = -1
+    fi.method_off = FM_UNREAD
+    fi.method_len = -1
 
 
 cdef Py_ssize_t fr_scan_thrift(const uint8_t* buf, Py_ssize_t n, Py_ssize_t max_frame,

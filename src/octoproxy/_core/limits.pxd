@@ -7,7 +7,7 @@
 # Cost when a service has no governance: the data path checks one pointer
 # (Node.gov / the inbound listener's ServiceGov) for None.
 
-from libc.stdint cimport uint8_t, uint32_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 from octoproxy._core.frame cimport FrameInfo
 
@@ -38,21 +38,36 @@ cdef enum:
     GV_RULE = 8           # rate-limit rule i is GV_RULE + i
 
 
+# One caller's bucket of a per-caller rule, in the rule's open-addressing
+# table (no Python object per request or per caller).
+cdef struct CallerSlot:
+    uint64_t h            # hash of the caller's appkey (never 0); 0 = empty slot
+    char* key             # the caller's appkey (malloc'd), compared on a hash match
+    Py_ssize_t klen
+    Bucket b
+
+
 cdef class RateRule:
     cdef readonly str name
     cdef readonly str message          # the answer's message (status 6)
     cdef bytes method                  # None = any method
     cdef bytes caller                  # None = any caller
+    cdef const char* m_p               # method's bytes (of `method`), m_len -1 = any
+    cdef Py_ssize_t m_len
+    cdef const char* c_p               # caller's bytes (of `caller`), c_len -1 = any
+    cdef Py_ssize_t c_len
     cdef readonly bint per_caller      # one bucket per distinct caller appkey
     cdef readonly double rate
     cdef readonly double burst
     cdef Bucket bucket
-    cdef dict callers                  # caller bytes -> CallerBucket (per_caller)
+    cdef CallerSlot* ctab              # per_caller: the callers' buckets (ccap slots, power of 2)
+    cdef Py_ssize_t ccap
+    cdef Py_ssize_t cn                 # callers in ctab
     cdef public long long n_limited
     cdef public long long n_allowed
 
-    cdef bint take(self, bytes caller, double now) except -1
-    cdef void give_back(self, bytes caller) noexcept
+    cdef Bucket* rr_bucket(self, const uint8_t* c, Py_ssize_t cl, uint64_t h, double now) except NULL
+    cdef void ctab_clear(self) noexcept
 
 
 cdef class ServiceGov:
@@ -104,7 +119,7 @@ cdef class ServiceGov:
     cdef public list reasons           # GV_* / rule index -> message
     cdef public list answers           # the data path's pre-encoded refusals (None after a change)
 
-    cdef int gv_rules(self, list rules, const uint8_t* frame, const FrameInfo* fi,
+    cdef int gv_rules(self, list rules, const uint8_t* frame, FrameInfo* fi,
                       bint by_method, bint by_caller, double now) except -2
     cdef int gv_quota(self, double now) except -2
 
@@ -124,11 +139,11 @@ cdef class NodeGov:
 
 
 # Provider side: the inbound rate rules and the cluster quota.  GV_OK or a GV_* code.
-cdef int gv_inbound(ServiceGov g, const uint8_t* frame, const FrameInfo* fi, double now) except -2
+cdef int gv_inbound(ServiceGov g, const uint8_t* frame, FrameInfo* fi, double now) except -2
 
 # Caller side, after the pick: caller rate rules, circuit breakers, adaptive limit.
 # `active` is the picked node's requests in flight.  GV_OK or a GV_* code.
-cdef int gv_outbound(ServiceGov g, const uint8_t* frame, const FrameInfo* fi, long active,
+cdef int gv_outbound(ServiceGov g, const uint8_t* frame, FrameInfo* fi, long active,
                      double now) except -2
 
 # One answer (or a proxy-made failure) for a request sent to the node.
@@ -139,4 +154,4 @@ cdef bint gv_budget(ServiceGov g) noexcept
 
 # Whether a request written upstream may be executed again: its method is
 # idempotent and the retry budget allows one more.
-cdef bint gv_may_retry(ServiceGov g, const uint8_t* frame, const FrameInfo* fi) except -1
+cdef bint gv_may_retry(ServiceGov g, const uint8_t* frame, FrameInfo* fi) except -1

@@ -1,27 +1,34 @@
 # cython: language_level=3
 """Service governance in the data path (contract: limits.pxd).
 
-Per request everything here is C: token buckets refilled from the monotonic
-clock, rules matched by memcmp against the method name (read in place by
-fr_method) and the caller's appkey (traceInfo.clientAppkey), counters.  A
-Python object is made per request only for a per-caller rule (the caller's
-appkey as the dict key of its bucket).  Python (octoproxy/governance.py)
+Per request everything here is C, with no Python object made: token buckets
+refilled from the monotonic clock, rules matched by memcmp against the method
+name (read in place, once per request, by fi_method) and the caller's appkey
+(traceInfo.clientAppkey), per-caller buckets found in a C hash table, counters.
+Python (octoproxy/governance.py)
 compiles the policies into these objects when config or xDS changes, fetches
 cluster-quota steps from Redis when `qwant` is called (once per step), and
 decides ejections when `on_trip` is called (once per trip).
 
 docs/governance.md describes the behaviour."""
 
+import os
+
 cimport cython
-from libc.stdint cimport uint8_t, uint32_t
-from libc.string cimport memcmp
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcmp, memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
-from octoproxy._core.frame cimport FrameInfo, fr_method, fr_scan
+from octoproxy._core.frame cimport FrameInfo, fi_method, fr_scan
 
 # the caller's bucket of a per-caller rule: at most this many callers are
 # tracked per rule; past it the table is emptied (every caller starts full)
 DEF MAX_CALLERS = 10000
+# every caller's slot is within this many of its hash's home slot, so a
+# lookup reads at most this many (callers crafted to collide empty the table)
+DEF MAX_PROBE = 32
 
 # statuses (docs/protocol.md): what counts as a transport failure
 DEF ST_TRANSPORT = 4
@@ -70,13 +77,52 @@ cdef inline bint bk_take(Bucket* b, double now) noexcept nogil:
     return False
 
 
-cdef inline bint same(bytes want, const uint8_t* p, Py_ssize_t n):
-    return n == len(want) and memcmp(<const char*>want, p, n) == 0
+cdef uint64_t _hseed = 0
 
 
-@cython.final
-cdef class CallerBucket:
-    cdef Bucket b
+cdef inline uint64_t mix64(uint64_t h) noexcept nogil:
+    h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9ULL
+    h = (h ^ (h >> 27)) * 0x94D049BB133111EBULL
+    return h ^ (h >> 31)
+
+
+cdef inline uint64_t caller_hash(const uint8_t* c, Py_ssize_t n) noexcept nogil:
+    # 8 bytes per multiply, seeded per process (a caller's appkey is the
+    # request's to choose); never 0 (0 marks an empty slot)
+    cdef uint64_t h = _hseed ^ <uint64_t>n
+    cdef uint64_t w
+    while n >= 8:
+        memcpy(&w, c, 8)
+        h = mix64(h ^ w)
+        c += 8
+        n -= 8
+    if n > 0:
+        w = 0
+        memcpy(&w, c, n)
+        h = mix64(h ^ w ^ 0x9E3779B97F4A7C15ULL)
+    return h if h != 0 else 1
+
+
+cdef void ctab_free(CallerSlot* t, Py_ssize_t cap) noexcept:
+    cdef Py_ssize_t i
+    if t == NULL:
+        return
+    for i in range(cap):
+        if t[i].h != 0:
+            free(t[i].key)
+    free(t)
+
+
+cdef inline Py_ssize_t ctab_put(CallerSlot* t, Py_ssize_t cap, CallerSlot* s) noexcept:
+    # the slot's index; -1 when it would be MAX_PROBE or more from its hash's home
+    cdef Py_ssize_t i = <Py_ssize_t>(s.h & <uint64_t>(cap - 1)), d = 0
+    while t[i].h != 0:
+        i = (i + 1) & (cap - 1)
+        d += 1
+        if d >= MAX_PROBE:
+            return -1
+    t[i] = s[0]
+    return i
 
 
 @cython.final
@@ -93,10 +139,17 @@ cdef class RateRule:
         self.burst = burst if burst >= 1.0 else (rate if rate >= 1.0 else 1.0)
         self.method = method.encode() if isinstance(method, str) else method
         self.caller = caller.encode() if isinstance(caller, str) else caller
+        self.m_p = <const char*>self.method if self.method is not None else NULL
+        self.m_len = len(self.method) if self.method is not None else -1
+        self.c_p = <const char*>self.caller if self.caller is not None else NULL
+        self.c_len = len(self.caller) if self.caller is not None else -1
         self.per_caller = per_caller
-        self.callers = {}
         self.message = f"rate limited by octo-proxy: {name} ({rate:g}/s, burst {self.burst:g})"
         bk_init(&self.bucket, rate, self.burst, mono())
+
+    def __dealloc__(self):
+        ctab_free(self.ctab, self.ccap)
+        self.ctab = NULL
 
     @property
     def key(self):
@@ -104,17 +157,23 @@ cdef class RateRule:
         return (self.method.decode() if self.method is not None else None,
                 self.caller.decode() if self.caller is not None else None, self.per_caller)
 
+    @property
+    def n_callers(self):
+        """Callers with a bucket of their own (per_caller)."""
+        return self.cn
+
     def update_from(self, RateRule new):
         """Take `new`'s limits, keeping the tokens already granted (capped by
         the new burst) and the counters."""
         cdef double now = mono()
-        cdef CallerBucket cb
+        cdef Py_ssize_t i
         self.rate = new.rate
         self.burst = new.burst
         self.message = new.message
         bk_set(&self.bucket, new.rate, new.burst, now)
-        for cb in self.callers.values():
-            bk_set(&cb.b, new.rate, new.burst, now)
+        for i in range(self.ccap):
+            if self.ctab[i].h != 0:
+                bk_set(&self.ctab[i].b, new.rate, new.burst, now)
 
     def tokens(self):
         bk_refill(&self.bucket, mono())
@@ -122,39 +181,76 @@ cdef class RateRule:
 
     def try_take(self, caller=None):
         """Python twin of the data path's check (tests)."""
-        cdef bytes c = caller.encode() if isinstance(caller, str) else caller
-        return self.take(c, mono())
+        cdef bytes c = caller.encode() if isinstance(caller, str) else (caller or b"")
+        cdef double now = mono()
+        cdef Bucket* b = &self.bucket
+        if self.per_caller:
+            b = self.rr_bucket(<const uint8_t*><char*>c, len(c),
+                               caller_hash(<const uint8_t*><char*>c, len(c)), now)
+        return bk_take(b, now)
 
-    cdef bint take(self, bytes caller, double now) except -1:
-        cdef CallerBucket cb
-        if not self.per_caller:
-            return bk_take(&self.bucket, now)
-        if caller is None:
-            caller = b""
-        cb = self.callers.get(caller)
-        if cb is None:
-            if len(self.callers) >= MAX_CALLERS:
-                self.callers.clear()
-            cb = CallerBucket.__new__(CallerBucket)
-            bk_init(&cb.b, self.rate, self.burst, now)
-            self.callers[caller] = cb
-        return bk_take(&cb.b, now)
+    cdef Bucket* rr_bucket(self, const uint8_t* c, Py_ssize_t cl, uint64_t h,
+                           double now) except NULL:
+        """The bucket of caller c[0:cl] (hash h) of a per-caller rule, made
+        full on first sight; past MAX_CALLERS (or MAX_PROBE) the table is
+        emptied and every caller starts full again."""
+        cdef Py_ssize_t i, d, ncap
+        cdef CallerSlot* t
+        cdef CallerSlot s
+        if cl < 0:
+            cl = 0
+        if self.ctab != NULL:
+            i = <Py_ssize_t>(h & <uint64_t>(self.ccap - 1))
+            d = 0
+            while self.ctab[i].h != 0 and d < MAX_PROBE:
+                if (self.ctab[i].h == h and self.ctab[i].klen == cl
+                        and memcmp(self.ctab[i].key, c, cl) == 0):
+                    return &self.ctab[i].b
+                i = (i + 1) & (self.ccap - 1)
+                d += 1
+        if self.cn >= MAX_CALLERS:
+            self.ctab_clear()
+        if self.ctab == NULL or (self.cn + 1) * 2 > self.ccap:
+            # grow (or make) the table: load <= 1/2
+            ncap = self.ccap * 2 if self.ccap else 16
+            t = <CallerSlot*>calloc(ncap, sizeof(CallerSlot))
+            if t == NULL:
+                raise MemoryError()
+            for i in range(self.ccap):
+                if self.ctab[i].h != 0 and ctab_put(t, ncap, &self.ctab[i]) < 0:
+                    free(self.ctab[i].key)
+                    self.cn -= 1
+            free(self.ctab)
+            self.ctab = t
+            self.ccap = ncap
+        s.h = h
+        s.klen = cl
+        s.key = <char*>malloc(cl if cl > 0 else 1)
+        if s.key == NULL:
+            raise MemoryError()
+        memcpy(s.key, c, cl)
+        bk_init(&s.b, self.rate, self.burst, now)
+        i = ctab_put(self.ctab, self.ccap, &s)
+        if i < 0:
+            # callers crafted to collide: start over (an empty table always takes it)
+            self.ctab_clear()
+            free(s.key)
+            return self.rr_bucket(c, cl, h, now)
+        self.cn += 1
+        return &self.ctab[i].b
 
-    cdef void give_back(self, bytes caller) noexcept:
-        cdef CallerBucket cb
-        if not self.per_caller:
-            self.bucket.tokens += 1.0
-            return
-        cb = self.callers.get(caller if caller is not None else b"")
-        if cb is not None:
-            cb.b.tokens += 1.0
+    cdef void ctab_clear(self) noexcept:
+        ctab_free(self.ctab, self.ccap)
+        self.ctab = NULL
+        self.ccap = 0
+        self.cn = 0
 
 
 cdef inline bint rule_matches(RateRule r, const uint8_t* m, Py_ssize_t ml,
-                              const uint8_t* c, Py_ssize_t cl):
-    if r.method is not None and (ml < 0 or not same(r.method, m, ml)):
+                              const uint8_t* c, Py_ssize_t cl) noexcept:
+    if r.m_len >= 0 and (ml != r.m_len or (ml > 0 and memcmp(r.m_p, m, ml) != 0)):
         return False
-    if r.caller is not None and (cl < 0 or not same(r.caller, c, cl)):
+    if r.c_len >= 0 and (cl != r.c_len or (cl > 0 and memcmp(r.c_p, c, cl) != 0)):
         return False
     return True
 
@@ -269,15 +365,18 @@ cdef class ServiceGov:
 
     # -- the data path
 
-    cdef int gv_rules(self, list rules, const uint8_t* frame, const FrameInfo* fi,
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    cdef int gv_rules(self, list rules, const uint8_t* frame, FrameInfo* fi,
                       bint by_method, bint by_caller, double now) except -2:
         cdef const uint8_t* m = NULL
         cdef const uint8_t* c = NULL
         cdef Py_ssize_t ml = -1, cl = -1, mo, i, j, n = len(rules)
         cdef RateRule r
-        cdef bytes caller = None
+        cdef Bucket* b
+        cdef uint64_t h = 0
         if by_method:
-            mo = fr_method(frame, fi, &ml)
+            mo = fi_method(frame, fi, &ml)
             if mo >= 0:
                 m = frame + mo
             else:
@@ -289,17 +388,23 @@ cdef class ServiceGov:
             r = <RateRule>rules[i]
             if not rule_matches(r, m, ml, c, cl):
                 continue
-            if r.per_caller and caller is None:
-                caller = (<const char*>c)[:cl] if cl >= 0 else b""
-            if r.take(caller, now):
+            if r.per_caller:
+                if h == 0:
+                    h = caller_hash(c, cl if cl > 0 else 0)
+                b = r.rr_bucket(c, cl, h, now)
+            else:
+                b = &r.bucket
+            if bk_take(b, now):
                 r.n_allowed += 1
                 continue
             r.n_limited += 1
             # refused: give back what the rules before it took
             for j in range(i):
-                if rule_matches(<RateRule>rules[j], m, ml, c, cl):
-                    (<RateRule>rules[j]).give_back(caller)
-                    (<RateRule>rules[j]).n_allowed -= 1
+                r = <RateRule>rules[j]
+                if rule_matches(r, m, ml, c, cl):
+                    b = r.rr_bucket(c, cl, h, now) if r.per_caller else &r.bucket
+                    b.tokens += 1.0
+                    r.n_allowed -= 1
             return i
         return GV_OK
 
@@ -356,7 +461,7 @@ cdef FrameInfo _scan1(bytes frame):
     return fi
 
 
-cdef int gv_inbound(ServiceGov g, const uint8_t* frame, const FrameInfo* fi, double now) except -2:
+cdef int gv_inbound(ServiceGov g, const uint8_t* frame, FrameInfo* fi, double now) except -2:
     cdef int r
     if g.in_rules:
         r = g.gv_rules(g.in_rules, frame, fi, g.in_method, g.in_caller, now)
@@ -367,7 +472,7 @@ cdef int gv_inbound(ServiceGov g, const uint8_t* frame, const FrameInfo* fi, dou
     return GV_OK
 
 
-cdef int gv_outbound(ServiceGov g, const uint8_t* frame, const FrameInfo* fi, long active,
+cdef int gv_outbound(ServiceGov g, const uint8_t* frame, FrameInfo* fi, long active,
                      double now) except -2:
     cdef int r
     if g.max_requests > 0 and g.inflight >= g.max_requests:
@@ -420,20 +525,20 @@ cdef int gv_on_answer(NodeGov ng, int status, double latency) except -1:
     return 0
 
 
-cdef bint gv_may_retry(ServiceGov g, const uint8_t* frame, const FrameInfo* fi) except -1:
+cdef bint gv_may_retry(ServiceGov g, const uint8_t* frame, FrameInfo* fi) except -1:
     cdef Py_ssize_t ml = -1, mo
     cdef bytes m
-    cdef bint ok = g.idempotent_all
     if g.max_attempts < 2:
         return False
-    if not ok and g.idempotent:
-        mo = fr_method(frame, fi, &ml)
+    if g.idempotent_all:
+        return True
+    if g.idempotent:
+        mo = fi_method(frame, fi, &ml)
         if mo >= 0:
             for m in g.idempotent:
-                if same(m, frame + mo, ml):
-                    ok = True
-                    break
-    return ok
+                if PyBytes_GET_SIZE(m) == ml and memcmp(PyBytes_AS_STRING(m), frame + mo, ml) == 0:
+                    return True
+    return False
 
 
 cdef bint gv_budget(ServiceGov g) noexcept:
@@ -470,6 +575,8 @@ cdef class NodeGov:
     def __repr__(self):
         return f"NodeGov({self.svc.appkey!r}, {self.address!r}, ejected={self.ejected})"
 
+
+_hseed = mix64(int.from_bytes(os.urandom(8), "little"))
 
 globals().update(QM_OFF=QM_OFF, QM_REDIS=QM_REDIS, QM_LOCAL=QM_LOCAL, QM_OPEN=QM_OPEN,
                  QM_CLOSED=QM_CLOSED, GV_OK=GV_OK, GV_QUOTA=GV_QUOTA,

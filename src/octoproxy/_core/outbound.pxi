@@ -372,8 +372,9 @@ cdef class OutboundConn(Conn):
             if attempt > 1:
                 slot.gflags |= GF_RETRY
                 g.retries_active += 1
-            if attempt < g.max_attempts and gv_may_retry(g, p, fi):
-                # a copy with the app's id, for executing it again
+            if attempt < g.max_attempts and gv_may_retry(g, p, fi) and gv_budget(g):
+                # a copy with the app's id, for executing it again: only when a
+                # retry is possible now (idempotent method, attempts and budget left)
                 again = PyBytes_FromStringAndSize(<char*>p, r)
                 Py_INCREF(again)
                 slot.retry = <PyObject*>again
