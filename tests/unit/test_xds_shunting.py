@@ -55,6 +55,9 @@ EVERY_OP = (
             m(M.SRC_CONTEXT, M.OP_PERCENT, key="userId", percent=12.34),
             m(M.SRC_RANDOM, M.OP_PERCENT, percent=50.0),
             m(M.SRC_CONTEXT, M.OP_EQ, key=":odd", values=("x",)),
+            # beyond 2^53 in the extension: decimal text
+            m(M.SRC_CONTEXT, M.OP_RANGE, key=":odd", lo=-(2**62) - 1, hi=2**53),
+            m(M.SRC_CONTEXT, M.OP_MOD, key="u", modulus=2**63 - 1, remainders=(2**60 + 1, 3)),
         ),
         group="gray",
         on_no_node=M.NO_NODE_REJECT,
@@ -113,7 +116,15 @@ def test_round_trip_every_op_and_extension(scope: str) -> None:
     assert dict(r0.route.metadata_match.filter_metadata["envoy.lb"]) == {"group": "gray"}
     octo = json_format.MessageToDict(r0.route.metadata_match.filter_metadata["octo"])
     assert octo["name"] == "gray" and octo["on_no_node"] == "reject"
-    assert [c["op"] for c in octo["conditions"]] == ["mod", "percent", "percent", "eq"]
+    assert [c["op"] for c in octo["conditions"]] == [
+        "mod",
+        "percent",
+        "percent",
+        "eq",
+        "range",
+        "mod",
+    ]
+    assert octo["conditions"][4]["hi"] == str(2**53) and octo["conditions"][5]["remainders"][1] == 3
     if scope == M.SHUNT_GLOBAL:
         assert r0.route.cluster_header == ":dest"
     else:
@@ -292,7 +303,7 @@ REJECTIONS: list[tuple[str, Any, tuple[str, ...]]] = [
         lambda r: r.route.metadata_match.filter_metadata["octo"].update(
             {"conditions": [{"source": "context", "key": "u", "op": "mod", "modulus": 2.0**60}]}
         ),
-        ("beyond 2^53",),
+        ("2^53 or more", "give it as a decimal string"),
     ),
     (
         "cond-key",

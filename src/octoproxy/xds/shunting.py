@@ -79,16 +79,31 @@ def _validate(scope: str, rules: tuple[model.ShuntRule, ...]) -> None:
 # --- the dict form (control plane file, octo.conditions) -----------------------
 
 
+_INT_TEXT = re.compile(r"-?[0-9]{1,19}")
+
+
 def _int(where: str, v: Any, *, exact_only: bool = False) -> int:
+    """An integer: a number, or its decimal text (how a Struct carries one
+    beyond 2^53, which its doubles cannot hold exactly)."""
+    if isinstance(v, str) and _INT_TEXT.fullmatch(v):
+        return int(v)
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise ValueError(f"{where} must be an integer, not {v!r}")
     if isinstance(v, float):
         if not math.isfinite(v) or v != int(v):
             raise ValueError(f"{where} must be an integer, not {v!r}")
-        if exact_only and abs(v) > _MAX_EXACT:
-            raise ValueError(f"{where} is beyond 2^53, which a Struct number cannot hold exactly")
+        if exact_only and abs(v) >= _MAX_EXACT:
+            raise ValueError(
+                f"{where}: {v:.0f} is 2^53 or more, which a Struct number cannot hold "
+                "exactly: give it as a decimal string"
+            )
         return int(v)
     return int(v)
+
+
+def _num(v: int) -> int | str:
+    """An integer for a Struct: its decimal text from 2^53 on."""
+    return v if abs(v) < _MAX_EXACT else str(v)
 
 
 def _s(where: str, v: Any) -> str:
@@ -148,9 +163,9 @@ def match_to_dict(m: model.ShuntMatch) -> dict[str, Any]:
     elif m.values:
         d["values"] = list(m.values)
     if m.op == model.OP_RANGE:
-        d["lo"], d["hi"] = m.lo, m.hi
+        d["lo"], d["hi"] = _num(m.lo), _num(m.hi)
     if m.op == model.OP_MOD:
-        d["modulus"], d["remainders"] = m.modulus, list(m.remainders)
+        d["modulus"], d["remainders"] = _num(m.modulus), [_num(r) for r in m.remainders]
     if m.op == model.OP_PERCENT:
         d["percent"] = m.percent
     return d
