@@ -52,7 +52,11 @@ cdef inline void ob_free(OutBuf* ob) noexcept:
     ob.len = ob.cap = 0
 
 
-cdef inline str slice_str(const char* base, Py_ssize_t off, Py_ssize_t n):
+cdef inline str str_replacing(const char* base, Py_ssize_t off, Py_ssize_t n):
+    """base[off:off+n] as text, None when absent (n < 0): bytes that are not
+    UTF-8 become U+FFFD.  For what the proxy writes itself (an answer's
+    message, a metric label, a log line), which must encode as UTF-8; the
+    codec's str_lossless (frame.pyx) keeps the bytes instead."""
     if n < 0:
         return None
     return base[off:off + n].decode("utf-8", "replace")

@@ -108,7 +108,7 @@ cdef class Engine(Stats):
         if a is not None and a.count:
             key = (a.name or "", a.status)
             self.route_errors[key] = self.route_errors.get(key, 0) + a.count
-        name = slice_str(p, noff, nlen)
+        name = str_replacing(p, noff, nlen)
         cell_src = None
         if err == RT_UNKNOWN_SERVICE:
             status = STATUS_SERVICE
@@ -119,7 +119,7 @@ cdef class Engine(Stats):
             msg = "request names no service: neither octo-remote-appkey nor serviceName is set"
         elif err == RT_SET_NO_NODE:
             status = STATUS_TRANSPORT
-            cell = slice_str(p, coff, clen)
+            cell = str_replacing(p, coff, clen)
             if cell is None:
                 cell = cell_src = self.table.labels.set
             msg = f"no node of service {name!r} in Set cell {cell!r} (Set routing does not fall back)"

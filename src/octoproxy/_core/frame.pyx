@@ -936,7 +936,12 @@ def strerror(Py_ssize_t code) -> str:
     return fr_strerror(code).decode()
 
 
-cdef inline object _str_at(bytes data, Py_ssize_t off, Py_ssize_t ln):
+cdef inline object str_lossless(bytes data, Py_ssize_t off, Py_ssize_t ln):
+    """data[off:off+ln] as str, None when absent (ln < 0).  Lossless: bytes
+    that are not UTF-8 become lone surrogates (surrogateescape), so the str
+    encodes back to the same bytes, as the reference codec's do.  For the
+    codec only: such a str is no text (it cannot be encoded as UTF-8); the
+    data path's messages and labels use str_replacing (conn.pxi)."""
     if ln < 0:
         return None
     return data[off:off + ln].decode("utf-8", "surrogateescape")
@@ -1018,11 +1023,11 @@ cdef class Frame:
 
     @property
     def message(self):
-        return _str_at(self.data, self.fi.message_off, self.fi.message_len)
+        return str_lossless(self.data, self.fi.message_off, self.fi.message_len)
 
     @property
     def service_name(self):
-        return _str_at(self.data, self.fi.service_off, self.fi.service_len)
+        return str_lossless(self.data, self.fi.service_off, self.fi.service_len)
 
     @property
     def method(self):
@@ -1033,32 +1038,32 @@ cdef class Frame:
         cdef Py_ssize_t off = fr_method(<const uint8_t*><char*>self.data, &self.fi, &n)
         if off < 0:
             return None
-        return _str_at(self.data, off, n)
+        return str_lossless(self.data, off, n)
 
     @property
     def caller_appkey(self):
         """traceInfo.clientAppkey (heartbeats: heartbeatInfo.appkey), or None."""
-        return _str_at(self.data, self.fi.caller_off, self.fi.caller_len)
+        return str_lossless(self.data, self.fi.caller_off, self.fi.caller_len)
 
     @property
     def remote_appkey(self):
-        return _str_at(self.data, self.fi.appkey_off, self.fi.appkey_len)
+        return str_lossless(self.data, self.fi.appkey_off, self.fi.appkey_len)
 
     @property
     def liteset(self):
-        return _str_at(self.data, self.fi.liteset_off, self.fi.liteset_len)
+        return str_lossless(self.data, self.fi.liteset_off, self.fi.liteset_len)
 
     @property
     def set(self):
-        return _str_at(self.data, self.fi.set_off, self.fi.set_len)
+        return str_lossless(self.data, self.fi.set_off, self.fi.set_len)
 
     @property
     def swimlane(self):
-        return _str_at(self.data, self.fi.swimlane_off, self.fi.swimlane_len)
+        return str_lossless(self.data, self.fi.swimlane_off, self.fi.swimlane_len)
 
     @property
     def hash_key(self):
-        return _str_at(self.data, self.fi.hashkey_off, self.fi.hashkey_len)
+        return str_lossless(self.data, self.fi.hashkey_off, self.fi.hashkey_len)
 
     @property
     def proxy_restart(self) -> bool:
