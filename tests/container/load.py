@@ -108,6 +108,17 @@ async def legacy_client(a: argparse.Namespace, st: Stats, stop: asyncio.Event, i
             continue
         st.legacy_reconnects += 1
         sc = frame.FrameScanner()
+
+        def take(data: bytes, sc: frame.FrameScanner = sc) -> None:
+            for f in sc.feed(data):
+                body = owed.pop(f.seq_id, None)
+                if body is None:
+                    continue
+                if f.status == 0 and f.body.endswith(b"|" + body[3:]):
+                    st.legacy_ok += 1
+                else:
+                    st.legacy_failed.append(f"{body!r}: status {f.status}: {f.message}")
+
         try:
             if owed:  # answers lost with the previous connection: send again
                 st.legacy_resent += len(owed)
@@ -126,19 +137,22 @@ async def legacy_client(a: argparse.Namespace, st: Stats, stop: asyncio.Event, i
                 data = await asyncio.wait_for(loop.sock_recv(s, 65536), 15)
                 if not data:
                     break
-                for f in sc.feed(data):
-                    body = owed.pop(f.seq_id, None)
-                    if body is None:
-                        continue
-                    if f.status == 0 and f.body.endswith(b"|" + body[3:]):
-                        st.legacy_ok += 1
-                    else:
-                        st.legacy_failed.append(f"{body!r}: status {f.status}: {f.message}")
+                take(data)
         except TimeoutError:
             st.legacy_failed.extend(f"{b!r}: no answer in 15 s" for b in owed.values())
             owed.clear()
         except OSError:
-            pass  # reset: what is owed goes again on a new connection
+            # a reset, met by a send: the answers that arrived before it are
+            # still readable, and only what is left unanswered goes again (a
+            # client that dropped them would run those requests twice)
+            while True:
+                try:
+                    data = s.recv(65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                take(data)
         finally:
             s.close()
 
