@@ -347,6 +347,20 @@ def test_symlinked_pid_temp_file_and_pid_file_are_never_followed(
         assert not os.path.islink(pidf) and read_pid(pidf) == p.pid
 
 
+def test_symlinked_subscription_state_file_is_never_followed(tmp_path: Path) -> None:
+    # the other state file a proxy writes (subscriptions, handed across
+    # restarts): a symlink planted at its path is replaced, never written through
+    from octoproxy.subscribe import read_state, write_state
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    state = tmp_path / "client.subscriptions.json"
+    os.symlink(victim, state)
+    write_state(state, ["com.demo.Echo"])
+    assert victim.read_text() == "precious\n"
+    assert not os.path.islink(state) and read_state(state) == ["com.demo.Echo"]
+
+
 def _chain(c: Cluster, admin_uds: str | None = None, **client_hr: Any) -> dict[str, Any]:
     c.providers(p="p.sock")
     port = free_port()
