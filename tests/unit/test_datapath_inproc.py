@@ -478,7 +478,7 @@ def test_drain_reads_a_legacy_client_no_more_and_ends_it_after_its_last_answer()
     # the other connections still owe.  It was: served until nothing was in
     # flight in the whole process, or ended at drain_s with answers owed
     rig = Rig()
-    ib, ib_t, pv, _ = _inbound_pair(rig)
+    ib, ib_t, pv, pv_t = _inbound_pair(rig)
     other, other_t, other_pv, _ = _inbound_pair(rig)
     feed(ib, request(1) + request(2))
     feed(other, request(9))
@@ -490,6 +490,12 @@ def test_drain_reads_a_legacy_client_no_more_and_ends_it_after_its_last_answer()
     feed(pv, F.encode_response(2, b"two"))
     assert [f.seq_id for f in ib_t.frames()] == [2] and ib_t.eof
     assert ib.ending and not other_t.eof and rig.engine.in_flight() == 1
+    # after the FIN what the client sends is read (so its close is seen, and
+    # ours sends no reset) and discarded: never forwarded, never executed
+    pv_t.data.clear()
+    assert ib_t.reading
+    feed(ib, request(3))
+    assert pv_t.data == b"" and ib_t.frames() == [] and rig.engine.in_flight() == 1
     feed(other_pv, F.encode_response(9, b"nine"))
     assert [f.seq_id for f in other_t.frames()] == [9] and other_t.eof
     assert rig.engine.close_clients() == 2  # already ended: no second FIN

@@ -333,6 +333,21 @@ cdef class Conn:
                                                  fi.protocol & PROTO_SERIAL_MASK))
         return 0
 
+    cdef int end_stream(self) except -1:
+        """End our side (FIN) after what is queued.  From then on, what the
+        peer sends is read and discarded, never taken (buffer_updated): its
+        own close is then seen (connection_lost), and the socket closes
+        without a reset, which a close with unread bytes would send."""
+        if self.eof_sent or self.closed or self.transport is None:
+            return 0
+        self.eof_sent = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.rstart = self.rend = 0  # a partial frame is never completed
+        self.skip = 0
+        self.resume(PAUSE_CLOSING)
+        return 0
+
     cdef int pause(self, int why) except -1:
         if self.pause_mask == 0 and self.transport is not None and not self.closed:
             self.transport.pause_reading()

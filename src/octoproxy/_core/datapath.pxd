@@ -226,6 +226,7 @@ cdef class Conn:
     cdef bint sweep_check(self, double now, Py_ssize_t owed) except -1
     cdef Py_ssize_t rb_next(self, FrameInfo* fi, uint8_t** frame) noexcept
     cdef int answer_heartbeat(self, FrameInfo* fi, OutBuf* out) except -1
+    cdef int end_stream(self) except -1
     cdef int pause(self, int why) except -1
     cdef int resume(self, int why) except -1
     cdef int malformed(self, Py_ssize_t code, str side) except -1

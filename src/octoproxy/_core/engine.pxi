@@ -321,15 +321,16 @@ cdef class Engine(Stats):
         return out
 
     def close_clients(self):
-        """Stop reading from every app and inbound connection, for good, and
-        end our side of each once its queued answers are written (FIN).
-        Called once nothing is in flight (a drained generation, a stop): a
-        request read after that check would be executed and its answer lost
-        when the process exits; legacy clients on the inbound ports get no
-        restart notice and keep sending until their connection ends.  Not a
-        close: closing a socket with unread bytes sends a reset, which drops
-        answers not yet acknowledged; what a client sends after this is
-        never read nor executed, and it learns so from the end of stream.
+        """Take nothing more from any app or inbound connection, for good,
+        and end our side of each once its queued answers are written (FIN,
+        Conn.end_stream).  Called once nothing is in flight (a drained
+        generation, a stop): a request read after that check would be
+        executed and its answer lost when the process exits; legacy clients
+        on the inbound ports get no restart notice and keep sending until
+        their connection ends.  Not a close: closing a socket with unread
+        bytes sends a reset, which drops answers not yet acknowledged; what a
+        client sends after this is read and discarded, never executed, it
+        learns so from the end of stream, and its own close is seen.
         Returns how many connections it ended."""
         cdef Conn c
         cdef int n = 0
@@ -339,11 +340,7 @@ cdef class Engine(Stats):
             self._flush_all()
         for c in [*self.outbounds, *self.inbounds]:
             if not c.closed and c.transport is not None:
-                c.pause(PAUSE_CLOSING)
-                if not c.eof_sent:
-                    c.eof_sent = True
-                    if c.transport.can_write_eof():
-                        c.transport.write_eof()
+                c.end_stream()
                 n += 1
         return n
 

@@ -152,9 +152,7 @@ cdef class InboundConn(Conn):
             self.pause(PAUSE_CLOSING)
         if self.in_flight == 0 and not self.eof_sent:
             self.in_flush()  # what is staged goes before the FIN
-            self.eof_sent = True
-            if self.transport.can_write_eof():
-                self.transport.write_eof()
+            self.end_stream()
         return 0
 
     cdef int in_error(self, FrameInfo* fi, int status, str message) except -1:
@@ -208,6 +206,8 @@ cdef class InboundConn(Conn):
         cdef double now = mono()
         cdef bint was_empty = self.rend == self.rstart
         cdef Py_ssize_t start
+        if self.eof_sent:
+            return  # after our FIN: discarded (Conn.end_stream)
         self.rb_read(nbytes, now)
         start = self.rstart
         self.in_process(now)

@@ -484,6 +484,8 @@ cdef class OutboundConn(Conn):
         cdef double now = mono()
         cdef bint was_empty = self.rend == self.rstart
         cdef Py_ssize_t start
+        if self.eof_sent:
+            return  # after our FIN: discarded (Conn.end_stream)
         self.rb_read(nbytes, now)
         start = self.rstart
         self.out_process()
