@@ -241,6 +241,9 @@ def governance_metrics(gov: Any) -> Iterator[Any]:
                                   labels=["service", "kind"])
     budget = CounterMetricFamily("octo_proxy_retry_budget_exhausted",
                                  "Retries not made because of the retry budget", labels=["service"])
+    conns = GaugeMetricFamily("octo_proxy_service_connections",
+                              "Upstream connections open or connecting, opened for the service",
+                              labels=["service"])
     adaptive = GaugeMetricFamily("octo_proxy_adaptive_limit",
                                  "The adaptive concurrency limit (0 = off)", labels=["service"])
     for appkey, s in sorted(st.items()):
@@ -263,8 +266,9 @@ def governance_metrics(gov: Any) -> Iterator[Any]:
         retries.add_metric([appkey, "idempotent"], s["retries"] - s["retries_unsent"])
         budget.add_metric([appkey], s["retry_budget_exhausted"])
         adaptive.add_metric([appkey], s["adaptive_limit"])
+        conns.add_metric([appkey], s["connections"])
     yield from (limited, allowed, quota, qmode, qsteps, brk, ejected, ejections, retries, budget,
-                adaptive)
+                adaptive, conns)
     r = gov.redis_stats()
     if r["configured"]:
         g = GaugeMetricFamily("octo_proxy_redis_up", "1 while the quota Redis answers")
@@ -384,6 +388,9 @@ class AdminServer:
                 nodes.append(j)
             out[a] = {"nodes": nodes, "groups": t.groups(a),
                       "shunting": [r for r in rules if r["scope"] in (a, SHUNT_GLOBAL)]}
+            sst = gov.service_state(a) if gov is not None else None
+            if sst is not None:
+                out[a].update(sst)
         return web.json_response({"version": t.version, "services": out, "shunting": rules})
 
     async def governance(self, _: web.Request) -> web.Response:

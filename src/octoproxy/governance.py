@@ -385,6 +385,7 @@ class Manager:
         g.max_requests = cb.max_requests
         g.max_pending = cb.max_pending
         g.node_max_requests = cb.max_requests_per_node
+        g.max_connections = cb.max_connections
         od = gv.outlier_detection
         g.consec_transport = od.consecutive_transport_failures if od else 0
         g.consec_status = od.consecutive_errors if od else 0
@@ -511,6 +512,13 @@ class Manager:
 
     # -- inspection
 
+    def service_state(self, appkey: str) -> dict[str, Any] | None:
+        """What /clusters shows of a service's governance."""
+        g = self.govs.get(appkey)
+        if g is None:
+            return None
+        return {"connections": g.connections, "max_connections": g.max_connections}
+
     def node_state(self, appkey: str, address: str) -> dict[str, Any] | None:
         ng = self.node_govs.get(appkey, {}).get(address)
         if ng is None:
@@ -536,6 +544,7 @@ class Manager:
                           "steps": q.steps if q else 0},
                 "breakers": g.breaker_counts(),
                 "in_flight": g.inflight,
+                "connections": g.connections, "max_connections": g.max_connections,
                 "ejected": sorted(a for a, ng in ngs.items() if ng.ejected),
                 "ejections": sum(ng.n_ejections for ng in ngs.values()),
                 "retries": g.n_retries, "retries_unsent": g.n_retries_unsent,

@@ -92,6 +92,7 @@ class CircuitBreakers:
     max_requests: int = 0  # requests in flight to the service
     max_pending: int = 0  # requests waiting for a connection to be made
     max_requests_per_node: int = 0  # requests in flight to one node
+    max_connections: int = 0  # upstream connections this proxy opens for the service
 
 
 @dataclass(frozen=True, slots=True)

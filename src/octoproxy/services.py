@@ -143,10 +143,11 @@ class CircuitBreakersSpec(_Strict):
     max_requests: int = Field(default=0, ge=0)
     max_pending: int = Field(default=0, ge=0)
     max_requests_per_node: int = Field(default=0, ge=0)
+    max_connections: int = Field(default=0, ge=0)
 
     def to_model(self) -> model.CircuitBreakers:
         return model.CircuitBreakers(self.max_requests, self.max_pending,
-                                     self.max_requests_per_node)
+                                     self.max_requests_per_node, self.max_connections)
 
 
 class OutlierDetectionSpec(_Strict):

@@ -142,7 +142,7 @@ def test_breakers_and_adaptive_limit_on_the_caller_side() -> None:
     g.adaptive_limit = 1
     assert "adaptive concurrency" in g.check_outbound(f)
     assert g.breaker_counts() == {"max_requests": 1, "max_pending": 0,
-                                  "node_max_requests": 1, "adaptive": 1}
+                                  "node_max_requests": 1, "adaptive": 1, "max_connections": 0}
 
 
 def test_caller_side_rules_are_reported_after_the_provider_rules() -> None:

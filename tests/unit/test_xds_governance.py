@@ -15,7 +15,8 @@ FULL = {
     "rate_limits": [{"rate": 10, "method": "get"}, {"rate": 5, "caller": "*", "side": "caller"},
                     {"rate": 2, "burst": 4, "caller": "com.greedy", "name": "greedy"}],
     "cluster_quota": {"rate": 100, "on_redis_failure": "closed"},
-    "circuit_breakers": {"max_requests": 10, "max_requests_per_node": 3, "max_pending": 4},
+    "circuit_breakers": {"max_requests": 10, "max_requests_per_node": 3, "max_pending": 4,
+                         "max_connections": 6},
     "outlier_detection": {"consecutive_transport_failures": 3, "consecutive_errors": 4,
                           "error_statuses": [2, 9], "failure_rate_threshold": 0.5,
                           "failure_rate_min_requests": 7, "interval_s": 1.5,
@@ -51,7 +52,7 @@ def test_no_governance_is_none_both_ways() -> None:
 def test_envoy_fields_from_another_control_plane() -> None:
     c = cluster({
         "circuit_breakers": {
-            "thresholds": [{"max_requests": 100, "max_pending_requests": 7,
+            "thresholds": [{"max_requests": 100, "max_pending_requests": 7, "max_connections": 5,
                             "retry_budget": {"budget_percent": {"value": 10},
                                              "min_retry_concurrency": 2}}],
             "per_host_thresholds": [{"max_requests": 9}]},
@@ -63,7 +64,7 @@ def test_envoy_fields_from_another_control_plane() -> None:
     })
     g = R.cluster_to_settings(c).governance
     assert g is not None
-    assert g.circuit_breakers == model.CircuitBreakers(100, 7, 9)
+    assert g.circuit_breakers == model.CircuitBreakers(100, 7, 9, 5)
     assert g.retry == model.RetryPolicy((), 2, 10.0, 2)
     od = g.outlier_detection
     assert od is not None

@@ -248,7 +248,7 @@ cdef class UpstreamPool:
     cdef list ans_timeout               # by akey(): the last timeout answer made here
     cdef list ans_unavailable           # by akey(): keyed by last_error's identity
 
-    cdef UpstreamConn pick(self)
+    cdef UpstreamConn pick(self, ServiceGov g)
     cdef _on_conn_failed(self, UpstreamConn c, str why)
     cdef _back_off(self, str why)
     cdef _on_conn_ok(self)
@@ -272,6 +272,7 @@ cdef class UpstreamConn(Conn):
     cdef double made_at                 # monotonic time the connection was made (0: not yet)
     cdef bint proven                    # an answer came back: the peer serves
     cdef long long fed_by               # engine.read_seq of the last app read that staged here
+    cdef ServiceGov gov                 # the service it was opened for (its max_connections), or None
 
     cdef Py_ssize_t up_alloc(self, double deadline) except -1
     cdef int up_grow(self) except -1

@@ -55,8 +55,8 @@ from octoproxy._core.frame cimport (
     fr_proxy_announce, fr_proxy_restart, fr_scan, fr_scan_header, fr_set_seq_id, fr_strerror,
 )
 from octoproxy._core.limits cimport (
-    GV_MAX_PENDING, GV_OK, NodeGov, ServiceGov, gv_budget, gv_inbound, gv_may_retry, gv_on_answer,
-    gv_outbound,
+    GV_MAX_CONNECTIONS, GV_MAX_PENDING, GV_OK, NodeGov, ServiceGov, gv_budget, gv_inbound,
+    gv_may_retry, gv_on_answer, gv_outbound,
 )
 from octoproxy._core.route cimport (
     RT_NO_SERVICE_KEY, RT_SET_NO_NODE, RT_SHUNT_NO_NODE, RT_UNKNOWN_SERVICE, Node, RouteTable,

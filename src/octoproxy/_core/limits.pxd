@@ -35,6 +35,7 @@ cdef enum:
     GV_MAX_PENDING = 2    # circuit breaker: requests waiting for a connection
     GV_NODE_MAX = 3       # circuit breaker: requests in flight on the picked node
     GV_ADAPTIVE = 4       # adaptive concurrency limit
+    GV_MAX_CONNECTIONS = 5  # circuit breaker: the service's upstream connections (a new one is needed)
     GV_RULE = 8           # rate-limit rule i is GV_RULE + i
 
 
@@ -95,7 +96,9 @@ cdef class ServiceGov:
     cdef public long node_max_requests
     cdef public long inflight          # requests of this service in flight (outbound)
     cdef public long pending           # of those, waiting for a connection
-    cdef public long long n_cb[5]      # refusals by GV_MAX_REQUESTS .. GV_ADAPTIVE
+    cdef public long max_connections   # upstream connections opened for the service (0 = no limit)
+    cdef public long connections       # upstream connections open or connecting, opened for it
+    cdef public long long n_cb[6]      # refusals by GV_MAX_REQUESTS .. GV_MAX_CONNECTIONS
     # adaptive concurrency (0 = off); Python recomputes it from the samples
     cdef public long adaptive_limit
     cdef public double lat_sum         # seconds, answers since the last sample

@@ -14,6 +14,7 @@ GV_MAX_REQUESTS: Final[int]
 GV_MAX_PENDING: Final[int]
 GV_NODE_MAX: Final[int]
 GV_ADAPTIVE: Final[int]
+GV_MAX_CONNECTIONS: Final[int]
 GV_RULE: Final[int]
 
 def monotonic() -> float: ...
@@ -55,10 +56,12 @@ class ServiceGov:
     n_quota_allowed: int
     n_quota_limited: int
     answers: list[Any] | None  # the data path's pre-encoded refusals (None after a change)
-    n_cb: list[int]  # refusals by GV_MAX_REQUESTS .. GV_ADAPTIVE (a copy: assigning writes the C array)
+    n_cb: list[int]  # refusals by GV_MAX_REQUESTS .. GV_MAX_CONNECTIONS (a copy: assigning writes the C array)
     max_requests: int
     max_pending: int
     node_max_requests: int
+    max_connections: int
+    connections: int
     inflight: int
     pending: int
     adaptive_limit: int

@@ -274,6 +274,8 @@ cdef class ServiceGov:
             f"circuit breaker of octo-proxy open: the picked node of {appkey!r} has too many "
             f"requests in flight",
             f"overload: adaptive concurrency limit of service {appkey!r} reached",
+            f"circuit breaker of octo-proxy open: service {appkey!r} has too many connections "
+            f"(max_connections) and none to the picked node",
         ]
         self.qmode = QM_OFF
         self.max_attempts = 1
@@ -343,7 +345,8 @@ cdef class ServiceGov:
         return {"max_requests": self.n_cb[GV_MAX_REQUESTS - 1],
                 "max_pending": self.n_cb[GV_MAX_PENDING - 1],
                 "node_max_requests": self.n_cb[GV_NODE_MAX - 1],
-                "adaptive": self.n_cb[GV_ADAPTIVE - 1]}
+                "adaptive": self.n_cb[GV_ADAPTIVE - 1],
+                "max_connections": self.n_cb[GV_MAX_CONNECTIONS - 1]}
 
     def add_counts(self, dict c):
         """Continue the previous generation's counts (hot restart)."""
@@ -581,4 +584,5 @@ _hseed = mix64(int.from_bytes(os.urandom(8), "little"))
 globals().update(QM_OFF=QM_OFF, QM_REDIS=QM_REDIS, QM_LOCAL=QM_LOCAL, QM_OPEN=QM_OPEN,
                  QM_CLOSED=QM_CLOSED, GV_OK=GV_OK, GV_QUOTA=GV_QUOTA,
                  GV_MAX_REQUESTS=GV_MAX_REQUESTS, GV_MAX_PENDING=GV_MAX_PENDING,
-                 GV_NODE_MAX=GV_NODE_MAX, GV_ADAPTIVE=GV_ADAPTIVE, GV_RULE=GV_RULE)
+                 GV_NODE_MAX=GV_NODE_MAX, GV_ADAPTIVE=GV_ADAPTIVE,
+                 GV_MAX_CONNECTIONS=GV_MAX_CONNECTIONS, GV_RULE=GV_RULE)

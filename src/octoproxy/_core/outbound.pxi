@@ -288,7 +288,20 @@ cdef class OutboundConn(Conn):
             pool = <UpstreamPool>node.upstream
             if pool is None:
                 pool = eng.get_pool(node)
-            conn = pool.pick()
+            g = (<NodeGov>node.gov).svc if node.gov is not None else None
+            if g is not None and g.max_connections > 0 and g.connections >= g.max_connections \
+                    and not pool.conns:
+                # the service's connections are all open elsewhere and this
+                # node needs a new one: refused (circuit breaker, never written)
+                g.n_cb[GV_MAX_CONNECTIONS - 1] += 1
+                if oneway:
+                    eng.n_gov_dropped += 1
+                else:
+                    kind = answer_kind(p, fi, &moff, &mlen, &body_seq)
+                    self.out_answer(gov_answer(g, GV_MAX_CONNECTIONS, kind), fi.seq_id, p, moff,
+                                    mlen, body_seq)
+                return 0
+            conn = pool.pick(g)
             if conn is not None:
                 break
             # the node's connection is backed off after a failed connect: the

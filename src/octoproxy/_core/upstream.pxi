@@ -14,6 +14,13 @@ cdef inline void up_gov_release(Pending* sl) noexcept:
     Py_DECREF(g)
 
 
+cdef inline void up_gov_conn_done(UpstreamConn c) noexcept:
+    """The connection is gone: it no longer counts for its service."""
+    if c.gov is not None:
+        c.gov.connections -= 1
+        c.gov = None
+
+
 cdef int up_clear_pending(UpstreamConn c) except -1:
     """The connection is made (or failed): its requests wait for it no more."""
     cdef int32_t s = c.head
@@ -70,15 +77,22 @@ cdef class UpstreamPool:
         self.ans_timeout = [None] * ANSWER_KINDS
         self.ans_unavailable = [None] * ANSWER_KINDS
 
-    cdef UpstreamConn pick(self):
+    cdef UpstreamConn pick(self, ServiceGov g):
         """A connection for the next request, opening one on first use; None
-        while connecting is backed off after a failure and none is left."""
+        while connecting is backed off after a failure and none is left.  A
+        connection opened for the service `g` counts in its connections; at
+        its max_connections no new one is opened (an open one is used; the
+        caller refuses when there is none)."""
         cdef Py_ssize_t n = len(self.conns)
         cdef UpstreamConn c
-        if n < self.engine.conns_per_node and (n == 0 or mono() >= self.retry_at):
+        if n < self.engine.conns_per_node and (n == 0 or mono() >= self.retry_at) and (
+                g is None or g.max_connections <= 0 or g.connections < g.max_connections):
             if n == 0 and mono() < self.retry_at:
                 return None
             c = UpstreamConn(self.engine, self)
+            if g is not None:
+                c.gov = g
+                g.connections += 1
             self.conns.append(c)
             self.n_connects += 1
             self.engine.connector(c, self.host, self.port)
@@ -598,6 +612,7 @@ cdef class UpstreamConn(Conn):
         self.closed = True
         self.backlog = []
         self.pool._on_conn_failed(self, why)
+        up_gov_conn_done(self)
         up_clear_pending(self)
         # nothing here was ever written: each request goes to another node if there is one
         self.up_fail_all(STATUS_TRANSPORT, f"upstream {self.pool.address} unavailable: connect failed: {why}",
@@ -621,6 +636,7 @@ cdef class UpstreamConn(Conn):
         self.closed = True
         if self in self.pool.conns:
             self.pool.conns.remove(self)
+        up_gov_conn_done(self)
         self.engine.timed.discard(self)
         if self.made_at > 0 and was == CONN_OPEN and not self.proven:
             if lived < self.engine.min_life:

@@ -282,6 +282,8 @@ def cluster_governance(c: cluster_pb2.Cluster, where: str) -> model.Governance |
                          if t is not None and t.HasField("max_pending_requests") else 0),
             max_requests_per_node=(ph.max_requests.value
                                    if ph is not None and ph.HasField("max_requests") else 0),
+            max_connections=(t.max_connections.value
+                             if t is not None and t.HasField("max_connections") else 0),
         )
         if t is not None and t.HasField("retry_budget"):
             rb = t.retry_budget
@@ -343,6 +345,8 @@ def governance_to_cluster(g: model.Governance, c: cluster_pb2.Cluster) -> None:
             t.max_requests.value = cb.max_requests
         if cb is not None and cb.max_pending:
             t.max_pending_requests.value = cb.max_pending
+        if cb is not None and cb.max_connections:
+            t.max_connections.value = cb.max_connections
         if cb is not None and cb.max_requests_per_node:
             c.circuit_breakers.per_host_thresholds.add().max_requests.value = \
                 cb.max_requests_per_node
