@@ -510,6 +510,91 @@ class Manager:
                 if failed == 0 and ng.ejections > 0:
                     ng.ejections -= 1
 
+    # -- hot restart (docs/governance.md, "Across a hot restart")
+
+    def handover(self) -> dict[str, Any]:
+        """What the next generation continues: every counter, each rate
+        rule's bucket (by its key), nodes' ejection state, the adaptive
+        limit.  Appkeys, caller appkeys and numbers only: no secrets."""
+        services: dict[str, Any] = {}
+        for appkey, g in self.govs.items():
+            rules = []
+            for side, rs in (("provider", g.inbound_rules), ("caller", g.outbound_rules)):
+                for r in rs:
+                    tokens, last, callers = r.bucket_state()
+                    rules.append({"side": side, "key": list(r.key), "allowed": r.n_allowed,
+                                  "limited": r.n_limited, "tokens": tokens, "last": last,
+                                  "callers": callers})
+            nodes = {a: {"ejections": ng.ejections, "total": ng.n_ejections,
+                         "ejected_until": ng.ejected_until if ng.ejected else 0.0}
+                     for a, ng in self.node_govs.get(appkey, {}).items()
+                     if ng.ejections or ng.n_ejections or ng.ejected}
+            q = self.quotas.get(appkey)
+            a = self.adaptive.get(appkey)
+            services[appkey] = {"counts": g.counts(), "rules": rules, "nodes": nodes,
+                                "quota_steps": q.steps if q else 0,
+                                "adaptive_limit": a.limit if a else 0.0}
+        rq = self.redis
+        return {"services": services, "ejections_total": self.ejections_total,
+                "redis": {"failures": rq.failures, "errors": rq.errors, "ops": rq.ops}}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue the previous generation's handover() under this
+        generation's policies: a rule with the same key (side, method,
+        caller) keeps its tokens (capped by its burst now) and counts; a
+        node still ejected stays out for the rest of its time."""
+        try:
+            self._restore(state)
+        except Exception:  # an old or odd state never stops a generation from serving
+            log.exception("governance: cannot continue the previous generation's state")
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        now = time.time()
+        self.ejections_total += int(state.get("ejections_total", 0))
+        rs = state.get("redis") or {}
+        self.redis.failures += int(rs.get("failures", 0))
+        self.redis.errors += int(rs.get("errors", 0))
+        self.redis.ops += int(rs.get("ops", 0))
+        for appkey, st in (state.get("services") or {}).items():
+            g = self.govs.get(appkey)
+            if g is None:
+                continue
+            g.add_counts(st.get("counts") or {})
+            rules = {("provider", r.key): r for r in g.inbound_rules}
+            rules.update({("caller", r.key): r for r in g.outbound_rules})
+            for old in st.get("rules", ()):
+                r = rules.get((old["side"], tuple(old["key"])))
+                if r is None:
+                    continue  # the rule is gone: its counts go with it
+                r.n_allowed += int(old["allowed"])
+                r.n_limited += int(old["limited"])
+                r.restore_bucket(float(old["tokens"]), float(old["last"]),
+                                 {k: (float(v[0]), float(v[1]))
+                                  for k, v in (old.get("callers") or {}).items()})
+            q = self.quotas.get(appkey)
+            if q is not None:
+                q.steps += int(st.get("quota_steps", 0))
+            a = self.adaptive.get(appkey)
+            if a is not None and st.get("adaptive_limit"):
+                a.limit = max(float(a.spec.min_limit),
+                              min(float(a.spec.max_limit), float(st["adaptive_limit"])))
+                g.adaptive_limit = int(a.limit)
+            od = self._policy(appkey)
+            ngs = self.node_govs.get(appkey, {})
+            for address, ns in (st.get("nodes") or {}).items():
+                ng = ngs.get(address)
+                if ng is None:
+                    continue
+                ng.n_ejections += int(ns.get("total", 0))
+                ng.ejections = max(ng.ejections, int(ns.get("ejections", 0)))
+                left = float(ns.get("ejected_until", 0.0)) - now
+                if od is not None and left > 0 and not ng.ejected:
+                    ng.ejected = True
+                    ng.ejected_until = now + left
+                    self._set_node(appkey, address, True)
+                    self.returns[(appkey, address)] = self.loop.call_later(
+                        left, self._return, appkey, ng, True)
+
     # -- inspection
 
     def service_state(self, appkey: str) -> dict[str, Any] | None:

@@ -206,7 +206,8 @@ class Proxy:
     def handover_state(self) -> dict[str, Any]:
         """What the next generation needs beyond the sockets: subscriptions,
         the last good routes (so it serves even with the control plane down),
-        and the counters (so stats continue)."""
+        the counters (so stats continue) and governance's buckets, counters
+        and ejections (docs/governance.md)."""
         eng = self._engine
         state: dict[str, Any] = {
             "counters": eng.counters() if eng is not None else {},
@@ -215,6 +216,8 @@ class Proxy:
         if self.xds is not None:
             svcs = [self.xds.service(a) for a in self.xds.subscriptions]
             state["services"] = services_to_json([x for x in svcs if x is not None])
+        if self.gov is not None:
+            state["governance"] = self.gov.handover()
         if eng is not None:
             state["histogram"] = eng.histogram_state()
             state["nodes"] = [[a, n.address, n.picks, n.answers_by_status()]
@@ -231,6 +234,8 @@ class Proxy:
             node = nodes.get((appkey, address))
             if node is not None:
                 node.add_counts(picks, answers)
+        if self.gov is not None:
+            self.gov.restore(state.get("governance") or {})
 
     def restore_state(self, state: dict[str, Any]) -> None:
         """Before start(): the previous generation's routes and subscriptions."""

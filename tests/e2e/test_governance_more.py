@@ -9,9 +9,10 @@ import urllib.request
 
 import uvloop
 import yaml
-from test_governance_e2e import Raw, _server_proc, admin_json, three_nodes
+from test_governance_e2e import Raw, _server_proc, admin_json, call, three_nodes
+from test_hotrestart import hr, restart
 
-from harness import cluster, wait_for
+from harness import Cluster, cluster, free_port, server_proxy_cfg, wait_for
 
 
 def prom(port: int, name: str) -> dict[str, float]:
@@ -80,3 +81,49 @@ def test_max_connections_per_service() -> None:
         second = uvloop.run(main(b"b"))
     assert any(b.startswith(idle + b"|") for st, _, b in second if st == 0), \
         (gone, idle, [(st, b) for st, _, b in second])
+
+
+# ------------------------------------------------------------ across a hot restart
+
+
+def test_buckets_and_counters_survive_a_hot_restart_with_a_changed_file() -> None:
+    """The limit is changed in the config file and taken by a hot restart
+    (SIGUSR2): the tokens a caller has already spent stay spent, the other
+    callers keep theirs, the new burst applies, the counters continue."""
+    def cfg_with(burst: int, port: int, aport: int, c: Cluster) -> dict[str, object]:
+        cfg = server_proxy_cfg({port: c.path("p.sock")})
+        cfg["listeners"]["inbound"][0]["appkey"] = "a"
+        cfg["hot_restart"] = hr(c, "server")
+        cfg["admin"] = {"port": aport}
+        cfg["static"] = {"services": [{"appkey": "a", "rate_limits": [
+            {"rate": 0.01, "burst": burst, "caller": "*", "name": "per-caller"}]}]}
+        return cfg
+
+    async def calls(port: int, n: int, caller: str) -> list[int]:
+        raw = await Raw.connect(port)
+        out = [(await raw.call(call("m"), caller=caller)).status for _ in range(n)]
+        await raw.close()
+        return out
+
+    with cluster() as c:
+        c.providers(p="p.sock")
+        port, aport = free_port(), free_port()
+        c.proxy("server", cfg_with(4, port, aport, c))
+        greedy1 = uvloop.run(calls(port, 6, "com.greedy"))
+        nice1 = uvloop.run(calls(port, 1, "com.nice"))
+        before = admin_json(aport, "/governance")["services"]["a"]["rate_limits"][0]
+        c.write_config("server", cfg_with(6, port, aport, c))  # a bigger burst
+        restart(c, "server")
+        wait_for(lambda: admin_json(aport, "/governance")["services"]["a"]["rate_limits"][0]
+                 ["burst"] == 6, 15, "the new generation's admin")
+        greedy2 = uvloop.run(calls(port, 2, "com.greedy"))
+        nice2 = uvloop.run(calls(port, 4, "com.nice"))
+        fresh = uvloop.run(calls(port, 7, "com.fresh"))
+        after = admin_json(aport, "/governance")["services"]["a"]["rate_limits"][0]
+    assert greedy1 == [0, 0, 0, 0, 6, 6] and nice1 == [0]
+    assert (before["allowed"], before["limited"]) == (5, 2)
+    assert greedy2 == [6, 6]  # its spent tokens were not given back by the restart
+    assert nice2 == [0, 0, 0, 6]  # it kept its 3
+    assert fresh == [0] * 6 + [6]  # a new caller starts with the new burst
+    assert (after["allowed"], after["limited"]) == (5 + 3 + 6, 2 + 2 + 1 + 1)
+

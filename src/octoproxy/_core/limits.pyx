@@ -179,6 +179,43 @@ cdef class RateRule:
         bk_refill(&self.bucket, mono())
         return self.bucket.tokens
 
+    def bucket_state(self):
+        """(tokens, last refill, {caller: (tokens, last)}) for a hot restart:
+        CLOCK_MONOTONIC is the host's, so the next generation refills from
+        the same instant.  Per-caller buckets that are full are left out (a
+        new bucket starts full)."""
+        cdef double now = mono()
+        cdef Py_ssize_t i
+        cdef CallerSlot* sl
+        callers = {}
+        for i in range(self.ccap):
+            sl = &self.ctab[i]
+            if sl.h == 0:
+                continue
+            bk_refill(&sl.b, now)
+            if sl.b.tokens < sl.b.burst:
+                callers[sl.key[:sl.klen].decode("utf-8", "replace")] = (sl.b.tokens, sl.b.last)
+        bk_refill(&self.bucket, now)
+        return (self.bucket.tokens, self.bucket.last, callers)
+
+    def restore_bucket(self, double tokens, double last, dict callers):
+        """The previous generation's bucket_state(), capped by this rule's burst."""
+        cdef double now = mono()
+        cdef bytes kb
+        cdef Bucket* b
+        self.bucket.tokens = min(tokens, self.burst)
+        self.bucket.last = min(last, now)
+        if not self.per_caller:
+            return
+        for k, (t, lt) in callers.items():
+            if self.cn >= MAX_CALLERS - 1:
+                break
+            kb = k.encode()
+            b = self.rr_bucket(<const uint8_t*><char*>kb, len(kb),
+                               caller_hash(<const uint8_t*><char*>kb, len(kb)), now)
+            b.tokens = min(<double>t, self.burst)
+            b.last = min(<double>lt, now)
+
     def try_take(self, caller=None):
         """Python twin of the data path's check (tests)."""
         cdef bytes c = caller.encode() if isinstance(caller, str) else (caller or b"")
@@ -348,12 +385,23 @@ cdef class ServiceGov:
                 "adaptive": self.n_cb[GV_ADAPTIVE - 1],
                 "max_connections": self.n_cb[GV_MAX_CONNECTIONS - 1]}
 
+    def counts(self):
+        """The service's counters (what add_counts continues)."""
+        return {"quota_allowed": self.n_quota_allowed, "quota_limited": self.n_quota_limited,
+                "retries": self.n_retries, "retries_unsent": self.n_retries_unsent,
+                "budget_exhausted": self.n_budget_exhausted,
+                "breakers": [self.n_cb[i] for i in range(6)]}
+
     def add_counts(self, dict c):
         """Continue the previous generation's counts (hot restart)."""
+        cdef Py_ssize_t i
         self.n_quota_allowed += c.get("quota_allowed", 0)
         self.n_quota_limited += c.get("quota_limited", 0)
         self.n_retries += c.get("retries", 0)
+        self.n_retries_unsent += c.get("retries_unsent", 0)
         self.n_budget_exhausted += c.get("budget_exhausted", 0)
+        for i, v in enumerate(c.get("breakers", ())[:6]):
+            self.n_cb[i] += v
 
     def take_latency(self):
         """(sum s, count, min s) of the answers since the last call; resets."""
