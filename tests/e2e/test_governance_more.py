@@ -5,12 +5,18 @@ Real processes: provider apps, server-side and client-side proxies."""
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import urllib.request
 
 import uvloop
 import yaml
+from test_auth import PROVIDER, TOKENS, mac, now_ms
 from test_governance_e2e import Raw, _server_proc, admin_json, call, three_nodes
 from test_hotrestart import hr, restart
+
+from octoproxy._core import frame
 
 from harness import Cluster, cluster, free_port, server_proxy_cfg, wait_for
 
@@ -127,3 +133,56 @@ def test_buckets_and_counters_survive_a_hot_restart_with_a_changed_file() -> Non
     assert fresh == [0] * 6 + [6]  # a new caller starts with the new burst
     assert (after["allowed"], after["limited"]) == (5 + 3 + 6, 2 + 2 + 1 + 1)
 
+
+# ------------------------------------------------------------ the caller's appkey
+
+
+def test_caller_is_the_signed_appkey_when_verified() -> None:
+    """Per-caller limits on the provider side: a request whose signature the
+    listener verified is counted for its octo-auth-appkey, whatever its
+    traceInfo.clientAppkey says; without verification traceInfo wins, and
+    octo-auth-appkey is used only when there is no traceInfo.clientAppkey."""
+    def send(port: int, trace_caller: str | None, signer: str | None) -> tuple[int, str]:
+        local = {"octo-remote-appkey": PROVIDER}
+        if signer is not None:
+            ts = now_ms()
+            local.update({"octo-auth-appkey": signer, "octo-auth-ts": str(ts),
+                          "octo-auth-sig": mac(signer, ts)})
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(frame.encode_request(
+                1, "com.demo.echo.Echo", b"x", local_context=local,
+                trace_info={"clientAppkey": trace_caller} if trace_caller else None))
+            sc = frame.FrameScanner()
+            got: list[frame.Frame] = []
+            wait_for(lambda: got.extend(sc.feed(s.recv(65536))) or got, 10, "an answer")
+        return got[0].status, got[0].message or ""
+
+    with cluster() as c:
+        tok = c.path("tokens.yaml")
+        fd = os.open(tok, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(TOKENS, f)
+        c.providers(p="p.sock")
+        signed_port, open_port = free_port(), free_port()
+        allow = [{"caller": "com.demo.legacy"}, {"caller": "com.demo.web"}]
+        cfg = {
+            "node": {"id": "server"},
+            "auth": {"token_file": tok, "max_skew_s": 60},
+            "listeners": {"inbound": [
+                {"host": "127.0.0.1", "port": signed_port, "upstream_uds": c.path("p.sock"),
+                 "appkey": PROVIDER, "auth": {"mode": "enforce", "allow": allow}},
+                {"host": "127.0.0.1", "port": open_port, "upstream_uds": c.path("p.sock"),
+                 "appkey": PROVIDER}]},
+            "static": {"services": [{"appkey": PROVIDER, "rate_limits": [
+                {"rate": 0.01, "burst": 3, "caller": "com.demo.legacy", "name": "legacy"}]}]},
+        }
+        c.proxy("server", cfg)
+        # signed by legacy, claiming to be web in traceInfo: counted for legacy
+        lying = [send(signed_port, "com.demo.web", "com.demo.legacy") for _ in range(4)]
+        # no verification on this listener: traceInfo.clientAppkey is the caller
+        open_trace = [send(open_port, "com.demo.web", "com.demo.legacy") for _ in range(3)]
+        # no traceInfo.clientAppkey: the (unverified) octo-auth-appkey
+        open_auth = send(open_port, None, "com.demo.legacy")
+    assert [s for s, _ in lying] == [0, 0, 0, 6] and "legacy" in lying[3][1], lying
+    assert [s for s, _ in open_trace] == [0, 0, 0], open_trace
+    assert open_auth[0] == 6, open_auth

@@ -56,6 +56,7 @@ cdef class InboundConn(Conn):
         cdef int64_t now_ms = au_now_ms() if v is not None else 0
         cdef Py_ssize_t vmoff = 0, vmlen = 0
         cdef ServiceGov g = self.gov
+        cdef bint verified
         cdef int code, kind
         cdef Py_ssize_t moff, mlen
         cdef int32_t body_seq
@@ -83,9 +84,11 @@ cdef class InboundConn(Conn):
                         self.is_proxy = True
                     self.answer_heartbeat(&fi, &self.reply)
                 continue
+            verified = False
             if v is not None and fi.flags & FF_REQUEST and fi.msg_type <= MT_NORMAL:
                 # service authentication (docs/auth.md): verified before forwarding
                 code = au_verify(v, p, &fi, now_ms, &vmoff, &vmlen)
+                verified = code == AU_OK
                 if code != AU_OK:
                     if v.enforce:
                         au_refuse_inbound(self, v, code, p, &fi, vmoff, vmlen)
@@ -94,7 +97,12 @@ cdef class InboundConn(Conn):
                     eng.log.warning("auth (log-only) forwarded a request that fails: %s",
                                     _au_reason(v, code, p, &fi, vmoff, vmlen))
             if g is not None and fi.flags & FF_REQUEST and fi.msg_type <= MT_NORMAL:
-                # provider-side limits (docs/governance.md): refused here, at once
+                # provider-side limits (docs/governance.md): refused here, at once;
+                # the caller is the signed octo-auth-appkey once verified, else
+                # traceInfo.clientAppkey, else an unverified octo-auth-appkey
+                if fi.auth_app_len >= 0 and (verified or fi.caller_len < 0):
+                    fi.caller_off = fi.auth_app_off
+                    fi.caller_len = fi.auth_app_len
                 code = gv_inbound(g, p, &fi, now)
                 if code != GV_OK:
                     if fi.call_type == CALL_ONEWAY:
