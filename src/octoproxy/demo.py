@@ -631,6 +631,10 @@ def run_demo(seconds: float, chart: str | None, progress: bool) -> int:
 
         out.write(auth_scene(demo))
         out.flush()
+        from octoproxy.demo_governance import governance_scene
+
+        out.write(governance_scene(demo))
+        out.flush()
         if chart:
             from octoproxy.demo_chart import write_chart
 

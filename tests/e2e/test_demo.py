@@ -75,6 +75,9 @@ def test_demo_short_runs_clean_with_zero_failures(tmp_path: Path) -> None:
     out, err = p.stdout, p.stderr
     assert p.returncode == 0, out + err
     assert re.search(r"^Failed: 0$", out, re.M), out
+    # the governance scene (docs/demo.md): a greedy caller limited, a failing node ejected
+    assert re.search(r"caller com\.demo\.polite .* 0 refused with status 6", out), out
+    assert "ejected after 3 consecutive errors" in out, out
     # the table: more than one destination, the routing contexts, the percentiles
     dests = set(re.findall(r"\b((?:echo|order|cart)-[a-z0-9]+(?:-[a-z0-9]+)?)\s+\S+\s+\S+\s+"
                            r"\w+/\w+\s+[\d,]+\s+[\d.]+%", out))

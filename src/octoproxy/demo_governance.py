@@ -1,0 +1,303 @@
+"""The demo's governance scene (docs/demo.md, docs/governance.md): after the
+main run, a small mesh of its own shows service governance at work.
+
+- A provider service `com.demo.gov` with three nodes behind a server-side
+  proxy whose provider-side rule gives each caller appkey 100 requests/s
+  (burst 20): a greedy caller sending as fast as it can is refused with
+  status 6 while a polite one at about 50/s is never refused.
+- One node starts failing (status 2) half a second in: the client-side
+  proxy's outlier detector ejects it after 3 consecutive errors, and traffic
+  moves to the other two; the only failed calls are the detector's
+  threshold (and any that were already on their way to that node).
+- A cluster-wide quota on Redis when a `redis-server` is installed: a
+  second service, `com.demo.quota` (served by the first node's provider),
+  allows 200 requests/s for all its proxies together; a batch caller
+  asking for more gets about that, and the proxy takes the quota from Redis
+  in steps (a few Redis operations for many requests).  Without
+  `redis-server` the scene says it is skipped.
+
+Its processes are the demo's (Demo.procs), stopped by the demo's cleanup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from octoproxy.demo import Demo
+
+APPKEY = "com.demo.gov"
+QUOTA_APPKEY = "com.demo.quota"
+BATCH = "com.demo.batch"
+NODES = ("gov-ok-1", "gov-ok-2", "gov-flaky")
+GREEDY, POLITE = "com.demo.greedy", "com.demo.polite"
+PER_CALLER_RATE, PER_CALLER_BURST = 100, 20
+EJECT_AFTER = 3
+QUOTA_RATE = 200
+FAIL_AT_S = 0.5
+RUN_S = 2.0
+
+
+def _provider_main(specs: list[str]) -> None:
+    """``python -m octoproxy.demo_governance provider NAME=UDS ...``: each node
+    answers with its name; one whose UDS path + ".fail" exists answers status 2."""
+    import uvloop
+
+    from octoproxy.sdk import Request, serve
+
+    def make_handler(name: str, flag: str) -> Callable[[Request], Any]:
+        answer = name.encode()
+
+        def handler(req: Request) -> Any:
+            if os.path.exists(flag):
+                return (2, b"", f"{name}: failing on purpose")
+            return answer
+
+        return handler
+
+    async def main() -> None:
+        servers = []
+        for spec in specs:
+            name, path = spec.split("=", 1)
+            servers.append(await serve(path, make_handler(name, path + ".fail")))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        for s in servers:
+            s.close()
+
+    uvloop.run(main())
+
+
+class _Caller:
+    """A pipelined OCTO connection that names its caller appkey in
+    traceInfo.clientAppkey (the SDK does not set it)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 caller: str, appkey: str) -> None:
+        from octoproxy._core import frame
+
+        self.frame = frame
+        self.r, self.w, self.caller, self.appkey = reader, writer, caller, appkey
+        self.seq = 0
+        self.waiters: dict[int, asyncio.Future[Any]] = {}
+        self.scanner = frame.FrameScanner()
+        self.task = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            data = await self.r.read(65536)
+            if not data:
+                for f in self.waiters.values():
+                    if not f.done():
+                        f.set_exception(ConnectionError("closed"))
+                return
+            for fr in self.scanner.feed(data):
+                w = self.waiters.pop(fr.seq_id, None)
+                if w is not None and not w.done():
+                    w.set_result(fr)
+
+    async def call(self) -> Any:
+        self.seq += 1
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.waiters[self.seq] = fut
+        self.w.write(self.frame.encode_request(
+            self.seq, "com.demo.GovService", b"gov", timeout=3000,
+            local_context={"octo-remote-appkey": self.appkey},
+            trace_info={"clientAppkey": self.caller}))
+        return await asyncio.wait_for(fut, 10)
+
+    async def close(self) -> None:
+        self.task.cancel()
+        self.w.close()
+        try:
+            await self.w.wait_closed()
+        except Exception:  # already gone
+            pass
+
+
+def _json(port: int, path: str) -> Any:
+    import json
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def governance_scene(demo: Demo) -> str:
+    """Set up the scene's mesh, run its traffic, return its report section."""
+    from octoproxy.demo import DemoError, _can_connect_tcp, _can_connect_uds, _free_port
+
+    t0 = time.monotonic()
+    demo.say("governance scene: rate limits per caller, outlier ejection, cluster quota")
+    ports = {n: _free_port() for n in NODES}
+    aport, sport = _free_port(), _free_port()
+    lines = [""]
+    quota = bool(shutil.which("redis-server"))
+    if quota:
+        redis_port = _free_port()
+        redis = demo._start("gov-redis", ["-c", "import os,sys; os.execvp(sys.argv[1], sys.argv[1:])",
+                                          "redis-server", "--port", str(redis_port),
+                                          "--bind", "127.0.0.1", "--save", "",
+                                          "--appendonly", "no"])
+        demo._wait(lambda: _can_connect_tcp(redis_port), [redis], "redis-server")
+        ports["quota"] = _free_port()
+    services: list[dict[str, Any]] = [{"appkey": APPKEY, "rate_limits": [
+        {"rate": PER_CALLER_RATE, "burst": PER_CALLER_BURST, "caller": "*",
+         "name": "per-caller limit"}]}]
+    inbound: list[dict[str, Any]] = [
+        {"host": "127.0.0.1", "port": ports[n], "upstream_uds": demo.path(f"{n}.sock"),
+         "appkey": APPKEY} for n in NODES]
+    client_svcs: list[dict[str, Any]] = [{
+        "appkey": APPKEY, "lb_policy": "round_robin",
+        "endpoints": [{"address": f"127.0.0.1:{ports[n]}"} for n in NODES],
+        "outlier_detection": {"consecutive_errors": EJECT_AFTER, "error_statuses": [2],
+                              "base_ejection_s": 30, "max_ejection_percent": 50}}]
+    server_cfg: dict[str, Any] = {
+        "node": {"id": "gov-server"},
+        "listeners": {"inbound": inbound},
+        "static": {"services": services},
+        "admin": {"port": sport},
+        "hot_restart": {"socket": demo.path("gov-server.hr")},
+    }
+    if quota:
+        services.append({"appkey": QUOTA_APPKEY, "cluster_quota": {"rate": QUOTA_RATE}})
+        inbound.append({"host": "127.0.0.1", "port": ports["quota"],
+                        "upstream_uds": demo.path(f"{NODES[0]}.sock"), "appkey": QUOTA_APPKEY})
+        client_svcs.append({"appkey": QUOTA_APPKEY,
+                            "endpoints": [{"address": f"127.0.0.1:{ports['quota']}"}]})
+        server_cfg["redis"] = {"url": f"redis://127.0.0.1:{redis_port}/0"}
+    client_cfg = {
+        "node": {"id": "gov-client"},
+        "listeners": {"outbound": [{"path": demo.path("gov.sock")}]},
+        "admin": {"port": aport},
+        "static": {"services": client_svcs},
+        "hot_restart": {"socket": demo.path("gov-client.hr")},
+    }
+    prov = demo._start("gov-providers", ["-m", "octoproxy.demo_governance", "provider",
+                                         *(f"{n}={demo.path(n + '.sock')}" for n in NODES)])
+    server = demo._start("gov-server-proxy", ["-m", "octoproxy", "run", "-c",
+                                              demo._write_yaml("gov-server.yaml", server_cfg)])
+    client = demo._start("gov-client-proxy", ["-m", "octoproxy", "run", "-c",
+                                              demo._write_yaml("gov-client.yaml", client_cfg)])
+    demo._wait(lambda: all(_can_connect_uds(demo.path(f"{n}.sock")) for n in NODES), [prov],
+               "the scene's providers")
+    demo._wait(lambda: all(_can_connect_tcp(p) for p in [*ports.values(), sport]), [server],
+               "the scene's server-side proxy")
+    demo._wait(lambda: _can_connect_uds(demo.path("gov.sock")) and _can_connect_tcp(aport),
+               [client], "the scene's client-side proxy")
+    demo.say(f"  3 nodes of {APPKEY} (pids {prov.pid}, {server.pid}, {client.pid}), "
+             f"ready in {time.monotonic() - t0:.1f} s")
+
+    import uvloop
+
+    res = uvloop.run(_traffic(demo.path("gov.sock"), demo.path("gov-flaky.sock.fail"), quota))
+    gov = _json(aport, "/governance")["services"].get(APPKEY, {})
+    ejected = gov.get("ejected", [])
+
+    w = max(len(GREEDY), len(POLITE))
+    lines.append(f"Governance ({APPKEY}: 3 nodes; provider-side limit {PER_CALLER_RATE}/s "
+                 f"per caller appkey, burst {PER_CALLER_BURST}; outlier ejection after "
+                 f"{EJECT_AFTER} consecutive errors)")
+    for who in (GREEDY, POLITE):
+        st = res["status"][who]
+        n = sum(st.values())
+        lines.append(f"  caller {who:<{w}}  {n:6,} calls in {RUN_S:g} s: {st[0]:6,} answered, "
+                     f"{st[6]:6,} refused with status 6" + (f", {st[2]} failed" if st[2] else ""))
+        if who in res["limit_msg"]:
+            lines.append(f"    refusal: \"{res['limit_msg'][who]}\"")
+    flaky_addr = f"127.0.0.1:{ports['gov-flaky']}"
+    fails = res["failed"]
+    lines.append(f"  node gov-flaky started failing at {FAIL_AT_S:.2f} s: "
+                 + (f"ejected after {EJECT_AFTER} consecutive errors ({fails} failed calls in all, "
+                    f"{max(0, fails - EJECT_AFTER)} of them already on their way to it)"
+                    if flaky_addr in ejected else "NOT ejected"))
+    after = res["after"]
+    if after:
+        lines.append("  answered after the ejection: " + ", ".join(
+            f"{k} {v:,}" for k, v in sorted(after.items())))
+    if quota:
+        q = _json(sport, "/governance")["services"].get(QUOTA_APPKEY, {}).get("quota", {})
+        st = res["status"][BATCH]
+        lines.append(f"  cluster quota on Redis: {QUOTA_APPKEY} allows {QUOTA_RATE}/s for all its "
+                     f"proxies together (one-second windows); caller {BATCH} asking for more: "
+                     f"{st[0]:,} answered, {st[6]:,} refused in {RUN_S:g} s (parts of "
+                     f"{math.ceil(RUN_S) + 1} windows), taken from Redis in "
+                     f"{q.get('steps', 0):,} steps (mode {q.get('mode')})")
+    else:
+        lines.append("  cluster quota on Redis: skipped (no redis-server on this host; "
+                     "install it to see two callers share one quota)")
+    ok = (flaky_addr in ejected and res["status"][POLITE][6] == 0
+          and res["status"][GREEDY][6] > 0 and "gov-flaky (failed)" not in after and not res["errors"])
+    if res["errors"]:
+        lines += [f"  error: {e}" for e in res["errors"][:5]]
+    if not ok:
+        raise DemoError("the governance scene did not show what it should:\n" + "\n".join(lines))
+    return "\n".join(lines) + "\n"
+
+
+async def _traffic(uds: str, fail_flag: str, quota: bool) -> dict[str, Any]:
+    status: dict[str, Counter[int]] = {GREEDY: Counter(), POLITE: Counter(), BATCH: Counter()}
+    after: Counter[str] = Counter()
+    errors: list[str] = []
+    limit_msg: dict[str, str] = {}
+    failed = 0
+    ejected_at: list[float] = []
+    callers = []
+    for who, appkey in ((GREEDY, APPKEY), (POLITE, APPKEY), (BATCH, QUOTA_APPKEY)):
+        r, w = await asyncio.open_unix_connection(uds)
+        callers.append(_Caller(r, w, who, appkey))
+    t0 = time.monotonic()
+    stop = t0 + RUN_S
+
+    async def one(c: _Caller, pause: float) -> None:
+        nonlocal failed
+        while time.monotonic() < stop:
+            try:
+                f = await c.call()
+            except Exception as e:  # a lost connection
+                errors.append(f"{c.caller}: {type(e).__name__}: {e}")
+                return
+            status[c.caller][f.status] += 1
+            if f.status == 6:
+                limit_msg.setdefault(c.caller, f.message or "")
+            elif f.status == 2:
+                failed += 1
+                if failed >= EJECT_AFTER and not ejected_at:
+                    ejected_at.append(time.monotonic())
+                elif ejected_at and time.monotonic() > ejected_at[0] + 0.1:
+                    after["gov-flaky (failed)"] += 1
+            elif (f.status == 0 and c.appkey == APPKEY and ejected_at
+                  and time.monotonic() > ejected_at[0] + 0.1):
+                after[(f.body or b"").decode()] += 1
+            if pause:
+                await asyncio.sleep(pause)
+
+    async def flip() -> None:
+        await asyncio.sleep(FAIL_AT_S)
+        with open(fail_flag, "w"):
+            pass
+
+    await asyncio.gather(flip(), *(one(callers[0], 0.0) for _ in range(4)),
+                         one(callers[1], 0.02),
+                         *(one(callers[2], 0.0) for _ in range(4 if quota else 0)))
+    for c in callers:
+        await c.close()
+    return {"status": status, "after": dict(after), "errors": errors, "limit_msg": limit_msg,
+            "failed": failed}
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["provider"]:
+        _provider_main(sys.argv[2:])
