@@ -17,6 +17,7 @@ from test_governance_e2e import Raw, _server_proc, admin_json, call, three_nodes
 from test_hotrestart import hr, restart
 
 from octoproxy._core import frame
+from octoproxy.sdk import Client
 
 from harness import Cluster, cluster, free_port, server_proxy_cfg, wait_for
 
@@ -186,3 +187,50 @@ def test_caller_is_the_signed_appkey_when_verified() -> None:
     assert [s for s, _ in lying] == [0, 0, 0, 6] and "legacy" in lying[3][1], lying
     assert [s for s, _ in open_trace] == [0, 0, 0], open_trace
     assert open_auth[0] == 6, open_auth
+
+
+def test_ejection_and_counters_survive_a_client_side_hot_restart() -> None:
+    od = {"consecutive_errors": 3, "error_statuses": [2], "base_ejection_s": 60,
+          "max_ejection_percent": 50}
+    with cluster() as c:
+        _, uds, aport = three_nodes(c, 3, lb_policy="round_robin", outlier_detection=od,
+                                    circuit_breakers={"max_requests": 1000})
+        client = next(p for p in c.procs if p.name == "client")
+        client.stop()
+        with open(c.path("client.yaml")) as f:
+            cfg = yaml.safe_load(f)
+        cfg["hot_restart"] = hr(c, "client")
+        c.proxy("client", cfg)
+        with Client(c.path("n1.sock")) as direct:
+            assert direct.call("x", b"break").ok
+
+        async def calls(tag: bytes, n: int) -> list[frame.Frame]:
+            raw = await Raw.connect(uds)
+            out = [await raw.call(b"%s%d" % (tag, i)) for i in range(n)]
+            await raw.close()
+            return out
+
+        first = uvloop.run(calls(b"a", 30))
+        before = {n["address"]: n for n in admin_json(aport, "/clusters")["services"]["a"]["nodes"]}
+        restart(c, "client")
+        wait_for(lambda: _get_ok(aport), 15, "the new generation's admin")
+        after = {n["address"]: n for n in admin_json(aport, "/clusters")["services"]["a"]["nodes"]}
+        g = admin_json(aport, "/governance")["services"]["a"]
+        second = uvloop.run(calls(b"b", 30))
+    assert sum(f.status == 2 for f in first) == 3
+    ejected = [a for a, n in before.items() if n["ejected"]]
+    assert len(ejected) == 1
+    a = ejected[0]
+    assert after[a]["ejected"] and after[a]["ejections"] == 1
+    assert abs(after[a]["ejected_until"] - before[a]["ejected_until"]) < 0.01
+    assert g["ejections"] == 1 and g["ejected"] == [a]
+    assert all(f.status == 0 for f in second), [(f.status, f.message) for f in second]
+    assert not any(f.body.startswith(b"n1|") for f in second)
+
+
+def _get_ok(aport: int) -> bool:
+    try:
+        admin_json(aport, "/governance")
+        return True
+    except OSError:
+        return False
