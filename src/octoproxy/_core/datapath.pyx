@@ -5,7 +5,15 @@ Each connection is an asyncio BufferedProtocol implemented here: the event
 loop reads straight into the connection's C receive buffer, then calls
 ``buffer_updated`` once; from there every frame of the read is scanned,
 routed, its sequence id rewritten in place, and staged for its destination
-without touching Python objects.  What the reads of one event-loop iteration
+in C.  No Python object is made for a forwarded request, with three
+exceptions: a Thrift call's method name (bytes, kept for an error answer)
+and, on a listener that signs, the caller's appkey (auth.pyx: key_for),
+each when it differs from the previous one, and a copy of the request when
+governance may retry it.  Python objects are otherwise touched
+only through reference counts (the node and connection a request holds) and
+set/list operations once per read or state change (the destinations a read
+fed, an upstream connection's first request in flight joining the timeout
+sweep), as ``cython -a`` shows.  What the reads of one event-loop iteration
 stage for a destination goes out in one write at the end of the iteration,
 from the core's buffer straight to the socket when nothing waits in the
 transport.  Connections are created and closed by the
