@@ -30,7 +30,8 @@ def test_admin_connections_are_bounded_and_time_out() -> None:
             s = socket.create_connection(("127.0.0.1", aport), timeout=10)
             s.setblocking(False)
             idle.append(s)
-        time.sleep(0.5)
+        # the proxy has taken every one off the listen queue (kept or refused)
+        wait_for(lambda: _accept_queue(aport) == 0, 15, "the admin connections accepted")
         # the data path still serves new apps
         apps = [Peer(c.path("px.sock")) for _ in range(20)]
         for i, p in enumerate(apps):
@@ -74,6 +75,8 @@ def test_fd_exhaustion_on_the_app_side_is_logged_rate_limited() -> None:
                     continue
             peers.append(s)
         wait_for(lambda: log_lines(client, "file descriptor limit") >= 1, 10, "the EMFILE log line")
+        # not a wait for a state: the window the rate limit must hold over
+        # while the peers keep the proxy at its fd limit
         time.sleep(1.0)
         n = log_lines(client, "file descriptor limit")
         print(f"EMFILE: {n} log lines")
@@ -85,6 +88,18 @@ def test_fd_exhaustion_on_the_app_side_is_logged_rate_limited() -> None:
         p = Peer(c.path("px.sock"))
         p.send(req(1))
         p.wait(lambda: 1 in p.answers(), 10)
+
+
+def _accept_queue(port: int) -> int:
+    """Connections the kernel holds for a TCP listener on loopback that the
+    proxy has not accepted yet (a listener's Recv-Q)."""
+    out = subprocess.run(["ss", "-lnH", "-t"], capture_output=True, text=True,
+                         check=True).stdout
+    for line in out.splitlines():
+        cols = line.split()
+        if f"127.0.0.1:{port}" in cols:
+            return int(cols[cols.index("LISTEN") + 1])
+    raise AssertionError(f"listener not found in ss output:\n{out}")
 
 
 def _listen_backlog(port: int | None = None, path: str | None = None) -> int:

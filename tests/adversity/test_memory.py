@@ -5,10 +5,13 @@ asserts measured RSS, fd counts, exact answer counts and log lines."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import select
 import socket
+import struct
 import subprocess
+import termios
 import time
 from pathlib import Path
 
@@ -83,6 +86,23 @@ def test_inbound_heartbeat_flood_that_never_reads_is_bounded() -> None:
         assert grown < 8, f"server RSS grew {grown:.1f} MiB"
 
 
+def _unread(s: socket.socket) -> int:
+    """Bytes this socket sent that the other end has not taken yet (SIOCOUTQ:
+    for a UDS, not yet read by the peer; for TCP, not yet acknowledged)."""
+    return struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
+def _accept_queue_full(port: int) -> bool:
+    out = subprocess.run(["ss", "-lnH", "-t"], capture_output=True, text=True,
+                         check=True).stdout
+    for line in out.splitlines():
+        cols = line.split()
+        if f"127.0.0.1:{port}" in cols:
+            i = cols.index("LISTEN")
+            return int(cols[i + 1]) > int(cols[i + 2])  # Recv-Q past the backlog
+    return False
+
+
 def _stalled_listener() -> tuple[socket.socket, list[socket.socket], int]:
     """A TCP port whose accept queue is full: a connect to it hangs."""
     ls = socket.socket()
@@ -96,7 +116,7 @@ def _stalled_listener() -> tuple[socket.socket, list[socket.socket], int]:
         with contextlib.suppress(BlockingIOError):
             s.connect(("127.0.0.1", port))
         fill.append(s)
-    time.sleep(0.2)
+    wait_for(lambda: _accept_queue_full(port), 10, "the stalled listener's queue full")
     return ls, fill, port
 
 
@@ -142,10 +162,12 @@ def test_closed_inbound_connections_free_their_buffers_at_once() -> None:
         for _ in range(20):
             p = Peer(port)
             p.send(part)
-            time.sleep(0.05)
+            wait_for(lambda p=p: _unread(p.sock) == 0, 20, "the partial frame taken")
             p.close()
         wait_for(lambda: fds(server.pid) <= base_fds + 2, 20, "inbound connections to close")
-        time.sleep(0.5)
+        # freed at once: the RSS comes down without a GC run (a leak holds it)
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: rss_mib(server.pid) - before < 48, 2, "the RSS back", 0.1)
         grown = rss_mib(server.pid) - before
         print(f"20 closed connections that sent 8 MiB each: RSS +{grown:.1f} MiB")
         assert grown < 48, f"server RSS grew {grown:.1f} MiB"
@@ -197,7 +219,8 @@ def test_process_receive_buffer_budget() -> None:
         peers = [Peer(c.path("px.sock")) for _ in range(6)]
         for p, b in zip(peers, big, strict=True):
             p.send(b[: 2 << 20])  # hold 2 MiB each (6 x 3 MiB would pass the budget)
-        time.sleep(0.5)
+        for p in peers:  # the proxy has read (and holds or skips) every byte sent
+            wait_for(lambda p=p: _unread(p.sock) == 0, 20, "the first 2 MiB read")
         for p, b in zip(peers, big, strict=True):
             p.send(b[2 << 20:])
         for i, p in enumerate(peers):

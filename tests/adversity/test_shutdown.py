@@ -20,9 +20,17 @@ def test_sigterm_answers_everything_read_and_refuses_new_work() -> None:
         client = start_proxy(c, "client", ccfg)
         p = Peer(c.path("px.sock"))
         p.send(b"".join(req(i, b"sleep:800:a%d" % i) for i in range(50)))
-        time.sleep(0.2)
+        wait_for(lambda: _provider_count(c, b"started") == 50, 10, "the 50 calls at the provider")
         client.signal(signal.SIGTERM)
-        time.sleep(0.2)
+        probes = iter(range(200, 300))
+
+        def refusing() -> bool:  # a probe answered "shutting down": the drain has begun
+            i = next(probes)
+            p.send(req(i))
+            p.wait(lambda: i in p.answers(), 10)
+            return p.answers()[i][0].status == 6
+
+        wait_for(refusing, 10, "the proxy to refuse new work")
         p.send(b"".join(req(i) for i in range(100, 110)))
         assert p.wait_closed(15), "the connection was not closed after the drain"
         a = p.answers()
@@ -48,7 +56,7 @@ def test_sigterm_past_shutdown_s_still_answers_what_it_owes() -> None:
         apps = [Peer(c.path("px.sock")) for _ in range(5)]
         for a in apps:
             a.send(b"".join(req(i, b"sleep:5000:x", timeout_ms=10000) for i in range(10)))
-        time.sleep(0.3)
+        wait_for(lambda: _provider_count(c, b"started") == 50, 10, "the 50 calls at the provider")
         t0 = time.monotonic()
         client.signal(signal.SIGTERM)
         for a in apps:

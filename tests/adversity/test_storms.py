@@ -89,7 +89,8 @@ def test_server_frame_limit_below_client_answers_only_that_request() -> None:
         small = Peer(c.path("px.sock"))
         big = Peer(c.path("px.sock"))
         small.send(b"".join(req(i, b"sleep:300:s%d" % i) for i in range(20)))
-        time.sleep(0.05)
+        wait_for(lambda: metric(scrape(aport), "octo_proxy_in_flight") == 20, 10,
+                 "the 20 slow calls in flight on the shared connection")
         big.send(req(99, b"B" * 100_000))
         small.send(b"".join(req(i, b"echo:t%d" % i) for i in range(20, 40)))
         big.wait(lambda: 99 in big.answers(), 10)
