@@ -14,17 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def _close_peers() -> Iterator[None]:
     """Close the raw peers a test opened (warnings are errors: an unclosed
     socket would fail the test)."""
-    yield
-    from attack import PEERS
+    from attack import PEERS, Peer
 
+    yield
     while PEERS:
         PEERS.pop().close()
-
-
-@pytest.fixture(autouse=True)
-def _close_peers() -> Iterator[None]:
-    from attack import Peer
-
-    yield
     while Peer.opened:
         Peer.opened.pop().close()

@@ -1,9 +1,18 @@
 """Legacy OCTO clients pipelining on a server-side proxy's inbound port get
-no restart notice: the old generation answers what it read and closes their
-connections once nothing is in flight, reading nothing more in between (a
-request read then would be executed and its answer lost at exit).  The
-client sends again what was not answered, on a new connection: nothing is
-executed twice.  The same for a stop (SIGTERM)."""
+no restart notice: from the drain's start the old generation reads nothing
+more from their connections and ends each (FIN) once every request read on
+it is answered (docs/protocol.md 7.4).  The client sends again what was not
+answered, on a new connection: nothing is executed twice.
+
+Duplicates were seen here in about 1 full CI run in 5.  The path found: the
+drain served these clients until nothing was in flight in the whole process
+and, when drain_s passed first, ended them with answers still owed by the
+provider, whose requests the clients then sent again (with drain_s shrunk to
+0.02 s every run had them; tests/adversity/test_shutdown.py reproduces it
+every time with a request slower than drain_s, and the in-process tests in
+tests/unit/test_datapath_inproc.py pin the per-connection rule).  And the
+test's client dropped answers it had already received when a send met a
+reset (tests/container/load.py)."""
 
 from __future__ import annotations
 
