@@ -1115,6 +1115,7 @@ class XdsClient:
         except Exception as e:  # a handler's bug must not end the stream
             log.exception("xDS: %s handler failed", self._extra[t].short)
             errors = [f"internal error: {type(e).__name__}"]
+        self.stats.rejected_resources += len(errors)
         self._notify()
         return errors
 
