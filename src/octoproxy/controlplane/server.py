@@ -1,7 +1,8 @@
 """The bundled xDS control plane: ADS (SotW and delta) over grpc.aio, fed by a file.
 
 Each client gets only the resources it subscribed to: octo-proxy asks for
-CDS and EDS; a proxyless gRPC client (``xds:///<appkey>``) for LDS, RDS, CDS
+CDS, EDS and TRDS (Thrift RouteConfigurations: shunting rules per appkey and
+``octo/global``, served like EDS); a proxyless gRPC client (``xds:///<appkey>``) for LDS, RDS, CDS
 and EDS, served per appkey from the same file.  SotW: CDS and LDS responses
 carry every subscribed resource that exists (absent = does not exist), EDS
 and RDS responses carry only what changed.  Delta: only changed resources,

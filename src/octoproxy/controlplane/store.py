@@ -1,6 +1,7 @@
 """The control plane's endpoints file: format, validation, snapshots and watching.
 
-The file (YAML, or JSON when it ends in .json) lists services; see
+The file (YAML, or JSON when it ends in .json) lists services (and their
+traffic-shunting rules, plus the global ones under a top-level ``shunting``); see
 docs/xds.md and examples/endpoints.yaml.  Each load builds a `Snapshot` of
 Envoy resources with a version per resource (a hash of its content, so it is
 stable across control-plane restarts); services whose text did not change are

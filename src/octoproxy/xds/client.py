@@ -21,6 +21,9 @@ those of the xDS protocol document (docs/xds.md section 1 lists them):
   (15 s by default, as the document recommends).
 - Accepted changes become `model.Service` objects pushed to the `RouteSink`
   (`update_service` / `remove_service`), one call per changed service.
+- Traffic-shunting rules: a Thrift RouteConfiguration (TRDS) per subscribed
+  appkey plus ``octo/global``, handled by `xds.shunting.RuleResources` and
+  pushed with ``update_shunting``; each is NACKed whole when invalid.
 - Losing the stream keeps the last good config; reconnecting uses jittered
   exponential backoff and re-subscribes everything (delta: with the resource
   versions held, so the server only sends what changed).
