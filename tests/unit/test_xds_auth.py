@@ -125,6 +125,11 @@ def _bad_rbacs() -> list[tuple[extension_pb2.TypedExtensionConfig, str]]:
     r.policies["p"].permissions.add(any=True)
     out.append((_rules_tec(r), "character outside"))
     out.append((_rules_tec(rbac_pb2.RBAC(), "other"), "delivered under the name"))
+    r = rbac_pb2.RBAC()
+    for i in range(10_001):
+        r.policies["many"].principals.add().authenticated.principal_name.exact = f"c{i}"
+    r.policies["many"].permissions.add(any=True)
+    out.append((_rules_tec(r), "more than 10000 callers"))
     out.append((extension_pb2.TypedExtensionConfig(
         name=PROVIDER, typed_config=any_pb2.Any(type_url=NETWORK_RBAC, value=b"")),
         "typed_config.rules is missing"))

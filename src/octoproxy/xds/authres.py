@@ -37,6 +37,9 @@ NETWORK_RBAC = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBA
 RBAC_RULES = "type.googleapis.com/envoy.config.rbac.v3.RBAC"
 PREVIOUS = "previous"  # generic_secret.secrets key of the previous token (rotation window)
 MAX_TOKEN_BYTES = 4096
+# callers per ACL: each is a secret the proxy subscribes to (a SotW request
+# carries every name, and gRPC servers refuse requests above 4 MiB)
+MAX_ACL_CALLERS = 10_000
 
 # caller appkey -> None (every method) or the methods it may call
 Acl = dict[str, frozenset[str] | None]
@@ -183,6 +186,8 @@ def rules_to_acl(where: str, rules: rbac_pb2.RBAC) -> Acl:
         for c in callers:
             had = acl.get(c, frozenset())
             acl[c] = None if every or had is None else had | methods
+        if len(acl) > MAX_ACL_CALLERS:
+            raise ResourceError(f"{where}: more than {MAX_ACL_CALLERS} callers")
     return acl
 
 
