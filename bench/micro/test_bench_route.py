@@ -133,3 +133,59 @@ def test_one_service_update_in_1000x100(benchmark):
     t.update_service(one)
     assert t.builds == builds + 1  # only that service was rebuilt
     benchmark.extra_info["us"] = round(benchmark.stats.stats.min * 1e6, 1)
+
+
+# ------------------------------------------------------- traffic shunting
+
+
+def _ten_rules(last_matches):
+    """10 rules of the kinds users write (docs/shunting.md); the request
+    below matches none of the first nine (so all ten are evaluated)."""
+    from octoproxy.model import ShuntMatch as M
+    from octoproxy.model import ShuntRule as Rule
+
+    rules = [
+        Rule("r0", (M("context", "eq", key="region", values=("sh",)),), group="gray"),
+        Rule("r1", (M("context", "mod", key="uid", modulus=100, remainders=(1, 2)),), group="gray"),
+        Rule("r2", (M("caller", "in", values=("com.a", "com.b", "com.c")),), group="gray"),
+        Rule("r3", (M("method", "eq", values=("checkout",)),), group="gray"),
+        Rule("r4", (M("context", "prefix", key="device", values=("ios-",)),), group="gray"),
+        Rule("r5", (M("context", "range", key="uid", lo=0, hi=1000),), group="gray"),
+        Rule("r6", (M("service", "eq", values=("com.other.Iface",)),), group="gray"),
+        Rule("r7", (M("context", "percent", key="uid", percent=0),), group="gray"),
+        Rule(
+            "r8",
+            (M("caller", "eq", values=("com.x",)), M("method", "in", values=("a", "b"))),
+            group="gray",
+        ),
+    ]
+    last = M("context", "mod", key="uid", modulus=10, remainders=(7,) if last_matches else (8,))
+    rules.append(Rule("r9", (last,), group="gray"))
+    return tuple(rules)
+
+
+@pytest.mark.parametrize("rules", ["none", "10_no_match", "10_last_matches"])
+def test_lookup_rules_and_pick(benchmark, rules):
+    """lookup + 10 shunting rules + pick (goal <= 150 ns), against no rules."""
+    from octoproxy._core.frame import encode_request, thrift_call
+
+    nodes = [Endpoint(f"10.2.0.{i}", 9000) for i in range(10)]
+    nodes += [Endpoint(f"10.3.0.{i}", 9000, group="gray") for i in range(2)]
+    t = R.RouteTable(Labels(), seed=1)
+    t.replace_all([make_service(f"com.example.other{i}", 3, LbPolicy.ROUND_ROBIN)
+                   for i in range(200)] + [Service(APPKEY, tuple(nodes))])
+    if rules != "none":
+        t.update_shunting(APPKEY, _ten_rules(rules == "10_last_matches"))
+    frame = encode_request(
+        1, APPKEY + ".Iface", thrift_call("getUser", 1, b""),
+        global_context={"uid": "123457", "region": "bj", "device": "android-14"},
+        local_context={"octo-remote-appkey": APPKEY},
+        trace_info={"clientAppkey": "com.caller"},
+    )
+    R.bench_route_req(t, frame, 1000)
+    ok = benchmark(R.bench_route_req, t, frame, N_ITER)
+    assert ok == N_ITER
+    ns = benchmark.stats.stats.min / N_ITER * 1e9
+    benchmark.extra_info["ns_per_rules_lookup_pick"] = round(ns, 1)
+    benchmark.extra_info["ns_mean"] = round(benchmark.stats.stats.mean / N_ITER * 1e9, 1)
+    benchmark.extra_info["goal_ns"] = 150 if rules != "none" else None

@@ -341,3 +341,20 @@ def test_core_equals_reference(
     if rq.method == "":
         rq.method = None  # an empty Thrift name reads as no method (docs/shunting.md)
     check(L, services, rules, rq)
+
+
+def test_more_context_keys_than_the_one_pass_table() -> None:
+    # 16 keys are looked up in one pass; a 17th and later alone: same answers
+    keys = [f"k{i}" for i in range(20)]
+    rules = {
+        "svc": tuple(
+            Rule(f"r{i}", (M("context", "mod", key=k, modulus=10, remainders=(3,)),), group="g")
+            for i, k in enumerate(keys)
+        )
+    }
+    for hit in (0, 15, 16, 19):
+        rq = ref.Request(appkey="svc", gctx={keys[hit]: "13", "k1": "x"}, lctx={keys[-1]: "5"})
+        if hit == 19:
+            rq = ref.Request(appkey="svc", lctx={keys[19]: "23"})
+        _, rule, _ = check(L, [SVC], rules, rq)
+        assert rule == f"r{hit}"

@@ -136,6 +136,12 @@ cdef inline Py_ssize_t fi_method(const uint8_t* frame, FrameInfo* fi,
     name_len[0] = fi.method_len
     return fi.method_off
 
+# The same for n keys in one pass over both maps (a rule set reads several):
+# offs[k]/lens[k] for keys[k] (klens[k] bytes), lens[k] = -1 when absent.
+cdef void fr_context_many(const uint8_t* frame, const FrameInfo* fi, const char** keys,
+                          const Py_ssize_t* klens, Py_ssize_t n, Py_ssize_t* offs,
+                          Py_ssize_t* lens) noexcept nogil
+
 # The same over a bare Thrift message at body[0:n]: the name's offset in body.
 cdef Py_ssize_t fr_thrift_method(const uint8_t* body, Py_ssize_t n,
                                  Py_ssize_t* name_len) noexcept nogil

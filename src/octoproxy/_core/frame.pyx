@@ -812,6 +812,41 @@ cdef Py_ssize_t fr_context_get(const uint8_t* frame, const FrameInfo* fi, const 
     return fr_ctx_find(frame, fi.gctx_off, fi.gctx_end, key, klen, vlen)
 
 
+cdef void fr_ctx_scan(const uint8_t* frame, Py_ssize_t off, Py_ssize_t end, const char** keys,
+                      const Py_ssize_t* klens, Py_ssize_t n, Py_ssize_t* offs,
+                      Py_ssize_t* lens) noexcept nogil:
+    cdef const uint8_t* p
+    cdef const uint8_t* e
+    cdef Py_ssize_t kl, vl, k
+    if off < 0 or end - off < 6:
+        return
+    p = frame + off + 6
+    e = frame + end
+    while e - p >= 8:
+        kl = <int32_t>fr_rd_u32(p)
+        if kl < 0 or e - p - 4 < kl + 4:
+            break
+        vl = <int32_t>fr_rd_u32(p + 4 + kl)
+        if vl < 0 or e - p - 8 - kl < vl:
+            break
+        for k in range(n):
+            if kl == klens[k] and memcmp(p + 4, keys[k], <size_t>kl) == 0:
+                offs[k] = p + 8 + kl - frame
+                lens[k] = vl
+        p += 8 + kl + vl
+
+
+cdef void fr_context_many(const uint8_t* frame, const FrameInfo* fi, const char** keys,
+                          const Py_ssize_t* klens, Py_ssize_t n, Py_ssize_t* offs,
+                          Py_ssize_t* lens) noexcept nogil:
+    cdef Py_ssize_t k
+    for k in range(n):
+        lens[k] = -1
+    # globalContext first: a localContext entry overwrites it (local wins)
+    fr_ctx_scan(frame, fi.gctx_off, fi.gctx_end, keys, klens, n, offs, lens)
+    fr_ctx_scan(frame, fi.lctx_off, fi.lctx_end, keys, klens, n, offs, lens)
+
+
 cdef const char* fr_strerror(Py_ssize_t code) noexcept nogil:
     if code == FE_NEED_MORE:
         return "incomplete frame"

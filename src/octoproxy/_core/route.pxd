@@ -130,6 +130,7 @@ cdef class GroupEntry:
 cdef struct RtCond:
     int src                         # RS_*
     int op                          # RO_*
+    int kidx                        # RS_CONTEXT: index in RtRules.ckeys (-1: looked up alone)
     const char* key                 # context key (RS_CONTEXT)
     Py_ssize_t key_len
     const char** vals               # eq/prefix: 1; in: n
@@ -154,6 +155,7 @@ cdef struct RtRule:
     Py_ssize_t value_len
     const char* skey                # context: the unit table's source key (NULL: constant)
     Py_ssize_t skey_len
+    int skidx                       # its index in RtRules.ckeys (-1: looked up alone)
     PyObject* table                 # RtIndex value -> bytes (borrowed) or NULL
     PyObject* stat                  # ShuntStat (borrowed)
 
@@ -177,6 +179,9 @@ cdef class RtRules:
     cdef RtRule* rules
     cdef Py_ssize_t n
     cdef bint needs_method          # a condition reads the method (parsed once per request)
+    cdef const char* ckeys[16]      # the context keys the rules read (RT_MAX_CTX), found in
+    cdef Py_ssize_t cklen[16]       # one pass over the request's maps at the first use
+    cdef Py_ssize_t nck
     cdef list keep                  # bytes, RtIndex and ShuntStat objects the arrays point into
     cdef const char* keep_str(self, str v, Py_ssize_t* n) except? NULL
 

@@ -15,10 +15,12 @@ from cpython.object cimport PyObject
 from libc.math cimport floor
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memset
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
-from octoproxy._core.frame cimport FrameInfo, fr_context_get, fr_method, fr_scan
+from octoproxy._core.frame cimport (
+    FrameInfo, fr_context_get, fr_context_many, fr_method, fr_scan,
+)
 
 import os
 
@@ -458,6 +460,8 @@ cdef enum:
     RA_GROUP = 0
     RA_CONTEXT = 1
 
+    RT_MAX_CTX = 16                 # context keys looked up in one pass per request
+
 cdef dict _RS = {_model.SRC_SERVICE: RS_SERVICE, _model.SRC_METHOD: RS_METHOD,
                  _model.SRC_CALLER: RS_CALLER, _model.SRC_CONTEXT: RS_CONTEXT,
                  _model.SRC_RANDOM: RS_RANDOM}
@@ -484,6 +488,7 @@ cdef class RtRules:
         self.rules = NULL
         self.n = 0
         self.needs_method = False
+        self.nck = 0
         self.keep = []
 
     def __dealloc__(self):
@@ -519,10 +524,12 @@ cdef int rt_compile_cond(RtRules rs, RtCond* c, object m) except -1:
     c.key_len = 0
     c.src = _RS[m.source]
     c.op = _RO[m.op]
+    c.kidx = -1
     if c.src == RS_METHOD:
         rs.needs_method = True
     if c.src == RS_CONTEXT:
         c.key = rs.keep_str(m.key, &c.key_len)
+        c.kidx = rt_ctx_index(rs, c.key, c.key_len)
     nv = len(m.values)
     if nv:
         c.vals = <const char**>calloc(nv, sizeof(char*))
@@ -544,6 +551,57 @@ cdef int rt_compile_cond(RtRules rs, RtCond* c, object m) except -1:
         c.nrems = len(m.remainders)
     c.threshold = <uint32_t>_shunting.percent_threshold(m.percent)
     return 0
+
+
+cdef int rt_ctx_index(RtRules rs, const char* key, Py_ssize_t n) noexcept:
+    """The slot of a context key in the per-request lookup table (-1: full)."""
+    cdef Py_ssize_t k
+    for k in range(rs.nck):
+        if rs.cklen[k] == n and memcmp(rs.ckeys[k], key, <size_t>n) == 0:
+            return <int>k
+    if rs.nck == RT_MAX_CTX:
+        return -1
+    rs.ckeys[rs.nck] = key
+    rs.cklen[rs.nck] = n
+    rs.nck += 1
+    return <int>(rs.nck - 1)
+
+
+# What one request's rule evaluation has read so far (on the C stack).
+cdef struct RtSeen:
+    Py_ssize_t moff                 # the method (mlen -2: not parsed yet, -1: none)
+    Py_ssize_t mlen
+    bint ctx_done                   # the context keys were looked up
+    Py_ssize_t coff[16]             # RT_MAX_CTX
+    Py_ssize_t clen[16]
+    uint8_t cint_state[16]          # per key: 0 not parsed yet, 1 an integer, 2 not one
+    int64_t cint[16]                # per key: the parsed integer (range/mod)
+
+
+cdef inline Py_ssize_t rt_ctx_value(RtRules rs, int kidx, const char* key, Py_ssize_t klen,
+                                    const uint8_t* p, const FrameInfo* fi, RtSeen* s,
+                                    Py_ssize_t* vl) noexcept:
+    cdef Py_ssize_t off
+    if kidx < 0:
+        off = fr_context_get(p, fi, key, klen, vl)
+        if off < 0:
+            vl[0] = -1
+        return off
+    if not s.ctx_done:
+        fr_context_many(p, fi, rs.ckeys, rs.cklen, rs.nck, s.coff, s.clen)
+        memset(s.cint_state, 0, rs.nck)
+        s.ctx_done = True
+    vl[0] = s.clen[kidx]
+    return s.coff[kidx]
+
+
+cdef inline bint rt_same(const uint8_t* a, const char* b, Py_ssize_t n) noexcept:
+    # short values: a plain loop beats a call to memcmp
+    cdef Py_ssize_t i
+    for i in range(n):
+        if a[i] != <uint8_t>b[i]:
+            return False
+    return True
 
 
 cdef RtRules rt_compile_rules(RouteTable t, ServiceEntry e):
@@ -590,6 +648,7 @@ cdef RtRules rt_compile_rules(RouteTable t, ServiceEntry e):
             r.target = _TARGETS[rule.target]
             if rule.source_key:
                 r.skey = rs.keep_str(rule.source_key, &r.skey_len)
+                r.skidx = rt_ctx_index(rs, r.skey, r.skey_len)
                 keys = []
                 hashes = []
                 vals = []
@@ -640,8 +699,8 @@ cdef inline uint64_t rt_fnv1a64(const uint8_t* p, Py_ssize_t n) noexcept:
     return h
 
 
-cdef bint rt_cond(RouteTable t, const RtCond* c, const uint8_t* p, const FrameInfo* fi,
-                  Py_ssize_t* moff, Py_ssize_t* mlen) noexcept:
+cdef inline bint rt_cond(RouteTable t, RtRules rs, const RtCond* c, const uint8_t* p,
+                         const FrameInfo* fi, RtSeen* s) noexcept:
     """One condition on one request; a missing value makes it false."""
     cdef Py_ssize_t off = 0, vl = -1, i
     cdef const uint8_t* v
@@ -655,34 +714,39 @@ cdef bint rt_cond(RouteTable t, const RtCond* c, const uint8_t* p, const FrameIn
         off = fi.caller_off
         vl = fi.caller_len
     elif c.src == RS_METHOD:
-        if mlen[0] == -2:
+        if s.mlen == -2:
             # parsed once per request, and only when a rule reads it
-            moff[0] = fr_method(p, fi, mlen)
-            if moff[0] < 0:
-                mlen[0] = -1
-        off = moff[0]
-        vl = mlen[0]
+            s.moff = fr_method(p, fi, &s.mlen)
+            if s.moff < 0:
+                s.mlen = -1
+        off = s.moff
+        vl = s.mlen
     else:
-        off = fr_context_get(p, fi, c.key, c.key_len, &vl)
-        if off < 0:
-            vl = -1
+        off = rt_ctx_value(rs, c.kidx, c.key, c.key_len, p, fi, s, &vl)
     if vl < 0:
         return False
     v = p + off
     if c.op == RO_EQ:
-        return vl == c.vlens[0] and memcmp(v, c.vals[0], <size_t>vl) == 0
+        return vl == c.vlens[0] and rt_same(v, c.vals[0], vl)
     if c.op == RO_IN:
         for i in range(c.nvals):
-            if vl == c.vlens[i] and memcmp(v, c.vals[i], <size_t>vl) == 0:
+            if vl == c.vlens[i] and rt_same(v, c.vals[i], vl):
                 return True
         return False
     if c.op == RO_PREFIX:
-        return vl >= c.vlens[0] and memcmp(v, c.vals[0], <size_t>c.vlens[0]) == 0
+        return vl >= c.vlens[0] and rt_same(v, c.vals[0], c.vlens[0])
     if c.op == RO_PRESENT:
         return vl > 0
     if c.op == RO_PERCENT:
         return <uint32_t>(rt_fnv1a64(v, vl) % 10000) < c.threshold
-    if not rt_parse_i64(v, vl, &x):
+    if c.src == RS_CONTEXT and c.kidx >= 0:
+        # a context value read as an integer once per request
+        if s.cint_state[c.kidx] == 0:
+            s.cint_state[c.kidx] = 1 if rt_parse_i64(v, vl, &s.cint[c.kidx]) else 2
+        if s.cint_state[c.kidx] == 2:
+            return False
+        x = s.cint[c.kidx]
+    elif not rt_parse_i64(v, vl, &x):
         return False
     if c.op == RO_RANGE:
         return c.lo <= x < c.hi
@@ -1092,7 +1156,8 @@ cdef class RouteTable:
         cdef ShuntStat st
         cdef GroupEntry ge
         cdef PyObject* hit
-        cdef Py_ssize_t i, j, moff = 0, mlen = -2, voff, vl = 0
+        cdef Py_ssize_t i, j, voff, vl = 0
+        cdef RtSeen seen
         cdef const uint8_t* lp = p + fi.liteset_off
         cdef const uint8_t* sp = p + fi.set_off
         cdef const uint8_t* wp = p + fi.swimlane_off
@@ -1106,12 +1171,14 @@ cdef class RouteTable:
             return None
         rs = svc.shunt
         if rs is not None:
+            seen.mlen = -2
+            seen.ctx_done = False
             # first match wins: the service's rules, then the global ones
             for i in range(rs.n):
                 r = &rs.rules[i]
                 matched = True
                 for j in range(r.nconds):
-                    if not rt_cond(self, &r.conds[j], p, fi, &moff, &mlen):
+                    if not rt_cond(self, rs, &r.conds[j], p, fi, &seen):
                         matched = False
                         break
                 if not matched:
@@ -1119,7 +1186,7 @@ cdef class RouteTable:
                 if r.action == RA_CONTEXT:
                     if r.skey != NULL:
                         # unit mapping: a value missing from the table is no match
-                        voff = fr_context_get(p, fi, r.skey, r.skey_len, &vl)
+                        voff = rt_ctx_value(rs, r.skidx, r.skey, r.skey_len, p, fi, &seen, &vl)
                         if voff < 0:
                             continue
                         hit = (<RtIndex>r.table).get(p + voff, vl, rt_xxh64(p + voff, vl, 0))
@@ -1463,4 +1530,20 @@ def bench_route(RouteTable table, bytes appkey, long n_iter, bytes hash_key=None
             if send_done:
                 lb_on_send(nd)
                 lb_on_done(nd)
+    return ok
+
+
+def bench_route_req(RouteTable table, bytes frame, long n_iter):
+    """Loop rt_route_req n_iter times in C over one scanned request frame
+    (shunting rules, lookup, pick: what the data path calls per request);
+    returns the number of successful picks."""
+    cdef long i, ok = 0
+    cdef int err = 0
+    cdef FrameInfo fi
+    cdef const uint8_t* p = <const uint8_t*><char*>frame
+    if fr_scan(p, len(frame), len(frame) + 1, 65536, &fi) <= 0:
+        raise ValueError("not a whole frame")
+    for i in range(n_iter):  # no-cython-lint: only the count matters
+        if table.rt_route_req(p, &fi, &err) is not None:
+            ok += 1
     return ok
