@@ -72,10 +72,11 @@ SERVICE = "com.bench.Echo"
 BODY_LEN = 128
 DRAIN_S = 3.0  # the load generator's drain limit after the run
 
-SYSTEMS = ("direct", "octo", "haproxy", "nginx")
+SYSTEMS = ("direct", "octo", "shunt", "haproxy", "nginx")
 LABEL = {
     "direct": "direct",
     "octo": "octo-proxy",
+    "shunt": "octo-proxy + 10 shunting rules",
     "base": "octo-proxy (baseline)",
     "haproxy": "HAProxy",
     "nginx": "nginx",
@@ -304,7 +305,26 @@ class Bench:
     def start_base(self) -> System:
         return self.start_octo("base", self.baseline)
 
-    def start_octo(self, name: str = "octo", src: str | None = None) -> System:
+    def start_shunt(self) -> System:
+        # issue 16's cost: 10 rules on the service, none matching this request
+        # (all ten evaluated: context lookups, the method parse, integer
+        # parses), docs/shunting.md
+        def cond(i: int) -> dict[str, Any]:
+            kinds = [
+                {"source": "context", "key": "uid", "op": "mod", "modulus": 100, "remainders": [1]},
+                {"source": "caller", "op": "in", "values": ["com.a", "com.b"]},
+                {"source": "method", "op": "eq", "value": "checkout"},
+                {"source": "context", "key": "region", "op": "eq", "value": "sh"},
+                {"source": "context", "key": "uid", "op": "percent", "percent": 0},
+            ]
+            return kinds[i % len(kinds)]
+
+        rules = [{"name": f"r{i}", "match": [cond(i)], "group": "gray"} for i in range(10)]
+        return self.start_octo("shunt", shunting={"services": {APPKEY: rules}})
+
+    def start_octo(
+        self, name: str = "octo", src: str | None = None, shunting: dict[str, Any] | None = None
+    ) -> System:
         port = harness.free_port()
         # own node ids and hot-restart sockets: the defaults (/tmp/octo-proxy-<node id>.restart.sock)
         # are shared with every other proxy on the host that has the same node id
@@ -326,6 +346,8 @@ class Bench:
             node={"id": f"{tag}-client-{name}"},
             hot_restart={"socket": self.c.path(f"{name}-client.hr")},
         )
+        if shunting:
+            ccfg["shunting"] = shunting
         if src is None:
             b = self.c.proxy(f"{name}-b", scfg)
             a = self.c.proxy(f"{name}-a", ccfg)
@@ -911,9 +933,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--systems",
-        default=",".join(SYSTEMS),
-        help="comma-separated, from direct,octo,haproxy,nginx (default: all; the ones not "
-        "installed are left out)",
+        default="direct,octo,haproxy,nginx",
+        help="comma-separated, from direct,octo,shunt,haproxy,nginx (default: all but shunt, "
+        "octo-proxy with 10 shunting rules on the service; the ones not installed are left out)",
     )
     ap.add_argument(
         "--baseline",
