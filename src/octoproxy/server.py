@@ -218,6 +218,16 @@ class Proxy:
             state["services"] = services_to_json([x for x in svcs if x is not None])
         if self.gov is not None:
             state["governance"] = self.gov.handover()
+        # traffic-shunting rules from xDS (the config's own come from the
+        # next generation's config) and every rule's counters (docs/shunting.md)
+        from octoproxy.xds.shunting import rule_to_dict
+
+        static_scopes = set(self.cfg.shunting.rules())
+        state["shunting"] = {scope: [rule_to_dict(r) for r in self.table.shunting_rules(scope)]
+                             for scope in self.table.shunting_scopes()
+                             if scope not in static_scopes}
+        state["shunt_counts"] = [[s["scope"], s["name"], s["hits"], s["fallbacks"], s["rejects"]]
+                                 for s in self.table.shunting_stats()]
         if eng is not None:
             state["histogram"] = eng.histogram_state()
             state["nodes"] = [[a, n.address, n.picks, n.answers_by_status()]
@@ -236,6 +246,12 @@ class Proxy:
                 node.add_counts(picks, answers)
         if self.gov is not None:
             self.gov.restore(state.get("governance") or {})
+        for scope, name, hits, fallbacks, rejects in state.get("shunt_counts", []):
+            st = self.table.shunt_stat(scope, name)
+            if st is not None:
+                st.hits += hits
+                st.fallbacks += fallbacks
+                st.rejects += rejects
 
     def restore_state(self, state: dict[str, Any]) -> None:
         """Before start(): the previous generation's routes and subscriptions."""
@@ -244,6 +260,17 @@ class Proxy:
         for svc in services_from_json(state.get("services", [])):
             if svc.appkey not in static:
                 self.table.update_service(svc)
+        from octoproxy.xds.shunting import rules_from_list
+
+        static_rules = set(self.cfg.shunting.rules())
+        for scope, rules in state.get("shunting", {}).items():
+            if scope in static_rules:
+                continue  # this generation's config has its own rules for it
+            try:
+                self.table.update_shunting(scope, rules_from_list(scope, rules, "handed over"))
+            except ValueError as e:  # e.g. a check this version added
+                log.warning("shunting rules of %s from the previous generation dropped: %s",
+                            scope, e)
 
     def open_sockets(self, inherited: dict[str, socket.socket] | None = None) -> None:
         """Listening sockets: taken over from the previous generation when

@@ -1344,6 +1344,10 @@ cdef class RouteTable:
                             "rule": rule})
         return out
 
+    def shunt_stat(self, str scope, str name):
+        """The counters of one rule (None when there is no such rule)."""
+        return self._stats.get((scope, name))
+
     def groups(self, appkey):
         """The named node groups of a service that has nodes in them."""
         cdef ServiceEntry e = self._snap.entries.get(appkey)
