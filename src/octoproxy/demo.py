@@ -74,6 +74,7 @@ NODES = [
     Node("echo-fx-yf", "com.demo.echo", swimlane="feature-x", idc="yf"),
     Node("echo-fx-sh", "com.demo.echo", swimlane="feature-x", idc="sh", region="shanghai",
          idle_why="region shanghai: lane feature-x has a node in the caller's region"),
+    Node("echo-canary-gh", "com.demo.echo", group="canary"),
     Node("order-gh-1", "com.demo.order"),
     Node("order-s1-gh", "com.demo.order", cell="s1"),
     Node("order-s2-sh", "com.demo.order", cell="s2", idc="sh", region="shanghai",
@@ -88,11 +89,19 @@ CALLERS = [
     Caller("liteset=gray", "com.demo.echo", 2, frozenset({"echo-gray-gh"}), liteset="gray"),
     Caller("swimlane=feature-x", "com.demo.echo", 2, frozenset({"echo-fx-yf"}),
            swimlane="feature-x"),
+    Caller("uid=17", "com.demo.echo", 1, frozenset({"echo-canary-gh"}), extra=(("uid", "17"),)),
     Caller("trunk", "com.demo.order", 2, frozenset({"order-gh-1"})),
     Caller("set=s1", "com.demo.order", 2, frozenset({"order-s1-gh"}), set="s1"),
     Caller("hash-key=user-0..23", "com.demo.cart", 3,
            frozenset({"cart-gh-1", "cart-gh-2", "cart-gh-3"}), hash_keys=24),
 ]
+
+# Traffic shunting (docs/shunting.md): echo's users with uid % 10 == 7 go to
+# its canary group; every other request only ever reaches its default nodes.
+SHUNTING: dict[str, list[dict[str, Any]]] = {"com.demo.echo": [
+    {"name": "canary-users", "group": "canary",
+     "match": [{"source": "context", "key": "uid", "op": "mod", "modulus": 10, "remainders": [7]}]},
+]}
 
 CONNECTIONS = 4  # SDK connections to the client-side proxy; callers share them
 
@@ -281,8 +290,10 @@ class Demo:
             {"appkey": s.appkey, "lb_policy": s.lb_policy, "set_enabled": s.set_enabled,
              "service_names": [s.service_name],
              "endpoints": [{"address": f"127.0.0.1:{self.node_ports[n.name]}", "cell": n.cell,
-                            "swimlane": n.swimlane, "idc": n.idc, "region": n.region}
-                           for n in NODES if n.appkey == s.appkey]}
+                            "swimlane": n.swimlane, "idc": n.idc, "region": n.region,
+                            "group": n.group}
+                           for n in NODES if n.appkey == s.appkey],
+             **({"shunting": SHUNTING[s.appkey]} if s.appkey in SHUNTING else {})}
             for s in SERVICES]}
         ep_file = self._write_yaml("endpoints.yaml", endpoints)
         server_cfg = self._write_yaml("server.yaml", {
@@ -332,9 +343,20 @@ class Demo:
 
         subscribe(f"http://127.0.0.1:{self.sub_port}", [s.appkey for s in SERVICES],
                   timeout=10, retry_until=20)
+        self._wait(self._rules_in, [client], "the shunting rule at the client-side proxy")
         self.say(f"  client-side proxy: idc {CLIENT_IDC}/{CLIENT_REGION} (pid {client.pid}), "
                  f"subscribed to {', '.join(s.appkey for s in SERVICES)} over xDS")
         self.say(f"  ready in {time.monotonic() - t0:.1f} s")
+
+    def _rules_in(self) -> bool:
+        """The shunting rules come on their own xDS resource, maybe after the
+        services: a uid=17 request reaches the canary group once they are in."""
+        from octoproxy.sdk import Client, Context
+
+        with Client(self.path("px.sock")) as c:
+            r = c.call(SERVICES[0].service_name, b"demo", raise_on_error=False,
+                       context=Context(appkey=SERVICES[0].appkey, global_extra={"uid": "17"}))
+        return r.ok and r.body == b"echo-canary-gh"
 
     # -- traffic
 
@@ -404,7 +426,7 @@ class Demo:
             client = clients[next(worker_no) % len(clients)]
             svc = service_name[caller.service]
             base = Context(appkey=caller.service, swimlane=caller.swimlane, set=caller.set,
-                           liteset=caller.liteset)
+                           liteset=caller.liteset, global_extra=dict(caller.extra))
             keys = [Context(appkey=caller.service, hash_key=f"user-{k}")
                     for k in range(caller.hash_keys)]
             k = 0
@@ -539,6 +561,22 @@ def _ms(v: float) -> str:
     return f"{v * 1e3:.2f} ms" if v < 0.1 else f"{v * 1e3:.0f} ms"
 
 
+def _shunting_lines(res: Results, per: Counter[tuple[int, int]]) -> list[str]:
+    """The traffic-shunting rows under the routing table: what each node
+    group got, from which callers (docs/shunting.md)."""
+    out = []
+    for rules in SHUNTING.values():
+        for r in rules:
+            nodes = {i for i, n in enumerate(res.nodes) if n.group and n.group == r["group"]}
+            m = r["match"][0]
+            got = {res.callers[c].label: k for (c, d), k in per.items() if d in nodes}
+            out.append(f"  Traffic shunting: rule {r['name']!r} ({m['key']} % {m['modulus']} in "
+                       f"{m['remainders']}) -> group {r['group']!r}: "
+                       + (", ".join(f"{k:,} from {c}" for c, k in sorted(got.items()))
+                          or "nothing"))
+    return out
+
+
 def report(res: Results) -> str:
     total_ok = len(res.latency)
     lines = [""]
@@ -564,6 +602,7 @@ def report(res: Results) -> str:
             rows.append([*head, n.name, n.cell or "-", n.swimlane or "trunk",
                          f"{n.idc}/{n.region}", f"{k:,}", f"{k / max(1, n_c):.1%}"])
     lines += _table(rows, {2, 3, 8, 9})
+    lines += _shunting_lines(res, per)
     used = set(res.dest_ix)
     idle = [n for i, n in enumerate(res.nodes) if i not in used]
     if idle:

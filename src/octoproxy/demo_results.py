@@ -23,6 +23,7 @@ class Node:
     idc: str = CLIENT_IDC
     region: str = CLIENT_REGION
     idle_why: str = ""  # why no caller of the demo should reach it
+    group: str = ""  # node group (traffic shunting); "" = the service's default nodes
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Caller:
     set: str | None = None
     liteset: str | None = None
     hash_keys: int = 0  # > 0: rotate over this many octo-hash-key values
+    extra: tuple[tuple[str, str], ...] = ()  # other globalContext values (shunting rules read them)
 
 
 @dataclass

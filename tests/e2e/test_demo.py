@@ -85,6 +85,10 @@ def test_demo_short_runs_clean_with_zero_failures(tmp_path: Path) -> None:
     assert {"echo-gray-gh", "echo-fx-yf", "order-s1-gh"} <= dests, dests
     for ctx in ("trunk", "liteset=gray", "swimlane=feature-x", "set=s1", "hash-key"):
         assert ctx in out
+    # traffic shunting: the uid=17 caller, and only it, reached the canary group
+    assert "echo-canary-gh" in dests, dests
+    assert re.search(r"^  Traffic shunting: rule 'canary-users' \(uid % 10 in \[7\]\) -> group "
+                     r"'canary': [\d,]+ from uid=17$", out, re.M), out
     for q in ("p50", "p90", "p99", "p99.9", "requests/s"):
         assert q in out
     assert "transparently retried" in out
