@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import os
+import signal
 import urllib.request
 from typing import Any
 
@@ -15,6 +17,7 @@ import pytest
 import uvloop
 
 from octoproxy._core.frame import thrift_call
+from octoproxy.process import pid_alive, read_pid_file
 from octoproxy.sdk import AsyncClient, Client, Context
 from octoproxy.shunting import percent_bucket
 
@@ -74,7 +77,10 @@ def mesh():
         c.proxy("client", client_proxy_cfg(c.path("px.sock"), services,
                                            shunting=SHUNTING, admin={"port": admin},
                                            logging={"access_log": True},
-                                           upstream={"default_timeout_ms": 5000}))
+                                           upstream={"default_timeout_ms": 5000},
+                                           hot_restart={"socket": c.path("client.hr"),
+                                                        "pid_file": c.path("client.pid"),
+                                                        "drain_s": 1.0, "shutdown_s": 5.0}))
         c.admin = admin  # type: ignore[attr-defined]
         yield c
 
@@ -170,3 +176,33 @@ def test_group_without_node_falls_back_or_answers_8(mesh: Cluster) -> None:
     rules = {r["name"]: r for r in admin_json(mesh, "/clusters")["shunting"]}
     assert rules["to-canary-fb"]["fallbacks"] >= 1
     assert rules["to-canary-rej"]["rejects"] >= 1
+
+
+def test_hot_restart_keeps_rules_and_counts(mesh: Cluster) -> None:
+    # last in this module: it replaces the client-side proxy
+    def hits() -> int:
+        rules = admin_json(mesh, "/clusters")["shunting"]
+        return next(r["hits"] for r in rules if r["name"] == "mod-gray")
+
+    per_user(mesh, "com.shunt.mod", [1, 101, 201])
+    before = hits()
+    assert before >= 3
+    pidf = mesh.path("client.pid")
+    old = read_pid_file(pidf)
+    assert old and pid_alive(old)
+    os.kill(old, signal.SIGUSR2)
+    wait_for(lambda: (p := read_pid_file(pidf)) not in (None, old) and pid_alive(p), 20,
+             "a new generation of the client-side proxy")
+    wait_for(lambda: not pid_alive(old), 20, "the old generation to exit")
+
+    def admin_up() -> bool:
+        try:
+            return bool(admin_json(mesh, "/clusters"))
+        except OSError:
+            return False
+
+    wait_for(admin_up, 20, "the new generation's admin")
+    assert hits() >= before  # the counts continue
+    got = per_user(mesh, "com.shunt.mod", [1, 2])
+    assert got[1] in ("g1", "g2") and got[2] in ("d1", "d2")
+    assert hits() >= before + 1

@@ -259,7 +259,7 @@ cdef class RouteTable:
                        int* err)
     # The same for a scanned request frame, with its shunting rules applied
     # first (docs/shunting.md); last_rule names the rule that matched.
-    cdef Node rt_route_req(self, const uint8_t* p, const FrameInfo* fi, int* err)
+    cdef Node rt_route_req(self, const uint8_t* p, FrameInfo* fi, int* err)
 
 
 cdef inline void lb_on_send(Node node) noexcept:

@@ -19,7 +19,7 @@ from libc.string cimport memcmp, memset
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 from octoproxy._core.frame cimport (
-    FrameInfo, fr_context_get, fr_context_many, fr_method, fr_scan,
+    FrameInfo, fi_method, fr_context_get, fr_context_many, fr_scan,
 )
 
 import os
@@ -569,8 +569,6 @@ cdef int rt_ctx_index(RtRules rs, const char* key, Py_ssize_t n) noexcept:
 
 # What one request's rule evaluation has read so far (on the C stack).
 cdef struct RtSeen:
-    Py_ssize_t moff                 # the method (mlen -2: not parsed yet, -1: none)
-    Py_ssize_t mlen
     bint ctx_done                   # the context keys were looked up
     Py_ssize_t coff[16]             # RT_MAX_CTX
     Py_ssize_t clen[16]
@@ -700,7 +698,7 @@ cdef inline uint64_t rt_fnv1a64(const uint8_t* p, Py_ssize_t n) noexcept:
 
 
 cdef inline bint rt_cond(RouteTable t, RtRules rs, const RtCond* c, const uint8_t* p,
-                         const FrameInfo* fi, RtSeen* s) noexcept:
+                         FrameInfo* fi, RtSeen* s) noexcept:
     """One condition on one request; a missing value makes it false."""
     cdef Py_ssize_t off = 0, vl = -1, i
     cdef const uint8_t* v
@@ -714,13 +712,9 @@ cdef inline bint rt_cond(RouteTable t, RtRules rs, const RtCond* c, const uint8_
         off = fi.caller_off
         vl = fi.caller_len
     elif c.src == RS_METHOD:
-        if s.mlen == -2:
-            # parsed once per request, and only when a rule reads it
-            s.moff = fr_method(p, fi, &s.mlen)
-            if s.moff < 0:
-                s.mlen = -1
-        off = s.moff
-        vl = s.mlen
+        # parsed once per request (shared with governance and auth), and
+        # only when a rule reads it
+        off = fi_method(p, fi, &vl)
     else:
         off = rt_ctx_value(rs, c.kidx, c.key, c.key_len, p, fi, s, &vl)
     if vl < 0:
@@ -1148,7 +1142,7 @@ cdef class RouteTable:
         err[0] = RT_OK
         return rt_pick(self, cs, hashkey, hashkey_len)
 
-    cdef Node rt_route_req(self, const uint8_t* p, const FrameInfo* fi, int* err):
+    cdef Node rt_route_req(self, const uint8_t* p, FrameInfo* fi, int* err):
         cdef ServiceEntry svc
         cdef CandSet cs
         cdef RtRules rs
@@ -1171,7 +1165,6 @@ cdef class RouteTable:
             return None
         rs = svc.shunt
         if rs is not None:
-            seen.mlen = -2
             seen.ctx_done = False
             # first match wins: the service's rules, then the global ones
             for i in range(rs.n):
