@@ -176,3 +176,21 @@ def test_a_signature_wrong_in_any_one_byte_is_refused() -> None:
         assert v.verify(good) == 0
     assert v.verify(signed(b"t", ts, method="drop")) == 6   # the method answer is not reused
     assert v.verify(good) == 0
+
+
+def test_remembered_timestamps_are_still_checked() -> None:
+    # the verifier keeps the last timestamp's value, the signer its text: both
+    # follow every change, and the skew applies to a remembered value too
+    s = auth.TokenStore({CALLER: b"t"})
+    v = auth.Verifier(PROVIDER, True, 1000, s, {CALLER: None})
+    t = now_ms()
+    assert v.verify(signed(b"t", t), t) == 0
+    assert v.verify(signed(b"t", t), t + 5000) == 4           # same text, now outside the skew
+    assert v.verify(signed(b"t", t + 1), t) == 0
+    assert v.verify(signed(b"t", t), t) == 0
+    req = frame.encode_request(5, "com.demo.echo.Service", frame.thrift_call("echo", 7),
+                               trace_info={"clientAppkey": "com.demo.web"})
+    for ts in (t, t, t + 1, 7, t):
+        out = auth.sign_frame(req, b"t", PROVIDER, ts)
+        h = frame.decode_header(out[10:10 + int.from_bytes(out[8:10], "big")])
+        assert h["localContext"]["octo-auth-ts"] == str(ts)

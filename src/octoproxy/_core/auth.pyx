@@ -410,6 +410,28 @@ cdef class Signer:
 
 cdef object _NOT_LISTED = object()
 
+# the last timestamp written (signing) and read (verifying), with its text
+cdef int64_t _ts_ms = -1
+cdef char _ts_txt[24]
+cdef Py_ssize_t _ts_len = 0
+cdef int64_t _vts_ms = 0
+cdef char _vts_txt[16]
+cdef Py_ssize_t _vts_len = 0
+
+
+cdef void _ts_remember(int64_t ms, const char* txt, Py_ssize_t n) noexcept nogil:
+    global _ts_ms, _ts_len
+    memcpy(_ts_txt, txt, n)
+    _ts_len = n
+    _ts_ms = ms
+
+
+cdef void _vts_remember(const char* txt, Py_ssize_t n, int64_t ms) noexcept nogil:
+    global _vts_ms, _vts_len
+    memcpy(_vts_txt, txt, n)
+    _vts_len = n
+    _vts_ms = ms
+
 
 cdef inline bint _same_sig(const char* a, const uint8_t* b) noexcept nogil:
     """Constant time: every byte of both 64-byte signatures is read whatever
@@ -489,14 +511,19 @@ cdef int au_verify(Verifier v, const uint8_t* p, const FrameInfo* fi, int64_t no
             r = AU_OK
             if fi.auth_ts_len == 0 or fi.auth_ts_len > 15:
                 r = AU_EXPIRED
+            elif fi.auth_ts_len == _vts_len \
+                    and memcmp(p + fi.auth_ts_off, _vts_txt, _vts_len) == 0:
+                ts = _vts_ms        # the same text as the last request's: its value
             else:
                 for i in range(fi.auth_ts_len):
                     if p[fi.auth_ts_off + i] < 48 or p[fi.auth_ts_off + i] > 57:
                         r = AU_EXPIRED
                         break
                     ts = ts * 10 + (p[fi.auth_ts_off + i] - 48)
-                if r == AU_OK and (ts > now_ms + v.skew_ms or ts < now_ms - v.skew_ms):
-                    r = AU_EXPIRED
+                if r == AU_OK:
+                    _vts_remember(<const char*>p + fi.auth_ts_off, fi.auth_ts_len, ts)
+            if r == AU_OK and (ts > now_ms + v.skew_ms or ts < now_ms - v.skew_ms):
+                r = AU_EXPIRED
             if r == AU_OK:
                 # the current token, then (rotation window) the previous one
                 r = AU_BAD_SIGNATURE
@@ -558,16 +585,22 @@ cdef Py_ssize_t au_sign_into(char* dst, const uint8_t* p, const FrameInfo* fi, _
     cdef char* d
     cdef int64_t t = now_ms
     cdef bint trailer = (fi.flags & FF_CHECKSUM) != 0
-    # the timestamp, decimal
+    # the timestamp, decimal (the last one's text again while the clock has not
+    # moved: the coarse clock ticks every 1-4 ms, requests come far more often)
     if t <= 0:
         t = 0
-    while True:
-        ts[23 - tlen] = <char>(48 + t % 10)
-        tlen += 1
-        t //= 10
-        if t == 0:
-            break
-    memcpy(ts, ts + 24 - tlen, tlen)
+    if t == _ts_ms and _ts_len:
+        tlen = _ts_len
+        memcpy(ts, _ts_txt, tlen)
+    else:
+        while True:
+            ts[23 - tlen] = <char>(48 + t % 10)
+            tlen += 1
+            t //= 10
+            if t == 0:
+                break
+        memcpy(ts, ts + 24 - tlen, tlen)
+        _ts_remember(now_ms if now_ms > 0 else 0, ts, tlen)
     moff = fr_method(p, fi, &mlen)
     if moff < 0:
         moff = 0
