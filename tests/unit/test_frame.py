@@ -121,6 +121,24 @@ def test_proxy_restart_flag_only_for_value_1():
     assert not one(F.encode_response(1, global_context={"octo-proxy-restart": "1"})).proxy_restart
 
 
+def test_each_context_key_is_read_from_its_own_map_only() -> None:
+    # the scanner's key table (frame.pyx: CTX_KEYS): a key of localContext in
+    # globalContext (and the reverse), or a near miss, is not picked
+    spans = {"octo-remote-appkey": ("local", "remote_appkey"),
+             "octo-hash-key": ("local", "hash_key"), "octo-liteset": ("global", "liteset"),
+             "octo-set": ("global", "set"), "octo-swimlane": ("global", "swimlane")}
+    for key, (where, attr) in spans.items():
+        other = "global" if where == "local" else "local"
+        got = one(F.encode_request(1, "s", **{f"{where}_context": {key: "v1", key + "x": "no",
+                                                                   key[:-1]: "no"}}))
+        assert getattr(got, attr) == "v1", key
+        assert getattr(one(F.encode_request(1, "s", **{f"{other}_context": {key: "v1"}})),
+                       attr) is None, key
+    # a flag key and a longer key that starts with it are told apart
+    both = one(F.encode_response(1, local_context={"octo-proxy": "1", "octo-proxy-restart": "0"}))
+    assert both.proxy_announce and not both.proxy_restart
+
+
 def test_proxy_announce_is_a_heartbeat_request_with_octo_proxy():
     buf = F.encode_proxy_announce(5)
     f = one(buf)
