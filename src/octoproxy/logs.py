@@ -8,6 +8,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -38,10 +39,12 @@ class RepeatLimiter(logging.Filter):
 
     MAX_KEYS = 4096
 
-    def __init__(self, burst: int = 5, window_s: float = 10.0) -> None:
+    def __init__(self, burst: int = 5, window_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.burst = burst
         self.window_s = window_s
+        self.clock = clock  # seconds; a test passes its own
         self.suppressed = 0
         # key -> [window start, lines let through in it, held back since the last line out]
         self._seen: dict[tuple[str, int, str], list[float]] = {}
@@ -50,7 +53,7 @@ class RepeatLimiter(logging.Filter):
         if record.name == "octoproxy.access" or self.burst <= 0:
             return True
         key = (record.name, record.levelno, str(record.msg))
-        now = time.monotonic()
+        now = self.clock()
         st = self._seen.get(key)
         if st is None:
             if len(self._seen) >= self.MAX_KEYS:

@@ -6,7 +6,6 @@ import io
 import logging
 import os
 import socket
-import time
 
 from octoproxy.logs import RepeatLimiter, peer_name
 
@@ -22,17 +21,21 @@ def _logger(limiter: RepeatLimiter) -> tuple[logging.Logger, io.StringIO]:
 
 
 def test_repeats_of_one_template_are_limited_per_window_and_counted() -> None:
-    lim = RepeatLimiter(burst=3, window_s=0.2)
+    now = [100.0]
+    lim = RepeatLimiter(burst=3, window_s=0.2, clock=lambda: now[0])
     lg, out = _logger(lim)
     for i in range(100):
         lg.warning("connect to %s failed", f"10.0.0.{i}")
     lg.warning("another message")
     lines = out.getvalue().splitlines()
     assert len(lines) == 4 and lim.suppressed == 97
-    time.sleep(0.25)
+    now[0] += 0.19  # still the same window
+    lg.warning("connect to %s failed", "y")
+    assert len(out.getvalue().splitlines()) == 4 and lim.suppressed == 98
+    now[0] += 0.05  # the next window
     lg.warning("connect to %s failed", "x")
     last = out.getvalue().splitlines()[-1]
-    assert last == "connect to x failed [97 similar line(s) suppressed in the last 0.2 s]"
+    assert last == "connect to x failed [98 similar line(s) suppressed in the last 0.2 s]"
 
 
 def test_access_log_is_never_limited() -> None:
