@@ -295,7 +295,7 @@ cdef class OutboundConn(Conn):
                 # node needs a new one: refused (circuit breaker, never written)
                 g.n_cb[GV_MAX_CONNECTIONS - 1] += 1
                 if oneway:
-                    eng.n_gov_dropped += 1
+                    eng.count.gov_dropped += 1
                 else:
                     kind = answer_kind(p, fi, &moff, &mlen, &body_seq)
                     self.out_answer(gov_answer(g, GV_MAX_CONNECTIONS, kind), fi.seq_id, p, moff,
