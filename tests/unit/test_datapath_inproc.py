@@ -9,7 +9,9 @@ in tests/e2e/test_datapath.py check the same behaviour over real sockets.
 
 from __future__ import annotations
 
+import re
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -555,6 +557,33 @@ def test_the_counters_table_is_one_list_for_counting_handing_over_and_export() -
     c = rig.engine.counters()
     assert {k: c[k] for k in names} == {k: 2 * v for k, v in old.items()}
     assert c["errors"] == {"4": 2} and "not_a_counter" not in c
+
+
+def test_the_core_uses_only_engine_attributes_it_declares() -> None:
+    """An attribute of the typed engine that datapath.pxd does not declare
+    (e.g. a counter renamed away) still compiles: Cython makes it a Python
+    attribute lookup, an AttributeError when that line first runs."""
+    core = Path(__file__).resolve().parents[2] / "src/octoproxy/_core"
+    declared: set[str] = set()
+    cls = None
+    for line in (core / "datapath.pxd").read_text().splitlines():
+        if m := re.match(r"cdef class (\w+)", line):
+            cls = m.group(1)
+        elif cls in ("Stats", "Engine") and line.startswith("    cdef "):
+            code = line.split("#")[0].rstrip()
+            m = re.search(r"(\w+)\(self", code) or re.search(r"(\w+)\s*(\[[^\]]*\])?$", code)
+            assert m is not None, line
+            declared.add(m.group(1))
+    python_level = {n for n in (*vars(Engine), *vars(Engine.__mro__[1])) if not n.startswith("__")}
+    used: dict[str, set[str]] = {}
+    for f in core.glob("*.pxi"):
+        text = f.read_text()
+        names = set(re.findall(r"\b(?:eng|self\.engine)\.(\w+)", text))
+        if f.name in ("engine.pxi", "stats.pxi"):  # there `self` is the engine
+            names |= set(re.findall(r"\bself\.(\w+)", text))
+        for n in names - declared - python_level:
+            used.setdefault(n, set()).add(f.name)
+    assert not used, f"not declared in datapath.pxd (Stats/Engine): {used}"
 
 
 def test_pending_table_invariants_hold_under_mixed_timeouts() -> None:
