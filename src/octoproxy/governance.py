@@ -515,7 +515,16 @@ class Manager:
     def handover(self) -> dict[str, Any]:
         """What the next generation continues: every counter, each rate
         rule's bucket (by its key), nodes' ejection state, the adaptive
-        limit.  Appkeys, caller appkeys and numbers only: no secrets."""
+        limit.  Appkeys, caller appkeys and numbers only: no secrets.  A
+        failure here never stops a hot restart (the state is left out)."""
+        try:
+            return self._handover()
+        except Exception:
+            log.exception("governance: cannot hand its state over; the next generation "
+                          "starts it afresh")
+            return {}
+
+    def _handover(self) -> dict[str, Any]:
         services: dict[str, Any] = {}
         for appkey, g in self.govs.items():
             rules = []
