@@ -338,6 +338,16 @@ def test_rejections_of_the_route_as_a_whole() -> None:
     reject(weighted([("app.a", 1, "a"), ("app.a", 1, "a")], "u"), "group 'a' appears twice")
 
 
+def test_oversized_resources_are_refused_before_conversion() -> None:
+    rc = rules_to_route_config("app.a", tuple(M.ShuntRule(f"r{i}", (), group="g")
+                                              for i in range(1025)))  # fmt: skip
+    reject(rc, "1025 routes, at most 1024")
+    rc, r = one_route()
+    for k in range(33):
+        _hdr(r, name=f"k{k}", exact_match="v")
+    reject(rc, "routes[0]: 33 headers, at most 32 conditions per rule")
+
+
 def test_the_cores_checks_name_the_rule() -> None:
     """What only the core's validation says (duplicate names, a remainder
     beyond the modulus...) is reported the same way."""

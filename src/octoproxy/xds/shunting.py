@@ -24,7 +24,7 @@ from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import DecodeError
 
 from octoproxy import model
-from octoproxy.shunting import validate_rules
+from octoproxy.shunting import MAX_CONDITIONS, MAX_RULES, validate_rules
 from octoproxy.xds.resources import LB_NS, OCTO_NS, ResourceError, appkey_problem, digest
 
 log = logging.getLogger("octoproxy.xds")
@@ -536,6 +536,22 @@ def route_config_to_rules(rc: route_pb2.RouteConfiguration) -> tuple[model.Shunt
                 f"({problem})"
             )
     scope = scope_of(name)
+    # bounds first: an oversized resource is refused before any conversion work
+    if len(rc.routes) > MAX_RULES:
+        raise ResourceError(
+            f"RouteConfiguration {name!r}: {len(rc.routes)} routes, at most {MAX_RULES}"
+        )
+    for i, route in enumerate(rc.routes):
+        if len(route.match.headers) > MAX_CONDITIONS:
+            raise ResourceError(
+                f"RouteConfiguration {name!r}: routes[{i}]: {len(route.match.headers)} headers, "
+                f"at most {MAX_CONDITIONS} conditions per rule"
+            )
+        if len(route.route.weighted_clusters.clusters) > MAX_CONDITIONS:
+            raise ResourceError(
+                f"RouteConfiguration {name!r}: routes[{i}]: more than {MAX_CONDITIONS} "
+                "weighted_clusters"
+            )
     rules: list[model.ShuntRule] = []
     for i, route in enumerate(rc.routes):
         rules.extend(_route_rules(scope, i, route, name))
