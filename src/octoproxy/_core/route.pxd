@@ -139,6 +139,7 @@ cdef struct RtCond:
     int64_t lo                      # range [lo, hi)
     int64_t hi
     int64_t modulus                 # mod
+    uint64_t mod_m                  # mod: Lemire's fastmod multiplier (modulus < 2^32), else 0
     int64_t* rems
     Py_ssize_t nrems
     uint32_t threshold              # percent: buckets of 10000

@@ -105,6 +105,11 @@ cdef extern from *:
         z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
         return z ^ (z >> 31);
     }
+    /* a mod d for 32-bit a and d, with m = 2^64 / d rounded up (Lemire's
+       fastmod): a multiply instead of a division */
+    static inline uint32_t rt_fastmod(uint32_t a, uint64_t m, uint32_t d) {
+        return (uint32_t)(((__uint128_t)(m * a) * d) >> 64);
+    }
     /* uniform in [0, n) by multiply-shift (Lemire); bias < n / 2^32, negligible */
     static inline uint32_t rt_below(uint64_t r, uint32_t n) {
         return (uint32_t)(((r >> 32) * (uint64_t)n) >> 32);
@@ -130,6 +135,7 @@ cdef extern from *:
     uint64_t rt_xxh64(const uint8_t* p, Py_ssize_t n, uint64_t seed) noexcept nogil
     uint64_t rt_rand(uint64_t* s) noexcept nogil
     uint32_t rt_below(uint64_t r, uint32_t n) noexcept nogil
+    uint32_t rt_fastmod(uint32_t a, uint64_t m, uint32_t d) noexcept nogil
     double rt_wallclock() noexcept nogil
     ctypedef struct rt_point:
         uint64_t h
@@ -542,6 +548,9 @@ cdef int rt_compile_cond(RtRules rs, RtCond* c, object m) except -1:
     c.lo = m.lo
     c.hi = m.hi
     c.modulus = m.modulus
+    c.mod_m = 0
+    if 0 < m.modulus < 2**32:
+        c.mod_m = <uint64_t>(((2**64 - 1) // m.modulus + 1) & 0xFFFFFFFFFFFFFFFF)
     if m.remainders:
         c.rems = <int64_t*>calloc(len(m.remainders), sizeof(int64_t))
         if c.rems == NULL:
@@ -574,6 +583,8 @@ cdef struct RtSeen:
     Py_ssize_t clen[16]
     uint8_t cint_state[16]          # per key: 0 not parsed yet, 1 an integer, 2 not one
     int64_t cint[16]                # per key: the parsed integer (range/mod)
+    uint8_t cb_done[16]             # per key: its percent bucket is in cb
+    uint32_t cb[16]                 # per key: FNV-1a-64(value) mod 10000
 
 
 cdef inline Py_ssize_t rt_ctx_value(RtRules rs, int kidx, const char* key, Py_ssize_t klen,
@@ -588,6 +599,7 @@ cdef inline Py_ssize_t rt_ctx_value(RtRules rs, int kidx, const char* key, Py_ss
     if not s.ctx_done:
         fr_context_many(p, fi, rs.ckeys, rs.cklen, rs.nck, s.coff, s.clen)
         memset(s.cint_state, 0, rs.nck)
+        memset(s.cb_done, 0, rs.nck)
         s.ctx_done = True
     vl[0] = s.clen[kidx]
     return s.coff[kidx]
@@ -732,6 +744,12 @@ cdef inline bint rt_cond(RouteTable t, RtRules rs, const RtCond* c, const uint8_
     if c.op == RO_PRESENT:
         return vl > 0
     if c.op == RO_PERCENT:
+        if c.src == RS_CONTEXT and c.kidx >= 0:
+            # one hash per key and request, however many rules read it
+            if not s.cb_done[c.kidx]:
+                s.cb[c.kidx] = <uint32_t>(rt_fnv1a64(v, vl) % 10000)
+                s.cb_done[c.kidx] = 1
+            return s.cb[c.kidx] < c.threshold
         return <uint32_t>(rt_fnv1a64(v, vl) % 10000) < c.threshold
     if c.src == RS_CONTEXT and c.kidx >= 0:
         # a context value read as an integer once per request
@@ -745,9 +763,14 @@ cdef inline bint rt_cond(RouteTable t, RtRules rs, const RtCond* c, const uint8_
     if c.op == RO_RANGE:
         return c.lo <= x < c.hi
     # RO_MOD, floored like Python's %: -3 % 10 == 7
-    r = x % c.modulus
-    if r < 0:
-        r += c.modulus
+    if c.mod_m != 0 and -4294967296LL < x < 4294967296LL:
+        r = rt_fastmod(<uint32_t>(x if x >= 0 else -x), c.mod_m, <uint32_t>c.modulus)
+        if x < 0 and r != 0:
+            r = c.modulus - r
+    else:
+        r = x % c.modulus
+        if r < 0:
+            r += c.modulus
     for i in range(c.nrems):
         if c.rems[i] == r:
             return True
