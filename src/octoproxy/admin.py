@@ -404,7 +404,7 @@ class AdminServer:
         xds = getattr(p, "xds", None)
         keyring = getattr(p, "keyring", None)
         return web.json_response({
-            "config": p.cfg.model_dump(mode="json"),
+            "config": p.cfg.model_dump(mode="json", by_alias=True),
             "config_path": p.config_path,
             "generation": p.generation,
             "pid": os.getpid(),

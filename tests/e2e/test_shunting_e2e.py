@@ -132,6 +132,9 @@ def test_modulo_rule_sends_exactly_the_matching_users_to_the_group(mesh: Cluster
     assert rule["hits"] >= 10 and rule["rule"]["group"] == "gray"
     dump = admin_json(mesh, "/config_dump")
     assert any(r["name"] == "mod-gray" for r in dump["shunting"])
+    # the config as written (the global rules under `global`)
+    assert dump["config"]["shunting"]["services"]["com.shunt.mod"][0]["name"] == "mod-gray"
+    assert dump["config"]["shunting"]["global"] == []
     # the access log names the rule
     wait_for(lambda: "rule=com.shunt.mod/mod-gray" in mesh.procs[-1].log(), 10,
              "an access-log line naming the rule")
