@@ -33,7 +33,6 @@ import gc
 import json
 import os
 import resource
-import socket
 import statistics
 import sys
 import tempfile
@@ -47,6 +46,7 @@ import uvloop
 import octoproxy
 from octoproxy import model
 from octoproxy.controlplane.store import _Cache, build
+from octoproxy.ports import free_tcp_port as free_port
 from octoproxy.xds import ResourceState, XdsClient
 
 SRC = str(Path(octoproxy.__file__).resolve().parents[1])
@@ -113,12 +113,6 @@ def write(path: Path, text: str) -> float:
 def rss_kib() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() // 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait(cond: Any, timeout: float) -> None:

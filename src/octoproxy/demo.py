@@ -46,6 +46,7 @@ from octoproxy.demo_results import (
     Results,
     percentile,
 )
+from octoproxy.ports import free_tcp_port
 from octoproxy.process import pid_alive, pids_mentioning, read_pid_file
 
 
@@ -123,9 +124,7 @@ def _child_env() -> dict[str, str]:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_tcp_port()
 
 
 def _can_connect_tcp(port: int) -> bool:

@@ -11,13 +11,13 @@ shared between the proxy and the app (client side) or the provider
 from __future__ import annotations
 
 import os
-import socket
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from octoproxy.ports import free_tcp_port as free_port
 from octoproxy.sdk import Client
 
 from ctr import REPO, Podman, read_json, wait_for, write_config
@@ -25,12 +25,6 @@ from ctr import REPO, Podman, read_json, wait_for, write_config
 # the first test also builds the images (minutes when nothing is cached)
 pytestmark = pytest.mark.timeout(1200)
 
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def metric(port: int, name: str) -> float | None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from octoproxy.ports import free_tcp_port as free_port
 from octoproxy.process import pids_mentioning
 from octoproxy.process import read_pid_file as read_pid
 
@@ -44,12 +45,6 @@ def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condit
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def can_connect_uds(path: str) -> bool:

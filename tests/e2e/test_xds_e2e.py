@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -21,6 +20,7 @@ import yaml
 import octoproxy
 from octoproxy import model
 from octoproxy.controlplane import ControlPlane
+from octoproxy.ports import free_tcp_port as free_port
 from octoproxy.xds import ResourceState, XdsClient
 
 pytestmark = pytest.mark.timeout(60)
@@ -116,12 +116,6 @@ async def with_cp(path: Path, fn: Callable[[ControlPlane], Awaitable[None]]) -> 
         await fn(cp)
     finally:
         await cp.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @MODES

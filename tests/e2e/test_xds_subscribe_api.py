@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -18,6 +17,7 @@ import yaml
 
 from octoproxy import model
 from octoproxy.controlplane import ControlPlane
+from octoproxy.ports import free_tcp_port as free_port
 from octoproxy.sdk import subscribe as sdk
 from octoproxy.subscribe import SubscribeApi
 from octoproxy.xds import ResourceState, XdsClient
@@ -50,12 +50,6 @@ async def until(cond: Callable[[], Any], timeout: float = 5.0, what: str = "cond
         if time.monotonic() - t0 > timeout:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.005)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def endpoints_file(tmp_path: Path) -> Path:
