@@ -78,9 +78,20 @@ class RedisQuota:
 
             assert self.url is not None
 
+            # a new connection sends nothing before the first operation (RESP2:
+            # no HELLO; no CLIENT SETINFO): a Redis that answers just under the
+            # timeout can still be connected to (a handshake of 2-3 round
+            # trips would not fit the operation's bound, docs/governance.md)
+            kw: dict[str, Any] = {"protocol": 2}
+            try:
+                from redis import DriverInfo  # redis-py >= 7
+
+                kw["driver_info"] = DriverInfo(name=None, lib_version=None)
+            except ImportError:
+                kw.update(lib_name=None, lib_version=None)
             self.client = aioredis.Redis.from_url(
                 self.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
-                retry_on_timeout=False)
+                retry_on_timeout=False, **kw)
         return self.client
 
     async def take(self, appkey: str, window: int, step: int) -> int:
@@ -140,8 +151,13 @@ class ServiceQuota:
     """One service's cluster quota: fixed one-second windows (wall clock, so
     every proxy counts in the same window); the core spends tokens locally and
     asks (qwant) when it runs low; each ask is one Redis round trip for a step
-    sized to about 50 ms of this proxy's rate, shrunk as the window's quota
-    runs out so that little is left unspent in any proxy at the window's end."""
+    sized to about 50 ms of this proxy's rate (more when Redis answers slowly),
+    shrunk as the window's quota runs out so that little is left unspent in
+    any proxy at the window's end.  The next window's first step is taken
+    PREFETCH_S before the window starts, so a new window starts with tokens."""
+
+    PREFETCH_S = 0.1  # before a window starts, its first step is taken
+    STEP_S = 0.05  # a step is this much of the demand (or 2 Redis round trips)
 
     def __init__(self, gov: ServiceGov, spec: model.ClusterQuota, redis: RedisQuota,
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -149,14 +165,20 @@ class ServiceQuota:
         self.spec = spec
         self.redis = redis
         self.loop = loop
-        self.window = 0
+        self.window = int(time.time())
         self.remaining = spec.rate  # what Redis said is left in the window
         self.rate_est = 0.0  # requests per second this proxy is asked for
+        self.rtt = 0.0  # Redis round trip (smoothed, seconds)
         self._t = time.monotonic()
         self._d = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._pre_timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
+        self._pre_task: asyncio.Task[None] | None = None
+        # the next window's first step, taken ahead: (window, step, tokens, count after it)
+        self._pre: tuple[int, int, float, int] | None = None
         self.steps = 0
+        self.prefetched = 0  # windows that started with their first step already there
         gov.qwant = self._want
         self.apply(spec)
         redis.listeners.append(self._redis_state)
@@ -185,23 +207,55 @@ class ServiceQuota:
 
     def _arm(self) -> None:
         now = time.time()
-        self._timer = self.loop.call_later(math.floor(now) + 1.0 - now + 0.0005, self._tick)
+        nxt = math.floor(now) + 1.0
+        self._timer = self.loop.call_later(nxt - now + 0.0005, self._tick)
+        if nxt - now > self.PREFETCH_S:
+            self._pre_timer = self.loop.call_later(nxt - now - self.PREFETCH_S, self._prefetch)
 
     def _tick(self) -> None:
-        """A new window: what was not spent of the last one is gone (it was
-        counted there); a debt carries over; take the first step at once."""
-        g = self.gov
-        self.window = int(time.time())
-        self.remaining = self.spec.rate
-        if g.qmode == QM_REDIS:
-            g.qtokens = min(g.qtokens, 0.0)
-            # a little credit while the window's first step is on its way
-            g.qdebt = float(self._step() // 2)
-            g.qlow = 0.0
+        """A new window (unless _fetch noticed it first); take its next step."""
+        window = int(time.time())
+        if window != self.window:
+            self._roll(window)
+        if self.gov.qmode == QM_REDIS:
             self._want()
         self._arm()
 
-    def _step(self) -> int:
+    def _roll(self, window: int) -> None:
+        """Start `window`: what was not spent of the last one is gone (it was
+        counted there), and so is a debt (the requests lent were counted in
+        the step that was on its way, which Redis counted in the last window).
+        The window starts with its prefetched first step when it is there,
+        else with a credit of half a step while the first step is on its way."""
+        g = self.gov
+        self.window = window
+        self.remaining = self.spec.rate
+        if g.qmode != QM_REDIS:
+            return
+        step = self._step()
+        pre, self._pre = self._pre, None
+        if pre is not None and pre[0] == window:
+            self.prefetched += 1
+            g.qtokens = pre[2]
+            self.remaining = max(0.0, self.spec.rate - pre[3])
+            self._after_grant(pre[2] < pre[1])
+        else:
+            g.qtokens = 0.0
+            g.qdebt = float(step // 2)
+            g.qlow = 0.0
+
+    def _after_grant(self, short: bool) -> None:
+        g = self.gov
+        if short or self.remaining <= 0:
+            # the window is used up: spend what is left, then refuse
+            g.qdebt = 0.0
+            g.qlow = -1e18
+        else:
+            nxt = self._step()
+            g.qlow = nxt / 2.0
+            g.qdebt = float(max(1, nxt // 2)) if self.remaining > 4 * nxt else 0.0
+
+    def _step(self, remaining: float | None = None) -> int:
         # this proxy's demand (allowed + refused) per second, quick to rise
         g = self.gov
         now = time.monotonic()
@@ -210,13 +264,46 @@ class ServiceQuota:
             inst = (d - self._d) / (now - self._t)
             self.rate_est = max(inst, 0.7 * self.rate_est + 0.3 * inst)
             self._t, self._d = now, d
-        per_50ms = self.rate_est / 20.0
-        step = max(1.0, min(per_50ms, self.spec.rate / 10.0, self.remaining / 4.0))
+        # the next step is asked for at half a step left: that half must
+        # cover a round trip, so a slow Redis makes the steps larger
+        span = max(self.STEP_S, 2.0 * self.rtt)
+        left = self.remaining if remaining is None else remaining
+        step = max(1.0, min(self.rate_est * span, self.spec.rate / 10.0, left / 4.0))
         return int(step)
+
+    async def _take(self, window: int, step: int) -> int:
+        t0 = time.monotonic()
+        used = await self.redis.take(self.gov.appkey, window, step)
+        rtt = time.monotonic() - t0
+        self.rtt = rtt if rtt > self.rtt else 0.8 * self.rtt + 0.2 * rtt
+        self.steps += 1
+        return used
 
     def _want(self) -> None:
         if self._task is None or self._task.done():
             self._task = self.loop.create_task(self._fetch())
+
+    def _prefetch(self) -> None:
+        if self.gov.qmode == QM_REDIS and (self._pre_task is None or self._pre_task.done()):
+            self._pre_task = self.loop.create_task(self._fetch_next(int(time.time()) + 1))
+
+    async def _fetch_next(self, window: int) -> None:
+        """The first step of `window`, taken before it starts (at most one
+        such round trip per window)."""
+        step = self._step(self.spec.rate)
+        try:
+            used = await self._take(window, step)
+        except Exception as e:  # every failure is a Redis failure
+            self.redis.failed(e)
+            return
+        granted = max(0.0, min(float(step), self.spec.rate - (used - step)))
+        now_w = int(time.time())
+        if now_w < window:
+            self._pre = (window, step, granted, used)
+        elif now_w == window and self.window == window and self.gov.qmode == QM_REDIS:
+            # the window began before the answer came: the tokens are its own
+            self.gov.qtokens += granted
+            self.remaining = max(0.0, min(self.remaining, self.spec.rate - used))
 
     async def _fetch(self) -> None:
         g = self.gov
@@ -224,39 +311,33 @@ class ServiceQuota:
             while g.qmode == QM_REDIS:
                 window = int(time.time())
                 if window != self.window:
-                    self.window = window
-                    self.remaining = self.spec.rate
-                    g.qtokens = min(g.qtokens, 0.0)
+                    self._roll(window)
+                    if g.qtokens > g.qlow:
+                        return
                 step = self._step()
                 try:
-                    used = await self.redis.take(g.appkey, window, step)
+                    used = await self._take(window, step)
                 except Exception as e:  # every failure is a Redis failure
                     self.redis.failed(e)
                     return
-                self.steps += 1
                 if window != int(time.time()):
                     continue  # the window ended while we waited: that grant is void
                 granted = max(0.0, min(float(step), self.spec.rate - (used - step)))
                 self.remaining = max(0.0, self.spec.rate - used)
                 g.qtokens += granted
-                if granted < step or self.remaining <= 0:
-                    # the window is used up: spend what is left, then refuse
-                    g.qdebt = 0.0
-                    g.qlow = -1e18
-                else:
-                    nxt = self._step()
-                    g.qlow = nxt / 2.0
-                    g.qdebt = float(max(1, nxt // 2)) if self.remaining > 4 * nxt else 0.0
+                self._after_grant(granted < step)
                 if g.qtokens > g.qlow:
                     return
         finally:
             g.qasked = False
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._task is not None:
-            self._task.cancel()
+        for h in (self._timer, self._pre_timer):
+            if h is not None:
+                h.cancel()
+        for t in (self._task, self._pre_task):
+            if t is not None:
+                t.cancel()
         with contextlib.suppress(ValueError):
             self.redis.listeners.remove(self._redis_state)
         self.gov.qwant = None
@@ -635,7 +716,9 @@ class Manager:
                                 for r in rules],
                 "quota": {"mode": QUOTA_MODE_NAMES.get(g.qmode, str(g.qmode)),
                           "allowed": g.n_quota_allowed, "limited": g.n_quota_limited,
-                          "steps": q.steps if q else 0},
+                          "steps": q.steps if q else 0,
+                          "prefetched_windows": q.prefetched if q else 0,
+                          "redis_rtt_ms": round(q.rtt * 1000, 2) if q else 0.0},
                 "breakers": g.breaker_counts(),
                 "in_flight": g.inflight,
                 "connections": g.connections, "max_connections": g.max_connections,
