@@ -226,7 +226,7 @@ class ServiceQuota:
         counted there), and so is a debt (the requests lent were counted in
         the step that was on its way, which Redis counted in the last window).
         The window starts with its prefetched first step when it is there,
-        else with a credit of half a step while the first step is on its way."""
+        else with a credit of one step while the first step is on its way."""
         g = self.gov
         self.window = window
         self.remaining = self.spec.rate
@@ -241,7 +241,7 @@ class ServiceQuota:
             self._after_grant(pre[2] < pre[1])
         else:
             g.qtokens = 0.0
-            g.qdebt = float(step // 2)
+            g.qdebt = float(step)
             g.qlow = 0.0
 
     def _after_grant(self, short: bool) -> None:
@@ -252,8 +252,11 @@ class ServiceQuota:
             g.qlow = -1e18
         else:
             nxt = self._step()
-            g.qlow = nxt / 2.0
-            g.qdebt = float(max(1, nxt // 2)) if self.remaining > 4 * nxt else 0.0
+            # the next step is asked for with one step left, and while it is
+            # on its way one more may be lent: 2 steps (~100 ms of demand)
+            # cover a late answer (a proxy waiting for a CPU on a loaded host)
+            g.qlow = float(nxt)
+            g.qdebt = float(nxt) if self.remaining > 4 * nxt else 0.0
 
     def _step(self, remaining: float | None = None) -> int:
         # this proxy's demand (allowed + refused) per second, quick to rise
@@ -264,9 +267,9 @@ class ServiceQuota:
             inst = (d - self._d) / (now - self._t)
             self.rate_est = max(inst, 0.7 * self.rate_est + 0.3 * inst)
             self._t, self._d = now, d
-        # the next step is asked for at half a step left: that half must
-        # cover a round trip, so a slow Redis makes the steps larger
-        span = max(self.STEP_S, 2.0 * self.rtt)
+        # the next step is asked for at one step left: that step must cover
+        # a round trip, so a slow Redis makes the steps larger
+        span = max(self.STEP_S, 1.5 * self.rtt)
         left = self.remaining if remaining is None else remaining
         step = max(1.0, min(self.rate_est * span, self.spec.rate / 10.0, left / 4.0))
         return int(step)
