@@ -29,6 +29,9 @@ DEF MAX_CALLERS = 10000
 # every caller's slot is within this many of its hash's home slot, so a
 # lookup reads at most this many (callers crafted to collide empty the table)
 DEF MAX_PROBE = 32
+# a run of MAX_PROBE grows the table up to this many slots (4 times what
+# MAX_CALLERS needs at load 1/2) before it is taken for crafted collisions
+DEF MAX_CAP = 131072
 
 # statuses (docs/protocol.md): what counts as a transport failure
 DEF ST_TRANSPORT = 4
@@ -229,8 +232,8 @@ cdef class RateRule:
     cdef Bucket* rr_bucket(self, const uint8_t* c, Py_ssize_t cl, uint64_t h,
                            double now) except NULL:
         """The bucket of caller c[0:cl] (hash h) of a per-caller rule, made
-        full on first sight; past MAX_CALLERS (or MAX_PROBE) the table is
-        emptied and every caller starts full again."""
+        full on first sight; past MAX_CALLERS (or MAX_PROBE at MAX_CAP) the
+        table is emptied and every caller starts full again."""
         cdef Py_ssize_t i, d, ncap
         cdef CallerSlot* t
         cdef CallerSlot s
@@ -247,19 +250,9 @@ cdef class RateRule:
                 d += 1
         if self.cn >= MAX_CALLERS:
             self.ctab_clear()
+        ncap = self.ccap
         if self.ctab == NULL or (self.cn + 1) * 2 > self.ccap:
-            # grow (or make) the table: load <= 1/2
-            ncap = self.ccap * 2 if self.ccap else 16
-            t = <CallerSlot*>calloc(ncap, sizeof(CallerSlot))
-            if t == NULL:
-                raise MemoryError()
-            for i in range(self.ccap):
-                if self.ctab[i].h != 0 and ctab_put(t, ncap, &self.ctab[i]) < 0:
-                    free(self.ctab[i].key)
-                    self.cn -= 1
-            free(self.ctab)
-            self.ctab = t
-            self.ccap = ncap
+            ncap = self.ccap * 2 if self.ccap else 16  # load <= 1/2
         s.h = h
         s.klen = cl
         s.key = <char*>malloc(cl if cl > 0 else 1)
@@ -267,12 +260,32 @@ cdef class RateRule:
             raise MemoryError()
         memcpy(s.key, c, cl)
         bk_init(&s.b, self.rate, self.burst, now)
-        i = ctab_put(self.ctab, self.ccap, &s)
-        if i < 0:
-            # callers crafted to collide: start over (an empty table always takes it)
-            self.ctab_clear()
-            free(s.key)
-            return self.rr_bucket(c, cl, h, now)
+        while True:
+            if ncap != self.ccap:
+                # grow (or make) the table
+                t = <CallerSlot*>calloc(ncap, sizeof(CallerSlot))
+                if t == NULL:
+                    free(s.key)
+                    raise MemoryError()
+                for i in range(self.ccap):
+                    if self.ctab[i].h != 0 and ctab_put(t, ncap, &self.ctab[i]) < 0:
+                        free(self.ctab[i].key)
+                        self.cn -= 1
+                free(self.ctab)
+                self.ctab = t
+                self.ccap = ncap
+            i = ctab_put(self.ctab, self.ccap, &s)
+            if i >= 0:
+                break
+            # MAX_PROBE occupied slots in a row: at load 1/2 that happens by
+            # chance among thousands of callers, and a bigger table breaks
+            # the run up; past MAX_CAP the callers were crafted to collide:
+            # start over (an empty table always takes it)
+            if self.ccap < MAX_CAP:
+                ncap = self.ccap * 2
+            else:
+                self.ctab_clear()
+                ncap = 16
         self.cn += 1
         return &self.ctab[i].b
 
