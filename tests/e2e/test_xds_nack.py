@@ -282,9 +282,17 @@ def test_malformed_resource_is_nacked_and_the_valid_ones_applied(case: str, delt
                 c.state("b").value == "ready" and expect in c.error("b")
             ) or case == "wrong-type"
             # the stream goes on: a good update is ACKed and applied
-            ads.queue.put_nowait(ads.response(EDS, [service_to_cla(service("a", 9))], "v3"))
+            good = ads.response(EDS, [service_to_cla(service("a", 9))], "v3")
+            ads.queue.put_nowait(good)
             await until(lambda: sink.services["a"].endpoints[0].weight == 9, what="good update")
-            ack = ads.requests[-1]
+            # the update is applied before its ACK is sent: wait for the ACK itself
+            # (the last request seen may still be the NACK on a loaded host)
+            await until(
+                lambda: any(r.response_nonce == good.nonce for r in ads.requests[n_req:]),
+                what="ACK on the wire",
+            )
+            ack = next(r for r in ads.requests[n_req:] if r.response_nonce == good.nonce)
+            assert ack.type_url == EDS
             assert not ack.HasField("error_detail")
             if not delta:
                 assert ack.version_info == "v3"
