@@ -455,7 +455,9 @@ def test_new_generation_hanging_before_it_connects_is_killed(
         assert second == "ok"
 
 
-HANDED_OVER = {"counters", "histogram", "nodes", "subscriptions", "services"}
+# the hand-over state docs/protocol.md 13.3 lists (server.Proxy.handover_state)
+HANDED_OVER = {"counters", "histogram", "nodes", "subscriptions", "services",
+               "governance", "shunting", "shunt_counts"}
 
 
 def _read_line(s: socket.socket, fds: list[int]) -> dict[str, Any]:
