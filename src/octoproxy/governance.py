@@ -193,12 +193,14 @@ class ServiceQuota:
             if self.gov.qmode != QM_REDIS:
                 self.gov.qmode = QM_REDIS
                 self.gov.qtokens = 0.0
+                self.gov.qdebt = self._credit(1)
                 self.gov.qasked = False
             self._want()
 
     def _redis_state(self, up: bool) -> None:
         if up:
             self.gov.qtokens = 0.0
+            self.gov.qdebt = self._credit(1)
             self.gov.qasked = False
             self.gov.qmode = QM_REDIS
             self._want()
@@ -241,7 +243,7 @@ class ServiceQuota:
             self._after_grant(pre[2] < pre[1])
         else:
             g.qtokens = 0.0
-            g.qdebt = float(step)
+            g.qdebt = self._credit(step)
             g.qlow = 0.0
 
     def _after_grant(self, short: bool) -> None:
@@ -256,7 +258,18 @@ class ServiceQuota:
             # on its way one more may be lent: 2 steps (~100 ms of demand)
             # cover a late answer (a proxy waiting for a CPU on a loaded host)
             g.qlow = float(nxt)
-            g.qdebt = float(nxt) if self.remaining > 4 * nxt else 0.0
+            g.qdebt = self._credit(nxt)
+
+    def _credit(self, step: int) -> float:
+        """What may be lent while a step is on its way: one step, and at
+        least 1% of the quota's rate, so a proxy going from idle to a high
+        rate at once (its steps still small) is not refused while they grow;
+        only while Redis says more than 4 times that is left in the window
+        (what is lent is counted in the step on its way)."""
+        credit = max(float(step), self.spec.rate / 100.0)
+        if self.remaining > 4 * credit:
+            return credit
+        return float(step) if self.remaining > 4 * step else 0.0
 
     def _step(self, remaining: float | None = None) -> int:
         # this proxy's demand (allowed + refused) per second, quick to rise
