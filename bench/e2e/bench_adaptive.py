@@ -165,7 +165,10 @@ def main() -> int:
     ap.add_argument("--slow-s", type=float, default=4.0)
     ap.add_argument("--timeout-ms", type=int, default=2000)
     ap.add_argument("--fixed", default="40,3", help="fixed limits compared (max_requests)")
+    ap.add_argument("--smoke", action="store_true", help="CI: short phases")
     args = ap.parse_args()
+    if args.smoke:
+        args.normal_s, args.slow_s = 1.0, 1.5
     systems = {
         "off": {},
         "adaptive": {"adaptive_concurrency": {"enabled": True, "initial_limit": 20,
@@ -177,14 +180,18 @@ def main() -> int:
     print(f"# provider: {args.workers} workers x {args.service_ms:g} ms, 10x slower after "
           f"{args.normal_s:g} s; offered {args.rate:g}/s; slow phase {args.slow_s:g} s; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    bad = False
     for name, pol in systems.items():
         r = run(name, pol, args)
+        # every call answered (a success, a refusal or a timeout), and the
+        # limiter served some in the slow phase
+        bad |= r["calls"] == 0 or (name == "adaptive" and r["ok"] == 0)
         print(f"  {name:<10} ok {r['ok']:>6}/{r['calls']:<6} refused {r['refused']:6.1%} "
               f"timeouts {r['timeouts']:6.1%}  p50 {r['p50_ms']:7.1f} ms  p99 "
               f"{r['p99_ms']:7.1f} ms  provider concurrency peak {r['provider_peak']:>5} "
               f"mean {r['provider_mean']:7.1f}; before the slowdown refused "
               f"{r['normal_refused']:.1%}", flush=True)
-    return 0
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

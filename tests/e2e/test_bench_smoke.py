@@ -44,3 +44,12 @@ def test_xds_bench_smoke_runs_clean() -> None:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "0 services left without endpoints" in r.stdout, r.stdout
     assert "one endpoint changed" in r.stdout, r.stdout
+
+
+def test_adaptive_bench_smoke_runs() -> None:
+    # the provider slows down 10x: no limit, the adaptive limiter, fixed limits
+    r = subprocess.run([sys.executable, str(ROOT / "bench/e2e/bench_adaptive.py"), "--smoke"],
+                       env=env(), cwd=str(ROOT), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for system in ("off", "adaptive", "fixed 40", "fixed 3"):
+        assert f"  {system:<10} ok " in r.stdout, r.stdout
