@@ -56,7 +56,7 @@ def test_verify_reasons() -> None:
     assert v.verify(signed(NOW), NOW) == 0
     assert v.verify(signed(NOW), NOW + 299_000) == 0
     assert v.verify(request(), NOW) == 1                              # unsigned
-    assert v.verify(signed(NOW, caller="com.demo.nobody"), NOW) == 2  # unknown caller
+    assert v.verify(signed(NOW, caller="com.demo.nobody"), NOW) == 5  # no token, not in the ACL
     assert v.verify(signed(NOW, sig="0" * 64), NOW) == 3              # bad signature
     assert v.verify(signed(NOW, sig="ab"), NOW) == 3
     assert v.verify(signed(NOW), NOW + 301_000) == 4                  # expired
@@ -68,6 +68,50 @@ def test_verify_reasons() -> None:
     assert vm.verify(signed(NOW, method="get"), NOW) == 0
     c = v.counters()
     assert c["ok"] == 2 and c["unsigned"] == 1 and c["bad_signature"] == 2 and c["expired"] == 2
+
+
+def test_which_reason_wins() -> None:
+    """restrict -> authenticate -> authorize, except that a caller with no
+    token is answered by the ACL: not named -> not allowed (what it would get
+    whatever its token), named -> unknown caller (docs/auth.md, "Which reason")."""
+    nobody, other = "com.demo.nobody", "com.demo.other"
+    good_other = mac(b"x", other.encode(), PROVIDER, NOW, b"echo")
+    in_acl = verifier({CALLER: None, nobody.encode(): None})
+    by_method = verifier({CALLER: None, nobody.encode(): frozenset({b"get"})})
+    not_in_acl = verifier()
+    nobody_acl = verifier({})
+    cases = [
+        # (verifier, frame, now, reason)
+        (in_acl, signed(NOW, caller=nobody), NOW, 2),                  # no token, named
+        (in_acl, signed(NOW, caller=nobody, sig="0" * 64), NOW, 2),
+        (in_acl, signed(NOW, caller=nobody), NOW + 301_000, 2),        # before the skew
+        (by_method, signed(NOW, caller=nobody), NOW, 2),               # before the method
+        (not_in_acl, signed(NOW, caller=nobody), NOW, 5),              # no token, not named
+        (not_in_acl, signed(NOW, caller=nobody, sig="ab"), NOW, 5),
+        (not_in_acl, signed(NOW, caller=nobody), NOW + 301_000, 5),
+        (nobody_acl, signed(NOW, caller=nobody), NOW, 5),              # an ACL that allows nobody
+        (nobody_acl, signed(NOW), NOW, 5),
+        (not_in_acl, signed(NOW, sig=good_other, caller=other), NOW, 5),  # token, not named
+        (not_in_acl, signed(NOW, sig="0" * 64, caller=other), NOW, 3),    # ... its signature first
+        (not_in_acl, signed(NOW, sig=good_other, caller=other), NOW + 301_000, 4),
+        (by_method, signed(NOW, sig="0" * 64), NOW, 3),                # named for other methods
+        (by_method, signed(NOW), NOW + 301_000, 4),
+        (not_in_acl, request(), NOW, 1),                               # unsigned, whatever else
+        (not_in_acl, request({"octo-auth-appkey": nobody, "octo-auth-ts": str(NOW)}), NOW, 1),
+        (not_in_acl, signed(NOW), NOW, 0),
+    ]
+    for i, (v, f, now, want) in enumerate(cases):
+        assert v.verify(f, now) == want, (i, want)
+    assert not_in_acl.counters()["not_allowed"] == 4 and in_acl.counters()["unknown_caller"] == 3
+    # the same caller again after a refusal, and after a pass: no stale answer
+    assert not_in_acl.verify(signed(NOW, caller=nobody), NOW) == 5
+    assert not_in_acl.verify(signed(NOW), NOW) == 0
+    assert not_in_acl.verify(signed(NOW, caller=nobody), NOW) == 5
+    # the ACL changes at run time: the answer follows it
+    not_in_acl.set_acl({CALLER: None, nobody: None})
+    assert not_in_acl.verify(signed(NOW, caller=nobody), NOW) == 2
+    not_in_acl.set_acl({CALLER: None})
+    assert not_in_acl.verify(signed(NOW, caller=nobody), NOW) == 5
 
 
 def test_signature_covers_method_and_provider() -> None:

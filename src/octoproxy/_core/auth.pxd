@@ -15,10 +15,10 @@ cdef enum:
     # au_verify results; AU_REASONS sizes the per-reason counters
     AU_OK = 0
     AU_UNSIGNED = 1        # no octo-auth-appkey / -ts / -sig
-    AU_UNKNOWN_CALLER = 2  # no token for the claimed caller
+    AU_UNKNOWN_CALLER = 2  # no token for the claimed caller, whom the ACL names
     AU_BAD_SIGNATURE = 3
     AU_EXPIRED = 4         # timestamp outside the allowed skew (or unreadable)
-    AU_NOT_ALLOWED = 5     # caller not in the provider's ACL
+    AU_NOT_ALLOWED = 5     # caller not in the provider's ACL (token or not)
     AU_METHOD = 6          # caller in the ACL, but not for this method
     AU_REASONS = 7
     AU_SIG_HEX = 64        # octo-auth-sig: lowercase hex of the 32-byte MAC

@@ -506,7 +506,11 @@ cdef int au_verify(Verifier v, const uint8_t* p, const FrameInfo* fi, int64_t no
                 v.last_methods = methods
                 v.last_gen = v.store.generation
         if toks is None:
-            r = AU_UNKNOWN_CALLER
+            # no token to authenticate it with: a caller the ACL does not name
+            # would be refused whatever its token, so that is its answer (the
+            # same whether the tokens come from a file or only the ACL's
+            # callers' from the control plane); one it names lacks a token
+            r = AU_NOT_ALLOWED if methods is _NOT_LISTED else AU_UNKNOWN_CALLER
         else:
             r = AU_OK
             if fi.auth_ts_len == 0 or fi.auth_ts_len > 15:
