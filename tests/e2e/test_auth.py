@@ -100,7 +100,8 @@ def mesh() -> Any:
                 "appkey": PROVIDER,
                 "auth": {"mode": "enforce", "allow": [
                     {"caller": "com.demo.web"}, {"caller": "com.demo.legacy"},
-                    {"caller": "com.demo.batch", "methods": ["get"]}]}},
+                    {"caller": "com.demo.batch", "methods": ["get"]},
+                    {"caller": "com.demo.tokenless"}]}},  # named, but no token in the file
                 {"host": "127.0.0.1", "port": c.port_log,  # type: ignore[attr-defined]
                  "upstream_uds": c.path("echo.sock"), "appkey": PROVIDER,
                  "auth": {"mode": "log-only"}}]},
@@ -162,7 +163,9 @@ def test_refusals_are_status_7_with_reason_and_never_reach_the_provider(mesh: Cl
     # legacy clients on the inbound port
     leg = Wire(mesh.port)  # type: ignore[attr-defined]
     r = leg.signed(b"echo:x", "com.demo.ghost", sig=mac("com.demo.ghost", now_ms(), token="guess"))
-    assert r["status"] == 7 and "unknown caller appkey 'com.demo.ghost'" in r["message"]
+    assert r["status"] == 7 and "caller 'com.demo.ghost' is not allowed to call" in r["message"], r
+    r = leg.signed(b"echo:x", "com.demo.tokenless", sig=mac("com.demo.tokenless", now_ms(), token="guess"))
+    assert r["status"] == 7 and "unknown caller appkey 'com.demo.tokenless'" in r["message"], r
     r = leg.signed(b"echo:x", "com.demo.legacy", sig=mac("com.demo.legacy", now_ms(), token="wrong"))
     assert r["status"] == 7 and "bad signature from caller 'com.demo.legacy'" in r["message"]
     old = now_ms() - 120_000   # a replay outside the 60 s skew, correctly signed
@@ -184,6 +187,34 @@ def test_refusals_are_status_7_with_reason_and_never_reach_the_provider(mesh: Cl
     assert handled(mesh) == before + 4
     for w in (web, intr, batch, leg):
         w.close()
+
+
+def test_caller_without_token_is_answered_by_the_acl(mesh: Cluster) -> None:
+    """A signed caller the proxy has no token for: `not allowed` when the ACL
+    does not name it (what it gets with a token too), `unknown caller` when it
+    does; a caller with a token is authenticated first (docs/auth.md, "Which
+    reason").  None of them reaches the provider."""
+    before = handled(mesh)
+    leg = Wire(mesh.port)  # type: ignore[attr-defined]
+    ts = now_ms()
+    cases = [
+        # no token, not in the ACL: a good-looking signature, a bad one, expired
+        ("com.demo.ghost", ts, mac("com.demo.ghost", ts, token="ghost-own"), "is not allowed to call"),
+        ("com.demo.ghost", ts, "0" * 64, "is not allowed to call"),
+        ("com.demo.ghost", ts - 120_000, "0" * 64, "is not allowed to call"),
+        # no token, in the ACL
+        ("com.demo.tokenless", ts, mac("com.demo.tokenless", ts, token="t"), "unknown caller appkey"),
+        ("com.demo.tokenless", ts - 120_000, "0" * 64, "unknown caller appkey"),
+        # a token (for its own listener on the client side), not in this ACL
+        ("com.demo.intruder", ts, mac("com.demo.intruder", ts), "is not allowed to call"),
+        ("com.demo.intruder", ts, mac("com.demo.intruder", ts, token="wrong"), "bad signature"),
+        ("com.demo.intruder", ts - 120_000, mac("com.demo.intruder", ts - 120_000), "expired"),
+    ]
+    for caller, t, sig, want in cases:
+        r = leg.signed(b"echo:x", caller, ts=t, sig=sig)
+        assert r["status"] == 7 and want in r["message"] and repr(caller) in r["message"], (caller, r)
+    leg.close()
+    assert handled(mesh) == before + 1   # only the count call itself
 
 
 def test_legacy_client_signing_by_itself_is_verified(mesh: Cluster) -> None:

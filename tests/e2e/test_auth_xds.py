@@ -26,6 +26,7 @@ TOKENS: dict[str, Any] = {
     "com.demo.web": "xds-tok-web-5c0ffee1",
     "com.demo.batch": "xds-tok-batch-7e57ab1e",
     "com.demo.legacy": "xds-tok-legacy-0b5e55ed",
+    "com.demo.intruder": "xds-tok-intruder-baddcafe",  # signs (client), in no ACL
 }
 ACL: list[dict[str, Any]] = [
     {"caller": "com.demo.web"},
@@ -103,7 +104,8 @@ def mesh() -> Any:
             "admin": {"port": c.client_admin},  # type: ignore[attr-defined]
             "listeners": {"outbound": [
                 {"path": c.path("web.sock"), "sign_for": ["com.demo.web"]},
-                {"path": c.path("batch.sock"), "sign_for": ["com.demo.batch"]}]},
+                {"path": c.path("batch.sock"), "sign_for": ["com.demo.batch"]},
+                {"path": c.path("intr.sock"), "sign_for": ["com.demo.intruder"]}]},
             "static": {"services": [{"appkey": PROVIDER,
                                      "endpoints": [{"address": f"127.0.0.1:{port}"}]}]}})
         for admin in (c.server_admin, c.client_admin):  # type: ignore[attr-defined]
@@ -136,6 +138,50 @@ def test_tokens_and_acl_from_the_control_plane(mesh: Cluster) -> None:
     assert handled(mesh) >= 2
     for w in (web, batch):
         w.close()
+
+
+def count(c: Cluster, ident: str) -> int:
+    """How many times the provider handled b"id:<ident>" (asked as the legacy client)."""
+    w = Wire(c.port)  # type: ignore[attr-defined]
+    try:
+        ts = now_ms()
+        r = w.signed(b"count:" + ident.encode(), "com.demo.legacy", ts=ts,
+                     sig=mac("com.demo.legacy", ts, token=TOKENS["com.demo.legacy"]))
+        assert r["status"] == 0, r
+        return int(r["body"].split(b"|")[1])
+    finally:
+        w.close()
+
+
+def test_signed_caller_in_no_acl_is_not_allowed(mesh: Cluster) -> None:
+    """The server-side proxy fetches tokens only for the callers its ACLs
+    name, so it has none for com.demo.intruder (the client-side proxy has
+    one and signs): its requests are answered `not allowed`, as with a token
+    file, not `unknown caller` (docs/auth.md, "Which reason"), and never
+    reach the provider."""
+    server = auth_dump(mesh.server_admin)  # type: ignore[attr-defined]
+    assert "com.demo.intruder" not in server["tokens"], server["tokens"].keys()
+    assert "com.demo.intruder" in auth_dump(mesh.client_admin)["tokens"]  # type: ignore[attr-defined]
+    want = "authorization failed: caller 'com.demo.intruder' is not allowed to call com.demo.echo"
+    intr = Wire(mesh.path("intr.sock"))
+    for i in range(3):
+        r = intr.call(b"id:xds-intruder", "com.demo.intruder")
+        assert r["status"] == 7 and want in r["message"], (i, r)
+    intr.close()
+    # a legacy client claiming it, with its real token or a guess: the same
+    leg = Wire(mesh.port)  # type: ignore[attr-defined]
+    for token in (TOKENS["com.demo.intruder"], "a-guess"):
+        ts = now_ms()
+        r = leg.signed(b"id:xds-intruder", "com.demo.intruder", ts=ts,
+                       sig=mac("com.demo.intruder", ts, token=token))
+        assert r["status"] == 7 and want in r["message"], r
+    leg.close()
+    assert count(mesh, "xds-intruder") == 0
+    # a caller of the ACL still passes (the count sees what reaches the provider)
+    web = Wire(mesh.path("web.sock"))
+    assert web.call(b"id:xds-web", "com.demo.web")["status"] == 0
+    web.close()
+    assert count(mesh, "xds-web") == 1
 
 
 def _until_status(w: Wire, caller: str, want: int, timeout: float = 10.0) -> tuple[float, dict[str, Any]]:
