@@ -47,6 +47,9 @@ from octoproxy._core import frame  # noqa: E402
 BIG = 10_000_000
 
 
+THRIFT_HEAD = len(frame.thrift_call("echo", 1))  # the body's Thrift message header
+
+
 def make_templates(outdir: str) -> dict[str, Any]:
     """bench_proxy's templates with a Thrift call body and a caller appkey."""
     head = frame.thrift_call("echo", 1)
@@ -154,8 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     GovBench.redis_url = redis.url
     GovBench.before_src = os.path.abspath(args.before) if args.before else ""
     pinner = BP.Pinner()
-    bench = GovBench(BP.build_tools(tmp), make_templates(tmp), pinner,
-                     sorted(os.sched_getaffinity(0)), systems)
+    tpl = make_templates(tmp)
+    bench = GovBench(BP.build_tools(tmp), tpl, pinner, sorted(os.sched_getaffinity(0)), systems)
+    # The loadgen stamps 16 bytes at the template's body offset. Put the stamp
+    # after the Thrift message header, so the method stays "echo" and the method
+    # rules and the idempotent-retry check see it (at the body's start the stamp
+    # overwrote the method name: those rules never matched). The provider was
+    # started with the body's real offset and echoes the body whole.
+    bench.tpl["req"] = {**tpl["req"], "body_off": tpl["req"]["body_off"] + THRIFT_HEAD}
     print(f"# {scen}, {args.repeat} round(s) of {args.warmup:g}+{args.duration:g} s, systems "
           f"{', '.join(systems)}; load average {os.getloadavg()[0]:.2f}", flush=True)
     per: dict[str, list[float]] = {s: [] for s in systems}
