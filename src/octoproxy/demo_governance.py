@@ -5,7 +5,10 @@ main run, a small mesh of its own shows service governance at work.
   proxy whose provider-side rule gives each caller appkey 100 requests/s
   (burst 20): a greedy caller sending as fast as it can is refused with
   status 6 while a polite one at about 50/s is never refused.
-- One node starts failing (status 2) half a second in: the client-side
+- One node starts failing (status 2) once the greedy caller has stopped
+  (its flood of status-6 refusals from every node would reset the
+  detector's count of consecutive errors, as any non-error answer does,
+  so the two are shown one after the other): the client-side
   proxy's outlier detector ejects it after 3 consecutive errors, and traffic
   moves to the other two; the only failed calls are the detector's
   threshold (and any that were already on their way to that node).
@@ -44,7 +47,8 @@ GREEDY, POLITE = "com.demo.greedy", "com.demo.polite"
 PER_CALLER_RATE, PER_CALLER_BURST = 100, 20
 EJECT_AFTER = 3
 QUOTA_RATE = 200
-FAIL_AT_S = 0.5
+GREEDY_S = 1.0  # the greedy caller's phase
+FAIL_AT_S = 1.0  # the flaky node fails after it (see the module's docstring)
 RUN_S = 2.0
 GREEDY_INFLIGHT = 8  # well over its limit even on a slow machine
 
@@ -214,7 +218,8 @@ def governance_scene(demo: Demo) -> str:
     for who in (GREEDY, POLITE):
         st = res["status"][who]
         n = sum(st.values())
-        lines.append(f"  caller {who:<{w}}  {n:6,} calls in {RUN_S:g} s: {st[0]:6,} answered, "
+        secs = GREEDY_S if who == GREEDY else RUN_S
+        lines.append(f"  caller {who:<{w}}  {n:6,} calls in {secs:g} s: {st[0]:6,} answered, "
                      f"{st[6]:6,} refused with status 6" + (f", {st[2]} failed" if st[2] else ""))
         if who in res["limit_msg"]:
             lines.append(f"    refusal: \"{res['limit_msg'][who]}\"")
@@ -262,9 +267,9 @@ async def _traffic(uds: str, fail_flag: str, quota: bool) -> dict[str, Any]:
     t0 = time.monotonic()
     stop = t0 + RUN_S
 
-    async def one(c: _Caller, pause: float) -> None:
+    async def one(c: _Caller, pause: float, until: float = 0.0) -> None:
         nonlocal failed
-        while time.monotonic() < stop:
+        while time.monotonic() < (until or stop):
             sent = time.monotonic()
             try:
                 f = await c.call()
@@ -293,7 +298,7 @@ async def _traffic(uds: str, fail_flag: str, quota: bool) -> dict[str, Any]:
         with open(fail_flag, "w"):
             pass
 
-    await asyncio.gather(flip(), *(one(callers[0], 0.0) for _ in range(GREEDY_INFLIGHT)),
+    await asyncio.gather(flip(), *(one(callers[0], 0.0, t0 + GREEDY_S) for _ in range(GREEDY_INFLIGHT)),
                          one(callers[1], 0.02),
                          *(one(callers[2], 0.0) for _ in range(4 if quota else 0)))
     for c in callers:
