@@ -15,7 +15,7 @@ fi
 if [ ! -f /usr/include/openssl/hmac.h ]; then
   apt-get install -y libssl-dev || { apt-get update && apt-get install -y libssl-dev; }
 fi
-python -m pip install -q --upgrade pip
+python -m pip install -q --upgrade pip "setuptools>=77" wheel  # setup.py build_ext --inplace needs the SPDX license support
 OCTOPROXY_WERROR=1 python -m pip install -q -e ".[dev]"  # warnings are errors in CI
 ruff check src tests bench
 cython-lint src/octoproxy/_core/
