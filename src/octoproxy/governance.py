@@ -96,12 +96,15 @@ class RedisQuota:
 
     async def take(self, appkey: str, window: int, step: int) -> int:
         """Add `step` to the window's count; returns the count after it."""
-        key = f"{self.prefix}{appkey}:{window}"
+        used = await self._incrby(f"{self.prefix}{appkey}:{window}", step)
+        self.ops += 1
+        return used
+
+    async def _incrby(self, key: str, step: int) -> int:
         pipe = self._client().pipeline(transaction=False)
         pipe.incrby(key, step)
         pipe.expire(key, 10)
         used, _ = await asyncio.wait_for(pipe.execute(), self.timeout_s * 2)
-        self.ops += 1
         return int(used)
 
     def failed(self, e: BaseException) -> None:
@@ -126,7 +129,11 @@ class RedisQuota:
         while not self.up:
             await asyncio.sleep(self.retry_s)
             try:
-                await asyncio.wait_for(self._client().ping(), self.timeout_s * 2)
+                # the quota's own operation, not a PING: a Redis that answers
+                # PING but refuses INCRBY (an ACL, a read-only replica, a key
+                # of another type) is still down for the quotas, and taking
+                # it for up would flap up/down (two warnings) at every retry
+                await self._incrby(f"{self.prefix}probe", 0)
             except Exception as e:  # any failure: still down
                 self.errors += 1
                 self.last_error = f"{type(e).__name__}: {e}"
