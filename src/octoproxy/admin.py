@@ -151,6 +151,8 @@ class ProxyCollector:
                                ("rejected", s["rejects"])):
                 hits.add_metric([s["scope"], s["name"], outcome], v)
         yield hits
+        yield from auth_metrics(getattr(p, "verifiers", None) or {},
+                                getattr(p, "signers", None) or {})
 
         buckets, total = eng.latency_histogram()
         h = HistogramMetricFamily("octo_proxy_request_duration_seconds",
@@ -215,6 +217,43 @@ class ProxyCollector:
                 xm = CounterMetricFamily(f"octo_proxy_xds_{name}", doc)
                 xm.add_metric([], value)
                 yield xm
+
+
+def auth_metrics(verifiers: dict[str, Any], signers: dict[str, Any]) -> Iterator[Any]:
+    """Service authentication's counters (docs/auth.md): per verifying
+    inbound listener, each check's result, and the failures forwarded in
+    log-only mode (the migration mode counts what it would refuse); per
+    signing outbound listener, requests signed and refused."""
+    if verifiers:
+        checks = CounterMetricFamily(
+            "octo_proxy_auth_checks",
+            "Requests checked by an inbound listener's service authentication, by result "
+            "(ok, or why it failed: unsigned, unknown_caller, bad_signature, expired, "
+            "not_allowed, method_not_allowed)",
+            labels=["listener", "provider", "result"])
+        logged = CounterMetricFamily(
+            "octo_proxy_auth_logged",
+            "Requests that failed the check and were forwarded anyway (auth.mode log-only)",
+            labels=["listener", "provider"])
+        for key, v in sorted(verifiers.items()):
+            provider = bytes(v.provider).decode(errors="replace")
+            counts = dict(v.counters())
+            logged.add_metric([key, provider], counts.pop("logged", 0))
+            for result, n in counts.items():
+                checks.add_metric([key, provider, result], n)
+        yield from (checks, logged)
+    if signers:
+        signed = CounterMetricFamily(
+            "octo_proxy_auth_signed", "Requests signed by an outbound listener",
+            labels=["listener"])
+        refused = CounterMetricFamily(
+            "octo_proxy_auth_sign_refused",
+            "Requests an outbound listener refused to sign (status 7: a caller appkey it does "
+            "not sign for, or one it has no token for yet)", labels=["listener"])
+        for path, s in sorted(signers.items()):
+            signed.add_metric([path], s.n_signed)
+            refused.add_metric([path], s.n_refused)
+        yield from (signed, refused)
 
 
 def governance_metrics(gov: Any) -> Iterator[Any]:

@@ -74,7 +74,7 @@ def mesh() -> Iterator[tuple[Cluster, DoubleThread]]:
             cp.do(cp.double.put_other, SECRET_TYPE, *(secret(a, t) for a, t in TOKENS.items()))
             cp.do(cp.double.put_other, RBAC_TYPE, acl({"readers": READERS, "ops": OPS_ALL}))
             c.providers(echo="echo.sock")
-            port = free_port()
+            port, c.port_log, c.port_off = free_port(), free_port(), free_port()  # type: ignore[attr-defined]
             c.server_admin = free_port()  # type: ignore[attr-defined]
             c.client_admin = free_port()  # type: ignore[attr-defined]
             xds = {"server": cp.target}
@@ -82,8 +82,10 @@ def mesh() -> Iterator[tuple[Cluster, DoubleThread]]:
                 "node": {"id": "server"}, "xds": xds, "auth": {"source": "xds"},
                 "admin": {"port": c.server_admin},  # type: ignore[attr-defined]
                 "listeners": {"inbound": [{
-                    "host": "127.0.0.1", "port": port, "upstream_uds": c.path("echo.sock"),
-                    "appkey": P, "auth": {"mode": "enforce"}}]}})
+                    "host": "127.0.0.1", "port": pt, "upstream_uds": c.path("echo.sock"),
+                    "appkey": P, "auth": {"mode": mode}}
+                    for pt, mode in ((port, "enforce"), (c.port_log, "log-only"),  # type: ignore[attr-defined]
+                                     (c.port_off, "off"))]}})  # type: ignore[attr-defined]
             c.proxy("client", {
                 "node": {"id": "client"}, "xds": xds, "auth": {"source": "xds"},
                 "admin": {"port": c.client_admin},  # type: ignore[attr-defined]
@@ -92,11 +94,25 @@ def mesh() -> Iterator[tuple[Cluster, DoubleThread]]:
                     for a in (WEB, BATCH, OPS, ROGUE)]},
                 "static": {"services": [{"appkey": P,
                                          "endpoints": [{"address": f"127.0.0.1:{port}"}]}]}})
+            c.port = port  # type: ignore[attr-defined]
             for admin in (c.server_admin, c.client_admin):  # type: ignore[attr-defined]
                 wait_for(lambda a=admin: not dump(a)["auth"]["missing"], 30, "tokens and ACLs")
             yield c, cp
         finally:
             cp.close()
+
+
+def stats(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as r:
+        return r.read().decode()  # type: ignore[no-any-return]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample of a Prometheus text page (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def dump(port: int) -> Any:
@@ -294,9 +310,49 @@ def test_rotation_and_revocation_within_1s_on_open_connections(
         batch.close()
 
 
+def test_unsigned_legacy_traffic_per_provider_setting(
+        mesh: tuple[Cluster, DoubleThread]) -> None:
+    """A legacy client calling the inbound port without signing: refused
+    (enforce), forwarded but logged and counted (log-only), forwarded (off)."""
+    c, _ = mesh
+    before = handled(c)
+    s0 = stats(c.server_admin)  # type: ignore[attr-defined]
+    for port, want in ((c.port, 7), (c.port_log, 0), (c.port_off, 0)):  # type: ignore[attr-defined]
+        w = Wire(port)
+        try:
+            r = w.call(thrift_call("get", 1, b"echo:legacy"), caller=WEB, appkey=P)
+        finally:
+            w.close()
+        assert r["status"] == want, (port, r)
+        if want == 7:
+            assert "is not signed" in r["message"], r
+        else:
+            assert r["body"] == b"echo|legacy", r
+    assert handled(c) == before + 1 + 2
+    server = next(p for p in c.procs if p.name == "server")
+    wait_for(lambda: "auth (log-only) forwarded a request that fails" in server.log(), 10,
+             "the log-only line")
+    s1 = stats(c.server_admin)  # type: ignore[attr-defined]
+    enforce, log_only = (f"tcp:127.0.0.1:{c.port}", f"tcp:127.0.0.1:{c.port_log}")  # type: ignore[attr-defined]
+
+    def grew(name: str, **labels: str) -> float:
+        return metric(s1, name, **labels) - metric(s0, name, **labels)
+
+    assert grew("octo_proxy_auth_checks_total", listener=enforce, result="unsigned") == 1, s1
+    assert grew("octo_proxy_auth_checks_total", listener=log_only, result="unsigned") == 1
+    assert grew("octo_proxy_auth_logged_total", listener=log_only) == 1
+    assert grew("octo_proxy_auth_logged_total", listener=enforce) == 0
+    assert metric(s1, "octo_proxy_auth_checks_total", listener=enforce, result="ok") > 0
+    assert f"tcp:127.0.0.1:{c.port_off}" not in s1  # type: ignore[attr-defined]  # checks nothing
+    client = stats(c.client_admin)  # type: ignore[attr-defined]
+    assert metric(client, "octo_proxy_auth_signed_total", listener=c.path("web.sock")) > 0
+    assert metric(client, "octo_proxy_auth_sign_refused_total", listener=c.path("web.sock")) >= 3
+
+
 def test_no_token_in_dumps_logs_or_nacks(mesh: tuple[Cluster, DoubleThread]) -> None:
     c, cp = mesh
-    blobs = [json.dumps(dump(c.server_admin)), json.dumps(dump(c.client_admin))]  # type: ignore[attr-defined]
+    blobs = [json.dumps(dump(c.server_admin)), json.dumps(dump(c.client_admin)),  # type: ignore[attr-defined]
+             stats(c.server_admin), stats(c.client_admin)]  # type: ignore[attr-defined]
     blobs += [p.log() for p in c.procs]
     blobs += cp.nacks(SECRET_TYPE) + cp.nacks(RBAC_TYPE)
     for token in USED:
