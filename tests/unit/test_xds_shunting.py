@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from octoproxy import model as M
 from octoproxy.controlplane.store import FileError, _Cache, build
 from octoproxy.shunting import validate_rules
+from octoproxy.xds.client import handler_args
 from octoproxy.xds.resources import ENDPOINT_TYPE, ResourceError, cla_to_endpoints
 from octoproxy.xds.shunting import (
     GLOBAL_RESOURCE,
@@ -479,28 +480,38 @@ def packed(scope: str, rules: tuple[M.ShuntRule, ...]) -> Any:
 GOOD = (M.ShuntRule("r", (), group="g"),)
 
 
+def sotw(rr: RuleResources, *resources: Any) -> list[str]:
+    """A SotW response, handed over as XdsClient hands it to a TypeHandler."""
+    resp = discovery_pb2.DiscoveryResponse(type_url=THRIFT_ROUTE_TYPE, resources=resources)
+    return rr.on_response(*handler_args(resp, delta=False))
+
+
+def delta(rr: RuleResources, resp: Any) -> list[str]:
+    return rr.on_response(*handler_args(resp, delta=True))
+
+
 def test_sotw_per_resource_nack_keeps_the_old_rules() -> None:
     sink = Sink()
     rr = RuleResources(sink)
     rr.sync({"app.a", "app.b"})
     assert set(rr.entries) == {"app.a", "app.b", GLOBAL_RESOURCE}
-    errors = rr.on_sotw([packed("app.a", GOOD), packed(M.SHUNT_GLOBAL, GOOD)], THRIFT_ROUTE_TYPE)
+    errors = sotw(rr, packed("app.a", GOOD), packed(M.SHUNT_GLOBAL, GOOD))
     assert errors == [] and set(sink.rules) == {"app.a", M.SHUNT_GLOBAL}
     bad = rules_to_route_config("app.a", GOOD)
     bad.routes[0].match.invert = True
     a = any_pb2.Any()
     a.Pack(bad)
     newb = (M.ShuntRule("rb", (), group="g2"),)
-    errors = rr.on_sotw([a, packed("app.b", newb)], THRIFT_ROUTE_TYPE)
+    errors = sotw(rr, a, packed("app.b", newb))
     assert len(errors) == 1 and "RouteConfiguration 'app.a': routes[0] (rule 'r')" in errors[0]
     assert sink.rules["app.a"] == GOOD and sink.rules["app.b"] == newb  # old kept, other applied
     assert rr.dump()["app.a"]["error"] == errors[0]
     # the same content again: not pushed again
     n = len(sink.calls)
-    assert rr.on_sotw([packed("app.b", newb)], THRIFT_ROUTE_TYPE) == []
+    assert sotw(rr, packed("app.b", newb)) == []
     assert len(sink.calls) == n
     # SotW absence changes nothing; an empty RouteConfiguration removes
-    assert rr.on_sotw([packed("app.b", ())], THRIFT_ROUTE_TYPE) == []
+    assert sotw(rr, packed("app.b", ())) == []
     assert set(sink.rules) == {"app.a", M.SHUNT_GLOBAL}
     # unsubscribing drops them; the global ones go with the last subscription
     rr.sync({"app.b"})
@@ -510,7 +521,7 @@ def test_sotw_per_resource_nack_keeps_the_old_rules() -> None:
     # twice in a response, wrong type
     rr.sync({"app.a"})
     wrong = any_pb2.Any(type_url=ENDPOINT_TYPE, value=b"")
-    errors = rr.on_sotw([packed("app.a", GOOD), packed("app.a", GOOD), wrong], THRIFT_ROUTE_TYPE)
+    errors = sotw(rr, packed("app.a", GOOD), packed("app.a", GOOD), wrong)
     assert any("appears twice" in e for e in errors) and any("resource type" in e for e in errors)
     assert "app.a" not in sink.rules
 
@@ -522,16 +533,16 @@ def test_delta_removal_and_versions() -> None:
     resp = discovery_pb2.DeltaDiscoveryResponse(type_url=THRIFT_ROUTE_TYPE)
     resp.resources.add(name="app.a", version="v1", resource=packed("app.a", GOOD))
     resp.resources.add(name="app.zz", version="v1", resource=packed("app.zz", GOOD))  # not asked
-    assert rr.on_delta(resp) == []
-    assert sink.rules == {"app.a": GOOD} and rr.version("app.a") == "v1"
+    assert delta(rr, resp) == []
+    assert sink.rules == {"app.a": GOOD} and rr.versions().get("app.a", "") == "v1"
     resp = discovery_pb2.DeltaDiscoveryResponse(type_url=THRIFT_ROUTE_TYPE)
     resp.resources.add(name=GLOBAL_RESOURCE, version="g1", resource=packed("app.a", GOOD))
-    errors = rr.on_delta(resp)
+    errors = delta(rr, resp)
     assert errors == ["RouteConfiguration 'app.a' delivered under the name 'octo/global'"]
     resp = discovery_pb2.DeltaDiscoveryResponse(type_url=THRIFT_ROUTE_TYPE)
     resp.removed_resources.append("app.a")
-    assert rr.on_delta(resp) == []
-    assert sink.rules == {} and rr.version("app.a") == ""
+    assert delta(rr, resp) == []
+    assert sink.rules == {} and rr.versions().get("app.a", "") == ""
 
 
 # --- property: any valid rule set survives the trip through the wire ---------------

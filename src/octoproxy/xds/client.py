@@ -22,8 +22,11 @@ those of the xDS protocol document (docs/xds.md section 1 lists them):
 - Accepted changes become `model.Service` objects pushed to the `RouteSink`
   (`update_service` / `remove_service`), one call per changed service.
 - Traffic-shunting rules: a Thrift RouteConfiguration (TRDS) per subscribed
-  appkey plus ``octo/global``, handled by `xds.shunting.RuleResources` and
-  pushed with ``update_shunting``; each is NACKed whole when invalid.
+  appkey plus ``octo/global``, handled by `xds.shunting.RuleResources` (a
+  `TypeHandler`, added like SDS and RBAC) and pushed with
+  ``update_shunting``; each is NACKed whole when invalid.
+- Every type other than CDS and EDS goes through one path (`add_type`): the
+  same nonce, version, ACK and NACK handling, SotW and delta.
 - Losing the stream keeps the last good config; reconnecting uses jittered
   exponential backoff and re-subscribes everything (delta: with the resource
   versions held, so the server only sends what changed).
@@ -63,7 +66,7 @@ from octoproxy.xds.resources import (
     digest,
     make_service,
 )
-from octoproxy.xds.shunting import THRIFT_ROUTE_TYPE, RuleResources
+from octoproxy.xds.shunting import RuleResources
 from octoproxy.xds.sink import RouteSink
 
 if TYPE_CHECKING:
@@ -71,14 +74,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("octoproxy.xds")
 
-# the Thrift RouteConfiguration (traffic-shunting rules) is handled by RuleResources
-TYPES = (CLUSTER_TYPE, ENDPOINT_TYPE, THRIFT_ROUTE_TYPE)
-_SHORT = {CLUSTER_TYPE: "CDS", ENDPOINT_TYPE: "EDS", THRIFT_ROUTE_TYPE: "TRDS"}
-_KIND = {
-    CLUSTER_TYPE: "Cluster",
-    ENDPOINT_TYPE: "ClusterLoadAssignment",
-    THRIFT_ROUTE_TYPE: "RouteConfiguration",
-}
+# the client's own types; the others (shunting rules, tokens, ACLs) are TypeHandlers
+TYPES = (CLUSTER_TYPE, ENDPOINT_TYPE)
+_SHORT = {CLUSTER_TYPE: "CDS", ENDPOINT_TYPE: "EDS"}
+_KIND = {CLUSTER_TYPE: "Cluster", ENDPOINT_TYPE: "ClusterLoadAssignment"}
 # gRPC servers refuse messages above 4 MiB unless told otherwise
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_SUBSCRIPTIONS = 10_000
@@ -87,8 +86,9 @@ _NAME_OVERHEAD = 4  # protobuf tag + length of a repeated string
 
 
 class TypeHandler(Protocol):
-    """Another resource type on the same ADS stream (e.g. SDS secrets and RBAC
-    ACLs, xds/authsource.py), added with `XdsClient.add_type`.  The client
+    """Another resource type on the same ADS stream (the shunting rules,
+    xds/shunting.py; SDS secrets and RBAC ACLs, xds/authsource.py), added
+    with `XdsClient.add_type`.  The client
     asks for `names()` (never a wildcard: nothing until there is a name),
     hands every response of the type to `on_response`, and ACKs it, or NACKs
     it with the problems returned (the handler keeps the last good version of
@@ -216,6 +216,15 @@ def build_node(node_id: str, cluster: str, labels: model.Labels) -> base_pb2.Nod
     return node
 
 
+def handler_args(resp: Any, delta: bool) -> tuple[list[tuple[str, str, Any]], list[str], bool]:
+    """A response as `TypeHandler.on_response` takes it: (resources, removed, sotw)."""
+    if delta:
+        resources = [(r.name, r.version, r.resource if r.HasField("resource") else None)
+                     for r in resp.resources]
+        return resources, list(resp.removed_resources), False
+    return [("", "", r) for r in resp.resources], [], True
+
+
 def _status(errors: list[str]) -> status_pb2.Status:
     message = "; ".join(errors)
     if len(message) > 4096:
@@ -256,7 +265,8 @@ class XdsClient:
         self._subs: set[str] = set()
         self._names_bytes = 0  # what the names take in a SotW request
         self._entries: dict[str, _Entry] = {}
-        self._rules = RuleResources(sink)  # shunting rules: per appkey + the global ones
+        # the shunting rules (per appkey + the global ones): a TypeHandler, added below
+        self._rules = RuleResources(sink)
         self._connected = False
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -274,6 +284,7 @@ class XdsClient:
         self._version: dict[str, str] = dict.fromkeys(TYPES, "")
         self._slice_start = 0.0
         self._extra: dict[str, TypeHandler] = {}  # type URL -> handler (add_type)
+        self.add_type(self._rules)  # first: its requests go right after CDS and EDS
 
     @classmethod
     def from_config(cls, cfg: Config, sink: RouteSink) -> XdsClient:
@@ -364,7 +375,7 @@ class XdsClient:
             "stats": dataclasses.asdict(self.stats),
             "subscriptions": subs,
             "shunting": self._rules.dump(),
-            **{h.short: h.dump() for h in self._extra.values()},
+            **{h.short: h.dump() for h in self._extra.values() if h is not self._rules},
         }
 
     def start(self) -> None:
@@ -616,7 +627,6 @@ class XdsClient:
         self._sub_requests(CLUSTER_TYPE, set(self._subs))
         # EDS names are always a subset of what CDS requests already carried
         self._sub_requests(ENDPOINT_TYPE, self._subs & self._sent_names[CLUSTER_TYPE])
-        self._sub_requests(THRIFT_ROUTE_TYPE, set(self._rules.entries))
         for t, h in self._extra.items():
             self._sub_requests(t, h.names())
 
@@ -667,9 +677,7 @@ class XdsClient:
         for kind, names in (("sub", sub), ("unsub", unsub)):
             for name in names:
                 version = ""
-                if kind == "sub" and first and t == THRIFT_ROUTE_TYPE:
-                    version = self._rules.version(name)
-                elif kind == "sub" and first and t in self._extra:
+                if kind == "sub" and first and t in self._extra:
                     version = self._extra[t].versions().get(name, "")
                 elif kind == "sub" and first:
                     e = self._entries.get(name)
@@ -1039,15 +1047,10 @@ class XdsClient:
             self._notify()
 
     async def _handle(self, t: str, resp: Any) -> list[str]:
-        """Validate and apply a response; the problems found (NACK if any)."""
-        if t == THRIFT_ROUTE_TYPE:
-            before = self._rules.rejected
-            if self.delta:
-                errors = self._rules.on_delta(resp)
-            else:
-                errors = self._rules.on_sotw(resp.resources, t)
-            self.stats.rejected_resources += self._rules.rejected - before
-            return errors
+        """Validate and apply a response of a known type; the problems found (NACK if any)."""
+        self._slice_start = time.perf_counter()
+        if t in self._extra:
+            return self._extra_errors(t, resp)
         plan = await (self._plan_delta(resp) if self.delta else self._plan_sotw(resp))
         self._apply(plan)
         return plan.errors
@@ -1067,16 +1070,13 @@ class XdsClient:
         self, resp: discovery_pb2.DiscoveryResponse
     ) -> discovery_pb2.DiscoveryRequest:
         t = resp.type_url
-        if t in self._extra:
-            return self._on_extra_sotw(resp)
-        if t not in TYPES:
+        if t not in TYPES and t not in self._extra:
             errors = [f"unsupported type {t}"]
             self._nack(t, resp.nonce, errors)
             req = discovery_pb2.DiscoveryRequest(type_url=t, response_nonce=resp.nonce)
             req.error_detail.CopyFrom(_status(errors))
             return req
         self._nonce[t] = resp.nonce
-        self._slice_start = time.perf_counter()
         errors = await self._handle(t, resp)
         if errors:
             # the valid resources are applied; the version stays the last fully accepted one
@@ -1091,14 +1091,11 @@ class XdsClient:
     ) -> discovery_pb2.DeltaDiscoveryRequest:
         t = resp.type_url
         req = discovery_pb2.DeltaDiscoveryRequest(type_url=t, response_nonce=resp.nonce)
-        if t in self._extra:
-            return self._on_extra_delta(resp, req)
-        if t not in TYPES:
+        if t not in TYPES and t not in self._extra:
             errors = [f"unsupported type {t}"]
             self._nack(t, resp.nonce, errors)
             req.error_detail.CopyFrom(_status(errors))
             return req
-        self._slice_start = time.perf_counter()
         errors = await self._handle(t, resp)
         if errors:
             self._nack(t, resp.nonce, errors)
@@ -1111,40 +1108,14 @@ class XdsClient:
 
     # --- added types (add_type) ---------------------------------------------
 
-    def _extra_errors(self, t: str, resources: list[tuple[str, str, Any]],
-                      removed: list[str], sotw: bool) -> list[str]:
+    def _extra_errors(self, t: str, resp: Any) -> list[str]:
+        """Hand a response to its TypeHandler; the problems it found."""
+        h = self._extra[t]
         try:
-            errors = self._extra[t].on_response(resources, removed, sotw)
+            errors = h.on_response(*handler_args(resp, self.delta))
         except Exception as e:  # a handler's bug must not end the stream
-            log.exception("xDS: %s handler failed", self._extra[t].short)
+            log.exception("xDS: %s handler failed", h.short)
             errors = [f"internal error: {type(e).__name__}"]
         self.stats.rejected_resources += len(errors)
         self._notify()
         return errors
-
-    def _on_extra_sotw(self, resp: discovery_pb2.DiscoveryResponse) -> discovery_pb2.DiscoveryRequest:
-        t = resp.type_url
-        self._nonce[t] = resp.nonce
-        errors = self._extra_errors(t, [("", "", r) for r in resp.resources], [], True)
-        if errors:
-            self._nack(t, resp.nonce, errors)
-            return self._sotw_request(t, errors)
-        self._version[t] = resp.version_info
-        self.stats.acks += 1
-        return self._sotw_request(t)
-
-    def _on_extra_delta(
-        self, resp: discovery_pb2.DeltaDiscoveryResponse, req: discovery_pb2.DeltaDiscoveryRequest
-    ) -> discovery_pb2.DeltaDiscoveryRequest:
-        t = resp.type_url
-        res = [(r.name, r.version, r.resource if r.HasField("resource") else None)
-               for r in resp.resources]
-        errors = self._extra_errors(t, res, list(resp.removed_resources), False)
-        if errors:
-            self._nack(t, resp.nonce, errors)
-            req.error_detail.CopyFrom(_status(errors))
-        else:
-            self.stats.acks += 1
-            if resp.system_version_info:
-                self._version[t] = resp.system_version_info
-        return req

@@ -657,16 +657,19 @@ class _Rules:
 class RuleResources:
     """The RouteConfiguration resources an XdsClient asks for: one per
     subscribed appkey plus GLOBAL_RESOURCE while anything is subscribed.
-    Each is validated on its own; a valid one replaces its scope's rules in
-    the sink (``update_shunting``), an invalid one is reported (NACK) and the
-    previous rules stay.  Absent from a SotW response = unchanged (as for
-    RDS); delta ``removed_resources``, an empty RouteConfiguration or an
-    unsubscription = no rules."""
+    A `TypeHandler` of the client (``XdsClient.add_type``), which follows the
+    subscriptions with `sync`.  Each is validated on its own; a valid one
+    replaces its scope's rules in the sink (``update_shunting``), an invalid
+    one is reported (NACK) and the previous rules stay.  Absent from a SotW
+    response = unchanged (as for RDS); delta ``removed_resources``, an empty
+    RouteConfiguration or an unsubscription = no rules."""
+
+    type_url = THRIFT_ROUTE_TYPE
+    short = "TRDS"
 
     def __init__(self, sink: Any) -> None:
         self.sink = sink
         self.entries: dict[str, _Rules] = {}
-        self.rejected = 0
 
     @staticmethod
     def wanted(subs: Iterable[str]) -> set[str]:
@@ -685,9 +688,20 @@ class RuleResources:
             if e.pushed:
                 self._clear(name)
 
-    def version(self, name: str) -> str:
-        e = self.entries.get(name)
-        return e.version if e is not None and e.raw is not None else ""
+    # the TypeHandler protocol (xds/client.py)
+    def names(self) -> set[str]:
+        return set(self.entries)
+
+    def versions(self) -> dict[str, str]:
+        return {n: e.version for n, e in self.entries.items() if e.raw is not None and e.version}
+
+    def on_response(
+        self, resources: list[tuple[str, str, Any]], removed: list[str], sotw: bool
+    ) -> list[str]:
+        """Apply a response's resources; returns the problems (NACK if any)."""
+        if sotw:
+            return self._on_sotw([any_ for _, _, any_ in resources])
+        return self._on_delta(resources, removed)
 
     def _push(self, name: str, rules: tuple[model.ShuntRule, ...]) -> None:
         update = getattr(self.sink, "update_shunting", None)
@@ -726,7 +740,6 @@ class RuleResources:
                 log.exception("route sink rejected the shunting rules of %s", name)
                 raise ResourceError(f"RouteConfiguration {name!r}: not applied: {bad!r}") from None
         except ResourceError as bad:
-            self.rejected += 1
             e.error = str(bad)
             errors.append(str(bad))
             return
@@ -739,8 +752,8 @@ class RuleResources:
             self._clear(name)
         self.entries[name] = _Rules()
 
-    def on_sotw(self, resources: Iterable[Any], t: str) -> list[str]:
-        """Apply a SotW response's resources; returns the problems (NACK if any)."""
+    def _on_sotw(self, resources: list[Any]) -> list[str]:
+        t = self.type_url
         errors: list[str] = []
         seen: dict[str, bytes] = {}
         twice: set[str] = set()
@@ -766,30 +779,30 @@ class RuleResources:
                 self._one(name, body, "", errors)
         return errors
 
-    def on_delta(self, resp: Any) -> list[str]:
-        t = resp.type_url
+    def _on_delta(self, resources: list[tuple[str, str, Any]], removed: list[str]) -> list[str]:
+        t = self.type_url
         errors: list[str] = []
         seen: set[str] = set()
-        for i, r in enumerate(resp.resources):
-            if not r.name:
+        for i, (name, version, any_) in enumerate(resources):
+            if not name:
                 errors.append(f"resources[{i}]: Resource without a name")
                 continue
-            if r.name in seen:
-                errors.append(f"RouteConfiguration {r.name!r}: appears twice in the response")
+            if name in seen:
+                errors.append(f"RouteConfiguration {name!r}: appears twice in the response")
                 continue
-            seen.add(r.name)
-            if r.name not in self.entries:
+            seen.add(name)
+            if name not in self.entries:
                 continue
-            if not r.HasField("resource"):
-                errors.append(f"RouteConfiguration {r.name!r}: Resource without a resource body")
-            elif r.resource.type_url != t:
+            if any_ is None:
+                errors.append(f"RouteConfiguration {name!r}: Resource without a resource body")
+            elif any_.type_url != t:
                 errors.append(
-                    f"RouteConfiguration {r.name!r}: resource type {r.resource.type_url} "
+                    f"RouteConfiguration {name!r}: resource type {any_.type_url} "
                     f"in a {t} response"
                 )
             else:
-                self._one(r.name, r.resource.value, r.version, errors)
-        for name in resp.removed_resources:
+                self._one(name, any_.value, version, errors)
+        for name in removed:
             if name in seen:
                 errors.append(f"RouteConfiguration {name!r}: both updated and removed")
             elif name in self.entries:
