@@ -34,6 +34,7 @@ from xds_double import CDS, EDS, TRDS
 pytestmark = pytest.mark.timeout(180)
 
 A = "com.spec.user"
+B = "com.spec.unit"  # nodes in LiteSet cells, a unit table in the octo extension
 NODES = {"d1": "", "d2": "", "g1": "gray", "c1": "canary"}
 DEFAULT = {"d1", "d2"}
 
@@ -90,6 +91,21 @@ def mesh() -> Iterator[tuple[Cluster, DoubleThread]]:
                 cluster_pb2.Cluster))
             cp.do(cp.double.put_raw, EDS, pb(cla, endpoint_pb2.ClusterLoadAssignment))
             cp.do(cp.double.put_raw, TRDS, route_config(ROUTES))
+            cells = {"d1": "", "g1": "ls-a", "c1": "ls-b"}
+            cla_b = {"cluster_name": B, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {
+                    "address": "127.0.0.1", "port_value": ports[n]}}},
+                 "metadata": {"filter_metadata": {"envoy.lb": {"cell": cell}}}}
+                for n, cell in cells.items()]}]}
+            cp.do(cp.double.put_raw, CDS, pb(
+                {"name": B, "type": "EDS", "eds_cluster_config": {"eds_config": {"ads": {}}}},
+                cluster_pb2.Cluster))
+            cp.do(cp.double.put_raw, EDS, pb(cla_b, endpoint_pb2.ClusterLoadAssignment))
+            cp.do(cp.double.put_raw, TRDS, pb({"name": B, "routes": [{"route": {
+                "cluster": B, "metadata_match": {"filter_metadata": {"octo": {
+                    "name": "loc-to-liteset", "target": "octo-liteset", "source_key": "locId",
+                    "unit_table": {"1001": "ls-a", "2001": "ls-b", "3001": "ls-none"}}}}}}]},
+                route_pb2.RouteConfiguration))
             sub, admin = free_port(), free_port()
             c.proxy("client", {
                 "node": {"id": "client"},
@@ -99,7 +115,7 @@ def mesh() -> Iterator[tuple[Cluster, DoubleThread]]:
                 "admin": {"port": admin},
                 "logging": {"access_log": True},
             })
-            subscribe(f"http://127.0.0.1:{sub}", [A])
+            subscribe(f"http://127.0.0.1:{sub}", [A, B])
             c.admin = admin  # type: ignore[attr-defined]
             wait_for(lambda: len(rules_of(c)) == len(ROUTES), 15, "the rules over TRDS")
             yield c, cp
@@ -151,6 +167,35 @@ def test_standard_route_fields_select_the_group(mesh: tuple[Cluster, DoubleThrea
     assert nodes(c, glob={"tier": "silver"}) == {"c1"}
     for tier in ("gold2", "GOLD", "xgold"):
         assert nodes(c, glob={"tier": tier}) == DEFAULT, tier
+
+
+def test_unit_table_sets_the_liteset_before_cell_routing(
+        mesh: tuple[Cluster, DoubleThread]) -> None:
+    c, _ = mesh
+    wait_for(lambda: admin_json(c.admin, "/clusters")["services"].get(B, {}).get("shunting"),  # type: ignore[attr-defined]
+             15, "the unit rule")
+
+    def to(**kw: Any) -> set[str]:
+        w = Wire(c.path("px.sock"))
+        try:
+            got = set()
+            for i in range(12):
+                r = w.call(thrift_call("m", i, b"echo:x"), appkey=B, **kw)
+                assert r["status"] == 0, r
+                got.add(r["body"].split(b"|")[0].decode())
+            return got
+        finally:
+            w.close()
+
+    assert to(glob={"locId": "1001"}) == {"g1"}
+    assert to(local={"locId": "2001"}) == {"c1"}
+    # a LiteSet with no node of its own falls back to the center, as a request carrying it would
+    assert to(glob={"locId": "3001"}) == {"d1"}
+    assert to(glob={"octo-liteset": "ls-none"}) == {"d1"}
+    # not in the table, or absent: the rule does not match, the request routes as it was
+    assert to(glob={"locId": "9999"}) == {"d1"}
+    assert to() == {"d1"}
+    assert to(glob={"octo-liteset": "ls-b"}) == {"c1"}
 
 
 def test_first_matching_route_wins(mesh: tuple[Cluster, DoubleThread]) -> None:
