@@ -160,7 +160,7 @@ def acl_of(ib: InboundListener) -> dict[bytes, frozenset[bytes] | None]:
 
 def signer(ob: OutboundListener, store: Any) -> Any:
     """The core's Signer for an outbound listener, or None when it signs nothing."""
-    if not ob.sign_for or store is None:
+    if not (ob.sign_for or ob.sign_registered) or store is None:
         return None
     from octoproxy._core.auth import Signer
 

@@ -49,6 +49,9 @@ class OutboundListener(_Strict):
     # this listener, which the proxy signs requests for; a request claiming any
     # other caller appkey is refused with status 7.  Empty: nothing is signed.
     sign_for: list[str] = []
+    # also sign for the appkeys apps register themselves through the subscribe
+    # API (POST /v1/register, docs/auth.md); off: only sign_for
+    sign_registered: bool = False
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -318,7 +321,11 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _token_file(self) -> Config:
-        uses = any(ob.sign_for for ob in self.listeners.outbound) or any(
+        for i, ob in enumerate(self.listeners.outbound):
+            if ob.sign_registered and self.subscribe.port is None and not self.subscribe.uds:
+                raise ValueError(f"listeners.outbound[{i}].sign_registered needs the subscribe "
+                                 "API (subscribe.port or subscribe.uds), where apps register")
+        uses = any(ob.sign_for or ob.sign_registered for ob in self.listeners.outbound) or any(
             ib.auth is not None and ib.auth.mode != "off" for ib in self.listeners.inbound)
         if self.auth.source == "xds":
             if not self.xds.server:

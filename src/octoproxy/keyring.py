@@ -51,10 +51,18 @@ class Keyring:
         self._sign_for: set[str] = set()
         for ob in cfg.listeners.outbound:
             self._sign_for.update(ob.sign_for)
+        # apps registered through the subscribe API (POST /v1/register), signed
+        # for on the listeners with sign_registered
+        self._registered: set[str] = set()
+        self.accepts_registrations = any(ob.sign_registered for ob in cfg.listeners.outbound)
+        # called when the tokens needed change outside an ACL update (a
+        # registration): the xDS source asks for the new names (authsource.attach)
+        self.on_needed_changed: Any = None
         for ib in cfg.listeners.inbound:
             if self.from_xds and ib.auth is not None and ib.auth.mode != "off" and ib.appkey:
                 self._acls.setdefault(ib.appkey, None)
-        self._signers: dict[str, tuple[tuple[str, ...], Any]] = {}  # listener path -> (sign_for, Signer)
+        # listener path -> (sign_for, Signer, sign_registered)
+        self._signers: dict[str, tuple[tuple[str, ...], Any, bool]] = {}
         self._verifiers: dict[str, tuple[str, Any]] = {}  # listener key -> (provider, Verifier)
         self._changed = asyncio.Event()
         self.updates = 0  # changes applied at run time
@@ -76,13 +84,61 @@ class Keyring:
     def signer(self, ob: OutboundListener) -> Any:
         """The core's Signer of an outbound listener (the same object for the
         generation's life), or None when it signs nothing."""
-        if not ob.sign_for:
+        if not (ob.sign_for or ob.sign_registered):
             return None
         held = self._signers.get(ob.path)
         if held is None:
-            held = (tuple(ob.sign_for), auth.signer(ob, self.store))
+            held = (tuple(ob.sign_for), auth.signer(ob, self.store), ob.sign_registered)
             self._signers[ob.path] = held
+            if ob.sign_registered and self._registered:
+                held[1].set_sign_for([*held[0], *sorted(self._registered)])
         return held[1]
+
+    # --- apps registered through the subscribe API --------------------------------
+
+    def registered(self) -> list[str]:
+        return sorted(self._registered)
+
+    def register(self, appkey: str) -> None:
+        """Sign for appkey on every sign_registered listener from now on (with
+        auth.source xds its token is asked for; see has_token)."""
+        if appkey in self._registered:
+            return
+        self._registered.add(appkey)
+        self._registrations_changed()
+
+    def unregister(self, appkey: str) -> bool:
+        if appkey not in self._registered:
+            return False
+        self._registered.discard(appkey)
+        if self.from_xds and appkey not in self.needed_tokens() and appkey in self._tokens:
+            self.store.remove(appkey)
+            del self._tokens[appkey]
+            self._versions.pop(appkey, None)
+        self._registrations_changed()
+        return True
+
+    def has_token(self, appkey: str) -> bool:
+        return appkey in self._tokens
+
+    async def wait_token(self, appkey: str, timeout: float) -> bool:
+        """Wait until appkey has a token (or timeout)."""
+        deadline = time.monotonic() + timeout
+        while appkey not in self._tokens:
+            ev = self._changed
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ev.wait(), remaining)
+        return True
+
+    def _registrations_changed(self) -> None:
+        for static, signer, registered in self._signers.values():
+            if registered:
+                signer.set_sign_for([*static, *sorted(self._registered)])
+        if self.on_needed_changed is not None:
+            self.on_needed_changed()
 
     def verifier(self, ib: InboundListener) -> Any:
         """The core's Verifier of an inbound listener, or None (no check)."""
@@ -116,7 +172,7 @@ class Keyring:
     def needed_tokens(self) -> set[str]:
         """The appkeys whose token this proxy needs: those it signs for and the
         callers the ACLs of its providers name."""
-        need = set(self._sign_for)
+        need = set(self._sign_for) | self._registered
         for acl in self._acls.values():
             need.update(acl or ())
         return need
@@ -230,6 +286,7 @@ class Keyring:
                 "callers": {c: None if m is None else sorted(m) for c, m in sorted(acl.items())}}
                 for p, acl in sorted(self._acls.items())},
             "missing": self.missing(),
+            "registered": self.registered(),
             "updates": self.updates,
             "token_file": None if not self.token_file else {
                 "path": self.token_file, "reloads": self.file_reloads,

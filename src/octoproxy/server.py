@@ -212,6 +212,8 @@ class Proxy:
         state: dict[str, Any] = {
             "counters": eng.counters() if eng is not None else {},
             "subscriptions": sorted(self.discovery.subscriptions) if self.discovery else [],
+            # apps registered through the subscribe API for signing (names only)
+            "registered": self.keyring.registered(),
         }
         if self.xds is not None:
             svcs = [self.xds.service(a) for a in self.xds.subscriptions]
@@ -389,13 +391,14 @@ class Proxy:
             self.discovery = StaticDiscovery(self.table, cfg.xds.max_subscriptions)
         api = SubscribeApi(self.discovery, host=cfg.subscribe.host, port=cfg.subscribe.port,
                            uds=cfg.subscribe.uds, state_file=subscription_file(cfg),
-                           timeout_s=cfg.subscribe.timeout_s)
+                           timeout_s=cfg.subscribe.timeout_s, keyring=self.keyring)
         self.subscribe_api = api
         inherited = self.inherited_state.get("subscriptions", [])
         # routes handed over by the previous generation serve at once; do not
         # hold readiness for a control plane that may be down
         wait = 0.0 if self.inherited_state.get("services") else None
-        await api.start(restore_timeout_s=wait, appkeys=inherited, sock=sock)
+        await api.start(restore_timeout_s=wait, appkeys=inherited, sock=sock,
+                        registered=self.inherited_state.get("registered", []))
         if cfg.auth.source == "xds":
             # sign and verify from the first request when the control plane is
             # up; without it, requests are refused (status 7) until they come

@@ -15,6 +15,10 @@ HTTP (aiohttp) on ``subscribe.host:subscribe.port`` or on the UDS ``subscribe.ud
   ``subscribe.timeout_s``; a finite number in (0, 600]).
 - ``POST /v1/unsubscribe {"appkeys": [...]}``.
 - ``GET /v1/subscriptions``.
+- ``POST /v1/register {"appkey": ...}`` / ``POST /v1/unregister``: an app
+  registers its own appkey, and the outbound listeners with
+  ``sign_registered`` sign for it (docs/auth.md, "Apps that register
+  themselves"); persisted with the subscriptions.
 
 Subscriptions are written atomically (tmp + fsync + rename + fsync of the
 directory) to ``subscribe.state_file`` and restored by `SubscribeApi.start`.
@@ -50,6 +54,7 @@ from octoproxy.xds.sink import RouteSink
 
 if TYPE_CHECKING:
     from octoproxy.config import Subscribe
+    from octoproxy.keyring import Keyring
 
 log = logging.getLogger("octoproxy.subscribe")
 
@@ -87,13 +92,31 @@ def read_state(path: str | os.PathLike[str]) -> list[str]:
     return keys
 
 
-def write_state(path: str | os.PathLike[str], appkeys: Iterable[str]) -> None:
+def read_registered(path: str | os.PathLike[str]) -> list[str]:
+    """The apps registered for signing in a state file ([] if none or unreadable)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return []
+    keys = data.get("registered", []) if isinstance(data, dict) else []
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
+        log.warning("ignoring malformed registered apps in %s", path)
+        return []
+    return keys
+
+
+def write_state(path: str | os.PathLike[str], appkeys: Iterable[str],
+                registered: Iterable[str] = ()) -> None:
     """Atomically replace the state file, never writing through a symlink or a
     file someone else prepared (process.AtomicFile: O_EXCL temp file, fsync,
     rename, fsync the directory)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    body = json.dumps({"version": STATE_VERSION, "appkeys": sorted(appkeys)}, indent=1) + "\n"
+    state: dict[str, Any] = {"version": STATE_VERSION, "appkeys": sorted(appkeys)}
+    reg = sorted(registered)
+    if reg:
+        state["registered"] = reg
+    body = json.dumps(state, indent=1) + "\n"
     AtomicFile(str(p)).commit(body.encode())
 
 
@@ -159,8 +182,12 @@ class SubscribeApi:
         uds: str | None = None,
         state_file: str | None = None,
         timeout_s: float = 10.0,
+        keyring: Keyring | None = None,
     ) -> None:
         self.client = client
+        # apps register here to be signed for (docs/auth.md): the proxy's keyring
+        self.keyring = keyring
+        self._registering: set[str] = set()  # registrations not confirmed yet
         # services another source (static config) put in the route table count as known
         self.sink = sink if sink is not None else client.sink
         self.host = host
@@ -195,6 +222,7 @@ class SubscribeApi:
         listen: bool = True,
         appkeys: Iterable[str] = (),
         sock: socket.socket | None = None,
+        registered: Iterable[str] = (),
     ) -> dict[str, ResourceState | None]:
         """Restore the persisted subscriptions (plus ``appkeys``, e.g. handed over
         by a hot restart), start listening, then wait (up to restore_timeout_s,
@@ -203,6 +231,7 @@ class SubscribeApi:
         Never fails because of the control plane: restored services that did not
         come stay subscribed and arrive when it is back.  Returns their states.
         """
+        self._restore_registered(registered)
         restored = read_state(self.state_file) if self.state_file else []
         restored = sorted(set(restored) | set(appkeys))
         bad = [k for k in restored if appkey_problem(k) is not None]
@@ -246,6 +275,23 @@ class SubscribeApi:
             )
         return states
 
+    def _restore_registered(self, handed_over: Iterable[str]) -> None:
+        """The apps registered for signing before (state file, hot restart)."""
+        reg = set(handed_over)
+        if self.state_file:
+            reg |= set(read_registered(self.state_file))
+        if not reg:
+            return
+        kr = self.keyring
+        if kr is None or not kr.accepts_registrations:
+            log.warning("dropping %d registered apps: no outbound listener has sign_registered",
+                        len(reg))
+            return
+        for k in sorted(reg):
+            if appkey_problem(k) is None:
+                kr.register(k)
+        log.info("restored %d apps registered for signing", len(kr.registered()))
+
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
@@ -256,6 +302,8 @@ class SubscribeApi:
         app.router.add_post("/v1/subscribe", self._h_subscribe)
         app.router.add_post("/v1/unsubscribe", self._h_unsubscribe)
         app.router.add_get("/v1/subscriptions", self._h_subscriptions)
+        app.router.add_post("/v1/register", self._h_register)
+        app.router.add_post("/v1/unregister", self._h_unregister)
         return app
 
     async def listen(self, sock: socket.socket) -> None:
@@ -300,8 +348,10 @@ class SubscribeApi:
                 return
             latest = self._want_gen
             keys = [k for k in self.subscriptions if k not in self._tentative]
+            reg = [k for k in (self.keyring.registered() if self.keyring else [])
+                   if k not in self._registering]
             try:
-                await asyncio.to_thread(write_state, self.state_file, keys)
+                await asyncio.to_thread(write_state, self.state_file, keys, reg)
             except OSError as e:
                 log.error("cannot persist subscriptions to %s: %s", self.state_file, e)
                 return
@@ -378,6 +428,52 @@ class SubscribeApi:
             await self.persist()
         return sorted(removed)
 
+    async def register(self, appkey: str, timeout_s: float | None = None) -> dict[str, Any]:
+        """Sign for an app from now on (on the sign_registered listeners), once
+        this proxy has its token; raises SubscribeError (409: no listener
+        takes registrations; 404: the token file has no token for it; 503/504:
+        its token did not come from the control plane in time).  A call that
+        fails leaves the app as it was."""
+        kr = self.keyring
+        if kr is None or not kr.accepts_registrations:
+            raise SubscribeError(
+                409, "this proxy signs only for the apps in its configuration "
+                "(no outbound listener has sign_registered)", [appkey])
+        timeout = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
+        new = appkey not in kr.registered()
+        if new:
+            self._registering.add(appkey)
+            kr.register(appkey)
+        ok = False
+        try:
+            if not kr.has_token(appkey):
+                if not kr.from_xds:
+                    raise SubscribeError(404, f"no token for {appkey} in the token file",
+                                         [appkey])
+                if not await kr.wait_token(appkey, timeout):
+                    if not self.client.connected:
+                        raise SubscribeError(503, "control plane unreachable", [appkey])
+                    raise SubscribeError(
+                        504, f"timed out after {timeout:g}s waiting for the token of {appkey}",
+                        [appkey])
+            ok = True
+        finally:
+            if new:
+                self._registering.discard(appkey)
+                if not ok:
+                    kr.unregister(appkey)
+        if new:
+            log.info("app %s registered: signed for from now on", appkey)
+            await self.persist()
+        return {"appkey": appkey, "registered": kr.registered()}
+
+    async def unregister(self, appkey: str) -> bool:
+        if self.keyring is None or not self.keyring.unregister(appkey):
+            return False
+        log.info("app %s unregistered: no longer signed for", appkey)
+        await self.persist()
+        return True
+
     def _static(self, appkey: str) -> bool:
         try:
             return bool(self.sink.has_service(appkey))
@@ -453,9 +549,48 @@ class SubscribeApi:
         return web.json_response({"appkeys": removed, "subscriptions": self.subscriptions})
 
     async def _h_subscriptions(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "connected": self.client.connected,
-                "subscriptions": {k: self._describe(k) for k in self.subscriptions},
-            }
-        )
+        body: dict[str, Any] = {
+            "connected": self.client.connected,
+            "subscriptions": {k: self._describe(k) for k in self.subscriptions},
+        }
+        if self.keyring is not None and self.keyring.accepts_registrations:
+            body["registered"] = self.keyring.registered()
+        return web.json_response(body)
+
+    async def _one_appkey(self, request: web.Request) -> tuple[str, float | None] | web.Response:
+        try:
+            body = json.loads(await request.read())
+        except (ValueError, RecursionError):
+            return _bad("body must be JSON")
+        if not isinstance(body, dict):
+            return _bad('body must be a JSON object {"appkey": "..."}')
+        k = body.get("appkey")
+        if not isinstance(k, str) or not k or len(k) > 512:
+            return _bad("appkey must be a non-empty string")
+        problem = appkey_problem(k)
+        if problem is not None:
+            return _bad(problem)
+        t = body.get("timeout_s")
+        if t is None:
+            return k, None
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) \
+                or not 0 < t <= MAX_TIMEOUT_S:
+            return _bad(f"timeout_s must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]")
+        return k, float(t)
+
+    async def _h_register(self, request: web.Request) -> web.Response:
+        parsed = await self._one_appkey(request)
+        if isinstance(parsed, web.Response):
+            return parsed
+        try:
+            return web.json_response(await self.register(*parsed))
+        except SubscribeError as e:
+            return web.json_response(e.to_json(), status=e.status)
+
+    async def _h_unregister(self, request: web.Request) -> web.Response:
+        parsed = await self._one_appkey(request)
+        if isinstance(parsed, web.Response):
+            return parsed
+        removed = await self.unregister(parsed[0])
+        return web.json_response({"appkey": parsed[0], "removed": removed,
+                                  "registered": self.keyring.registered() if self.keyring else []})

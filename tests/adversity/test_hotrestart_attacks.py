@@ -456,7 +456,7 @@ def test_new_generation_hanging_before_it_connects_is_killed(
 
 
 # the hand-over state docs/protocol.md 13.3 lists (server.Proxy.handover_state)
-HANDED_OVER = {"counters", "histogram", "nodes", "subscriptions", "services",
+HANDED_OVER = {"counters", "histogram", "nodes", "subscriptions", "registered", "services",
                "governance", "shunting", "shunt_counts"}
 
 

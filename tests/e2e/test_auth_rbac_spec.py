@@ -34,8 +34,9 @@ pytestmark = pytest.mark.timeout(180)
 
 P = "com.spec.echo"
 WEB, BATCH, OPS, ROGUE = "com.spec.web", "com.spec.batch", "com.spec.ops", "com.spec.rogue"
+LATE = "com.spec.late"  # registers itself through the subscribe API
 TOKENS = {WEB: "spec-web-tok-1f0c2d", BATCH: "spec-batch-tok-77e3a9", OPS: "spec-ops-tok-5b8e41",
-          ROGUE: "spec-rogue-tok-c3d2e1"}
+          ROGUE: "spec-rogue-tok-c3d2e1", LATE: "spec-late-tok-6a7b8c"}
 USED: set[str] = set(TOKENS.values())  # every token the test hands out: none may leak
 
 
@@ -63,7 +64,8 @@ def acl(policies: dict[str, Any], action: str = "ALLOW") -> extension_pb2.TypedE
 
 READERS = {"principals": [caller(WEB), caller(BATCH)],
            "permissions": [method("get"), method("list")]}
-OPS_ALL = {"principals": [{"or_ids": {"ids": [caller(OPS)]}}], "permissions": [{"any": True}]}
+OPS_ALL = {"principals": [{"or_ids": {"ids": [caller(OPS), caller(LATE)]}}],
+           "permissions": [{"any": True}]}
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +79,7 @@ def mesh() -> Iterator[tuple[Cluster, DoubleThread]]:
             port, c.port_log, c.port_off = free_port(), free_port(), free_port()  # type: ignore[attr-defined]
             c.server_admin = free_port()  # type: ignore[attr-defined]
             c.client_admin = free_port()  # type: ignore[attr-defined]
+            c.sub = free_port()  # type: ignore[attr-defined]
             xds = {"server": cp.target}
             c.proxy("server", {
                 "node": {"id": "server"}, "xds": xds, "auth": {"source": "xds"},
@@ -90,8 +93,10 @@ def mesh() -> Iterator[tuple[Cluster, DoubleThread]]:
                 "node": {"id": "client"}, "xds": xds, "auth": {"source": "xds"},
                 "admin": {"port": c.client_admin},  # type: ignore[attr-defined]
                 "listeners": {"outbound": [
-                    {"path": c.path(f"{a.split('.')[-1]}.sock"), "sign_for": [a]}
-                    for a in (WEB, BATCH, OPS, ROGUE)]},
+                    *({"path": c.path(f"{a.split('.')[-1]}.sock"), "sign_for": [a]}
+                      for a in (WEB, BATCH, OPS, ROGUE)),
+                    {"path": c.path("reg.sock"), "sign_registered": True}]},
+                "subscribe": {"port": c.sub},  # type: ignore[attr-defined]
                 "static": {"services": [{"appkey": P,
                                          "endpoints": [{"address": f"127.0.0.1:{port}"}]}]}})
             c.port = port  # type: ignore[attr-defined]
@@ -194,9 +199,39 @@ def test_secrets_asked_on_demand_only(mesh: tuple[Cluster, DoubleThread]) -> Non
     _, cp = mesh
     # the signing proxy: the apps it signs for; the verifying one: the callers its ACL names
     assert names_asked(cp, SECRET_TYPE, "client") == {WEB, BATCH, OPS, ROGUE}
-    assert names_asked(cp, SECRET_TYPE, "server") == {WEB, BATCH, OPS}
+    assert names_asked(cp, SECRET_TYPE, "server") == {WEB, BATCH, OPS, LATE}
     assert names_asked(cp, RBAC_TYPE, "server") == {P}
     assert names_asked(cp, RBAC_TYPE, "client") == set()
+
+
+def test_an_app_registered_through_the_subscribe_api_is_signed_for(
+        mesh: tuple[Cluster, DoubleThread]) -> None:
+    """The signing proxy asks for an app's token when the app registers, and
+    drops it when the app leaves (docs/auth.md, "Apps that register")."""
+    c, cp = mesh
+    assert LATE not in names_asked(cp, SECRET_TYPE, "client")
+    w = wire(c, "com.spec.reg")
+    try:
+        r = call(w, LATE)
+        assert r["status"] == 7 and "does not sign for" in r["message"], r
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{c.sub}/v1/register",  # type: ignore[attr-defined]
+            data=json.dumps({"appkey": LATE}).encode())
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert json.load(resp)["registered"] == [LATE]
+        assert LATE in names_asked(cp, SECRET_TYPE, "client")
+        assert call(w, LATE)["status"] == 0
+        assert call(w, WEB)["status"] == 7  # registered apps only
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{c.sub}/v1/unregister",  # type: ignore[attr-defined]
+            data=json.dumps({"appkey": LATE}).encode())
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert json.load(resp)["removed"] is True
+        assert call(w, LATE)["status"] == 7
+        wait_for(lambda: LATE not in names_asked(cp, SECRET_TYPE, "client"), 10,
+                 "the token unsubscribed")
+    finally:
+        w.close()
 
 
 UNSUPPORTED: list[tuple[extension_pb2.TypedExtensionConfig, str]] = [

@@ -215,4 +215,11 @@ def attach(client: Any, keyring: Keyring) -> tuple[SecretSource, RbacSource]:
     rbac = RbacSource(keyring, client.names_changed, secrets)
     client.add_type(rbac)
     client.add_type(secrets)
+
+    def needed_changed() -> None:
+        # an app registered or left (subscribe API): ask for its token, or drop it
+        secrets.forget_unwanted()
+        client.names_changed()
+
+    keyring.on_needed_changed = needed_changed
     return secrets, rbac
