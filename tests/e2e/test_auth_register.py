@@ -19,6 +19,7 @@ import pytest
 
 from octoproxy._core.frame import thrift_call
 from octoproxy.process import pid_alive, read_pid_file
+from octoproxy.sdk.subscribe import SubscribeError, register
 
 from harness import Cluster, cluster, free_port, wait_for
 from outsider import Wire
@@ -91,8 +92,9 @@ def test_an_app_registers_its_appkey_and_is_signed_for(mesh: Cluster) -> None:
     c = mesh
     r = call(c, WEB)
     assert r["status"] == 7 and f"does not sign for caller appkey '{WEB}'" in r["message"], r
-    code, body = post(c.sub, "/v1/register", {"appkey": WEB})  # type: ignore[attr-defined]
-    assert code == 200 and body["registered"] == [WEB], (code, body)
+    # the Mesh SDK's helper, as the app itself calls it
+    body = register(f"http://127.0.0.1:{c.sub}", WEB)  # type: ignore[attr-defined]
+    assert body["registered"] == [WEB], body
     assert call(c, WEB) == {"status": 0, "message": "", "body": b"echo|x"}
     # one app cannot sign as another: an appkey nobody registered is still refused
     r = call(c, BATCH)
@@ -112,6 +114,9 @@ def test_registration_refused_without_token_or_listener(mesh: Cluster) -> None:
     assert code == 400, body
     code, body = post(c.sub2, "/v1/register", {"appkey": WEB})  # type: ignore[attr-defined]
     assert code == 409 and "sign_registered" in body["error"], (code, body)
+    with pytest.raises(SubscribeError) as e:
+        register(f"http://127.0.0.1:{c.sub2}", WEB, retry_until=1)  # type: ignore[attr-defined]
+    assert e.value.status == 409
     r = call(c, WEB, "fixed.sock")
     assert r["status"] == 7 and "does not sign for" in r["message"], r
 

@@ -66,6 +66,50 @@ def _post(url_or_uds: str, path: str, body: dict[str, Any], timeout: float) -> t
         return resp.status, {"error": raw.decode(errors="replace")}
 
 
+def _retrying(url_or_uds: str, path: str, body: dict[str, Any], timeout: float,
+              retry_until: float) -> dict[str, Any]:
+    """POST, retrying a proxy that is not there yet or answers 503."""
+    deadline = time.monotonic() + retry_until
+    delay = 0.05
+    while True:
+        last: SubscribeError
+        try:
+            status, answer = _post(url_or_uds, path, body, timeout + 5.0)
+        except (ConnectionRefusedError, FileNotFoundError, ConnectionResetError) as e:
+            last = SubscribeError(0, f"proxy not reachable: {e}")
+        else:
+            if status == 200:
+                return answer if isinstance(answer, dict) else {"result": answer}
+            msg = answer.get("error", "") if isinstance(answer, dict) else str(answer)
+            err = SubscribeError(status, msg, answer if isinstance(answer, dict) else None)
+            if status != 503:
+                raise err
+            last = err
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise last
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, 1.0)
+
+
+def register(url_or_uds: str, appkey: str, timeout: float = 10.0,
+             retry_until: float = 30.0) -> dict[str, Any]:
+    """Register this app's own appkey so that the proxy signs its requests
+    (service authentication; the proxy's outbound listener needs
+    ``sign_registered``).  Returns once the proxy holds the app's token;
+    raises `SubscribeError` (409: the proxy takes no registrations, 404: no
+    token for it, 504...).  Retries like `subscribe`."""
+    return _retrying(url_or_uds, "/v1/register", {"appkey": appkey, "timeout_s": timeout},
+                     timeout, retry_until)
+
+
+def unregister(url_or_uds: str, appkey: str, timeout: float = 5.0) -> dict[str, Any]:
+    status, body = _post(url_or_uds, "/v1/unregister", {"appkey": appkey}, timeout)
+    if status != 200:
+        raise SubscribeError(status, body.get("error", "") if isinstance(body, dict) else "")
+    return body if isinstance(body, dict) else {}
+
+
 def subscribe(
     url_or_uds: str,
     appkeys: Sequence[str],
@@ -80,32 +124,8 @@ def subscribe(
     (connection refused, no socket) or answers 503 is retried.
     Raises `SubscribeError` (404 unknown service, 504, 503 after retry_until...).
     """
-    deadline = time.monotonic() + retry_until
-    delay = 0.05
-    while True:
-        last: SubscribeError
-        try:
-            status, body = _post(
-                url_or_uds,
-                "/v1/subscribe",
-                {"appkeys": list(appkeys), "timeout_s": timeout},
-                timeout + 5.0,
-            )
-        except (ConnectionRefusedError, FileNotFoundError, ConnectionResetError) as e:
-            last = SubscribeError(0, f"proxy not reachable: {e}")
-        else:
-            if status == 200:
-                return body if isinstance(body, dict) else {"result": body}
-            msg = body.get("error", "") if isinstance(body, dict) else str(body)
-            err = SubscribeError(status, msg, body if isinstance(body, dict) else None)
-            if status != 503:
-                raise err
-            last = err
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise last
-        time.sleep(min(delay, remaining))
-        delay = min(delay * 2, 1.0)
+    return _retrying(url_or_uds, "/v1/subscribe", {"appkeys": list(appkeys), "timeout_s": timeout},
+                     timeout, retry_until)
 
 
 def unsubscribe(url_or_uds: str, appkeys: Sequence[str], timeout: float = 5.0) -> dict[str, Any]:
