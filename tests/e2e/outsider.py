@@ -60,6 +60,8 @@ class DoubleThread:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
+            if not self.thread.is_alive():
+                self.loop.close()  # its self-pipe sockets too (ResourceWarnings are errors)
 
 
 def pb(d: dict[str, Any], cls: Any) -> Any:

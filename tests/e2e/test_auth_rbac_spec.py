@@ -68,8 +68,9 @@ OPS_ALL = {"principals": [{"or_ids": {"ids": [caller(OPS), caller(LATE)]}}],
            "permissions": [{"any": True}]}
 
 
-@pytest.fixture(scope="module")
-def mesh() -> Iterator[tuple[Cluster, DoubleThread]]:
+@pytest.fixture(scope="module", params=[False, True], ids=["sotw", "delta"])
+def mesh(request: pytest.FixtureRequest) -> Iterator[tuple[Cluster, DoubleThread]]:
+    delta: bool = request.param
     with cluster() as c:
         cp = DoubleThread()
         try:
@@ -80,7 +81,7 @@ def mesh() -> Iterator[tuple[Cluster, DoubleThread]]:
             c.server_admin = free_port()  # type: ignore[attr-defined]
             c.client_admin = free_port()  # type: ignore[attr-defined]
             c.sub = free_port()  # type: ignore[attr-defined]
-            xds = {"server": cp.target}
+            xds = {"server": cp.target, "delta": delta}
             c.proxy("server", {
                 "node": {"id": "server"}, "xds": xds, "auth": {"source": "xds"},
                 "admin": {"port": c.server_admin},  # type: ignore[attr-defined]
@@ -145,12 +146,21 @@ def handled(c: Cluster) -> int:
 
 
 def names_asked(cp: DoubleThread, type_url: str, node: str) -> set[str]:
-    """The names of that type the proxy `node` subscribed to (SotW: the last request's list)."""
-    def read() -> list[str]:
+    """The names of that type the proxy `node` is subscribed to (SotW: the
+    last request's list; delta: subscriptions minus unsubscriptions)."""
+    def read() -> set[str]:
         streams = {r.stream for r in cp.double.requests if r.msg.node.id == node}
-        reqs = [r.msg for r in cp.double.requests if r.stream in streams
-                and r.msg.type_url == type_url]
-        return list(reqs[-1].resource_names) if reqs else []
+        last = max(streams)  # the current stream
+        names: set[str] = set()
+        for r in cp.double.requests:
+            if r.stream != last or r.msg.type_url != type_url:
+                continue
+            if r.delta:
+                names |= set(r.msg.resource_names_subscribe)
+                names -= set(r.msg.resource_names_unsubscribe)
+            else:
+                names = set(r.msg.resource_names)
+        return names
 
     return set(cp.do(read))
 
