@@ -18,6 +18,7 @@ the resource and the field.  Messages never contain a token.
 
 from __future__ import annotations
 
+from collections.abc import Generator, Iterator
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2, extension_pb2
@@ -40,6 +41,7 @@ MAX_TOKEN_BYTES = 4096
 # callers per ACL: each is a secret the proxy subscribes to (a SotW request
 # carries every name, and gRPC servers refuse requests above 4 MiB)
 MAX_ACL_CALLERS = 10_000
+MAX_ACL_METHODS = 10_000  # methods per policy
 
 # caller appkey -> None (every method) or the methods it may call
 Acl = dict[str, frozenset[str] | None]
@@ -118,12 +120,16 @@ def _exact(where: str, m: string_pb2.StringMatcher) -> str:
     return str(m.exact)
 
 
-def _callers(where: str, principals: Any, out: list[str]) -> None:
+def _callers(where: str, principals: Any, out: list[str]) -> Iterator[None]:
+    """Appends the callers to out, in steps (a yield every 256 principals);
+    stops at MAX_ACL_CALLERS, before converting the rest of a huge list."""
     for i, p in enumerate(principals):
+        if i % 256 == 255:
+            yield
         w = f"{where}[{i}]"
         kind = p.WhichOneof("identifier")
         if kind == "or_ids":
-            _callers(f"{w}.or_ids.ids", p.or_ids.ids, out)
+            yield from _callers(f"{w}.or_ids.ids", p.or_ids.ids, out)
             continue
         if kind != "authenticated":
             raise ResourceError(
@@ -135,12 +141,16 @@ def _callers(where: str, principals: Any, out: list[str]) -> None:
         if problem is not None:
             raise ResourceError(f"{w}.authenticated.principal_name.exact: {problem}")
         out.append(caller)
+        if len(out) > MAX_ACL_CALLERS:
+            raise ResourceError(f"{where}: more than {MAX_ACL_CALLERS} callers")
 
 
-def _methods(where: str, permissions: Any, out: set[str]) -> bool:
-    """Adds the methods to out; True when every method is allowed."""
+def _methods(where: str, permissions: Any, out: set[str]) -> Generator[None, None, bool]:
+    """Adds the methods to out, in steps; True when every method is allowed."""
     every = False
     for i, p in enumerate(permissions):
+        if i % 256 == 255:
+            yield
         w = f"{where}[{i}]"
         kind = p.WhichOneof("rule")
         if kind == "any":
@@ -148,7 +158,7 @@ def _methods(where: str, permissions: Any, out: set[str]) -> bool:
                 raise ResourceError(f"{w}.any must be true")
             every = True
         elif kind == "or_rules":
-            every |= _methods(f"{w}.or_rules.rules", p.or_rules.rules, out)
+            every |= yield from _methods(f"{w}.or_rules.rules", p.or_rules.rules, out)
         elif kind == "url_path":
             if p.url_path.WhichOneof("rule") != "path":
                 raise ResourceError(f"{w}.url_path.path is missing")
@@ -156,6 +166,8 @@ def _methods(where: str, permissions: Any, out: set[str]) -> bool:
             if not m:
                 raise ResourceError(f"{w}.url_path.path.exact is empty (a method name)")
             out.add(m)
+            if len(out) > MAX_ACL_METHODS:
+                raise ResourceError(f"{where}: more than {MAX_ACL_METHODS} methods")
         else:
             raise ResourceError(
                 f"{w}: {kind or 'an empty permission'} is not supported (url_path.path.exact "
@@ -164,13 +176,31 @@ def _methods(where: str, permissions: Any, out: set[str]) -> bool:
     return every
 
 
+def _run(steps: Generator[None, None, Any]) -> Any:
+    """The return value of a generator run to its end at once."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
 def rules_to_acl(where: str, rules: rbac_pb2.RBAC) -> Acl:
+    acl: Acl = _run(rules_to_acl_steps(where, rules))
+    return acl
+
+
+def rules_to_acl_steps(where: str, rules: rbac_pb2.RBAC) -> Generator[None, None, Acl]:
+    """rules_to_acl in steps (the xDS client serves traffic between them)."""
     if rules.action != rbac_pb2.RBAC.ALLOW:
         raise ResourceError(
             f"{where}.action {rbac_pb2.RBAC.Action.Name(rules.action)} is not supported (ALLOW)"
         )
     acl: Acl = {}
+    if len(rules.policies) > MAX_ACL_CALLERS:
+        raise ResourceError(f"{where}: more than {MAX_ACL_CALLERS} policies")
     for pname in sorted(rules.policies):
+        yield
         pol = rules.policies[pname]
         w = f"{where}.policies[{pname!r}]"
         if pol.HasField("condition") or pol.HasField("checked_condition"):
@@ -180,9 +210,9 @@ def rules_to_acl(where: str, rules: rbac_pb2.RBAC) -> Acl:
         if not pol.permissions:
             raise ResourceError(f"{w}.permissions is empty")
         methods: set[str] = set()
-        every = _methods(f"{w}.permissions", pol.permissions, methods)
+        every = yield from _methods(f"{w}.permissions", pol.permissions, methods)
         callers: list[str] = []
-        _callers(f"{w}.principals", pol.principals, callers)
+        yield from _callers(f"{w}.principals", pol.principals, callers)
         for c in callers:
             had = acl.get(c, frozenset())
             acl[c] = None if every or had is None else had | methods
@@ -193,6 +223,13 @@ def rules_to_acl(where: str, rules: rbac_pb2.RBAC) -> Acl:
 
 def rbac_to_acl(name: str, tec: extension_pb2.TypedExtensionConfig) -> Acl:
     """The ACL of provider ``name`` from its TypedExtensionConfig."""
+    acl: Acl = _run(rbac_to_acl_steps(name, tec))
+    return acl
+
+
+def rbac_to_acl_steps(name: str,
+                      tec: extension_pb2.TypedExtensionConfig) -> Generator[None, None, Acl]:
+    """rbac_to_acl in steps (a yield every policy and every 256 principals)."""
     where = f"TypedExtensionConfig {name!r}"
     if tec.name != name:
         raise ResourceError(f"TypedExtensionConfig {tec.name!r} delivered under the name {name!r}")
@@ -203,9 +240,10 @@ def rbac_to_acl(name: str, tec: extension_pb2.TypedExtensionConfig) -> Acl:
             raise ResourceError(f"{where}: typed_config.matcher is not supported (rules)")
         if not f.HasField("rules"):
             raise ResourceError(f"{where}: typed_config.rules is missing")
-        return rules_to_acl(f"{where}: typed_config.rules", f.rules)
+        return (yield from rules_to_acl_steps(f"{where}: typed_config.rules", f.rules))
     if tc.type_url == RBAC_RULES:
-        return rules_to_acl(f"{where}: typed_config", _decode(rbac_pb2.RBAC, tc.value, where))
+        return (yield from rules_to_acl_steps(
+            f"{where}: typed_config", _decode(rbac_pb2.RBAC, tc.value, where)))
     raise ResourceError(
         f"{where}: typed_config: type {tc.type_url or '(none)'} is not an RBAC config "
         f"({NETWORK_RBAC} or {RBAC_RULES})"

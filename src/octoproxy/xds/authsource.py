@@ -20,7 +20,7 @@ response says nothing (these types are not "full state"); delta
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 from octoproxy.keyring import Keyring
@@ -31,6 +31,7 @@ from octoproxy.xds.authres import (
     decode_rbac,
     decode_secret,
     rbac_to_acl,
+    rbac_to_acl_steps,
     secret_to_tokens,
 )
 from octoproxy.xds.resources import ResourceError, digest
@@ -59,6 +60,11 @@ class _Source:
     def _convert(self, name: str, msg: Any) -> Any:
         raise NotImplementedError
 
+    def _convert_steps(self, name: str, msg: Any) -> Generator[None, None, Any]:
+        """_convert in steps (a type whose one resource can be big)."""
+        yield
+        return self._convert(name, msg)
+
     def _apply(self, changes: dict[str, Any], versions: dict[str, str]) -> None:
         raise NotImplementedError
 
@@ -77,6 +83,19 @@ class _Source:
     def on_response(
         self, resources: list[tuple[str, str, Any]], removed: list[str], sotw: bool
     ) -> list[str]:
+        gen = self.steps(resources, removed, sotw)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                errors: list[str] = stop.value
+                return errors
+
+    def steps(
+        self, resources: list[tuple[str, str, Any]], removed: list[str], sotw: bool
+    ) -> Generator[None, None, list[str]]:
+        """on_response in steps: a yield after each resource and each chunk of
+        changes applied (the client serves traffic between them)."""
         wanted = self.names()
         known = {d: n for n, (d, _) in self._held.items()}
         errors: list[str] = []
@@ -84,6 +103,7 @@ class _Source:
         versions: dict[str, str] = {}
         seen: set[str] = set()
         for i, (name, version, any_) in enumerate(resources):
+            yield
             where = f"{self.kind} {name!r}" if name else f"resources[{i}]"
             if any_ is None:
                 errors.append(f"{where}: Resource without a resource body")
@@ -120,7 +140,7 @@ class _Source:
             try:
                 if msg is None:
                     msg = self._decode(any_.value, f"{self.kind} {name!r}")
-                value = self._convert(name, msg)
+                value = yield from self._convert_steps(name, msg)
             except ResourceError as e:
                 self.rejected[name] = str(e)
                 errors.append(str(e))
@@ -146,8 +166,13 @@ class _Source:
                 applied[name] = value
                 versions[name] = version or d.hex()[:16]
         if applied:
-            self._apply(applied, versions)
+            yield from self._apply_steps(applied, versions)
         return errors
+
+    def _apply_steps(self, changes: dict[str, Any],
+                     versions: dict[str, str]) -> Generator[None, None, None]:
+        self._apply(changes, versions)
+        yield
 
     def forget_unwanted(self) -> None:
         wanted = self.names()
@@ -172,9 +197,24 @@ class SecretSource(_Source):
     def names(self) -> set[str]:
         return self.keyring.needed_tokens()
 
+    CHUNK = 500  # tokens applied between two turns of the loop
+
     def _apply(self, changes: dict[str, Any], versions: dict[str, str]) -> None:
-        self.keyring.update(tokens=changes, versions=versions)
-        log.info("xDS: tokens updated for %s", ", ".join(sorted(changes)))
+        for _ in self._apply_steps(changes, versions):
+            pass
+
+    def _apply_steps(self, changes: dict[str, Any],
+                     versions: dict[str, str]) -> Generator[None, None, None]:
+        # each token is swapped whole (a request sees an appkey's old or new
+        # tokens), so thousands can be applied in chunks with traffic between
+        names = sorted(changes)
+        for i in range(0, len(names), self.CHUNK):
+            part = names[i:i + self.CHUNK]
+            self.keyring.update(tokens={a: changes[a] for a in part},
+                                versions={a: versions[a] for a in part if a in versions})
+            yield
+        # one line per response, whatever its size: appkeys, never tokens
+        log.info("xDS: tokens updated for %s", _names(names))
 
 
 class RbacSource(_Source):
@@ -195,6 +235,9 @@ class RbacSource(_Source):
     def _convert(self, name: str, msg: Any) -> Acl:
         return rbac_to_acl(name, msg)
 
+    def _convert_steps(self, name: str, msg: Any) -> Generator[None, None, Any]:
+        return (yield from rbac_to_acl_steps(name, msg))
+
     def names(self) -> set[str]:
         return self.keyring.providers()
 
@@ -207,6 +250,13 @@ class RbacSource(_Source):
         if self.keyring.needed_tokens() != before:
             self.secrets.forget_unwanted()
             self.names_changed()  # ask for the new callers' tokens, drop the others
+
+
+def _names(names: list[str], show: int = 10) -> str:
+    """A list of appkeys for a log line: the first `show`, then how many more."""
+    if len(names) <= show:
+        return ", ".join(names)
+    return f"{', '.join(names[:show])} and {len(names) - show} more ({len(names)} in all)"
 
 
 def attach(client: Any, keyring: Keyring) -> tuple[SecretSource, RbacSource]:

@@ -92,7 +92,10 @@ class TypeHandler(Protocol):
     asks for `names()` (never a wildcard: nothing until there is a name),
     hands every response of the type to `on_response`, and ACKs it, or NACKs
     it with the problems returned (the handler keeps the last good version of
-    a rejected resource).  Call `XdsClient.names_changed` when `names()` changes."""
+    a rejected resource).  Call `XdsClient.names_changed` when `names()` changes.
+    A handler may also have ``steps(resources, removed, sotw)``: a generator
+    doing on_response's work in steps and returning its problems; the client
+    then lets the loop serve traffic between steps (every 2 ms of work)."""
 
     type_url: str
     short: str  # for logs and versions(), e.g. "SDS"
@@ -1050,7 +1053,7 @@ class XdsClient:
         """Validate and apply a response of a known type; the problems found (NACK if any)."""
         self._slice_start = time.perf_counter()
         if t in self._extra:
-            return self._extra_errors(t, resp)
+            return await self._extra_errors(t, resp)
         plan = await (self._plan_delta(resp) if self.delta else self._plan_sotw(resp))
         self._apply(plan)
         return plan.errors
@@ -1108,11 +1111,25 @@ class XdsClient:
 
     # --- added types (add_type) ---------------------------------------------
 
-    def _extra_errors(self, t: str, resp: Any) -> list[str]:
+    async def _extra_errors(self, t: str, resp: Any) -> list[str]:
         """Hand a response to its TypeHandler; the problems it found."""
         h = self._extra[t]
         try:
-            errors = h.on_response(*handler_args(resp, self.delta))
+            steps = getattr(h, "steps", None)
+            if steps is None:
+                errors = h.on_response(*handler_args(resp, self.delta))
+            else:
+                # a handler that works in steps (a generator whose return value
+                # is on_response's): the loop serves traffic between them, so
+                # thousands of secrets do not hold the data path at once
+                gen = steps(*handler_args(resp, self.delta))
+                while True:
+                    try:
+                        next(gen)
+                    except StopIteration as stop:
+                        errors = stop.value
+                        break
+                    await self._pace()
         except Exception as e:  # a handler's bug must not end the stream
             log.exception("xDS: %s handler failed", h.short)
             errors = [f"internal error: {type(e).__name__}"]
