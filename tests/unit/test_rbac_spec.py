@@ -170,3 +170,19 @@ def test_the_network_filter_without_rules_or_of_another_type_is_refused() -> Non
     http = any_pb2.Any(type_url="type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC")
     with pytest.raises(ResourceError, match="is not an RBAC config"):
         rbac_to_acl(P, extension_pb2.TypedExtensionConfig(name=P, typed_config=http))
+
+
+def test_a_field_this_proxy_does_not_know_is_refused_not_ignored() -> None:
+    """A newer control plane may set a field (say, a new narrowing matcher)
+    that these protos do not know: the policy is refused, never applied
+    without it."""
+    good = rbac_pb2.RBAC()
+    pol = good.policies["p"]
+    pol.principals.add().authenticated.principal_name.exact = WEB
+    pol.permissions.add().any = True
+    assert rbac_to_acl(P, tec(json_format.MessageToDict(good))) == {WEB: None}
+    # the same policy with an unknown field (number 99, varint 1) in its first principal
+    pol.principals[0].MergeFromString(b"\x98\x06\x01")
+    packed = any_pb2.Any(type_url=RBAC_RULES, value=good.SerializeToString())
+    with pytest.raises(ResourceError, match=r"policies\['p'\]\.principals\[0\] has a field"):
+        rbac_to_acl(P, extension_pb2.TypedExtensionConfig(name=P, typed_config=packed))

@@ -26,7 +26,7 @@ from envoy.config.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as net_rbac_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.type.matcher.v3 import path_pb2, string_pb2
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, unknown_fields
 from google.protobuf.message import DecodeError
 
 from octoproxy.xds.resources import ResourceError, appkey_problem
@@ -120,6 +120,45 @@ def _exact(where: str, m: string_pb2.StringMatcher) -> str:
     return str(m.exact)
 
 
+def unknown_field(msg: Any, where: str = "") -> str | None:
+    """The path of the first field this proxy's protos do not know (set by a
+    newer control plane) in msg and the messages it holds, or None.  Such a
+    field may narrow what a resource says (a new condition, a new matcher):
+    ignoring it could widen an ACL."""
+    if len(unknown_fields.UnknownFieldSet(msg)):
+        return where or "(top level)"
+    for fd, value in msg.ListFields():
+        if fd.type != fd.TYPE_MESSAGE:
+            continue
+        path = f"{where}.{fd.name}" if where else fd.name
+        if fd.message_type.GetOptions().map_entry:
+            if fd.message_type.fields_by_name["value"].type != fd.TYPE_MESSAGE:
+                continue
+            items = [(f"{path}[{k!r}]", v) for k, v in value.items()]
+        elif fd.is_repeated:
+            items = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            items = [(path, value)]
+        for p, v in items:
+            found = unknown_field(v, p)
+            if found is not None:
+                return found
+    return None
+
+
+def _known(msg: Any, where: str, shallow: bool = False) -> None:
+    """Refuse a message with a field these protos do not know (shallow: in
+    msg itself only, for one whose parts are checked one by one)."""
+    if shallow:
+        bad = where if len(unknown_fields.UnknownFieldSet(msg)) else None
+    else:
+        bad = unknown_field(msg, where)
+    if bad is not None:
+        raise ResourceError(
+            f"{bad} has a field this proxy does not know (from a newer RBAC API?): refused "
+            "rather than ignored, which could widen the ACL")
+
+
 def _callers(where: str, principals: Any, out: list[str]) -> Iterator[None]:
     """Appends the callers to out, in steps (a yield every 256 principals);
     stops at MAX_ACL_CALLERS, before converting the rest of a huge list."""
@@ -129,8 +168,11 @@ def _callers(where: str, principals: Any, out: list[str]) -> Iterator[None]:
         w = f"{where}[{i}]"
         kind = p.WhichOneof("identifier")
         if kind == "or_ids":
+            _known(p, w, shallow=True)
+            _known(p.or_ids, f"{w}.or_ids", shallow=True)
             yield from _callers(f"{w}.or_ids.ids", p.or_ids.ids, out)
             continue
+        _known(p, w)
         if kind != "authenticated":
             raise ResourceError(
                 f"{w}: {kind or 'an empty principal'} is not supported (a caller appkey is "
@@ -153,6 +195,11 @@ def _methods(where: str, permissions: Any, out: set[str]) -> Generator[None, Non
             yield
         w = f"{where}[{i}]"
         kind = p.WhichOneof("rule")
+        if kind == "or_rules":
+            _known(p, w, shallow=True)
+            _known(p.or_rules, f"{w}.or_rules", shallow=True)
+        else:
+            _known(p, w)
         if kind == "any":
             if not p.any:
                 raise ResourceError(f"{w}.any must be true")
@@ -192,6 +239,7 @@ def rules_to_acl(where: str, rules: rbac_pb2.RBAC) -> Acl:
 
 def rules_to_acl_steps(where: str, rules: rbac_pb2.RBAC) -> Generator[None, None, Acl]:
     """rules_to_acl in steps (the xDS client serves traffic between them)."""
+    _known(rules, where, shallow=True)
     if rules.action != rbac_pb2.RBAC.ALLOW:
         raise ResourceError(
             f"{where}.action {rbac_pb2.RBAC.Action.Name(rules.action)} is not supported (ALLOW)"
@@ -203,6 +251,7 @@ def rules_to_acl_steps(where: str, rules: rbac_pb2.RBAC) -> Generator[None, None
         yield
         pol = rules.policies[pname]
         w = f"{where}.policies[{pname!r}]"
+        _known(pol, w, shallow=True)
         if pol.HasField("condition") or pol.HasField("checked_condition"):
             raise ResourceError(f"{w}: conditions are not supported")
         if not pol.principals:
