@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ def short_tmpdir() -> str:
 class Proc:
     def __init__(self, args: list[str], name: str, logdir: str) -> None:
         self.name = name
+        self.target = ""  # a server's address, where it has one (Cluster.control_plane)
         self.log_path = os.path.join(logdir, f"{name}.log")
         self._log = open(self.log_path, "wb")
         self.p = subprocess.Popen(args, env=env(), stdout=self._log, stderr=subprocess.STDOUT,
@@ -141,6 +142,39 @@ class Cluster:
             wait_for(lambda u=u: can_connect_uds(self.path(u)) or not p.alive(), 15,
                      f"provider socket {u}")
         assert p.alive(), p.log()
+        return p
+
+    def provider_nodes(self, names: Iterable[str], **node: str) -> dict[str, int]:
+        """Provider nodes (one provider app, node n on n.sock) behind a
+        server-side proxy "server" with one inbound listener per node;
+        returns node -> its listener's port."""
+        names = list(names)
+        self.providers(**{n: f"{n}.sock" for n in names})
+        ports = {n: free_port() for n in names}
+        self.proxy("server", server_proxy_cfg({ports[n]: self.path(f"{n}.sock") for n in names},
+                                              **node))
+        return ports
+
+    def write_endpoints(self, data: dict[str, Any], name: str = "endpoints.yaml") -> str:
+        """The control plane's file, replaced in one rename (it polls it)."""
+        path = self.path(name)
+        with open(path + ".tmp", "w") as f:
+            yaml.safe_dump(data, f)
+        os.replace(path + ".tmp", path)
+        return path
+
+    def control_plane(self, endpoints: str, *args: str, port: int = 0,
+                      timeout: float = 20.0) -> Proc:
+        """The bundled control plane serving the file `endpoints` (extra
+        arguments: --tokens ...) on 127.0.0.1:port (a free one by default),
+        once it listens; its address is proc.target."""
+        port = port or free_port()
+        p = Proc([sys.executable, "-m", "octoproxy", "control-plane", "--endpoints", endpoints,
+                  *args, "--listen", f"127.0.0.1:{port}"], "cp", self.dir)
+        self.procs.append(p)
+        wait_for(lambda: "listening on" in p.log() or not p.alive(), timeout, "the control plane")
+        assert p.alive(), p.log()
+        p.target = f"127.0.0.1:{port}"
         return p
 
     def write_config(self, name: str, cfg: dict[str, Any]) -> str:
@@ -214,9 +248,25 @@ def client_proxy_cfg(uds: str, services: list[dict[str, Any]], **extra: Any) -> 
     return cfg
 
 
+def xds_client_cfg(uds: str, server: str, sub_port: int, **extra: Any) -> dict[str, Any]:
+    """A client-side proxy "client" that learns its routes over xDS from
+    `server` once the app subscribes on sub_port; extra: more top-level
+    sections ("xds" and "subscribe" are merged)."""
+    cfg: dict[str, Any] = {
+        "node": {"id": "client"},
+        "listeners": {"outbound": [{"path": uds}]},
+        "xds": {"server": server, **extra.pop("xds", {})},
+        "subscribe": {"port": sub_port, **extra.pop("subscribe", {})},
+    }
+    cfg.update(extra)
+    return cfg
+
+
 class LoadThread:
     """Continuous pipelined load from several SDK clients on long-lived
-    connections, in a thread with its own uvloop; counts every answer."""
+    connections, in a thread with its own uvloop; counts every answer and
+    keeps (send time, request id, answering node) of each in `answered`.
+    `context(i)`: the SDK Context of request i (none by default)."""
 
     def __init__(
         self,
@@ -227,6 +277,7 @@ class LoadThread:
         appkey: str | None = None,
         service: str = "com.demo.Echo",
         timeout_ms: int = 5000,
+        context: Callable[[int], Any] | None = None,
     ) -> None:
         import threading
 
@@ -236,10 +287,12 @@ class LoadThread:
         self.appkey = appkey
         self.service = service
         self.timeout_ms = timeout_ms
+        self.context = context
         self.sent = 0
         self.ok = 0
         self.errors: list[str] = []
         self.answers: dict[int, int] = {}  # request id -> answers received
+        self.answered: list[tuple[float, int, str]] = []  # (send time, id, node), in order
         self.retries = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -271,6 +324,7 @@ class LoadThread:
             while not self._stop.is_set():
                 i = next(ids)
                 self.sent += 1
+                t = time.monotonic()
                 try:
                     r = await c.call(
                         self.service,
@@ -278,6 +332,7 @@ class LoadThread:
                         appkey=self.appkey,
                         timeout_ms=self.timeout_ms,
                         raise_on_error=False,
+                        context=self.context(i) if self.context else None,
                     )
                 except Exception as e:  # a lost connection, a local timeout
                     self.errors.append(f"{i}: {type(e).__name__}: {e}")
@@ -285,6 +340,7 @@ class LoadThread:
                 if r.ok and r.body.endswith(b"|%d" % i):
                     self.ok += 1
                     self.answers[i] = self.answers.get(i, 0) + 1
+                    self.answered.append((t, i, r.body.split(b"|", 1)[0].decode()))
                 else:
                     self.errors.append(f"{i}: status {r.status}: {r.message} {r.body!r}")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import threading
 import time
 import urllib.request
@@ -19,7 +18,7 @@ import pytest
 import yaml
 from test_auth import Wire, mac, now_ms
 
-from harness import Cluster, Proc, cluster, free_port, wait_for
+from harness import Cluster, cluster, free_port, wait_for
 
 PROVIDER = "com.demo.echo"
 TOKENS: dict[str, Any] = {
@@ -78,19 +77,13 @@ def mesh() -> Any:
     with cluster() as c:
         write_tokens(c, TOKENS)
         write_acl(c, ACL)
-        cp_port = free_port()
-        cp = Proc([sys.executable, "-m", "octoproxy", "control-plane", "--endpoints",
-                   c.path("eps.yaml"), "--tokens", c.path("tokens.yaml"),
-                   "--listen", f"127.0.0.1:{cp_port}"], "cp", c.dir)
-        c.procs.append(cp)
-        wait_for(lambda: "listening on" in cp.log() or not cp.alive(), 20, "the control plane")
-        assert cp.alive(), cp.log()
+        cp = c.control_plane(c.path("eps.yaml"), "--tokens", c.path("tokens.yaml"))
         c.providers(echo="echo.sock")
         port = free_port()
         c.port = port  # type: ignore[attr-defined]
         c.server_admin = free_port()  # type: ignore[attr-defined]
         c.client_admin = free_port()  # type: ignore[attr-defined]
-        xds = {"server": f"127.0.0.1:{cp_port}"}
+        xds = {"server": cp.target}
         c.cp_target = xds["server"]  # type: ignore[attr-defined]
         c.proxy("server", {
             "node": {"id": "server"}, "xds": xds,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from typing import Any
 
 import yaml
@@ -16,7 +15,7 @@ from test_auth import Wire, mac, now_ms
 from octoproxy.process import pid_alive
 from octoproxy.process import read_pid_file as read_pid
 
-from harness import Proc, cluster, free_port, wait_for
+from harness import cluster, free_port, wait_for
 
 PROVIDER = "com.demo.echo"
 TOKEN = "xds-restart-tok-legacy-71"
@@ -40,17 +39,12 @@ def test_new_generation_fetches_tokens_or_does_not_take_over() -> None:
             yaml.safe_dump({"com.demo.legacy": TOKEN}, f)
         with open(c.path("eps.yaml"), "w") as f:
             yaml.safe_dump({"services": [], "acls": {PROVIDER: [{"caller": "com.demo.legacy"}]}}, f)
-        cp_port = free_port()
-        cp_args = [sys.executable, "-m", "octoproxy", "control-plane", "--endpoints",
-                   c.path("eps.yaml"), "--tokens", tok, "--listen", f"127.0.0.1:{cp_port}"]
-        cp = Proc(cp_args, "cp", c.dir)
-        c.procs.append(cp)
-        wait_for(lambda: "listening on" in cp.log() or not cp.alive(), 20, "the control plane")
+        cp = c.control_plane(c.path("eps.yaml"), "--tokens", tok)
         c.providers(echo="echo.sock")
         port = free_port()
         pidf = c.path("server.pid")
         server = c.proxy("server", {
-            "node": {"id": "server"}, "xds": {"server": f"127.0.0.1:{cp_port}"},
+            "node": {"id": "server"}, "xds": {"server": cp.target},
             "auth": {"source": "xds", "max_skew_s": 60},
             "subscribe": {"timeout_s": 2},
             "hot_restart": {"socket": c.path("server.hr"), "pid_file": pidf,

@@ -8,49 +8,26 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import urllib.request
 
 import pytest
-import yaml
 
 from octoproxy.process import pid_alive
 from octoproxy.process import read_pid_file as read_pid
 from octoproxy.sdk import Client
 from octoproxy.sdk.subscribe import SubscribeError, subscribe
 
-from harness import (
-    Cluster,
-    Proc,
-    cluster,
-    free_port,
-    server_proxy_cfg,
-    wait_for,
-)
+from harness import Cluster, cluster, free_port, wait_for, xds_client_cfg
 
 
 def write_endpoints(c: Cluster, services: list[dict]) -> None:
-    tmp = c.path("endpoints.yaml.tmp")
-    with open(tmp, "w") as f:
-        yaml.safe_dump({"services": services}, f)
-    os.replace(tmp, c.path("endpoints.yaml"))
-
-
-def start_cp(c: Cluster, port: int) -> Proc:
-    p = Proc([sys.executable, "-m", "octoproxy", "control-plane", "--endpoints",
-              c.path("endpoints.yaml"), "--listen", f"127.0.0.1:{port}"], "cp", c.dir)
-    c.procs.append(p)
-    wait_for(lambda: "listening on" in p.log() or not p.alive(), 15, "control plane")
-    assert p.alive(), p.log()
-    return p
+    c.write_endpoints({"services": services})
 
 
 @pytest.fixture
 def mesh():
     with cluster() as c:
-        c.providers(a="a.sock", b="b.sock", c="c.sock")
-        ports = {n: free_port() for n in "abc"}
-        c.proxy("server", server_proxy_cfg({ports[n]: c.path(f"{n}.sock") for n in "abc"}))
+        ports = c.provider_nodes("abc")
         c.ports = ports  # type: ignore[attr-defined]
         write_endpoints(c, [
             {"appkey": "com.demo.echo", "service_names": ["com.demo.Echo"],
@@ -58,20 +35,17 @@ def mesh():
             {"appkey": "com.demo.other", "endpoints": [{"address": f"127.0.0.1:{ports['c']}"}]},
         ])
         c.cp_port = free_port()  # type: ignore[attr-defined]
-        c.cp = start_cp(c, c.cp_port)  # type: ignore[attr-defined]
+        c.cp = c.control_plane(c.path("endpoints.yaml"), port=c.cp_port)  # type: ignore[attr-defined]
         c.sub_port = free_port()  # type: ignore[attr-defined]
-        c.ccfg = {  # type: ignore[attr-defined]
-            "node": {"id": "client"},
-            "listeners": {"outbound": [{"path": c.path("px.sock")}]},
+        c.ccfg = xds_client_cfg(  # type: ignore[attr-defined]
+            c.path("px.sock"), c.cp.target, c.sub_port,  # type: ignore[attr-defined]
             # SotW says "does not exist" only by the resource timeout (15 s by default)
-            "xds": {"server": f"127.0.0.1:{c.cp_port}", "backoff_base_s": 0.1,
-                    "backoff_max_s": 0.5, "resource_timeout_s": 2},
-            "subscribe": {"port": c.sub_port, "state_file": c.path("subs.json"),
-                          "timeout_s": 5},
-            "admin": {"port": free_port()},
-            "hot_restart": {"socket": c.path("client.hr"), "pid_file": c.path("client.pid"),
-                            "drain_s": 2, "shutdown_s": 5},
-        }
+            xds={"backoff_base_s": 0.1, "backoff_max_s": 0.5, "resource_timeout_s": 2},
+            subscribe={"state_file": c.path("subs.json"), "timeout_s": 5},
+            admin={"port": free_port()},
+            hot_restart={"socket": c.path("client.hr"), "pid_file": c.path("client.pid"),
+                         "drain_s": 2, "shutdown_s": 5},
+        )
         c.proxy("client", c.ccfg)  # type: ignore[attr-defined]
         try:
             yield c
@@ -143,7 +117,7 @@ def test_control_plane_down_keeps_routes_and_resubscribes(mesh: Cluster) -> None
         assert who(mesh) == "a"  # last good config keeps serving
     write_endpoints(mesh, [{"appkey": "com.demo.echo", "service_names": ["com.demo.Echo"],
                             "endpoints": [{"address": f"127.0.0.1:{mesh.ports['b']}"}]}])
-    start_cp(mesh, mesh.cp_port)  # type: ignore[attr-defined]
+    mesh.control_plane(mesh.path("endpoints.yaml"), port=mesh.cp_port)  # type: ignore[attr-defined]
     wait_for(lambda: who(mesh) == "b", 10, "re-subscription after the control plane is back")
 
 

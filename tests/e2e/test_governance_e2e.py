@@ -525,20 +525,13 @@ def test_limits_changed_over_xds_at_run_time() -> None:
             os.replace(tmp, eps_file)
 
         write(20)
-        cp_port = free_port()
-        import sys
-
-        from harness import Proc
-        cp = Proc([sys.executable, "-m", "octoproxy", "control-plane", "--endpoints", eps_file,
-                   "--listen", f"127.0.0.1:{cp_port}"], "cp", c.dir)
-        c.procs.append(cp)
-        wait_for(lambda: can_connect_tcp(cp_port), 15, "control plane")
+        cp = c.control_plane(eps_file)
         port = free_port()
         sub_port = free_port()
         aport = free_port()
         cfg = server_proxy_cfg({port: c.path("p.sock")})
         cfg["listeners"]["inbound"][0]["appkey"] = "a"
-        cfg["xds"] = {"server": f"127.0.0.1:{cp_port}"}
+        cfg["xds"] = {"server": cp.target}
         cfg["subscribe"] = {"port": sub_port}
         cfg["admin"] = {"port": aport}
         c.proxy("server", cfg)

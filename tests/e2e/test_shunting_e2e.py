@@ -21,7 +21,7 @@ from octoproxy.process import pid_alive, read_pid_file
 from octoproxy.sdk import AsyncClient, Client, Context
 from octoproxy.shunting import percent_bucket
 
-from harness import Cluster, client_proxy_cfg, cluster, free_port, server_proxy_cfg, wait_for
+from harness import Cluster, client_proxy_cfg, cluster, free_port, wait_for
 
 NODES: dict[str, dict[str, str]] = {
     "d1": {},
@@ -61,9 +61,7 @@ SHUNTING = {
 @pytest.fixture(scope="module")
 def mesh():
     with cluster() as c:
-        c.providers(**{n: f"{n}.sock" for n in NODES})
-        ports = {n: free_port() for n in NODES}
-        c.proxy("server", server_proxy_cfg({ports[n]: c.path(f"{n}.sock") for n in NODES}))
+        ports = c.provider_nodes(NODES)
         eps = {n: {"address": f"127.0.0.1:{ports[n]}", **NODES[n]} for n in NODES}
         both = [eps[n] for n in ("d1", "d2", "g1", "g2")]
         services = [

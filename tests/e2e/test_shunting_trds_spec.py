@@ -27,7 +27,7 @@ from envoy.extensions.filters.network.thrift_proxy.v3 import route_pb2
 from octoproxy._core.frame import thrift_call
 from octoproxy.sdk.subscribe import subscribe
 
-from harness import Cluster, cluster, free_port, server_proxy_cfg, wait_for
+from harness import Cluster, cluster, free_port, wait_for, xds_client_cfg
 from outsider import DoubleThread, Wire, admin_json, pb
 from xds_double import CDS, EDS, TRDS
 
@@ -76,9 +76,7 @@ def route_config(routes: list[dict[str, Any]]) -> route_pb2.RouteConfiguration:
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[tuple[Cluster, DoubleThread]]:
     with cluster() as c:
-        c.providers(**{n: f"{n}.sock" for n in NODES})
-        ports = {n: free_port() for n in NODES}
-        c.proxy("server", server_proxy_cfg({ports[n]: c.path(f"{n}.sock") for n in NODES}))
+        ports = c.provider_nodes(NODES)
         cp = DoubleThread()
         try:
             cla = {"cluster_name": A, "endpoints": [{"lb_endpoints": [
@@ -107,14 +105,9 @@ def mesh() -> Iterator[tuple[Cluster, DoubleThread]]:
                     "unit_table": {"1001": "ls-a", "2001": "ls-b", "3001": "ls-none"}}}}}}]},
                 route_pb2.RouteConfiguration))
             sub, admin = free_port(), free_port()
-            c.proxy("client", {
-                "node": {"id": "client"},
-                "listeners": {"outbound": [{"path": c.path("px.sock")}]},
-                "xds": {"server": cp.target},
-                "subscribe": {"port": sub, "timeout_s": 10},
-                "admin": {"port": admin},
-                "logging": {"access_log": True},
-            })
+            c.proxy("client", xds_client_cfg(c.path("px.sock"), cp.target, sub,
+                                             subscribe={"timeout_s": 10}, admin={"port": admin},
+                                             logging={"access_log": True}))
             subscribe(f"http://127.0.0.1:{sub}", [A, B])
             c.admin = admin  # type: ignore[attr-defined]
             wait_for(lambda: len(rules_of(c)) == len(ROUTES), 15, "the rules over TRDS")

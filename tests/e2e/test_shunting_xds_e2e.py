@@ -14,22 +14,15 @@ rules say (measured from the file's rename; it includes the control plane's
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import os
-import sys
-import threading
 import time
 from typing import Any
 
 import pytest
-import yaml
 
-from octoproxy.sdk import AsyncClient
 from octoproxy.sdk.client import Context
 from octoproxy.sdk.subscribe import subscribe
 
-from harness import Cluster, Proc, cluster, free_port, server_proxy_cfg, wait_for
+from harness import Cluster, LoadThread, cluster, free_port, wait_for, xds_client_cfg
 
 pytestmark = pytest.mark.timeout(120)
 CYCLES = 2  # rule added then removed, each time
@@ -40,62 +33,6 @@ RULE = {
     "match": [{"source": "context", "key": "userId", "op": "mod", "modulus": 2, "remainders": [1]}],
     "group": "gray",
 }
-
-
-class Load:
-    """Pipelined calls in a thread; records (send time, user id, node) per answer."""
-
-    def __init__(self, uds: str, clients: int = 2, inflight: int = 8) -> None:
-        self.uds = uds
-        self.clients = clients
-        self.inflight = inflight
-        self.answers: list[tuple[float, int, str]] = []
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> Load:
-        self._t.start()
-        wait_for(lambda: len(self.answers) > 200 or self.errors, 20, "load to flow")
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._t.join(30)
-        assert not self._t.is_alive(), "load thread hung"
-
-    def _run(self) -> None:
-        import uvloop
-
-        uvloop.run(self._main())
-
-    async def _main(self) -> None:
-        ids = itertools.count(1)
-
-        async def one(c: AsyncClient) -> None:
-            while not self._stop.is_set():
-                i = next(ids)
-                t = time.monotonic()
-                ctx = Context(global_extra={"userId": str(i)})
-                try:
-                    r = await c.call(
-                        "com.demo.Echo", b"echo:%d" % i, context=ctx, timeout_ms=5000,
-                        raise_on_error=False,
-                    )  # fmt: skip
-                except Exception as e:
-                    self.errors.append(f"{i}: {type(e).__name__}: {e}")
-                    continue
-                if r.ok and r.body.endswith(b"|%d" % i):
-                    self.answers.append((t, i, r.body.split(b"|")[0].decode()))
-                else:
-                    self.errors.append(f"{i}: status {r.status}: {r.message} {r.body!r}")
-
-        async def client() -> None:
-            c = await AsyncClient.connect(self.uds)
-            await asyncio.gather(*(one(c) for _ in range(self.inflight)))
-            await c.close()
-
-        await asyncio.gather(*(client() for _ in range(self.clients)))
 
 
 def effect_time(
@@ -116,7 +53,9 @@ def effect_time(
 
 
 def write_endpoints(c: Cluster, ports: dict[str, int], rules: list[dict[str, Any]]) -> float:
-    data = {
+    """The control plane's file; returns the time just before its rename."""
+    t = time.monotonic()  # before the rename: the change cannot be seen earlier
+    c.write_endpoints({
         "services": [
             {
                 "appkey": "com.demo.echo",
@@ -128,57 +67,37 @@ def write_endpoints(c: Cluster, ports: dict[str, int], rules: list[dict[str, Any
                 "shunting": rules,
             }
         ]
-    }
-    tmp = c.path("endpoints.yaml.tmp")
-    with open(tmp, "w") as f:
-        yaml.safe_dump(data, f)
-    t = time.monotonic()  # before the rename: the change cannot be seen earlier
-    os.replace(tmp, c.path("endpoints.yaml"))
+    })
     return t
 
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 def test_rule_change_over_xds_takes_effect_fast_with_no_failed_request(delta: bool) -> None:
     with cluster() as c:
-        c.providers(a="a.sock", g="g.sock")
-        ports = {n: free_port() for n in "ag"}
-        c.proxy("server", server_proxy_cfg({ports[n]: c.path(f"{n}.sock") for n in "ag"}))
+        ports = c.provider_nodes("ag")
         write_endpoints(c, ports, [])
-        cp_port = free_port()
-        cp = Proc(
-            [sys.executable, "-m", "octoproxy", "control-plane", "--endpoints",
-             c.path("endpoints.yaml"), "--listen", f"127.0.0.1:{cp_port}"],
-            "cp", c.dir,
-        )  # fmt: skip
-        c.procs.append(cp)
-        wait_for(lambda: "listening on" in cp.log() or not cp.alive(), 15, "control plane")
+        cp = c.control_plane(c.path("endpoints.yaml"))
         sub_port = free_port()
-        c.proxy(
-            "client",
-            {
-                "node": {"id": "client"},
-                "listeners": {"outbound": [{"path": c.path("px.sock")}]},
-                "xds": {"server": f"127.0.0.1:{cp_port}", "delta": delta},
-                "subscribe": {"port": sub_port, "timeout_s": 10},
-            },
-        )
+        c.proxy("client", xds_client_cfg(c.path("px.sock"), cp.target, sub_port,
+                                         xds={"delta": delta}, subscribe={"timeout_s": 10}))
         subscribe(f"http://127.0.0.1:{sub_port}", ["com.demo.echo"])
-        load = Load(c.path("px.sock")).start()
+        load = LoadThread(c.path("px.sock"), clients=2, inflight=8, service="com.demo.Echo",
+                          context=lambda i: Context(global_extra={"userId": str(i)})).start()
         changes: list[tuple[float, float, bool]] = []  # (rename time, next rename, rule on)
         try:
             # no rule: every request on the default node
-            wait_for(lambda: len(load.answers) > 500, 20, "answers")
-            assert {n for _, _, n in load.answers} == {"a"}
+            wait_for(lambda: len(load.answered) > 500, 20, "answers")
+            assert {n for _, _, n in load.answered} == {"a"}
             for k in range(2 * CYCLES):
                 on = k % 2 == 0
                 t = write_endpoints(c, ports, [RULE] if on else [])
                 if changes:
                     changes[-1] = (changes[-1][0], t, changes[-1][2])
                 changes.append((t, float("inf"), on))
-                n = len(load.answers)
+                n = len(load.answered)
                 wait_for(
                     lambda n=n, t=t: (
-                        (time.monotonic() > t + PHASE_S and len(load.answers) > n + 500)
+                        (time.monotonic() > t + PHASE_S and len(load.answered) > n + 500)
                         or load.errors
                     ),
                     30,
@@ -187,11 +106,11 @@ def test_rule_change_over_xds_takes_effect_fast_with_no_failed_request(delta: bo
         finally:
             load.stop()
         assert load.errors == [], load.errors[:5]
-        times = [effect_time(load.answers, t, nxt - TAIL_S, on) for t, nxt, on in changes]
+        times = [effect_time(load.answered, t, nxt - TAIL_S, on) for t, nxt, on in changes]
         print(
             f"\nshunting rule over xDS ({'delta' if delta else 'sotw'}): time to effect "
             f"{', '.join(f'{x * 1000:.0f}' for x in times)} ms (on/off alternately), "
-            f"{len(load.answers)} answers, 0 failed"
+            f"{len(load.answered)} answers, 0 failed"
         )
         assert max(times) < 1.0, times
         assert "NACK" not in cp.log() and "rejected" not in cp.log()
