@@ -279,6 +279,22 @@ def test_bad_route_set_is_nacked_whole_naming_the_rule_and_old_rules_stay(
     assert "partial" not in rules_of(c)
 
 
+def test_a_route_with_a_field_this_proxy_does_not_know_is_nacked(
+        mesh: tuple[Cluster, DoubleThread]) -> None:
+    """A newer control plane may set a RouteMatch field these protos do not
+    know: the rule would match more than it says if it were ignored."""
+    c, cp = mesh
+    before = len(cp.nacks(TRDS))
+    rc = route_config([*ROUTES, {"match": {"method_name": "m"},
+                                 "route": to_group("canary", "newer")}])
+    rc.routes[-1].match.MergeFromString(b"\x98\x06\x01")  # field 99, varint 1
+    cp.do(cp.double.put_raw, TRDS, rc)
+    wait_for(lambda: len(cp.nacks(TRDS)) > before, 15, "a NACK")
+    msg = cp.nacks(TRDS)[-1]
+    assert f"routes[{len(ROUTES)}].match has a field this proxy does not know" in msg, msg
+    assert nodes(c, 20) == DEFAULT and "newer" not in rules_of(c)
+
+
 def test_a_new_route_set_replaces_the_old_one_whole(mesh: tuple[Cluster, DoubleThread]) -> None:
     # last in this module: it changes the rules
     c, cp = mesh

@@ -25,6 +25,7 @@ from google.protobuf.message import DecodeError
 
 from octoproxy import model
 from octoproxy.shunting import MAX_CONDITIONS, MAX_RULES, validate_rules
+from octoproxy.xds.authres import unknown_field
 from octoproxy.xds.resources import LB_NS, OCTO_NS, ResourceError, appkey_problem, digest
 
 log = logging.getLogger("octoproxy.xds")
@@ -554,6 +555,13 @@ def route_config_to_rules(rc: route_pb2.RouteConfiguration) -> tuple[model.Shunt
             )
     rules: list[model.ShuntRule] = []
     for i, route in enumerate(rc.routes):
+        # a field a newer Thrift route API added (a new matcher...) would be
+        # ignored by this mapping: the rule would match more than it says
+        bad = unknown_field(route, f"routes[{i}]")
+        if bad is not None:
+            raise ResourceError(
+                f"RouteConfiguration {name!r}: {bad} has a field this proxy does not know "
+                "(from a newer Thrift route API?): refused rather than ignored")
         rules.extend(_route_rules(scope, i, route, name))
     out = tuple(rules)
     try:
