@@ -8,13 +8,15 @@
 
 cdef enum:
     AUTH_ANSWERS_MAX = 1024     # refusal templates kept per listener
+    AU_NAME_SHOWN = 128         # bytes of a claimed appkey or method a message shows
 
 
 cdef str _au_name(const uint8_t* p, Py_ssize_t off, Py_ssize_t n):
     """An appkey or method a request claims, for a message: printable, bounded."""
     if n < 0:
         return "(none)"
-    cdef bytes b = PyBytes_FromStringAndSize(<const char*>p + off, n if n < 128 else 128)
+    cdef bytes b = PyBytes_FromStringAndSize(<const char*>p + off,
+                                             n if n < AU_NAME_SHOWN else AU_NAME_SHOWN)
     return repr(b.decode("utf-8", "replace"))
 
 
@@ -58,10 +60,15 @@ cdef int au_refuse_inbound(InboundConn c, Verifier v, int code, const uint8_t* p
         ob_append_bytes(&c.reply, (<uint32_t>len(body)).to_bytes(4, "big") + body)
         return 0
     kind = answer_kind(p, fi, &moff, &mlen, &body_seq)
+    # the names in the key as the message shows them (their first
+    # AU_NAME_SHOWN bytes), so 1024 callers claiming appkeys as long as a
+    # header allows keep 1024 short keys, not 1024 copies of those appkeys
     key = (code, kind,
-           PyBytes_FromStringAndSize(<const char*>p + fi.auth_app_off, fi.auth_app_len)
+           PyBytes_FromStringAndSize(<const char*>p + fi.auth_app_off,
+                                     min(fi.auth_app_len, AU_NAME_SHOWN))
            if code > AU_UNSIGNED else None,
-           PyBytes_FromStringAndSize(<const char*>p + vmoff, vmlen) if code == AU_METHOD else None)
+           PyBytes_FromStringAndSize(<const char*>p + vmoff, min(vmlen, AU_NAME_SHOWN))
+           if code == AU_METHOD else None)
     a = <Answer>v.answers.get(key)
     if a is None:
         if len(v.answers) >= AUTH_ANSWERS_MAX:
@@ -84,7 +91,7 @@ cdef int au_refuse_outbound(OutboundConn c, Signer s, const uint8_t* p, FrameInf
     # one of this listener's apps whose token is not (or no longer) in the store
     cdef bint no_token = not too_large and caller in s.sign_for and caller not in s.store.keys
     kind = answer_kind(p, fi, &moff, &mlen, &body_seq)
-    key = (kind, too_large, no_token, caller)
+    key = (kind, too_large, no_token, caller[:AU_NAME_SHOWN])  # as the message shows it
     a = <Answer>s.answers.get(key)
     if a is None:
         if len(s.answers) >= AUTH_ANSWERS_MAX:
