@@ -182,24 +182,36 @@ class Proc:
 
 
 def _provider_main(specs: list[str]) -> None:
-    """``python -m octoproxy.demo provider NAME=UDS ...``: each UDS answers with NAME."""
+    """``python -m octoproxy.demo provider [--fail-flag] NAME=UDS ...``: each UDS
+    answers with NAME; with --fail-flag, status 2 while UDS + ".fail" exists
+    (the governance scene's failing node)."""
     import uvloop
 
     from octoproxy.sdk import Request, serve
 
-    def make_handler(name: str) -> Callable[[Request], bytes]:
+    fail_flag = specs[:1] == ["--fail-flag"]
+    if fail_flag:
+        specs = specs[1:]
+
+    def make_handler(name: str, path: str) -> Callable[[Request], Any]:
         answer = name.encode()
+        flag = path + ".fail"
 
         def handler(req: Request) -> bytes:
             return answer
 
-        return handler
+        def handler_with_flag(req: Request) -> Any:
+            if os.path.exists(flag):
+                return (2, b"", f"{name}: failing on purpose")
+            return answer
+
+        return handler_with_flag if fail_flag else handler
 
     async def main() -> None:
         servers = []
         for spec in specs:
             name, path = spec.split("=", 1)
-            servers.append(await serve(path, make_handler(name)))
+            servers.append(await serve(path, make_handler(name, path)))
         print("ready", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -273,6 +285,11 @@ class Demo:
         os.replace(path + ".tmp", path)
         return path
 
+    def _start_proxy(self, name: str, cfg: dict[str, Any]) -> Proc:
+        """`octo-proxy run` with cfg written to NAME.yaml, as process NAME-proxy."""
+        return self._start(f"{name}-proxy", ["-m", "octoproxy", "run", "-c",
+                                             self._write_yaml(f"{name}.yaml", cfg)])
+
     def _hot_restart_cfg(self, name: str) -> dict[str, Any]:
         return {"socket": self.path(f"{name}.hr"), "pid_file": self.path(f"{name}.pid"),
                 "drain_s": 2.0, "shutdown_s": 6.0, "proxy_restart_spread_s": 0.2,
@@ -295,14 +312,14 @@ class Demo:
              **({"shunting": SHUNTING[s.appkey]} if s.appkey in SHUNTING else {})}
             for s in SERVICES]}
         ep_file = self._write_yaml("endpoints.yaml", endpoints)
-        server_cfg = self._write_yaml("server.yaml", {
+        server_cfg = {
             "node": {"id": "demo-server", "idc": CLIENT_IDC, "region": CLIENT_REGION},
             "listeners": {"inbound": [
                 {"host": "127.0.0.1", "port": self.node_ports[n.name],
                  "upstream_uds": self.path(f"{n.name}.sock")} for n in NODES]},
             "hot_restart": self._hot_restart_cfg("server"),
-        })
-        client_cfg = self._write_yaml("client.yaml", {
+        }
+        client_cfg = {
             "node": {"id": "demo-client", "idc": CLIENT_IDC, "region": CLIENT_REGION},
             "listeners": {"outbound": [{"path": self.path("px.sock")}]},
             "xds": {"server": f"127.0.0.1:{self.cp_port}", "backoff_base_s": 0.1,
@@ -310,7 +327,7 @@ class Demo:
             "subscribe": {"port": self.sub_port, "state_file": self.path("subs.json"),
                           "timeout_s": 10},
             "hot_restart": self._hot_restart_cfg("client"),
-        })
+        }
 
         # everything starts at once; each is waited for below
         half = len(NODES) // 2
@@ -320,8 +337,8 @@ class Demo:
                  for i, part in enumerate((NODES[:half], NODES[half:]))]
         cp = self._start("control-plane", ["-m", "octoproxy", "control-plane", "--endpoints",
                                            ep_file, "--listen", f"127.0.0.1:{self.cp_port}"])
-        server = self._start("server-proxy", ["-m", "octoproxy", "run", "-c", server_cfg])
-        client = self._start("client-proxy", ["-m", "octoproxy", "run", "-c", client_cfg])
+        server = self._start_proxy("server", server_cfg)
+        client = self._start_proxy("client", client_cfg)
 
         self._wait(lambda: all(_can_connect_uds(self.path(f"{n.name}.sock")) for n in NODES),
                    provs, "the providers")

@@ -66,7 +66,7 @@ def auth_scene(demo: Demo) -> str:
         for app, _ in APPS:
             f.write(f"{app}: {secrets.token_hex(16)}\n")
     port = _free_port()
-    server_cfg = demo._write_yaml("auth-server.yaml", {
+    server = demo._start_proxy("auth-server", {
         "node": {"id": "demo-auth-server"},
         "auth": {"token_file": tok},
         "listeners": {"inbound": [{
@@ -74,7 +74,7 @@ def auth_scene(demo: Demo) -> str:
             "appkey": PROVIDER,
             "auth": {"mode": "enforce", "allow": [{"caller": a} for a, ok in APPS if ok]}}]},
     })
-    client_cfg = demo._write_yaml("auth-client.yaml", {
+    client = demo._start_proxy("auth-client", {
         "node": {"id": "demo-auth-client"},
         "auth": {"token_file": tok},
         "listeners": {"outbound": [{"path": demo.path(f"auth-{a.split('.')[-1]}.sock"),
@@ -82,8 +82,6 @@ def auth_scene(demo: Demo) -> str:
         "static": {"services": [{"appkey": PROVIDER, "service_names": ["com.demo.EchoService"],
                                  "endpoints": [{"address": f"127.0.0.1:{port}"}]}]},
     })
-    server = demo._start("auth-server-proxy", ["-m", "octoproxy", "run", "-c", server_cfg])
-    client = demo._start("auth-client-proxy", ["-m", "octoproxy", "run", "-c", client_cfg])
     demo._wait(lambda: _can_connect_tcp(port), [server], "the auth scene's server-side proxy")
     demo._wait(lambda: all(_can_connect_uds(demo.path(f"auth-{a.split('.')[-1]}.sock"))
                            for a, _ in APPS), [client], "the auth scene's client-side proxy")

@@ -19,22 +19,23 @@ main run, a small mesh of its own shows service governance at work.
   in steps (a few Redis operations for many requests).  Without
   `redis-server` the scene says it is skipped.
 
-Its processes are the demo's (Demo.procs), stopped by the demo's cleanup.
+Its processes are the demo's (Demo.procs), stopped by the demo's cleanup;
+its providers are the demo's (``--fail-flag``: a node whose UDS path +
+".fail" exists answers status 2), its callers `octoproxy.rawcall.RawCaller`s
+(they name their caller appkey, which the SDK leaves to the proxy).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-import os
 import shutil
-import signal
-import sys
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from octoproxy.rawcall import RawCaller
 
 if TYPE_CHECKING:
     from octoproxy.demo import Demo
@@ -51,86 +52,6 @@ GREEDY_S = 1.0  # the greedy caller's phase
 FAIL_AT_S = 1.0  # the flaky node fails after it (see the module's docstring)
 RUN_S = 2.0
 GREEDY_INFLIGHT = 8  # well over its limit even on a slow machine
-
-
-def _provider_main(specs: list[str]) -> None:
-    """``python -m octoproxy.demo_governance provider NAME=UDS ...``: each node
-    answers with its name; one whose UDS path + ".fail" exists answers status 2."""
-    import uvloop
-
-    from octoproxy.sdk import Request, serve
-
-    def make_handler(name: str, flag: str) -> Callable[[Request], Any]:
-        answer = name.encode()
-
-        def handler(req: Request) -> Any:
-            if os.path.exists(flag):
-                return (2, b"", f"{name}: failing on purpose")
-            return answer
-
-        return handler
-
-    async def main() -> None:
-        servers = []
-        for spec in specs:
-            name, path = spec.split("=", 1)
-            servers.append(await serve(path, make_handler(name, path + ".fail")))
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        for s in servers:
-            s.close()
-
-    uvloop.run(main())
-
-
-class _Caller:
-    """A pipelined OCTO connection that names its caller appkey in
-    traceInfo.clientAppkey (the SDK does not set it)."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 caller: str, appkey: str) -> None:
-        from octoproxy._core import frame
-
-        self.frame = frame
-        self.r, self.w, self.caller, self.appkey = reader, writer, caller, appkey
-        self.seq = 0
-        self.waiters: dict[int, asyncio.Future[Any]] = {}
-        self.scanner = frame.FrameScanner()
-        self.task = asyncio.get_running_loop().create_task(self._read())
-
-    async def _read(self) -> None:
-        while True:
-            data = await self.r.read(65536)
-            if not data:
-                for f in self.waiters.values():
-                    if not f.done():
-                        f.set_exception(ConnectionError("closed"))
-                return
-            for fr in self.scanner.feed(data):
-                w = self.waiters.pop(fr.seq_id, None)
-                if w is not None and not w.done():
-                    w.set_result(fr)
-
-    async def call(self) -> Any:
-        self.seq += 1
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.waiters[self.seq] = fut
-        self.w.write(self.frame.encode_request(
-            self.seq, "com.demo.GovService", b"gov", timeout=3000,
-            local_context={"octo-remote-appkey": self.appkey},
-            trace_info={"clientAppkey": self.caller}))
-        return await asyncio.wait_for(fut, 10)
-
-    async def close(self) -> None:
-        self.task.cancel()
-        self.w.close()
-        try:
-            await self.w.wait_closed()
-        except Exception:  # already gone
-            pass
 
 
 def _json(port: int, path: str) -> Any:
@@ -190,12 +111,10 @@ def governance_scene(demo: Demo) -> str:
         "static": {"services": client_svcs},
         "hot_restart": {"socket": demo.path("gov-client.hr")},
     }
-    prov = demo._start("gov-providers", ["-m", "octoproxy.demo_governance", "provider",
+    prov = demo._start("gov-providers", ["-m", "octoproxy.demo", "provider", "--fail-flag",
                                          *(f"{n}={demo.path(n + '.sock')}" for n in NODES)])
-    server = demo._start("gov-server-proxy", ["-m", "octoproxy", "run", "-c",
-                                              demo._write_yaml("gov-server.yaml", server_cfg)])
-    client = demo._start("gov-client-proxy", ["-m", "octoproxy", "run", "-c",
-                                              demo._write_yaml("gov-client.yaml", client_cfg)])
+    server = demo._start_proxy("gov-server", server_cfg)
+    client = demo._start_proxy("gov-client", client_cfg)
     demo._wait(lambda: all(_can_connect_uds(demo.path(f"{n}.sock")) for n in NODES), [prov],
                "the scene's providers")
     demo._wait(lambda: all(_can_connect_tcp(p) for p in [*ports.values(), sport]), [server],
@@ -260,19 +179,19 @@ async def _traffic(uds: str, fail_flag: str, quota: bool) -> dict[str, Any]:
     limit_msg: dict[str, str] = {}
     failed = 0
     ejected_at: list[float] = []
-    callers = []
-    for who, appkey in ((GREEDY, APPKEY), (POLITE, APPKEY), (BATCH, QUOTA_APPKEY)):
-        r, w = await asyncio.open_unix_connection(uds)
-        callers.append(_Caller(r, w, who, appkey))
+    callers = [await RawCaller.connect(uds, service="com.demo.GovService", appkey=appkey,
+                                       caller=who, timeout_ms=3000)
+               for who, appkey in ((GREEDY, APPKEY), (POLITE, APPKEY), (BATCH, QUOTA_APPKEY))]
     t0 = time.monotonic()
     stop = t0 + RUN_S
 
-    async def one(c: _Caller, pause: float, until: float = 0.0) -> None:
+    async def one(c: RawCaller, pause: float, until: float = 0.0) -> None:
         nonlocal failed
+        assert c.caller is not None
         while time.monotonic() < (until or stop):
             sent = time.monotonic()
             try:
-                f = await c.call()
+                f = await asyncio.wait_for(c.call(b"gov"), 10)
             except Exception as e:  # a lost connection
                 errors.append(f"{c.caller}: {type(e).__name__}: {e}")
                 return
@@ -306,7 +225,3 @@ async def _traffic(uds: str, fail_flag: str, quota: bool) -> dict[str, Any]:
     return {"status": status, "after": dict(after), "errors": errors, "limit_msg": limit_msg,
             "failed": failed}
 
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["provider"]:
-        _provider_main(sys.argv[2:])

@@ -5,7 +5,6 @@ control plane.  Calls are counted at the client; executions at the provider."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import time
@@ -18,6 +17,7 @@ import uvloop
 import yaml
 
 from octoproxy._core import frame as F
+from octoproxy.rawcall import RawCaller
 from octoproxy.sdk import Client
 from octoproxy.sdk.subscribe import subscribe
 
@@ -33,61 +33,13 @@ from harness import (
 )
 
 
-class Raw:
-    """A minimal OCTO client over a UDS or TCP: sets traceInfo.clientAppkey
-    and Thrift bodies, which the SDK does not; pipelined."""
+class Raw(RawCaller):
+    """The tests' raw caller (octoproxy.rawcall: traceInfo.clientAppkey, Thrift
+    bodies, one-way; pipelined): service com.demo.S of provider appkey "a"."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.r = reader
-        self.w = writer
-        self.seq = 0
-        self.waiters: dict[int, asyncio.Future[F.Frame]] = {}
-        self.scanner = F.FrameScanner()
-        self.task = asyncio.get_running_loop().create_task(self._read())
-
-    @classmethod
-    async def connect(cls, where: str | int) -> Raw:
-        if isinstance(where, int):
-            r, w = await asyncio.open_connection("127.0.0.1", where)
-        else:
-            r, w = await asyncio.open_unix_connection(where)
-        return cls(r, w)
-
-    async def _read(self) -> None:
-        while True:
-            data = await self.r.read(65536)
-            if not data:
-                for f in self.waiters.values():
-                    if not f.done():
-                        f.set_exception(ConnectionError("closed"))
-                return
-            for fr in self.scanner.feed(data):
-                w = self.waiters.pop(fr.seq_id, None)
-                if w is not None and not w.done():
-                    w.set_result(fr)
-
-    def send(self, body: bytes, *, appkey: str = "a", caller: str | None = None,
-             timeout_ms: int = 5000, one_way: bool = False) -> asyncio.Future[F.Frame]:
-        self.seq += 1
-        fut: asyncio.Future[F.Frame] = asyncio.get_running_loop().create_future()
-        if not one_way:
-            self.waiters[self.seq] = fut
-        else:
-            fut.set_result(None)  # type: ignore[arg-type]
-        self.w.write(F.encode_request(
-            self.seq, "com.demo.S", body, timeout=timeout_ms, call_type=1 if one_way else 0,
-            local_context={"octo-remote-appkey": appkey},
-            trace_info={"clientAppkey": caller} if caller else None))
-        return fut
-
-    async def call(self, body: bytes, **kw: Any) -> F.Frame:
-        return await self.send(body, **kw)
-
-    async def close(self) -> None:
-        self.task.cancel()
-        self.w.close()
-        with contextlib.suppress(Exception):
-            await self.w.wait_closed()
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 **defaults: Any) -> None:
+        super().__init__(reader, writer, **{"service": "com.demo.S", "appkey": "a", **defaults})
 
 
 def call(method: str, args: bytes = b"") -> bytes:
