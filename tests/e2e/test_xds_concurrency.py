@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import uvloop
 
 from octoproxy import model
 from octoproxy.controlplane import ControlPlane
@@ -23,6 +22,8 @@ from octoproxy.subscribe import SubscribeApi
 from octoproxy.xds import XdsClient
 
 from xds_double import AdsDouble, Behaviour, services
+from xds_helpers import Sink
+from xds_helpers import run as _run
 
 pytestmark = pytest.mark.timeout(90)
 MODES = pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
@@ -37,22 +38,8 @@ BEHAVIOURS: dict[str, Callable[[], Behaviour] | None] = {
 }
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.services: dict[str, model.Service] = {}
-
-    def update_service(self, service: model.Service) -> None:
-        self.services[service.appkey] = service
-
-    def remove_service(self, appkey: str) -> None:
-        self.services.pop(appkey, None)
-
-    def has_service(self, appkey: str) -> bool:
-        return appkey in self.services
-
-
-def run(coro: Coroutine[Any, Any, None], timeout: float = 80) -> None:
-    uvloop.run(asyncio.wait_for(coro, timeout))
+def run(coro: Any, timeout: float = 80) -> None:
+    _run(coro, timeout)
 
 
 def write_endpoints(path: Path, svcs: list[model.Service]) -> None:

@@ -9,12 +9,11 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvloop
 import yaml
 
 import octoproxy
@@ -23,46 +22,16 @@ from octoproxy.controlplane import ControlPlane
 from octoproxy.ports import free_tcp_port as free_port
 from octoproxy.xds import ResourceState, XdsClient
 
+from xds_helpers import Sink, until
+from xds_helpers import run as _run
+
 pytestmark = pytest.mark.timeout(60)
 MODES = pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 SRC = str(Path(octoproxy.__file__).resolve().parents[1])
 
 
-class FakeSink:
-    """Records what the xDS client pushes, like the route table would see it."""
-
-    def __init__(self) -> None:
-        self.services: dict[str, model.Service] = {}
-        self.updates: list[str] = []
-        self.removes: list[str] = []
-
-    def update_service(self, service: model.Service) -> None:
-        self.services[service.appkey] = service
-        self.updates.append(service.appkey)
-
-    def remove_service(self, appkey: str) -> None:
-        self.services.pop(appkey, None)
-        self.removes.append(appkey)
-
-    def has_service(self, appkey: str) -> bool:
-        return appkey in self.services
-
-    def ep(self, appkey: str, addr: str) -> model.Endpoint:
-        return next(e for e in self.services[appkey].endpoints if e.address == addr)
-
-
-def run(coro: Coroutine[Any, Any, None], timeout: float = 30) -> None:
-    uvloop.run(asyncio.wait_for(coro, timeout))
-
-
-async def until(cond: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> float:
-    """Wait for cond() to be true; returns the seconds it took."""
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.005)
-    return time.monotonic() - t0
+def run(coro: Any, timeout: float = 30) -> None:
+    _run(coro, timeout)
 
 
 def svc(appkey: str, *eps: dict[str, Any], **kw: Any) -> dict[str, Any]:
@@ -95,7 +64,7 @@ def base_services() -> list[dict[str, Any]]:
     ]
 
 
-def client(port: int, sink: FakeSink, delta: bool, **kw: Any) -> XdsClient:
+def client(port: int, sink: Sink, delta: bool, **kw: Any) -> XdsClient:
     kw.setdefault("resource_timeout_s", 3.0)
     kw.setdefault("backoff_base_s", 0.05)
     kw.setdefault("backoff_max_s", 0.2)
@@ -124,7 +93,7 @@ def test_subscribe_endpoints_arrive(tmp_path: Path, delta: bool) -> None:
     write(f, base_services())
 
     async def body(cp: ControlPlane) -> None:
-        sink = FakeSink()
+        sink = Sink()
         c = client(cp.port, sink, delta)
         c.start()
         try:
@@ -176,7 +145,7 @@ def test_file_change_reaches_sink_within_1s_and_unhealthy_is_not_alive(
     write(f, services)
 
     async def body(cp: ControlPlane) -> None:
-        sink = FakeSink()
+        sink = Sink()
         c = client(cp.port, sink, delta)
         c.start()
         try:
@@ -230,7 +199,7 @@ def test_two_clients_get_only_their_own_and_unsubscribe_stops_updates(
     write(f, services)
 
     async def body(cp: ControlPlane) -> None:
-        s1, s2 = FakeSink(), FakeSink()
+        s1, s2 = Sink(), Sink()
         c1 = client(cp.port, s1, delta, node_id="p1")
         c2 = client(cp.port, s2, delta, node_id="p2")
         c1.start()
@@ -274,7 +243,7 @@ def test_unknown_service_is_missing(tmp_path: Path, delta: bool) -> None:
     write(f, base_services())
 
     async def body(cp: ControlPlane) -> None:
-        sink = FakeSink()
+        sink = Sink()
         c = client(cp.port, sink, delta, resource_timeout_s=1.5)
         c.start()
         try:
@@ -332,7 +301,7 @@ def test_control_plane_killed_and_restarted(tmp_path: Path, delta: bool) -> None
 
     async def body() -> None:
         proc = await start_cp_process(f, port)
-        sink = FakeSink()
+        sink = Sink()
         c = client(port, sink, delta)
         c.start()
         try:
@@ -367,7 +336,7 @@ def test_control_plane_killed_and_restarted(tmp_path: Path, delta: bool) -> None
 
 
 def test_backoff_is_jittered_exponential_and_capped() -> None:
-    c = XdsClient("127.0.0.1:1", FakeSink(), node_id="x", backoff_base_s=0.5, backoff_max_s=30)
+    c = XdsClient("127.0.0.1:1", Sink(), node_id="x", backoff_base_s=0.5, backoff_max_s=30)
     for attempt in range(12):
         cap = min(30.0, 0.5 * 2**attempt)
         ds = [c._backoff(attempt) for _ in range(50)]
@@ -396,7 +365,7 @@ def test_empty_or_truncated_endpoints_file_is_ignored(tmp_path: Path, delta: boo
     write(f, base_services())
 
     async def body(cp: ControlPlane) -> None:
-        sink = FakeSink()
+        sink = Sink()
         c = client(cp.port, sink, delta)
         c.start()
         try:

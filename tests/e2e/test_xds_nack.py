@@ -8,12 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 import pytest
-import uvloop
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
@@ -22,25 +21,15 @@ from octoproxy import model
 from octoproxy.xds import CLUSTER_TYPE, ENDPOINT_TYPE, XdsClient, service_to_cla, service_to_cluster
 from octoproxy.xds.shunting import THRIFT_ROUTE_TYPE
 
+from xds_helpers import Sink, until
+from xds_helpers import run as _run
+
 pytestmark = pytest.mark.timeout(30)
 CDS, EDS = CLUSTER_TYPE, ENDPOINT_TYPE
 
 
-class FakeSink:
-    def __init__(self) -> None:
-        self.services: dict[str, model.Service] = {}
-        self.calls = 0
-
-    def update_service(self, service: model.Service) -> None:
-        self.services[service.appkey] = service
-        self.calls += 1
-
-    def remove_service(self, appkey: str) -> None:
-        self.services.pop(appkey, None)
-        self.calls += 1
-
-    def has_service(self, appkey: str) -> bool:
-        return appkey in self.services
+def run(coro: Any, timeout: float = 20) -> None:
+    _run(coro, timeout)
 
 
 def service(appkey: str, weight: int = 100) -> model.Service:
@@ -108,18 +97,6 @@ class ScriptedAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     ) -> AsyncIterator[Any]:
         async for r in self._serve(it):
             yield r
-
-
-async def until(cond: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> None:
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
-
-
-def run(coro: Coroutine[Any, Any, None]) -> None:
-    uvloop.run(asyncio.wait_for(coro, 20))
 
 
 def cla_with(appkey: str, mutate: Callable[[Any], None]) -> Any:
@@ -233,7 +210,7 @@ def test_malformed_resource_is_nacked_and_the_valid_ones_applied(case: str, delt
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        sink = FakeSink()
+        sink = Sink()
         c = XdsClient(f"127.0.0.1:{port}", sink, node_id="p", delta=delta, resource_timeout_s=5)
         c.start()
         try:
@@ -317,7 +294,7 @@ def test_resource_timeout(delta: bool) -> None:
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        sink = FakeSink()
+        sink = Sink()
         c = XdsClient(f"127.0.0.1:{port}", sink, node_id="p", delta=delta, resource_timeout_s=0.3)
         c.start()
         try:
@@ -383,7 +360,7 @@ def test_sotw_stale_cds_push_does_not_make_a_new_name_missing() -> None:
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        sink = FakeSink()
+        sink = Sink()
         # SotW: "nope" is settled by the resource timeout only
         c = XdsClient(f"127.0.0.1:{port}", sink, node_id="p", resource_timeout_s=1.5)
         c.start()

@@ -5,12 +5,10 @@ that the bundled control plane alone would never exercise."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-import uvloop
 from envoy.config.cluster.v3 import cluster_pb2
 from google.protobuf import any_pb2
 
@@ -25,39 +23,16 @@ from octoproxy.xds import (
 )
 
 from xds_double import AdsDouble, Behaviour, names, services
+from xds_helpers import Sink, until
+from xds_helpers import run as _run
 
 pytestmark = pytest.mark.timeout(60)
 MODES = pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 CDS, EDS = CLUSTER_TYPE, ENDPOINT_TYPE
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.services: dict[str, model.Service] = {}
-        self.calls = 0
-
-    def update_service(self, service: model.Service) -> None:
-        self.services[service.appkey] = service
-        self.calls += 1
-
-    def remove_service(self, appkey: str) -> None:
-        self.services.pop(appkey, None)
-        self.calls += 1
-
-    def has_service(self, appkey: str) -> bool:
-        return appkey in self.services
-
-
-def run(coro: Coroutine[Any, Any, None]) -> None:
-    uvloop.run(asyncio.wait_for(coro, 50))
-
-
-async def until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> None:
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
+def run(coro: Any, timeout: float = 50) -> None:
+    _run(coro, timeout)
 
 
 async def with_double(

@@ -6,15 +6,12 @@ the old rules).  docs/xds.md."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvloop
 import yaml
 
 from octoproxy import model as M
@@ -23,50 +20,10 @@ from octoproxy.xds import XdsClient
 from octoproxy.xds.shunting import GLOBAL_RESOURCE, rules_to_route_config
 
 from xds_double import TRDS, AdsDouble, Behaviour
+from xds_helpers import Sink, run, until
 
 pytestmark = pytest.mark.timeout(60)
 MODES = pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
-
-
-class Sink:
-    """The route table as the client sees it, with the shunting rules."""
-
-    def __init__(self) -> None:
-        self.services: dict[str, M.Service] = {}
-        self.rules: dict[str, tuple[M.ShuntRule, ...]] = {}
-        self.rule_calls: list[str] = []
-
-    def update_service(self, service: M.Service) -> None:
-        self.services[service.appkey] = service
-
-    def remove_service(self, appkey: str) -> None:
-        self.services.pop(appkey, None)
-
-    def has_service(self, appkey: str) -> bool:
-        return appkey in self.services
-
-    def update_shunting(self, scope: str, rules: tuple[M.ShuntRule, ...]) -> None:
-        self.rule_calls.append(scope)
-        if rules:
-            self.rules[scope] = rules
-        else:
-            self.rules.pop(scope, None)
-
-    def names(self, scope: str) -> list[str]:
-        return [r.name for r in self.rules.get(scope, ())]
-
-
-def run(coro: Coroutine[Any, Any, None], timeout: float = 40) -> None:
-    uvloop.run(asyncio.wait_for(coro, timeout))
-
-
-async def until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> float:
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.005)
-    return time.monotonic() - t0
 
 
 def mod_rule(name: str, group: str, rem: int = 1) -> dict[str, Any]:

@@ -6,13 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import uvloop
 import yaml
 
 from octoproxy import model
@@ -22,34 +20,10 @@ from octoproxy.sdk import subscribe as sdk
 from octoproxy.subscribe import SubscribeApi
 from octoproxy.xds import ResourceState, XdsClient
 
+from xds_helpers import Sink, run, until
+
 pytestmark = pytest.mark.timeout(60)
 MODES = pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
-
-
-class FakeSink:
-    def __init__(self) -> None:
-        self.services: dict[str, model.Service] = {}
-
-    def update_service(self, service: model.Service) -> None:
-        self.services[service.appkey] = service
-
-    def remove_service(self, appkey: str) -> None:
-        self.services.pop(appkey, None)
-
-    def has_service(self, appkey: str) -> bool:
-        return appkey in self.services
-
-
-def run(coro: Coroutine[Any, Any, None]) -> None:
-    uvloop.run(asyncio.wait_for(coro, 40))
-
-
-async def until(cond: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> None:
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def endpoints_file(tmp_path: Path) -> Path:
@@ -62,7 +36,7 @@ def endpoints_file(tmp_path: Path) -> Path:
     return f
 
 
-def make_client(port: int, sink: FakeSink, delta: bool = False) -> XdsClient:
+def make_client(port: int, sink: Sink, delta: bool = False) -> XdsClient:
     return XdsClient(
         f"127.0.0.1:{port}",
         sink,
@@ -99,7 +73,7 @@ def test_http_api_answers_after_endpoints_arrived(tmp_path: Path, transport: str
     cp_port = free_port()
 
     async def body() -> None:
-        sink = FakeSink()
+        sink = Sink()
         c = make_client(cp_port, sink)
         c.start()
         kw: dict[str, Any] = (
@@ -183,7 +157,7 @@ def test_subscriptions_restored_after_restart_with_control_plane_down(
         # first life: subscribe two services, persisted
         cp = ControlPlane(str(f), port=cp_port, poll_s=0.05)
         await cp.start()
-        sink = FakeSink()
+        sink = Sink()
         c = make_client(cp_port, sink, delta)
         c.start()
         api = SubscribeApi(c, state_file=str(state))
@@ -193,7 +167,7 @@ def test_subscriptions_restored_after_restart_with_control_plane_down(
         await c.stop()
         await cp.stop()
         # restart with the control plane down: the proxy still starts, quickly
-        sink2 = FakeSink()
+        sink2 = Sink()
         c2 = make_client(cp_port, sink2, delta)
         c2.start()
         api2 = SubscribeApi(c2, state_file=str(state), port=0)
@@ -225,7 +199,7 @@ def test_restore_waits_for_restored_services_before_ready(tmp_path: Path) -> Non
     async def body() -> None:
         cp = ControlPlane(str(f), port=0, poll_s=0.05)
         await cp.start()
-        sink = FakeSink()
+        sink = Sink()
         c = make_client(cp.port, sink)
         c.start()
         api = SubscribeApi(c, state_file=str(state))
@@ -249,7 +223,7 @@ def test_sdk_subscribe_retries_while_the_proxy_starts(tmp_path: Path) -> None:
     async def body() -> None:
         cp = ControlPlane(str(f), port=0, poll_s=0.05)
         await cp.start()
-        sink = FakeSink()
+        sink = Sink()
         c = make_client(cp.port, sink)
         api = SubscribeApi(c, uds=uds)
         try:
@@ -333,7 +307,7 @@ def test_static_services_count_as_known(tmp_path: Path) -> None:
     f = endpoints_file(tmp_path)
 
     async def body() -> None:
-        sink = FakeSink()
+        sink = Sink()
         sink.update_service(model.Service("s.static", (model.Endpoint("10.9.0.1", 1),)))
         api = SubscribeApi(StaticDiscovery(sink), state_file=str(tmp_path / "s.json"))
         assert await api.start() == {}
@@ -370,7 +344,7 @@ def test_bad_calls_answer_4xx_and_leave_nothing_subscribed(tmp_path: Path, delta
     async def body() -> None:
         cp = ControlPlane(str(f), port=0, poll_s=0.05)
         await cp.start()
-        sink = FakeSink()
+        sink = Sink()
         c = make_client(cp.port, sink, delta)
         c.max_subscriptions = 3
         c.start()
