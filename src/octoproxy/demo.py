@@ -24,7 +24,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from octoproxy.demo_results import (
     Results,
     percentile,
 )
-from octoproxy.ports import free_tcp_port
+from octoproxy.ports import can_connect_tcp, can_connect_uds, free_tcp_port
 from octoproxy.process import pid_alive, pids_mentioning, read_pid_file
 
 
@@ -125,25 +124,6 @@ def _child_env() -> dict[str, str]:
 
 def _free_port() -> int:
     return free_tcp_port()
-
-
-def _can_connect_tcp(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
-
-
-def _can_connect_uds(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 class DemoError(Exception):
@@ -340,19 +320,19 @@ class Demo:
         server = self._start_proxy("server", server_cfg)
         client = self._start_proxy("client", client_cfg)
 
-        self._wait(lambda: all(_can_connect_uds(self.path(f"{n.name}.sock")) for n in NODES),
+        self._wait(lambda: all(can_connect_uds(self.path(f"{n.name}.sock")) for n in NODES),
                    provs, "the providers")
         self.say(f"  providers: {len(NODES)} nodes in {len(provs)} processes "
                  f"(pids {', '.join(str(p.pid) for p in provs)})")
-        self._wait(lambda: _can_connect_tcp(self.cp_port), [cp], "the control plane")
+        self._wait(lambda: can_connect_tcp(self.cp_port), [cp], "the control plane")
         self.say(f"  control plane: 127.0.0.1:{self.cp_port} (pid {cp.pid}), "
                  f"{len(SERVICES)} services, {len(NODES)} endpoints")
-        self._wait(lambda: all(_can_connect_tcp(p) for p in self.node_ports.values())
+        self._wait(lambda: all(can_connect_tcp(p) for p in self.node_ports.values())
                    and read_pid_file(self.path("server.pid")) == server.pid,
                    [server], "the server-side proxy")
         self.say(f"  server-side proxy: {len(NODES)} inbound listeners (pid {server.pid})")
-        self._wait(lambda: _can_connect_uds(self.path("px.sock"))
-                   and _can_connect_tcp(self.sub_port)
+        self._wait(lambda: can_connect_uds(self.path("px.sock"))
+                   and can_connect_tcp(self.sub_port)
                    and read_pid_file(self.path("client.pid")) == client.pid,
                    [client], "the client-side proxy")
         from octoproxy.sdk.subscribe import subscribe

@@ -57,7 +57,8 @@ def _call(path: str, caller: str) -> Any:
 def auth_scene(demo: Demo) -> str:
     """Run the scene; the report's lines.  An outcome other than the expected
     one is a failure of the demo (demo.res.failures)."""
-    from octoproxy.demo import _can_connect_tcp, _can_connect_uds, _free_port
+    from octoproxy.demo import _free_port
+    from octoproxy.ports import can_connect_tcp, can_connect_uds
 
     t0 = time.monotonic()
     tok = demo.path("auth-tokens.yaml")
@@ -82,8 +83,8 @@ def auth_scene(demo: Demo) -> str:
         "static": {"services": [{"appkey": PROVIDER, "service_names": ["com.demo.EchoService"],
                                  "endpoints": [{"address": f"127.0.0.1:{port}"}]}]},
     })
-    demo._wait(lambda: _can_connect_tcp(port), [server], "the auth scene's server-side proxy")
-    demo._wait(lambda: all(_can_connect_uds(demo.path(f"auth-{a.split('.')[-1]}.sock"))
+    demo._wait(lambda: can_connect_tcp(port), [server], "the auth scene's server-side proxy")
+    demo._wait(lambda: all(can_connect_uds(demo.path(f"auth-{a.split('.')[-1]}.sock"))
                            for a, _ in APPS), [client], "the auth scene's client-side proxy")
     lines = ["", "Service authentication (docs/auth.md): the client-side proxy signs for each "
              "app, the server-side proxy verifies and applies the ACL of "

@@ -63,7 +63,8 @@ def _json(port: int, path: str) -> Any:
 
 def governance_scene(demo: Demo) -> str:
     """Set up the scene's mesh, run its traffic, return its report section."""
-    from octoproxy.demo import DemoError, _can_connect_tcp, _can_connect_uds, _free_port
+    from octoproxy.demo import DemoError, _free_port
+    from octoproxy.ports import can_connect_tcp, can_connect_uds
 
     t0 = time.monotonic()
     demo.say("governance scene: rate limits per caller, outlier ejection, cluster quota")
@@ -77,7 +78,7 @@ def governance_scene(demo: Demo) -> str:
                                           "redis-server", "--port", str(redis_port),
                                           "--bind", "127.0.0.1", "--save", "",
                                           "--appendonly", "no"])
-        demo._wait(lambda: _can_connect_tcp(redis_port), [redis], "redis-server")
+        demo._wait(lambda: can_connect_tcp(redis_port), [redis], "redis-server")
         ports["quota"] = _free_port()
     services: list[dict[str, Any]] = [{"appkey": APPKEY, "rate_limits": [
         {"rate": PER_CALLER_RATE, "burst": PER_CALLER_BURST, "caller": "*",
@@ -115,11 +116,11 @@ def governance_scene(demo: Demo) -> str:
                                          *(f"{n}={demo.path(n + '.sock')}" for n in NODES)])
     server = demo._start_proxy("gov-server", server_cfg)
     client = demo._start_proxy("gov-client", client_cfg)
-    demo._wait(lambda: all(_can_connect_uds(demo.path(f"{n}.sock")) for n in NODES), [prov],
+    demo._wait(lambda: all(can_connect_uds(demo.path(f"{n}.sock")) for n in NODES), [prov],
                "the scene's providers")
-    demo._wait(lambda: all(_can_connect_tcp(p) for p in [*ports.values(), sport]), [server],
+    demo._wait(lambda: all(can_connect_tcp(p) for p in [*ports.values(), sport]), [server],
                "the scene's server-side proxy")
-    demo._wait(lambda: _can_connect_uds(demo.path("gov.sock")) and _can_connect_tcp(aport),
+    demo._wait(lambda: can_connect_uds(demo.path("gov.sock")) and can_connect_tcp(aport),
                [client], "the scene's client-side proxy")
     demo.say(f"  3 nodes of {APPKEY} (pids {prov.pid}, {server.pid}, {client.pid}), "
              f"ready in {time.monotonic() - t0:.1f} s")

@@ -1,4 +1,5 @@
-"""Free TCP ports for the demo, the tests and the benches.
+"""Free TCP ports for the demo, the tests and the benches, and whether
+something listens on a port or a UDS path yet.
 
 A port from ``bind(("127.0.0.1", 0))`` comes from the kernel's ephemeral
 range, the same range every outgoing connection takes its local port from.
@@ -49,3 +50,24 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
         if p not in _given:
             _given.add(p)
             return p
+
+
+def can_connect_tcp(port: int, host: str = "127.0.0.1") -> bool:
+    """Something accepts connections on host:port now."""
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def can_connect_uds(path: str) -> bool:
+    """Something accepts connections on the UDS path now."""
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()

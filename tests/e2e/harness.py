@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from octoproxy.ports import can_connect_tcp, can_connect_uds
 from octoproxy.ports import free_tcp_port as free_port
 from octoproxy.process import pids_mentioning
 from octoproxy.process import read_pid_file as read_pid
@@ -45,25 +46,6 @@ def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condit
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
-
-
-def can_connect_uds(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-def can_connect_tcp(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
 
 
 def short_tmpdir() -> str:
