@@ -17,6 +17,7 @@ answer that shows the change; each includes the control plane's 100 ms poll):
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import hmac
 import os
@@ -61,12 +62,12 @@ class Legacy:
 
     def call(self, token: str) -> int:
         self.seq += 1
-        ts = str(int(time.time() * 1000))
-        sig = hmac.new(token.encode(), f"{CALLER}|{PROVIDER}|{ts}|".encode(),
-                       hashlib.sha256).hexdigest()
+        ts = str(int(time.time()))
+        d = hmac.new(token.encode(), f"{CALLER}|{PROVIDER}|{ts}|".encode(), hashlib.sha256).digest()
+        sig = base64.urlsafe_b64encode(d[:16]).rstrip(b"=").decode()
         self.s.sendall(frame.encode_request(
             self.seq, "com.bench.Echo", b"echo:x", trace_info={"clientAppkey": CALLER},
-            local_context={"octo-auth-appkey": CALLER, "octo-auth-ts": ts, "octo-auth-sig": sig}))
+            local_context={"octo-auth": f"{CALLER}:{ts}:{sig}"}))
         got: list[Any] = []
         while not got:
             got.extend(self.sc.feed(self.s.recv(65536)))

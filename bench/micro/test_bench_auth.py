@@ -41,7 +41,7 @@ def test_verify(benchmark, mac, token):
     # previous: during a rotation, a caller still on the previous token (two MACs)
     now = int(time.time() * 1000)
     tok = TOKEN if token == "current" else b"the-previous-token"
-    frames = tuple(A.sign_frame(_request(), tok, PROVIDER, now + i)
+    frames = tuple(A.sign_frame(_request(), tok, PROVIDER, now // 1000 + i)
                    for i in range(2 if mac == "computed" else 1))
     v = A.Verifier(PROVIDER, True, 300_000, A.TokenStore({CALLER: (TOKEN, b"the-previous-token")}),
                    {CALLER: None})

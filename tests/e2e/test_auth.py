@@ -7,6 +7,7 @@ provider (counted there)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
@@ -36,12 +37,15 @@ TOKENS = {
 
 def mac(caller: str, ts: int, method: str = "", token: str | None = None,
         provider: str = PROVIDER) -> str:
+    """The signature as a legacy client computes it from docs/protocol.md 7.6
+    alone: base64url without padding of HMAC-SHA256's first 16 bytes."""
     key = (token if token is not None else TOKENS[caller]).encode()
-    return hmac.new(key, f"{caller}|{provider}|{ts}|{method}".encode(), hashlib.sha256).hexdigest()
+    d = hmac.new(key, f"{caller}|{provider}|{ts}|{method}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(d[:16]).rstrip(b"=").decode()
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
+def now_s() -> int:
+    return int(time.time())
 
 
 class Wire:
@@ -70,9 +74,9 @@ class Wire:
 
     def signed(self, body: bytes, caller: str, ts: int | None = None, sig: str | None = None,
                method: str = "") -> dict[str, Any]:
-        ts = now_ms() if ts is None else ts
-        return self.call(body, caller, {"octo-auth-appkey": caller, "octo-auth-ts": str(ts),
-                                        "octo-auth-sig": sig if sig is not None else mac(caller, ts, method)})
+        ts = now_s() if ts is None else ts
+        sig = sig if sig is not None else mac(caller, ts, method)
+        return self.call(body, caller, {"octo-auth": f"{caller}:{ts}:{sig}"})
 
     def close(self) -> None:
         self.s.close()
@@ -162,19 +166,19 @@ def test_refusals_are_status_7_with_reason_and_never_reach_the_provider(mesh: Cl
     assert frame.thrift_method(r["body"]) == "put"
     # legacy clients on the inbound port
     leg = Wire(mesh.port)  # type: ignore[attr-defined]
-    r = leg.signed(b"echo:x", "com.demo.ghost", sig=mac("com.demo.ghost", now_ms(), token="guess"))
+    r = leg.signed(b"echo:x", "com.demo.ghost", sig=mac("com.demo.ghost", now_s(), token="guess"))
     assert r["status"] == 7 and "caller 'com.demo.ghost' is not allowed to call" in r["message"], r
-    r = leg.signed(b"echo:x", "com.demo.tokenless", sig=mac("com.demo.tokenless", now_ms(), token="guess"))
+    r = leg.signed(b"echo:x", "com.demo.tokenless", sig=mac("com.demo.tokenless", now_s(), token="guess"))
     assert r["status"] == 7 and "unknown caller appkey 'com.demo.tokenless'" in r["message"], r
-    r = leg.signed(b"echo:x", "com.demo.legacy", sig=mac("com.demo.legacy", now_ms(), token="wrong"))
+    r = leg.signed(b"echo:x", "com.demo.legacy", sig=mac("com.demo.legacy", now_s(), token="wrong"))
     assert r["status"] == 7 and "bad signature from caller 'com.demo.legacy'" in r["message"]
-    old = now_ms() - 120_000   # a replay outside the 60 s skew, correctly signed
+    old = now_s() - 120   # a replay outside the 60 s skew, correctly signed
     r = leg.signed(b"echo:x", "com.demo.legacy", ts=old)
     assert r["status"] == 7 and "expired" in r["message"] and "60000 ms" in r["message"]
     r = leg.call(b"echo:x", "com.demo.legacy")
     assert r["status"] == 7 and "not signed" in r["message"]
     # a signature for another method or provider does not verify
-    ts = now_ms()
+    ts = now_s()
     r = leg.signed(frame.thrift_call("echo", 1), "com.demo.legacy", ts=ts, sig=mac("com.demo.legacy", ts, "other"))
     assert r["status"] == 7 and "bad signature" in r["message"]
     r = leg.signed(b"echo:x", "com.demo.legacy", sig=mac("com.demo.legacy", ts, provider="com.demo.x"), ts=ts)
@@ -196,19 +200,19 @@ def test_caller_without_token_is_answered_by_the_acl(mesh: Cluster) -> None:
     reason").  None of them reaches the provider."""
     before = handled(mesh)
     leg = Wire(mesh.port)  # type: ignore[attr-defined]
-    ts = now_ms()
+    ts = now_s()
     cases = [
         # no token, not in the ACL: a good-looking signature, a bad one, expired
         ("com.demo.ghost", ts, mac("com.demo.ghost", ts, token="ghost-own"), "is not allowed to call"),
         ("com.demo.ghost", ts, "0" * 64, "is not allowed to call"),
-        ("com.demo.ghost", ts - 120_000, "0" * 64, "is not allowed to call"),
+        ("com.demo.ghost", ts - 120, "0" * 64, "is not allowed to call"),
         # no token, in the ACL
         ("com.demo.tokenless", ts, mac("com.demo.tokenless", ts, token="t"), "unknown caller appkey"),
-        ("com.demo.tokenless", ts - 120_000, "0" * 64, "unknown caller appkey"),
+        ("com.demo.tokenless", ts - 120, "0" * 64, "unknown caller appkey"),
         # a token (for its own listener on the client side), not in this ACL
         ("com.demo.intruder", ts, mac("com.demo.intruder", ts), "is not allowed to call"),
         ("com.demo.intruder", ts, mac("com.demo.intruder", ts, token="wrong"), "bad signature"),
-        ("com.demo.intruder", ts - 120_000, mac("com.demo.intruder", ts - 120_000), "expired"),
+        ("com.demo.intruder", ts - 120, mac("com.demo.intruder", ts - 120), "expired"),
     ]
     for caller, t, sig, want in cases:
         r = leg.signed(b"echo:x", caller, ts=t, sig=sig)
@@ -219,7 +223,7 @@ def test_caller_without_token_is_answered_by_the_acl(mesh: Cluster) -> None:
 
 def test_legacy_client_signing_by_itself_is_verified(mesh: Cluster) -> None:
     leg = Wire(mesh.port)  # type: ignore[attr-defined]
-    ts = now_ms()
+    ts = now_s()
     r = leg.signed(b"echo:legacy", "com.demo.legacy", ts=ts, sig=mac("com.demo.legacy", ts))
     assert r["status"] == 0 and r["body"] == b"echo|legacy", r
     body = frame.thrift_call("get", 9)

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import pytest
-from test_auth import Wire, mac, now_ms
+from test_auth import Wire, mac, now_s
 
 from harness import Cluster, cluster, free_port, wait_for
 
@@ -51,7 +51,7 @@ def mesh() -> Any:
 
 
 def legacy(w: Wire, token: str) -> dict[str, Any]:
-    ts = now_ms()
+    ts = now_s()
     return w.signed(b"echo:leg", "com.demo.legacy", ts=ts,
                     sig=mac("com.demo.legacy", ts, token=token))
 

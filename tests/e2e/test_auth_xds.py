@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_auth import Wire, mac, now_ms
+from test_auth import Wire, mac, now_s
 
 from harness import Cluster, cluster, free_port, wait_for
 
@@ -110,7 +110,7 @@ def handled(c: Cluster, token: str | None = None) -> int:
     """Requests the provider has handled so far (a legacy client signing by itself)."""
     w = Wire(c.port)  # type: ignore[attr-defined]
     try:
-        ts = now_ms()
+        ts = now_s()
         r = w.signed(b"handled", "com.demo.legacy", ts=ts,
                      sig=mac("com.demo.legacy", ts, token=token or TOKENS["com.demo.legacy"]))
         assert r["status"] == 0, r
@@ -137,7 +137,7 @@ def count(c: Cluster, ident: str) -> int:
     """How many times the provider handled b"id:<ident>" (asked as the legacy client)."""
     w = Wire(c.port)  # type: ignore[attr-defined]
     try:
-        ts = now_ms()
+        ts = now_s()
         r = w.signed(b"count:" + ident.encode(), "com.demo.legacy", ts=ts,
                      sig=mac("com.demo.legacy", ts, token=TOKENS["com.demo.legacy"]))
         assert r["status"] == 0, r
@@ -164,7 +164,7 @@ def test_signed_caller_in_no_acl_is_not_allowed(mesh: Cluster) -> None:
     # a legacy client claiming it, with its real token or a guess: the same
     leg = Wire(mesh.port)  # type: ignore[attr-defined]
     for token in (TOKENS["com.demo.intruder"], "a-guess"):
-        ts = now_ms()
+        ts = now_s()
         r = leg.signed(b"id:xds-intruder", "com.demo.intruder", ts=ts,
                        sig=mac("com.demo.intruder", ts, token=token))
         assert r["status"] == 7 and want in r["message"], r
@@ -279,13 +279,13 @@ def test_unknown_caller_until_its_token_arrives(mesh: Cluster) -> None:
     wait_for(lambda: late in auth_dump(mesh.server_admin)["acls"][PROVIDER]["callers"], 10,  # type: ignore[attr-defined]
              "the new ACL")
     w = Wire(mesh.port)  # type: ignore[attr-defined]
-    ts = now_ms()
+    ts = now_s()
     r = w.signed(b"echo:late", late, ts=ts, sig=mac(late, ts, token=token))
     assert r["status"] == 7 and f"unknown caller appkey {late!r}" in r["message"], r
     write_tokens(mesh, {**TOKENS, late: token})
     t0 = time.monotonic()
     while True:
-        ts = now_ms()
+        ts = now_s()
         r = w.signed(b"echo:late", late, ts=ts, sig=mac(late, ts, token=token))
         if r["status"] == 0:
             break

@@ -40,10 +40,9 @@ NOW = 1_800_000_000_000
 
 
 def request(caller: str, token: bytes, method: str = "get") -> bytes:
-    sig = core_auth.sign(token, caller.encode(), PROVIDER.encode(), NOW, method.encode())
     return frame.encode_request(
         1, "com.demo.echo.Svc", frame.thrift_call(method, 1), trace_info={"clientAppkey": caller},
-        local_context={"octo-auth-appkey": caller, "octo-auth-ts": str(NOW), "octo-auth-sig": sig})
+        local_context=core_auth.context(token, caller, PROVIDER, NOW // 1000, method))
 
 
 async def until(cond: Callable[[], Any], what: str, timeout: float = 15.0) -> None:

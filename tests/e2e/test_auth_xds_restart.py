@@ -10,7 +10,7 @@ import signal
 from typing import Any
 
 import yaml
-from test_auth import Wire, mac, now_ms
+from test_auth import Wire, mac, now_s
 
 from octoproxy.process import pid_alive
 from octoproxy.process import read_pid_file as read_pid
@@ -24,7 +24,7 @@ TOKEN = "xds-restart-tok-legacy-71"
 def call(port: int) -> dict[str, Any]:
     w = Wire(port)
     try:
-        ts = now_ms()
+        ts = now_s()
         return w.signed(b"echo:r", "com.demo.legacy", ts=ts,
                         sig=mac("com.demo.legacy", ts, token=TOKEN))
     finally:

@@ -12,7 +12,7 @@ import urllib.request
 
 import uvloop
 import yaml
-from test_auth import PROVIDER, TOKENS, mac, now_ms
+from test_auth import PROVIDER, TOKENS, mac, now_s
 from test_governance_e2e import Raw, _server_proc, admin_json, call, three_nodes
 from test_hotrestart import hr, restart
 
@@ -140,15 +140,14 @@ def test_buckets_and_counters_survive_a_hot_restart_with_a_changed_file() -> Non
 
 def test_caller_is_the_signed_appkey_when_verified() -> None:
     """Per-caller limits on the provider side: a request whose signature the
-    listener verified is counted for its octo-auth-appkey, whatever its
+    listener verified is counted for its octo-auth's caller, whatever its
     traceInfo.clientAppkey says; without verification traceInfo wins, and
-    octo-auth-appkey is used only when there is no traceInfo.clientAppkey."""
+    octo-auth's caller is used only when there is no traceInfo.clientAppkey."""
     def send(port: int, trace_caller: str | None, signer: str | None) -> tuple[int, str]:
         local = {"octo-remote-appkey": PROVIDER}
         if signer is not None:
-            ts = now_ms()
-            local.update({"octo-auth-appkey": signer, "octo-auth-ts": str(ts),
-                          "octo-auth-sig": mac(signer, ts)})
+            ts = now_s()
+            local["octo-auth"] = f"{signer}:{ts}:{mac(signer, ts)}"
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(frame.encode_request(
                 1, "com.demo.echo.Echo", b"x", local_context=local,
@@ -182,7 +181,7 @@ def test_caller_is_the_signed_appkey_when_verified() -> None:
         lying = [send(signed_port, "com.demo.web", "com.demo.legacy") for _ in range(4)]
         # no verification on this listener: traceInfo.clientAppkey is the caller
         open_trace = [send(open_port, "com.demo.web", "com.demo.legacy") for _ in range(3)]
-        # no traceInfo.clientAppkey: the (unverified) octo-auth-appkey
+        # no traceInfo.clientAppkey: the (unverified) octo-auth's caller
         open_auth = send(open_port, None, "com.demo.legacy")
     assert [s for s, _ in lying] == [0, 0, 0, 6] and "legacy" in lying[3][1], lying
     assert [s for s, _ in open_trace] == [0, 0, 0], open_trace

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 import pytest
-from test_auth import Wire, mac, now_ms
+from test_auth import Wire, mac, now_s
 from test_auth_xds import _complete, _get, _write
 
 from harness import cluster, free_port, wait_for
@@ -48,7 +48,7 @@ class Caller(threading.Thread):
         try:
             w = Wire(self.port)
             while not self.stop.is_set():
-                ts = now_ms()
+                ts = now_s()
                 t0 = time.monotonic()
                 r = w.signed(b"x", "com.demo.web", ts, mac("com.demo.web", ts, "",
                                                               WEB_TOKEN))
@@ -113,7 +113,7 @@ def test_acl_with_thousands_of_callers_and_their_secrets(n: int) -> None:
         def done() -> bool:
             # the last caller of the new ACL verified with its new token (not
             # the admin API: a /config_dump of 10,000 tokens is work for the proxy)
-            ts = now_ms()
+            ts = now_s()
             return probe.signed(b"x", last, ts, mac(last, ts, "", tokens[last]))["status"] == 0
 
         try:

@@ -173,12 +173,12 @@ def _xds_cfg() -> Any:
                                    "auth": {"mode": "enforce"}}]}})
 
 
-def _request(caller: str, token: bytes, ts: int, method: str = "echo") -> bytes:
-    sig = core_auth.sign(token, caller.encode(), PROVIDER.encode(), ts, method.encode())
+def _request(caller: str, token: bytes, ms: int, method: str = "echo") -> bytes:
+    """A request signed at `ms` (its timestamp: the second)."""
     return frame.encode_request(
         1, "com.demo.echo.Svc", frame.thrift_call(method, 1),
         trace_info={"clientAppkey": caller},
-        local_context={"octo-auth-appkey": caller, "octo-auth-ts": str(ts), "octo-auth-sig": sig})
+        local_context=core_auth.context(token, caller, PROVIDER, ms // 1000, method))
 
 
 def test_sources_feed_live_verifier_on_demand() -> None:

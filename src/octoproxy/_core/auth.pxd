@@ -14,28 +14,31 @@ cdef extern from "openssl/evp.h" nogil:
 cdef enum:
     # au_verify results; AU_REASONS sizes the per-reason counters
     AU_OK = 0
-    AU_UNSIGNED = 1        # no octo-auth-appkey / -ts / -sig
+    AU_UNSIGNED = 1        # no octo-auth (or not caller:timestamp:signature)
     AU_UNKNOWN_CALLER = 2  # no token for the claimed caller, whom the ACL names
     AU_BAD_SIGNATURE = 3
     AU_EXPIRED = 4         # timestamp outside the allowed skew (or unreadable)
     AU_NOT_ALLOWED = 5     # caller not in the provider's ACL (token or not)
     AU_METHOD = 6          # caller in the ACL, but not for this method
     AU_REASONS = 7
-    AU_SIG_HEX = 64        # octo-auth-sig: lowercase hex of the 32-byte MAC
+    AU_MAC_LEN = 16        # the signature's bytes: HMAC-SHA256 truncated to 128 bits
+    AU_SIG_LEN = 22        # its text: base64url of AU_MAC_LEN bytes, no padding
+    AU_TS_MAX = 12         # most timestamp digits (seconds since the epoch)
     HM_LAST_MAX = 240      # longest message whose MAC a key remembers
 
 
 # One token's HMAC-SHA256 state, precomputed: SHA-256 after the key's inner
 # and outer pad blocks (copied per MAC); `check`: its MAC of a fixed text.
-# The last message MAC'd under it and the MAC (hex): requests within the same
-# millisecond from one caller for one method share it (signing and verifying).
+# The last message MAC'd under it and the signature's text: requests within
+# the same second from one caller for one method share it (signing and
+# verifying).
 cdef class _Hmac:
     cdef EVP_MD_CTX* inner
     cdef EVP_MD_CTX* outer
     cdef unsigned char check[32]
     cdef Py_ssize_t last_len            # 0: none
     cdef char last_msg[HM_LAST_MAX]
-    cdef char last_mac[AU_SIG_HEX]
+    cdef char last_mac[AU_SIG_LEN]
 
 
 # One appkey's accepted tokens; replaced whole on a change, never modified.
@@ -88,6 +91,7 @@ cdef class Signer:
 
 
 cdef int64_t au_now_ms() noexcept nogil
+cdef int64_t au_now_s() noexcept nogil
 
 # Check the request p/fi against v; *moff/*mlen: its method name (body's
 # Thrift message; mlen 0 when none).  AU_OK or an AU_* reason; counts it.
@@ -98,8 +102,9 @@ cdef int au_verify(Verifier v, const uint8_t* p, const FrameInfo* fi, int64_t no
 cdef Py_ssize_t au_sign_extra(const FrameInfo* fi) noexcept nogil
 
 # Write the signed copy of the OCTO frame p/fi (length fi.length) at dst (room
-# for fi.length + au_sign_extra(fi)): the octo-auth-* entries appended to its
-# localContext, lengths and checksum fixed.  Returns the new length, or -1
-# when the header would outgrow its 16-bit length.
+# for fi.length + au_sign_extra(fi)): the octo-auth entry, timestamp ts_s
+# (seconds), appended to its localContext, lengths and checksum fixed.
+# Returns the new length, or -1 when the header would outgrow its 16-bit
+# length.
 cdef Py_ssize_t au_sign_into(char* dst, const uint8_t* p, const FrameInfo* fi, _Hmac key,
-                             const char* provider, Py_ssize_t plen, int64_t now_ms) noexcept
+                             const char* provider, Py_ssize_t plen, int64_t ts_s) noexcept

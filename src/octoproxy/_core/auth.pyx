@@ -1,12 +1,12 @@
 # cython: freethreading_compatible = False
 """Service authentication in the data path (docs/auth.md).
 
-The signature of a request is lowercase hex of
-HMAC-SHA256(token of the caller, caller "|" provider "|" ts "|" method), in
-localContext octo-auth-sig, beside octo-auth-appkey (the caller) and
-octo-auth-ts (milliseconds since the Unix epoch, decimal).  The MAC is
-HMAC-SHA256 over OpenSSL's SHA-256, each token's pad blocks absorbed once
-(_Hmac); the comparison is constant time (_same_sig).
+A signed request carries localContext octo-auth = caller ":" ts ":" sig
+(docs/protocol.md 7.6): ts is seconds since the Unix epoch (decimal), sig
+the base64url text (no padding) of the first 16 bytes of
+HMAC-SHA256(token of the caller, caller "|" provider "|" ts "|" method).
+The MAC is HMAC-SHA256 over OpenSSL's SHA-256, each token's pad blocks
+absorbed once (_Hmac); the comparison is constant time (_same_sig).
 """
 
 cimport cython
@@ -41,7 +41,7 @@ cdef extern from "<time.h>" nogil:
     const int CLOCK_REALTIME_COARSE
 
 
-cdef const char* HEX = b"0123456789abcdef"
+cdef const char* B64URL = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 REASONS = ("ok", "unsigned", "unknown_caller", "bad_signature", "expired", "not_allowed",
            "method_not_allowed")
 
@@ -58,6 +58,27 @@ cdef int64_t au_now_ms() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_REALTIME_COARSE, &ts)
     return <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
+
+
+cdef int64_t au_now_s() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME_COARSE, &ts)
+    return <int64_t>ts.tv_sec
+
+
+cdef void au_b64url_mac(const unsigned char* mac, char* out) noexcept nogil:
+    """out[0:22] = base64url (RFC 4648 section 5), no padding, of mac[0:16]."""
+    cdef int i, o = 0
+    cdef uint32_t v
+    for i in range(0, 15, 3):
+        v = (<uint32_t>mac[i] << 16) | (<uint32_t>mac[i + 1] << 8) | mac[i + 2]
+        out[o] = B64URL[v >> 18]
+        out[o + 1] = B64URL[(v >> 12) & 63]
+        out[o + 2] = B64URL[(v >> 6) & 63]
+        out[o + 3] = B64URL[v & 63]
+        o += 4
+    out[20] = B64URL[mac[15] >> 2]
+    out[21] = B64URL[(mac[15] & 3) << 4]
 
 
 @cython.final
@@ -121,16 +142,15 @@ cdef int hm_mac(_Hmac h, const unsigned char* m, size_t n, unsigned char* out) n
     return 0
 
 
-cdef int au_mac_hex(_Hmac key, const char* caller, Py_ssize_t clen, const char* provider,
+cdef int au_mac_sig(_Hmac key, const char* caller, Py_ssize_t clen, const char* provider,
                     Py_ssize_t plen, const char* ts, Py_ssize_t tlen, const char* method,
                     Py_ssize_t mlen, char* out) noexcept:
-    """out[0:64] = hex(HMAC-SHA256(token, caller|provider|ts|method)); 0, or -1
-    when the message cannot be built."""
+    """out[0:22] = the signature of caller|provider|ts|method under key: base64url
+    of HMAC-SHA256's first 16 bytes; 0, or -1 when the message cannot be built."""
     cdef char stack[512]
     cdef Py_ssize_t n = clen + plen + tlen + mlen + 3
     cdef char* m = stack
     cdef unsigned char mac[32]
-    cdef Py_ssize_t i
     cdef int r
     if n > 512:
         m = <char*>malloc(n)
@@ -145,16 +165,14 @@ cdef int au_mac_hex(_Hmac key, const char* caller, Py_ssize_t clen, const char* 
     if mlen:
         memcpy(m + clen + plen + tlen + 3, method, mlen)
     if n == key.last_len and memcmp(m, key.last_msg, n) == 0:
-        memcpy(out, key.last_mac, AU_SIG_HEX)   # the same message: the same MAC
+        memcpy(out, key.last_mac, AU_SIG_LEN)   # the same message: the same MAC
         return 0
     r = hm_mac(key, <const unsigned char*>m, n, mac)
     if r == 0:
-        for i in range(32):
-            out[2 * i] = HEX[mac[i] >> 4]
-            out[2 * i + 1] = HEX[mac[i] & 15]
+        au_b64url_mac(mac, out)
         if n <= HM_LAST_MAX:
             memcpy(key.last_msg, m, n)
-            memcpy(key.last_mac, out, AU_SIG_HEX)
+            memcpy(key.last_mac, out, AU_SIG_LEN)
             key.last_len = n
     if m != stack:
         free(m)
@@ -411,38 +429,43 @@ cdef class Signer:
 cdef object _NOT_LISTED = object()
 
 # the last timestamp written (signing) and read (verifying), with its text
-cdef int64_t _ts_ms = -1
+cdef int64_t _ts_s = -1
 cdef char _ts_txt[24]
 cdef Py_ssize_t _ts_len = 0
-cdef int64_t _vts_ms = 0
+cdef int64_t _vts_s = 0
 cdef char _vts_txt[16]
 cdef Py_ssize_t _vts_len = 0
 
 
-cdef void _ts_remember(int64_t ms, const char* txt, Py_ssize_t n) noexcept nogil:
-    global _ts_ms, _ts_len
+cdef void _ts_remember(int64_t s, const char* txt, Py_ssize_t n) noexcept nogil:
+    global _ts_s, _ts_len
     memcpy(_ts_txt, txt, n)
     _ts_len = n
-    _ts_ms = ms
+    _ts_s = s
 
 
-cdef void _vts_remember(const char* txt, Py_ssize_t n, int64_t ms) noexcept nogil:
-    global _vts_ms, _vts_len
+cdef void _vts_remember(const char* txt, Py_ssize_t n, int64_t s) noexcept nogil:
+    global _vts_s, _vts_len
     memcpy(_vts_txt, txt, n)
     _vts_len = n
-    _vts_ms = ms
+    _vts_s = s
 
 
 cdef inline bint _same_sig(const char* a, const uint8_t* b) noexcept nogil:
-    """Constant time: every byte of both 64-byte signatures is read whatever
+    """Constant time: every byte of both 22-byte signatures is read whatever
     they hold, no branch depends on them (OpenSSL's CRYPTO_memcmp reads a byte
-    at a time through volatile pointers: 6% of a verifying proxy's CPU)."""
+    at a time through volatile pointers: 6% of a verifying proxy's CPU): three
+    8-byte words at 0, 8 and 14 (the last two overlap)."""
     cdef uint64_t x, y, acc = 0
-    cdef int i
-    for i in range(0, AU_SIG_HEX, 8):
-        memcpy(&x, a + i, 8)
-        memcpy(&y, b + i, 8)
-        acc |= x ^ y
+    memcpy(&x, a, 8)
+    memcpy(&y, b, 8)
+    acc |= x ^ y
+    memcpy(&x, a + 8, 8)
+    memcpy(&y, b + 8, 8)
+    acc |= x ^ y
+    memcpy(&x, a + AU_SIG_LEN - 8, 8)
+    memcpy(&y, b + AU_SIG_LEN - 8, 8)
+    acc |= x ^ y
     return _ct_zero(acc)
 
 
@@ -453,8 +476,8 @@ cdef inline bint _ct_zero(uint64_t acc) noexcept nogil:
 
 cdef inline bint _sig_ok(_Hmac key, Verifier v, const uint8_t* p, const FrameInfo* fi,
                          Py_ssize_t moff, Py_ssize_t mlen) noexcept:
-    cdef char mac[AU_SIG_HEX]
-    return au_mac_hex(key, <const char*>p + fi.auth_app_off, fi.auth_app_len,
+    cdef char mac[AU_SIG_LEN]
+    return au_mac_sig(key, <const char*>p + fi.auth_app_off, fi.auth_app_len,
                       PyBytes_AS_STRING(v.provider), PyBytes_GET_SIZE(v.provider),
                       <const char*>p + fi.auth_ts_off, fi.auth_ts_len,
                       <const char*>p + moff, mlen, mac) == 0 \
@@ -513,11 +536,11 @@ cdef int au_verify(Verifier v, const uint8_t* p, const FrameInfo* fi, int64_t no
             r = AU_NOT_ALLOWED if methods is _NOT_LISTED else AU_UNKNOWN_CALLER
         else:
             r = AU_OK
-            if fi.auth_ts_len == 0 or fi.auth_ts_len > 15:
+            if fi.auth_ts_len == 0 or fi.auth_ts_len > AU_TS_MAX:
                 r = AU_EXPIRED
             elif fi.auth_ts_len == _vts_len \
                     and memcmp(p + fi.auth_ts_off, _vts_txt, _vts_len) == 0:
-                ts = _vts_ms        # the same text as the last request's: its value
+                ts = _vts_s         # the same text as the last request's: its value
             else:
                 for i in range(fi.auth_ts_len):
                     if p[fi.auth_ts_off + i] < 48 or p[fi.auth_ts_off + i] > 57:
@@ -526,12 +549,15 @@ cdef int au_verify(Verifier v, const uint8_t* p, const FrameInfo* fi, int64_t no
                     ts = ts * 10 + (p[fi.auth_ts_off + i] - 48)
                 if r == AU_OK:
                     _vts_remember(<const char*>p + fi.auth_ts_off, fi.auth_ts_len, ts)
-            if r == AU_OK and (ts > now_ms + v.skew_ms or ts < now_ms - v.skew_ms):
+            # signed during second ts (ts.000 to ts.999): expired unless that
+            # second overlaps [now - skew, now + skew]
+            if r == AU_OK and (ts * 1000 > now_ms + v.skew_ms
+                               or ts * 1000 + 999 < now_ms - v.skew_ms):
                 r = AU_EXPIRED
             if r == AU_OK:
                 # the current token, then (rotation window) the previous one
                 r = AU_BAD_SIGNATURE
-                if fi.auth_sig_len == AU_SIG_HEX:
+                if fi.auth_sig_len == AU_SIG_LEN:
                     if _sig_ok(toks.current, v, p, fi, moff[0], mlen[0]):
                         r = AU_OK
                     elif toks.previous is not None and (
@@ -569,31 +595,31 @@ cdef inline char* wr_str(char* d, const char* s, Py_ssize_t n) noexcept nogil:
 
 
 cdef Py_ssize_t au_sign_extra(const FrameInfo* fi) noexcept nogil:
-    # three string pairs: octo-auth-appkey, octo-auth-ts (13 digits), octo-auth-sig (64 hex)
+    # one string pair: "octo-auth", caller ":" ts (at most AU_TS_MAX digits) ":" sig
     cdef Py_ssize_t clen = fi.caller_len if fi.caller_len > 0 else 0
-    cdef Py_ssize_t n = (4 + 16 + 4 + clen) + (4 + 12 + 4 + 20) + (4 + 13 + 4 + AU_SIG_HEX)
+    cdef Py_ssize_t n = 4 + 9 + 4 + clen + 1 + AU_TS_MAX + 1 + AU_SIG_LEN
     if fi.lctx_off < 0:
         n += 3 + 6    # field header (map, id 6) and map header
     return n
 
 
 cdef Py_ssize_t au_sign_into(char* dst, const uint8_t* p, const FrameInfo* fi, _Hmac key,
-                             const char* provider, Py_ssize_t plen, int64_t now_ms) noexcept:
+                             const char* provider, Py_ssize_t plen, int64_t ts_s) noexcept:
     cdef char ts[24]
-    cdef Py_ssize_t tlen = 0, at, extra, hl
-    cdef char mac[AU_SIG_HEX]
+    cdef Py_ssize_t tlen = 0, at, extra, hl, vlen
+    cdef char mac[AU_SIG_LEN]
     cdef Py_ssize_t moff, mlen = 0
     cdef const char* src = <const char*>p
     cdef const char* caller = src + fi.caller_off
     cdef Py_ssize_t clen = fi.caller_len
     cdef char* d
-    cdef int64_t t = now_ms
+    cdef int64_t t = ts_s
     cdef bint trailer = (fi.flags & FF_CHECKSUM) != 0
-    # the timestamp, decimal (the last one's text again while the clock has not
-    # moved: the coarse clock ticks every 1-4 ms, requests come far more often)
+    # the timestamp, decimal (the last one's text again while the second is
+    # the same: requests come far more often)
     if t <= 0:
         t = 0
-    if t == _ts_ms and _ts_len:
+    if t == _ts_s and _ts_len:
         tlen = _ts_len
         memcpy(ts, _ts_txt, tlen)
     else:
@@ -603,15 +629,18 @@ cdef Py_ssize_t au_sign_into(char* dst, const uint8_t* p, const FrameInfo* fi, _
             t //= 10
             if t == 0:
                 break
+        if tlen > AU_TS_MAX:
+            return -1
         memcpy(ts, ts + 24 - tlen, tlen)
-        _ts_remember(now_ms if now_ms > 0 else 0, ts, tlen)
+        _ts_remember(ts_s if ts_s > 0 else 0, ts, tlen)
     moff = fr_method(p, fi, &mlen)
     if moff < 0:
         moff = 0
         mlen = 0
-    if au_mac_hex(key, caller, clen, provider, plen, ts, tlen, src + moff, mlen, mac) != 0:
+    if au_mac_sig(key, caller, clen, provider, plen, ts, tlen, src + moff, mlen, mac) != 0:
         return -1
-    extra = (4 + 16 + 4 + clen) + (4 + 12 + 4 + tlen) + (4 + 13 + 4 + AU_SIG_HEX)
+    vlen = clen + 1 + tlen + 1 + AU_SIG_LEN
+    extra = 4 + 9 + 4 + vlen
     if fi.lctx_off < 0:
         extra += 9
         at = fi.header_off + fi.header_len - 1      # before the Header's stop byte
@@ -626,20 +655,24 @@ cdef Py_ssize_t au_sign_into(char* dst, const uint8_t* p, const FrameInfo* fi, _
         d[0] = 13             # T_MAP, field 6 (localContext)
         d[1] = 0
         d[2] = 6
-        d[3] = 11             # string -> string, 3 entries
+        d[3] = 11             # string -> string, 1 entry
         d[4] = 11
-        wr_u32(d + 5, 3)
+        wr_u32(d + 5, 1)
         d += 9
     else:
         dst[fi.lctx_off] = 11
         dst[fi.lctx_off + 1] = 11
-        wr_u32(dst + fi.lctx_off + 2, rd_u32(src + fi.lctx_off + 2) + 3)
-    d = wr_str(d, b"octo-auth-appkey", 16)
-    d = wr_str(d, caller, clen)
-    d = wr_str(d, b"octo-auth-ts", 12)
-    d = wr_str(d, ts, tlen)
-    d = wr_str(d, b"octo-auth-sig", 13)
-    d = wr_str(d, mac, AU_SIG_HEX)
+        wr_u32(dst + fi.lctx_off + 2, rd_u32(src + fi.lctx_off + 2) + 1)
+    d = wr_str(d, b"octo-auth", 9)
+    wr_u32(d, <uint32_t>vlen)
+    memcpy(d + 4, caller, clen)
+    d += 4 + clen
+    d[0] = b':'
+    memcpy(d + 1, ts, tlen)
+    d += 1 + tlen
+    d[0] = b':'
+    memcpy(d + 1, mac, AU_SIG_LEN)
+    d += 1 + AU_SIG_LEN
     memcpy(d, src + at, fi.length - at)
     wr_u32(dst + 4, rd_u32(src + 4) + <uint32_t>extra)     # total length
     dst[8] = <char>(hl >> 8)
@@ -650,20 +683,35 @@ cdef Py_ssize_t au_sign_into(char* dst, const uint8_t* p, const FrameInfo* fi, _
     return fi.length + extra
 
 
+KEY = "octo-auth"
+
+
 def sign(token, caller, provider, ts, method=b"") -> str:
-    """The signature a caller puts in octo-auth-sig (docs/auth.md): lowercase
-    hex HMAC-SHA256(token, caller|provider|ts|method); for legacy clients, tests."""
-    cdef char out[AU_SIG_HEX]
+    """The signature part of octo-auth (docs/protocol.md 7.6): base64url, no
+    padding, of the first 16 bytes of HMAC-SHA256(token, caller|provider|ts|
+    method), ts the decimal text of the timestamp (seconds); for tests."""
+    cdef char out[AU_SIG_LEN]
     cdef bytes t = bytes(token), c = bytes(caller), pv = bytes(provider), m = bytes(method)
     cdef bytes s = str(ts).encode()
-    if au_mac_hex(hm_new(_token(t)), c, len(c), pv, len(pv), s, len(s), m, len(m), out) != 0:
+    if au_mac_sig(hm_new(_token(t)), c, len(c), pv, len(pv), s, len(s), m, len(m), out) != 0:
         raise MemoryError()
-    return out[:AU_SIG_HEX].decode()
+    return out[:AU_SIG_LEN].decode()
 
 
-def sign_frame(bytes frame not None, token, provider, int64_t now_ms=0) -> bytes:
+def context(token, caller, provider, ts, method=b"") -> dict:
+    """{"octo-auth": caller:ts:signature}, the localContext entry of a request
+    signed as docs/protocol.md 7.6 says (tests; caller, provider and method as
+    bytes or str)."""
+    def b(x):
+        return x.encode() if isinstance(x, str) else bytes(x)
+    c = b(caller)
+    return {KEY: f"{c.decode()}:{ts}:{sign(b(token), c, b(provider), ts, b(method))}"}
+
+
+def sign_frame(bytes frame not None, token, provider, int64_t ts=0) -> bytes:
     """The signed copy of a whole OCTO request frame, as the outbound path
-    writes it (tests); its caller is traceInfo.clientAppkey."""
+    writes it (tests): its caller is traceInfo.clientAppkey; ts: the
+    timestamp (seconds since the epoch), 0: now."""
     cdef FrameInfo fi
     _scan_whole(frame, &fi)
     cdef bytes pv = bytes(provider)
@@ -673,7 +721,7 @@ def sign_frame(bytes frame not None, token, provider, int64_t now_ms=0) -> bytes
         raise MemoryError()
     try:
         n = au_sign_into(buf, <const uint8_t*>PyBytes_AS_STRING(frame), &fi, hm_new(_token(token)),
-                         pv, len(pv), now_ms or au_now_ms())
+                         pv, len(pv), ts or au_now_s())
         if n < 0:
             raise ValueError("the signed header would exceed 65535 bytes")
         return PyBytes_FromStringAndSize(buf, n)
@@ -714,7 +762,7 @@ def bench_sign(bytes frame not None, token, provider, int n, bint distinct=False
     cdef char* buf = <char*>malloc(fi.length + au_sign_extra(&fi))
     if buf == NULL:
         raise MemoryError()
-    cdef int64_t now = au_now_ms()
+    cdef int64_t now = au_now_s()
     for i in range(n):
         r = au_sign_into(buf, <const uint8_t*>PyBytes_AS_STRING(frame), &fi, key, pv, len(pv),
                          now + (i & 1 if distinct else 0))

@@ -26,7 +26,7 @@ cdef str _au_reason(Verifier v, int code, const uint8_t* p, const FrameInfo* fi,
     cdef str caller = _au_name(p, fi.auth_app_off, fi.auth_app_len)
     if code == AU_UNSIGNED:
         return (f"authentication failed: the request to {provider} is not signed "
-                f"(localContext octo-auth-appkey, octo-auth-ts, octo-auth-sig)")
+                f"(localContext octo-auth: caller:timestamp:signature)")
     if code == AU_UNKNOWN_CALLER:
         return f"authentication failed: unknown caller appkey {caller} (no token for it)"
     if code == AU_BAD_SIGNATURE:
@@ -120,7 +120,7 @@ cdef int au_sign_append(OutBuf* ob, const uint8_t* p, FrameInfo* fi, _Hmac key,
     cdef Py_ssize_t n = fi.length + au_sign_extra(fi)
     if ob.len + n > ob.cap:
         ob_reserve(ob, n)
-    n = au_sign_into(ob.data + ob.len, p, fi, key, provider, plen, au_now_ms())
+    n = au_sign_into(ob.data + ob.len, p, fi, key, provider, plen, au_now_s())
     if n < 0:
         raise MemoryError("signing a request")
     ob.len += n

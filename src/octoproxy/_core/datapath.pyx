@@ -49,7 +49,8 @@ from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 
 from octoproxy._core.auth cimport (
     AU_BAD_SIGNATURE, AU_EXPIRED, AU_METHOD, AU_NOT_ALLOWED, AU_OK, AU_UNKNOWN_CALLER,
-    AU_UNSIGNED, Signer, Verifier, _Hmac, au_now_ms, au_sign_extra, au_sign_into, au_verify,
+    AU_UNSIGNED, Signer, Verifier, _Hmac, au_now_ms, au_now_s, au_sign_extra, au_sign_into,
+    au_verify,
 )
 from octoproxy._core.constants cimport (
     CALL_ONEWAY, CONN_CLOSED, CONN_CONNECTING, CONN_DRAINING, CONN_OPEN, MT_HEARTBEAT, MT_NORMAL,

@@ -68,13 +68,15 @@ cdef struct FrameInfo:
     Py_ssize_t caller_len
     Py_ssize_t gctx_len       # bytes of the globalContext map's encoding (0 if absent)
     Py_ssize_t lctx_len       # bytes of the localContext map's encoding (0 if absent)
-    # service authentication (docs/auth.md): localContext octo-auth-*, and
-    # where localContext's map header (6 bytes) starts and its entries end
-    Py_ssize_t auth_app_off   # localContext octo-auth-appkey
+    # service authentication (docs/protocol.md 7.6): localContext octo-auth
+    # = caller ":" timestamp ":" signature, split at its last two colons
+    # (-1: no octo-auth, or one without two colons and a caller), and where
+    # localContext's map header (6 bytes) starts and its entries end
+    Py_ssize_t auth_app_off   # the caller appkey
     Py_ssize_t auth_app_len
-    Py_ssize_t auth_ts_off    # localContext octo-auth-ts
+    Py_ssize_t auth_ts_off    # the timestamp
     Py_ssize_t auth_ts_len
-    Py_ssize_t auth_sig_off   # localContext octo-auth-sig
+    Py_ssize_t auth_sig_off   # the signature
     Py_ssize_t auth_sig_len
     Py_ssize_t lctx_off       # -1: no localContext
     Py_ssize_t lctx_end
@@ -90,6 +92,7 @@ cdef struct FrameInfo:
 cdef enum:
     FR_MAX_DEPTH = 32          # deepest struct/map/set/list nesting accepted in a header
     FM_UNREAD = -2             # FrameInfo.method_off before fi_method has read the method
+    AUTH_SIG_CHARS = 22        # octo-auth's signature: base64url of 16 bytes, no padding
 
 # Scan one frame at buf[0:n].  Returns the frame's length (> 0) and fills *fi
 # when a whole frame is there; 0 (FE_NEED_MORE) when more bytes are needed; a

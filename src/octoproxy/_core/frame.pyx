@@ -352,9 +352,7 @@ cdef extern from *:
         FLAG(L, "octo-proxy-restart", PROXY_RESTART) \
         FLAG(L, "octo-proxy", PROXY_ANNOUNCE) \
         FLAG(L, "octo-restart-notice", RESTART_NOTICE) \
-        SPAN(L, "octo-auth-appkey", auth_app) \
-        SPAN(L, "octo-auth-ts", auth_ts) \
-        SPAN(L, "octo-auth-sig", auth_sig) \
+        SPAN(L, "octo-auth", auth_sig)  /* whole; fr_auth_split splits it */ \
         SPAN(G, "octo-liteset", liteset) \
         SPAN(G, "octo-set", set) \
         SPAN(G, "octo-swimlane", swimlane)
@@ -462,6 +460,34 @@ cdef const uint8_t* fr_caller(const uint8_t* p, const uint8_t* end, const uint8_
             return NULL
 
 
+cdef void fr_auth_split(const uint8_t* base, FrameInfo* fi) noexcept nogil:
+    # localContext octo-auth (docs/protocol.md 7.6), which the context walk
+    # left whole in auth_sig: caller ":" timestamp ":" signature, split at its
+    # last two colons (the caller may hold any byte, the other two hold no
+    # colon).  Without two colons and a caller before them, no part is set:
+    # the request counts as unsigned.
+    cdef const uint8_t* v = base + fi.auth_sig_off
+    cdef Py_ssize_t n = fi.auth_sig_len, i, j
+    fi.auth_sig_off = -1
+    fi.auth_sig_len = -1
+    i = n - 1 - AUTH_SIG_CHARS
+    if i < 0 or v[i] != 58:       # not the usual length: search back for ':'
+        i = n - 1
+        while i >= 0 and v[i] != 58:
+            i -= 1
+    j = i - 1
+    while j >= 0 and v[j] != 58:
+        j -= 1
+    if j <= 0:
+        return
+    fi.auth_app_off = v - base
+    fi.auth_app_len = j
+    fi.auth_ts_off = fi.auth_app_off + j + 1
+    fi.auth_ts_len = i - j - 1
+    fi.auth_sig_off = fi.auth_app_off + i + 1
+    fi.auth_sig_len = n - i - 1
+
+
 cdef int fr_header(const uint8_t* base, Py_ssize_t off, Py_ssize_t hl, FrameInfo* fi) noexcept nogil:
     # Decode the Header struct at base[off:off+hl]; 0 or an FE_* code.
     cdef const uint8_t* p = base + off
@@ -509,6 +535,8 @@ cdef int fr_header(const uint8_t* base, Py_ssize_t off, Py_ssize_t hl, FrameInfo
     if p != end:
         # bytes after the stop byte: header_length and the struct disagree
         return FE_BAD_HEADER
+    if fi.auth_sig_len >= 0:
+        fr_auth_split(base, fi)
     if (fi.flags & (FF_REQUEST | FF_RESPONSE)) == 0 and fi.msg_type <= MT_NORMAL:
         # a normal message must be a request or a response; heartbeats and
         # ProxyRestart may carry neither

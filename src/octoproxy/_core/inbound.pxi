@@ -98,8 +98,8 @@ cdef class InboundConn(Conn):
                                     _au_reason(v, code, p, &fi, vmoff, vmlen))
             if g is not None and fi.flags & FF_REQUEST and fi.msg_type <= MT_NORMAL:
                 # provider-side limits (docs/governance.md): refused here, at once;
-                # the caller is the signed octo-auth-appkey once verified, else
-                # traceInfo.clientAppkey, else an unverified octo-auth-appkey
+                # the caller is octo-auth's signed caller once verified, else
+                # traceInfo.clientAppkey, else octo-auth's caller unverified
                 if fi.auth_app_len >= 0 and (verified or fi.caller_len < 0):
                     fi.caller_off = fi.auth_app_off
                     fi.caller_len = fi.auth_app_len

@@ -395,7 +395,7 @@ cdef class OutboundConn(Conn):
         key = self.signer.key_for(p + fi.caller_off, fi.caller_len) \
             if self.signer is not None else None
         if key is not None:
-            # signed for its app (docs/auth.md): the copy with octo-auth-* is what is sent
+            # signed for its app (docs/auth.md): the copy with octo-auth is what is sent
             au_sign_append(&conn.out, p, fi, key, node)
             self.signer.n_signed += 1
         else:
