@@ -8,32 +8,40 @@ without, in the same run, rounds alternating (docs/auth.md, "Cost").
 - octo-auth: A signs every request for its app (listeners.outbound[].sign_for),
              B verifies the signature (enforce) and checks the ACL, which
              names the method; tokens from a token file (mode 0600)
-- octo-pad:  no authentication, but the app's requests carry three more
-             localContext entries of exactly the octo-auth-* sizes: what
-             carrying the signature costs without computing or checking it
-             (the app -> A leg carries them too, which octo-auth's does not)
+- octo-pad:  no authentication, but the app's requests carry one more
+             localContext entry of exactly octo-auth's size: what carrying
+             the signature costs without computing or checking it (the
+             app -> A leg carries it too, which octo-auth's does not)
 
 The request body is a Thrift call and the header carries
 traceInfo.clientAppkey (the appkey A signs for), for both systems; the
 loadgen writes its stamp after the call's message header, so the method the
 signature and the ACL cover stays "echo" (bench_governance's templates put it
 over the method name). octo-auth's provider expects the signed frame (B
-forwards the octo-auth-* entries), so it gets a provider of its own.
+forwards the octo-auth entry), so it gets a provider of its own.
 
     PYTHONPATH=src python bench/e2e/bench_auth.py [--repeat 5] [--duration 5]
-        [--scenario '32x8 free'] [--no-pad]
+        [--scenario '32x8 free'] [--no-pad] [--instructions]
 
 Prints per system the median A+B CPU per request (utime+stime, /proc) and
-the ratio to octo.  Exit status 1 when a run saw errors or refusals (a
+the ratio to octo.  --instructions runs both proxies of every system under
+valgrind's callgrind and adds A's and B's user-space instructions per
+request (counted from just before each round's load to its end, divided by
+the requests answered in it, warm-up included, as the CPU figure): a figure
+the host's load does not change (`perf stat -e instructions` needs hardware
+counters, which the test VM does not expose).  Under valgrind the proxies
+run some 50 times slower, so the CPU figures of such a run mean nothing.  Exit status 1 when a run saw errors or refusals (a
 refused request would be a cheap one: the figure would lie).
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -53,13 +61,12 @@ HEAD = len(frame.thrift_call("echo", 1))  # the body's Thrift message header
 
 
 def padded_template(outdir: str) -> dict[str, Any]:
-    """bench_governance's request with the octo-auth-* sizes in localContext
-    under other keys (octo-pad), as the loadgen's template."""
+    """bench_governance's request with octo-auth's size in localContext under
+    another key of the same length (octo-pad), as the loadgen's template."""
     head = frame.thrift_call("echo", 1)
     body = head + bytes(BP.BODY_LEN - len(head))
     data = frame.encode_request(1, SERVICE, body, local_context={
-        "octo-remote-appkey": APPKEY, "octo-xpad-appkey": CALLER,
-        "octo-xpad-ts": "1" * 13, "octo-xpad-sig": "0" * 64},
+        "octo-remote-appkey": APPKEY, "octo-xpad": f"{CALLER}:{'1' * 10}:{'A' * 22}"},
         trace_info={"clientAppkey": CALLER})
     f = frame.scan(data)[0][0]
     path = os.path.join(outdir, "req-pad.bin")
@@ -69,20 +76,60 @@ def padded_template(outdir: str) -> dict[str, Any]:
             "len": len(data)}
 
 
+def valgrind_cmd(out: str) -> list[str]:
+    """A proxy under callgrind, counting nothing until InstrCounter turns it on."""
+    return ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-jumps=no",
+            f"--callgrind-out-file={out}"]
+
+
+class InstrCounter:
+    """The user-space instructions one proxy (started under valgrind_cmd)
+    executes from now until stop(): callgrind's instrumentation turned on and
+    its counters zeroed now, its totals dumped at stop()."""
+
+    def __init__(self, pid: int, out: str) -> None:
+        self.pid, self.out = pid, out
+        for op in ("-i", "-z"):
+            subprocess.run(["callgrind_control", op, *(["on"] if op == "-i" else []), str(pid)],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=120)
+
+    def stop(self) -> int:
+        before = set(glob.glob(self.out + ".*"))
+        for args in (["-d"], ["-i", "off"]):
+            subprocess.run(["callgrind_control", *args, str(self.pid)], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        for path in set(glob.glob(self.out + ".*")) - before:
+            with open(path) as f:
+                for line in f:
+                    if line.startswith(("summary:", "totals:")):
+                        return int(line.split()[1])
+        raise RuntimeError(f"no callgrind dump for pid {self.pid}")
+
+
 class AuthBench(BP.Bench):
     token_file = ""
     token = b""
     pad: dict[str, Any] = {}
+    instructions = False
 
     def run(self, system: str, *args: Any, **kw: Any) -> dict[str, Any]:
-        if system != "octopad":
-            return super().run(system, *args, **kw)
         saved = self.tpl["req"]
-        self.tpl["req"] = {**self.pad, "body_off": self.pad["body_off"] + HEAD}
+        if system == "octopad":
+            self.tpl["req"] = {**self.pad, "body_off": self.pad["body_off"] + HEAD}
+        sysm = self.systems[system]
+        counters = {k: InstrCounter(p.pid, self.c.path(f"cg-{system}-{k}"))
+                    for k, p in (("a", sysm.a), ("b", sysm.b))
+                    if p is not None} if self.instructions else {}
         try:
-            return super().run(system, *args, **kw)
+            r = super().run(system, *args, **kw)
         finally:
             self.tpl["req"] = saved
+            got = {k: c.stop() for k, c in counters.items()}
+        total = max(r.get("total", 0), 1)
+        for k, n in got.items():
+            r[f"{k}_instr"] = n / total
+        return r
 
     def signed_provider(self, name: str, padded: bool = False) -> str:
         """A provider whose request template is what B forwards: the signed
@@ -124,9 +171,19 @@ class AuthBench(BP.Bench):
             scfg["auth"] = {"token_file": self.token_file}
             ccfg["listeners"]["outbound"][0]["sign_for"] = [CALLER]
             ccfg["auth"] = {"token_file": self.token_file}
-        b = self.c.proxy(f"{name}-b", scfg)
-        a = self.c.proxy(f"{name}-a", ccfg)
+        b = self.proxy(f"{name}-b", scfg)
+        a = self.proxy(f"{name}-a", ccfg)
         return BP.System(name, entry, a, b)
+
+    def proxy(self, name: str, cfg: dict[str, Any]) -> harness.Proc:
+        if not self.instructions:
+            return self.c.proxy(name, cfg)
+        path = self.c.write_config(name, cfg)
+        p = harness.Proc([*valgrind_cmd(self.c.path(f"cg-{name}")), sys.executable, "-m",
+                          "octoproxy", "run", "-c", path], name, self.c.dir)
+        self.c.procs.append(p)
+        self.c.wait_ready(p, cfg, timeout=600)   # Python's start under valgrind: a minute or more
+        return p
 
     def start_octo(self) -> BP.System:
         return self._octo("octo", False)
@@ -146,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenario", default="32x8 free")
     ap.add_argument("--smoke", action="store_true", help="CI: 1 s runs, 1 round")
     ap.add_argument("--no-pad", action="store_true", help="leave out octo-pad")
+    ap.add_argument("--instructions", action="store_true",
+                    help="A's and B's user-space instructions per request (callgrind)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.duration, args.warmup, args.repeat = 1.0, 0.3, 1
@@ -159,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         f.write(f"{CALLER}: {token}\n")
     AuthBench.token_file, AuthBench.token = tok, token.encode()
     AuthBench.pad = padded_template(tmp)
+    AuthBench.instructions = args.instructions
     pinner = BP.Pinner()
     tpl = BG.make_templates(tmp)
     bench = AuthBench(BP.build_tools(tmp), tpl, pinner, sorted(os.sched_getaffinity(0)), systems)
@@ -169,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{', '.join(systems)}; load average {os.getloadavg()[0]:.2f}", flush=True)
     per: dict[str, list[float]] = {s: [] for s in systems}
     rps: dict[str, list[float]] = {s: [] for s in systems}
+    ins: dict[str, list[tuple[float, float]]] = {s: [] for s in systems}
     bad = False
     try:
         lay = bench.apply_layout(layout)
@@ -182,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
                 if not r["ok"]:
                     bad = True
                     print(f"    PROBLEM: { {k: v for k, v in r.items() if k != 'stderr'} }")
+                if args.instructions:
+                    ins[system].append((r["a_instr"], r["b_instr"]))
+                    print(f"           instructions per request: A {r['a_instr']:.0f}, "
+                          f"B {r['b_instr']:.0f}", flush=True)
                 per[system].append(r["proxies_cpu_us_per_req"])
                 rps[system].append(r.get("rps", 0.0))
     finally:
@@ -195,6 +260,14 @@ def main(argv: list[str] | None = None) -> int:
         m = statistics.median(per[s])
         print(f"  {s:<8} {m:6.2f} us/req  {statistics.median(rps[s]):8.0f} rps  "
               f"{(m / base - 1) * 100:+6.1f}% vs octo")
+    if args.instructions:
+        print(f"\nmedian user-space instructions per request (callgrind) over {args.repeat} "
+              "round(s):")
+        ib = sum(statistics.median(x[i] for x in ins["octo"]) for i in range(2))
+        for s in systems:
+            ia, ibb = (statistics.median(x[i] for x in ins[s]) for i in range(2))
+            print(f"  {s:<8} A {ia:7.0f}  B {ibb:7.0f}  A+B {ia + ibb:7.0f}  "
+                  f"{((ia + ibb) / ib - 1) * 100:+6.1f}% vs octo")
     return 1 if bad else 0
 
 
