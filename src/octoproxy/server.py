@@ -310,7 +310,14 @@ class Proxy:
         if not self.sockets:
             self.open_sockets(inherited)
         engine = self.engine
-        await self._serve()
+        # a new generation whose tokens and ACLs come from the control plane
+        # (never handed over) accepts only once it has them: the listening
+        # sockets are shared with the running generation, so accepting
+        # earlier took a share of the new connections and refused their
+        # callers (status 7, unknown caller / not allowed) while it waited
+        defer = self.generation > 1 and cfg.auth.source == "xds"
+        if not defer:
+            await self._serve()
         self._tasks.append(loop.create_task(self._idle_loop()))
         if self.keyring.token_file:
             # a changed token file applies at once (docs/auth.md)
@@ -329,6 +336,8 @@ class Proxy:
 
             engine.access_log = access_line
         await self._start_discovery()
+        if defer:
+            await self._serve()
         await self._start_admin()
         self.ready.set()
         log.info(
