@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from test_auth import Wire, mac, now_ms
+from test_auth import Wire, mac, now_s
 
 from octoproxy.process import pid_alive
 from octoproxy.process import read_pid_file as read_pid
@@ -40,7 +40,7 @@ class Calls(threading.Thread):
         self.error: BaseException | None = None
 
     def _one(self, w: Any) -> int:
-        ts = now_ms()
+        ts = now_s()
         r = w.signed(b"echo:h", CALLER, ts=ts, sig=mac(CALLER, ts, token=TOKEN))
         if r["status"] != 0:
             self.bad.append((time.monotonic(), r["message"]))
