@@ -337,7 +337,8 @@ def test_config_dump_is_the_effective_config(mesh: Cluster) -> None:
     assert isinstance(d["pid"], int) and d["xds"] is None
     assert cfg["node"]["id"] == "admin-uds" and cfg["node"]["idc"] == "gh"
     assert cfg["listeners"]["outbound"] == [{"path": mesh.path("px.sock"), "mode": 0o660,
-                                             "backlog": 1024, "sign_for": []}]
+                                             "backlog": 1024, "sign_for": [],
+                                             "sign_registered": False}]
     assert cfg["admin"] == {"host": "127.0.0.1", "port": None, "uds": mesh.path("admin.sock"),
                             "max_connections": 32, "timeout_s": 10.0}
     # defaults filled in
