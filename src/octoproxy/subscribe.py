@@ -61,6 +61,7 @@ log = logging.getLogger("octoproxy.subscribe")
 STATE_VERSION = 1
 MAX_APPKEYS = 10_000  # per request
 MAX_TIMEOUT_S = 600.0  # a timeout_s above this is an error, not a wish
+MAX_REGISTERED = 1024  # apps registered for signing (each may be a secret subscribed to)
 
 
 class SubscribeError(Exception):
@@ -441,6 +442,8 @@ class SubscribeApi:
                 "(no outbound listener has sign_registered)", [appkey])
         timeout = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         new = appkey not in kr.registered()
+        if new and len(kr.registered()) >= MAX_REGISTERED:
+            raise SubscribeError(429, f"at most {MAX_REGISTERED} apps may register", [appkey])
         if new:
             self._registering.add(appkey)
             kr.register(appkey)
