@@ -418,10 +418,13 @@ class AdminServer:
         gov = getattr(self.proxy, "gov", None)
         out = {}
         rules = shunting_json(t)
+        pools = self.proxy.engine.pool_stats()
         for a in sorted(t.appkeys()):
             nodes = []
             for n in t.nodes(a):
                 j = _node_json(n)
+                # the node's pooled connections (shared by the services of its address)
+                j["connections"] = pools.get(n.address, {}).get("connections", 0)
                 st = gov.node_state(a, n.address) if gov is not None else None
                 j.update(st or {"ejected": False, "ejected_until": None, "ejections": 0})
                 nodes.append(j)

@@ -490,6 +490,7 @@ class Manager:
         g.max_pending = cb.max_pending
         g.node_max_requests = cb.max_requests_per_node
         g.max_connections = cb.max_connections
+        g.node_max_connections = cb.max_connections_per_node
         od = gv.outlier_detection
         g.consec_transport = od.consecutive_transport_failures if od else 0
         g.consec_status = od.consecutive_errors if od else 0
@@ -601,11 +602,17 @@ class Manager:
             od = self._policy(appkey)
             if od is None:
                 return
-            for ng in list(self.node_govs.get(appkey, {}).values()):
-                total, failed = ng.take_window()
+            windows = [(ng, *ng.take_window())
+                       for ng in list(self.node_govs.get(appkey, {}).values())]
+            # the failure rate is checked only when enough nodes had enough
+            # answers to compare (Envoy's failure_percentage_minimum_hosts)
+            rated = od.failure_rate_threshold > 0 and sum(
+                1 for _, total, _ in windows
+                if total >= od.failure_rate_min_requests) >= od.failure_rate_min_nodes
+            for ng, total, failed in windows:
                 if ng.ejected:
                     continue
-                if (od.failure_rate_threshold > 0 and total >= od.failure_rate_min_requests
+                if (rated and total >= od.failure_rate_min_requests
                         and failed / total >= od.failure_rate_threshold):
                     self._eject(appkey, ng, od, f"failure rate {failed}/{total} over "
                                 f"{interval:g} s >= {od.failure_rate_threshold:g}")
@@ -715,7 +722,8 @@ class Manager:
         g = self.govs.get(appkey)
         if g is None:
             return None
-        return {"connections": g.connections, "max_connections": g.max_connections}
+        return {"connections": g.connections, "max_connections": g.max_connections,
+                "max_connections_per_node": g.node_max_connections}
 
     def node_state(self, appkey: str, address: str) -> dict[str, Any] | None:
         ng = self.node_govs.get(appkey, {}).get(address)
@@ -745,6 +753,7 @@ class Manager:
                 "breakers": g.breaker_counts(),
                 "in_flight": g.inflight,
                 "connections": g.connections, "max_connections": g.max_connections,
+                "max_connections_per_node": g.node_max_connections,
                 "ejected": sorted(a for a, ng in ngs.items() if ng.ejected),
                 "ejections": sum(ng.n_ejections for ng in ngs.values()),
                 "retries": g.n_retries, "retries_unsent": g.n_retries_unsent,

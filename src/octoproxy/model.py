@@ -93,6 +93,8 @@ class CircuitBreakers:
     max_pending: int = 0  # requests waiting for a connection to be made
     max_requests_per_node: int = 0  # requests in flight to one node
     max_connections: int = 0  # upstream connections this proxy opens for the service
+    # connections to one node used by the service (0 = upstream.connections_per_node)
+    max_connections_per_node: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,9 @@ class OutlierDetection:
     base_ejection_s: float = 30.0
     max_ejection_s: float = 300.0
     max_ejection_percent: float = 10.0
+    # nodes with failure_rate_min_requests answers in the interval needed for
+    # the failure rate to be checked at all (Envoy's failure_percentage_minimum_hosts)
+    failure_rate_min_nodes: int = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -144,10 +144,12 @@ class CircuitBreakersSpec(_Strict):
     max_pending: int = Field(default=0, ge=0)
     max_requests_per_node: int = Field(default=0, ge=0)
     max_connections: int = Field(default=0, ge=0)
+    max_connections_per_node: int = Field(default=0, ge=0)
 
     def to_model(self) -> model.CircuitBreakers:
         return model.CircuitBreakers(self.max_requests, self.max_pending,
-                                     self.max_requests_per_node, self.max_connections)
+                                     self.max_requests_per_node, self.max_connections,
+                                     self.max_connections_per_node)
 
 
 class OutlierDetectionSpec(_Strict):
@@ -156,6 +158,7 @@ class OutlierDetectionSpec(_Strict):
     error_statuses: list[int] = [2]
     failure_rate_threshold: float = Field(default=0, ge=0, le=1)
     failure_rate_min_requests: int = Field(default=20, ge=1)
+    failure_rate_min_nodes: int = Field(default=1, ge=1)
     interval_s: float = Field(default=10.0, gt=0)
     base_ejection_s: float = Field(default=30.0, gt=0)
     max_ejection_s: float = Field(default=300.0, gt=0)
@@ -175,7 +178,7 @@ class OutlierDetectionSpec(_Strict):
             self.consecutive_transport_failures, self.consecutive_errors,
             tuple(self.error_statuses), self.failure_rate_threshold,
             self.failure_rate_min_requests, self.interval_s, self.base_ejection_s,
-            self.max_ejection_s, self.max_ejection_percent)
+            self.max_ejection_s, self.max_ejection_percent, self.failure_rate_min_nodes)
 
 
 class RetrySpec(_Strict):

@@ -112,3 +112,97 @@ def test_hot_restart_json_round_trip() -> None:
     d = json.loads(json.dumps(dataclasses.asdict(svc)))
     assert model.Governance.from_dict(d["governance"]) == svc.governance
     assert model.Governance.from_dict(None) is None
+
+
+# ------------------------------------------------------------ Envoy's fields, as another
+# control plane sends them (Cluster.circuit_breakers / outlier_detection)
+
+
+def outlier(od: dict) -> model.OutlierDetection:
+    g = R.cluster_to_settings(cluster({"outlier_detection": od})).governance
+    assert g is not None and g.outlier_detection is not None
+    return g.outlier_detection
+
+
+def test_per_host_max_connections_is_the_per_node_connection_cap() -> None:
+    g = R.cluster_to_settings(cluster({"circuit_breakers": {
+        "thresholds": [{"priority": "HIGH", "max_connections": 1},
+                       {"max_connections": 9}],
+        "per_host_thresholds": [{"priority": "HIGH", "max_connections": 7},
+                                {"max_connections": 2}, {"max_connections": 5}]}})).governance
+    assert g is not None and g.circuit_breakers is not None
+    # the first Thresholds of priority DEFAULT, as in Envoy; HIGH ones are ignored
+    assert g.circuit_breakers.max_connections == 9
+    assert g.circuit_breakers.max_connections_per_node == 2
+    svc = ServiceSpec.model_validate(
+        {"appkey": "a", "circuit_breakers": {"max_connections_per_node": 3}}).to_model()
+    c = R.service_to_cluster(svc)
+    assert c.circuit_breakers.per_host_thresholds[0].max_connections.value == 3
+    assert R.cluster_to_settings(c).governance == svc.governance
+
+
+def test_max_retries_without_a_budget_bounds_retries_in_flight() -> None:
+    g = R.cluster_to_settings(cluster({"circuit_breakers": {
+        "thresholds": [{"max_retries": 4}]}})).governance
+    assert g is not None and g.retry is not None
+    assert (g.retry.budget_percent, g.retry.min_retries) == (0.0, 4)
+
+
+def test_envoy_defaults_of_the_consecutive_detectors() -> None:
+    # consecutive_5xx defaults to 5, enforced; not split (Envoy's default),
+    # local-origin failures count with the same threshold
+    od = outlier({})
+    assert (od.consecutive_errors, od.consecutive_transport_failures) == (5, 5)
+    od = outlier({"consecutive_5xx": 3})
+    assert (od.consecutive_errors, od.consecutive_transport_failures) == (3, 3)
+    od = outlier({"consecutive_5xx": 3, "split_external_local_origin_errors": True})
+    assert (od.consecutive_errors, od.consecutive_transport_failures) == (3, 5)
+    od = outlier({"consecutive_5xx": 3, "consecutive_local_origin_failure": 2})
+    assert (od.consecutive_errors, od.consecutive_transport_failures) == (3, 2)
+
+
+def test_enforcing_zero_turns_a_detector_off() -> None:
+    od = outlier({"consecutive_5xx": 3, "enforcing_consecutive_5xx": 0,
+                  "split_external_local_origin_errors": True,
+                  "consecutive_local_origin_failure": 2,
+                  "enforcing_consecutive_local_origin_failure": 0})
+    assert (od.consecutive_errors, od.consecutive_transport_failures) == (0, 0)
+    od = outlier({"enforcing_consecutive_5xx": 0})  # not split: transport goes with it
+    assert (od.consecutive_errors, od.consecutive_transport_failures) == (0, 0)
+    assert outlier({"failure_percentage_threshold": 50,
+                    "enforcing_failure_percentage": 0}).failure_rate_threshold == 0.0
+    od = outlier({"enforcing_failure_percentage_local_origin": 100})
+    assert (od.failure_rate_threshold, od.failure_rate_min_requests,
+            od.failure_rate_min_nodes) == (0.85, 50, 5)  # Envoy's defaults
+    od = outlier({"enforcing_failure_percentage": 100, "failure_percentage_minimum_hosts": 2})
+    assert od.failure_rate_min_nodes == 2
+    # the detector nobody can mistake for on: explicitly off is accepted
+    assert outlier({"enforcing_success_rate": 0, "success_rate_minimum_hosts": 3,
+                    "enforcing_consecutive_gateway_failure": 0,
+                    "consecutive_gateway_failure": 2}).consecutive_errors == 5
+
+
+@pytest.mark.parametrize(("od", "msg"), [
+    ({"enforcing_consecutive_5xx": 50}, "enforcing_consecutive_5xx: 50 is not supported"),
+    ({"enforcing_failure_percentage": 30}, "enforcing_failure_percentage: 30 is not supported"),
+    ({"enforcing_success_rate": 100}, "success-rate detector is not supported"),
+    ({"enforcing_local_origin_success_rate": 100}, "success-rate detector is not supported"),
+    ({"consecutive_gateway_failure": 3, "enforcing_consecutive_gateway_failure": 100},
+     "gateway failures"),
+    ({"max_ejection_percent": 150}, "max_ejection_percent"),
+])
+def test_outlier_fields_octo_proxy_cannot_honour_are_nacked(od: dict, msg: str) -> None:
+    with pytest.raises(R.ResourceError) as e:
+        R.cluster_to_settings(cluster({"outlier_detection": od}))
+    assert msg in str(e.value) and "Cluster 'a': outlier_detection" in str(e.value), str(e.value)
+
+
+def test_the_bundled_control_plane_says_what_envoy_would_otherwise_assume() -> None:
+    svc = ServiceSpec.model_validate({"appkey": "a", "outlier_detection": {
+        "consecutive_errors": 0, "failure_rate_threshold": 0.5,
+        "failure_rate_min_nodes": 3}}).to_model()
+    c = R.service_to_cluster(svc)
+    o = c.outlier_detection
+    assert o.enforcing_success_rate.value == 0 and o.split_external_local_origin_errors
+    assert o.failure_percentage_minimum_hosts.value == 3
+    assert R.cluster_to_settings(c).governance == svc.governance

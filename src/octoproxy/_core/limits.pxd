@@ -98,6 +98,7 @@ cdef class ServiceGov:
     cdef public long pending           # of those, waiting for a connection
     cdef public long max_connections   # upstream connections opened for the service (0 = no limit)
     cdef public long connections       # upstream connections open or connecting, opened for it
+    cdef public long node_max_connections  # connections to one node it uses (0 = connections_per_node)
     cdef public long long n_cb[6]      # refusals by GV_MAX_REQUESTS .. GV_MAX_CONNECTIONS
     # adaptive concurrency (0 = off); Python recomputes it from the samples
     cdef public long adaptive_limit

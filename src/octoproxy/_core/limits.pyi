@@ -66,6 +66,7 @@ class ServiceGov:
     node_max_requests: int
     max_connections: int
     connections: int
+    node_max_connections: int  # connections to one node the service uses (0 = connections_per_node)
     inflight: int
     pending: int
     adaptive_limit: int

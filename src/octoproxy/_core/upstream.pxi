@@ -82,10 +82,15 @@ cdef class UpstreamPool:
         while connecting is backed off after a failure and none is left.  A
         connection opened for the service `g` counts in its connections; at
         its max_connections no new one is opened (an open one is used; the
-        caller refuses when there is none)."""
+        caller refuses when there is none).  The service uses at most its
+        node_max_connections of the node's connections (the first ones:
+        a pool is shared by every service of the address)."""
         cdef Py_ssize_t n = len(self.conns)
+        cdef Py_ssize_t cap = self.engine.conns_per_node
         cdef UpstreamConn c
-        if n < self.engine.conns_per_node and (n == 0 or mono() >= self.retry_at) and (
+        if g is not None and 0 < g.node_max_connections < cap:
+            cap = g.node_max_connections
+        if n < cap and (n == 0 or mono() >= self.retry_at) and (
                 g is None or g.max_connections <= 0 or g.connections < g.max_connections):
             if n == 0 and mono() < self.retry_at:
                 return None
@@ -100,7 +105,7 @@ cdef class UpstreamPool:
         if n == 0:
             return None
         self.rr += 1
-        return <UpstreamConn>self.conns[self.rr % n]
+        return <UpstreamConn>self.conns[self.rr % (n if n < cap else cap)]
 
     cdef _on_conn_failed(self, UpstreamConn c, str why):
         if c in self.conns:

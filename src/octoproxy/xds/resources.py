@@ -246,6 +246,72 @@ def _dur(d: Any) -> float:
     return float(d.seconds) + float(d.nanos) * 1e-9
 
 
+def _enforced(od: Any, field: str, default: int, where: str) -> bool:
+    """An enforcing_* percentage: 100 (on) or 0 (off); octo-proxy does not
+    enforce a detection by chance, so another value is refused."""
+    v = getattr(od, field).value if od.HasField(field) else default
+    if v not in (0, 100):
+        raise ResourceError(f"{where}.{field}: {v} is not supported: 0 (off) or 100 (on); "
+                            "octo-proxy does not eject by chance")
+    return v == 100
+
+
+def _outlier(od: Any, md: dict[str, Any], where: str) -> model.OutlierDetection:
+    """Cluster.outlier_detection -> the detector (docs/xds.md "Governance")."""
+    from octoproxy import services as S
+
+    if _enforced(od, "enforcing_success_rate", 100, where) and od.HasField(
+            "enforcing_success_rate"):
+        raise ResourceError(f"{where}.enforcing_success_rate: the success-rate detector is not "
+                            "supported: set it to 0 or leave it unset, and use "
+                            "failure_percentage_* instead")
+    if _enforced(od, "enforcing_local_origin_success_rate", 100, where) and od.HasField(
+            "enforcing_local_origin_success_rate"):
+        raise ResourceError(f"{where}.enforcing_local_origin_success_rate: the success-rate "
+                            "detector is not supported: set it to 0 or leave it unset")
+    if _enforced(od, "enforcing_consecutive_gateway_failure", 0, where):
+        raise ResourceError(f"{where}.enforcing_consecutive_gateway_failure: gateway failures "
+                            "(HTTP 502/503/504) do not exist in OCTO: use consecutive_5xx with "
+                            'metadata.filter_metadata["octo"].outlier_error_statuses, and '
+                            "consecutive_local_origin_failure for transport failures")
+    kw: dict[str, Any] = {}
+    n5xx = od.consecutive_5xx.value if od.HasField("consecutive_5xx") else 5
+    on5xx = _enforced(od, "enforcing_consecutive_5xx", 100, where)
+    kw["consecutive_errors"] = n5xx if on5xx else 0
+    if od.HasField("consecutive_local_origin_failure"):
+        ntr = od.consecutive_local_origin_failure.value
+    elif not od.split_external_local_origin_errors:
+        # not split: Envoy counts local-origin failures in consecutive_5xx
+        ntr = n5xx if on5xx else 0
+    else:
+        ntr = 5
+    on_tr = _enforced(od, "enforcing_consecutive_local_origin_failure", 100, where)
+    kw["consecutive_transport_failures"] = ntr if on_tr else 0
+    if "outlier_error_statuses" in md:
+        kw["error_statuses"] = md["outlier_error_statuses"]
+    # the failure rate counts error statuses and transport failures together:
+    # either enforcing field turns it on
+    if (_enforced(od, "enforcing_failure_percentage", 0, where)
+            | _enforced(od, "enforcing_failure_percentage_local_origin", 0, where)):
+        kw["failure_rate_threshold"] = (od.failure_percentage_threshold.value / 100.0
+                                        if od.HasField("failure_percentage_threshold") else 0.85)
+        kw["failure_rate_min_requests"] = (max(1, od.failure_percentage_request_volume.value)
+                                           if od.HasField("failure_percentage_request_volume")
+                                           else 50)
+        kw["failure_rate_min_nodes"] = (od.failure_percentage_minimum_hosts.value
+                                        if od.HasField("failure_percentage_minimum_hosts") else 5)
+    if od.HasField("interval"):
+        kw["interval_s"] = _dur(od.interval)
+    if od.HasField("base_ejection_time"):
+        kw["base_ejection_s"] = _dur(od.base_ejection_time)
+    if od.HasField("max_ejection_time"):
+        kw["max_ejection_s"] = _dur(od.max_ejection_time)
+    if od.HasField("max_ejection_percent"):
+        kw["max_ejection_percent"] = od.max_ejection_percent.value
+    out: model.OutlierDetection = _gov_spec(where, S.OutlierDetectionSpec, kw).to_model()
+    return out
+
+
 def cluster_governance(c: cluster_pb2.Cluster, where: str) -> model.Governance | None:
     """Cluster.circuit_breakers, Cluster.outlier_detection and the "octo"
     metadata extensions -> the service's governance (None when it has none)."""
@@ -274,8 +340,10 @@ def cluster_governance(c: cluster_pb2.Cluster, where: str) -> model.Governance |
     retry_extra: dict[str, Any] = {}
     cb = c.circuit_breakers
     if c.HasField("circuit_breakers"):
+        # the first Thresholds of priority DEFAULT, as in Envoy; OCTO has no
+        # request priorities, so HIGH thresholds are ignored (docs/xds.md)
         t = next((x for x in cb.thresholds if x.priority == 0), None)
-        ph = cb.per_host_thresholds[0] if cb.per_host_thresholds else None
+        ph = next((x for x in cb.per_host_thresholds if x.priority == 0), None)
         breakers = model.CircuitBreakers(
             max_requests=t.max_requests.value if t is not None and t.HasField("max_requests") else 0,
             max_pending=(t.max_pending_requests.value
@@ -284,6 +352,9 @@ def cluster_governance(c: cluster_pb2.Cluster, where: str) -> model.Governance |
                                    if ph is not None and ph.HasField("max_requests") else 0),
             max_connections=(t.max_connections.value
                              if t is not None and t.HasField("max_connections") else 0),
+            max_connections_per_node=(ph.max_connections.value
+                                      if ph is not None and ph.HasField("max_connections")
+                                      else 0),
         )
         if t is not None and t.HasField("retry_budget"):
             rb = t.retry_budget
@@ -291,34 +362,17 @@ def cluster_governance(c: cluster_pb2.Cluster, where: str) -> model.Governance |
                 retry_extra["budget_percent"] = rb.budget_percent.value
             if rb.HasField("min_retry_concurrency"):
                 retry_extra["min_retries"] = rb.min_retry_concurrency.value
+        elif t is not None and t.HasField("max_retries"):
+            # no budget: at most max_retries retries in flight (Envoy's meaning)
+            retry_extra["budget_percent"] = 0.0
+            retry_extra["min_retries"] = t.max_retries.value
     retry = None
     if "retry" in md or retry_extra:
         retry = _gov_spec(f"{mw}.retry", S.RetrySpec,
                           {**(md.get("retry") or {}), **retry_extra}).to_model()
     outlier = None
     if c.HasField("outlier_detection"):
-        od = c.outlier_detection
-        kw: dict[str, Any] = {}
-        if od.HasField("consecutive_local_origin_failure"):
-            kw["consecutive_transport_failures"] = od.consecutive_local_origin_failure.value
-        kw["consecutive_errors"] = od.consecutive_5xx.value if od.HasField("consecutive_5xx") else 0
-        if "outlier_error_statuses" in md:
-            kw["error_statuses"] = md["outlier_error_statuses"]
-        if od.HasField("enforcing_failure_percentage") and od.enforcing_failure_percentage.value:
-            kw["failure_rate_threshold"] = (od.failure_percentage_threshold.value / 100.0
-                                            if od.HasField("failure_percentage_threshold")
-                                            else 0.85)
-            if od.HasField("failure_percentage_request_volume"):
-                kw["failure_rate_min_requests"] = max(1, od.failure_percentage_request_volume.value)
-        if od.HasField("interval"):
-            kw["interval_s"] = _dur(od.interval)
-        if od.HasField("base_ejection_time"):
-            kw["base_ejection_s"] = _dur(od.base_ejection_time)
-        if od.HasField("max_ejection_time"):
-            kw["max_ejection_s"] = _dur(od.max_ejection_time)
-        if od.HasField("max_ejection_percent"):
-            kw["max_ejection_percent"] = od.max_ejection_percent.value
-        outlier = _gov_spec(f"{where}: outlier_detection", S.OutlierDetectionSpec, kw).to_model()
+        outlier = _outlier(c.outlier_detection, md, f"{where}: outlier_detection")
     g = model.Governance(rate_limits, quota, breakers, outlier, retry, adaptive)
     return None if g.empty() else g
 
@@ -347,9 +401,12 @@ def governance_to_cluster(g: model.Governance, c: cluster_pb2.Cluster) -> None:
             t.max_pending_requests.value = cb.max_pending
         if cb is not None and cb.max_connections:
             t.max_connections.value = cb.max_connections
-        if cb is not None and cb.max_requests_per_node:
-            c.circuit_breakers.per_host_thresholds.add().max_requests.value = \
-                cb.max_requests_per_node
+        if cb is not None and (cb.max_requests_per_node or cb.max_connections_per_node):
+            ph = c.circuit_breakers.per_host_thresholds.add()
+            if cb.max_requests_per_node:
+                ph.max_requests.value = cb.max_requests_per_node
+            if cb.max_connections_per_node:
+                ph.max_connections.value = cb.max_connections_per_node
         if g.retry is not None:
             t.retry_budget.budget_percent.value = g.retry.budget_percent
             t.retry_budget.min_retry_concurrency.value = g.retry.min_retries
@@ -359,11 +416,13 @@ def governance_to_cluster(g: model.Governance, c: cluster_pb2.Cluster) -> None:
         o.consecutive_local_origin_failure.value = od.consecutive_transport_failures
         o.consecutive_5xx.value = od.consecutive_errors
         o.split_external_local_origin_errors = True
+        o.enforcing_success_rate.value = 0  # not a detector of octo-proxy's
         md["outlier_error_statuses"] = list(od.error_statuses)
         if od.failure_rate_threshold > 0:
             o.enforcing_failure_percentage.value = 100
             o.failure_percentage_threshold.value = round(od.failure_rate_threshold * 100)
             o.failure_percentage_request_volume.value = od.failure_rate_min_requests
+            o.failure_percentage_minimum_hosts.value = od.failure_rate_min_nodes
         for name, secs in (("interval", od.interval_s), ("base_ejection_time", od.base_ejection_s),
                            ("max_ejection_time", od.max_ejection_s)):
             getattr(o, name).FromNanoseconds(round(secs * 1e9))
