@@ -132,3 +132,40 @@ def test_policy_removed_returns_everyone() -> None:
         assert all(n.gov is None for n in table.nodes("s"))
 
     run(body)
+
+
+def test_ejection_time_grows_and_is_capped_by_max_ejection_s() -> None:
+    import time
+
+    async def body(table: RouteTable, m: Manager) -> None:
+        table.update_service(svc(4, base_ejection_s=0.2, max_ejection_s=0.3,
+                                 max_ejection_percent=50))
+        lengths = []
+        for _ in range(3):
+            fail(table, "10.0.0.1:9000", 2)
+            st = m.node_state("s", "10.0.0.1:9000")
+            assert st is not None and st["ejected"]
+            lengths.append(st["ejected_until"] - time.time())
+            await until(lambda: "10.0.0.1:9000" in addrs(table), "the return")
+        # 0.2 s, then 0.4 s capped to 0.3 s, then 0.3 s again
+        assert 0.1 < lengths[0] <= 0.2 and 0.2 < lengths[1] <= 0.3 and 0.2 < lengths[2] <= 0.3
+
+    run(body)
+
+
+def test_failure_rate_needs_enough_nodes_with_enough_answers() -> None:
+    async def body(table: RouteTable, m: Manager) -> None:
+        table.update_service(svc(4, consecutive_transport_failures=0, consecutive_errors=0,
+                                 failure_rate_threshold=0.5, failure_rate_min_requests=10,
+                                 failure_rate_min_nodes=2, interval_s=0.2))
+        nodes = {n.address: n for n in table.nodes("s")}
+        for i in range(20):
+            nodes["10.0.0.2:9000"].gov.on_answer(2 if i % 2 else 0)
+        await asyncio.sleep(0.5)  # a window: two intervals with one node rated, no ejection
+        assert addrs(table) == ["10.0.0.1:9000", "10.0.0.2:9000"]
+        for i in range(20):
+            nodes["10.0.0.2:9000"].gov.on_answer(2 if i % 2 else 0)
+            nodes["10.0.0.1:9000"].gov.on_answer(0)
+        await until(lambda: addrs(table) == ["10.0.0.1:9000"], "the ejection, two nodes rated")
+
+    run(body)
