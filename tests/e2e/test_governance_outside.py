@@ -7,14 +7,11 @@ control plane).  Connections are counted at the provider's proxy (its
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 import time
 from typing import Any
 
 import pytest
 import uvloop
-import yaml
 from test_governance_e2e import Raw, _server_proc, admin_json, call, three_nodes
 from test_governance_more import prom
 
@@ -24,33 +21,19 @@ from octoproxy.sdk.subscribe import subscribe
 
 from harness import (
     Cluster,
-    Proc,
-    can_connect_tcp,
     client_proxy_cfg,
     free_port,
     server_proxy_cfg,
     wait_for,
+    xds_client_cfg,
 )
 from harness import cluster as make_cluster
 
 
-def write_endpoints(path: str, services: list[dict[str, Any]]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump({"services": services}, f)
-    os.replace(tmp, path)
-
-
-def control_plane(c: Cluster, services: list[dict[str, Any]]) -> tuple[str, int]:
-    """The bundled control plane serving an endpoints file; (file, port)."""
-    eps = c.path("endpoints.yaml")
-    write_endpoints(eps, services)
-    port = free_port()
-    cp = Proc([sys.executable, "-m", "octoproxy", "control-plane", "--endpoints", eps,
-               "--listen", f"127.0.0.1:{port}"], "cp", c.dir)
-    c.procs.append(cp)
-    wait_for(lambda: can_connect_tcp(port), 15, "control plane")
-    return eps, port
+def control_plane(c: Cluster, services: list[dict[str, Any]]) -> tuple[str, str]:
+    """The bundled control plane serving an endpoints file; (file, address)."""
+    eps = c.write_endpoints({"services": services})
+    return eps, c.control_plane(eps).target
 
 
 # ------------------------------------------------------------ per-node connection cap
@@ -106,17 +89,18 @@ def test_per_node_connection_cap_from_static_config_and_xds() -> None:
         settled(5)
 
         # 3. over xDS from the bundled control plane's endpoints file, changed at run time
-        eps, cp_port = control_plane(c, [{"appkey": "a", "endpoints": ep, "circuit_breakers": {
+        _, cp = control_plane(c, [{"appkey": "a", "endpoints": ep, "circuit_breakers": {
             "max_connections_per_node": 2}}])
         a3, sub = free_port(), free_port()
-        c.proxy("c3", client_proxy_cfg(
-            c.path("c3.sock"), [], admin={"port": a3}, upstream={"connections_per_node": 4},
-            xds={"server": f"127.0.0.1:{cp_port}"}, subscribe={"port": sub}))
+        cfg = xds_client_cfg(c.path("c3.sock"), cp, sub, admin={"port": a3},
+                             upstream={"connections_per_node": 4})
+        cfg["node"]["id"] = "c3"
+        c.proxy("c3", cfg)
         subscribe(f"http://127.0.0.1:{sub}", ["a"], timeout=15)
         assert load(c.path("c3.sock")) == [0] * 16
         settled(7)
-        write_endpoints(eps, [{"appkey": "a", "endpoints": ep, "circuit_breakers": {
-            "max_connections_per_node": 3}}])
+        c.write_endpoints({"services": [{"appkey": "a", "endpoints": ep, "circuit_breakers": {
+            "max_connections_per_node": 3}}]})
         wait_for(lambda: admin_json(a3, "/governance")["services"]["a"]
                  ["max_connections_per_node"] == 3, 15, "the new cap over xDS")
         assert load(c.path("c3.sock")) == [0] * 16
@@ -138,11 +122,11 @@ def test_a_limit_changed_over_xds_keeps_the_tokens_already_granted() -> None:
 
     with make_cluster() as c:
         c.providers(p="p.sock")
-        eps, cp_port = control_plane(c, rules(10, 10))
+        _, cp = control_plane(c, rules(10, 10))
         port, aport, sub = free_port(), free_port(), free_port()
         cfg = server_proxy_cfg({port: c.path("p.sock")})
         cfg["listeners"]["inbound"][0]["appkey"] = "a"
-        cfg.update(xds={"server": f"127.0.0.1:{cp_port}"}, subscribe={"port": sub},
+        cfg.update(xds={"server": cp}, subscribe={"port": sub},
                    admin={"port": aport})
         c.proxy("server", cfg)
         subscribe(f"http://127.0.0.1:{sub}", ["a"], timeout=15)
@@ -166,7 +150,7 @@ def test_a_limit_changed_over_xds_keeps_the_tokens_already_granted() -> None:
 
         wait_for(lambda: set(gov()) == {"one", "two"}, 15, "the rules over xDS")
         assert uvloop.run(spend("m1", 4)) == 4 and uvloop.run(spend("m2", 4)) == 4
-        write_endpoints(eps, rules(20, 5))
+        c.write_endpoints({"services": rules(20, 5)})
         wait_for(lambda: gov()["one"]["burst"] == 20 and gov()["two"]["burst"] == 5, 15,
                  "the changed rules")
         left1 = uvloop.run(spend("m1", None, "one"))
