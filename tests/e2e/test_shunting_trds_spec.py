@@ -191,6 +191,22 @@ def test_unit_table_sets_the_liteset_before_cell_routing(
     assert to(glob={"octo-liteset": "ls-b"}) == {"c1"}
 
 
+def test_routes_asked_for_on_demand_by_name(mesh: tuple[Cluster, DoubleThread]) -> None:
+    """TRDS names: the subscribed appkeys and octo/global, never a wildcard
+    (an empty first request); every response ACKed or NACKed by its nonce."""
+    _, cp = mesh
+
+    def read() -> list[Any]:
+        return [r.msg for r in cp.double.requests if r.msg.type_url == TRDS]
+
+    reqs = cp.do(read)
+    assert reqs and list(reqs[0].resource_names), "a TRDS request without names is a wildcard"
+    assert set(reqs[-1].resource_names) == {A, B, "octo/global"}
+    sent = {r.nonce for _, r in cp.do(lambda: list(cp.double.responses)) if r.type_url == TRDS}
+    answered = {r.response_nonce for r in reqs if r.response_nonce}
+    assert answered <= sent and len(answered) >= 1
+
+
 def test_first_matching_route_wins(mesh: tuple[Cluster, DoubleThread]) -> None:
     c, _ = mesh
     # by-method (0) before by-caller (4) and by-set (5)
