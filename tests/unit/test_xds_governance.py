@@ -206,3 +206,31 @@ def test_the_bundled_control_plane_says_what_envoy_would_otherwise_assume() -> N
     assert o.enforcing_success_rate.value == 0 and o.split_external_local_origin_errors
     assert o.failure_percentage_minimum_hosts.value == 3
     assert R.cluster_to_settings(c).governance == svc.governance
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+@pytest.mark.parametrize("part", ["outlier_detection", "circuit_breakers"])
+def test_a_governance_field_from_a_newer_envoy_api_is_nacked(part: str) -> None:
+    """A field these protos do not know (a newer detector or threshold) is
+    refused naming where it is, not applied without it."""
+    c = cluster({"outlier_detection": {"consecutive_5xx": 3},
+                 "circuit_breakers": {"thresholds": [{"max_requests": 5}]}})
+    sub = getattr(c, part)
+    orig = sub.SerializeToString()
+    data = orig + _varint(999 << 3) + _varint(1)  # field 999 = 1
+    sub.Clear()
+    sub.MergeFromString(data)
+    with pytest.raises(R.ResourceError) as e:
+        R.cluster_to_settings(c)
+    assert f"Cluster 'a': {part} has a field this proxy does not know" in str(e.value)
+    c2 = cluster({})
+    getattr(c2, part).MergeFromString(orig)
+    R.cluster_to_settings(c2)  # the same without it: accepted

@@ -336,6 +336,15 @@ def cluster_governance(c: cluster_pb2.Cluster, where: str) -> model.Governance |
     if "adaptive_concurrency" in md:
         adaptive = _gov_spec(f"{mw}.adaptive_concurrency", S.AdaptiveConcurrencySpec,
                              md["adaptive_concurrency"]).to_model()
+    from octoproxy.xds.authres import unknown_field
+
+    for part in ("circuit_breakers", "outlier_detection"):
+        bad = unknown_field(getattr(c, part), part) if c.HasField(part) else None
+        if bad is not None:
+            # a newer Envoy field (a detector, a threshold) would change when
+            # requests are refused or nodes ejected: refused, never ignored
+            raise ResourceError(f"{where}: {bad} has a field this proxy does not know (from a "
+                                "newer Envoy API?): refused rather than ignored")
     breakers = None
     retry_extra: dict[str, Any] = {}
     cb = c.circuit_breakers
