@@ -283,6 +283,11 @@ def governance_metrics(gov: Any) -> Iterator[Any]:
     conns = GaugeMetricFamily("octo_proxy_service_connections",
                               "Upstream connections open or connecting, opened for the service",
                               labels=["service"])
+    node_ejected = GaugeMetricFamily("octo_proxy_node_ejected",
+                                     "1 while the node is ejected (outlier detection)",
+                                     labels=["service", "node"])
+    node_ejections = CounterMetricFamily("octo_proxy_node_ejections",
+                                         "Times the node was ejected", labels=["service", "node"])
     adaptive = GaugeMetricFamily("octo_proxy_adaptive_limit",
                                  "The adaptive concurrency limit (0 = off)", labels=["service"])
     for appkey, s in sorted(st.items()):
@@ -306,8 +311,11 @@ def governance_metrics(gov: Any) -> Iterator[Any]:
         budget.add_metric([appkey], s["retry_budget_exhausted"])
         adaptive.add_metric([appkey], s["adaptive_limit"])
         conns.add_metric([appkey], s["connections"])
+        for addr, ns in s["nodes"].items():
+            node_ejected.add_metric([appkey, addr], 1 if ns["ejected"] else 0)
+            node_ejections.add_metric([appkey, addr], ns["ejections"])
     yield from (limited, allowed, quota, qmode, qsteps, brk, ejected, ejections, retries, budget,
-                adaptive, conns)
+                adaptive, conns, node_ejected, node_ejections)
     r = gov.redis_stats()
     if r["configured"]:
         g = GaugeMetricFamily("octo_proxy_redis_up", "1 while the quota Redis answers")
