@@ -64,10 +64,11 @@ def percent_bucket(value: bytes) -> int:
 
 
 def parse_int(value: bytes) -> int | None:
-    """A request value as an integer for range/mod: an optional '-' then
-    ASCII digits, within int64; anything else (spaces, '+', '_', empty,
-    overflow) is not an integer and the condition is false."""
-    s = value[1:] if value[:1] == b"-" else value
+    """A request value as an integer for range/mod: an optional '-' or '+'
+    then ASCII digits (Envoy's range_match: "an optional plus or minus sign
+    followed by a sequence of digits"), within int64; anything else (spaces,
+    '_', empty, overflow) is not an integer and the condition is false."""
+    s = value[1:] if value[:1] in (b"-", b"+") else value
     if not s or not s.isdigit() or not s.isascii() or len(s) > 19:
         return None
     v = int(value)

@@ -143,7 +143,7 @@ def test_standard_route_fields_select_the_group(mesh: tuple[Cluster, DoubleThrea
     assert nodes(c, method="getGray") == {"g1"}
     assert nodes(c, service="com.spec.AdminService") == {"c1"}
     # range_match [100, 200): integer values only, half open
-    for uid, want in [("99", DEFAULT), ("100", {"g1"}), ("150", {"g1"}), ("199", {"g1"}),
+    for uid, want in [("99", DEFAULT), ("100", {"g1"}), ("150", {"g1"}), ("199", {"g1"}), ("+150", {"g1"}),
                       ("200", DEFAULT), ("-1", DEFAULT), ("150x", DEFAULT), ("1.5e2", DEFAULT),
                       ("", DEFAULT)]:
         assert nodes(c, glob={"userId": uid}) == want, uid

@@ -223,7 +223,7 @@ def test_rule_update_swaps_atomically_and_keeps_counts() -> None:
 # ----------------------------------------------------------- property test
 
 KEYS = ["uid", "loc", "octo-set"]
-VALS = ["", "0", "1", "7", "-3", "42", "100", "bj", "sh", "x1", "set-a", "set-b", "é"]
+VALS = ["", "0", "1", "7", "-3", "+7", "42", "100", "bj", "sh", "x1", "set-a", "set-b", "é"]
 
 
 @st.composite

@@ -676,11 +676,11 @@ cdef RtRules rt_compile_rules(RouteTable t, ServiceEntry e):
 
 
 cdef inline bint rt_parse_i64(const uint8_t* v, Py_ssize_t n, int64_t* out) noexcept:
-    # an optional '-' then ASCII digits, within int64 (shunting.parse_int)
+    # an optional '-' or '+' then ASCII digits, within int64 (shunting.parse_int)
     cdef Py_ssize_t i = 0
     cdef uint64_t acc = 0
     cdef bint neg = n > 0 and v[0] == 45  # '-'
-    if neg:
+    if neg or (n > 0 and v[0] == 43):  # '+', as Envoy's range_match reads it
         i = 1
     if i >= n or n - i > 19:
         return False
