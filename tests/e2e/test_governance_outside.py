@@ -244,3 +244,61 @@ def test_the_retry_budget_stops_a_retry_storm(budget: int) -> None:
     else:
         assert retried == 10, g
     assert budget_metric == {'{service="a"}': float(g["retry_budget_exhausted"])}
+
+
+# ------------------------------------------------------------ max_pending
+
+
+def test_max_pending_refuses_requests_waiting_for_a_connection() -> None:
+    """circuit_breakers.max_pending (Envoy's max_pending_requests): a node
+    whose connect hangs (its accept queue is full) holds at most 2 requests
+    waiting for the connection; the others are refused at once with status
+    6 naming the breaker, and counted."""
+    import socket
+
+    hang = socket.socket()
+    hang.bind(("127.0.0.1", 0))
+    hang.listen(0)
+    port = hang.getsockname()[1]
+    fill = []
+    for _ in range(3):  # the accept queue full: the next connect hangs (SYN dropped)
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fill.append(s)
+    try:
+        with make_cluster() as c:
+            aport = free_port()
+            c.proxy("client", client_proxy_cfg(
+                c.path("px.sock"), [{"appkey": "a", "endpoints": [{"address": f"127.0.0.1:{port}"}],
+                                     "circuit_breakers": {"max_pending": 2}}],
+                admin={"port": aport}, upstream={"connect_timeout_ms": 3000}))
+
+            async def main() -> list[tuple[int, str, float]]:
+                raw = await Raw.connect(c.path("px.sock"))
+                try:
+                    t0 = time.monotonic()
+                    futs = [raw.send(b"p%d" % i, timeout_ms=8000) for i in range(6)]
+                    out = []
+                    for f in asyncio.as_completed(futs):
+                        fr = await f
+                        out.append((fr.status, fr.message or "", time.monotonic() - t0))
+                    return out
+                finally:
+                    await raw.close()
+
+            out = uvloop.run(main())
+            g = admin_json(aport, "/governance")["services"]["a"]
+            refused_metric = prom(aport, "octo_proxy_breaker_refused_total")
+    finally:
+        for s in (*fill, hang):
+            s.close()
+    refused = [o for o in out if o[0] == 6]
+    waited = [o for o in out if o[0] != 6]
+    assert len(refused) == 4 and len(waited) == 2, out
+    assert all("too many requests waiting for a connection" in m for _, m, _ in refused), out
+    # refused at once; the two that waited failed with the connect (3 s)
+    assert max(t for _, _, t in refused) < min(t for _, _, t in waited), out
+    assert all(st == 4 for st, _, _ in waited), out
+    assert g["breakers"]["max_pending"] == 4
+    assert refused_metric.get('{breaker="max_pending",service="a"}') == 4.0, refused_metric
