@@ -304,3 +304,59 @@ def test_max_pending_refuses_requests_waiting_for_a_connection() -> None:
     assert all(st == 4 for st, _, _ in waited), out
     assert g["breakers"]["max_pending"] == 4
     assert refused_metric.get('{breaker="max_pending",service="a"}') == 4.0, refused_metric
+
+
+# ------------------------------------------------------------ caller-side limits
+
+
+def test_caller_side_limits_protect_the_callers_budget() -> None:
+    """side: caller rules apply in the caller's proxy: a greedy caller
+    (traceInfo.clientAppkey) is refused with status 6 naming the rule while
+    the others are not, one bucket per caller with caller "*"; refused
+    requests never reach the provider; one-way requests over the limit are
+    dropped and counted."""
+    rules = [{"rate": 0.001, "burst": 4, "caller": "*", "side": "caller", "name": "per-caller"},
+             {"rate": 0.001, "burst": 2, "method": "expensive", "side": "caller"}]
+    with make_cluster() as c:
+        _, uds, aport = three_nodes(c, 1, rate_limits=rules)
+
+        def handled() -> int:
+            with Client(c.path("n0.sock")) as direct:
+                return int(direct.call("x", b"handled").body.split(b"|")[1])
+
+        async def main() -> dict[str, list[tuple[int, str]]]:
+            raw = await Raw.connect(uds)
+            try:
+                out: dict[str, list[tuple[int, str]]] = {}
+                for who, n, method in (("com.greedy", 10, "cheap"), ("com.nice", 4, "cheap"),
+                                       ("com.other", 4, "expensive")):
+                    out[who] = []
+                    for _ in range(n):
+                        f = await raw.call(call(method), caller=who)
+                        out[who].append((f.status, f.message or ""))
+                for i in range(3):  # com.greedy has no tokens left: dropped
+                    raw.send(b"id:ow%d" % i, caller="com.greedy", one_way=True)
+                out["after"] = [((f := await raw.call(b"x", caller="com.nice2")).status,
+                                 f.message or "")]
+                return out
+            finally:
+                await raw.close()
+
+        before = handled()
+        out = uvloop.run(main())
+        executed = handled() - before - 1  # less this count's own request
+        g = admin_json(aport, "/governance")["services"]["a"]
+        dropped = prom(aport, "octo_proxy_governance_dropped_total")
+    greedy = out["com.greedy"]
+    assert [st for st, _ in greedy] == [0] * 4 + [6] * 6, greedy
+    assert all("per-caller" in m for st, m in greedy if st == 6), greedy
+    assert [st for st, _ in out["com.nice"]] == [0] * 4  # its own bucket
+    other = out["com.other"]  # its own caller bucket, but the method rule: 2
+    assert [st for st, _ in other] == [0, 0, 6, 6], other
+    assert all("method 'expensive'" in m for st, m in other if st == 6), other
+    assert out["after"][0][0] == 0
+    # refused and dropped requests never reached the provider: 4 + 4 + 2 + 1
+    assert executed == 11, executed
+    rules_st = {r["name"]: r for r in g["rate_limits"]}
+    assert rules_st["per-caller"]["limited"] == 6 + 3, rules_st
+    assert list(dropped.values()) == [3.0], dropped
