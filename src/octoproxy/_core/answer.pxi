@@ -29,7 +29,7 @@ cdef inline int akey(int protocol, bint thrift_body) noexcept nogil:
     return (protocol & PROTO_SERIAL_MASK) | (4 if protocol & 0x80 else 0) | (8 if thrift_body else 0)
 
 
-cdef int answer_kind(const uint8_t* p, const FrameInfo* fi, Py_ssize_t* moff, Py_ssize_t* mlen,
+cdef int answer_kind(const uint8_t* p, FrameInfo* fi, Py_ssize_t* moff, Py_ssize_t* mlen,
                      int32_t* body_seq) noexcept nogil:
     """The template kind (akey) an answer to the request p/fi uses, and the
     method name and body seqid that go in it (docs/protocol.md 11): the

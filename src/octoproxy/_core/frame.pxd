@@ -163,11 +163,12 @@ cdef bytes fr_error_answer(int64_t seq_id, int status, str message, bint restart
 # For an error answer (docs/protocol.md 11): when the request's body is
 # a strict TBinaryProtocol message (serialization 1, uncompressed), the offset
 # of its method name in `frame` (*name_len its length, *body_seq its seqid);
-# else -1.  No Python object, reads at most the first bytes of the body.
-cdef Py_ssize_t fr_error_call(const uint8_t* frame, const FrameInfo* fi, Py_ssize_t* name_len,
+# else -1.  No Python object, reads at most the first bytes of the body; the
+# method is read through fi_method (once per request, kept in fi).
+cdef Py_ssize_t fr_error_call(const uint8_t* frame, FrameInfo* fi, Py_ssize_t* name_len,
                               int32_t* body_seq) noexcept nogil
 # The same as a Python bytes object (None when there is none).
-cdef object fr_error_method(const uint8_t* frame, const FrameInfo* fi, int32_t* body_seq)
+cdef object fr_error_method(const uint8_t* frame, FrameInfo* fi, int32_t* body_seq)
 cdef bytes fr_heartbeat_response(int64_t seq_id, int protocol)
 # The answer to a heartbeat request of either kind: NormalHeartbeat (1)
 # -> messageType 1; ScannerHeartbeat (2) -> messageType 2 with

@@ -941,7 +941,7 @@ cdef bytes fr_error_answer(int64_t seq_id, int status, str message, bint restart
                                  method=method, body_seq_id=body_seq)
 
 
-cdef Py_ssize_t fr_error_call(const uint8_t* frame, const FrameInfo* fi, Py_ssize_t* name_len,
+cdef Py_ssize_t fr_error_call(const uint8_t* frame, FrameInfo* fi, Py_ssize_t* name_len,
                               int32_t* body_seq) noexcept nogil:
     # Dorado's bodies are strict TBinaryProtocol (80 01 00 type ...): only then
     # can an EXCEPTION answer be written the way its client reads it
@@ -949,14 +949,14 @@ cdef Py_ssize_t fr_error_call(const uint8_t* frame, const FrameInfo* fi, Py_ssiz
     if (fi.kind != FK_OCTO or (fi.protocol & PROTO_SERIAL_MASK) != SERIAL_THRIFT
             or fi.body_len < THRIFT_MIN_MESSAGE):
         return -1
-    off = fr_method(frame, fi, name_len)
+    off = fi_method(frame, fi, name_len)  # the request's one parse of its method
     if off < 0 or frame[fi.body_off] != 0x80 or off + name_len[0] + 4 > fi.body_off + fi.body_len:
         return -1
     body_seq[0] = <int32_t>fr_rd_u32(frame + off + name_len[0])
     return off
 
 
-cdef object fr_error_method(const uint8_t* frame, const FrameInfo* fi, int32_t* body_seq):
+cdef object fr_error_method(const uint8_t* frame, FrameInfo* fi, int32_t* body_seq):
     cdef Py_ssize_t n = 0
     cdef Py_ssize_t off = fr_error_call(frame, fi, &n, body_seq)
     if off < 0:
