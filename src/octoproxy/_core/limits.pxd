@@ -9,6 +9,7 @@
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
+from octoproxy._core.constants cimport STATUS_TRANSPORT
 from octoproxy._core.frame cimport FrameInfo
 
 
@@ -64,6 +65,7 @@ cdef class RateRule:
     cdef CallerSlot* ctab              # per_caller: the callers' buckets (ccap slots, power of 2)
     cdef Py_ssize_t ccap
     cdef Py_ssize_t cn                 # callers in ctab
+    cdef Py_ssize_t clast              # the slot of the last caller looked up (a hint, < ccap)
     cdef public long long n_limited
     cdef public long long n_allowed
 
@@ -150,8 +152,24 @@ cdef int gv_inbound(ServiceGov g, const uint8_t* frame, FrameInfo* fi, double no
 cdef int gv_outbound(ServiceGov g, const uint8_t* frame, FrameInfo* fi, long active,
                      double now) except -2
 
-# One answer (or a proxy-made failure) for a request sent to the node.
-cdef int gv_on_answer(NodeGov ng, int status, double latency) except -1
+# One answer (or a proxy-made failure) for a request sent to the node:
+# inline for the common answer (not a failure: counts reset, the adaptive
+# limit's latency sample), gv_on_failure (limits.pyx) for a failure.
+cdef int gv_on_failure(NodeGov ng, bint transport) except -1
+
+cdef inline int gv_on_answer(NodeGov ng, int status, double latency) except -1:
+    ng.win_total += 1
+    if status == STATUS_TRANSPORT or (
+            0 <= status < 32 and (ng.svc.status_mask >> <uint32_t>status) & 1):
+        return gv_on_failure(ng, status == STATUS_TRANSPORT)
+    ng.consec_tr = 0
+    ng.consec_st = 0
+    if ng.svc.adaptive_limit > 0:
+        ng.svc.lat_sum += latency
+        ng.svc.lat_n += 1
+        if ng.svc.lat_min == 0.0 or latency < ng.svc.lat_min:
+            ng.svc.lat_min = latency
+    return 0
 
 # One more retry in flight fits the service's retry budget.
 cdef bint gv_budget(ServiceGov g) noexcept

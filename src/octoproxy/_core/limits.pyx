@@ -16,7 +16,9 @@ import os
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.ref cimport PyObject
+from libc.stdint cimport uint8_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
@@ -32,9 +34,6 @@ DEF MAX_PROBE = 32
 # a run of MAX_PROBE grows the table up to this many slots (4 times what
 # MAX_CALLERS needs at load 1/2) before it is taken for crafted collisions
 DEF MAX_CAP = 131072
-
-# statuses (docs/protocol.md): what counts as a transport failure
-DEF ST_TRANSPORT = 4
 
 
 cdef inline double mono() noexcept nogil:
@@ -245,6 +244,7 @@ cdef class RateRule:
             while self.ctab[i].h != 0 and d < MAX_PROBE:
                 if (self.ctab[i].h == h and self.ctab[i].klen == cl
                         and memcmp(self.ctab[i].key, c, cl) == 0):
+                    self.clast = i
                     return &self.ctab[i].b
                 i = (i + 1) & (self.ccap - 1)
                 d += 1
@@ -274,6 +274,7 @@ cdef class RateRule:
                 free(self.ctab)
                 self.ctab = t
                 self.ccap = ncap
+                self.clast = 0
             i = ctab_put(self.ctab, self.ccap, &s)
             if i >= 0:
                 break
@@ -287,6 +288,7 @@ cdef class RateRule:
                 self.ctab_clear()
                 ncap = 16
         self.cn += 1
+        self.clast = i
         return &self.ctab[i].b
 
     cdef void ctab_clear(self) noexcept:
@@ -294,6 +296,34 @@ cdef class RateRule:
         self.ctab = NULL
         self.ccap = 0
         self.cn = 0
+        self.clast = 0
+
+
+cdef inline Bucket* rr_hint(RateRule r, const uint8_t* c, Py_ssize_t cl) noexcept:
+    # the bucket of the caller last looked up in a per-caller rule when this
+    # request is from it (one memcmp instead of hashing and probing: a
+    # connection's requests mostly come from one caller); else NULL
+    cdef CallerSlot* s
+    if r.ctab == NULL:
+        return NULL
+    s = &r.ctab[r.clast]
+    if cl < 0:
+        cl = 0
+    if s.h == 0 or s.klen != cl or (cl > 0 and memcmp(s.key, c, cl) != 0):
+        return NULL
+    return &s.b
+
+
+cdef inline Bucket* rr_lookup(RateRule r, const uint8_t* c, Py_ssize_t cl, uint64_t* h,
+                              double now) except NULL:
+    # the caller's bucket of a per-caller rule; *h: the caller's hash, made
+    # here on first need (0 until then) and shared by the request's rules
+    cdef Bucket* b = rr_hint(r, c, cl)
+    if b != NULL:
+        return b
+    if h[0] == 0:
+        h[0] = caller_hash(c, cl if cl > 0 else 0)
+    return r.rr_bucket(c, cl, h[0], now)
 
 
 cdef inline bint rule_matches(RateRule r, const uint8_t* m, Py_ssize_t ml,
@@ -435,8 +465,8 @@ cdef class ServiceGov:
                       bint by_method, bint by_caller, double now) except -2:
         cdef const uint8_t* m = NULL
         cdef const uint8_t* c = NULL
-        cdef Py_ssize_t ml = -1, cl = -1, mo, i, j, n = len(rules)
-        cdef RateRule r
+        cdef Py_ssize_t ml = -1, cl = -1, mo, i, j, n = PyList_GET_SIZE(rules)
+        cdef PyObject* r                # a RateRule, borrowed from `rules` (no refcounting)
         cdef Bucket* b
         cdef uint64_t h = 0
         if by_method:
@@ -449,26 +479,27 @@ cdef class ServiceGov:
             c = frame + fi.caller_off
             cl = fi.caller_len
         for i in range(n):
-            r = <RateRule>rules[i]
-            if not rule_matches(r, m, ml, c, cl):
+            r = PyList_GET_ITEM(rules, i)
+            if not rule_matches(<RateRule>r, m, ml, c, cl):
                 continue
-            if r.per_caller:
-                if h == 0:
-                    h = caller_hash(c, cl if cl > 0 else 0)
-                b = r.rr_bucket(c, cl, h, now)
+            if (<RateRule>r).per_caller:
+                b = rr_lookup(<RateRule>r, c, cl, &h, now)
             else:
-                b = &r.bucket
+                b = &(<RateRule>r).bucket
             if bk_take(b, now):
-                r.n_allowed += 1
+                (<RateRule>r).n_allowed += 1
                 continue
-            r.n_limited += 1
+            (<RateRule>r).n_limited += 1
             # refused: give back what the rules before it took
             for j in range(i):
-                r = <RateRule>rules[j]
-                if rule_matches(r, m, ml, c, cl):
-                    b = r.rr_bucket(c, cl, h, now) if r.per_caller else &r.bucket
+                r = PyList_GET_ITEM(rules, j)
+                if rule_matches(<RateRule>r, m, ml, c, cl):
+                    if (<RateRule>r).per_caller:
+                        b = rr_lookup(<RateRule>r, c, cl, &h, now)
+                    else:
+                        b = &(<RateRule>r).bucket
                     b.tokens += 1.0
-                    r.n_allowed -= 1
+                    (<RateRule>r).n_allowed -= 1
             return i
         return GV_OK
 
@@ -555,29 +586,17 @@ cdef int gv_outbound(ServiceGov g, const uint8_t* frame, FrameInfo* fi, long act
     return GV_OK
 
 
-cdef int gv_on_answer(NodeGov ng, int status, double latency) except -1:
+cdef int gv_on_failure(NodeGov ng, bint transport) except -1:
+    """gv_on_answer for a failure (a transport failure / timeout, or an error
+    status): the detector's counts, and a trip when one reaches its threshold."""
     cdef ServiceGov g = ng.svc
-    cdef bint fail_tr = status == ST_TRANSPORT
-    cdef bint fail_st = (not fail_tr and 0 <= status < 32
-                         and (g.status_mask >> <uint32_t>status) & 1)
-    ng.win_total += 1
-    if fail_tr or fail_st:
-        ng.win_fail += 1
-    if fail_tr:
+    ng.win_fail += 1
+    if transport:
         ng.consec_tr += 1
         ng.consec_st = 0
-    elif fail_st:
+    else:
         ng.consec_st += 1
         ng.consec_tr = 0
-    else:
-        ng.consec_tr = 0
-        ng.consec_st = 0
-        if g.adaptive_limit > 0:
-            g.lat_sum += latency
-            g.lat_n += 1
-            if g.lat_min == 0.0 or latency < g.lat_min:
-                g.lat_min = latency
-        return 0
     if ng.tripped or ng.ejected or g.on_trip is None:
         return 0
     if g.consec_transport > 0 and ng.consec_tr >= g.consec_transport:
@@ -590,17 +609,20 @@ cdef int gv_on_answer(NodeGov ng, int status, double latency) except -1:
 
 
 cdef bint gv_may_retry(ServiceGov g, const uint8_t* frame, FrameInfo* fi) except -1:
-    cdef Py_ssize_t ml = -1, mo
-    cdef bytes m
+    cdef Py_ssize_t ml = -1, mo, i, n
+    cdef PyObject* m                    # bytes, borrowed from g.idempotent
     if g.max_attempts < 2:
         return False
     if g.idempotent_all:
         return True
-    if g.idempotent:
+    n = PyList_GET_SIZE(g.idempotent)
+    if n:
         mo = fi_method(frame, fi, &ml)
         if mo >= 0:
-            for m in g.idempotent:
-                if PyBytes_GET_SIZE(m) == ml and memcmp(PyBytes_AS_STRING(m), frame + mo, ml) == 0:
+            for i in range(n):
+                m = PyList_GET_ITEM(g.idempotent, i)
+                if (PyBytes_GET_SIZE(<bytes>m) == ml
+                        and memcmp(PyBytes_AS_STRING(<bytes>m), frame + mo, ml) == 0):
                     return True
     return False
 
