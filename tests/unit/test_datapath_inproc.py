@@ -614,3 +614,53 @@ def test_pending_table_invariants_hold_under_mixed_timeouts() -> None:
     assert rig.engine.in_flight() == 0
     got = app_t.frames()
     assert len(got) == 149 and len({f.seq_id for f in got}) == 149
+
+
+# -------------------------------------------------------------- retry copies
+
+
+def _gov_rig() -> Rig:
+    """Two nodes whose service retries the Thrift method 'echo' once."""
+    from octoproxy._core import limits as L
+
+    g = L.ServiceGov(APP)
+    g.max_attempts = 2
+    g.set_idempotent(["echo"])
+    rig = Rig(nodes=2)
+
+    def hook(svc: Any, nodes: list[Any]) -> None:
+        for n in nodes:
+            n.gov = L.NodeGov(g, n.address)
+
+    rig.table.gov_hook = hook
+    rig.table.replace_all([Service(APP, [Endpoint(f"10.0.0.{i + 1}", 9000) for i in range(2)])])
+    return rig
+
+
+@pytest.mark.parametrize("size", [40, 5000])  # in a pooled buffer / in a buffer of its own
+@pytest.mark.parametrize("how", ["status 4", "connection lost"])
+def test_a_written_idempotent_request_goes_again_byte_for_byte_from_its_copy(
+    how: str, size: int
+) -> None:
+    rig = _gov_rig()
+    app, app_t = rig.app()
+    body = F.encode_thrift_message("echo", 1, 7, bytes(range(256)) * (size // 256) + b"x")[4:]
+    req = F.encode_request(5, "Echo.echo", body, timeout=60_000,
+                           local_context={"octo-remote-appkey": APP})
+    feed(app, req)
+    up1, t1 = rig.connect_upstream(0)
+    (first,) = t1.frames()
+    assert first.body == body
+    if how == "status 4":
+        feed(up1, F.encode_response(first.seq_id, b"", status=Status.STATUS_TRANSPORT))
+    else:
+        up1.connection_lost(ConnectionResetError("reset by peer"))
+    assert app_t.frames() == []  # not answered: sent again to the other node
+    up2, t2 = rig.connect_upstream(1)
+    (again,) = t2.frames()
+    # the copy kept since it was sent: the same bytes under a new upstream id
+    assert (again.body, again.length) == (body, first.length) and again.seq_id != first.seq_id
+    feed(up2, F.encode_response(again.seq_id, b"ok"))
+    (ans,) = app_t.frames()
+    assert (ans.seq_id, ans.status, ans.body) == (5, 0, b"ok")
+    assert rig.engine.in_flight() == 0

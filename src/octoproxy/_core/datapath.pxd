@@ -105,7 +105,8 @@ cdef struct Pending:
     uint8_t attempt       # 1 = first attempt; retries count up (governance)
     uint8_t gflags        # GF_*: what this request counts in its service's governance
     PyObject* gov         # the service's limits.ServiceGov (strong ref) when counted, else NULL
-    PyObject* retry       # bytes: a copy of the request (app's id) to execute again, or NULL
+    char* retry           # a copy of the request (app's id) to execute again (rc_copy), or NULL
+    Py_ssize_t retry_len  # its length
     PyObject* shunt       # route.ShuntStat of the shunting rule that routed it (strong ref), or NULL
 
 

@@ -261,7 +261,7 @@ cdef class OutboundConn(Conn):
         cdef int32_t body_seq
         cdef bint oneway = fi.call_type == CALL_ONEWAY
         cdef bint is_retry = avoid is not None
-        cdef object again, method
+        cdef object method
         cdef _Hmac key
         cdef PyObject* rule = NULL
         while True:
@@ -388,9 +388,8 @@ cdef class OutboundConn(Conn):
             if attempt < g.max_attempts and gv_may_retry(g, p, fi) and gv_budget(g):
                 # a copy with the app's id, for executing it again: only when a
                 # retry is possible now (idempotent method, attempts and budget left)
-                again = PyBytes_FromStringAndSize(<char*>p, r)
-                Py_INCREF(again)
-                slot.retry = <PyObject*>again
+                slot.retry = rc_copy(<const char*>p, r)
+                slot.retry_len = r
         fr_set_seq_id(p, fi, slot.id)
         key = self.signer.key_for(p + fi.caller_off, fi.caller_len) \
             if self.signer is not None else None

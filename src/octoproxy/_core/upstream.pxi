@@ -1,5 +1,46 @@
 # ---------------------------------------------------------------- upstream
 
+# Retry copies (docs/governance.md): a request that may be executed again
+# keeps a copy of its bytes while it is in flight.  Copies of up to RC_SIZE
+# bytes live in buffers kept on a free list (at most RC_KEEP of them), so a
+# copy costs a memcpy, not an allocation and a free per request; a larger
+# request gets a buffer of its own.  The bytes object a retry needs is made
+# only when the retry happens.
+cdef enum:
+    RC_SIZE = 512
+    RC_KEEP = 4096
+
+cdef void* _rc_free = NULL     # free buffers of RC_SIZE bytes, linked through their first word
+cdef Py_ssize_t _rc_n = 0
+
+
+cdef inline char* rc_copy(const char* p, Py_ssize_t n) noexcept:
+    """A copy of p[0:n] for a retry; NULL when out of memory (no copy is
+    kept then: the request is not retried after being written)."""
+    global _rc_free, _rc_n
+    cdef char* b
+    if n <= RC_SIZE and _rc_free != NULL:
+        b = <char*>_rc_free
+        _rc_free = (<void**>b)[0]
+        _rc_n -= 1
+    else:
+        b = <char*>malloc(RC_SIZE if n <= RC_SIZE else n)
+        if b == NULL:
+            return NULL
+    memcpy(b, p, n)
+    return b
+
+
+cdef inline void rc_release(char* b, Py_ssize_t n) noexcept:
+    global _rc_free, _rc_n
+    if n <= RC_SIZE and _rc_n < RC_KEEP:
+        (<void**>b)[0] = _rc_free
+        _rc_free = b
+        _rc_n += 1
+    else:
+        free(b)
+
+
 cdef inline void up_gov_release(Pending* sl) noexcept:
     """What a finished request counted in its service's governance."""
     cdef ServiceGov g = <ServiceGov>sl.gov
@@ -40,7 +81,7 @@ cdef bint up_retry_answered(UpstreamConn c, Py_ssize_t s, double now) except -1:
     cdef ServiceGov g = <ServiceGov>c.slots[s].gov
     cdef OutboundConn app = <OutboundConn>c.slots[s].app
     cdef Node node = <Node>c.slots[s].node
-    cdef bytes again = <bytes>c.slots[s].retry
+    cdef bytes again
     cdef int64_t orig = c.slots[s].orig_id
     cdef double deadline = c.slots[s].deadline
     cdef int attempt = c.slots[s].attempt
@@ -50,6 +91,7 @@ cdef bint up_retry_answered(UpstreamConn c, Py_ssize_t s, double now) except -1:
     if not gv_budget(g):
         g.n_budget_exhausted += 1
         return False
+    again = PyBytes_FromStringAndSize(c.slots[s].retry, c.slots[s].retry_len)
     c.up_release(s)
     if app.out_resend(again, orig, deadline, attempt + 1, node, False):
         app.out_error(orig, STATUS_TRANSPORT, f"upstream {c.pool.address} answered status 4 and "
@@ -163,7 +205,7 @@ cdef class UpstreamConn(Conn):
                     if self.slots[i].gov != NULL:
                         Py_DECREF(<object>self.slots[i].gov)
                     if self.slots[i].retry != NULL:
-                        Py_DECREF(<object>self.slots[i].retry)
+                        rc_release(self.slots[i].retry, self.slots[i].retry_len)
                     if self.slots[i].shunt != NULL:
                         Py_DECREF(<object>self.slots[i].shunt)
             free(self.slots)
@@ -274,7 +316,7 @@ cdef class UpstreamConn(Conn):
         if self.slots[s].gov != NULL:
             up_gov_release(&self.slots[s])
         if self.slots[s].retry != NULL:
-            Py_DECREF(<object>self.slots[s].retry)
+            rc_release(self.slots[s].retry, self.slots[s].retry_len)
             self.slots[s].retry = NULL
         if self.slots[s].shunt != NULL:
             Py_DECREF(<object>self.slots[s].shunt)
@@ -368,7 +410,8 @@ cdef class UpstreamConn(Conn):
                 if again is None and self.slots[s].retry != NULL:
                     g = <ServiceGov>self.slots[s].gov
                     if self.slots[s].attempt < g.max_attempts and gv_budget(g):
-                        again = <bytes>self.slots[s].retry
+                        again = PyBytes_FromStringAndSize(self.slots[s].retry,
+                                                          self.slots[s].retry_len)
                     elif self.slots[s].attempt < g.max_attempts:
                         g.n_budget_exhausted += 1
             if never and self.slots[s].attempt >= MAX_UNSENT_TRIES:
