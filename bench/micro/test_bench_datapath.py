@@ -15,6 +15,10 @@ the end-to-end CPU figure that the proxy controls (the rest is syscalls).
   per caller, breakers, outlier counts, adaptive limit, a retry policy that
   keeps a retry copy of each request); requests carry a caller appkey.
   Goal (issue 14): <= +10% of forwarded.
+- inbound / inbound+gov: the server-side proxy's data path (requests from
+  the caller's proxy to the provider, its answers back), without and with
+  every provider-side feature on and no limit hit (rate rules by service,
+  method and per caller, a cluster quota spending a step from Redis).
 - locally answered: the proxy answers the request itself: unknown service,
   overload (the per-connection in-flight limit reached), draining (hot restart), and timeout (the
   request went upstream and its deadline passed: the cost of the sweep
@@ -353,17 +357,73 @@ class Timeouts:
         self.rig.loop.run_ready()
 
 
+def provider_gov() -> Any:
+    """Every provider-side governance feature on, limits far above the load
+    (bench/e2e/bench_governance.py's provider-side policy): rate rules by
+    service, method and per caller, and a cluster quota spending a step
+    taken from Redis (the step is never used up here, so Redis is not asked)."""
+    big = 10_000_000
+    g = L.ServiceGov(APPKEY)
+    g.set_rules(
+        [
+            L.RateRule("service", big),
+            L.RateRule("method", big, method="echo"),
+            L.RateRule("each caller", big, per_caller=True),
+        ],
+        [],
+    )
+    g.qmode = L.QM_REDIS
+    g.qtokens = 1e18
+    return g
+
+
+class Inbound:
+    """The server-side proxy: requests in from the caller's proxy, on to the
+    provider, its answers back (B of the end-to-end chain)."""
+
+    def __init__(self, body: bytes = BODY, gov: bool = False) -> None:
+        self.rig = Rig()
+        self.ic = self.rig.eng.inbound("/bench-provider", provider_gov() if gov else None)
+        self.peer = FakeTransport()
+        self.ic.connection_made(self.peer)  # connects to the provider (Rig.connect)
+        self.pv, self.prov = self.rig.ups[0]
+        self.reqs = request_batch(body=body, caller="com.bench.caller")
+        resp = F.encode_response(1, BODY)
+        off = seq_off_of(resp)
+        out = bytearray()
+        for i in range(BATCH):
+            r = bytearray(resp)
+            struct.pack_into(">q", r, off, 1000 + i)  # the provider answers under the caller's ids
+            out += r
+        self.answers = bytes(out)
+        before = self.prov.nbytes
+        self.timed()
+        assert self.prov.nbytes - before == len(self.reqs)  # every request reached the provider
+        check_answers(self.peer, 0, BATCH, 0)
+
+    def timed(self) -> None:
+        feed(self.ic, self.reqs)
+        self.rig.loop.run_ready()
+        feed(self.pv, self.answers)
+        self.rig.loop.run_ready()
+
+
 def make(kind: str, body: bytes = BODY) -> Any:
     if kind == "forwarded":
         return Forwarding(body)
     if kind == "forwarded+gov":
         return Forwarding(body, gov=True)
+    if kind == "inbound":
+        return Inbound(body)
+    if kind == "inbound+gov":
+        return Inbound(body, gov=True)
     if kind == "timeout":
         return Timeouts(body)
     return LocalAnswer(kind, body)
 
 
-KINDS = ("forwarded", "forwarded+gov", "unknown service", "overload", "draining", "timeout")
+KINDS = ("forwarded", "forwarded+gov", "inbound", "inbound+gov", "unknown service", "overload",
+         "draining", "timeout")
 
 
 @pytest.mark.parametrize("body", ["plain", "thrift"])
@@ -401,12 +461,13 @@ def main() -> int:
     print(f"data path, in-process, fake transports; {BATCH} frames per read; median ns per request")
     for label, body in (("body not Thrift", BODY), ("body a Thrift call", THRIFT_BODY)):
         res = {k: measure(k, body=body) for k in KINDS}
-        fwd = res["forwarded"]
         print(f" {label}:")
         for k, v in res.items():
+            # governance against its own path; local answers against a forwarded request
+            ref = k.removesuffix("+gov") if k.endswith("+gov") else "forwarded"
             print(
                 f"  {k:<16} {v:8.0f} ns"
-                + ("" if k == "forwarded" else f"  {v / fwd:5.2f}x forwarded")
+                + ("" if k == ref else f"  {v / res[ref]:5.2f}x {ref}")
             )
     return 0
 
