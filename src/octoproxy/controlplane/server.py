@@ -266,6 +266,12 @@ class ControlPlane:
                 ("grpc.max_send_message_length", 256 * 1024 * 1024),
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
+                # proxies ping every 20 s (xds/client.py); gRPC's default
+                # (one ping per 5 minutes while no data is sent, GOAWAY
+                # "too_many_pings" after 2 strikes) closed every idle stream
+                # after 2-4 minutes.  The minimum interval alone is not used
+                # by gRPC 1.85 for a stream's pings (tested): no strikes
+                ("grpc.http2.max_ping_strikes", 0),
             ]
         )
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.ads, server)
