@@ -40,6 +40,8 @@ INT64_MAX = 2**63 - 1
 MAX_VALUE_BYTES = 4096
 MAX_RULES = 1024  # per scope
 MAX_CONDITIONS = 32  # per rule
+MAX_SET_VALUES = 10_000  # values of an 'in' condition, remainders of a 'mod'
+MAX_UNIT_ENTRIES = 100_000  # entries of a unit table
 
 FNV64_OFFSET = 0xCBF29CE484222325
 FNV64_PRIME = 0x100000001B3
@@ -100,6 +102,8 @@ def _check_match(where: str, m: model.ShuntMatch) -> None:
         raise ValueError(f"{where}: a key is only for source {model.SRC_CONTEXT!r}")
     if m.source == model.SRC_RANDOM and m.op != model.OP_PERCENT:
         raise ValueError(f"{where}: source {model.SRC_RANDOM!r} goes only with op 'percent'")
+    if len(m.values) > MAX_SET_VALUES or len(m.remainders) > MAX_SET_VALUES:
+        raise ValueError(f"{where}: more than {MAX_SET_VALUES} values")
     for v in m.values:
         _ident(where, "a value", v, empty_ok=True)
     if m.op in (model.OP_EQ, model.OP_PREFIX):
@@ -173,6 +177,8 @@ def _check_rule(where: str, r: model.ShuntRule) -> None:
             raise ValueError(f"{where}: give either a constant value or source_key + unit_table")
         if not r.unit_table:
             raise ValueError(f"{where}: source_key {r.source_key!r} without a unit_table")
+        if len(r.unit_table) > MAX_UNIT_ENTRIES:
+            raise ValueError(f"{where}: a unit_table of more than {MAX_UNIT_ENTRIES} entries")
         seen: set[str] = set()
         for pair in r.unit_table:
             if not isinstance(pair, tuple) or len(pair) != 2:
@@ -188,10 +194,20 @@ def _check_rule(where: str, r: model.ShuntRule) -> None:
         _ident(where, "value", r.value, empty_ok=True)
 
 
+# scope -> the rule tuple last found valid for it (the tuple itself: rules are
+# immutable).  The xDS client validates a big rule set in a worker thread;
+# the core's update_shunting then checks the same tuple again on the event
+# loop (the one gate), which this makes free instead of up to a second.
+_valid: dict[str, tuple[model.ShuntRule, ...]] = {}
+
+
 def validate_rules(scope: str, rules: Iterable[model.ShuntRule]) -> None:
     """Raise ValueError naming the scope and the rule when `rules` is not a
     valid ordered rule set for `scope` (a provider appkey or SHUNT_GLOBAL)."""
+    if isinstance(rules, tuple) and _valid.get(scope) is rules:
+        return
     _ident("shunting", "the scope", scope)
+    given = rules
     rules = tuple(rules)
     sc = "global rules" if scope == model.SHUNT_GLOBAL else f"rules of {scope!r}"
     if len(rules) > MAX_RULES:
@@ -208,3 +224,7 @@ def validate_rules(scope: str, rules: Iterable[model.ShuntRule]) -> None:
             raise ValueError(f"{where}: the name is used twice")
         names.add(r.name)
         _check_rule(where, r)
+    if not rules:
+        _valid.pop(scope, None)  # a scope's rules removed: nothing kept for it
+    elif isinstance(given, tuple):
+        _valid[scope] = given

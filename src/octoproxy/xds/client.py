@@ -95,7 +95,9 @@ class TypeHandler(Protocol):
     a rejected resource).  Call `XdsClient.names_changed` when `names()` changes.
     A handler may also have ``steps(resources, removed, sotw)``: a generator
     doing on_response's work in steps and returning its problems; the client
-    then lets the loop serve traffic between steps (every 2 ms of work)."""
+    then lets the loop serve traffic between steps (every 2 ms of work), and
+    waits for what a step yields when it is not None (a future, e.g. a
+    worker thread's; the handler reads its result)."""
 
     type_url: str
     short: str  # for logs and versions(), e.g. "SDS"
@@ -1125,11 +1127,17 @@ class XdsClient:
                 gen = steps(*handler_args(resp, self.delta))
                 while True:
                     try:
-                        next(gen)
+                        wait = next(gen)
                     except StopIteration as stop:
                         errors = stop.value
                         break
-                    await self._pace()
+                    if wait is not None:
+                        # work the handler runs elsewhere (a thread); its outcome,
+                        # an error included, is the handler's to read
+                        await asyncio.wait([wait])
+                        self._slice_start = time.perf_counter()
+                    else:
+                        await self._pace()
         except Exception as e:  # a handler's bug must not end the stream
             log.exception("xDS: %s handler failed", h.short)
             errors = [f"internal error: {type(e).__name__}"]

@@ -11,10 +11,11 @@ Struct any control plane can carry.  docs/xds.md section 2, "Shunting rules".
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import DecodeError
 
 from octoproxy import model
-from octoproxy.shunting import MAX_CONDITIONS, MAX_RULES, validate_rules
+from octoproxy.shunting import MAX_CONDITIONS, MAX_RULES, MAX_UNIT_ENTRIES, validate_rules
 from octoproxy.xds.authres import unknown_field
 from octoproxy.xds.resources import LB_NS, OCTO_NS, ResourceError, appkey_problem, digest
 
@@ -175,6 +176,8 @@ def match_to_dict(m: model.ShuntMatch) -> dict[str, Any]:
 def _unit_table(where: str, t: Any) -> tuple[tuple[str, str], ...]:
     if not isinstance(t, Mapping):
         raise ValueError(f"{where} must be a mapping of request value -> target value")
+    if len(t) > MAX_UNIT_ENTRIES:  # before converting them all
+        raise ValueError(f"{where}: more than {MAX_UNIT_ENTRIES} entries")
     out = []
     for k, v in t.items():
         # YAML reads `1001: set-bj` with an integer key
@@ -662,6 +665,16 @@ class _Rules:
     pushed: bool = False  # the sink holds non-empty rules of ours for this scope
 
 
+def _run_steps(steps: Generator[Any, None, list[str]]) -> list[str]:
+    """The return value of a generator that yields nothing to wait for, at once."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            errors: list[str] = stop.value
+            return errors
+
+
 class RuleResources:
     """The RouteConfiguration resources an XdsClient asks for: one per
     subscribed appkey plus GLOBAL_RESOURCE while anything is subscribed.
@@ -707,9 +720,24 @@ class RuleResources:
         self, resources: list[tuple[str, str, Any]], removed: list[str], sotw: bool
     ) -> list[str]:
         """Apply a response's resources; returns the problems (NACK if any)."""
+        return _run_steps(self._steps(resources, removed, sotw, offload=False))
+
+    def steps(
+        self, resources: list[tuple[str, str, Any]], removed: list[str], sotw: bool
+    ) -> Generator[Any, None, list[str]]:
+        """on_response for the xDS client: each changed RouteConfiguration is
+        decoded and converted in a worker thread (a future the client awaits),
+        so a big one (1024 rules of 32 conditions, a unit table of thousands
+        of entries: seconds of Python) does not hold the event loop; the
+        interpreter hands the loop the GIL every few ms meanwhile.  Only
+        giving the rules to the core runs on the loop."""
+        return self._steps(resources, removed, sotw, offload=True)
+
+    def _steps(self, resources: list[tuple[str, str, Any]], removed: list[str], sotw: bool,
+               offload: bool) -> Generator[Any, None, list[str]]:
         if sotw:
-            return self._on_sotw([any_ for _, _, any_ in resources])
-        return self._on_delta(resources, removed)
+            return (yield from self._on_sotw([any_ for _, _, any_ in resources], offload))
+        return (yield from self._on_delta(resources, removed, offload))
 
     def _push(self, name: str, rules: tuple[model.ShuntRule, ...]) -> None:
         update = getattr(self.sink, "update_shunting", None)
@@ -724,22 +752,37 @@ class RuleResources:
         except Exception:
             log.exception("route sink failed to drop the shunting rules of %s", name)
 
-    def _one(self, name: str, body: bytes, version: str, errors: list[str]) -> None:
+    @staticmethod
+    def _convert(name: str, body: bytes) -> tuple[model.ShuntRule, ...]:
+        """Decode and convert one RouteConfiguration (pure: runs in a worker thread)."""
+        try:
+            rc = route_pb2.RouteConfiguration.FromString(body)
+        except DecodeError as bad:
+            raise ResourceError(f"RouteConfiguration {name!r}: cannot decode: {bad}") from None
+        if rc.name != name:
+            raise ResourceError(
+                f"RouteConfiguration {rc.name!r} delivered under the name {name!r}"
+            )
+        return route_config_to_rules(rc)
+
+    def _one(self, name: str, body: bytes, version: str, errors: list[str],
+             offload: bool) -> Generator[Any, None, None]:
         e = self.entries[name]
         d = digest(body)
         if d == e.raw:
             e.version = version
             return
         try:
-            try:
-                rc = route_pb2.RouteConfiguration.FromString(body)
-            except DecodeError as bad:
-                raise ResourceError(f"RouteConfiguration {name!r}: cannot decode: {bad}") from None
-            if rc.name != name:
-                raise ResourceError(
-                    f"RouteConfiguration {rc.name!r} delivered under the name {name!r}"
-                )
-            rules = route_config_to_rules(rc)
+            if offload:
+                fut = asyncio.get_running_loop().run_in_executor(None, self._convert, name, body)
+                yield fut
+                rules = fut.result()
+                now = self.entries.get(name)  # unsubscribed meanwhile: nothing to apply
+                if now is None:
+                    return
+                e = now
+            else:
+                rules = self._convert(name, body)
             try:
                 self._push(name, rules)
             except ValueError as bad:  # the core's own checks
@@ -760,7 +803,7 @@ class RuleResources:
             self._clear(name)
         self.entries[name] = _Rules()
 
-    def _on_sotw(self, resources: list[Any]) -> list[str]:
+    def _on_sotw(self, resources: list[Any], offload: bool) -> Generator[Any, None, list[str]]:
         t = self.type_url
         errors: list[str] = []
         seen: dict[str, bytes] = {}
@@ -784,10 +827,11 @@ class RuleResources:
             errors.append(f"RouteConfiguration {name!r}: appears twice in the response")
         for name, body in seen.items():
             if name in self.entries and name not in twice:
-                self._one(name, body, "", errors)
+                yield from self._one(name, body, "", errors, offload)
         return errors
 
-    def _on_delta(self, resources: list[tuple[str, str, Any]], removed: list[str]) -> list[str]:
+    def _on_delta(self, resources: list[tuple[str, str, Any]], removed: list[str],
+                  offload: bool) -> Generator[Any, None, list[str]]:
         t = self.type_url
         errors: list[str] = []
         seen: set[str] = set()
@@ -809,7 +853,7 @@ class RuleResources:
                     f"in a {t} response"
                 )
             else:
-                self._one(name, any_.value, version, errors)
+                yield from self._one(name, any_.value, version, errors, offload)
         for name in removed:
             if name in seen:
                 errors.append(f"RouteConfiguration {name!r}: both updated and removed")
