@@ -132,3 +132,59 @@ def test_envoy_breakers_and_outlier_detection_over_ads() -> None:
             assert sum(f.status == 2 for f in out) >= 8
         finally:
             cp.close()
+
+
+@pytest.mark.parametrize("minimum_hosts", [3, 4])
+def test_envoy_failure_percentage_detector_over_ads(minimum_hosts: int) -> None:
+    """enforcing_failure_percentage 100, failure_percentage_threshold 50,
+    request_volume 5, minimum_hosts 3 (or 4), interval 1 s, the consecutive
+    detectors off: of 3 nodes, the one failing every call is ejected at an
+    interval's sweep when 3 nodes had the volume; never with minimum_hosts 4
+    (Envoy does not run the detector on fewer hosts)."""
+    nodes3 = NODES[:3]
+    with cluster() as c:
+        ports = c.provider_nodes(nodes3)
+        cp = DoubleThread()
+        try:
+            cp.do(cp.double.put_raw, CDS, envoy_cluster(A, outlier_detection={
+                "consecutive_5xx": 0, "interval": "1s", "base_ejection_time": "30s",
+                "max_ejection_percent": 50, "enforcing_failure_percentage": 100,
+                "failure_percentage_threshold": 50, "failure_percentage_request_volume": 5,
+                "failure_percentage_minimum_hosts": minimum_hosts}))
+            cp.do(cp.double.put_raw, EDS, pb({"cluster_name": A, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {
+                    "address": "127.0.0.1", "port_value": ports[n]}}}} for n in nodes3]}]},
+                endpoint_pb2.ClusterLoadAssignment))
+            sub, aport = free_port(), free_port()
+            c.proxy("client", xds_client_cfg(c.path("px.sock"), cp.target, sub,
+                                             admin={"port": aport}))
+            subscribe(f"http://127.0.0.1:{sub}", [A], timeout=15)
+            with Client(c.path("n1.sock")) as direct:
+                assert direct.call("x", b"break").ok
+
+            async def calls(seconds: float) -> list[Any]:
+                raw = await Raw.connect(c.path("px.sock"))
+                try:
+                    out = []
+                    stop = time.monotonic() + seconds
+                    while time.monotonic() < stop:
+                        out.append(await raw.call(b"r", appkey=A))
+                        await asyncio.sleep(0.01)
+                    return out
+                finally:
+                    await raw.close()
+
+            def ejected() -> list[str]:
+                return [n["address"] for n in
+                        admin_json(aport, "/clusters")["services"][A]["nodes"] if n["ejected"]]
+
+            out = uvloop.run(calls(3.5))  # three sweeps with every node over the volume
+            if minimum_hosts == 3:
+                assert ejected() == [f"127.0.0.1:{ports['n1']}"]
+                last = uvloop.run(calls(1.0))
+                assert all(f.status == 0 for f in last), [f.message for f in last if f.status]
+            else:
+                assert ejected() == []
+                assert sum(f.status == 2 for f in out) > 10
+        finally:
+            cp.close()
