@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_xds_e2e import FakeSink
 
 from octoproxy.controlplane import ControlPlane
 from octoproxy.xds import XdsClient
+
+from xds_helpers import Sink
 
 
 @pytest.mark.slow
@@ -28,7 +29,7 @@ def test_idle_stream_is_not_closed_for_its_keepalive_pings(tmp_path: Path) -> No
     async def main() -> tuple[int, str]:
         cp = ControlPlane(str(f), port=0, poll_s=0.5)
         await cp.start()
-        c = XdsClient(f"127.0.0.1:{cp.port}", FakeSink(), node_id="idle")
+        c = XdsClient(f"127.0.0.1:{cp.port}", Sink(), node_id="idle")
         c.start()
         try:
             c.subscribe(["app.a"])
