@@ -228,6 +228,10 @@ VALS = ["", "0", "1", "7", "-3", "+7", "42", "100", "bj", "sh", "x1", "set-a", "
 
 @st.composite
 def matches(draw):
+    if draw(st.integers(0, 9)) == 0:
+        # random: only 0% and 100% are deterministic (the core folds both at
+        # compile time: 0% never matches, 100% always does, no draw)
+        return M("random", "percent", percent=draw(st.sampled_from([0, 100])))
     src = draw(st.sampled_from(["service", "method", "caller", "context"]))
     op = draw(st.sampled_from(["eq", "in", "prefix", "present", "range", "mod", "percent"]))
     key = draw(st.sampled_from(KEYS)) if src == "context" else ""
@@ -344,17 +348,39 @@ def test_core_equals_reference(
 
 
 def test_more_context_keys_than_the_one_pass_table() -> None:
-    # 16 keys are looked up in one pass; a 17th and later alone: same answers
-    keys = [f"k{i}" for i in range(20)]
+    # 28 keys are looked up in one pass; a 29th and later alone: same answers
+    keys = [f"k{i}" for i in range(40)]
     rules = {
         "svc": tuple(
             Rule(f"r{i}", (M("context", "mod", key=k, modulus=10, remainders=(3,)),), group="g")
             for i, k in enumerate(keys)
         )
     }
-    for hit in (0, 15, 16, 19):
+    for hit in (0, 27, 28, 39):
         rq = ref.Request(appkey="svc", gctx={keys[hit]: "13", "k1": "x"}, lctx={keys[-1]: "5"})
-        if hit == 19:
-            rq = ref.Request(appkey="svc", lctx={keys[19]: "23"})
+        if hit == 39:
+            rq = ref.Request(appkey="svc", lctx={keys[39]: "23"})
         _, rule, _ = check(L, [SVC], rules, rq)
         assert rule == f"r{hit}"
+    # every op on a key looked up alone, and a unit table reading one
+    alone = keys[35]
+    ops = [
+        M("context", "eq", key=alone, values=("42",)),
+        M("context", "in", key=alone, values=("x", "42")),
+        M("context", "prefix", key=alone, values=("4",)),
+        M("context", "present", key=alone),
+        M("context", "range", key=alone, lo=40, hi=43),
+        M("context", "percent", key=alone, percent=100),
+        M("context", "percent", key=alone, percent=0),
+    ]
+    for m in ops:
+        rs = {"svc": (*rules["svc"][:35], Rule("t", (m,), group="g"))}
+        for v in ("42", "", "x"):
+            check(L, [SVC], rs, ref.Request(appkey="svc", gctx={alone: v}))
+        check(L, [SVC], rs, ref.Request(appkey="svc"))
+    unit = Rule(
+        "u", action="context", target="octo-set", source_key=alone, unit_table=(("42", "set-a"),)
+    )
+    rs = {"svc": (*rules["svc"][:35], unit)}
+    for g in ({alone: "42"}, {alone: "7"}, {}):
+        check(L, [SVC], rs, ref.Request(appkey="svc", gctx=g))

@@ -2,7 +2,7 @@
 # Implementation: frame.pyx.  Signatures below are the seam; add fields/functions
 # freely, but do not change these without updating datapath.pyx.
 
-from libc.stdint cimport int32_t, int64_t, uint32_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t, uint8_t
 
 cdef enum:
     # what kind of frame fr_scan found
@@ -139,11 +139,24 @@ cdef inline Py_ssize_t fi_method(const uint8_t* frame, FrameInfo* fi,
     name_len[0] = fi.method_len
     return fi.method_off
 
-# The same for n keys in one pass over both maps (a rule set reads several):
-# offs[k]/lens[k] for keys[k] (klens[k] bytes), lens[k] = -1 when absent.
-cdef void fr_context_many(const uint8_t* frame, const FrameInfo* fi, const char** keys,
-                          const Py_ssize_t* klens, Py_ssize_t n, Py_ssize_t* offs,
-                          Py_ssize_t* lens) noexcept nogil
+# The context keys a caller looks up together (traffic shunting: every key
+# a service's rules read), for fr_context_many.  Fill n, keys, klens, then
+# call fr_ctx_keys_init (it sets `lens`).
+cdef enum:
+    FR_CTX_KEYS = 32           # keys looked up together, at most
+cdef struct FrCtxKeys:
+    Py_ssize_t n
+    uint64_t lens              # bit L: some key is L bytes long (bit 63: 63 or more)
+    const char* keys[32]       # FR_CTX_KEYS
+    Py_ssize_t klens[32]
+    uint64_t head[32]          # an entry's first 8 bytes (key length, up to 4 key bytes) ...
+    uint64_t hmask[32]         # ... under this mask: one compare for the length and the start
+cdef void fr_ctx_keys_init(FrCtxKeys* w) noexcept nogil
+
+# The same as fr_context_get for the keys of `w` in one pass over both maps:
+# offs[k]/lens[k] for w.keys[k], lens[k] = -1 when absent.
+cdef void fr_context_many(const uint8_t* frame, const FrameInfo* fi, const FrCtxKeys* w,
+                          Py_ssize_t* offs, Py_ssize_t* lens) noexcept nogil
 
 # The same over a bare Thrift message at body[0:n]: the name's offset in body.
 cdef Py_ssize_t fr_thrift_method(const uint8_t* body, Py_ssize_t n,

@@ -7,7 +7,7 @@ The contract is frame.pxd; the wire format is docs/protocol.md."""
 
 cimport cython
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memcpy, memset
 
 from octoproxy._core.constants cimport (
     CALL_ONEWAY, CALL_TWOWAY, MT_HEARTBEAT, MT_NORMAL, MT_PROXY_RESTART, MT_SCANNER_HEARTBEAT,
@@ -334,6 +334,26 @@ cdef const uint8_t* fr_response_info(const uint8_t* p, const uint8_t* end, const
     return p
 
 
+cdef inline const uint8_t* fr_ctx_entry(const uint8_t* p, const uint8_t* e, Py_ssize_t* kl,
+                                        Py_ssize_t* vl) noexcept nogil:
+    # One map<string,string> entry at p (e: the end of the bytes): the key is
+    # p[4:4+kl], the value follows its own 4-byte length.  Returns the next
+    # entry, or NULL when the entry does not fit.  The one reader of context
+    # entries: fr_context (scan time, checking) and fr_ctx_scan (lookups).
+    cdef int32_t k, v
+    if e - p < 8:
+        return NULL
+    k = <int32_t>fr_rd_u32(p)
+    if k < 0 or k > e - p - 8:
+        return NULL
+    v = <int32_t>fr_rd_u32(p + 4 + k)
+    if v < 0 or v > e - p - 8 - k:
+        return NULL
+    kl[0] = k
+    vl[0] = v
+    return p + 8 + k + v
+
+
 # The context-map keys the scanner picks out (docs/protocol.md 7.1): one row
 # each in CTX_KEYS below, so adding a key is one row (and, for a span, its
 # two FrameInfo fields).  SPAN(map, key, field): the value's offset and
@@ -392,8 +412,9 @@ cdef extern from *:
 cdef const uint8_t* fr_context(const uint8_t* p, const uint8_t* end, const uint8_t* base,
                                FrameInfo* fi, bint local, int* err) noexcept nogil:
     # map<string,string>: pick out the keys of the table above (CTX_KEYS).
-    cdef Py_ssize_t cnt, i, koff = 0, klen = 0, voff = 0, vlen = 0
+    cdef Py_ssize_t cnt, i, klen = 0, voff = 0, vlen = 0
     cdef const uint8_t* key
+    cdef const uint8_t* q
     if end - p < 6:
         err[0] = FE_BAD_HEADER
         return NULL
@@ -415,13 +436,13 @@ cdef const uint8_t* fr_context(const uint8_t* p, const uint8_t* end, const uint8
         err[0] = FE_BAD_HEADER
         return NULL
     for i in range(cnt):  # no-cython-lint: only the count matters
-        p = fr_string(p, end, base, &koff, &klen, err)
-        if p == NULL:
+        key = p + 4
+        q = fr_ctx_entry(p, end, &klen, &vlen)
+        if q == NULL:
+            err[0] = FE_BAD_HEADER
             return NULL
-        p = fr_string(p, end, base, &voff, &vlen, err)
-        if p == NULL:
-            return NULL
-        key = base + koff
+        voff = p + 8 + klen - base
+        p = q
         if klen < 8 or memcmp(key, b"octo-", 5) != 0:
             continue
         if local:
@@ -833,72 +854,84 @@ cdef Py_ssize_t fr_method(const uint8_t* frame, const FrameInfo* fi,
     return fi.body_off + off
 
 
-cdef Py_ssize_t fr_ctx_find(const uint8_t* frame, Py_ssize_t off, Py_ssize_t end,
-                            const char* key, Py_ssize_t klen, Py_ssize_t* vlen) noexcept nogil:
+cdef inline bint fr_same(const uint8_t* a, const char* b, Py_ssize_t n) noexcept nogil:
+    # short keys: a plain loop beats a call to memcmp
+    cdef Py_ssize_t i
+    for i in range(n):
+        if a[i] != <uint8_t>b[i]:
+            return False
+    return True
+
+
+cdef void fr_ctx_scan(const uint8_t* frame, Py_ssize_t off, Py_ssize_t end, const FrCtxKeys* w,
+                      Py_ssize_t* offs, Py_ssize_t* lens) noexcept nogil:
     # one context map at frame[off:end] (6-byte map header, then the entries
-    # fr_context checked): the last entry with `key` wins, as when decoding
+    # fr_context checked): the last entry with a key wins, as when decoding.
+    # An entry whose key length no wanted key has costs one bit test.
     cdef const uint8_t* p
+    cdef const uint8_t* q
     cdef const uint8_t* e
-    cdef Py_ssize_t kl, vl, found = -1
-    if off < 0 or end - off < 6:
-        return -1
-    p = frame + off + 6
-    e = frame + end
-    while e - p >= 8:
-        kl = <int32_t>fr_rd_u32(p)
-        if kl < 0 or e - p - 4 < kl + 4:
-            break
-        vl = <int32_t>fr_rd_u32(p + 4 + kl)
-        if vl < 0 or e - p - 8 - kl < vl:
-            break
-        if kl == klen and memcmp(p + 4, key, <size_t>kl) == 0:
-            found = p + 8 + kl - frame
-            vlen[0] = vl
-        p += 8 + kl + vl
-    return found
-
-
-cdef Py_ssize_t fr_context_get(const uint8_t* frame, const FrameInfo* fi, const char* key,
-                               Py_ssize_t klen, Py_ssize_t* vlen) noexcept nogil:
-    cdef Py_ssize_t off = fr_ctx_find(frame, fi.lctx_off, fi.lctx_end, key, klen, vlen)
-    if off >= 0:
-        return off
-    return fr_ctx_find(frame, fi.gctx_off, fi.gctx_end, key, klen, vlen)
-
-
-cdef void fr_ctx_scan(const uint8_t* frame, Py_ssize_t off, Py_ssize_t end, const char** keys,
-                      const Py_ssize_t* klens, Py_ssize_t n, Py_ssize_t* offs,
-                      Py_ssize_t* lens) noexcept nogil:
-    cdef const uint8_t* p
-    cdef const uint8_t* e
-    cdef Py_ssize_t kl, vl, k
+    cdef Py_ssize_t kl = 0, vl = 0, k
+    cdef uint64_t x
     if off < 0 or end - off < 6:
         return
     p = frame + off + 6
     e = frame + end
-    while e - p >= 8:
-        kl = <int32_t>fr_rd_u32(p)
-        if kl < 0 or e - p - 4 < kl + 4:
-            break
-        vl = <int32_t>fr_rd_u32(p + 4 + kl)
-        if vl < 0 or e - p - 8 - kl < vl:
-            break
-        for k in range(n):
-            if kl == klens[k] and memcmp(p + 4, keys[k], <size_t>kl) == 0:
-                offs[k] = p + 8 + kl - frame
-                lens[k] = vl
-        p += 8 + kl + vl
+    while True:
+        q = fr_ctx_entry(p, e, &kl, &vl)
+        if q == NULL:
+            return
+        if (w.lens >> (kl if kl < 63 else 63)) & 1:
+            # an entry is at least 8 bytes: its key length and up to 4 key
+            # bytes are compared as one word, the rest of the key bytewise
+            memcpy(&x, p, 8)
+            for k in range(w.n):
+                if (x & w.hmask[k]) == w.head[k] and (
+                        kl <= 4 or fr_same(p + 8, w.keys[k] + 4, kl - 4)):
+                    offs[k] = p + 8 + kl - frame
+                    lens[k] = vl
+        p = q
 
 
-cdef void fr_context_many(const uint8_t* frame, const FrameInfo* fi, const char** keys,
-                          const Py_ssize_t* klens, Py_ssize_t n, Py_ssize_t* offs,
-                          Py_ssize_t* lens) noexcept nogil:
+cdef void fr_ctx_keys_init(FrCtxKeys* w) noexcept nogil:
+    cdef Py_ssize_t k, i, kl
+    cdef uint8_t h[8]
+    cdef uint8_t m[8]
+    w.lens = 0
+    for k in range(w.n):
+        kl = w.klens[k]
+        w.lens |= (<uint64_t>1) << (kl if kl < 63 else 63)
+        memset(h, 0, 8)
+        memset(m, 0, 8)
+        fr_wr_u32(h, <uint32_t>kl)
+        memset(m, 0xFF, 4)
+        for i in range(kl if kl < 4 else 4):
+            h[4 + i] = <uint8_t>w.keys[k][i]
+            m[4 + i] = 0xFF
+        memcpy(&w.head[k], h, 8)
+        memcpy(&w.hmask[k], m, 8)
+
+
+cdef void fr_context_many(const uint8_t* frame, const FrameInfo* fi, const FrCtxKeys* w,
+                          Py_ssize_t* offs, Py_ssize_t* lens) noexcept nogil:
     cdef Py_ssize_t k
-    for k in range(n):
+    for k in range(w.n):
         lens[k] = -1
     # globalContext first: a localContext entry overwrites it (local wins)
-    fr_ctx_scan(frame, fi.gctx_off, fi.gctx_end, keys, klens, n, offs, lens)
-    fr_ctx_scan(frame, fi.lctx_off, fi.lctx_end, keys, klens, n, offs, lens)
+    fr_ctx_scan(frame, fi.gctx_off, fi.gctx_end, w, offs, lens)
+    fr_ctx_scan(frame, fi.lctx_off, fi.lctx_end, w, offs, lens)
+
+
+cdef Py_ssize_t fr_context_get(const uint8_t* frame, const FrameInfo* fi, const char* key,
+                               Py_ssize_t klen, Py_ssize_t* vlen) noexcept nogil:
+    cdef FrCtxKeys w
+    cdef Py_ssize_t off = -1
+    w.n = 1
+    w.keys[0] = key
+    w.klens[0] = klen
+    fr_ctx_keys_init(&w)
+    fr_context_many(frame, fi, &w, &off, vlen)
+    return off if vlen[0] >= 0 else -1
 
 
 cdef const char* fr_strerror(Py_ssize_t code) noexcept nogil:

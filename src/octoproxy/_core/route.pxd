@@ -6,7 +6,7 @@ cimport cython
 from cpython.object cimport PyObject
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
-from octoproxy._core.frame cimport FrameInfo
+from octoproxy._core.frame cimport FrameInfo, FrCtxKeys
 
 
 cdef enum:
@@ -128,24 +128,31 @@ cdef class GroupEntry:
 # array of rules per service (its own rules, then the global ones), every
 # string a (pointer, length) into bytes the RtRules object keeps alive.
 cdef struct RtCond:
-    int src                         # RS_*
-    int op                          # RO_*
-    int kidx                        # RS_CONTEXT: index in RtRules.ckeys (-1: looked up alone)
-    const char* key                 # context key (RS_CONTEXT)
-    Py_ssize_t key_len
-    const char** vals               # eq/prefix: 1; in: n
-    Py_ssize_t* vlens
-    Py_ssize_t nvals
+    # what a request's test reads first, in the first 64 bytes
+    int op                          # RO_* (RO_ALONE: a context key past the one-pass table)
+    int slot                        # the request value it reads (RtReq slot, RQ_*); -1: RO_ALONE
+    uint32_t threshold              # percent: buckets of 10000
+    int aop                         # RO_ALONE: the real RO_*
+    const char* val0                # eq/prefix: the value (in: the first)
+    Py_ssize_t vlen0
     int64_t lo                      # range [lo, hi)
     int64_t hi
-    int64_t modulus                 # mod
     uint64_t mod_m                  # mod: Lemire's fastmod multiplier (modulus < 2^32), else 0
+    int64_t modulus                 # mod
     int64_t* rems
     Py_ssize_t nrems
-    uint32_t threshold              # percent: buckets of 10000
+    const char** vals               # in: n
+    Py_ssize_t* vlens
+    Py_ssize_t nvals
+    const char* key                 # RO_ALONE: its context key
+    Py_ssize_t key_len
 
 
 cdef struct RtRule:
+    # need: the request slots that must be present (bit s) and read as
+    # integers (bit 32 + s) for the rule to match, tested against RtReq.have
+    # with one AND before any compare
+    uint64_t need
     RtCond* conds
     Py_ssize_t nconds
     int action                      # 0 group, 1 context
@@ -156,7 +163,7 @@ cdef struct RtRule:
     Py_ssize_t value_len
     const char* skey                # context: the unit table's source key (NULL: constant)
     Py_ssize_t skey_len
-    int skidx                       # its index in RtRules.ckeys (-1: looked up alone)
+    int skslot                      # its RtReq slot (-1: looked up alone)
     PyObject* table                 # RtIndex value -> bytes (borrowed) or NULL
     PyObject* stat                  # ShuntStat (borrowed)
 
@@ -180,9 +187,12 @@ cdef class RtRules:
     cdef RtRule* rules
     cdef Py_ssize_t n
     cdef bint needs_method          # a condition reads the method (parsed once per request)
-    cdef const char* ckeys[16]      # the context keys the rules read (RT_MAX_CTX), found in
-    cdef Py_ssize_t cklen[16]       # one pass over the request's maps at the first use
-    cdef Py_ssize_t nck
+    # the context keys the rules read (RT_MAX_CTX): RtReq slots RQ_CTX..,
+    # found in one pass over the request's maps
+    cdef FrCtxKeys ck
+    cdef uint64_t slots             # RtReq slots some rule reads (bit s)
+    cdef uint64_t int_slots         # ... as an integer (range, mod): parsed once per request
+    cdef uint64_t pct_slots         # ... as a percent bucket: hashed once per request
     cdef list keep                  # bytes, RtIndex and ShuntStat objects the arrays point into
     cdef const char* keep_str(self, str v, Py_ssize_t* n) except? NULL
 

@@ -19,7 +19,7 @@ from libc.string cimport memcmp, memset
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 from octoproxy._core.frame cimport (
-    FrameInfo, fi_method, fr_context_get, fr_context_many, fr_scan,
+    FM_UNREAD, FrameInfo, fi_method, fr_context_get, fr_context_many, fr_ctx_keys_init, fr_scan,
 )
 
 import os
@@ -462,11 +462,28 @@ cdef enum:
     RO_RANGE = 4
     RO_MOD = 5
     RO_PERCENT = 6
+    RO_RANDOM = 7                   # a random percentage (no request value)
+    RO_ALONE = 8                    # a context key past the table, looked up alone (op: aop)
+    RO_PRESENT_ANY = 9              # present, even empty (a percentage of 100%)
+
+    RC_KEEP = 0                     # rt_compile_cond: the condition is tested per request
+    RC_DROP = 1                     # ... always true (beyond its value's presence): not tested
+    RC_NEVER = 2                    # ... never true: the rule never matches
 
     RA_GROUP = 0
     RA_CONTEXT = 1
 
-    RT_MAX_CTX = 16                 # context keys looked up in one pass per request
+    # the request values the rules read, one slot each (RtReq): the service,
+    # the caller, the method, then the context keys in the order the rules
+    # first name them; 32 slots so that presence fits one word
+    RQ_SERVICE = 0
+    RQ_CALLER = 1
+    RQ_METHOD = 2
+    RQ_CTX = 3
+    RT_MAX_CTX = 28                 # context keys looked up in one pass per request (slots 3-30)
+
+# a `need` bit no request has (slot 31 is never used): a rule that cannot match
+cdef uint64_t RQ_NEVER = (<uint64_t>1) << 63
 
 cdef dict _RS = {_model.SRC_SERVICE: RS_SERVICE, _model.SRC_METHOD: RS_METHOD,
                  _model.SRC_CALLER: RS_CALLER, _model.SRC_CONTEXT: RS_CONTEXT,
@@ -475,6 +492,12 @@ cdef dict _RO = {_model.OP_EQ: RO_EQ, _model.OP_IN: RO_IN, _model.OP_PREFIX: RO_
                  _model.OP_PRESENT: RO_PRESENT, _model.OP_RANGE: RO_RANGE,
                  _model.OP_MOD: RO_MOD, _model.OP_PERCENT: RO_PERCENT}
 cdef dict _TARGETS = {"octo-liteset": 0, "octo-set": 1, "octo-swimlane": 2}
+
+cdef extern from *:
+    """
+    static inline int rt_ctz64(uint64_t x) { return __builtin_ctzll(x); }
+    """
+    int rt_ctz64(uint64_t x) noexcept nogil
 
 
 @cython.final
@@ -494,7 +517,11 @@ cdef class RtRules:
         self.rules = NULL
         self.n = 0
         self.needs_method = False
-        self.nck = 0
+        self.ck.n = 0
+        self.ck.lens = 0
+        self.slots = 0
+        self.int_slots = 0
+        self.pct_slots = 0
         self.keep = []
 
     def __dealloc__(self):
@@ -519,8 +546,15 @@ cdef class RtRules:
         return PyBytes_AS_STRING(b)
 
 
-cdef int rt_compile_cond(RtRules rs, RtCond* c, object m) except -1:
+cdef int rt_compile_cond(RtRules rs, RtRule* r, RtCond* c, object m) except -1:
+    """One condition; adds what it reads to the rule's `need` and the rule
+    set's slots (what the request extraction fills in).  Returns RC_KEEP,
+    RC_DROP (always true once its value is present: a percentage of 100%)
+    or RC_NEVER (never true: a percentage of 0%)."""
     cdef Py_ssize_t i, nv
+    cdef int src = _RS[m.source]
+    cdef uint64_t bit
+    cdef uint32_t threshold = <uint32_t>_shunting.percent_threshold(m.percent)
     c.vals = NULL
     c.vlens = NULL
     c.rems = NULL
@@ -528,14 +562,50 @@ cdef int rt_compile_cond(RtRules rs, RtCond* c, object m) except -1:
     c.nrems = 0
     c.key = NULL
     c.key_len = 0
-    c.src = _RS[m.source]
+    c.val0 = NULL
+    c.vlen0 = 0
     c.op = _RO[m.op]
-    c.kidx = -1
-    if c.src == RS_METHOD:
+    c.aop = c.op
+    c.slot = -1
+    if src == RS_RANDOM:
+        c.op = RO_RANDOM
+    elif src == RS_SERVICE:
+        c.slot = RQ_SERVICE
+    elif src == RS_CALLER:
+        c.slot = RQ_CALLER
+    elif src == RS_METHOD:
+        c.slot = RQ_METHOD
         rs.needs_method = True
-    if c.src == RS_CONTEXT:
+    else:
         c.key = rs.keep_str(m.key, &c.key_len)
-        c.kidx = rt_ctx_index(rs, c.key, c.key_len)
+        c.slot = rt_ctx_slot(rs, c.key, c.key_len)
+        if c.slot < 0:
+            c.op = RO_ALONE
+    if c.op == RO_PERCENT or c.op == RO_RANDOM or c.aop == RO_PERCENT:
+        # 0% never matches, 100% always does (a bucket is below 10000):
+        # no hash, no draw
+        if threshold == 0:
+            return RC_NEVER
+        if threshold >= 10000:
+            if c.op == RO_ALONE:
+                c.aop = RO_PRESENT_ANY
+            elif c.op == RO_RANDOM:
+                return RC_DROP
+            else:
+                c.op = RO_PRESENT_ANY
+    if c.slot >= 0:
+        # a missing value makes any condition false; range and mod also
+        # need the value to read as an integer
+        bit = (<uint64_t>1) << c.slot
+        r.need |= bit
+        rs.slots |= bit
+        if c.op == RO_RANGE or c.op == RO_MOD:
+            r.need |= bit << 32
+            rs.int_slots |= bit
+        elif c.op == RO_PERCENT:
+            rs.pct_slots |= bit
+        elif c.op == RO_PRESENT_ANY:
+            return RC_DROP  # `need` has its presence: nothing left to test
     nv = len(m.values)
     if nv:
         c.vals = <const char**>calloc(nv, sizeof(char*))
@@ -545,6 +615,8 @@ cdef int rt_compile_cond(RtRules rs, RtCond* c, object m) except -1:
         for i in range(nv):
             c.vals[i] = rs.keep_str(m.values[i], &c.vlens[i])
         c.nvals = nv
+        c.val0 = c.vals[0]
+        c.vlen0 = c.vlens[0]
     c.lo = m.lo
     c.hi = m.hi
     c.modulus = m.modulus
@@ -558,51 +630,35 @@ cdef int rt_compile_cond(RtRules rs, RtCond* c, object m) except -1:
         for i in range(len(m.remainders)):
             c.rems[i] = m.remainders[i]
         c.nrems = len(m.remainders)
-    c.threshold = <uint32_t>_shunting.percent_threshold(m.percent)
-    return 0
+    c.threshold = threshold
+    return RC_KEEP
 
 
-cdef int rt_ctx_index(RtRules rs, const char* key, Py_ssize_t n) noexcept:
-    """The slot of a context key in the per-request lookup table (-1: full)."""
+cdef int rt_ctx_slot(RtRules rs, const char* key, Py_ssize_t n) noexcept:
+    """The RtReq slot of a context key (-1: the table is full)."""
     cdef Py_ssize_t k
-    for k in range(rs.nck):
-        if rs.cklen[k] == n and memcmp(rs.ckeys[k], key, <size_t>n) == 0:
-            return <int>k
-    if rs.nck == RT_MAX_CTX:
+    for k in range(rs.ck.n):
+        if rs.ck.klens[k] == n and memcmp(rs.ck.keys[k], key, <size_t>n) == 0:
+            return <int>(RQ_CTX + k)
+    if rs.ck.n == RT_MAX_CTX:
         return -1
-    rs.ckeys[rs.nck] = key
-    rs.cklen[rs.nck] = n
-    rs.nck += 1
-    return <int>(rs.nck - 1)
+    rs.ck.keys[rs.ck.n] = key
+    rs.ck.klens[rs.ck.n] = n
+    rs.ck.n += 1
+    fr_ctx_keys_init(&rs.ck)
+    return <int>(RQ_CTX + rs.ck.n - 1)
 
 
-# What one request's rule evaluation has read so far (on the C stack).
-cdef struct RtSeen:
-    bint ctx_done                   # the context keys were looked up
-    Py_ssize_t coff[16]             # RT_MAX_CTX
-    Py_ssize_t clen[16]
-    uint8_t cint_state[16]          # per key: 0 not parsed yet, 1 an integer, 2 not one
-    int64_t cint[16]                # per key: the parsed integer (range/mod)
-    uint8_t cb_done[16]             # per key: its percent bucket is in cb
-    uint32_t cb[16]                 # per key: FNV-1a-64(value) mod 10000
-
-
-cdef inline Py_ssize_t rt_ctx_value(RtRules rs, int kidx, const char* key, Py_ssize_t klen,
-                                    const uint8_t* p, const FrameInfo* fi, RtSeen* s,
-                                    Py_ssize_t* vl) noexcept:
-    cdef Py_ssize_t off
-    if kidx < 0:
-        off = fr_context_get(p, fi, key, klen, vl)
-        if off < 0:
-            vl[0] = -1
-        return off
-    if not s.ctx_done:
-        fr_context_many(p, fi, rs.ckeys, rs.cklen, rs.nck, s.coff, s.clen)
-        memset(s.cint_state, 0, rs.nck)
-        memset(s.cb_done, 0, rs.nck)
-        s.ctx_done = True
-    vl[0] = s.clen[kidx]
-    return s.coff[kidx]
+# The values one request offers the rules (on the C stack), filled once
+# before the first rule by rt_req_fill: slot s is valid when bit s of
+# `have` is set; iv[s] when bit 32 + s is set; pb[s] when s is a percent slot
+# and present.
+cdef struct RtReq:
+    uint64_t have
+    Py_ssize_t off[32]              # the value's offset in the frame
+    Py_ssize_t len[32]
+    int64_t iv[32]                  # the value read as an integer (range, mod)
+    uint32_t pb[32]                 # FNV-1a-64(value) mod 10000 (percent)
 
 
 cdef inline bint rt_same(const uint8_t* a, const char* b, Py_ssize_t n) noexcept:
@@ -640,14 +696,26 @@ cdef RtRules rt_compile_rules(RouteTable t, ServiceEntry e):
         rs.keep.append(st)
         r = &rs.rules[i]
         r.stat = <PyObject*>st
+        r.need = 0
         r.nconds = len(rule.matches)
         if r.nconds:
             r.conds = <RtCond*>calloc(r.nconds, sizeof(RtCond))
             if r.conds == NULL:
                 r.nconds = 0
                 raise MemoryError()
-            for j in range(r.nconds):
-                rt_compile_cond(rs, &r.conds[j], rule.matches[j])
+            j = 0
+            for m in rule.matches:
+                kind = rt_compile_cond(rs, r, &r.conds[j], m)
+                if kind == RC_KEEP:
+                    j += 1
+                    continue
+                free(<void*>r.conds[j].vals)
+                free(r.conds[j].vlens)
+                free(r.conds[j].rems)
+                memset(&r.conds[j], 0, sizeof(RtCond))
+                if kind == RC_NEVER:
+                    r.need |= RQ_NEVER  # no request has it: skipped with the need test
+            r.nconds = j
         if rule.action == _model.ACT_GROUP:
             r.action = RA_GROUP
             ge = e.groups.get(rule.group)
@@ -658,7 +726,11 @@ cdef RtRules rt_compile_rules(RouteTable t, ServiceEntry e):
             r.target = _TARGETS[rule.target]
             if rule.source_key:
                 r.skey = rs.keep_str(rule.source_key, &r.skey_len)
-                r.skidx = rt_ctx_index(rs, r.skey, r.skey_len)
+                r.skslot = rt_ctx_slot(rs, r.skey, r.skey_len)
+                if r.skslot >= 0:
+                    # a source value missing from the request is no match
+                    r.need |= (<uint64_t>1) << r.skslot
+                    rs.slots |= (<uint64_t>1) << r.skslot
                 keys = []
                 hashes = []
                 vals = []
@@ -709,60 +781,49 @@ cdef inline uint64_t rt_fnv1a64(const uint8_t* p, Py_ssize_t n) noexcept:
     return h
 
 
-cdef inline bint rt_cond(RouteTable t, RtRules rs, const RtCond* c, const uint8_t* p,
-                         FrameInfo* fi, RtSeen* s) noexcept:
-    """One condition on one request; a missing value makes it false."""
-    cdef Py_ssize_t off = 0, vl = -1, i
-    cdef const uint8_t* v
-    cdef int64_t x, r
-    if c.src == RS_RANDOM:
-        return rt_below(rt_rand(&t._rng), 10000) < c.threshold
-    if c.src == RS_SERVICE:
-        off = fi.service_off
-        vl = fi.service_len
-    elif c.src == RS_CALLER:
-        off = fi.caller_off
-        vl = fi.caller_len
-    elif c.src == RS_METHOD:
-        # parsed once per request (shared with governance and auth), and
-        # only when a rule reads it
-        off = fi_method(p, fi, &vl)
-    else:
-        off = rt_ctx_value(rs, c.kidx, c.key, c.key_len, p, fi, s, &vl)
-    if vl < 0:
-        return False
-    v = p + off
-    if c.op == RO_EQ:
-        return vl == c.vlens[0] and rt_same(v, c.vals[0], vl)
-    if c.op == RO_IN:
-        for i in range(c.nvals):
-            if vl == c.vlens[i] and rt_same(v, c.vals[i], vl):
-                return True
-        return False
-    if c.op == RO_PREFIX:
-        return vl >= c.vlens[0] and rt_same(v, c.vals[0], c.vlens[0])
-    if c.op == RO_PRESENT:
-        return vl > 0
-    if c.op == RO_PERCENT:
-        if c.src == RS_CONTEXT and c.kidx >= 0:
-            # one hash per key and request, however many rules read it
-            if not s.cb_done[c.kidx]:
-                s.cb[c.kidx] = <uint32_t>(rt_fnv1a64(v, vl) % 10000)
-                s.cb_done[c.kidx] = 1
-            return s.cb[c.kidx] < c.threshold
-        return <uint32_t>(rt_fnv1a64(v, vl) % 10000) < c.threshold
-    if c.src == RS_CONTEXT and c.kidx >= 0:
-        # a context value read as an integer once per request
-        if s.cint_state[c.kidx] == 0:
-            s.cint_state[c.kidx] = 1 if rt_parse_i64(v, vl, &s.cint[c.kidx]) else 2
-        if s.cint_state[c.kidx] == 2:
-            return False
-        x = s.cint[c.kidx]
-    elif not rt_parse_i64(v, vl, &x):
-        return False
-    if c.op == RO_RANGE:
-        return c.lo <= x < c.hi
-    # RO_MOD, floored like Python's %: -3 % 10 == 7
+cdef inline void rt_req_fill(RtRules rs, const uint8_t* p, FrameInfo* fi, RtReq* q) noexcept:
+    """Everything the service's rules read from this request, once: the
+    context keys in one pass over both maps, each integer parsed once, each
+    percent bucket hashed once."""
+    cdef uint64_t have = 0, m
+    cdef Py_ssize_t k
+    cdef int s
+    if fi.service_len >= 0:
+        q.off[RQ_SERVICE] = fi.service_off
+        q.len[RQ_SERVICE] = fi.service_len
+        have |= (<uint64_t>1) << RQ_SERVICE
+    if fi.caller_len >= 0:
+        q.off[RQ_CALLER] = fi.caller_off
+        q.len[RQ_CALLER] = fi.caller_len
+        have |= (<uint64_t>1) << RQ_CALLER
+    if rs.needs_method:
+        # parsed once per request, shared with governance and auth
+        q.off[RQ_METHOD] = fi_method(p, fi, &q.len[RQ_METHOD])
+        if q.len[RQ_METHOD] >= 0:
+            have |= (<uint64_t>1) << RQ_METHOD
+    if rs.ck.n:
+        fr_context_many(p, fi, &rs.ck, &q.off[RQ_CTX], &q.len[RQ_CTX])
+        for k in range(rs.ck.n):
+            if q.len[RQ_CTX + k] >= 0:
+                have |= (<uint64_t>1) << (RQ_CTX + k)
+    m = rs.int_slots & have
+    while m:
+        s = rt_ctz64(m)
+        m &= m - 1
+        if rt_parse_i64(p + q.off[s], q.len[s], &q.iv[s]):
+            have |= (<uint64_t>1) << (32 + s)
+    m = rs.pct_slots & have
+    while m:
+        s = rt_ctz64(m)
+        m &= m - 1
+        q.pb[s] = <uint32_t>(rt_fnv1a64(p + q.off[s], q.len[s]) % 10000)
+    q.have = have
+
+
+cdef inline bint rt_mod_in(const RtCond* c, int64_t x) noexcept:
+    # floored like Python's %: -3 % 10 == 7
+    cdef int64_t r
+    cdef Py_ssize_t i
     if c.mod_m != 0 and -4294967296LL < x < 4294967296LL:
         r = rt_fastmod(<uint32_t>(x if x >= 0 else -x), c.mod_m, <uint32_t>c.modulus)
         if x < 0 and r != 0:
@@ -775,6 +836,69 @@ cdef inline bint rt_cond(RouteTable t, RtRules rs, const RtCond* c, const uint8_
         if c.rems[i] == r:
             return True
     return False
+
+
+cdef inline bint rt_in(const RtCond* c, const uint8_t* v, Py_ssize_t vl) noexcept:
+    cdef Py_ssize_t i
+    for i in range(c.nvals):
+        if vl == c.vlens[i] and rt_same(v, c.vals[i], vl):
+            return True
+    return False
+
+
+cdef bint rt_test_alone(const RtCond* c, const uint8_t* p, const FrameInfo* fi) noexcept:
+    """A condition on a context key past the one-pass table: looked up on
+    its own, parsed or hashed for this condition only."""
+    cdef Py_ssize_t vl = -1
+    cdef Py_ssize_t off = fr_context_get(p, fi, c.key, c.key_len, &vl)
+    cdef const uint8_t* v
+    cdef int64_t x
+    if off < 0:
+        return False
+    v = p + off
+    if c.aop == RO_EQ:
+        return vl == c.vlen0 and rt_same(v, c.val0, vl)
+    if c.aop == RO_IN:
+        return rt_in(c, v, vl)
+    if c.aop == RO_PREFIX:
+        return vl >= c.vlen0 and rt_same(v, c.val0, c.vlen0)
+    if c.aop == RO_PRESENT:
+        return vl > 0
+    if c.aop == RO_PRESENT_ANY:
+        return True
+    if c.aop == RO_PERCENT:
+        return <uint32_t>(rt_fnv1a64(v, vl) % 10000) < c.threshold
+    if not rt_parse_i64(v, vl, &x):
+        return False
+    if c.aop == RO_RANGE:
+        return c.lo <= x < c.hi
+    return rt_mod_in(c, x)
+
+
+cdef inline bint rt_test(RouteTable t, const RtCond* c, const RtReq* q, const uint8_t* p,
+                         const FrameInfo* fi) noexcept:
+    """One condition on one request.  The rule's `need` was checked first,
+    so the slot it reads is present (and an integer for range and mod)."""
+    cdef int s = c.slot
+    cdef int op = c.op
+    if op == RO_EQ:
+        return q.len[s] == c.vlen0 and rt_same(p + q.off[s], c.val0, c.vlen0)
+    elif op == RO_IN:
+        return rt_in(c, p + q.off[s], q.len[s])
+    elif op == RO_PREFIX:
+        return q.len[s] >= c.vlen0 and rt_same(p + q.off[s], c.val0, c.vlen0)
+    elif op == RO_PRESENT:
+        return q.len[s] > 0
+    elif op == RO_RANGE:
+        return c.lo <= q.iv[s] < c.hi
+    elif op == RO_MOD:
+        return rt_mod_in(c, q.iv[s])
+    elif op == RO_PERCENT:
+        return q.pb[s] < c.threshold
+    elif op == RO_RANDOM:
+        return rt_below(rt_rand(&t._rng), 10000) < c.threshold
+    else:
+        return rt_test_alone(c, p, fi)
 
 
 cdef inline Node rt_pick(RouteTable t, CandSet cs, const uint8_t* hashkey, Py_ssize_t hashkey_len):
@@ -1174,7 +1298,7 @@ cdef class RouteTable:
         cdef GroupEntry ge
         cdef PyObject* hit
         cdef Py_ssize_t i, j, voff, vl = 0
-        cdef RtSeen seen
+        cdef RtReq q
         cdef const uint8_t* lp = p + fi.liteset_off
         cdef const uint8_t* sp = p + fi.set_off
         cdef const uint8_t* wp = p + fi.swimlane_off
@@ -1188,13 +1312,15 @@ cdef class RouteTable:
             return None
         rs = svc.shunt
         if rs is not None:
-            seen.ctx_done = False
+            rt_req_fill(rs, p, fi, &q)
             # first match wins: the service's rules, then the global ones
             for i in range(rs.n):
                 r = &rs.rules[i]
+                if (r.need & q.have) != r.need:
+                    continue  # a value it reads is missing (or not an integer)
                 matched = True
                 for j in range(r.nconds):
-                    if not rt_cond(self, rs, &r.conds[j], p, fi, &seen):
+                    if not rt_test(self, &r.conds[j], &q, p, fi):
                         matched = False
                         break
                 if not matched:
@@ -1202,9 +1328,13 @@ cdef class RouteTable:
                 if r.action == RA_CONTEXT:
                     if r.skey != NULL:
                         # unit mapping: a value missing from the table is no match
-                        voff = rt_ctx_value(rs, r.skidx, r.skey, r.skey_len, p, fi, &seen, &vl)
-                        if voff < 0:
-                            continue
+                        if r.skslot >= 0:
+                            voff = q.off[r.skslot]  # present: checked with `need`
+                            vl = q.len[r.skslot]
+                        else:
+                            voff = fr_context_get(p, fi, r.skey, r.skey_len, &vl)
+                            if voff < 0:
+                                continue
                         hit = (<RtIndex>r.table).get(p + voff, vl, rt_xxh64(p + voff, vl, 0))
                         if hit == NULL:
                             continue
@@ -1564,6 +1694,9 @@ def bench_route_req(RouteTable table, bytes frame, long n_iter):
     if fr_scan(p, len(frame), len(frame) + 1, 65536, &fi) <= 0:
         raise ValueError("not a whole frame")
     for i in range(n_iter):  # no-cython-lint: only the count matters
+        # a new request: its method is not read yet (the data path scans
+        # each request afresh, so a rule on the method parses it each time)
+        fi.method_off = FM_UNREAD
         if table.rt_route_req(p, &fi, &err) is not None:
             ok += 1
     return ok
