@@ -152,7 +152,7 @@ def _ten_rules(last_matches):
         Rule("r4", (M("context", "prefix", key="device", values=("ios-",)),), group="gray"),
         Rule("r5", (M("context", "range", key="uid", lo=0, hi=1000),), group="gray"),
         Rule("r6", (M("service", "eq", values=("com.other.Iface",)),), group="gray"),
-        Rule("r7", (M("context", "percent", key="uid", percent=0),), group="gray"),
+        Rule("r7", (M("context", "percent", key="uid", percent=5),), group="gray"),
         Rule(
             "r8",
             (M("caller", "eq", values=("com.x",)), M("method", "in", values=("a", "b"))),
@@ -172,12 +172,16 @@ def test_lookup_rules_and_pick(benchmark, rules):
     nodes = [Endpoint(f"10.2.0.{i}", 9000) for i in range(10)]
     nodes += [Endpoint(f"10.3.0.{i}", 9000, group="gray") for i in range(2)]
     t = R.RouteTable(Labels(), seed=1)
-    t.replace_all([make_service(f"com.example.other{i}", 3, LbPolicy.ROUND_ROBIN)
-                   for i in range(200)] + [Service(APPKEY, tuple(nodes))])
+    t.replace_all(
+        [make_service(f"com.example.other{i}", 3, LbPolicy.ROUND_ROBIN) for i in range(200)]
+        + [Service(APPKEY, tuple(nodes))]
+    )
     if rules != "none":
         t.update_shunting(APPKEY, _ten_rules(rules == "10_last_matches"))
     frame = encode_request(
-        1, APPKEY + ".Iface", thrift_call("getUser", 1, b""),
+        1,
+        APPKEY + ".Iface",
+        thrift_call("getUser", 1, b""),
         global_context={"uid": "123457", "region": "bj", "device": "android-14"},
         local_context={"octo-remote-appkey": APPKEY},
         trace_info={"clientAppkey": "com.caller"},

@@ -141,16 +141,17 @@ cdef inline Py_ssize_t fi_method(const uint8_t* frame, FrameInfo* fi,
 
 # The context keys a caller looks up together (traffic shunting: every key
 # a service's rules read), for fr_context_many.  Fill n, keys, klens, then
-# call fr_ctx_keys_init (it sets `lens`).
+# call fr_ctx_keys_init (it sets the rest).
 cdef enum:
     FR_CTX_KEYS = 32           # keys looked up together, at most
 cdef struct FrCtxKeys:
     Py_ssize_t n
-    uint64_t lens              # bit L: some key is L bytes long (bit 63: 63 or more)
     const char* keys[32]       # FR_CTX_KEYS
     Py_ssize_t klens[32]
     uint64_t head[32]          # an entry's first 8 bytes (key length, up to 4 key bytes) ...
     uint64_t hmask[32]         # ... under this mask: one compare for the length and the start
+    uint8_t first[64]          # by key length (63: 63 or more): 1 + the first key that long, 0: none
+    uint8_t next[32]           # 1 + the next key in the same chain, 0: the end
 cdef void fr_ctx_keys_init(FrCtxKeys* w) noexcept nogil
 
 # The same as fr_context_get for the keys of `w` in one pass over both maps:

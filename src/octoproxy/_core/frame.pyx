@@ -339,7 +339,7 @@ cdef inline const uint8_t* fr_ctx_entry(const uint8_t* p, const uint8_t* e, Py_s
     # One map<string,string> entry at p (e: the end of the bytes): the key is
     # p[4:4+kl], the value follows its own 4-byte length.  Returns the next
     # entry, or NULL when the entry does not fit.  The one reader of context
-    # entries: fr_context (scan time, checking) and fr_ctx_scan (lookups).
+    # entries: fr_context (scan time, checking) and fr_context_many (lookups).
     cdef int32_t k, v
     if e - p < 8:
         return NULL
@@ -863,44 +863,16 @@ cdef inline bint fr_same(const uint8_t* a, const char* b, Py_ssize_t n) noexcept
     return True
 
 
-cdef void fr_ctx_scan(const uint8_t* frame, Py_ssize_t off, Py_ssize_t end, const FrCtxKeys* w,
-                      Py_ssize_t* offs, Py_ssize_t* lens) noexcept nogil:
-    # one context map at frame[off:end] (6-byte map header, then the entries
-    # fr_context checked): the last entry with a key wins, as when decoding.
-    # An entry whose key length no wanted key has costs one bit test.
-    cdef const uint8_t* p
-    cdef const uint8_t* q
-    cdef const uint8_t* e
-    cdef Py_ssize_t kl = 0, vl = 0, k
-    cdef uint64_t x
-    if off < 0 or end - off < 6:
-        return
-    p = frame + off + 6
-    e = frame + end
-    while True:
-        q = fr_ctx_entry(p, e, &kl, &vl)
-        if q == NULL:
-            return
-        if (w.lens >> (kl if kl < 63 else 63)) & 1:
-            # an entry is at least 8 bytes: its key length and up to 4 key
-            # bytes are compared as one word, the rest of the key bytewise
-            memcpy(&x, p, 8)
-            for k in range(w.n):
-                if (x & w.hmask[k]) == w.head[k] and (
-                        kl <= 4 or fr_same(p + 8, w.keys[k] + 4, kl - 4)):
-                    offs[k] = p + 8 + kl - frame
-                    lens[k] = vl
-        p = q
-
-
 cdef void fr_ctx_keys_init(FrCtxKeys* w) noexcept nogil:
-    cdef Py_ssize_t k, i, kl
+    cdef Py_ssize_t k, i, kl, b
     cdef uint8_t h[8]
     cdef uint8_t m[8]
-    w.lens = 0
-    for k in range(w.n):
+    memset(w.first, 0, sizeof(w.first))
+    for k in range(w.n - 1, -1, -1):
         kl = w.klens[k]
-        w.lens |= (<uint64_t>1) << (kl if kl < 63 else 63)
+        b = kl if kl < 63 else 63
+        w.next[k] = w.first[b]
+        w.first[b] = <uint8_t>(k + 1)
         memset(h, 0, 8)
         memset(m, 0, 8)
         fr_wr_u32(h, <uint32_t>kl)
@@ -914,12 +886,46 @@ cdef void fr_ctx_keys_init(FrCtxKeys* w) noexcept nogil:
 
 cdef void fr_context_many(const uint8_t* frame, const FrameInfo* fi, const FrCtxKeys* w,
                           Py_ssize_t* offs, Py_ssize_t* lens) noexcept nogil:
-    cdef Py_ssize_t k
+    # Both maps in one pass each (the entries fr_context checked): the last
+    # entry with a key wins, as when decoding; globalContext first, so that a
+    # localContext entry overwrites it (local wins).  An entry whose key
+    # length no wanted key has costs one table read; for the others, the key
+    # length and first 4 key bytes are one word compare (an entry is at least
+    # 8 bytes), the rest of the key is compared bytewise.
+    cdef const uint8_t* p
+    cdef const uint8_t* q
+    cdef const uint8_t* e
+    cdef Py_ssize_t kl = 0, vl = 0, off, end, k
+    cdef uint64_t x
+    cdef int m
     for k in range(w.n):
         lens[k] = -1
-    # globalContext first: a localContext entry overwrites it (local wins)
-    fr_ctx_scan(frame, fi.gctx_off, fi.gctx_end, w, offs, lens)
-    fr_ctx_scan(frame, fi.lctx_off, fi.lctx_end, w, offs, lens)
+    for m in range(2):
+        if m == 0:
+            off = fi.gctx_off
+            end = fi.gctx_end
+        else:
+            off = fi.lctx_off
+            end = fi.lctx_end
+        if off < 0 or end - off < 6:
+            continue
+        p = frame + off + 6
+        e = frame + end
+        while True:
+            q = fr_ctx_entry(p, e, &kl, &vl)
+            if q == NULL:
+                break
+            k = w.first[kl if kl < 63 else 63]
+            if k:
+                memcpy(&x, p, 8)
+                while k:
+                    k -= 1
+                    if (x & w.hmask[k]) == w.head[k] and (
+                            kl <= 4 or fr_same(p + 8, w.keys[k] + 4, kl - 4)):
+                        offs[k] = p + 8 + kl - frame
+                        lens[k] = vl
+                    k = w.next[k]
+            p = q
 
 
 cdef Py_ssize_t fr_context_get(const uint8_t* frame, const FrameInfo* fi, const char* key,

@@ -445,8 +445,11 @@ cdef class GroupEntry:
 # docs/shunting.md.  Rules are compiled per service when it is built (its own
 # rules, then the global ones): C arrays of conditions over (pointer, length)
 # strings, the rule's group resolved to this service's GroupEntry, a unit
-# table as an RtIndex.  A request evaluates them in order with memcmp and
-# integer arithmetic only: no Python object, no allocation, no regex.
+# table as an RtIndex.  A request first reads every value the rules use into
+# slots (rt_req_fill: one pass over the context maps, integers parsed and
+# percent buckets hashed once), then evaluates the rules in order with byte
+# compares and integer arithmetic only: no Python object, no allocation, no
+# regex.
 
 cdef enum:
     RS_SERVICE = 0
@@ -518,7 +521,6 @@ cdef class RtRules:
         self.n = 0
         self.needs_method = False
         self.ck.n = 0
-        self.ck.lens = 0
         self.slots = 0
         self.int_slots = 0
         self.pct_slots = 0
@@ -751,15 +753,17 @@ cdef inline bint rt_parse_i64(const uint8_t* v, Py_ssize_t n, int64_t* out) noex
     # an optional '-' or '+' then ASCII digits, within int64 (shunting.parse_int)
     cdef Py_ssize_t i = 0
     cdef uint64_t acc = 0
+    cdef uint32_t d
     cdef bint neg = n > 0 and v[0] == 45  # '-'
     if neg or (n > 0 and v[0] == 43):  # '+', as Envoy's range_match reads it
         i = 1
     if i >= n or n - i > 19:
         return False
     while i < n:
-        if v[i] < 48 or v[i] > 57:  # '0'..'9'
+        d = <uint32_t>v[i] - 48  # '0'..'9' -> 0..9; anything else wraps above 9
+        if d > 9:
             return False
-        acc = acc * 10 + (v[i] - 48)  # 19 digits < 2^64: no overflow
+        acc = acc * 10 + d  # 19 digits < 2^64: no overflow
         i += 1
     if neg:
         if acc > 9223372036854775808ULL:
@@ -1297,14 +1301,15 @@ cdef class RouteTable:
         cdef ShuntStat st
         cdef GroupEntry ge
         cdef PyObject* hit
-        cdef Py_ssize_t i, j, voff, vl = 0
+        cdef Py_ssize_t i, voff, vl = 0
         cdef RtReq q
+        cdef const RtCond* c
+        cdef const RtCond* cend
         cdef const uint8_t* lp = p + fi.liteset_off
         cdef const uint8_t* sp = p + fi.set_off
         cdef const uint8_t* wp = p + fi.swimlane_off
         cdef Py_ssize_t ll = fi.liteset_len, sl = fi.set_len, wl = fi.swimlane_len
         cdef const uint8_t* vp
-        cdef bint matched
         self.last_rule = NULL
         svc = rt_find(self._snap, p + fi.appkey_off, fi.appkey_len,
                       p + fi.service_off, fi.service_len, err)
@@ -1318,12 +1323,13 @@ cdef class RouteTable:
                 r = &rs.rules[i]
                 if (r.need & q.have) != r.need:
                     continue  # a value it reads is missing (or not an integer)
-                matched = True
-                for j in range(r.nconds):
-                    if not rt_test(self, &r.conds[j], &q, p, fi):
-                        matched = False
+                c = r.conds
+                cend = c + r.nconds
+                while c < cend:
+                    if not rt_test(self, c, &q, p, fi):
                         break
-                if not matched:
+                    c += 1
+                if c < cend:
                     continue
                 if r.action == RA_CONTEXT:
                     if r.skey != NULL:
