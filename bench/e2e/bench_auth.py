@@ -197,19 +197,11 @@ class AuthBench(BP.Bench):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--duration", type=float, default=5.0)
-    ap.add_argument("--warmup", type=float, default=1.0)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--scenario", default="32x8 free")
-    ap.add_argument("--smoke", action="store_true", help="CI: 1 s runs, 1 round")
     ap.add_argument("--no-pad", action="store_true", help="leave out octo-pad")
     ap.add_argument("--instructions", action="store_true",
                     help="A's and B's user-space instructions per request (callgrind)")
-    args = ap.parse_args(argv)
-    if args.smoke:
-        args.duration, args.warmup, args.repeat = 1.0, 0.3, 1
+    args = BP.cost_args(ap, argv)
     systems = ["octo", "octoauth"] + ([] if args.no_pad else ["octopad"])
-    scen, conns, inflight, layout, nlg = BP.parse_scenario(args.scenario)
     tmp = tempfile.mkdtemp(prefix="opauth", dir="/tmp")
     tok = os.path.join(tmp, "tokens.yaml")
     fd = os.open(tok, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -225,44 +217,21 @@ def main(argv: list[str] | None = None) -> int:
     # the loadgen's stamp after the Thrift message header (the method stays "echo");
     # the providers were started with the body's real offset, and echo it whole
     bench.tpl["req"] = {**tpl["req"], "body_off": tpl["req"]["body_off"] + HEAD}
-    print(f"# {scen}, {args.repeat} round(s) of {args.warmup:g}+{args.duration:g} s, systems "
-          f"{', '.join(systems)}; load average {os.getloadavg()[0]:.2f}", flush=True)
-    per: dict[str, list[float]] = {s: [] for s in systems}
-    rps: dict[str, list[float]] = {s: [] for s in systems}
-    ins: dict[str, list[tuple[float, float]]] = {s: [] for s in systems}
     bad = False
     try:
-        lay = bench.apply_layout(layout)
-        for rep in range(args.repeat):
-            k = rep % len(systems)
-            for system in systems[k:] + systems[:k]:
-                r = bench.run(system, conns, inflight, args.duration, args.warmup, lay, nlg)
-                print(f"  [{rep + 1}/{args.repeat}] {system:<8} {r.get('rps', 0):>8.0f} rps  "
-                      f"A+B {r['proxies_cpu_us_per_req']:.2f} us/req  "
-                      f"(A {r['a_cpu_us_per_req']:.2f}, B {r['b_cpu_us_per_req']:.2f})", flush=True)
-                if not r["ok"]:
-                    bad = True
-                    print(f"    PROBLEM: { {k: v for k, v in r.items() if k != 'stderr'} }")
-                if args.instructions:
-                    ins[system].append((r["a_instr"], r["b_instr"]))
-                    print(f"           instructions per request: A {r['a_instr']:.0f}, "
-                          f"B {r['b_instr']:.0f}", flush=True)
-                per[system].append(r["proxies_cpu_us_per_req"])
-                rps[system].append(r.get("rps", 0.0))
+        runs, bad = BP.cost_rounds(bench, systems, args, note=(
+            lambda r: f"instructions per request: A {r['a_instr']:.0f}, B {r['b_instr']:.0f}"
+        ) if args.instructions else None)
     finally:
         bench.close()
         if not bad:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(bench.c.dir, ignore_errors=True)
-    base = statistics.median(per["octo"])
-    print(f"\nmedian A+B CPU per request over {args.repeat} round(s), {scen}:")
-    for s in systems:
-        m = statistics.median(per[s])
-        print(f"  {s:<8} {m:6.2f} us/req  {statistics.median(rps[s]):8.0f} rps  "
-              f"{(m / base - 1) * 100:+6.1f}% vs octo")
+    BP.print_cost(runs, args)
     if args.instructions:
         print(f"\nmedian user-space instructions per request (callgrind) over {args.repeat} "
               "round(s):")
+        ins = {s: [(r["a_instr"], r["b_instr"]) for r in rs] for s, rs in runs.items()}
         ib = sum(statistics.median(x[i] for x in ins["octo"]) for i in range(2))
         for s in systems:
             ia, ibb = (statistics.median(x[i] for x in ins[s]) for i in range(2))

@@ -54,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -917,6 +918,77 @@ def parse_scenario(name: str) -> tuple[str, int, int, str, int]:
     return name, conns, inflight, layout, 2 if lg else 1
 
 
+def rotation(systems: list[str], rnd: int) -> list[str]:
+    """The systems in round rnd's order: who goes first rotates from round
+    to round, so no system is always measured first or after the same one."""
+    k = rnd % len(systems)
+    return systems[k:] + systems[:k]
+
+
+# ---------------------------------------------------------------- cost benches
+# bench_auth.py and bench_governance.py: one feature on against the same chain
+# without it, in the same run; these are their shared options and main loop.
+
+
+def cost_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse a cost bench's command line: its own options (already on ap)
+    and the shared ones (--smoke: 1 s runs, 0.3 s warm-up, 1 round)."""
+    ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per run (5)")
+    ap.add_argument("--warmup", type=float, default=1.0,
+                    help="unmeasured seconds before each run (1)")
+    ap.add_argument("--repeat", type=int, default=5, help="rounds; medians over them (5)")
+    ap.add_argument("--scenario", default="32x8 free",
+                    help="POINT LAYOUT as bench_proxy.py's ('32x8 free')")
+    ap.add_argument("--smoke", action="store_true", help="CI: 1 s runs, 1 round")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.duration, args.warmup, args.repeat = 1.0, 0.3, 1
+    return args
+
+
+def cost_rounds(
+    bench: Bench,
+    systems: list[str],
+    args: argparse.Namespace,
+    note: Callable[[dict[str, Any]], str] | None = None,
+) -> tuple[dict[str, list[dict[str, Any]]], bool]:
+    """A cost bench's measurement: args.repeat rounds, each one run of every
+    system (in `rotation` order) in args.scenario, each run printed (with
+    note(run) under it, if given).  Returns every system's runs and whether
+    one saw errors or refusals (a refused request is a cheap one: the
+    figure would lie)."""
+    _, conns, inflight, layout, nlg = parse_scenario(args.scenario)
+    print(f"# {args.scenario}, {args.repeat} round(s) of {args.warmup:g}+{args.duration:g} s, "
+          f"systems {', '.join(systems)}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+    bad = False
+    lay = bench.apply_layout(layout)
+    for rnd in range(args.repeat):
+        for system in rotation(systems, rnd):
+            r = bench.run(system, conns, inflight, args.duration, args.warmup, lay, nlg)
+            print(f"  [{rnd + 1}/{args.repeat}] {system:<8} {r.get('rps', 0):>8.0f} rps  "
+                  f"A+B {r['proxies_cpu_us_per_req']:.2f} us/req  "
+                  f"(A {r['a_cpu_us_per_req']:.2f}, B {r['b_cpu_us_per_req']:.2f})", flush=True)
+            if not r["ok"]:
+                bad = True
+                print(f"    PROBLEM: { {k: v for k, v in r.items() if k != 'stderr'} }")
+            if note is not None:
+                print(f"           {note(r)}", flush=True)
+            runs[system].append(r)
+    return runs, bad
+
+
+def print_cost(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace,
+               base: str = "octo") -> None:
+    """Per system the median A+B CPU per request and requests/s, and the CPU's ratio to base."""
+    b = statistics.median(r["proxies_cpu_us_per_req"] for r in runs[base])
+    print(f"\nmedian A+B CPU per request over {args.repeat} round(s), {args.scenario}:")
+    for s, rs in runs.items():
+        m = statistics.median(r["proxies_cpu_us_per_req"] for r in rs)
+        print(f"  {s:<8} {m:6.2f} us/req  {statistics.median(r.get('rps', 0.0) for r in rs):8.0f} "
+              f"rps  {(m / b - 1) * 100:+6.1f}% vs {base}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per run (5)")
@@ -1032,8 +1104,7 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeat):
             for scen, conns, inflight, layout, nlg in scenarios:
                 lay = bench.apply_layout(layout)
-                k = rep % len(systems)
-                for system in systems[k:] + systems[:k]:  # who goes first rotates
+                for system in rotation(systems, rep):
                     r = one(rep, scen, system, conns, inflight, lay, nlg, False)
                     runs.setdefault((scen, system), []).append(r)
                     raw.append({"round": rep, "scenario": scen, "system": system, **r})
