@@ -594,9 +594,9 @@ class Manager:
         self.table.rebuild(appkey)
 
     async def _sweep(self, appkey: str, interval: float) -> None:
-        """Every interval: the failure-rate detector, the ejection count's
-        decay for nodes that stayed healthy, and a new chance to trip for
-        nodes that were over the ejection share."""
+        """Every interval: the failure-rate and success-rate detectors, the
+        ejection count's decay for nodes that stayed healthy, and a new
+        chance to trip for nodes that were over the ejection share."""
         while True:
             await asyncio.sleep(interval)
             od = self._policy(appkey)
@@ -620,6 +620,27 @@ class Manager:
                 ng.tripped = False
                 if failed == 0 and ng.ejections > 0:
                     ng.ejections -= 1
+            if od.success_rate_stdev_factor > 0:
+                self._success_rate(appkey, od, windows, interval)
+
+    def _success_rate(self, appkey: str, od: model.OutlierDetection,
+                      windows: list[tuple[NodeGov, int, int]], interval: float) -> None:
+        """Envoy's success-rate detector: among the nodes with at least
+        success_rate_min_requests answers in the interval (at least
+        success_rate_min_nodes of them), eject those whose success rate is
+        below mean - stdev_factor * stdev (population standard deviation)."""
+        rated = [(ng, 1.0 - failed / total) for ng, total, failed in windows
+                 if total >= od.success_rate_min_requests and not ng.ejected]
+        if not rated or len(rated) < od.success_rate_min_nodes:
+            return
+        mean = sum(r for _, r in rated) / len(rated)
+        stdev = math.sqrt(sum((r - mean) ** 2 for _, r in rated) / len(rated))
+        limit = mean - od.success_rate_stdev_factor * stdev
+        for ng, r in rated:
+            if r < limit and not ng.ejected:
+                self._eject(appkey, ng, od, f"success rate {r:.3f} over {interval:g} s below "
+                            f"{limit:.3f} (mean {mean:.3f} - {od.success_rate_stdev_factor:g} "
+                            f"x stdev {stdev:.3f} of {len(rated)} nodes)")
 
     # -- hot restart (docs/governance.md, "Across a hot restart")
 

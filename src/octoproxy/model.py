@@ -111,6 +111,11 @@ class OutlierDetection:
     # nodes with failure_rate_min_requests answers in the interval needed for
     # the failure rate to be checked at all (Envoy's failure_percentage_minimum_hosts)
     failure_rate_min_nodes: int = 1
+    # Envoy's success-rate detector: a node whose success rate in an interval is
+    # below mean - factor * stdev of the rated nodes' rates (0 = off; Envoy: 1.9)
+    success_rate_stdev_factor: float = 0.0
+    success_rate_min_requests: int = 100  # answers in the interval for a node to be rated
+    success_rate_min_nodes: int = 5  # rated nodes needed for the detector to run
 
 
 @dataclass(frozen=True, slots=True)

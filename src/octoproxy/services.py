@@ -159,6 +159,9 @@ class OutlierDetectionSpec(_Strict):
     failure_rate_threshold: float = Field(default=0, ge=0, le=1)
     failure_rate_min_requests: int = Field(default=20, ge=1)
     failure_rate_min_nodes: int = Field(default=1, ge=1)
+    success_rate_stdev_factor: float = Field(default=0.0, ge=0)
+    success_rate_min_requests: int = Field(default=100, ge=1)
+    success_rate_min_nodes: int = Field(default=5, ge=1)
     interval_s: float = Field(default=10.0, gt=0)
     base_ejection_s: float = Field(default=30.0, gt=0)
     max_ejection_s: float = Field(default=300.0, gt=0)
@@ -178,7 +181,9 @@ class OutlierDetectionSpec(_Strict):
             self.consecutive_transport_failures, self.consecutive_errors,
             tuple(self.error_statuses), self.failure_rate_threshold,
             self.failure_rate_min_requests, self.interval_s, self.base_ejection_s,
-            self.max_ejection_s, self.max_ejection_percent, self.failure_rate_min_nodes)
+            self.max_ejection_s, self.max_ejection_percent, self.failure_rate_min_nodes,
+            self.success_rate_stdev_factor, self.success_rate_min_requests,
+            self.success_rate_min_nodes)
 
 
 class RetrySpec(_Strict):

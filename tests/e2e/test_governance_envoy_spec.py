@@ -110,14 +110,14 @@ def test_envoy_breakers_and_outlier_detection_over_ads() -> None:
                 f'{{node="{ejected[0]}",service="{A}"}}'] == 1.0
             assert prom(aport, "octo_proxy_ejected_nodes") == {f'{{service="{A}"}}': 1.0}
 
-            # what octo-proxy cannot honour is NACKed naming the field, and
-            # the service keeps its last good settings
+            # what octo-proxy cannot honour (ejecting by chance) is NACKed
+            # naming the field, and the service keeps its last good settings
             before = len(cp.nacks(CDS))
             cp.do(cp.double.put_raw, CDS, envoy_cluster(
-                A, outlier_detection={"consecutive_5xx": 2, "enforcing_success_rate": 100}))
+                A, outlier_detection={"consecutive_5xx": 2, "enforcing_consecutive_5xx": 50}))
             wait_for(lambda: len(cp.nacks(CDS)) > before, 15, "a NACK")
             msg = cp.nacks(CDS)[-1]
-            assert f"Cluster '{A}': outlier_detection.enforcing_success_rate" in msg, msg
+            assert f"Cluster '{A}': outlier_detection.enforcing_consecutive_5xx: 50" in msg, msg
             assert admin_json(aport, "/clusters")["services"][A]["max_connections_per_node"] == 1
             # enforcing_consecutive_5xx 0: detected, never ejected (the broken
             # node that is in service stays in, however many it fails)
@@ -186,5 +186,55 @@ def test_envoy_failure_percentage_detector_over_ads(minimum_hosts: int) -> None:
             else:
                 assert ejected() == []
                 assert sum(f.status == 2 for f in out) > 10
+        finally:
+            cp.close()
+
+
+def test_envoy_success_rate_detector_over_ads() -> None:
+    """Envoy's success-rate detector, on by default (enforcing_success_rate
+    unset): of 5 nodes with the request volume in an interval, the one
+    failing every call (success rate 0, below mean 0.8 - 1.9 x stdev 0.4) is
+    ejected; the consecutive detectors are off."""
+    nodes5 = [f"n{i}" for i in range(5)]
+    with cluster() as c:
+        ports = c.provider_nodes(nodes5)
+        cp = DoubleThread()
+        try:
+            cp.do(cp.double.put_raw, CDS, envoy_cluster(A, outlier_detection={
+                "consecutive_5xx": 0, "interval": "1s", "base_ejection_time": "30s",
+                "max_ejection_percent": 20, "success_rate_request_volume": 5}))
+            cp.do(cp.double.put_raw, EDS, pb({"cluster_name": A, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {
+                    "address": "127.0.0.1", "port_value": ports[n]}}}} for n in nodes5]}]},
+                endpoint_pb2.ClusterLoadAssignment))
+            sub, aport = free_port(), free_port()
+            c.proxy("client", xds_client_cfg(c.path("px.sock"), cp.target, sub,
+                                             admin={"port": aport}))
+            subscribe(f"http://127.0.0.1:{sub}", [A], timeout=15)
+            with Client(c.path("n3.sock")) as direct:
+                assert direct.call("x", b"break").ok
+
+            def ejected() -> list[str]:
+                return [n["address"] for n in
+                        admin_json(aport, "/clusters")["services"][A]["nodes"] if n["ejected"]]
+
+            async def until_ejected() -> list[Any]:
+                raw = await Raw.connect(c.path("px.sock"))
+                try:
+                    out = []
+                    stop = time.monotonic() + 20
+                    while not ejected():
+                        assert time.monotonic() < stop, "no ejection"
+                        out.append(await raw.call(b"r", appkey=A))
+                        await asyncio.sleep(0.01)
+                    return out
+                finally:
+                    await raw.close()
+
+            out = uvloop.run(until_ejected())
+            assert ejected() == [f"127.0.0.1:{ports['n3']}"]
+            # no consecutive detector: failures before the sweep came from n3 only
+            assert all(f.status == 0 or "n3 is broken" in (f.message or "") for f in out)
+            assert sum(f.status != 0 for f in out) >= 5  # its volume of failures, at least
         finally:
             cp.close()

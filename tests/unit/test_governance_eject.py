@@ -169,3 +169,43 @@ def test_failure_rate_needs_enough_nodes_with_enough_answers() -> None:
         await until(lambda: addrs(table) == ["10.0.0.1:9000"], "the ejection, two nodes rated")
 
     run(body)
+
+
+def test_success_rate_below_mean_minus_stdevs() -> None:
+    async def body(table: RouteTable, m: Manager) -> None:
+        # success rates 1, 1, 1, 1, 0.7 -> mean 0.94, stdev 0.12 (population),
+        # limit 0.94 - 1.9 * 0.12 = 0.712: the 0.7 node is out, no other
+        table.update_service(svc(5, consecutive_transport_failures=0, consecutive_errors=0,
+                                 success_rate_stdev_factor=1.9, success_rate_min_requests=10,
+                                 success_rate_min_nodes=5, interval_s=0.2,
+                                 max_ejection_percent=50))
+        nodes = {n.address: n for n in table.nodes("s")}
+
+        def feed(bad: float) -> None:
+            for a, n in nodes.items():
+                for i in range(20):
+                    fails = a == "10.0.0.5:9000" and i < 20 * bad
+                    n.gov.on_answer(2 if fails else 0)
+
+        feed(0.3)
+        await until(lambda: m.node_state("s", "10.0.0.5:9000")["ejected"],  # type: ignore[index]
+                    "the success-rate ejection")
+        assert [a for a in nodes if m.node_state("s", a)["ejected"]] == [  # type: ignore[index]
+            "10.0.0.5:9000"]
+
+    run(body)
+
+
+def test_success_rate_needs_its_minimum_of_rated_nodes() -> None:
+    async def body(table: RouteTable, m: Manager) -> None:
+        table.update_service(svc(4, consecutive_transport_failures=0, consecutive_errors=0,
+                                 success_rate_stdev_factor=1.0, success_rate_min_requests=10,
+                                 success_rate_min_nodes=5, interval_s=0.2))
+        for n in table.nodes("s"):
+            for _ in range(20):
+                n.gov.on_answer(2 if n.address == "10.0.0.1:9000" else 0)
+        await asyncio.sleep(0.5)  # a window: two sweeps, 4 rated nodes < 5
+        assert not any(m.node_state("s", n.address)["ejected"]  # type: ignore[index]
+                       for n in table.nodes("s"))
+
+    run(body)

@@ -185,8 +185,7 @@ def test_enforcing_zero_turns_a_detector_off() -> None:
 @pytest.mark.parametrize(("od", "msg"), [
     ({"enforcing_consecutive_5xx": 50}, "enforcing_consecutive_5xx: 50 is not supported"),
     ({"enforcing_failure_percentage": 30}, "enforcing_failure_percentage: 30 is not supported"),
-    ({"enforcing_success_rate": 100}, "success-rate detector is not supported"),
-    ({"enforcing_local_origin_success_rate": 100}, "success-rate detector is not supported"),
+    ({"enforcing_success_rate": 40}, "enforcing_success_rate: 40 is not supported"),
     ({"consecutive_gateway_failure": 3, "enforcing_consecutive_gateway_failure": 100},
      "gateway failures"),
     ({"max_ejection_percent": 150}, "max_ejection_percent"),
@@ -198,6 +197,7 @@ def test_outlier_fields_octo_proxy_cannot_honour_are_nacked(od: dict, msg: str) 
 
 
 def test_the_bundled_control_plane_says_what_envoy_would_otherwise_assume() -> None:
+    # no success-rate detector unless the file asks for one
     svc = ServiceSpec.model_validate({"appkey": "a", "outlier_detection": {
         "consecutive_errors": 0, "failure_rate_threshold": 0.5,
         "failure_rate_min_nodes": 3}}).to_model()
@@ -234,3 +234,25 @@ def test_a_governance_field_from_a_newer_envoy_api_is_nacked(part: str) -> None:
     c2 = cluster({})
     getattr(c2, part).MergeFromString(orig)
     R.cluster_to_settings(c2)  # the same without it: accepted
+
+
+def test_success_rate_detector_as_envoy_runs_it() -> None:
+    od = outlier({})  # enforcing_success_rate defaults to 100 in Envoy
+    assert (od.success_rate_stdev_factor, od.success_rate_min_requests,
+            od.success_rate_min_nodes) == (1.9, 100, 5)
+    od = outlier({"success_rate_stdev_factor": 1000, "success_rate_request_volume": 20,
+                  "success_rate_minimum_hosts": 3})
+    assert (od.success_rate_stdev_factor, od.success_rate_min_requests,
+            od.success_rate_min_nodes) == (1.0, 20, 3)
+    assert outlier({"enforcing_success_rate": 0}).success_rate_stdev_factor == 0.0
+    # split: the local-origin variant (default 100) still runs it, on the same rate
+    assert outlier({"enforcing_success_rate": 0, "split_external_local_origin_errors": True}
+                   ).success_rate_stdev_factor == 1.9
+    assert outlier({"enforcing_success_rate": 0, "enforcing_local_origin_success_rate": 0,
+                    "split_external_local_origin_errors": True}).success_rate_stdev_factor == 0
+    svc = ServiceSpec.model_validate({"appkey": "a", "outlier_detection": {
+        "success_rate_stdev_factor": 1.5, "success_rate_min_requests": 30,
+        "success_rate_min_nodes": 4}}).to_model()
+    c = R.service_to_cluster(svc)
+    assert c.outlier_detection.enforcing_success_rate.value == 100
+    assert R.cluster_to_settings(c).governance == svc.governance

@@ -260,15 +260,6 @@ def _outlier(od: Any, md: dict[str, Any], where: str) -> model.OutlierDetection:
     """Cluster.outlier_detection -> the detector (docs/xds.md "Governance")."""
     from octoproxy import services as S
 
-    if _enforced(od, "enforcing_success_rate", 100, where) and od.HasField(
-            "enforcing_success_rate"):
-        raise ResourceError(f"{where}.enforcing_success_rate: the success-rate detector is not "
-                            "supported: set it to 0 or leave it unset, and use "
-                            "failure_percentage_* instead")
-    if _enforced(od, "enforcing_local_origin_success_rate", 100, where) and od.HasField(
-            "enforcing_local_origin_success_rate"):
-        raise ResourceError(f"{where}.enforcing_local_origin_success_rate: the success-rate "
-                            "detector is not supported: set it to 0 or leave it unset")
     if _enforced(od, "enforcing_consecutive_gateway_failure", 0, where):
         raise ResourceError(f"{where}.enforcing_consecutive_gateway_failure: gateway failures "
                             "(HTTP 502/503/504) do not exist in OCTO: use consecutive_5xx with "
@@ -300,6 +291,18 @@ def _outlier(od: Any, md: dict[str, Any], where: str) -> model.OutlierDetection:
                                            else 50)
         kw["failure_rate_min_nodes"] = (od.failure_percentage_minimum_hosts.value
                                         if od.HasField("failure_percentage_minimum_hosts") else 5)
+    # the success rate, like the failure rate, counts error statuses and
+    # transport failures together: with split errors either enforcing field
+    # turns it on (both default to 100, as in Envoy)
+    on_sr = _enforced(od, "enforcing_success_rate", 100, where)
+    on_lsr = _enforced(od, "enforcing_local_origin_success_rate", 100, where)
+    if on_sr or (on_lsr and od.split_external_local_origin_errors):
+        kw["success_rate_stdev_factor"] = (od.success_rate_stdev_factor.value / 1000.0
+                                           if od.HasField("success_rate_stdev_factor") else 1.9)
+    if od.HasField("success_rate_request_volume"):
+        kw["success_rate_min_requests"] = max(1, od.success_rate_request_volume.value)
+    if od.HasField("success_rate_minimum_hosts"):
+        kw["success_rate_min_nodes"] = max(1, od.success_rate_minimum_hosts.value)
     if od.HasField("interval"):
         kw["interval_s"] = _dur(od.interval)
     if od.HasField("base_ejection_time"):
@@ -425,7 +428,13 @@ def governance_to_cluster(g: model.Governance, c: cluster_pb2.Cluster) -> None:
         o.consecutive_local_origin_failure.value = od.consecutive_transport_failures
         o.consecutive_5xx.value = od.consecutive_errors
         o.split_external_local_origin_errors = True
-        o.enforcing_success_rate.value = 0  # not a detector of octo-proxy's
+        sr = 100 if od.success_rate_stdev_factor > 0 else 0
+        o.enforcing_success_rate.value = sr
+        o.enforcing_local_origin_success_rate.value = sr
+        if sr:
+            o.success_rate_stdev_factor.value = round(od.success_rate_stdev_factor * 1000)
+        o.success_rate_request_volume.value = od.success_rate_min_requests
+        o.success_rate_minimum_hosts.value = od.success_rate_min_nodes
         md["outlier_error_statuses"] = list(od.error_statuses)
         if od.failure_rate_threshold > 0:
             o.enforcing_failure_percentage.value = 100
