@@ -142,6 +142,11 @@ def test_authorized_caller_passes_through_both_proxies(mesh: Cluster) -> None:
     for i in range(20):
         r = w.call(b"echo:%d" % i, "com.demo.web")
         assert r["status"] == 0 and r["body"] == b"echo|%d" % i, r
+    # methods alternating within one second: each is signed for its own method
+    # (the signer reuses a signature only for the same second, provider and method)
+    for i in range(12):
+        r = w.call(frame.thrift_call(("get", "put", "echo")[i % 3], i), "com.demo.web")
+        assert r["status"] == 0, r
     w.close()
 
 

@@ -198,3 +198,30 @@ def test_remembered_timestamps_are_still_checked() -> None:
         out = auth.sign_frame(req, b"t", PROVIDER, ts)
         h = frame.decode_header(out[10:10 + int.from_bytes(out[8:10], "big")])
         assert h["localContext"]["octo-auth"].split(":")[1] == str(ts)
+
+
+def test_the_last_pass_answers_only_the_same_request() -> None:
+    """A verifier keeps the last request that passed (caller, timestamp,
+    method, the signature they call for): the same one passes again, but an
+    ACL change, a token change, the skew, another signature or method take
+    the whole path."""
+    s = auth.TokenStore({CALLER: b"t"}, 0.0)
+    v = auth.Verifier(PROVIDER, True, 300_000, s, {CALLER: None})
+    t = now_ms()
+    good = signed(b"t", t)
+    assert v.verify(good, t) == 0 and v.verify(good, t) == 0
+    sig = mac(b"t", CALLER, PROVIDER, t // 1000, b"echo").encode()
+    assert v.verify(good.replace(sig, sig[:-1] + (b"A" if sig[-1:] != b"A" else b"Q")), t) == 3
+    assert v.verify(signed(b"t", t, method="get"), t) == 0
+    assert v.verify(good.replace(sig, mac(b"t", CALLER, PROVIDER, t // 1000, b"get").encode()),
+                    t) == 3                                # the method's signature, not echo's
+    assert v.verify(good, t) == 0
+    v.set_acl({CALLER: ["get"]})
+    assert v.verify(good, t) == 6
+    v.set_acl({CALLER: None})
+    assert v.verify(good, t) == 0
+    assert v.verify(good, t + 400_000) == 4
+    s.set(CALLER, b"u")                                    # no grace: the old token is out
+    assert v.verify(good, t) == 3
+    assert v.verify(signed(b"u", t), t) == 0
+    assert v.counters()["ok"] == 6

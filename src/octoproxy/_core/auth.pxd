@@ -25,6 +25,8 @@ cdef enum:
     AU_SIG_LEN = 22        # its text: base64url of AU_MAC_LEN bytes, no padding
     AU_TS_MAX = 12         # most timestamp digits (seconds since the epoch)
     HM_LAST_MAX = 240      # longest message whose MAC a key remembers
+    AU_MEMO_MAX = 64       # longest appkey / method a signer's or verifier's memo keeps
+    AU_ENTRY_MAX = 128     # longest octo-auth entry (key and value) a key's memo keeps
 
 
 # One token's HMAC-SHA256 state, precomputed: SHA-256 after the key's inner
@@ -39,6 +41,16 @@ cdef class _Hmac:
     cdef Py_ssize_t last_len            # 0: none
     cdef char last_msg[HM_LAST_MAX]
     cdef char last_mac[AU_SIG_LEN]
+    # signing: the last octo-auth entry written, by timestamp, provider and
+    # method (the caller is the key's appkey), so that the next request of
+    # the same second to the same provider and method copies it (au_sign_into)
+    cdef Py_ssize_t s_elen              # 0: none
+    cdef int64_t s_ts
+    cdef Py_ssize_t s_plen
+    cdef Py_ssize_t s_mlen
+    cdef char s_prov[AU_MEMO_MAX]
+    cdef char s_m[AU_MEMO_MAX]
+    cdef char s_entry[AU_ENTRY_MAX]
 
 
 # One appkey's accepted tokens; replaced whole on a change, never modified.
@@ -74,6 +86,19 @@ cdef class Verifier:
     cdef bytes last_method              # and the last method checked against them, and the answer
     cdef bint last_method_ok
     cdef long long last_gen
+    # the last request that passed with the caller's current token: its
+    # caller, timestamp text and method, and the signature they call for
+    # (au_verify's first test; cleared by an ACL change, stale with the store)
+    cdef bint m_ok
+    cdef long long m_gen
+    cdef int64_t m_ts
+    cdef Py_ssize_t m_clen
+    cdef Py_ssize_t m_tlen
+    cdef Py_ssize_t m_mlen
+    cdef char m_caller[AU_MEMO_MAX]
+    cdef char m_ts_txt[AU_TS_MAX]
+    cdef char m_m[AU_MEMO_MAX]
+    cdef char m_sig[AU_SIG_LEN]
 
 
 # One outbound listener's signing: the appkeys of the apps that use it.
@@ -95,7 +120,7 @@ cdef int64_t au_now_s() noexcept nogil
 
 # Check the request p/fi against v; *moff/*mlen: its method name (body's
 # Thrift message; mlen 0 when none).  AU_OK or an AU_* reason; counts it.
-cdef int au_verify(Verifier v, const uint8_t* p, const FrameInfo* fi, int64_t now_ms,
+cdef int au_verify(Verifier v, const uint8_t* p, FrameInfo* fi, int64_t now_ms,
                    Py_ssize_t* moff, Py_ssize_t* mlen) except -1
 
 # Bytes the signed copy of p/fi adds (caller: fi.caller_*).
@@ -106,5 +131,5 @@ cdef Py_ssize_t au_sign_extra(const FrameInfo* fi) noexcept nogil
 # (seconds), appended to its localContext, lengths and checksum fixed.
 # Returns the new length, or -1 when the header would outgrow its 16-bit
 # length.
-cdef Py_ssize_t au_sign_into(char* dst, const uint8_t* p, const FrameInfo* fi, _Hmac key,
+cdef Py_ssize_t au_sign_into(char* dst, const uint8_t* p, FrameInfo* fi, _Hmac key,
                              const char* provider, Py_ssize_t plen, int64_t ts_s) noexcept
