@@ -29,7 +29,7 @@ from envoy.type.matcher.v3 import path_pb2, string_pb2
 from google.protobuf import any_pb2, unknown_fields
 from google.protobuf.message import DecodeError
 
-from octoproxy.xds.resources import ResourceError, appkey_problem
+from octoproxy.xds.resources import ResourceError, appkey_problem, run_steps
 
 SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 # ACLs travel as extension configs (ECDS), the standard way to deliver a filter's config
@@ -223,17 +223,8 @@ def _methods(where: str, permissions: Any, out: set[str]) -> Generator[None, Non
     return every
 
 
-def _run(steps: Generator[None, None, Any]) -> Any:
-    """The return value of a generator run to its end at once."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as stop:
-            return stop.value
-
-
 def rules_to_acl(where: str, rules: rbac_pb2.RBAC) -> Acl:
-    acl: Acl = _run(rules_to_acl_steps(where, rules))
+    acl: Acl = run_steps(rules_to_acl_steps(where, rules))
     return acl
 
 
@@ -272,7 +263,7 @@ def rules_to_acl_steps(where: str, rules: rbac_pb2.RBAC) -> Generator[None, None
 
 def rbac_to_acl(name: str, tec: extension_pb2.TypedExtensionConfig) -> Acl:
     """The ACL of provider ``name`` from its TypedExtensionConfig."""
-    acl: Acl = _run(rbac_to_acl_steps(name, tec))
+    acl: Acl = run_steps(rbac_to_acl_steps(name, tec))
     return acl
 
 

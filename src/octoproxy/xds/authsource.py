@@ -34,7 +34,7 @@ from octoproxy.xds.authres import (
     rbac_to_acl_steps,
     secret_to_tokens,
 )
-from octoproxy.xds.resources import ResourceError, digest
+from octoproxy.xds.resources import ResourceError, digest, run_steps
 
 log = logging.getLogger("octoproxy.xds")
 
@@ -83,13 +83,8 @@ class _Source:
     def on_response(
         self, resources: list[tuple[str, str, Any]], removed: list[str], sotw: bool
     ) -> list[str]:
-        gen = self.steps(resources, removed, sotw)
-        while True:
-            try:
-                next(gen)
-            except StopIteration as stop:
-                errors: list[str] = stop.value
-                return errors
+        errors: list[str] = run_steps(self.steps(resources, removed, sotw))
+        return errors
 
     def steps(
         self, resources: list[tuple[str, str, Any]], removed: list[str], sotw: bool

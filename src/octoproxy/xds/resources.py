@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,16 @@ _HEALTH_FROM_STATUS: dict[int, int] = {
 
 # (region, idc, role from priority, digest of the serialized LbEndpoint) -> Endpoint
 EndpointCache = dict[tuple[str, str, int, bytes], model.Endpoint]
+
+
+def run_steps(steps: Generator[Any, None, Any]) -> Any:
+    """The return value of a generator run to its end at once (a handler's
+    steps, when nothing waits between them)."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
 
 
 def digest(raw: bytes) -> bytes:

@@ -27,7 +27,14 @@ from google.protobuf.message import DecodeError
 from octoproxy import model
 from octoproxy.shunting import MAX_CONDITIONS, MAX_RULES, MAX_UNIT_ENTRIES, validate_rules
 from octoproxy.xds.authres import unknown_field
-from octoproxy.xds.resources import LB_NS, OCTO_NS, ResourceError, appkey_problem, digest
+from octoproxy.xds.resources import (
+    LB_NS,
+    OCTO_NS,
+    ResourceError,
+    appkey_problem,
+    digest,
+    run_steps,
+)
 
 log = logging.getLogger("octoproxy.xds")
 
@@ -665,16 +672,6 @@ class _Rules:
     pushed: bool = False  # the sink holds non-empty rules of ours for this scope
 
 
-def _run_steps(steps: Generator[Any, None, list[str]]) -> list[str]:
-    """The return value of a generator that yields nothing to wait for, at once."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as stop:
-            errors: list[str] = stop.value
-            return errors
-
-
 class RuleResources:
     """The RouteConfiguration resources an XdsClient asks for: one per
     subscribed appkey plus GLOBAL_RESOURCE while anything is subscribed.
@@ -720,7 +717,8 @@ class RuleResources:
         self, resources: list[tuple[str, str, Any]], removed: list[str], sotw: bool
     ) -> list[str]:
         """Apply a response's resources; returns the problems (NACK if any)."""
-        return _run_steps(self._steps(resources, removed, sotw, offload=False))
+        errors: list[str] = run_steps(self._steps(resources, removed, sotw, offload=False))
+        return errors
 
     def steps(
         self, resources: list[tuple[str, str, Any]], removed: list[str], sotw: bool
