@@ -1301,8 +1301,11 @@ cdef class RouteTable:
         cdef ShuntStat st
         cdef GroupEntry ge
         cdef PyObject* hit
-        cdef Py_ssize_t i, voff, vl = 0
+        cdef Py_ssize_t voff, vl = 0
         cdef RtReq q
+        cdef uint64_t have
+        cdef RtRule* rnext
+        cdef RtRule* rend
         cdef const RtCond* c
         cdef const RtCond* cend
         cdef const uint8_t* lp = p + fi.liteset_off
@@ -1319,9 +1322,13 @@ cdef class RouteTable:
         if rs is not None:
             rt_req_fill(rs, p, fi, &q)
             # first match wins: the service's rules, then the global ones
-            for i in range(rs.n):
-                r = &rs.rules[i]
-                if (r.need & q.have) != r.need:
+            have = q.have
+            rnext = rs.rules
+            rend = rnext + rs.n
+            while rnext < rend:
+                r = rnext
+                rnext += 1
+                if (r.need & have) != r.need:
                     continue  # a value it reads is missing (or not an integer)
                 c = r.conds
                 cend = c + r.nconds
