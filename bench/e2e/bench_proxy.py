@@ -103,9 +103,23 @@ def build_tools(outdir: str) -> dict[str, str]:
     return out
 
 
-def make_templates(outdir: str) -> dict[str, Any]:
+# With the shunt system in a run, every system of that run is sent a request
+# that carries what its rules read (context keys, the caller, a Thrift call
+# body), so that all ten are evaluated (none matches) and octo and shunt see
+# the same request; the loadgen's stamp goes after the Thrift message header
+# (SHUNT_HEAD), so the method stays readable.
+SHUNT_GCTX = {"uid": "123457", "region": "bj", "device": "android-14"}
+SHUNT_CALLER = "com.bench.caller"
+SHUNT_HEAD = len(frame.thrift_call("getUser", 1))
+
+
+def make_templates(outdir: str, shunt: bool = False) -> dict[str, Any]:
     body = bytes(range(BODY_LEN))
-    req = frame.encode_request(1, SERVICE, body, local_context={"octo-remote-appkey": APPKEY})
+    kw: dict[str, Any] = {}
+    if shunt:
+        body = frame.thrift_call("getUser", 1) + body[SHUNT_HEAD:]
+        kw = {"global_context": SHUNT_GCTX, "trace_info": {"clientAppkey": SHUNT_CALLER}}
+    req = frame.encode_request(1, SERVICE, body, local_context={"octo-remote-appkey": APPKEY}, **kw)
     resp = frame.encode_response(1, body)
     t: dict[str, Any] = {}
     for name, data in (("req", req), ("resp", resp)):
@@ -308,15 +322,15 @@ class Bench:
 
     def start_shunt(self) -> System:
         # issue 16's cost: 10 rules on the service, none matching this request
-        # (all ten evaluated: context lookups, the method parse, integer
-        # parses), docs/shunting.md
+        # (make_templates(shunt=True): all ten evaluated: context lookups, the
+        # method parse, integer parses, a percent hash), docs/shunting.md
         def cond(i: int) -> dict[str, Any]:
             kinds = [
                 {"source": "context", "key": "uid", "op": "mod", "modulus": 100, "remainders": [1]},
                 {"source": "caller", "op": "in", "values": ["com.a", "com.b"]},
                 {"source": "method", "op": "eq", "value": "checkout"},
                 {"source": "context", "key": "region", "op": "eq", "value": "sh"},
-                {"source": "context", "key": "uid", "op": "percent", "percent": 0},
+                {"source": "context", "key": "uid", "op": "percent", "percent": 5},
             ]
             return kinds[i % len(kinds)]
 
@@ -1060,8 +1074,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     tmp = tempfile.mkdtemp(prefix="opbench", dir="/tmp")
     tools = build_tools(tmp)
-    tpl = make_templates(tmp)
+    tpl = make_templates(tmp, shunt="shunt" in systems)
     bench = Bench(tools, tpl, pinner, cpus, systems, baseline)
+    if "shunt" in systems:
+        # the provider was started with the body's real offset (it echoes it whole)
+        bench.tpl["req"] = {**tpl["req"], "body_off": tpl["req"]["body_off"] + SHUNT_HEAD}
     print(f"# temp dirs: {tmp} (tools, templates), {bench.c.dir} (configs, logs)", flush=True)
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     raw: list[dict[str, Any]] = []
