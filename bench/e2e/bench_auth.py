@@ -17,8 +17,10 @@ The request body is a Thrift call and the header carries
 traceInfo.clientAppkey (the appkey A signs for), for both systems; the
 loadgen writes its stamp after the call's message header, so the method the
 signature and the ACL cover stays "echo" (bench_governance's templates put it
-over the method name). octo-auth's provider expects the signed frame (B
-forwards the octo-auth entry), so it gets a provider of its own.
+over the method name). Each system has a provider of its own, started the
+same way (octo-auth's expects the signed frame: B forwards the octo-auth
+entry), and the same inbound listener, with the provider's appkey; only
+the authentication differs.
 
     PYTHONPATH=src python bench/e2e/bench_auth.py [--repeat 5] [--duration 5]
         [--scenario '32x8 free'] [--no-pad] [--instructions]
@@ -30,8 +32,9 @@ request (counted from just before each round's load to its end, divided by
 the requests answered in it, warm-up included, as the CPU figure): a figure
 the host's load does not change (`perf stat -e instructions` needs hardware
 counters, which the test VM does not expose).  Under valgrind the proxies
-run some 50 times slower, so the CPU figures of such a run mean nothing.  Exit status 1 when a run saw errors or refusals (a
-refused request would be a cheap one: the figure would lie).
+run some 50 times slower, so the CPU figures of such a run mean nothing.
+Exit status 1 when a run saw errors or refusals (a refused request would be
+a cheap one: the figure would lie).
 """
 
 from __future__ import annotations
@@ -131,12 +134,13 @@ class AuthBench(BP.Bench):
             r[f"{k}_instr"] = n / total
         return r
 
-    def signed_provider(self, name: str, padded: bool = False) -> str:
-        """A provider whose request template is what B forwards: the signed
-        request, or (padded) the padded one as the app sent it."""
+    def own_provider(self, name: str, signed: bool, padded: bool = False) -> str:
+        """A provider of the system's own, started the same way for each,
+        whose request template is what B forwards: the signed request, the
+        padded one, or the app's request as it is."""
         src = self.pad if padded else self.tpl["req"]
         with open(src["path"], "rb") as f:
-            data = f.read() if padded else auth.sign_frame(f.read(), self.token, APPKEY.encode())
+            data = auth.sign_frame(f.read(), self.token, APPKEY.encode()) if signed else f.read()
         frames, _ = frame.scan(data)
         fr = frames[0]
         path = self.c.path(f"{name}-req.bin")
@@ -156,8 +160,10 @@ class AuthBench(BP.Bench):
     def _octo(self, name: str, signed: bool, padded: bool = False) -> BP.System:
         port = harness.free_port()
         tag = f"bench-{os.getpid()}-{name}"
-        prov = self.signed_provider(name, padded) if signed or padded else self.prov_sock
+        prov = self.own_provider(name, signed, padded)
         scfg = harness.server_proxy_cfg({port: prov}, id=f"{tag}-server")
+        # the same listener with or without authentication: a provider appkey
+        scfg["listeners"]["inbound"][0]["appkey"] = APPKEY
         scfg["hot_restart"] = {"socket": self.c.path(f"{name}-server.hr")}
         svc: dict[str, Any] = {"appkey": APPKEY, "service_names": [SERVICE],
                                "endpoints": [{"address": f"127.0.0.1:{port}"}]}
@@ -166,7 +172,6 @@ class AuthBench(BP.Bench):
                                         hot_restart={"socket": self.c.path(f"{name}-c.hr")})
         if signed:
             ib = scfg["listeners"]["inbound"][0]
-            ib["appkey"] = APPKEY
             ib["auth"] = {"mode": "enforce", "allow": [{"caller": CALLER, "methods": ["echo"]}]}
             scfg["auth"] = {"token_file": self.token_file}
             ccfg["listeners"]["outbound"][0]["sign_for"] = [CALLER]
