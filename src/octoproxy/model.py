@@ -223,6 +223,10 @@ OP_PERCENT = "percent"  # hash(value) % 10000 < round(percent * 100)  (sticky pe
 # ShuntRule action kinds
 ACT_GROUP = "group"  # route to the nodes of `group`
 ACT_CONTEXT = "context"  # set context `target` (e.g. octo-set) before cell routing
+# route as if no rule had matched (the service's default nodes), and stop:
+# Envoy's route to the cluster itself (no metadata_match), e.g. the share of a
+# weighted_clusters route that selects no group
+ACT_DEFAULT = "default"
 
 # ShuntRule.on_no_node when the group has no serving node for this request
 NO_NODE_FALLBACK = "fallback"  # use the service's default (ungrouped) nodes

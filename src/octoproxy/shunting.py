@@ -28,7 +28,7 @@ OPS = (
     model.OP_MOD,
     model.OP_PERCENT,
 )
-ACTIONS = (model.ACT_GROUP, model.ACT_CONTEXT)
+ACTIONS = (model.ACT_GROUP, model.ACT_CONTEXT, model.ACT_DEFAULT)
 NO_NODE = (model.NO_NODE_FALLBACK, model.NO_NODE_REJECT)
 # The context rewrite steers routing (docs/shunting.md, "the context
 # rewrite"): only the routing labels are targets.
@@ -157,6 +157,12 @@ def _check_rule(where: str, r: model.ShuntRule) -> None:
         raise ValueError(
             f"{where}: unknown no-node policy {r.on_no_node!r} (one of {', '.join(NO_NODE)})"
         )
+    if r.action == model.ACT_DEFAULT:
+        if r.group or r.target or r.value or r.source_key or r.unit_table:
+            raise ValueError(f"{where}: a default action takes no group, target or value")
+        if r.on_no_node != model.NO_NODE_FALLBACK:
+            raise ValueError(f"{where}: a default action has no on_no_node")
+        return
     if r.action == model.ACT_GROUP:
         _ident(where, "the group of a group action", r.group)
         if r.target or r.value or r.source_key or r.unit_table:

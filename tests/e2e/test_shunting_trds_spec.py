@@ -110,7 +110,8 @@ def mesh() -> Iterator[tuple[Cluster, DoubleThread]]:
                                              logging={"access_log": True}))
             subscribe(f"http://127.0.0.1:{sub}", [A, B])
             c.admin = admin  # type: ignore[attr-defined]
-            wait_for(lambda: len(rules_of(c)) == len(ROUTES), 15, "the rules over TRDS")
+            # the weighted route is two rules: its gray share and the rest (to the cluster)
+            wait_for(lambda: len(rules_of(c)) == len(ROUTES) + 1, 15, "the rules over TRDS")
             yield c, cp
         finally:
             cp.close()
@@ -309,6 +310,32 @@ def test_a_route_with_a_field_this_proxy_does_not_know_is_nacked(
     msg = cp.nacks(TRDS)[-1]
     assert f"routes[{len(ROUTES)}].match has a field this proxy does not know" in msg, msg
     assert nodes(c, 20) == DEFAULT and "newer" not in rules_of(c)
+
+
+def test_a_route_to_the_cluster_itself_stops_there(mesh: tuple[Cluster, DoubleThread]) -> None:
+    """As in Envoy, a matching route that names the cluster with no subset
+    (and the ungrouped share of weighted_clusters) is where the request
+    goes: the default nodes; a later catch-all route never sees it."""
+    c, cp = mesh
+    cp.do(cp.double.put_raw, TRDS, route_config([
+        {"match": {"method_name": "healthCheck"}, "route": {"cluster": A}},
+        ROUTES[-1],  # ab: 30% gray, 70% the cluster itself
+        {"match": {"method_name": ""}, "route": to_group("canary", "catch-all")},
+    ]))
+    wait_for(lambda: "catch-all" in rules_of(c), 15, "the new rule set")
+    assert nodes(c, 20, method="healthCheck") == DEFAULT
+    assert nodes(c, 20, method="other") == {"c1"}
+    got: collections.Counter[str] = collections.Counter()
+    w = Wire(c.path("px.sock"))
+    try:
+        for i in range(600):
+            r = w.call(thrift_call("ab", i, b"echo:x"), appkey=A)
+            got[r["body"].split(b"|")[0].decode()] += 1
+    finally:
+        w.close()
+    assert "c1" not in got and got["g1"] > 0 and got["d1"] + got["d2"] > 0, got
+    hits = {r["name"]: (r["hits"], r["fallbacks"]) for r in rules_of(c).values()}
+    assert hits["route-0"][0] >= 20 and hits["route-0"][1] == 0  # routed, not a fallback
 
 
 def test_a_new_route_set_replaces_the_old_one_whole(mesh: tuple[Cluster, DoubleThread]) -> None:

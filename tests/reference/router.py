@@ -131,6 +131,8 @@ class ReferenceRouter:
         for scope, r in self.rules_for(svc.appkey):
             if not all(self.cond(m, rq) for m in r.matches):
                 continue
+            if r.action == model.ACT_DEFAULT:
+                return Outcome(self._named(r, svc, self._req_labels(rq), ""), r.name, scope)
             if r.action == model.ACT_CONTEXT:
                 if r.source_key:
                     src = rq.context(r.source_key)

@@ -278,6 +278,8 @@ def rule_sets(draw, prefix):
                         unit_table=(("bj", "set-a"), ("sh", "set-b"), ("1", "zz")),
                     )
                 )
+        elif draw(st.integers(0, 4)) == 0:
+            out.append(Rule(f"{prefix}{i}", ms, action="default"))
         else:
             out.append(
                 Rule(

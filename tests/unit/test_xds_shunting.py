@@ -25,6 +25,7 @@ from octoproxy.xds.shunting import (
     THRIFT_ROUTE_TYPE,
     RuleResources,
     route_config_to_rules,
+    rule_from_dict,
     rule_to_dict,
     rules_from_list,
     rules_to_route_config,
@@ -186,8 +187,10 @@ def test_weighted_clusters() -> None:
     meth = m(M.SRC_METHOD, M.OP_EQ, values=("m",))
     # one group: a random share of the requests
     rules = route_config_to_rules(weighted([("app.a", 90, ""), ("app.a", 10, "gray")]))
+    # the entry without a group: the default nodes, and evaluation stops there (as in Envoy)
     assert rules == (
         M.ShuntRule("split", (meth, m(M.SRC_RANDOM, M.OP_PERCENT, percent=10.0)), group="gray"),
+        M.ShuntRule("split[0]", (meth,), action=M.ACT_DEFAULT),
     )
     # several groups: consecutive slices of one key's hash buckets
     rules = route_config_to_rules(
@@ -204,7 +207,33 @@ def test_weighted_clusters() -> None:
             (meth, m(M.SRC_CONTEXT, M.OP_PERCENT, key="uid", percent=66.67)),
             group="b",
         ),
+        M.ShuntRule("split[1]", (meth,), action=M.ACT_DEFAULT),
     )
+    # every share in a group: no default rule
+    rules = route_config_to_rules(weighted([("app.a", 0, ""), ("app.a", 10, "gray")]))
+    assert [r.action for r in rules] == [M.ACT_GROUP]
+
+
+def test_a_route_to_the_cluster_itself_is_the_default_action() -> None:
+    """Envoy sends a route with a cluster and no metadata_match to the
+    cluster, and looks no further: the default nodes, evaluation stops."""
+    for scope, set_cluster in (("app.a", lambda r: setattr(r.route, "cluster", "app.a")),
+                               (M.SHUNT_GLOBAL,
+                                lambda r: setattr(r.route, "cluster_header", ":dest"))):
+        rc = RC(name="octo/global" if scope == M.SHUNT_GLOBAL else scope)
+        r = rc.routes.add()
+        r.match.method_name = "healthCheck"
+        set_cluster(r)
+        rules = route_config_to_rules(wire(rc))
+        want = M.ShuntRule("route-0", (m(M.SRC_METHOD, M.OP_EQ, values=("healthCheck",)),),
+                           action=M.ACT_DEFAULT)
+        assert rules == (want,)
+        assert route_config_to_rules(wire(rules_to_route_config(scope, rules))) == rules
+    assert rule_from_dict({"name": "x", "default": True}, "f") == M.ShuntRule(
+        "x", action=M.ACT_DEFAULT)
+    assert rule_to_dict(M.ShuntRule("x", action=M.ACT_DEFAULT)) == {"name": "x", "default": True}
+    with pytest.raises(ValueError, match="stands alone"):
+        rule_from_dict({"name": "x", "default": True, "group": "g"}, "f")
 
 
 def reject(rc: Any, *needles: str) -> None:
@@ -325,10 +354,16 @@ def test_rejections_name_the_rule(case: tuple[str, Any, tuple[str, ...]]) -> Non
 
 
 def test_rejections_of_the_route_as_a_whole() -> None:
-    rc, _ = one_route(group="")
+    # neither a group, nor a context action, nor a cluster: nothing said
+    rc, r = one_route(group="")
+    r.route.ClearField("cluster")
     reject(rc, "routes[0] (rule 'r1')", "no action")
-    rc, _ = one_route(name="", group="")
+    rc, r = one_route(name="", group="")
+    r.route.ClearField("cluster")
     reject(rc, "routes[0] (rule 'route-0')", "no action")
+    rc, r = one_route(group="")
+    r.route.metadata_match.filter_metadata["octo"].update({"on_no_node": "reject"})
+    reject(rc, "on_no_node is only for a route that selects a group")
     rc, _ = one_route(scope=GLOBAL_RESOURCE)
     reject(rc, "(rule 'r1')", "a global rule routes within each request's own provider")
     reject(RC(name="bad name"), "the name is an appkey or 'octo/global'")
@@ -589,6 +624,8 @@ def _rule_sets(draw: Any) -> tuple[M.ShuntRule, ...]:
             out.append(M.ShuntRule(f"r{i}", ms, group=draw(_text.filter(bool)),
                                    on_no_node=draw(st.sampled_from([M.NO_NODE_FALLBACK,
                                                                     M.NO_NODE_REJECT]))))  # fmt: skip
+        elif draw(st.integers(0, 3)) == 0:
+            out.append(M.ShuntRule(f"r{i}", ms, action=M.ACT_DEFAULT))
         elif draw(st.booleans()):
             out.append(M.ShuntRule(f"r{i}", ms, action=M.ACT_CONTEXT, target="octo-set",
                                    value=draw(_text)))  # fmt: skip

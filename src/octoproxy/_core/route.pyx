@@ -718,7 +718,14 @@ cdef RtRules rt_compile_rules(RouteTable t, ServiceEntry e):
                 if kind == RC_NEVER:
                     r.need |= RQ_NEVER  # no request has it: skipped with the need test
             r.nconds = j
-        if rule.action == _model.ACT_GROUP:
+        if rule.action == _model.ACT_DEFAULT:
+            # the default nodes, evaluation stops: a group action without a
+            # group takes its fallback (counted as such; shunting_stats
+            # reports those hits as routed)
+            r.action = RA_GROUP
+            r.group = NULL
+            r.reject = False
+        elif rule.action == _model.ACT_GROUP:
             r.action = RA_GROUP
             ge = e.groups.get(rule.group)
             r.group = <PyObject*>ge if ge is not None else NULL
@@ -1498,9 +1505,11 @@ cdef class RouteTable:
         for scope in sorted(self._shunt, key=lambda s: (s == _model.SHUNT_GLOBAL, s)):
             for rule in self._shunt[scope]:
                 st = self._stats[(scope, rule.name)]
+                # a default action's hits are its fallbacks in the core: routed
                 out.append({"scope": scope, "name": st.name, "hits": st.hits,
-                            "fallbacks": st.fallbacks, "rejects": st.rejects,
-                            "rule": rule})
+                            "fallbacks": 0 if rule.action == _model.ACT_DEFAULT
+                            else st.fallbacks,
+                            "rejects": st.rejects, "rule": rule})
         return out
 
     def shunt_stat(self, str scope, str name):

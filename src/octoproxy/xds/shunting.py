@@ -66,7 +66,8 @@ _COND_KEYS = frozenset(
     {"source", "key", "op", "value", "values", "lo", "hi", "modulus", "remainders", "percent"}
 )
 _RULE_KEYS = frozenset(
-    {"name", "match", "group", "on_no_node", "target", "value", "source_key", "unit_table"}
+    {"name", "match", "group", "on_no_node", "target", "value", "source_key", "unit_table",
+     "default"}
 )
 _MAX_EXACT = 2**53  # integers a Struct's double holds exactly
 
@@ -224,6 +225,12 @@ def rule_from_dict(d: Any, where: str) -> model.ShuntRule:
     matches = tuple(match_from_dict(m, f"{where}.match[{i}]") for i, m in enumerate(ms))
     fields = _action_fields(d, where)
     group = _s(f"{where}.group", d.get("group", ""))
+    if "default" in d:
+        if d["default"] is not True or group or fields:
+            raise ValueError(f"{where}: default: true (the default nodes) stands alone, "
+                             "without group, target or on_no_node")
+        return model.ShuntRule(name=_s(f"{where}.name", name if name is not None else ""),
+                               matches=matches, action=model.ACT_DEFAULT)
     if group and "target" in fields:
         raise ValueError(f"{where}: a rule either routes to a group or sets a context value")
     if not group and "target" not in fields:
@@ -246,6 +253,8 @@ def rule_to_dict(r: model.ShuntRule) -> dict[str, Any]:
         d["group"] = r.group
         if r.on_no_node != model.NO_NODE_FALLBACK:
             d["on_no_node"] = r.on_no_node
+    elif r.action == model.ACT_DEFAULT:
+        d["default"] = True
     else:
         d["target"] = r.target
         if r.source_key:
@@ -459,6 +468,13 @@ def _route_rules(scope: str, i: int, route: Any, rc_name: str) -> list[model.Shu
             raise ValueError(f"{ow}.hash_key is only for weighted_clusters")
         if group and "target" in fields:
             raise ValueError(f"{where}: a rule either selects a group or sets a context value")
+        if not group and "target" not in fields and cs in ("cluster", "cluster_header"):
+            # Envoy routes these requests to the cluster itself and looks no
+            # further: the default nodes, evaluation stops
+            if "on_no_node" in fields:
+                raise ValueError(f"{ow}.on_no_node is only for a route that selects a group")
+            return [model.ShuntRule(name=name, matches=tuple(matches),
+                                    action=model.ACT_DEFAULT)]
         if not group and "target" not in fields:
             raise ValueError(
                 f'{where}: no action: select a group (metadata_match.filter_metadata["{LB_NS}"]'
@@ -488,9 +504,11 @@ def _weighted(
 ) -> list[model.ShuntRule]:
     """weighted_clusters -> one percentage rule per group: the shares of the
     groups (in order) take consecutive slices of the hash buckets; the share
-    of the entry without a group is "no match" (later rules, else the default
-    nodes).  docs/xds.md."""
+    of the entries without a group goes to the default nodes and stops there,
+    as Envoy's route does (a default-action rule after the group rules).
+    docs/xds.md."""
     groups: list[tuple[int, str, int]] = []  # (index, group, weight)
+    rest = -1  # index of the first entry without a group that has a share
     total = 0
     for k, cw in enumerate(wc.clusters):
         w = f"{where}: route.weighted_clusters.clusters[{k}]"
@@ -504,6 +522,8 @@ def _weighted(
             if any(g == x[1] for x in groups):
                 raise ValueError(f"{w}: group {g!r} appears twice")
             groups.append((k, g, weight))
+        elif weight > 0 and rest < 0:
+            rest = k
     if total <= 0:
         raise ValueError(f"{where}: route.weighted_clusters: the weights add up to 0")
     if not groups:
@@ -532,6 +552,9 @@ def _weighted(
                 **fields,
             )
         )
+    if rest >= 0:
+        out.append(model.ShuntRule(name=f"{name}[{rest}]", matches=matches,
+                                   action=model.ACT_DEFAULT))
     return out
 
 
@@ -647,6 +670,8 @@ def rules_to_route_config(
             act.metadata_match.filter_metadata[LB_NS].update({"group": r.group})
             if r.on_no_node != model.NO_NODE_FALLBACK:
                 ext["on_no_node"] = r.on_no_node
+        elif r.action == model.ACT_DEFAULT:
+            pass  # the cluster alone: its default nodes
         else:
             ext["target"] = r.target
             if r.source_key:
