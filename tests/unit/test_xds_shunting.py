@@ -214,6 +214,20 @@ def test_weighted_clusters() -> None:
     assert [r.action for r in rules] == [M.ACT_GROUP]
 
 
+@pytest.mark.parametrize("regex", ["^(?:gold|sil\\.ver)$", "(?:gold|sil\\.ver)", "gold|sil\\.ver",
+                                   "^gold|sil\\.ver$"])
+def test_a_literal_set_regex_with_or_without_anchors(regex: str) -> None:
+    """Envoy full-matches a header's safe_regex, so the anchors say nothing:
+    every form is the same set."""
+    rc = RC(name="app.a")
+    r = rc.routes.add()
+    r.route.cluster = "app.a"
+    r.route.metadata_match.filter_metadata["envoy.lb"].update({"group": "g"})
+    r.match.headers.add(name="tier").safe_regex_match.regex = regex
+    (rule,) = route_config_to_rules(wire(rc))
+    assert rule.matches == (m(M.SRC_CONTEXT, M.OP_IN, key="tier", values=("gold", "sil.ver")),)
+
+
 def test_a_route_to_the_cluster_itself_is_the_default_action() -> None:
     """Envoy sends a route with a cluster and no metadata_match to the
     cluster, and looks no further: the default nodes, evaluation stops."""

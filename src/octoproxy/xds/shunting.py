@@ -281,13 +281,17 @@ _HM = route_components_pb2.HeaderMatcher
 
 def _parse_alternation(regex: str) -> tuple[str, ...] | None:
     """The literal values of ``^(?:a|b|c)$`` (or ``^a$``), each escaped as
-    re.escape does; None for any other regex."""
+    re.escape does; None for any other regex.  The anchors are optional:
+    Envoy matches a header's (and a StringMatcher's) safe_regex against the
+    whole value, so ``a|b`` and ``(?:a|b)`` say the same set."""
     if regex.startswith("^(?:") and regex.endswith(")$"):
         body = regex[4:-2]
     elif regex.startswith("^") and regex.endswith("$") and len(regex) >= 2:
         body = regex[1:-1]
+    elif regex.startswith("(?:") and regex.endswith(")"):
+        body = regex[3:-1]
     else:
-        return None
+        body = regex
     values: list[str] = []
     cur: list[str] = []
     i = 0
