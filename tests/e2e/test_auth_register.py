@@ -102,7 +102,9 @@ def test_an_app_registers_its_appkey_and_is_signed_for(mesh: Cluster) -> None:
     assert get(c.sub, "/v1/subscriptions")["registered"] == [WEB]  # type: ignore[attr-defined]
     # persisted with the subscriptions
     with open(c.path("client.state.json")) as f:
-        assert json.load(f)["registered"] == [WEB]
+        text = f.read()
+    assert json.loads(text)["registered"] == [WEB]
+    assert not any(t in text for t in TOKENS.values())  # names only, never a token
 
 
 def test_registration_refused_without_token_or_listener(mesh: Cluster) -> None:
