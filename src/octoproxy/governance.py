@@ -107,14 +107,18 @@ class RedisQuota:
         used, _ = await asyncio.wait_for(pipe.execute(), self.timeout_s * 2)
         return int(used)
 
-    def failed(self, e: BaseException) -> None:
-        self.errors += 1
-        self.last_error = f"{type(e).__name__}: {e}"
-        # a fresh client (and pool) next time: no stale connection survives a failure
+    def _drop_client(self) -> None:
+        # a fresh client (and pool) next time: no stale connection survives a
+        # failure (a command timed out mid-way leaves its answer unread)
         old, self.client = self.client, None
         if old is not None:
             t = asyncio.get_running_loop().create_task(old.aclose())
             t.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def failed(self, e: BaseException) -> None:
+        self.errors += 1
+        self.last_error = f"{type(e).__name__}: {e}"
+        self._drop_client()
         if self.up:
             self.up = False
             self.failures += 1
@@ -137,6 +141,7 @@ class RedisQuota:
             except Exception as e:  # any failure: still down
                 self.errors += 1
                 self.last_error = f"{type(e).__name__}: {e}"
+                self._drop_client()
                 continue
             self.up = True
             log.warning("redis %s reachable again: cluster quotas are taken from it again",
