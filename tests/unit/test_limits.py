@@ -233,3 +233,32 @@ def test_quota_modes() -> None:
     g.set_local_share(4.0, 2.0)
     time.sleep(0.6)  # a changed bucket keeps its tokens: let it fill (a 0.25 s pause refills one)
     assert [g.check_inbound(f) is None for _ in range(3)] == [True, True, False]
+
+
+def test_names_that_differ_in_any_byte_are_other_names() -> None:
+    # methods and callers compared by length and bytes: lengths around 8 and
+    # 16, a difference in the first, a middle and the last byte
+    for n in (1, 7, 8, 9, 15, 16, 17, 23):
+        name = "".join(chr(97 + i % 26) for i in range(n))
+        others = {name[:k] + "#" + name[k + 1 :] for k in (0, n // 2, n - 1)}
+        g = L.ServiceGov("svc")
+        g.set_rules([L.RateRule("m", 1, 1, method=name), L.RateRule("c", 1, 1, caller=name)], [])
+        assert g.check_inbound(req(name, "x")) is None
+        assert g.check_inbound(req(name, "x")) is not None  # its method's bucket is spent
+        assert g.check_inbound(req("get", name)) is None
+        assert g.check_inbound(req("get", name)) is not None  # its caller's bucket is spent
+        for o in others:
+            assert g.check_inbound(req(o, o)) is None, (name, o)
+        g.set_idempotent([name])
+        g.max_attempts = 2
+        assert g.may_retry(req(name)) and not any(g.may_retry(req(o)) for o in others)
+
+
+def test_a_per_caller_rule_serves_each_caller_its_own_bucket_in_any_order() -> None:
+    # the last caller's slot is tried first: alternating callers of one length
+    # that differ in their last byte must still get a bucket each
+    g = L.ServiceGov("svc")
+    g.set_rules([L.RateRule("each", 1, 2, per_caller=True)], [])
+    got = [g.check_inbound(req("get", c)) is None for c in ["com.a1", "com.a2"] * 3]
+    assert got == [True, True, True, True, False, False]
+    assert g.check_inbound(req("get", "com.a3")) is None

@@ -562,6 +562,12 @@ cdef int gv_inbound(ServiceGov g, const uint8_t* frame, FrameInfo* fi, double no
         r = g.gv_rules(g.in_rules, frame, fi, g.in_method, g.in_caller, now)
         if r != GV_OK:
             return GV_RULE + r
+    if (g.qmode == QM_REDIS and not g.qexhausted and g.qtokens > g.qlow
+            and g.qtokens > -g.qdebt):
+        # a step's tokens being spent, the next one not due yet (the common case)
+        g.qtokens -= 1.0
+        g.n_quota_allowed += 1
+        return GV_OK
     if g.qmode != QM_OFF:
         return g.gv_quota(now)
     return GV_OK
