@@ -38,7 +38,6 @@ import argparse
 import glob
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -225,17 +224,10 @@ def main_instructions(bench: GovBench, systems: list[str], outdir: str, args: An
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--duration", type=float, default=5.0)
-    ap.add_argument("--warmup", type=float, default=1.0)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--scenario", default="32x8 free")
     ap.add_argument("--before", metavar="SRC", help="src dir of a build from before governance")
-    ap.add_argument("--smoke", action="store_true", help="CI: 1 s runs, 1 round")
     ap.add_argument("--instructions", action="store_true",
                     help="user-space instructions per request of A and B under callgrind")
-    args = ap.parse_args(argv)
-    if args.smoke:
-        args.duration, args.warmup, args.repeat = 1.0, 0.3, 1
+    args = BP.cost_args(ap, argv)
     systems = ["octo", "octogov"] + (["before"] if args.before else [])
     scen, conns, inflight, layout, nlg = BP.parse_scenario(args.scenario)
     redis = harness.RedisServer()
@@ -263,41 +255,16 @@ def main(argv: list[str] | None = None) -> int:
             redis.stop()
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(bench.c.dir, ignore_errors=True)
-    print(f"# {scen}, {args.repeat} round(s) of {args.warmup:g}+{args.duration:g} s, systems "
-          f"{', '.join(systems)}; load average {os.getloadavg()[0]:.2f}", flush=True)
-    per: dict[str, list[float]] = {s: [] for s in systems}
-    rps: dict[str, list[float]] = {s: [] for s in systems}
     bad = False
     try:
-        lay = bench.apply_layout(layout)
-        for rep in range(args.repeat):
-            k = rep % len(systems)
-            for system in systems[k:] + systems[:k]:
-                r = bench.run(system, conns, inflight, args.duration, args.warmup, lay, nlg)
-                print(f"  [{rep + 1}/{args.repeat}] {system:<8} {r.get('rps', 0):>8.0f} rps  "
-                      f"A+B {r['proxies_cpu_us_per_req']:.2f} us/req  "
-                      f"(A {r['a_cpu_us_per_req']:.2f}, B {r['b_cpu_us_per_req']:.2f})", flush=True)
-                if not r["ok"]:
-                    bad = True
-                    print(f"    PROBLEM: { {k: v for k, v in r.items() if k != 'stderr'} }")
-                per[system].append(r["proxies_cpu_us_per_req"])
-                rps[system].append(r.get("rps", 0.0))
+        runs, bad = BP.cost_rounds(bench, systems, args)
     finally:
         bench.close()
         redis.stop()
         if not bad:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(bench.c.dir, ignore_errors=True)
-    base = statistics.median(per["octo"])
-    print(f"\nmedian A+B CPU per request over {args.repeat} round(s), {scen}:")
-    for s in systems:
-        m = statistics.median(per[s])
-        # the same round's runs are seconds apart, so their ratio drifts less with
-        # the host's load than the ratio of the medians: its median over rounds
-        paired = statistics.median(x / o for x, o in zip(per[s], per["octo"], strict=True))
-        print(f"  {s:<8} {m:6.2f} us/req  {statistics.median(rps[s]):8.0f} rps  "
-              f"{(m / base - 1) * 100:+6.1f}% vs octo  (per round: median {(paired - 1) * 100:+.1f}%,"
-              f" min {min(per[s]):.2f} us/req)")
+    BP.print_cost(runs, args)
     return 1 if bad else 0
 
 

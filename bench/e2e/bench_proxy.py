@@ -994,13 +994,19 @@ def cost_rounds(
 
 def print_cost(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace,
                base: str = "octo") -> None:
-    """Per system the median A+B CPU per request and requests/s, and the CPU's ratio to base."""
-    b = statistics.median(r["proxies_cpu_us_per_req"] for r in runs[base])
+    """Per system the median A+B CPU per request and requests/s, the CPU's
+    ratio to base, the median of the per-round ratios and the best round."""
+    cpu = {s: [r["proxies_cpu_us_per_req"] for r in rs] for s, rs in runs.items()}
+    b = statistics.median(cpu[base])
     print(f"\nmedian A+B CPU per request over {args.repeat} round(s), {args.scenario}:")
     for s, rs in runs.items():
-        m = statistics.median(r["proxies_cpu_us_per_req"] for r in rs)
+        m = statistics.median(cpu[s])
+        # the same round's runs are seconds apart, so their ratio drifts less with
+        # the host's load than the ratio of the medians: its median over rounds
+        paired = statistics.median(x / o for x, o in zip(cpu[s], cpu[base], strict=True))
         print(f"  {s:<8} {m:6.2f} us/req  {statistics.median(r.get('rps', 0.0) for r in rs):8.0f} "
-              f"rps  {(m / b - 1) * 100:+6.1f}% vs {base}")
+              f"rps  {(m / b - 1) * 100:+6.1f}% vs {base}  (per round: median "
+              f"{(paired - 1) * 100:+.1f}%, min {min(cpu[s]):.2f} us/req)")
 
 
 def main(argv: list[str] | None = None) -> int:
