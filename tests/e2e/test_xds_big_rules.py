@@ -79,9 +79,11 @@ def test_big_rule_set_does_not_hold_the_loop(make: object) -> None:
     finally:
         dbl.close()
     print(r)
-    # before: the whole conversion at once (5 s for 1024x32 on the test VM);
-    # now the core's compile and the GIL's slices: a generous bound
-    assert r["worst_stall_ms"] < 1000, r
+    # before: the whole conversion at once, three quarters of the time to
+    # apply (4.5 of 6.1 s for 1024x32 on the test VM); now the core's compile
+    # and the GIL's slices, 5-25% of it.  Relative, so a loaded host slowing
+    # both does not fail it
+    assert r["worst_stall_ms"] < max(500 * r["applied_s"], 300), r
 
 
 def test_rule_sets_past_the_value_bounds_are_refused_whole() -> None:
