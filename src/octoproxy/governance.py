@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -568,6 +569,8 @@ class Manager:
         self.ejections_total += 1
         duration = min(od.base_ejection_s * ng.ejections, max(od.max_ejection_s,
                                                               od.base_ejection_s))
+        if od.ejection_jitter_s > 0:  # Envoy's max_ejection_time_jitter: added after the cap
+            duration += random.uniform(0.0, od.ejection_jitter_s)
         ng.ejected = True
         ng.ejected_until = time.time() + duration
         log.warning("ejecting %s of %s for %.1f s: %s (ejection #%d)", ng.address, appkey,

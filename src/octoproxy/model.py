@@ -116,6 +116,7 @@ class OutlierDetection:
     success_rate_stdev_factor: float = 0.0
     success_rate_min_requests: int = 100  # answers in the interval for a node to be rated
     success_rate_min_nodes: int = 5  # rated nodes needed for the detector to run
+    ejection_jitter_s: float = 0.0  # a random 0..this added to each ejection (Envoy's jitter)
 
 
 @dataclass(frozen=True, slots=True)

@@ -162,6 +162,7 @@ class OutlierDetectionSpec(_Strict):
     success_rate_stdev_factor: float = Field(default=0.0, ge=0)
     success_rate_min_requests: int = Field(default=100, ge=1)
     success_rate_min_nodes: int = Field(default=5, ge=1)
+    ejection_jitter_s: float = Field(default=0.0, ge=0)
     interval_s: float = Field(default=10.0, gt=0)
     base_ejection_s: float = Field(default=30.0, gt=0)
     max_ejection_s: float = Field(default=300.0, gt=0)
@@ -183,7 +184,7 @@ class OutlierDetectionSpec(_Strict):
             self.failure_rate_min_requests, self.interval_s, self.base_ejection_s,
             self.max_ejection_s, self.max_ejection_percent, self.failure_rate_min_nodes,
             self.success_rate_stdev_factor, self.success_rate_min_requests,
-            self.success_rate_min_nodes)
+            self.success_rate_min_nodes, self.ejection_jitter_s)
 
 
 class RetrySpec(_Strict):

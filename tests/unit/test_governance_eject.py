@@ -209,3 +209,20 @@ def test_success_rate_needs_its_minimum_of_rated_nodes() -> None:
                        for n in table.nodes("s"))
 
     run(body)
+
+
+def test_ejection_time_jitter_is_added_after_the_cap() -> None:
+    import time
+
+    async def body(table: RouteTable, m: Manager) -> None:
+        table.update_service(svc(4, base_ejection_s=5, max_ejection_s=5, ejection_jitter_s=2))
+        lengths = []
+        for a in ("10.0.0.1:9000", "10.0.0.3:9000"):
+            fail(table, a, 2)
+            st = m.node_state("s", a)
+            assert st is not None and st["ejected"]
+            lengths.append(st["ejected_until"] - time.time())
+        assert all(4.9 < x <= 7.0 for x in lengths), lengths
+        assert lengths[0] != lengths[1]  # random
+
+    run(body)

@@ -18,6 +18,7 @@ FULL = {
     "circuit_breakers": {"max_requests": 10, "max_requests_per_node": 3, "max_pending": 4,
                          "max_connections": 6},
     "outlier_detection": {"consecutive_transport_failures": 3, "consecutive_errors": 4,
+                          "ejection_jitter_s": 0.5,
                           "error_statuses": [2, 9], "failure_rate_threshold": 0.5,
                           "failure_rate_min_requests": 7, "interval_s": 1.5,
                           "base_ejection_s": 2, "max_ejection_s": 20,
@@ -256,3 +257,8 @@ def test_success_rate_detector_as_envoy_runs_it() -> None:
     c = R.service_to_cluster(svc)
     assert c.outlier_detection.enforcing_success_rate.value == 100
     assert R.cluster_to_settings(c).governance == svc.governance
+
+
+def test_max_ejection_time_jitter() -> None:
+    assert outlier({"max_ejection_time_jitter": "1.5s"}).ejection_jitter_s == 1.5
+    assert outlier({}).ejection_jitter_s == 0.0

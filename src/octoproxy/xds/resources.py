@@ -322,6 +322,8 @@ def _outlier(od: Any, md: dict[str, Any], where: str) -> model.OutlierDetection:
         kw["max_ejection_s"] = _dur(od.max_ejection_time)
     if od.HasField("max_ejection_percent"):
         kw["max_ejection_percent"] = od.max_ejection_percent.value
+    if od.HasField("max_ejection_time_jitter"):
+        kw["ejection_jitter_s"] = _dur(od.max_ejection_time_jitter)
     out: model.OutlierDetection = _gov_spec(where, S.OutlierDetectionSpec, kw).to_model()
     return out
 
@@ -456,6 +458,8 @@ def governance_to_cluster(g: model.Governance, c: cluster_pb2.Cluster) -> None:
                            ("max_ejection_time", od.max_ejection_s)):
             getattr(o, name).FromNanoseconds(round(secs * 1e9))
         o.max_ejection_percent.value = round(od.max_ejection_percent)
+        if od.ejection_jitter_s:
+            o.max_ejection_time_jitter.FromNanoseconds(round(od.ejection_jitter_s * 1e9))
     if md:
         c.metadata.filter_metadata[OCTO_NS].update(md)
 
