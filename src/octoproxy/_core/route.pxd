@@ -141,6 +141,7 @@ cdef struct RtCond:
     int64_t modulus                 # mod
     int64_t* rems
     Py_ssize_t nrems
+    bint in_mask                    # evaluated before the rules (RtRules.fc): in cmask
     const char** vals               # in: n
     Py_ssize_t* vlens
     Py_ssize_t nvals
@@ -153,8 +154,10 @@ cdef struct RtRule:
     # integers (bit 32 + s) for the rule to match, tested against RtReq.have
     # with one AND before any compare
     uint64_t need
+    uint64_t cmask                  # its conditions evaluated before the rules (RtRules.fc)
     RtCond* conds
     Py_ssize_t nconds
+    Py_ssize_t nrest                # conditions not in cmask (random, a key looked up alone)
     int action                      # 0 group, 1 context
     PyObject* group                 # this service's GroupEntry (borrowed), NULL: no such group
     bint reject                     # on_no_node == reject
@@ -193,6 +196,12 @@ cdef class RtRules:
     cdef uint64_t slots             # RtReq slots some rule reads (bit s)
     cdef uint64_t int_slots         # ... as an integer (range, mod): parsed once per request
     cdef uint64_t pct_slots         # ... as a percent bucket: hashed once per request
+    # every condition on a slot, grouped by op (shallow copies of the
+    # rules' conditions, at most 64): evaluated in one loop per op into a
+    # mask of true conditions before the rules are walked; nfc 0: none
+    cdef RtCond* fc
+    cdef Py_ssize_t nfc
+    cdef Py_ssize_t fstart[8]       # fc[fstart[op]:fstart[op + 1]]: the conditions of op
     cdef list keep                  # bytes, RtIndex and ShuntStat objects the arrays point into
     cdef const char* keep_str(self, str v, Py_ssize_t* n) except? NULL
 
