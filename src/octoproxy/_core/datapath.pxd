@@ -7,7 +7,7 @@
 from cpython.object cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint8_t
 
-from octoproxy._core.auth cimport Signer, Verifier
+from octoproxy._core.auth cimport Signer, Verifier, _Hmac
 from octoproxy._core.constants cimport STATUS_SLOTS
 from octoproxy._core.frame cimport FrameInfo
 from octoproxy._core.limits cimport ServiceGov
@@ -303,8 +303,9 @@ cdef class OutboundConn(Conn):
                        object method=*, int32_t body_seq=*) except -1
     cdef object out_method(self, const uint8_t* p, Py_ssize_t moff, Py_ssize_t mlen)
     cdef bint _answer_compressed(self, uint8_t* p, Py_ssize_t r, FrameInfo* fi) except -1
+    # skey: the key to sign with when the caller found it already (None: looked up)
     cdef int out_send(self, uint8_t* p, Py_ssize_t r, FrameInfo* fi, double now, double deadline,
-                      int attempt, Node avoid) except -1
+                      int attempt, Node avoid, _Hmac skey) except -1
     cdef int out_resend(self, bytes frame, int64_t orig_id, double deadline, int attempt,
                         Node avoid, bint unsent) except -1
     cdef int out_answer(self, Answer a, int64_t seq_id, const uint8_t* p, Py_ssize_t moff,

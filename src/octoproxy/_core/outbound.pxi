@@ -108,6 +108,7 @@ cdef class OutboundConn(Conn):
         cdef int k
         cdef bint oneway
         cdef Signer signer = self.signer
+        cdef _Hmac skey = None
         eng.read_seq += 1
         while True:
             r = self.rb_next(&fi, &p)
@@ -207,16 +208,19 @@ cdef class OutboundConn(Conn):
                                "in flight in this proxy (limits.max_inflight_total)", False,
                                fi.protocol)
                 continue
-            if signer is not None and (
-                    signer.key_for(p + fi.caller_off, fi.caller_len) is None
-                    or fi.header_len + au_sign_extra(&fi) > 0xFFFF):
-                # service authentication (docs/auth.md): only the listener's own apps are signed for
-                au_refuse_outbound(self, signer, p, &fi, fi.header_len + au_sign_extra(&fi) > 0xFFFF)
-                continue
+            skey = None
+            if signer is not None:
+                skey = signer.key_for(p + fi.caller_off, fi.caller_len)
+                if skey is None or fi.header_len + au_sign_extra(&fi) > 0xFFFF:
+                    # service authentication (docs/auth.md): only the listener's own apps
+                    # are signed for
+                    au_refuse_outbound(self, signer, p, &fi,
+                                       fi.header_len + au_sign_extra(&fi) > 0xFFFF)
+                    continue
             timeout = eng.default_timeout if fi.timeout <= 0 else fi.timeout * 0.001
             if timeout > eng.max_timeout:
                 timeout = eng.max_timeout
-            self.out_send(p, r, &fi, now, now + timeout, 1, None)
+            self.out_send(p, r, &fi, now, now + timeout, 1, None, skey)
         if not self.dests and not self.out.len:
             return 0
         if eng.read_solo():
@@ -237,7 +241,7 @@ cdef class OutboundConn(Conn):
         return 0
 
     cdef int out_send(self, uint8_t* p, Py_ssize_t r, FrameInfo* fi, double now, double deadline,
-                      int attempt, Node avoid) except -1:
+                      int attempt, Node avoid, _Hmac skey) except -1:
         """Route one request and stage it for its upstream connection: the
         governance checks of its service (breakers, adaptive limit, caller
         rate limits, docs/governance.md), and a pick of another node when the
@@ -391,8 +395,9 @@ cdef class OutboundConn(Conn):
                 slot.retry = rc_copy(<const char*>p, r)
                 slot.retry_len = r
         fr_set_seq_id(p, fi, slot.id)
-        key = self.signer.key_for(p + fi.caller_off, fi.caller_len) \
-            if self.signer is not None else None
+        key = skey
+        if key is None and self.signer is not None:
+            key = self.signer.key_for(p + fi.caller_off, fi.caller_len)
         if key is not None:
             # signed for its app (docs/auth.md): the copy with octo-auth is what is sent
             au_sign_append(&conn.out, p, fi, key, node)
@@ -426,7 +431,7 @@ cdef class OutboundConn(Conn):
         fr_set_seq_id(p, &fi, orig_id)
         fi.seq_id = orig_id
         self.engine.read_seq += 1  # its own batch: out_flush_dests below writes it
-        res = self.out_send(p, r, &fi, mono(), deadline, attempt, avoid)
+        res = self.out_send(p, r, &fi, mono(), deadline, attempt, avoid, None)
         if res == 0 and avoid.gov is not None:
             g = (<NodeGov>avoid.gov).svc
             g.n_retries += 1
