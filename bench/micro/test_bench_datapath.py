@@ -465,6 +465,7 @@ def main() -> int:
         for k, v in res.items():
             # governance against its own path; local answers against a forwarded request
             ref = k.removesuffix("+gov") if k.endswith("+gov") else "forwarded"
+            ref = k if k == "inbound" else ref  # the other proxy's path: no ratio
             print(
                 f"  {k:<16} {v:8.0f} ns"
                 + ("" if k == ref else f"  {v / res[ref]:5.2f}x {ref}")
