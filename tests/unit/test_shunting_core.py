@@ -386,3 +386,26 @@ def test_more_context_keys_than_the_one_pass_table() -> None:
     rs = {"svc": (*rules["svc"][:35], unit)}
     for g in ({alone: "42"}, {alone: "7"}, {}):
         check(L, [SVC], rs, ref.Request(appkey="svc", gctx=g))
+
+
+def test_more_conditions_than_the_grouped_mask() -> None:
+    # up to 64 conditions are evaluated by op into one mask before the rules;
+    # past that each rule tests its own in order: the same answers
+    for n in (64, 65, 90):
+        rules = {
+            "svc": tuple(
+                Rule(
+                    f"r{i}",
+                    (
+                        M("context", "present", key="uid"),
+                        M("context", "mod", key="uid", modulus=100, remainders=(i,)),
+                    )[: 1 + (i < n - 45)],
+                    group="g",
+                )
+                for i in range(45)
+            )
+        }
+        assert sum(len(r.matches) for r in rules["svc"]) == n
+        for uid in ("0", "7", "44", "45", "x", ""):
+            check(L, [SVC], rules, ref.Request(appkey="svc", gctx={"uid": uid}))
+        check(L, [SVC], rules, ref.Request(appkey="svc"))
