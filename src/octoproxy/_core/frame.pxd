@@ -127,6 +127,16 @@ cdef Py_ssize_t fr_method(const uint8_t* frame, const FrameInfo* fi,
 # must come from fr_scan on these bytes (the maps were checked there).
 cdef Py_ssize_t fr_context_get(const uint8_t* frame, const FrameInfo* fi, const char* key,
                                Py_ssize_t klen, Py_ssize_t* vlen) noexcept nogil
+# The copy of request p/fi at dst with globalContext[key] = val, the value of
+# key's last globalContext entry (voff/old_len; voff < 0: none) replaced in
+# place, else an entry appended (the map added when absent); lengths and
+# checksum fixed.  dst: fi.length + FR_GCTX_PUT_EXTRA + klen + vlen bytes.
+# Returns the copy's length, or -1 (its header would exceed 65535 bytes).
+cdef enum:
+    FR_GCTX_PUT_EXTRA = 17     # field header, map header, the entry's two lengths
+cdef Py_ssize_t fr_gctx_put(char* dst, const uint8_t* p, const FrameInfo* fi, const char* key,
+                            Py_ssize_t klen, Py_ssize_t voff, Py_ssize_t old_len,
+                            const char* val, Py_ssize_t vlen) noexcept nogil
 # fr_method, read once per frame and kept in fi.method_off/method_len: every
 # per-request consumer (governance rules and retries, auth, traffic shunting)
 # calls this, so the body's message header is parsed at most once.

@@ -7,6 +7,7 @@ The contract is frame.pxd; the wire format is docs/protocol.md."""
 
 cimport cython
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.string cimport memcmp, memcpy, memset
 
 from octoproxy._core.constants cimport (
@@ -938,6 +939,106 @@ cdef Py_ssize_t fr_context_get(const uint8_t* frame, const FrameInfo* fi, const 
     fr_ctx_keys_init(&w)
     fr_context_many(frame, fi, &w, &off, vlen)
     return off if vlen[0] >= 0 else -1
+
+
+cdef Py_ssize_t fr_gctx_put(char* dst, const uint8_t* p, const FrameInfo* fi, const char* key,
+                            Py_ssize_t klen, Py_ssize_t voff, Py_ssize_t old_len,
+                            const char* val, Py_ssize_t vlen) noexcept nogil:
+    # The copy of the OCTO request p/fi at dst with globalContext[key] = val
+    # (docs/shunting.md, "The label is written into the request"): voff/old_len
+    # is the value of the key's last entry in globalContext (voff < 0: none),
+    # which the scanner already found; that value is replaced in place, else
+    # an entry is appended to the map (the map is added before the Header's
+    # stop byte when there is none).  The frame's total length, header length
+    # and checksum are fixed.  dst holds fi.length + FR_GCTX_PUT_EXTRA + klen
+    # + vlen bytes.  Returns the copy's length, or -1 when its header would
+    # exceed 65535 bytes (nothing useful written).
+    cdef Py_ssize_t at, cut, delta, hl, n
+    cdef const char* src = <const char*>p
+    cdef char* d
+    cdef bint trailer = (fi.flags & FF_CHECKSUM) != 0
+    if voff >= 0:
+        at = voff - 4               # the value's length
+        cut = voff + old_len        # the old value's end
+        delta = vlen - old_len
+    elif fi.gctx_off >= 0:
+        at = cut = fi.gctx_end      # after the map's last entry
+        delta = 8 + klen + vlen
+    else:
+        at = cut = fi.header_off + fi.header_len - 1    # before the Header's stop byte
+        delta = 9 + 8 + klen + vlen
+    hl = fi.header_len + delta
+    if hl > 0xFFFF or hl < 1:
+        return -1
+    n = fi.length + delta
+    memcpy(dst, src, at)
+    d = dst + at
+    if voff >= 0:
+        fr_wr_u32(<uint8_t*>d, <uint32_t>vlen)
+        memcpy(d + 4, val, vlen)
+    else:
+        if fi.gctx_off >= 0:
+            dst[fi.gctx_off] = 11   # string -> string (an empty map may say 0)
+            dst[fi.gctx_off + 1] = 11
+            fr_wr_u32(<uint8_t*>dst + fi.gctx_off + 2, fr_rd_u32(p + fi.gctx_off + 2) + 1)
+        else:
+            d[0] = 13               # T_MAP, field 5 (globalContext), string -> string, 1 entry
+            d[1] = 0
+            d[2] = 5
+            d[3] = 11
+            d[4] = 11
+            fr_wr_u32(<uint8_t*>d + 5, 1)
+            d += 9
+        fr_wr_u32(<uint8_t*>d, <uint32_t>klen)
+        memcpy(d + 4, key, klen)
+        fr_wr_u32(<uint8_t*>d + 4 + klen, <uint32_t>vlen)
+        memcpy(d + 8 + klen, val, vlen)
+    memcpy(dst + cut + delta, src + cut, fi.length - cut)
+    fr_wr_u32(<uint8_t*>dst + 4, fr_rd_u32(p + 4) + <uint32_t>delta)   # total length
+    dst[8] = <char>(hl >> 8)
+    dst[9] = <char>hl
+    if trailer:
+        fr_wr_u32(<uint8_t*>dst + n - 4, fr_adler32(<const uint8_t*>dst, n - 4))
+    return n
+
+
+cdef Py_ssize_t _gctx_last(const uint8_t* p, const FrameInfo* fi, const char* key, Py_ssize_t klen,
+                           Py_ssize_t* vlen) noexcept nogil:
+    # the value of key's last entry in globalContext, or -1
+    cdef const uint8_t* q = p + fi.gctx_off + 6
+    cdef const uint8_t* e = p + fi.gctx_end
+    cdef const uint8_t* nx
+    cdef Py_ssize_t kl = 0, vl = 0, off = -1
+    while q < e:
+        nx = fr_ctx_entry(q, e, &kl, &vl)
+        if nx == NULL:
+            break
+        if kl == klen and memcmp(q + 4, key, klen) == 0:
+            off = q + 8 + kl - p
+            vlen[0] = vl
+        q = nx
+    return off
+
+
+def gctx_put(bytes frame not None, key, value) -> bytes:
+    """The copy of one whole OCTO request frame with globalContext[key] =
+    value, as the outbound path writes a shunting rule's label (tests)."""
+    cdef FrameInfo fi
+    cdef bytes k = key.encode() if isinstance(key, str) else bytes(key)
+    cdef bytes v = value.encode() if isinstance(value, str) else bytes(value)
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(frame)
+    cdef Py_ssize_t r = fr_scan(p, len(frame), DEFAULT_MAX_FRAME, DEFAULT_MAX_HEADER, &fi)
+    cdef Py_ssize_t voff = -1, vlen = -1
+    cdef bytes out
+    if r != len(frame) or fi.kind != FK_OCTO or fi.flags & (FF_GZIP | FF_SNAPPY):
+        raise ValueError("not one whole uncompressed OCTO frame")
+    if fi.gctx_off >= 0:
+        voff = _gctx_last(p, &fi, k, len(k), &vlen)
+    out = PyBytes_FromStringAndSize(NULL, r + FR_GCTX_PUT_EXTRA + len(k) + len(v))
+    r = fr_gctx_put(PyBytes_AS_STRING(out), p, &fi, k, len(k), voff, vlen, v, len(v))
+    if r < 0:
+        raise ValueError("the header would exceed 65535 bytes")
+    return out[:r]
 
 
 cdef const char* fr_strerror(Py_ssize_t code) noexcept nogil:
