@@ -7,6 +7,8 @@ Each UDS answers with b"<NAME>|" + what the body asks for:
   b"sleep:<ms>:<x>"-> x after ms milliseconds (answers out of order)
   b"big:<n>"       -> n bytes
   b"ctx"           -> swimlane/set/liteset/hash seen by the provider
+  b"gctx"          -> the request's globalContext as JSON, its entries in order
+                      as encoded (duplicates kept), read by the reference codec
   b"id:<x>"        -> x, and counts how many times each id was handled
   b"dups"          -> "<ids seen> <ids seen more than once>"
   b"started"       -> how many sleep requests have arrived so far
@@ -21,11 +23,17 @@ Prints "ready" when every socket listens.
 
 import asyncio
 import collections
+import json
+import struct
 import sys
+from pathlib import Path
 
 import uvloop
 
 from octoproxy.sdk import Request, serve
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from reference import octo_codec as ref
 
 SEEN: collections.Counter[bytes] = collections.Counter()
 STARTED = collections.Counter[str]()
@@ -33,6 +41,13 @@ BROKEN: set[str] = set()
 COMMANDS = (b"id:", b"sleep:", b"count:", b"started:", b"break", b"mend", b"echo:")
 STARTED_IDS: collections.Counter[bytes] = collections.Counter()  # sleeping calls begun, by id
 HANDLED = collections.Counter[str]()
+
+
+def gctx_entries(frame: bytes) -> list[list[str]]:
+    hl = struct.unpack(">H", frame[8:10])[0]
+    fields = ref.Reader(frame, 10, 10 + hl).value(ref.STRUCT, 0)
+    maps = [v for fid, t, v in fields if fid == 5 and t == ref.MAP]
+    return [[k.decode(), v.decode()] for k, v in (maps[-1][2] if maps else [])]
 
 
 def make_handler(name: str):
@@ -77,6 +92,8 @@ def make_handler(name: str):
             return prefix + rest
         if body.startswith(b"big:"):
             return prefix + b"x" * int(body[4:])
+        if body == b"gctx":
+            return prefix + json.dumps(gctx_entries(req.frame)).encode()
         if body == b"ctx":
             return prefix + f"{req.swimlane}/{req.set}/{req.liteset}/{req.hash_key}".encode()
         if body.startswith(b"fail:"):

@@ -48,6 +48,10 @@ SHUNTING = {
             {"name": "loc-unit", "target": "octo-set", "source_key": "loc",
              "unit_table": {"bj": "set-a", "sh": "set-b"}},
         ],
+        "com.shunt.lite": [
+            {"name": "lite-gray", "target": "octo-liteset", "value": "gray-lite",
+             "match": [{"source": "context", "key": "lite", "op": "eq", "value": "1"}]},
+        ],
         "com.shunt.nonode": [
             {"name": "to-canary-fb", "group": "canary", "on_no_node": "fallback",
              "match": [{"source": "method", "op": "eq", "value": "fb"}]},
@@ -70,6 +74,7 @@ def mesh():
             {"appkey": "com.shunt.unit", "set_enabled": True,
              "endpoints": [eps["d1"], eps["sa"], eps["sb"]]},
             {"appkey": "com.shunt.nonode", "endpoints": [eps["d1"], eps["g1"]]},
+            {"appkey": "com.shunt.lite", "endpoints": [eps["d1"]]},
         ]
         admin = free_port()
         c.proxy("client", client_proxy_cfg(c.path("px.sock"), services,
@@ -161,6 +166,50 @@ def test_unit_table_maps_location_to_set_nodes(mesh: Cluster) -> None:
         assert to("sh") == {"sb"}
         assert to("gz") == {"d1"}  # not in the table: no match, the center
         assert to(None) == {"d1"}
+
+
+def gctx_at_provider(cl: Client, appkey: str, ctx: Context) -> tuple[str, list[list[str]]]:
+    """(the provider node, the request's globalContext entries as it received them)."""
+    r = cl.call("m", b"gctx", appkey=appkey, context=ctx)
+    node, _, entries = r.body.partition(b"|")
+    return node.decode(), json.loads(entries)
+
+
+def test_unit_table_label_reaches_the_provider(mesh: Cluster) -> None:
+    # issue 16: the mapping "adds that label to the request", so the provider
+    # (and every hop after it) sees the Set the rule chose
+    with Client(mesh.path("px.sock")) as cl:
+        node, g = gctx_at_provider(cl, "com.shunt.unit",
+                                   Context(local_extra={"loc": "bj"}, global_extra={"uid": "9"}))
+        assert (node, g) == ("sa", [["uid", "9"], ["octo-set", "set-a"]])
+        node, g = gctx_at_provider(cl, "com.shunt.unit", Context(local_extra={"loc": "sh"}))
+        assert (node, g) == ("sb", [["octo-set", "set-b"]])
+        # a request that carried another Set: rewritten in place, one entry
+        node, g = gctx_at_provider(cl, "com.shunt.unit",
+                                   Context(set="set-b", global_extra={"uid": "9"},
+                                           local_extra={"loc": "bj"}))
+        assert (node, g) == ("sa", [["uid", "9"], ["octo-set", "set-a"]])
+        # no rule matched: forwarded as it came
+        node, g = gctx_at_provider(cl, "com.shunt.unit",
+                                   Context(global_extra={"uid": "9"}, local_extra={"loc": "gz"}))
+        assert (node, g) == ("d1", [["uid", "9"]])
+        node, g = gctx_at_provider(cl, "com.shunt.unit", Context(local_extra={"loc": "gz"}))
+        assert (node, g) == ("d1", [])
+        # the core's own reader at the provider agrees
+        r = cl.call("m", b"ctx", appkey="com.shunt.unit",
+                    context=Context(set="set-b", local_extra={"loc": "bj"}))
+        assert r.body == b"sa|None/set-a/None/None"
+
+
+def test_constant_liteset_label_reaches_the_provider(mesh: Cluster) -> None:
+    with Client(mesh.path("px.sock")) as cl:
+        node, g = gctx_at_provider(cl, "com.shunt.lite",
+                                   Context(liteset="old", global_extra={"lite": "1"}))
+        assert (node, g) == ("d1", [["lite", "1"], ["octo-liteset", "gray-lite"]])
+        node, g = gctx_at_provider(cl, "com.shunt.lite", Context(global_extra={"lite": "1"}))
+        assert (node, g) == ("d1", [["lite", "1"], ["octo-liteset", "gray-lite"]])
+        node, g = gctx_at_provider(cl, "com.shunt.lite", Context(global_extra={"lite": "0"}))
+        assert (node, g) == ("d1", [["lite", "0"]])
 
 
 def test_group_without_node_falls_back_or_answers_8(mesh: Cluster) -> None:

@@ -42,7 +42,7 @@ from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.errno cimport EINTR, errno
-from libc.string cimport memcmp, memcpy, memmove
+from libc.string cimport memcmp, memcpy, memmove, strlen
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
@@ -59,8 +59,9 @@ from octoproxy._core.constants cimport (
 )
 from octoproxy._core.frame cimport (
     FE_TOO_LARGE, FF_GZIP, FF_PROXY_ANNOUNCE, FF_REQUEST, FF_RESPONSE, FF_RESTART_NOTICE, FF_SNAPPY,
-    FK_OCTO,
-    FrameInfo, fr_adler32, fr_error_answer, fr_error_call, fr_error_response, fr_heartbeat_answer,
+    FK_OCTO, FR_GCTX_PUT_EXTRA,
+    FrameInfo, fr_adler32, fr_error_answer, fr_error_call, fr_error_response, fr_gctx_put,
+    fr_heartbeat_answer,
     fr_proxy_announce, fr_proxy_restart, fr_scan, fr_scan_header, fr_set_seq_id, fr_strerror,
 )
 from octoproxy._core.limits cimport (

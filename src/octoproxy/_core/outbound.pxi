@@ -268,6 +268,8 @@ cdef class OutboundConn(Conn):
         cdef object method
         cdef _Hmac key
         cdef PyObject* rule = NULL
+        cdef bytes labelled = None
+        cdef FrameInfo lfi
         while True:
             # the service's shunting rules, then cell/lane routing (docs/shunting.md)
             node = table.rt_route_req(p, fi, &err)
@@ -398,6 +400,14 @@ cdef class OutboundConn(Conn):
         key = skey
         if key is None and self.signer is not None:
             key = self.signer.key_for(p + fi.caller_off, fi.caller_len)
+        if table.last_label >= 0 and fi.kind == FK_OCTO:
+            # a context rule set a routing label: the provider gets it too
+            # (docs/shunting.md); only such requests pay for the copy
+            labelled = out_label(table, p, fi, &lfi, eng.max_frame, key is not None)
+            if labelled is not None:
+                p = <uint8_t*>PyBytes_AS_STRING(labelled)
+                r = lfi.length
+                fi = &lfi
         if key is not None:
             # signed for its app (docs/auth.md): the copy with octo-auth is what is sent
             au_sign_append(&conn.out, p, fi, key, node)
@@ -516,3 +526,40 @@ cdef class OutboundConn(Conn):
         self.transport = None
         self._write = None
         self.fd = -1
+
+
+cdef bytes out_label(RouteTable table, const uint8_t* p, FrameInfo* fi, FrameInfo* lfi,
+                     Py_ssize_t max_frame, bint signing):
+    """The copy of request p/fi whose globalContext carries the label the
+    matched context rule set (table.last_label*), scanned into lfi; None
+    when it cannot be written (its header, signed if `signing`, would exceed
+    65535 bytes): then the request is sent as it came."""
+    cdef const char* key
+    cdef Py_ssize_t klen, voff, olen, n
+    cdef int t = table.last_label
+    cdef bytes out
+    if t == 0:
+        key = b"octo-liteset"
+        voff = fi.liteset_off
+        olen = fi.liteset_len
+    elif t == 1:
+        key = b"octo-set"
+        voff = fi.set_off
+        olen = fi.set_len
+    else:
+        key = b"octo-swimlane"
+        voff = fi.swimlane_off
+        olen = fi.swimlane_len
+    klen = strlen(key)
+    if olen < 0:
+        voff = -1
+    out = PyBytes_FromStringAndSize(NULL, fi.length + FR_GCTX_PUT_EXTRA + klen
+                                    + table.last_label_len)
+    n = fr_gctx_put(PyBytes_AS_STRING(out), p, fi, key, klen, voff, olen,
+                    table.last_label_val, table.last_label_len)
+    if n < 0 or fr_scan(<const uint8_t*>PyBytes_AS_STRING(out), n, max_frame + n - fi.length,
+                        0xFFFF, lfi) != n:
+        return None
+    if signing and lfi.header_len + au_sign_extra(lfi) > 0xFFFF:
+        return None
+    return out

@@ -267,6 +267,12 @@ cdef class RouteTable:
     cdef dict _shunt                # scope (appkey or "*") -> tuple[model.ShuntRule, ...] (validated)
     cdef dict _stats                # (scope, name) -> ShuntStat
     cdef PyObject* last_rule        # ShuntStat of the rule the last rt_route_req matched, or NULL
+    # the label a context rule of the last rt_route_req set (docs/shunting.md),
+    # written into the forwarded request: target 0 liteset, 1 set, 2
+    # swimlane, -1 none; the value points into the snapshot's rules
+    cdef int last_label
+    cdef const char* last_label_val
+    cdef Py_ssize_t last_label_len
     # Route one request to a node.  Returns the node, or None with *err set to
     # an RT_* code.  Advances the picker's state and counts the pick (Node.picks).
     cdef Node rt_route(self,

@@ -1363,6 +1363,7 @@ cdef class RouteTable:
         self._shunt = {}
         self._stats = {}
         self.last_rule = NULL
+        self.last_label = -1
 
     # -- the data path's entry point ---------------------------------------
 
@@ -1413,6 +1414,7 @@ cdef class RouteTable:
         cdef Py_ssize_t ll = fi.liteset_len, sl = fi.set_len, wl = fi.swimlane_len
         cdef const uint8_t* vp
         self.last_rule = NULL
+        self.last_label = -1
         svc = rt_find(self._snap, p + fi.appkey_off, fi.appkey_len,
                       p + fi.service_off, fi.service_len, err)
         if svc is None:
@@ -1460,6 +1462,9 @@ cdef class RouteTable:
                     else:
                         vp = <const uint8_t*>r.value
                         vl = r.value_len
+                    self.last_label = r.target
+                    self.last_label_val = <const char*>vp
+                    self.last_label_len = vl
                     if r.target == 0:
                         lp = vp
                         ll = vl

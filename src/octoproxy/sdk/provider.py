@@ -50,6 +50,7 @@ class Request:
     checksum: bool = False
     method: str | None = None  # the body's Thrift method (strict TBinaryProtocol bodies)
     body_seq_id: int | None = None  # that message's seqid
+    frame: bytes = b""  # the whole request frame as received (headers and all)
 
 
 class _ProviderConn(asyncio.Protocol):
@@ -87,7 +88,7 @@ class _ProviderConn(asyncio.Protocol):
                 continue
             req = Request(f.seq_id, f.service_name, f.body, f.call_type == CallType.CALL_ONEWAY,
                           f.timeout, f.swimlane, f.set, f.liteset, f.hash_key, f.protocol & 3,
-                          bool(f.checksum), f.method, f.body_seq_id)
+                          bool(f.checksum), f.method, f.body_seq_id, f.bytes)
             if self.is_async:
                 t = asyncio.get_running_loop().create_task(self._run_async(req))
                 self.tasks.add(t)
