@@ -81,6 +81,8 @@ def mesh():
                                            shunting=SHUNTING, admin={"port": admin},
                                            logging={"access_log": True},
                                            upstream={"default_timeout_ms": 5000},
+                                           # room for a header the label cannot fit in
+                                           limits={"max_local_context_bytes": 70000},
                                            hot_restart={"socket": c.path("client.hr"),
                                                         "pid_file": c.path("client.pid"),
                                                         "drain_s": 1.0, "shutdown_s": 5.0}))
@@ -199,6 +201,32 @@ def test_unit_table_label_reaches_the_provider(mesh: Cluster) -> None:
         r = cl.call("m", b"ctx", appkey="com.shunt.unit",
                     context=Context(set="set-b", local_extra={"loc": "bj"}))
         assert r.body == b"sa|None/set-a/None/None"
+
+
+def test_label_that_does_not_fit_is_counted(mesh: Cluster) -> None:
+    # a header the label would take past 65,535 bytes: routed by the label
+    # all the same, forwarded as it came, and counted (no silent fallback)
+    def unwritten() -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{mesh.admin}/stats", timeout=5) as r:  # type: ignore[attr-defined]
+            for line in r.read().decode().splitlines():
+                if line.startswith("octo_proxy_shunt_label_unwritten_total "):
+                    return int(float(line.split()[1]))
+        raise AssertionError("octo_proxy_shunt_label_unwritten not in /stats")
+
+    before = unwritten()
+    with Client(mesh.path("px.sock")) as cl:
+        # the largest pad whose header still encodes (within 4 bytes of the limit)
+        for pad in range(65440, 65000, -4):
+            try:
+                node, g = gctx_at_provider(cl, "com.shunt.unit",
+                                           Context(local_extra={"loc": "bj", "pad": "x" * pad}))
+                break
+            except ValueError:  # the SDK refuses a header over 65,535 bytes
+                continue
+        assert (node, g) == ("sa", [])
+        node, g = gctx_at_provider(cl, "com.shunt.unit", Context(local_extra={"loc": "bj"}))
+        assert (node, g) == ("sa", [["octo-set", "set-a"]])
+    assert unwritten() == before + 1
 
 
 def test_constant_liteset_label_reaches_the_provider(mesh: Cluster) -> None:

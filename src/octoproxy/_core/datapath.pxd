@@ -58,6 +58,8 @@ cdef struct Counters:
     long long rejected_inbound      # inbound connections over max_connections
     # governance's (docs/governance.md)
     long long gov_dropped           # one-way requests dropped by a limit
+    # shunting's (docs/shunting.md)
+    long long label_unwritten       # labelled requests sent without the label
 
 
 # A growable C byte buffer where the reads of one event-loop iteration stage

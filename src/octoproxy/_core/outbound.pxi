@@ -400,14 +400,19 @@ cdef class OutboundConn(Conn):
         key = skey
         if key is None and self.signer is not None:
             key = self.signer.key_for(p + fi.caller_off, fi.caller_len)
-        if table.last_label >= 0 and fi.kind == FK_OCTO:
+        if table.last_label >= 0:
             # a context rule set a routing label: the provider gets it too
             # (docs/shunting.md); only such requests pay for the copy
-            labelled = out_label(table, p, fi, &lfi, eng.max_frame, key is not None)
+            labelled = None
+            if fi.kind == FK_OCTO:
+                labelled = out_label(table, p, fi, &lfi, eng.max_frame, key is not None)
             if labelled is not None:
                 p = <uint8_t*>PyBytes_AS_STRING(labelled)
                 r = lfi.length
                 fi = &lfi
+            else:
+                # routed by the label all the same, but it cannot carry it
+                eng.count.label_unwritten += 1
         if key is not None:
             # signed for its app (docs/auth.md): the copy with octo-auth is what is sent
             au_sign_append(&conn.out, p, fi, key, node)

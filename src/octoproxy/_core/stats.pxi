@@ -54,6 +54,8 @@ COUNTERS = (
      "Connections closed at once for a connection limit, by kind"),
     ("gov_dropped", "octo_proxy_governance_dropped",
      "One-way requests dropped by a governance limit (there is nothing to answer)"),
+    ("label_unwritten", "octo_proxy_shunt_label_unwritten",
+     "Requests a context rule labelled, sent without the label (its header would pass 65535 bytes)"),
 )
 
 
