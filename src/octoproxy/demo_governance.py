@@ -184,12 +184,12 @@ async def _traffic(uds: str, fail_flag: str, quota: bool) -> dict[str, Any]:
                                        caller=who, timeout_ms=3000)
                for who, appkey in ((GREEDY, APPKEY), (POLITE, APPKEY), (BATCH, QUOTA_APPKEY))]
     t0 = time.monotonic()
-    stop = t0 + RUN_S
+    stop = [t0 + RUN_S]  # moved by flip(): the failing phase always lasts RUN_S - FAIL_AT_S
 
     async def one(c: RawCaller, pause: float, until: float = 0.0) -> None:
         nonlocal failed
         assert c.caller is not None
-        while time.monotonic() < (until or stop):
+        while time.monotonic() < (until or stop[0]):
             sent = time.monotonic()
             try:
                 f = await asyncio.wait_for(c.call(b"gov"), 10)
@@ -213,13 +213,19 @@ async def _traffic(uds: str, fail_flag: str, quota: bool) -> dict[str, Any]:
             if pause:
                 await asyncio.sleep(pause)
 
+    greedy = asyncio.gather(*(one(callers[0], 0.0, t0 + GREEDY_S) for _ in range(GREEDY_INFLIGHT)))
+
     async def flip() -> None:
+        # only once every greedy call is answered: a status-6 refusal from
+        # the node after its first error would reset the detector's count
+        # (a loaded machine answers the last ones well after GREEDY_S)
         await asyncio.sleep(FAIL_AT_S)
+        await greedy
         with open(fail_flag, "w"):
             pass
+        stop[0] = time.monotonic() + RUN_S - FAIL_AT_S
 
-    await asyncio.gather(flip(), *(one(callers[0], 0.0, t0 + GREEDY_S) for _ in range(GREEDY_INFLIGHT)),
-                         one(callers[1], 0.02),
+    await asyncio.gather(flip(), greedy, one(callers[1], 0.02),
                          *(one(callers[2], 0.0) for _ in range(4 if quota else 0)))
     for c in callers:
         await c.close()
