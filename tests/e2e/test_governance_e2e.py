@@ -9,7 +9,6 @@ import json
 import os
 import time
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -168,14 +167,6 @@ def test_one_way_requests_over_the_limit_are_dropped_and_counted() -> None:
 
 # ------------------------------------------------------------ cluster quota
 
-
-@pytest.fixture
-def redis() -> Iterator[RedisServer]:
-    r = RedisServer()
-    try:
-        yield r
-    finally:
-        r.stop()
 
 
 def test_two_proxies_share_one_cluster_quota(redis: RedisServer) -> None:

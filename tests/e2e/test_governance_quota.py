@@ -8,9 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 
-import pytest
 import uvloop
 from test_governance_e2e import Raw, admin_json, provider_chain
 
@@ -20,15 +18,6 @@ from octoproxy._core import limits as L
 from octoproxy.governance import RedisQuota, ServiceQuota
 
 from harness import RedisServer, cluster, free_port
-
-
-@pytest.fixture
-def redis() -> Iterator[RedisServer]:
-    r = RedisServer()
-    try:
-        yield r
-    finally:
-        r.stop()
 
 
 def test_new_windows_start_with_their_first_step_at_high_rates(redis: RedisServer) -> None:

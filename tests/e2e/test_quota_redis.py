@@ -4,7 +4,6 @@ restarted mid-run.  The same through proxy processes: test_governance_e2e.py."""
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import pytest
 import uvloop
@@ -14,7 +13,7 @@ from octoproxy._core import frame as F
 from octoproxy._core import limits as L
 from octoproxy.governance import Manager
 
-from harness import RedisServer, short_tmpdir
+from harness import RedisServer
 
 FRAME = F.encode_request(1, "s", F.thrift_call("m", 1))
 
@@ -25,14 +24,6 @@ class _Table:
     def rebuild(self, appkey: str) -> None:  # pragma: no cover - no ejection here
         pass
 
-
-@pytest.fixture
-def redis() -> Iterator[RedisServer]:
-    r = RedisServer(short_tmpdir())
-    try:
-        yield r
-    finally:
-        r.stop()
 
 
 def svc(rate: float, on_failure: str = "local_share", share: float = 0.5) -> model.Service:

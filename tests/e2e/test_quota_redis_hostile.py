@@ -23,7 +23,7 @@ from octoproxy._core import limits as L
 from octoproxy.governance import Manager
 from octoproxy.ports import free_tcp_port as free_port
 
-from harness import RedisServer, short_tmpdir
+from harness import RedisServer
 
 FRAME = F.encode_request(1, "s", F.thrift_call("m", 1))
 
@@ -32,14 +32,6 @@ class _Table:
     def rebuild(self, appkey: str) -> None:  # pragma: no cover - no ejection here
         pass
 
-
-@pytest.fixture
-def redis() -> Iterator[RedisServer]:
-    r = RedisServer(short_tmpdir())
-    try:
-        yield r
-    finally:
-        r.stop()
 
 
 def svc(rate: float) -> model.Service:
