@@ -13,7 +13,6 @@ repr, `dump()` and every message show appkeys, counts and versions only.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from octoproxy import auth
 from octoproxy.auth import Tokens
 from octoproxy.config import ConfigError
+from octoproxy.waiting import wait_until
 
 if TYPE_CHECKING:
     from octoproxy.config import Config, InboundListener, OutboundListener
@@ -123,15 +123,7 @@ class Keyring:
 
     async def wait_token(self, appkey: str, timeout: float) -> bool:
         """Wait until appkey has a token (or timeout)."""
-        deadline = time.monotonic() + timeout
-        while appkey not in self._tokens:
-            ev = self._changed
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ev.wait(), remaining)
-        return True
+        return await wait_until(lambda: appkey in self._tokens, lambda: self._changed, timeout)
 
     def _registrations_changed(self) -> None:
         for static, signer, registered in self._signers.values():
@@ -185,15 +177,8 @@ class Keyring:
 
     async def wait_complete(self, timeout: float) -> list[str]:
         """Wait until nothing is missing (or timeout); returns what still is."""
-        deadline = time.monotonic() + timeout
-        while True:
-            ev = self._changed
-            missing = self.missing()
-            remaining = deadline - time.monotonic()
-            if not missing or remaining <= 0:
-                return missing
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ev.wait(), remaining)
+        await wait_until(lambda: not self.missing(), lambda: self._changed, timeout)
+        return self.missing()
 
     # --- changes -----------------------------------------------------------------
 

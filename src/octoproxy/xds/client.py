@@ -54,6 +54,7 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
 from octoproxy import __version__, model
+from octoproxy.waiting import wait_until
 from octoproxy.xds.resources import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
@@ -448,28 +449,12 @@ class XdsClient:
     ) -> dict[str, ResourceState | None]:
         """Wait until none of appkeys is PENDING (or timeout); returns their states."""
         keys = list(appkeys)
-        deadline = time.monotonic() + timeout
-        while True:
-            ev = self._changed
-            states = {k: self.state(k) for k in keys}
-            if all(s is not ResourceState.PENDING for s in states.values()):
-                return states
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return states
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ev.wait(), remaining)
+        await wait_until(lambda: all(self.state(k) is not ResourceState.PENDING for k in keys),
+                         lambda: self._changed, timeout)
+        return {k: self.state(k) for k in keys}
 
     async def wait_connected(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self._connected:
-            ev = self._changed
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ev.wait(), remaining)
-        return True
+        return await wait_until(lambda: self._connected, lambda: self._changed, timeout)
 
     # --- internals ----------------------------------------------------------
 
