@@ -23,6 +23,8 @@ import logging
 from collections.abc import Callable, Generator
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
 from octoproxy.keyring import Keyring
 from octoproxy.xds.authres import (
     RBAC_TYPE,
@@ -35,6 +37,7 @@ from octoproxy.xds.authres import (
     secret_to_tokens,
 )
 from octoproxy.xds.resources import ResourceError, digest, run_steps
+from octoproxy.xds.wire import resource_name
 
 log = logging.getLogger("octoproxy.xds")
 
@@ -53,9 +56,6 @@ class _Source:
     # the type's own parts
     def _decode(self, raw: bytes, where: str) -> Any:
         raise NotImplementedError
-
-    def _name(self, msg: Any) -> str:
-        return str(msg.name)
 
     def _convert(self, name: str, msg: Any) -> Any:
         raise NotImplementedError
@@ -111,12 +111,13 @@ class _Source:
             if not name:
                 name = known.get(d, "")
                 if not name:
+                    # the name only (field 1 of both types): a resource not
+                    # asked for is never decoded
                     try:
-                        msg = self._decode(any_.value, where)
-                    except ResourceError as e:
-                        errors.append(str(e))
+                        name = resource_name(any_.value)
+                    except DecodeError as e:
+                        errors.append(f"{where}: cannot decode {self.kind}: {e}")
                         continue
-                    name = self._name(msg)
                     if not name:
                         errors.append(f"{where}: {self.kind} without a name")
                         continue

@@ -49,7 +49,7 @@ import grpc
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
@@ -69,6 +69,7 @@ from octoproxy.xds.resources import (
 )
 from octoproxy.xds.shunting import RuleResources
 from octoproxy.xds.sink import RouteSink
+from octoproxy.xds.wire import BIG_BODY, resource_name, split_response
 
 if TYPE_CHECKING:
     from octoproxy.config import Config
@@ -84,6 +85,7 @@ DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_SUBSCRIPTIONS = 10_000
 _REQUEST_OVERHEAD = 16 * 1024  # node, type URL, version, nonce, error detail
 _NAME_OVERHEAD = 4  # protobuf tag + length of a repeated string
+_ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/"
 
 
 class TypeHandler(Protocol):
@@ -544,10 +546,18 @@ class XdsClient:
                 await asyncio.wait_for(channel.channel_ready(), self.connect_timeout_s)
             except TimeoutError:
                 raise ConnectionError(f"cannot connect to {self.server}") from None
-            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-            call = (
-                stub.DeltaAggregatedResources() if self.delta else stub.StreamAggregatedResources()
+            # responses arrive as wire data and are decoded a piece at a time
+            # (_read), not by gRPC in one call on the loop
+            req_cls = (
+                discovery_pb2.DeltaDiscoveryRequest if self.delta
+                else discovery_pb2.DiscoveryRequest
             )
+            call: Any = channel.stream_stream(
+                _ADS_METHOD + ("DeltaAggregatedResources" if self.delta
+                               else "StreamAggregatedResources"),
+                request_serializer=req_cls.SerializeToString,
+                response_deserializer=None,
+            )()
             self._node_sent = False
             self._sent_names = {t: set() for t in self._types()}
             self._started_types = set()
@@ -560,11 +570,14 @@ class XdsClient:
             self._flush()
             self._set_connected(True)
             while True:
-                resp = await call.read()
-                if resp is grpc.aio.EOF:
+                raw = await call.read()
+                if raw is grpc.aio.EOF:
                     self.stats.last_error = "stream closed by server"
                     log.warning("xDS server %s closed the stream", self.server)
                     return got
+                assert isinstance(raw, bytes)
+                resp = await self._read(raw)
+                del raw
                 got = True
                 self.stats.responses += 1
                 # nothing else is queued until this response is ACKed or NACKed
@@ -751,6 +764,44 @@ class XdsClient:
 
     # --- responses ----------------------------------------------------------
 
+    async def _read(self, raw: bytes) -> Any:
+        """A response from its wire data, decoded a run of resources (about
+        1 MiB) at a time with the loop served in between: a response of
+        hundreds of MiB decoded at once holds the loop for as long
+        (docs/xds.md section 7).  Wire data that is not a response raises
+        DecodeError (the stream is reset, as gRPC's own decoding would)."""
+        cls = discovery_pb2.DeltaDiscoveryResponse if self.delta else discovery_pb2.DiscoveryResponse
+        self._slice_start = time.perf_counter()
+        steps = split_response(raw)
+        try:
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as stop:
+                    rest, runs = stop.value
+                    break
+                await self._pace()
+        except DecodeError:
+            return cls.FromString(raw)  # protobuf's own verdict (it raises)
+        resp = cls.FromString(rest)
+        view = memoryview(raw)
+        try:
+            for a, b in runs:
+                await self._pace()
+                resp.MergeFromString(view[a:b])
+        finally:
+            view.release()
+        return resp
+
+    async def _digest(self, body: bytes) -> bytes:
+        """digest(body); a big body's in a worker thread (hashlib lets go of
+        the GIL), not on the loop."""
+        if len(body) < BIG_BODY:
+            return digest(body)
+        d = await asyncio.get_running_loop().run_in_executor(None, digest, body)
+        self._slice_start = time.perf_counter()
+        return d
+
     def _decode(self, t: str, raw: bytes, where: str) -> Any:
         cls = cluster_pb2.Cluster if t == CLUSTER_TYPE else endpoint_pb2.ClusterLoadAssignment
         try:
@@ -842,16 +893,9 @@ class XdsClient:
     async def _plan_sotw(self, resp: discovery_pb2.DiscoveryResponse) -> _Plan:
         t = resp.type_url
         plan = _Plan()
-        named: dict[str, tuple[bytes, Any, bytes]] = {}
+        named: dict[str, bytes | None] = {}  # name -> body (None: not asked for)
         twice: set[str] = set()
         unnamed = False  # a resource whose name is unknown: it might be any of ours
-        # SotW servers resend unchanged resources (CDS always, EDS often): those
-        # are recognised by their digest and not decoded again
-        known = {
-            raw: name
-            for name, e in self._entries.items()
-            if (raw := e.cluster_raw if t == CLUSTER_TYPE else e.cla_raw) is not None
-        }
         for i, any_ in enumerate(resp.resources):
             await self._pace()
             if any_.type_url != t:
@@ -861,17 +905,15 @@ class XdsClient:
                 unnamed = True
                 continue
             body = any_.value
-            d = digest(body)
-            msg = None
-            name = known.get(d)
-            if name is None:
-                try:
-                    msg = self._decode(t, body, f"resources[{i}]")
-                except ResourceError as bad:
-                    plan.errors.append(str(bad))
-                    unnamed = True
-                    continue
-                name = msg.name if t == CLUSTER_TYPE else msg.cluster_name
+            # its name only (field 1 of both types): one not asked for is never
+            # decoded; a wanted one is, by _plan_one, unless its digest shows
+            # it unchanged (SotW servers resend: CDS always, EDS often)
+            try:
+                name = resource_name(body)
+            except DecodeError as bad:
+                plan.errors.append(f"resources[{i}]: cannot decode {_KIND[t]}: {bad}")
+                unnamed = True
+                continue
             if not name:
                 plan.errors.append(f"resources[{i}]: {_KIND[t]} without a name")
                 unnamed = True
@@ -879,16 +921,16 @@ class XdsClient:
             if name in named:
                 twice.add(name)
                 continue
-            named[name] = (body, msg, d)
+            named[name] = body if name in self._entries else None
         for name in sorted(twice):
             err = f"{_KIND[t]} {name!r}: appears twice in the response"
             plan.errors.append(err)
             if name in self._entries:
                 plan.rejected[name] = err
-        for name, (body, msg, d) in named.items():
-            if name in self._entries and name not in twice:
+        for name, body in named.items():
+            if body is not None and name in self._entries and name not in twice:
                 await self._pace()
-                self._plan_one(plan, t, name, body, "", msg, d)
+                self._plan_one(plan, t, name, body, "", None, await self._digest(body))
         if t == CLUSTER_TYPE:
             # SotW CDS responses carry every subscribed cluster that exists: one
             # seen before and absent now was removed.  One never seen may just
@@ -933,7 +975,8 @@ class XdsClient:
                 plan.rejected[r.name] = err
                 plan.errors.append(err)
                 continue
-            self._plan_one(plan, t, r.name, r.resource.value, r.version, None)
+            body = r.resource.value
+            self._plan_one(plan, t, r.name, body, r.version, None, await self._digest(body))
         for name in resp.removed_resources:
             if name in seen:
                 err = f"{_KIND[t]} {name!r}: both updated and removed in the response"

@@ -35,6 +35,7 @@ from octoproxy.xds.resources import (
     digest,
     run_steps,
 )
+from octoproxy.xds.wire import BIG_BODY, resource_name
 
 log = logging.getLogger("octoproxy.xds")
 
@@ -795,7 +796,17 @@ class RuleResources:
     def _one(self, name: str, body: bytes, version: str, errors: list[str],
              offload: bool) -> Generator[Any, None, None]:
         e = self.entries[name]
-        d = digest(body)
+        if offload and len(body) >= BIG_BODY:
+            # hashlib lets go of the GIL: a big body's digest is taken off the loop
+            dfut = asyncio.get_running_loop().run_in_executor(None, digest, body)
+            yield dfut
+            d = dfut.result()
+            now = self.entries.get(name)
+            if now is None:
+                return
+            e = now
+        else:
+            d = digest(body)
         if d == e.raw:
             e.version = version
             return
@@ -833,14 +844,20 @@ class RuleResources:
     def _on_sotw(self, resources: list[Any], offload: bool) -> Generator[Any, None, list[str]]:
         t = self.type_url
         errors: list[str] = []
-        seen: dict[str, bytes] = {}
+        seen: dict[str, bytes | None] = {}
         twice: set[str] = set()
         for i, any_ in enumerate(resources):
+            yield None  # the loop is served between resources (every 2 ms of work)
             if any_.type_url != t:
                 errors.append(f"resources[{i}]: resource type {any_.type_url} in a {t} response")
                 continue
+            body = any_.value
             try:
-                name = route_pb2.RouteConfiguration.FromString(any_.value).name
+                # the name only: a resource nobody asked for is never decoded
+                # (thousands of them, or a few of hundreds of MiB, cost what
+                # skipping their fields costs); the wanted ones are decoded
+                # off the loop (_one)
+                name = resource_name(body)
             except DecodeError as bad:
                 errors.append(f"resources[{i}]: cannot decode RouteConfiguration: {bad}")
                 continue
@@ -849,11 +866,12 @@ class RuleResources:
             elif name in seen:
                 twice.add(name)
             else:
-                seen[name] = any_.value
+                # only the wanted ones' bodies are kept
+                seen[name] = body if name in self.entries else None
         for name in sorted(twice):
             errors.append(f"RouteConfiguration {name!r}: appears twice in the response")
         for name, body in seen.items():
-            if name in self.entries and name not in twice:
+            if body is not None and name in self.entries and name not in twice:
                 yield from self._one(name, body, "", errors, offload)
         return errors
 

@@ -1,0 +1,122 @@
+"""Reading xDS messages in pieces, so that a big response never holds the
+event loop in one piece (docs/xds.md section 7, "Big responses").
+
+- `resource_name`: the name of a serialized Cluster, ClusterLoadAssignment
+  or Thrift RouteConfiguration (field 1, a string, in all three) without
+  decoding the rest of it: the other fields are only skipped.  A SotW
+  response may carry thousands of resources nobody asked for; only their
+  names are ever read.
+- `split_response`: a serialized (Delta)DiscoveryResponse cut into its
+  fields other than ``resources`` and runs of ``resources`` entries of about
+  `chunk` bytes, so the caller can build the message a run at a time with
+  the loop served in between (merging protobuf wire data piece by piece in
+  order gives the same message as decoding it at once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError, Message
+
+_F = descriptor_pb2.FieldDescriptorProto
+
+
+def _name_only() -> type[Message]:
+    fd = descriptor_pb2.FileDescriptorProto(
+        name="octoproxy/xds/name_only.proto", package="octoproxy.xds", syntax="proto3"
+    )
+    m = fd.message_type.add(name="NameOnly")
+    m.field.add(name="name", number=1, type=_F.TYPE_STRING, label=_F.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()  # its own pool: nothing else sees the type
+    pool.Add(fd)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("octoproxy.xds.NameOnly"))
+
+
+# field 1 (string) alone: the rest of a resource is skipped as unknown fields
+_NameOnly = _name_only()
+
+
+def resource_name(body: bytes) -> str:
+    """Field 1 (``name``; ``cluster_name`` of a ClusterLoadAssignment) of a
+    serialized resource, as a full decode would read it (the last occurrence
+    wins, UTF-8 checked), the other fields skipped, not decoded.  Raises
+    DecodeError if the wire data is not a message.  Nested fields are not
+    looked into: a resource that is read in full later is checked then."""
+    msg = _NameOnly.FromString(body)
+    name: str = msg.name  # type: ignore[attr-defined]
+    return name
+
+
+# a resource body from which on its digest is taken in a worker thread
+BIG_BODY = 1 << 20
+
+RESOURCES_FIELD = 2  # DiscoveryResponse.resources and DeltaDiscoveryResponse.resources
+
+
+def _varint(b: bytes, i: int) -> tuple[int, int]:
+    x = b[i]
+    if x < 0x80:
+        return x, i + 1
+    result, shift = x & 0x7F, 7
+    while True:
+        i += 1
+        x = b[i]
+        result |= (x & 0x7F) << shift
+        if x < 0x80:
+            return result, i + 1
+        shift += 7
+        if shift > 63:
+            raise DecodeError("varint too long")
+
+
+def split_response(
+    raw: bytes, chunk: int = 1 << 20, step: int = 2048
+) -> Generator[None, None, tuple[bytes, list[tuple[int, int]]]]:
+    """A generator (yielding every `step` fields, so the caller can serve
+    the loop) whose return value is (the response's fields other than
+    ``resources``, as wire data; the ``(start, end)`` offsets in `raw` of
+    runs of consecutive ``resources`` entries, each run at most `chunk`
+    bytes or one entry).  Raises DecodeError on wire data this top-level
+    scan cannot walk (then decode it whole for protobuf's own verdict)."""
+    n = len(raw)
+    rest: list[bytes] = []
+    runs: list[tuple[int, int]] = []
+    run_start = run_end = -1
+    i = fields = 0
+    try:
+        while i < n:
+            fields += 1
+            if fields % step == 0:
+                yield
+            start = i
+            key, i = _varint(raw, i)
+            wt = key & 7
+            if wt == 0:
+                _, i = _varint(raw, i)
+            elif wt == 1:
+                i += 8
+            elif wt == 2:
+                ln, i = _varint(raw, i)
+                i += ln
+            elif wt == 5:
+                i += 4
+            else:  # groups (deprecated) and invalid wire types: let protobuf decide
+                raise DecodeError(f"wire type {wt} at offset {start}")
+            if i > n:
+                raise DecodeError("truncated message")
+            if key >> 3 == RESOURCES_FIELD and wt == 2:
+                if run_start >= 0 and run_end == start and i - run_start <= chunk:
+                    run_end = i
+                    continue
+                if run_start >= 0:
+                    runs.append((run_start, run_end))
+                run_start, run_end = start, i
+            else:
+                rest.append(raw[start:i])
+    except IndexError:
+        raise DecodeError("truncated message") from None
+    if run_start >= 0:
+        runs.append((run_start, run_end))
+    return b"".join(rest), runs

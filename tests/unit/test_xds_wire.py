@@ -1,0 +1,115 @@
+"""xds/wire.py: a resource's name read without decoding it, and a response
+decoded in pieces, each equal to protobuf's own full decode."""
+
+from __future__ import annotations
+
+import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.extensions.filters.network.thrift_proxy.v3 import route_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from octoproxy.xds.wire import resource_name, split_response
+
+
+def _run(raw: bytes, chunk: int, step: int = 3) -> tuple[bytes, list[tuple[int, int]]]:
+    g = split_response(raw, chunk, step)
+    while True:
+        try:
+            next(g)
+        except StopIteration as stop:
+            out: tuple[bytes, list[tuple[int, int]]] = stop.value
+            return out
+
+
+def _pieces(cls: type, raw: bytes, chunk: int) -> object:
+    rest, runs = _run(raw, chunk)
+    msg = cls.FromString(rest)
+    for a, b in runs:
+        msg.MergeFromString(memoryview(raw)[a:b])
+    return msg
+
+
+def test_resource_name_of_each_type() -> None:
+    rc = route_pb2.RouteConfiguration(name="com.a")
+    rc.routes.add().match.method_name = "m"
+    assert resource_name(rc.SerializeToString()) == "com.a"
+    c = cluster_pb2.Cluster(name="com.b", connect_timeout={"seconds": 1})
+    assert resource_name(c.SerializeToString()) == "com.b"
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name="com.c")
+    cla.endpoints.add().lb_endpoints.add()
+    assert resource_name(cla.SerializeToString()) == "com.c"
+    assert resource_name(b"") == ""
+
+
+def test_resource_name_reads_as_a_full_decode_does() -> None:
+    """Field 1 twice: the last one wins, as in any protobuf decoder; the
+    name after the routes is found too."""
+    a = route_pb2.RouteConfiguration(name="first").SerializeToString()
+    r = route_pb2.RouteConfiguration()
+    r.routes.add().match.method_name = "m"
+    b = r.SerializeToString() + route_pb2.RouteConfiguration(name="last").SerializeToString()
+    raw = a + b
+    assert route_pb2.RouteConfiguration.FromString(raw).name == "last"
+    assert resource_name(raw) == "last"
+
+
+@pytest.mark.parametrize("raw", [b"\x0a\x05ab", b"\x0a\x02\xff\xfe", b"\x0f", b"\x12\x80"])
+def test_resource_name_refuses_what_protobuf_refuses(raw: bytes) -> None:
+    """Truncated, not UTF-8, an invalid wire type, a truncated length."""
+    with pytest.raises(DecodeError):
+        route_pb2.RouteConfiguration.FromString(raw)
+    with pytest.raises(DecodeError):
+        resource_name(raw)
+
+
+_text = st.text(max_size=20)
+_any = st.builds(lambda t, v: any_pb2.Any(type_url=t, value=v), _text, st.binary(max_size=300))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_any, max_size=30), _text, _text, _text, st.integers(1, 2000),
+       st.booleans())
+def test_a_response_in_pieces_equals_the_whole(resources: list[any_pb2.Any], version: str,
+                                               type_url: str, nonce: str, chunk: int,
+                                               interleave: bool) -> None:
+    r = discovery_pb2.DiscoveryResponse(version_info=version, type_url=type_url, nonce=nonce,
+                                        resources=resources)
+    raw = r.SerializeToString()
+    if interleave and resources:
+        # other fields between the resources, and a field given twice (last wins)
+        half = discovery_pb2.DiscoveryResponse(resources=resources[: len(resources) // 2])
+        more = discovery_pb2.DiscoveryResponse(nonce="again", resources=resources[len(resources) // 2:])
+        raw = raw + half.SerializeToString() + more.SerializeToString()
+    whole = discovery_pb2.DiscoveryResponse.FromString(raw)
+    assert _pieces(discovery_pb2.DiscoveryResponse, raw, chunk) == whole
+
+
+def test_a_delta_response_in_pieces_equals_the_whole() -> None:
+    r = discovery_pb2.DeltaDiscoveryResponse(system_version_info="v", type_url="t", nonce="n",
+                                             removed_resources=["x", "y"])
+    for i in range(50):
+        res = r.resources.add(name=f"r{i}", version="1")
+        res.resource.value = bytes(i * 10)
+    raw = r.SerializeToString()
+    assert _pieces(discovery_pb2.DeltaDiscoveryResponse, raw, 100) == r
+
+
+def test_runs_are_bounded_by_the_chunk() -> None:
+    r = discovery_pb2.DiscoveryResponse(
+        resources=[any_pb2.Any(value=bytes(1000)) for _ in range(100)])
+    raw = r.SerializeToString()
+    _, runs = _run(raw, 10_000)
+    assert len(runs) > 5
+    assert all(b - a <= 10_000 for a, b in runs)
+    assert runs[-1][1] == len(raw)
+
+
+@pytest.mark.parametrize("raw", [b"\x12\x05ab", b"\x12", b"\x0b\x0c", b"\x80" * 11])
+def test_split_refuses_what_it_cannot_walk(raw: bytes) -> None:
+    with pytest.raises(DecodeError):
+        _run(raw, 100)
