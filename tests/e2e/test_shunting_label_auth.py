@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,14 +34,18 @@ def mesh() -> Iterator[Cluster]:
         c.proxy("server", {
             "node": {"id": "server"},
             "auth": {"token_file": tok, "max_skew_s": 60},
+            "limits": {"max_local_context_bytes": 70000},  # headers near 65,535 bytes
             "listeners": {"inbound": [{
                 "host": "127.0.0.1", "port": port, "upstream_uds": c.path("echo.sock"),
                 "appkey": PROVIDER,
                 "auth": {"mode": "enforce", "allow": [{"caller": "com.demo.web"}]}}]},
         })
+        admin = free_port()
         c.proxy("client", {
             "node": {"id": "client"},
             "auth": {"token_file": tok},
+            "admin": {"port": admin},
+            "limits": {"max_local_context_bytes": 70000},
             "listeners": {"outbound": [{"path": c.path("web.sock"),
                                         "sign_for": ["com.demo.web"]}]},
             "static": {"services": [{"appkey": PROVIDER,
@@ -52,6 +57,7 @@ def mesh() -> Iterator[Cluster]:
                  "match": [{"source": "context", "key": "lane", "op": "eq", "value": "1"}]},
             ]}},
         })
+        c.admin = admin  # type: ignore[attr-defined]
         yield c
 
 
@@ -83,3 +89,38 @@ def test_label_and_signature_on_one_request(mesh: Cluster) -> None:
     assert gctx(mesh, {"lane": "1", "octo-swimlane": "x"}) \
         == (0, [["lane", "1"], ["octo-swimlane", "lane-1"]])
     assert gctx(mesh, {"lane": "0"}) == (0, [["lane", "0"]])
+
+
+def test_label_that_does_not_fit_beside_the_signature_is_counted(mesh: Cluster) -> None:
+    # the label is written only when the signed copy's header still fits in
+    # 65,535 bytes: a header with room for the signature but not for both is
+    # sent signed, without the label, and counted
+    def unwritten() -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{mesh.admin}/stats", timeout=5) as r:  # type: ignore[attr-defined]
+            for line in r.read().decode().splitlines():
+                if line.startswith("octo_proxy_shunt_label_unwritten_total "):
+                    return int(float(line.split()[1]))
+        raise AssertionError("octo_proxy_shunt_label_unwritten not in /stats")
+
+    def header_len(pad: int) -> int:
+        f = frame.encode_request(
+            1, "com.demo.echo.Echo", b"gctx", trace_info={"clientAppkey": "com.demo.web"},
+            global_context={"uid": "1"},
+            local_context={"octo-remote-appkey": PROVIDER, "loc": "bj", "pad": "x" * pad})
+        return int.from_bytes(f[8:10], "big")
+
+    # the bytes the signature is given room for (octo-auth, caller, at most 12
+    # timestamp digits, 22 signature characters) and the label's entry
+    sign_room = 4 + 9 + 4 + len("com.demo.web") + 1 + 12 + 1 + 22
+    label = 4 + len("octo-set") + 4 + len("set-a")
+    base = header_len(0)
+    before = unwritten()
+    # both fit exactly: labelled and signed
+    pad = 0xFFFF - sign_room - label - base
+    assert gctx(mesh, {"uid": "1"}, {"loc": "bj", "pad": "x" * pad}) \
+        == (0, [["uid", "1"], ["octo-set", "set-a"]])
+    assert unwritten() == before
+    # one byte more: signed (the server-side proxy enforces), not labelled
+    assert gctx(mesh, {"uid": "1"}, {"loc": "bj", "pad": "x" * (pad + 1)}) \
+        == (0, [["uid", "1"]])
+    assert unwritten() == before + 1

@@ -100,3 +100,91 @@ def test_a_header_that_would_pass_65535_bytes_is_refused() -> None:
     f = request({"pad": "x" * 65400})
     with pytest.raises(ValueError):
         F.gctx_put(f, "octo-set", "y" * 200)
+
+
+# --- the FrameInfo of the copy, derived (fr_gctx_put_fi) vs scanned ---------
+# The outbound path writes the label straight into its output buffer and
+# derives the copy's FrameInfo (what signing it reads) instead of scanning
+# the copy again: the derived one must be what fr_scan finds, field by field.
+
+_GKEYS = ["octo-liteset", "octo-set", "octo-swimlane", "uid", "octo-x"]
+_LKEYS = ["octo-remote-appkey", "octo-hash-key", "octo-auth", "k"]
+_LABELS = ["octo-liteset", "octo-set", "octo-swimlane", "uid"]
+
+
+def _ctx_map(entries: list[tuple[str, str]]) -> tuple[int, Any]:
+    return (ref.MAP, (ref.STRING, ref.STRING, [(k.encode(), v.encode()) for k, v in entries]))
+
+
+def _frame(fields: list[tuple[int, int, Any]], body: bytes, checksum: bool) -> bytes:
+    return ref.encode_frame(ref.enc_value(ref.STRUCT, fields), body, checksum=checksum)
+
+
+def _check(frame: bytes, key: str, value: str) -> bytes:
+    out, derived, scanned = F.gctx_put_info(frame, key, value)
+    assert derived == scanned, {k: (derived[k], scanned[k])
+                                for k in derived if derived[k] != scanned[k]}
+    return out
+
+
+def test_the_copys_frameinfo_is_derived_as_scanned() -> None:
+    lctx = _ctx_map([("octo-auth", "com.demo.web:1796000000:" + "s" * 22),
+                     ("octo-remote-appkey", "com.x"), ("octo-hash-key", "h")])
+    for gctx in (None, [], [("uid", "7")], [("octo-set", "old"), ("uid", "7")],
+                 [("uid", "7"), ("octo-set", "")], [("octo-liteset", "a" * 300)]):
+        for lfirst in (False, True):
+            for checksum in (False, True):
+                fields: list[tuple[int, int, Any]] = [
+                    (1, ref.BYTE, 0),
+                    (2, ref.STRUCT, [(1, ref.STRING, b"com.x.Echo"), (2, ref.I64, 7)]),
+                    (4, ref.STRUCT, [(1, ref.STRING, b"com.demo.web")])]
+                maps = [(6, *lctx)]
+                if gctx is not None:
+                    maps.insert(0, (5, *_ctx_map(gctx)))
+                fields += maps[::-1] if lfirst else maps
+                f = _frame(fields, BODY, checksum)
+                for key in _LABELS:
+                    for value in ("", "set-a", "v" * 1000):
+                        out = _check(f, key, value)
+                        assert ref.decode_frame(out)["header"]["globalContext"][key] == value
+
+
+def test_derived_with_repeated_maps_the_stop_byte_and_an_unreadable_body() -> None:
+    base: list[tuple[int, int, Any]] = [
+        (1, ref.BYTE, 0), (2, ref.STRUCT, [(1, ref.STRING, b"com.x.Echo"), (2, ref.I64, 7)])]
+    # globalContext twice, the key only in the first: replaced where the scanner found it
+    two = [*base, (5, *_ctx_map([("octo-set", "first")])), (6, *_ctx_map([("k", "v")])),
+           (5, *_ctx_map([("uid", "7")]))]
+    for body in (BODY, b"", b"\x00not thrift"):
+        for key in _LABELS:
+            _check(_frame(two, body, False), key, "lane")
+            _check(_frame(two, body, True), key, "")
+    # localContext ending right at the stop byte, no globalContext: the new map goes after it
+    _check(_frame([*base, (6, *_ctx_map([]))], BODY, False), "octo-swimlane", "l1")
+    # an empty map with type codes zero
+    _check(_frame([*base, (5, ref.MAP, (0, 0, []))], BODY, True), "octo-liteset", "g")
+
+
+def test_derived_for_random_requests() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    text = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=12)
+    ctx = st.lists(st.tuples(st.sampled_from(_GKEYS), text), max_size=4)
+    lctx = st.lists(st.tuples(st.sampled_from(_LKEYS), text), max_size=4)
+
+    @settings(max_examples=300, deadline=None)
+    @given(g=st.lists(ctx, max_size=2), lc=st.lists(lctx, max_size=2), order=st.randoms(),
+           trace=st.booleans(), checksum=st.booleans(), body=st.sampled_from([BODY, b"", b"xy"]),
+           key=st.sampled_from(_LABELS), value=text)
+    def check(g: list[list[tuple[str, str]]], lc: list[list[tuple[str, str]]], order: Any,
+              trace: bool, checksum: bool, body: bytes, key: str, value: str) -> None:
+        fields: list[tuple[int, int, Any]] = [
+            (2, ref.STRUCT, [(1, ref.STRING, b"com.x.Echo"), (2, ref.I64, 7)])]
+        if trace:
+            fields.append((4, ref.STRUCT, [(1, ref.STRING, b"com.demo.web")]))
+        fields += [(5, *_ctx_map(m)) for m in g] + [(6, *_ctx_map(m)) for m in lc]
+        order.shuffle(fields)
+        _check(_frame([(1, ref.BYTE, 0), *fields], body, checksum), key, value)
+
+    check()

@@ -61,6 +61,7 @@ from octoproxy._core.frame cimport (
     FE_TOO_LARGE, FF_GZIP, FF_PROXY_ANNOUNCE, FF_REQUEST, FF_RESPONSE, FF_RESTART_NOTICE, FF_SNAPPY,
     FK_OCTO, FR_GCTX_PUT_EXTRA,
     FrameInfo, fr_adler32, fr_error_answer, fr_error_call, fr_error_response, fr_gctx_put,
+    fr_gctx_put_fi,
     fr_heartbeat_answer,
     fr_proxy_announce, fr_proxy_restart, fr_scan, fr_scan_header, fr_set_seq_id, fr_strerror,
 )

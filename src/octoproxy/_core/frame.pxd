@@ -137,6 +137,11 @@ cdef enum:
 cdef Py_ssize_t fr_gctx_put(char* dst, const uint8_t* p, const FrameInfo* fi, const char* key,
                             Py_ssize_t klen, Py_ssize_t voff, Py_ssize_t old_len,
                             const char* val, Py_ssize_t vlen) noexcept nogil
+# What fr_scan would find in that copy (the same arguments but val), derived
+# from fi without reading it: at *lfi.  Returns the copy's length, or -1.
+cdef Py_ssize_t fr_gctx_put_fi(FrameInfo* lfi, const FrameInfo* fi, const char* key,
+                               Py_ssize_t klen, Py_ssize_t voff, Py_ssize_t old_len,
+                               Py_ssize_t vlen) noexcept nogil
 # fr_method, read once per frame and kept in fi.method_off/method_len: every
 # per-request consumer (governance rules and retries, auth, traffic shunting)
 # calls this, so the body's message header is parsed at most once.

@@ -941,6 +941,22 @@ cdef Py_ssize_t fr_context_get(const uint8_t* frame, const FrameInfo* fi, const 
     return off if vlen[0] >= 0 else -1
 
 
+cdef inline Py_ssize_t _gctx_put_at(const FrameInfo* fi, Py_ssize_t klen, Py_ssize_t voff,
+                                    Py_ssize_t old_len, Py_ssize_t vlen, Py_ssize_t* at,
+                                    Py_ssize_t* cut) noexcept nogil:
+    # Where fr_gctx_put edits the request: the bytes [at, cut) are replaced by
+    # ones `delta` (returned) longer; everything from cut on moves by delta.
+    if voff >= 0:
+        at[0] = voff - 4            # the value's length
+        cut[0] = voff + old_len     # the old value's end
+        return vlen - old_len
+    if fi.gctx_off >= 0:
+        at[0] = cut[0] = fi.gctx_end    # after the map's last entry
+        return 8 + klen + vlen
+    at[0] = cut[0] = fi.header_off + fi.header_len - 1     # before the Header's stop byte
+    return 9 + 8 + klen + vlen
+
+
 cdef Py_ssize_t fr_gctx_put(char* dst, const uint8_t* p, const FrameInfo* fi, const char* key,
                             Py_ssize_t klen, Py_ssize_t voff, Py_ssize_t old_len,
                             const char* val, Py_ssize_t vlen) noexcept nogil:
@@ -953,20 +969,11 @@ cdef Py_ssize_t fr_gctx_put(char* dst, const uint8_t* p, const FrameInfo* fi, co
     # and checksum are fixed.  dst holds fi.length + FR_GCTX_PUT_EXTRA + klen
     # + vlen bytes.  Returns the copy's length, or -1 when its header would
     # exceed 65535 bytes (nothing useful written).
-    cdef Py_ssize_t at, cut, delta, hl, n
+    cdef Py_ssize_t at = 0, cut = 0, delta, hl, n
     cdef const char* src = <const char*>p
     cdef char* d
     cdef bint trailer = (fi.flags & FF_CHECKSUM) != 0
-    if voff >= 0:
-        at = voff - 4               # the value's length
-        cut = voff + old_len        # the old value's end
-        delta = vlen - old_len
-    elif fi.gctx_off >= 0:
-        at = cut = fi.gctx_end      # after the map's last entry
-        delta = 8 + klen + vlen
-    else:
-        at = cut = fi.header_off + fi.header_len - 1    # before the Header's stop byte
-        delta = 9 + 8 + klen + vlen
+    delta = _gctx_put_at(fi, klen, voff, old_len, vlen, &at, &cut)
     hl = fi.header_len + delta
     if hl > 0xFFFF or hl < 1:
         return -1
@@ -1000,6 +1007,70 @@ cdef Py_ssize_t fr_gctx_put(char* dst, const uint8_t* p, const FrameInfo* fi, co
     if trailer:
         fr_wr_u32(<uint8_t*>dst + n - 4, fr_adler32(<const uint8_t*>dst, n - 4))
     return n
+
+
+cdef inline void _moved(Py_ssize_t* off, Py_ssize_t at, Py_ssize_t cut,
+                        Py_ssize_t delta) noexcept nogil:
+    # an offset from the edit's end on moves; absent (-1) and unread
+    # (FM_UNREAD) ones are below any.  When bytes are inserted (at == cut),
+    # what starts there is an empty value that ends there: it stays
+    if off[0] >= cut and off[0] > at:
+        off[0] += delta
+
+
+cdef Py_ssize_t fr_gctx_put_fi(FrameInfo* lfi, const FrameInfo* fi, const char* key,
+                               Py_ssize_t klen, Py_ssize_t voff, Py_ssize_t old_len,
+                               Py_ssize_t vlen) noexcept nogil:
+    # What fr_scan would find in fr_gctx_put's copy (the same arguments),
+    # derived from fi without reading a byte, so that the outbound path
+    # scans a labelled request once: every offset from the edit's end (cut)
+    # on moves by its size; the edited map's end and size follow it; the
+    # key's span (if the scanner picks the key out) is the new value.
+    # Returns the copy's length, or -1 as fr_gctx_put does.
+    cdef Py_ssize_t at = 0, cut = 0, delta, hl
+    delta = _gctx_put_at(fi, klen, voff, old_len, vlen, &at, &cut)
+    hl = fi.header_len + delta
+    if hl > 0xFFFF or hl < 1:
+        return -1
+    lfi[0] = fi[0]
+    lfi.length = fi.length + delta
+    lfi.header_len = hl
+    _moved(&lfi.body_off, at, cut, delta)
+    _moved(&lfi.seq_off, at, cut, delta)
+    _moved(&lfi.service_off, at, cut, delta)
+    _moved(&lfi.appkey_off, at, cut, delta)
+    _moved(&lfi.liteset_off, at, cut, delta)
+    _moved(&lfi.set_off, at, cut, delta)
+    _moved(&lfi.swimlane_off, at, cut, delta)
+    _moved(&lfi.hashkey_off, at, cut, delta)
+    _moved(&lfi.message_off, at, cut, delta)
+    _moved(&lfi.caller_off, at, cut, delta)
+    _moved(&lfi.auth_app_off, at, cut, delta)
+    _moved(&lfi.auth_ts_off, at, cut, delta)
+    _moved(&lfi.auth_sig_off, at, cut, delta)
+    _moved(&lfi.lctx_off, at, cut, delta)
+    _moved(&lfi.gctx_off, at, cut, delta)
+    _moved(&lfi.method_off, at, cut, delta)
+    if voff < 0 and fi.gctx_off < 0:
+        # a map of its own before the stop byte (field and map headers, one
+        # entry); localContext may end right there, and stays where it is
+        lfi.gctx_off = at + 3
+        lfi.gctx_end = at + delta
+        lfi.gctx_len = delta - 3
+        voff = at + 9 + 8 + klen
+    else:
+        # inside a map: an end at the edit's end is that map's, and grows
+        if lfi.lctx_end >= cut:
+            lfi.lctx_end += delta
+        if lfi.gctx_end >= cut:
+            lfi.gctx_end += delta
+        if voff < 0:
+            voff = at + 8 + klen        # appended to the (last) map
+            lfi.gctx_len += delta
+        elif fi.gctx_off < voff <= fi.gctx_end:
+            lfi.gctx_len += delta       # replaced in the last map (the size is the last map's)
+    OCTO_CTX_GLOBAL(<const uint8_t*>key, klen, NULL, voff, vlen, lfi)
+    return lfi.length
 
 
 cdef Py_ssize_t _gctx_last(const uint8_t* p, const FrameInfo* fi, const char* key, Py_ssize_t klen,
@@ -1039,6 +1110,47 @@ def gctx_put(bytes frame not None, key, value) -> bytes:
     if r < 0:
         raise ValueError("the header would exceed 65535 bytes")
     return out[:r]
+
+
+def gctx_put_info(bytes frame not None, key, value) -> tuple:
+    """(copy, derived, scanned): the copy of one whole OCTO request frame
+    with globalContext[key] = value that the outbound path writes (a key the
+    scanner picks out is replaced where the scanner found it), the FrameInfo
+    fr_gctx_put_fi derives for it and the one fr_scan finds in it, as dicts
+    (the method read in both), for tests: the two must be equal."""
+    cdef FrameInfo fi, lfi, sfi
+    cdef Py_ssize_t mlen = 0
+    cdef bytes k = key.encode() if isinstance(key, str) else bytes(key)
+    cdef bytes v = value.encode() if isinstance(value, str) else bytes(value)
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(frame)
+    cdef Py_ssize_t r = fr_scan(p, len(frame), DEFAULT_MAX_FRAME, DEFAULT_MAX_HEADER, &fi)
+    cdef Py_ssize_t voff = -1, vlen = -1, n
+    cdef bytes out
+    if r != len(frame) or fi.kind != FK_OCTO or fi.flags & (FF_GZIP | FF_SNAPPY):
+        raise ValueError("not one whole uncompressed OCTO frame")
+    if k == b"octo-liteset":
+        voff, vlen = fi.liteset_off, fi.liteset_len
+    elif k == b"octo-set":
+        voff, vlen = fi.set_off, fi.set_len
+    elif k == b"octo-swimlane":
+        voff, vlen = fi.swimlane_off, fi.swimlane_len
+    elif fi.gctx_off >= 0:
+        voff = _gctx_last(p, &fi, k, len(k), &vlen)
+    if vlen < 0:
+        voff = -1
+    fi_method(p, &fi, &mlen)        # routing reads it before the label is written
+    out = PyBytes_FromStringAndSize(NULL, r + FR_GCTX_PUT_EXTRA + len(k) + len(v))
+    n = fr_gctx_put(PyBytes_AS_STRING(out), p, &fi, k, len(k), voff, vlen, v, len(v))
+    if fr_gctx_put_fi(&lfi, &fi, k, len(k), voff, vlen, len(v)) != n:
+        raise AssertionError("fr_gctx_put_fi: another length than fr_gctx_put's")
+    if n < 0:
+        raise ValueError("the header would exceed 65535 bytes")
+    out = out[:n]
+    r = fr_scan(<const uint8_t*>PyBytes_AS_STRING(out), n, DEFAULT_MAX_FRAME, 0xFFFF, &sfi)
+    if r != n:
+        raise ValueError(fr_strerror(r).decode())
+    fi_method(<const uint8_t*>PyBytes_AS_STRING(out), &sfi, &mlen)
+    return out, lfi, sfi
 
 
 cdef const char* fr_strerror(Py_ssize_t code) noexcept nogil:

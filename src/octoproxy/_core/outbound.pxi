@@ -268,8 +268,7 @@ cdef class OutboundConn(Conn):
         cdef object method
         cdef _Hmac key
         cdef PyObject* rule = NULL
-        cdef bytes labelled = None
-        cdef FrameInfo lfi
+        cdef bint labelled = False
         while True:
             # the service's shunting rules, then cell/lane routing (docs/shunting.md)
             node = table.rt_route_req(p, fi, &err)
@@ -402,18 +401,15 @@ cdef class OutboundConn(Conn):
             key = self.signer.key_for(p + fi.caller_off, fi.caller_len)
         if table.last_label >= 0:
             # a context rule set a routing label: the provider gets it too
-            # (docs/shunting.md); only such requests pay for the copy
-            labelled = None
-            if fi.kind == FK_OCTO:
-                labelled = out_label(table, p, fi, &lfi, eng.max_frame, key is not None)
-            if labelled is not None:
-                p = <uint8_t*>PyBytes_AS_STRING(labelled)
-                r = lfi.length
-                fi = &lfi
-            else:
+            # (docs/shunting.md), written straight into the staged output
+            labelled = fi.kind == FK_OCTO and out_label_append(&conn.out, table, p, fi, key, node)
+            if not labelled:
                 # routed by the label all the same, but it cannot carry it
                 eng.count.label_unwritten += 1
-        if key is not None:
+        if labelled:
+            if key is not None:
+                self.signer.n_signed += 1
+        elif key is not None:
             # signed for its app (docs/auth.md): the copy with octo-auth is what is sent
             au_sign_append(&conn.out, p, fi, key, node)
             self.signer.n_signed += 1
@@ -533,38 +529,59 @@ cdef class OutboundConn(Conn):
         self.fd = -1
 
 
-cdef bytes out_label(RouteTable table, const uint8_t* p, FrameInfo* fi, FrameInfo* lfi,
-                     Py_ssize_t max_frame, bint signing):
-    """The copy of request p/fi whose globalContext carries the label the
-    matched context rule set (table.last_label*), scanned into lfi; None
-    when it cannot be written (its header, signed if `signing`, would exceed
-    65535 bytes): then the request is sent as it came."""
-    cdef const char* key
-    cdef Py_ssize_t klen, voff, olen, n
+cdef bint out_label_append(OutBuf* ob, RouteTable table, const uint8_t* p, FrameInfo* fi,
+                           _Hmac key, Node node) except -1:
+    """Append to ob the copy of request p/fi whose globalContext carries the
+    label the matched context rule set (table.last_label*), signed with key
+    unless None (then as au_sign_append would).  False, nothing appended,
+    when it cannot be written (its header, signed if key, would exceed 65535
+    bytes): then the request is sent as it came.  The copy's FrameInfo is
+    derived, not scanned (fr_gctx_put_fi)."""
+    cdef const char* k
+    cdef Py_ssize_t klen, voff, olen, n, room, extra, plen = 0
     cdef int t = table.last_label
-    cdef bytes out
+    cdef FrameInfo lfi
+    cdef char* tmp
+    cdef const char* provider
     if t == 0:
-        key = b"octo-liteset"
+        k = b"octo-liteset"
         voff = fi.liteset_off
         olen = fi.liteset_len
     elif t == 1:
-        key = b"octo-set"
+        k = b"octo-set"
         voff = fi.set_off
         olen = fi.set_len
     else:
-        key = b"octo-swimlane"
+        k = b"octo-swimlane"
         voff = fi.swimlane_off
         olen = fi.swimlane_len
-    klen = strlen(key)
+    klen = strlen(k)
     if olen < 0:
         voff = -1
-    out = PyBytes_FromStringAndSize(NULL, fi.length + FR_GCTX_PUT_EXTRA + klen
-                                    + table.last_label_len)
-    n = fr_gctx_put(PyBytes_AS_STRING(out), p, fi, key, klen, voff, olen,
-                    table.last_label_val, table.last_label_len)
-    if n < 0 or fr_scan(<const uint8_t*>PyBytes_AS_STRING(out), n, max_frame + n - fi.length,
-                        0xFFFF, lfi) != n:
-        return None
-    if signing and lfi.header_len + au_sign_extra(lfi) > 0xFFFF:
-        return None
-    return out
+    room = fi.length + FR_GCTX_PUT_EXTRA + klen + table.last_label_len
+    if key is None:
+        if ob.len + room > ob.cap:
+            ob_reserve(ob, room)
+        n = fr_gctx_put(ob.data + ob.len, p, fi, k, klen, voff, olen,
+                        table.last_label_val, table.last_label_len)
+        if n < 0:
+            return False
+        ob.len += n
+        return True
+    # signed: the labelled copy is staged in ob past the room its signed
+    # copy needs, and signed from there to ob's end (what au_sign_append does)
+    extra = au_sign_extra(fi)       # the same for the copy: caller and localContext are kept
+    if fr_gctx_put_fi(&lfi, fi, k, klen, voff, olen, table.last_label_len) < 0 \
+            or lfi.header_len + extra > 0xFFFF:
+        return False
+    if ob.len + room + extra + room > ob.cap:
+        ob_reserve(ob, room + extra + room)
+    tmp = ob.data + ob.len + room + extra
+    fr_gctx_put(tmp, p, fi, k, klen, voff, olen, table.last_label_val, table.last_label_len)
+    provider = PyUnicode_AsUTF8AndSize(node.appkey, &plen)
+    n = au_sign_into(ob.data + ob.len, <const uint8_t*>tmp, &lfi, key, provider, plen,
+                     au_now_s())
+    if n < 0:
+        raise MemoryError("signing a request")
+    ob.len += n
+    return True
