@@ -175,10 +175,10 @@ class Keyring:
         out += [f"token of {a}" for a in sorted(self.needed_tokens()) if a not in self._tokens]
         return out
 
-    async def wait_complete(self, timeout: float) -> list[str]:
-        """Wait until nothing is missing (or timeout); returns what still is."""
-        await wait_until(lambda: not self.missing(), lambda: self._changed, timeout)
-        return self.missing()
+    def changed(self) -> asyncio.Event:
+        """The event set on the next change of tokens or ACLs (what the
+        startup gate waits on, octoproxy.startup)."""
+        return self._changed
 
     # --- changes -----------------------------------------------------------------
 

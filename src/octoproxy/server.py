@@ -30,6 +30,7 @@ from octoproxy.process import (
     runtime_dir_path,
     sd_notify,
 )
+from octoproxy.startup import Dependency, StartupGate
 from octoproxy.upstream import Connector
 
 if TYPE_CHECKING:
@@ -164,6 +165,7 @@ class Proxy:
                         "write tokens to disk")
         # the keyring owns them and applies run-time changes (SDS, RBAC: keyring.py)
         self.keyring = Keyring(cfg, self._tokens)
+        self.startup = StartupGate()  # what a generation awaits before it accepts
         # the tokens as the core uses them, changed at run time (auth.py)
         self.auth_store: Any = self.keyring.store
         self.signers: dict[str, Any] = {}    # outbound listener path -> its Signer
@@ -310,13 +312,16 @@ class Proxy:
         if not self.sockets:
             self.open_sockets(inherited)
         engine = self.engine
-        # a new generation whose tokens and ACLs come from the control plane
-        # (never handed over) accepts only once it has them: the listening
-        # sockets are shared with the running generation, so accepting
-        # earlier took a share of the new connections and refused their
-        # callers (status 7, unknown caller / not allowed) while it waited
-        defer = self.generation > 1 and cfg.auth.source == "xds"
-        if not defer:
+        self._register_startup()
+        # a new generation with startup dependencies (what it cannot be
+        # handed over, e.g. tokens from the control plane) accepts only once
+        # every one is in: the listening sockets are shared with the running
+        # generation, so accepting earlier took a share of the new
+        # connections and failed them while it waited (with tokens: status 7,
+        # unknown caller / not allowed, 396 of 2,100 calls).  A first start
+        # has no one else to answer: it accepts at once
+        hold = self.generation > 1 and bool(self.startup)
+        if not hold:
             await self._serve()
         self._tasks.append(loop.create_task(self._idle_loop()))
         if self.keyring.token_file:
@@ -336,7 +341,8 @@ class Proxy:
 
             engine.access_log = access_line
         await self._start_discovery()
-        if defer:
+        await self._await_startup()
+        if hold:
             await self._serve()
         await self._start_admin()
         self.ready.set()
@@ -408,20 +414,34 @@ class Proxy:
         wait = 0.0 if self.inherited_state.get("services") else None
         await api.start(restore_timeout_s=wait, appkeys=inherited, sock=sock,
                         registered=self.inherited_state.get("registered", []))
-        if cfg.auth.source == "xds":
-            # sign and verify from the first request when the control plane is
-            # up; without it, requests are refused (status 7) until they come
-            missing = await self.keyring.wait_complete(cfg.subscribe.timeout_s)
-            if missing and self.generation > 1:
-                # tokens are never handed over: a generation that could not
-                # fetch them must not take over from one that has them
-                raise TimeoutError(
-                    f"auth: not received from the control plane within "
-                    f"{cfg.subscribe.timeout_s:g} s (subscribe.timeout_s), so the running "
-                    f"generation keeps serving: {', '.join(missing[:20])}")
-            if missing:
-                log.warning("auth: not received from the control plane yet (requests that "
-                            "need them are refused with status 7): %s", ", ".join(missing[:20]))
+
+    def _register_startup(self) -> None:
+        """This generation's startup dependencies (docs/operating.md)."""
+        if self.cfg.auth.source == "xds" and "auth" not in self.startup.names():
+            # tokens and ACLs are never handed over: fetched again; sign and
+            # verify from the first request when the control plane is up,
+            # without them requests are refused (status 7) until they come
+            self.startup.add(Dependency(
+                "auth", "not received from the control plane", self.keyring.missing,
+                self.keyring.changed, without="requests that need them are refused with status 7"))
+
+    async def _await_startup(self) -> None:
+        """Wait for every startup dependency, subscribe.timeout_s in all.  A
+        new generation that has not got them all fails (the running one
+        keeps serving, with what it holds); a first start serves and logs
+        what is missing."""
+        gate = self.startup
+        if not gate:
+            return
+        t = self.cfg.subscribe.timeout_s
+        missing = await gate.wait(t)
+        if missing and self.generation > 1:
+            raise TimeoutError(
+                f"startup: not ready within {t:g} s (subscribe.timeout_s), so the running "
+                f"generation keeps serving: {gate.describe(missing)}")
+        if missing:
+            log.warning("startup: not ready within %g s (subscribe.timeout_s), serving without: %s",
+                        t, gate.describe(missing, consequences=True))
 
     async def _start_admin(self) -> None:
         sock = self._sock("admin:")
