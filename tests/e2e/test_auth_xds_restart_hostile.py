@@ -124,3 +124,6 @@ def test_restart_while_secrets_are_held_and_while_the_control_plane_dies() -> No
         [(round(t - t0, 3), m) for t, m in calls.bad[:3]])
     assert gave_up < 2 + 20, gave_up  # subscribe.timeout_s, and start_timeout_s at most
     assert TOKEN not in log
+    # the startup gate's line names the missing dependency and what of it is missing
+    assert ("so the running generation keeps serving: auth: not received from the "
+            f"control plane: token of {CALLER}") in log
