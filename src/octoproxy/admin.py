@@ -213,6 +213,9 @@ class ProxyCollector:
                  st.rejected_resources),
                 ("resource_timeouts", "Names settled by the resource timeout",
                  st.resource_timeouts),
+                ("oversized_responses",
+                 "Streams reset by a response bigger than xds.max_response_bytes",
+                 st.oversized_responses),
             ):  # fmt: skip
                 xm = CounterMetricFamily(f"octo_proxy_xds_{name}", doc)
                 xm.add_metric([], value)

@@ -247,6 +247,9 @@ class Xds(_Strict):
     max_subscriptions: int = Field(default=10_000, ge=1)
     # no request to the control plane is bigger (gRPC servers take 4 MiB by default)
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
+    # no response from the control plane is bigger: one that is resets the
+    # stream (the last good config stays; docs/xds.md section 7)
+    max_response_bytes: int = Field(default=256 * 1024 * 1024, ge=64 * 1024, le=2**31 - 1)
 
 
 class Subscribe(_Strict):

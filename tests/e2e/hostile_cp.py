@@ -9,8 +9,8 @@ does not hold the GIL of the client being measured.
     {"op": "flood", "wanted": A, "rule": NAME,      one SotW TRDS response: A's rules
      "unwanted": N, "size": BYTES}                  plus N RouteConfigurations nobody
                                                     asked for, each about BYTES long
-    {"op": "big", "appkey": A, "size": BYTES}       one SotW CDS response: A's Cluster
-                                                    plus padding up to about BYTES
+    {"op": "pad", "size": BYTES}                    every CDS response from now on (one
+                                                    is sent at once) about BYTES long
     {"op": "stats"}                                 streams opened, NACK messages
 
 The first line written is {"port": P}."""
@@ -23,6 +23,7 @@ import sys
 import threading
 from typing import Any
 
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.filters.network.thrift_proxy.v3 import route_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
@@ -88,14 +89,21 @@ def handle(d: AdsDouble, cmd: dict[str, Any]) -> dict[str, Any]:
         bodies.append(wanted)
         d.send_raw(_response(THRIFT_ROUTE_TYPE, bodies))
         return {"bytes": sum(map(len, bodies))}
-    elif op == "big":
-        cluster = service_to_cluster(
-            model.Service(cmd["appkey"], (model.Endpoint("10.0.0.1", 9000),)))
-        pad = max(0, int(cmd["size"]) - 64)
-        # padding: an unknown field of the Cluster (skipped by any decoder)
-        body = cluster.SerializeToString() + _field(9999, b"\0" * pad)
-        d.send_raw(_response(CDS, [body]))
-        return {"bytes": len(body)}
+    elif op == "pad":
+        # from now on every CDS response carries, besides the clusters asked
+        # for, a cluster nobody asked for padded (an unknown field, which any
+        # decoder skips) so that the response is about `size` bytes; sent now
+        # and again on every new stream, as a control plane would
+        head = [service_to_cluster(model.Service(a, (model.Endpoint("10.0.0.1", 9000),)))
+                for a in sorted(d.clusters)]
+        used = len(_response(CDS, [c.SerializeToString() for c in head]).SerializeToString())
+        pad = cluster_pb2.Cluster(name="padding").SerializeToString()
+        pad += _field(9999, b"\0" * max(0, int(cmd["size"]) - used - len(pad) - 16))
+        padding = cluster_pb2.Cluster.FromString(pad)
+        d.b.extra_clusters = [padding]
+        r = _response(CDS, [c.SerializeToString() for c in head] + [pad])
+        d.send_raw(r)
+        return {"bytes": r.ByteSize()}
     elif op == "stats":
         return {"streams": max((r.stream for r in d.requests), default=0),
                 "nacks": [m for _, m in d.nacks]}

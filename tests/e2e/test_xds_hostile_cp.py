@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -190,3 +191,93 @@ def test_trds_a_few_huge_unwanted_route_configurations() -> None:
     # before: 1,428 ms; now 65-215 ms: what is left is per resource, gRPC
     # assembling the message and copies of one resource's 16 MiB
     assert r["stall_ms"] < 500 + r["gc_ms"], r
+
+
+class _Count(logging.Handler):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text, self.n = text, 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.n += 1
+
+
+def over_the_limit(limit: int | None, under: int, over: int) -> dict[str, Any]:
+    """A CDS response of `under` bytes (accepted), then of `over` bytes, sent
+    again on every new stream as a control plane would: refused, the stream
+    reset with an error line, the last good config kept, the reconnects
+    backing off."""
+    cp = HostileCP()
+    out: dict[str, Any] = {}
+    logged = _Count("bigger than xds.max_response_bytes")
+    xlog = logging.getLogger("octoproxy.xds")
+    xlog.addHandler(logged)
+
+    async def main() -> None:
+        kw: dict[str, Any] = {"backoff_max_s": 2.0}
+        if limit is not None:
+            kw["max_response_bytes"] = limit
+        c, sink = await _ready(cp, **kw)
+        try:
+            good = sink.services[APP]
+            t = Ticker()
+            t.start()
+            t0 = time.perf_counter()
+            out["under_bytes"] = (await cp.ado(op="pad", size=under))["bytes"]
+            await until(lambda: c.versions()["CDS"] == "hostile", 120, "the ACK of the big one")
+            out["under_s"] = round(time.perf_counter() - t0, 2)
+            out["under"] = await t.stop()
+            assert c.stats.oversized_responses == 0 and c.stats.streams == 1, c.stats
+            t = Ticker()
+            t.start()
+            t0 = time.perf_counter()
+            out["over_bytes"] = (await cp.ado(op="pad", size=over))["bytes"]
+            await until(lambda: c.stats.oversized_responses >= 1, 120, "the refusal")
+            out["refused_s"] = round(time.perf_counter() - t0, 2)
+            # the server sends it again on every stream: the reconnects back off
+            # (0.05 s doubling, capped at 2 s), the last good config stays
+            t1 = time.perf_counter()
+            await until(lambda: c.stats.oversized_responses >= 5, 120, "four more refusals")
+            out["four_more_s"] = round(time.perf_counter() - t1, 2)
+            out["over"] = await t.stop()
+            assert sink.services[APP] == good
+            assert sink.names(APP) == ["first"]
+            out["streams"] = c.stats.streams
+            out["logged"] = logged.n
+            out["last_error"] = c.stats.last_error[:80]
+        finally:
+            await c.stop()
+
+    try:
+        run(main(), 600)
+    finally:
+        xlog.removeHandler(logged)
+        cp.close()
+    print(out)
+    return out
+
+
+def _check_over(r: dict[str, Any]) -> None:
+    # one error line per refusal, and backoff: 4 refusals take at least
+    # 0.05 x (1 + 2 + 4 + 8) x 0.5 (the jitter's low end) = 0.375 s
+    assert 5 <= r["logged"] <= r["streams"], r
+    assert r["four_more_s"] >= 0.37, r
+    assert "RESOURCE_EXHAUSTED" in r["last_error"], r
+
+
+@pytest.mark.timeout(300)
+def test_a_response_over_the_receive_limit_is_refused_cleanly() -> None:
+    """xds.max_response_bytes lowered to 1 MiB: 1 MiB - 4 KiB is taken,
+    1 MiB + 4 KiB refused (the full size is the slow test below)."""
+    r = over_the_limit(1 << 20, (1 << 20) - 4096, (1 << 20) + 4096)
+    _check_over(r)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_response_at_the_default_256_mib_limit() -> None:
+    """The default limit (256 MiB): a response 16 MiB under it is taken, one
+    16 MiB over it refused; prints the loop's stall and the RSS growth."""
+    r = over_the_limit(None, (256 - 16) << 20, (256 + 16) << 20)
+    _check_over(r)

@@ -82,6 +82,7 @@ _SHORT = {CLUSTER_TYPE: "CDS", ENDPOINT_TYPE: "EDS"}
 _KIND = {CLUSTER_TYPE: "Cluster", ENDPOINT_TYPE: "ClusterLoadAssignment"}
 # gRPC servers refuse messages above 4 MiB unless told otherwise
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_SUBSCRIPTIONS = 10_000
 _REQUEST_OVERHEAD = 16 * 1024  # node, type URL, version, nonce, error detail
 _NAME_OVERHEAD = 4  # protobuf tag + length of a repeated string
@@ -170,6 +171,7 @@ class XdsStats:
     nacks: int = 0
     rejected_resources: int = 0  # resources NACKed (a NACK names one or more)
     resource_timeouts: int = 0  # names settled by the resource timeout
+    oversized_responses: int = 0  # streams reset by a response over max_response_bytes
     services_updated: int = 0
     services_removed: int = 0
     last_nack: str = ""
@@ -258,6 +260,7 @@ class XdsClient:
         resource_timeout_s: float = 15.0,
         max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         self.server = server
         self.sink = sink
@@ -269,6 +272,7 @@ class XdsClient:
         self.resource_timeout_s = resource_timeout_s
         self.max_subscriptions = max_subscriptions
         self.max_request_bytes = max_request_bytes
+        self.max_response_bytes = max_response_bytes
         self.stats = XdsStats()
         self._subs: set[str] = set()
         self._names_bytes = 0  # what the names take in a SotW request
@@ -291,6 +295,7 @@ class XdsClient:
         # per type, across streams (SotW): the last accepted version_info
         self._version: dict[str, str] = dict.fromkeys(TYPES, "")
         self._slice_start = 0.0
+        self._got_response = False  # on the current stream
         self._extra: dict[str, TypeHandler] = {}  # type URL -> handler (add_type)
         self.add_type(self._rules)  # first: its requests go right after CDS and EDS
 
@@ -311,6 +316,7 @@ class XdsClient:
             resource_timeout_s=cfg.xds.resource_timeout_s,
             max_subscriptions=cfg.xds.max_subscriptions,
             max_request_bytes=cfg.xds.max_request_bytes,
+            max_response_bytes=cfg.xds.max_response_bytes,
         )
 
     # --- public API ---------------------------------------------------------
@@ -504,37 +510,55 @@ class XdsClient:
     async def _run(self) -> None:
         attempt = 0
         while not self._closing:
-            got_response = False
+            self._got_response = False
             try:
-                got_response = await self._stream()
+                await self._stream()
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as e:
                 self.stats.last_error = f"{e.code().name}: {e.details()}"
-                log.warning("xDS stream to %s failed: %s", self.server, self.stats.last_error)
+                if e.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    # gRPC refused a response over the limit before anything of
+                    # it was read (no nonce to NACK): the stream is reset, and
+                    # a server that sends it again each time is met with a
+                    # growing backoff, not a reconnect every half second
+                    self.stats.oversized_responses += 1
+                    self._got_response = False
+                    log.error(
+                        "xDS: a response from %s is bigger than xds.max_response_bytes "
+                        "(%d bytes; %s): the stream is reset and the last good config "
+                        "stays in use",
+                        self.server, self.max_response_bytes, e.details(),
+                    )
+                else:
+                    log.warning("xDS stream to %s failed: %s", self.server,
+                                self.stats.last_error)
             except Exception as e:
+                # e.g. a response that is not one: sent again at each reconnect,
+                # it must meet a growing backoff too
+                self._got_response = False
                 self.stats.last_error = repr(e)
                 log.warning("xDS stream to %s failed: %r", self.server, e)
             finally:
                 self._set_connected(False)
                 for entry in self._entries.values():
                     self._cancel_timer(entry)
-            if got_response:
+            if self._got_response:
+                # the stream worked: the next failure starts the backoff over
                 attempt = 0
             delay = self._backoff(attempt)
             attempt += 1
             log.info("reconnecting to xDS server %s in %.2fs", self.server, delay)
             await asyncio.sleep(delay)
 
-    async def _stream(self) -> bool:
-        """One stream, until it ends. True if a response was received on it."""
-        got = False
+    async def _stream(self) -> None:
+        """One stream, until it ends (self._got_response: a response was read on it)."""
         channel = grpc.aio.insecure_channel(
             self.server,
             options=[
                 ("grpc.keepalive_time_ms", 20_000),
                 ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+                ("grpc.max_receive_message_length", self.max_response_bytes),
                 ("grpc.max_send_message_length", self.max_request_bytes),
                 ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 1000),
@@ -574,11 +598,11 @@ class XdsClient:
                 if raw is grpc.aio.EOF:
                     self.stats.last_error = "stream closed by server"
                     log.warning("xDS server %s closed the stream", self.server)
-                    return got
+                    return
                 assert isinstance(raw, bytes)
                 resp = await self._read(raw)
                 del raw
-                got = True
+                self._got_response = True
                 self.stats.responses += 1
                 # nothing else is queued until this response is ACKed or NACKed
                 self._busy = True
@@ -785,12 +809,21 @@ class XdsClient:
             return cls.FromString(raw)  # protobuf's own verdict (it raises)
         resp = cls.FromString(rest)
         view = memoryview(raw)
+        big = False
         try:
             for a, b in runs:
-                await self._pace()
+                if b - a >= BIG_BODY:
+                    # a big resource: its copy is a piece of its own, not one
+                    # more step of gRPC's receiving or of the handling after
+                    big = True
+                    await asyncio.sleep(0)
+                else:
+                    await self._pace()
                 resp.MergeFromString(view[a:b])
         finally:
             view.release()
+        if big:
+            await asyncio.sleep(0)
         return resp
 
     async def _digest(self, body: bytes) -> bytes:

@@ -28,7 +28,10 @@ def _name_only() -> type[Message]:
         name="octoproxy/xds/name_only.proto", package="octoproxy.xds", syntax="proto3"
     )
     m = fd.message_type.add(name="NameOnly")
-    m.field.add(name="name", number=1, type=_F.TYPE_STRING, label=_F.LABEL_OPTIONAL)
+    m.oneof_decl.add(name="_name")
+    # proto3 optional: UTF-8 checked, and presence (a later piece may lack it)
+    m.field.add(name="name", number=1, type=_F.TYPE_STRING, label=_F.LABEL_OPTIONAL,
+                oneof_index=0, proto3_optional=True)
     pool = descriptor_pool.DescriptorPool()  # its own pool: nothing else sees the type
     pool.Add(fd)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("octoproxy.xds.NameOnly"))
@@ -36,6 +39,10 @@ def _name_only() -> type[Message]:
 
 # field 1 (string) alone: the rest of a resource is skipped as unknown fields
 _NameOnly = _name_only()
+# fields walked in Python before the rest is left to protobuf: Python walks a
+# few huge fields at no cost (protobuf copies every unknown field it skips:
+# 2.3 ms per MiB), protobuf walks many small ones faster
+_WALK = 64
 
 
 def resource_name(body: bytes) -> str:
@@ -44,9 +51,42 @@ def resource_name(body: bytes) -> str:
     wins, UTF-8 checked), the other fields skipped, not decoded.  Raises
     DecodeError if the wire data is not a message.  Nested fields are not
     looked into: a resource that is read in full later is checked then."""
-    msg = _NameOnly.FromString(body)
-    name: str = msg.name  # type: ignore[attr-defined]
-    return name
+    n = len(body)
+    name: str | None = None
+    i = 0
+    try:
+        for _ in range(_WALK):
+            if i >= n:
+                break
+            start = i
+            key, i = _varint(body, i)
+            wt = key & 7
+            if wt == 2:
+                ln, i = _varint(body, i)
+                if i + ln > n:
+                    raise DecodeError("truncated message")
+                if key == 0x0A:  # field 1, length-delimited: the name (so far)
+                    try:
+                        name = body[i:i + ln].decode()
+                    except UnicodeDecodeError as bad:
+                        raise DecodeError(f"name is not UTF-8: {bad}") from None
+                i += ln
+            elif key >> 3 == 1 or wt not in (0, 1, 5):
+                i = start  # field 1 of another wire type, groups: protobuf decides
+                break
+            elif wt == 0:
+                _, i = _varint(body, i)
+            else:
+                i += 8 if wt == 1 else 4
+            if i > n:
+                raise DecodeError("truncated message")
+    except IndexError:
+        raise DecodeError("truncated message") from None
+    if i < n:
+        msg = _NameOnly.FromString(body[i:] if i else body)
+        if msg.HasField("name"):
+            return str(msg.name)  # type: ignore[attr-defined]
+    return name or ""
 
 
 # a resource body from which on its digest is taken in a worker thread
