@@ -3,7 +3,8 @@ times, as a control plane or a token file gone wrong would.  Each change
 keeps only the token it replaced accepted (for the grace period), so the
 accepted set of an appkey never holds more than two tokens, verification
 stays exact (the current and the last token pass, any older one fails),
-memory stays flat, and one log line is written per change applied."""
+memory stays flat, and the log gets one line per secret per interval
+(the changes within it counted in a summary line)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import re
 import time
 
 import pytest
@@ -20,7 +22,7 @@ from octoproxy._core import auth, frame
 from octoproxy.config import parse_config
 from octoproxy.keyring import Keyring
 from octoproxy.xds.authres import SECRET_TYPE, tokens_to_secret
-from octoproxy.xds.authsource import SecretSource
+from octoproxy.xds.authsource import ChangeLog, SecretSource
 
 CALLER, PROVIDER = b"com.demo.web", b"com.demo.echo"
 NOW = int(time.time() * 1000)  # the verifier's clock (ms): the grace runs on the real clock
@@ -74,15 +76,22 @@ def test_flapping_between_two_tokens_accepts_both() -> None:
     assert v.verify(signed(b"flap"), NOW) == 3
 
 
-def test_flapping_sds_secret_one_line_per_change(caplog: pytest.LogCaptureFixture) -> None:
+def test_flapping_sds_secret_one_line_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    """10,000 changes of one secret, 10 ms apart (100 s on the ChangeLog's
+    clock, interval 10 s): the first is logged, the others are counted into
+    one summary line per interval (before: 10,000 lines); every change is
+    accounted for, and no token is in any line."""
     cfg = parse_config({"xds": {"server": "127.0.0.1:1"}, "auth": {"source": "xds"},
                         "listeners": {"outbound": [{"path": "/tmp/unused.sock",
                                                     "sign_for": [CALLER.decode()]}]}})
     ring = Keyring(cfg, None)
     src = SecretSource(ring, lambda: None)
+    now = [0.0]
+    src.changelog = ChangeLog("tokens", 10.0, clock=lambda: now[0])
     caplog.set_level(logging.INFO, logger="octoproxy.xds")
-    n = 2000
+    n = 10_000
     for i in range(n):
+        now[0] = i * 0.01
         sec = tokens_to_secret(CALLER.decode(), (b"sds-flap-%05d" % i,))
         errs = src.on_response([(CALLER.decode(), f"v{i}", any_pb2.Any(
             type_url=SECRET_TYPE, value=sec.SerializeToString()))], [], False)
@@ -90,9 +99,25 @@ def test_flapping_sds_secret_one_line_per_change(caplog: pytest.LogCaptureFixtur
     # the same version again: nothing applied, nothing logged
     src.on_response([(CALLER.decode(), f"v{n - 1}", any_pb2.Any(
         type_url=SECRET_TYPE, value=sec.SerializeToString()))], [], False)
-    lines = [r.getMessage() for r in caplog.records if "tokens updated" in r.getMessage()]
-    assert len(lines) == n
+    now[0] += 10.0
+    src.changelog.flush()  # what the timer does on a running loop
+    lines = [r.getMessage() for r in caplog.records if "tokens" in r.getMessage()]
+    assert 10 <= len(lines) <= 12, lines
+    counted = sum(int(m) for line in lines for m in re.findall(r"\((\d+)x\)", line))
+    logged = sum(1 for line in lines if line.startswith("xDS: tokens updated for"))
+    assert logged + counted == n and src.changelog.suppressed == counted
     assert all(b"sds-flap" not in line.encode() for line in lines)  # no token in a log
     d = ring.dump()
     assert d["tokens"] == {CALLER.decode(): {"version": f"v{n - 1}", "tokens": 1}}
     assert ring.store.rotating(CALLER) and len(ring.store) == 1
+
+
+def test_change_log_names_another_appkey_at_once() -> None:
+    now = [0.0]
+    cl = ChangeLog("tokens", 10.0, clock=lambda: now[0])
+    assert cl.fresh(["a"]) == ["a"]
+    now[0] = 1.0
+    assert cl.fresh(["a", "b"]) == ["b"]  # a: counted; b: its first change
+    now[0] = 10.5
+    assert cl.fresh(["c"]) == ["c"]  # and a's count written first (the lazy flush)
+    assert cl.suppressed == 1 and not cl.quiet("a")

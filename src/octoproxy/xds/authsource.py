@@ -19,8 +19,10 @@ response says nothing (these types are not "full state"); delta
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Generator
+import time
+from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
 from google.protobuf.message import DecodeError
@@ -40,6 +42,85 @@ from octoproxy.xds.resources import ResourceError, digest, run_steps
 from octoproxy.xds.wire import resource_name
 
 log = logging.getLogger("octoproxy.xds")
+
+
+class ChangeLog:
+    """Log lines about changes of named things (tokens, ACLs), at most one
+    per name per `interval_s`: a name changed again within the interval
+    after a line named it is counted, not logged, and the counts are
+    written in one summary line when the interval is over (a timer on the
+    running loop; without one, at the next change).  A secret that flaps
+    thousands of times a second thus costs a line per interval, and the
+    real change of another name in the meantime is still logged at once.
+    Only names and counts are ever logged."""
+
+    def __init__(self, what: str, interval_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.what = what  # e.g. "tokens"
+        self.interval_s = interval_s
+        self.clock = clock
+        self.suppressed = 0  # changes counted instead of logged, in all
+        self._logged: dict[str, float] = {}  # name -> when a line last named it
+        self._held: dict[str, int] = {}  # name -> changes not logged since
+        self._due = 0.0  # when the held counts are to be written
+        self._timer: asyncio.TimerHandle | None = None
+
+    def quiet(self, name: str) -> bool:
+        """True if a change of `name` now would be logged (no line named it
+        within the interval)."""
+        t = self._logged.get(name)
+        return t is None or self.clock() - t >= self.interval_s
+
+    def fresh(self, names: Iterable[str]) -> list[str]:
+        """The names to log now; the others are counted for the summary."""
+        now = self.clock()
+        if self._held and now >= self._due:
+            self.flush()
+        out: list[str] = []
+        for n in names:
+            t = self._logged.get(n)
+            if t is not None and now - t < self.interval_s:
+                if not self._held:
+                    self._due = t + self.interval_s
+                    self._arm(self._due - now)
+                self._held[n] = self._held.get(n, 0) + 1
+                self.suppressed += 1
+            else:
+                self._logged[n] = now
+                out.append(n)
+        if len(self._logged) > 4 * MAX_NAMES:  # names no longer changing
+            for n in [n for n, t in self._logged.items() if now - t >= self.interval_s]:
+                del self._logged[n]
+        return out
+
+    def _arm(self, delay: float) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop: written at the next change
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_later(max(0.0, delay), self.flush)
+
+    def flush(self) -> None:
+        """Write the held counts (one line), now."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._held:
+            return
+        held, self._held = self._held, {}
+        now = self.clock()
+        for n in held:
+            self._logged[n] = now
+        names = sorted(held)
+        shown = [f"{n} ({held[n]}x)" for n in names[:10]]
+        more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+        log.info("xDS: %s changed again within %g s of a line naming them, not logged "
+                 "one by one: %s%s", self.what, self.interval_s, ", ".join(shown), more)
+
+
+MAX_NAMES = 10_000
 
 
 class _Source:
@@ -184,6 +265,10 @@ class SecretSource(_Source):
     short = "SDS"
     kind = "Secret"
 
+    def __init__(self, keyring: Keyring, names_changed: Callable[[], None]) -> None:
+        super().__init__(keyring, names_changed)
+        self.changelog = ChangeLog("tokens")
+
     def _decode(self, raw: bytes, where: str) -> Any:
         return decode_secret(raw, where)
 
@@ -209,8 +294,12 @@ class SecretSource(_Source):
             self.keyring.update(tokens={a: changes[a] for a in part},
                                 versions={a: versions[a] for a in part if a in versions})
             yield
-        # one line per response, whatever its size: appkeys, never tokens
-        log.info("xDS: tokens updated for %s", _names(names))
+        # at most one line per response, whatever its size, and one per
+        # appkey per interval (a flapping secret is counted, ChangeLog):
+        # appkeys, never tokens
+        fresh = self.changelog.fresh(names)
+        if fresh:
+            log.info("xDS: tokens updated for %s", _names(fresh))
 
 
 class RbacSource(_Source):
@@ -224,6 +313,7 @@ class RbacSource(_Source):
                  secrets: SecretSource) -> None:
         super().__init__(keyring, names_changed)
         self.secrets = secrets
+        self.changelog = ChangeLog("ACLs")
 
     def _decode(self, raw: bytes, where: str) -> Any:
         return decode_rbac(raw, where)
@@ -240,9 +330,11 @@ class RbacSource(_Source):
     def _apply(self, changes: dict[str, Any], versions: dict[str, str]) -> None:
         before = self.keyring.needed_tokens()
         self.keyring.update(acls=changes, acl_versions=versions)
+        fresh = set(self.changelog.fresh(sorted(changes)))  # a flapping ACL is counted
         for p, acl in sorted(changes.items()):
-            log.info("xDS: ACL of %s: %s", p, "removed (nobody allowed)" if acl is None
-                     else f"{len(acl)} caller(s)")
+            if p in fresh:
+                log.info("xDS: ACL of %s: %s", p, "removed (nobody allowed)" if acl is None
+                         else f"{len(acl)} caller(s)")
         if self.keyring.needed_tokens() != before:
             self.secrets.forget_unwanted()
             self.names_changed()  # ask for the new callers' tokens, drop the others
