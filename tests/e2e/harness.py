@@ -6,6 +6,7 @@ Everything waits on conditions with timeouts, never on fixed sleeps.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -16,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -242,6 +243,78 @@ def xds_client_cfg(uds: str, server: str, sub_port: int, **extra: Any) -> dict[s
     }
     cfg.update(extra)
     return cfg
+
+
+def write_token_file(c: Cluster, tokens: dict[str, str], name: str = "tokens.json") -> str:
+    """A static token file (docs/auth.md) in c's dir, created with mode 0600
+    as the proxy demands (it refuses a file others can read); its path."""
+    path = c.path(name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(tokens, f)
+    return path
+
+
+class AuthMesh(NamedTuple):
+    token_file: str
+    port: int                   # the server-side proxy's inbound port
+    server: Proc
+    client: Proc | None
+
+
+def auth_mesh(c: Cluster, tokens: dict[str, str], provider: str, allow: list[str],
+              outbound: list[dict[str, Any]] | None, *, server: dict[str, Any] | None = None,
+              client: dict[str, Any] | None = None) -> AuthMesh:
+    """Service authentication's usual setup (docs/auth.md), started: a token
+    file holding `tokens`, the echo provider on echo.sock, a server-side
+    proxy "server" whose inbound listener for `provider` enforces an ACL
+    allowing the callers in `allow`, and (unless outbound is None) a
+    client-side proxy "client" with the `outbound` listeners (sign_for /
+    sign_registered), routing `provider` statically to the server, both
+    reading the token file.  server/client: more top-level sections of each
+    config (an "auth" section is merged into the token file's)."""
+    tok = write_token_file(c, tokens)
+    c.providers(echo="echo.sock")
+    port = free_port()
+    srv = dict(server or {})
+    sp = c.proxy("server", {
+        "node": {"id": "server"}, "auth": {"token_file": tok, **srv.pop("auth", {})},
+        "listeners": {"inbound": [{
+            "host": "127.0.0.1", "port": port, "upstream_uds": c.path("echo.sock"),
+            "appkey": provider,
+            "auth": {"mode": "enforce", "allow": [{"caller": a} for a in allow]}}]},
+        **srv})
+    if outbound is None:
+        return AuthMesh(tok, port, sp, None)
+    cli = dict(client or {})
+    cp = c.proxy("client", {
+        "node": {"id": "client"}, "auth": {"token_file": tok, **cli.pop("auth", {})},
+        "listeners": {"outbound": outbound},
+        "static": {"services": [{"appkey": provider,
+                                 "endpoints": [{"address": f"127.0.0.1:{port}"}]}]},
+        **cli})
+    return AuthMesh(tok, port, sp, cp)
+
+
+def xds_auth_server(c: Cluster, xds: str, provider: str) -> tuple[Proc, int, str]:
+    """A server-side proxy "server" whose tokens and ACLs come from the
+    control plane at `xds` (auth.source: xds, docs/auth.md), ready for hot
+    restarts (subscribe.timeout_s 2: a new generation gives up within it),
+    enforcing on one inbound listener for `provider` in front of the echo
+    provider (started here).  Returns (its process, its port, its pid file)."""
+    c.providers(echo="echo.sock")
+    port = free_port()
+    pidf = c.path("server.pid")
+    proc = c.proxy("server", {
+        "node": {"id": "server"}, "xds": {"server": xds},
+        "auth": {"source": "xds", "max_skew_s": 60},
+        "subscribe": {"timeout_s": 2},
+        "hot_restart": {"socket": c.path("server.hr"), "pid_file": pidf,
+                        "drain_s": 1.0, "start_timeout_s": 20.0},
+        "listeners": {"inbound": [{
+            "host": "127.0.0.1", "port": port, "upstream_uds": c.path("echo.sock"),
+            "appkey": provider, "auth": {"mode": "enforce"}}]}})
+    return proc, port, pidf
 
 
 class LoadThread:

@@ -2,14 +2,19 @@
 control plane and an outside client would: the xDS double
 (tests/e2e/xds_double.py) serving hand-written Envoy resources from a thread
 of its own, and a raw OCTO client speaking the wire format of
-docs/protocol.md (frame.encode_request)."""
+docs/protocol.md (frame.encode_request), signing by hand as a legacy client
+does (docs/protocol.md 7.6): the one copy of these for every e2e test."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import json
 import socket
 import threading
+import time
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -69,8 +74,44 @@ def pb(d: dict[str, Any], cls: Any) -> Any:
     return json_format.ParseDict(d, cls())
 
 
+ECHO = "com.demo.echo"  # the appkey the tests' echo provider (provider_app.py) serves as
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def mac(caller: str, ts: int, method: str = "", token: str | None = None,
+        provider: str = ECHO) -> str:
+    """The signature as a legacy client computes it from docs/protocol.md 7.6
+    alone: base64url without padding of HMAC-SHA256's first 16 bytes."""
+    if token is None:
+        raise TypeError("mac: the caller's token is needed")
+    d = hmac.new(token.encode(), f"{caller}|{provider}|{ts}|{method}".encode(),
+                 hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(d[:16]).rstrip(b"=").decode()
+
+
+def auth_context(caller: str, ts: int | str, sig: str) -> dict[str, str]:
+    """localContext's octo-auth entry of a request signed by hand (docs/protocol.md 7.6)."""
+    return {"octo-auth": f"{caller}:{ts}:{sig}"}
+
+
+def request(seq: int, body: bytes, *, service: str = "com.demo.echo.Echo",
+            caller: str | None = None, appkey: str | None = None,
+            local: dict[str, str] | None = None, glob: dict[str, str] | None = None) -> bytes:
+    """One raw OCTO request: traceInfo.clientAppkey `caller`, localContext
+    octo-remote-appkey `appkey` (the provider asked for) and `local`."""
+    loc = {"octo-remote-appkey": appkey} if appkey is not None else {}
+    loc.update(local or {})
+    return frame.encode_request(
+        seq, service, body, trace_info={"clientAppkey": caller} if caller else None,
+        local_context=loc or None, global_context=glob or None)
+
+
 class Wire:
-    """One connection to a proxy's UDS or TCP port, sending raw OCTO requests."""
+    """One connection to a proxy's UDS or TCP port, sending raw OCTO requests
+    and reading each answer."""
 
     def __init__(self, where: str | int) -> None:
         if isinstance(where, str):
@@ -82,21 +123,25 @@ class Wire:
         self.sc = frame.FrameScanner()
         self.seq = 0
 
-    def call(self, body: bytes, *, service: str = "com.spec.Svc", caller: str | None = None,
-             appkey: str | None = None, local: dict[str, str] | None = None,
+    def call(self, body: bytes, caller: str | None = None, local: dict[str, str] | None = None,
+             *, service: str = "com.demo.echo.Echo", appkey: str | None = ECHO,
              glob: dict[str, str] | None = None) -> dict[str, Any]:
         self.seq += 1
-        loc = dict(local or {})
-        if appkey is not None:
-            loc["octo-remote-appkey"] = appkey
-        self.s.sendall(frame.encode_request(
-            self.seq, service, body, trace_info={"clientAppkey": caller} if caller else None,
-            local_context=loc or None, global_context=glob or None))
+        self.s.sendall(request(self.seq, body, service=service, caller=caller, appkey=appkey,
+                               local=local, glob=glob))
         got: list[Any] = []
         wait_for(lambda: got.extend(self.sc.feed(self.s.recv(65536))) or got, 15, "an answer")
         f = got[0]
         assert f.seq_id == self.seq
         return {"status": f.status, "message": f.message or "", "body": bytes(f.body)}
+
+    def signed(self, body: bytes, caller: str, ts: int | None = None, sig: str | None = None,
+               method: str = "", *, token: str | None = None) -> dict[str, Any]:
+        """A call signed by hand as `caller` (a legacy client): sig, else
+        the signature with token, of timestamp ts (else now)."""
+        ts = now_s() if ts is None else ts
+        sig = sig if sig is not None else mac(caller, ts, method, token)
+        return self.call(body, caller, auth_context(caller, ts, sig))
 
     def close(self) -> None:
         self.s.close()

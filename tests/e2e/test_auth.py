@@ -7,13 +7,7 @@ provider (counted there)."""
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import hmac
 import json
-import os
-import socket
-import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -24,7 +18,9 @@ import uvloop
 from octoproxy._core import frame
 from octoproxy.config import parse_config
 
-from harness import Cluster, cluster, free_port, wait_for
+import outsider
+from harness import Cluster, cluster, free_port, wait_for, write_token_file
+from outsider import Wire, now_s
 
 PROVIDER = "com.demo.echo"
 TOKENS = {
@@ -37,58 +33,14 @@ TOKENS = {
 
 def mac(caller: str, ts: int, method: str = "", token: str | None = None,
         provider: str = PROVIDER) -> str:
-    """The signature as a legacy client computes it from docs/protocol.md 7.6
-    alone: base64url without padding of HMAC-SHA256's first 16 bytes."""
-    key = (token if token is not None else TOKENS[caller]).encode()
-    d = hmac.new(key, f"{caller}|{provider}|{ts}|{method}".encode(), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(d[:16]).rstrip(b"=").decode()
-
-
-def now_s() -> int:
-    return int(time.time())
-
-
-class Wire:
-    """One connection (UDS path or TCP port) sending raw OCTO requests."""
-
-    def __init__(self, where: str | int) -> None:
-        if isinstance(where, str):
-            self.s = socket.socket(socket.AF_UNIX)
-            self.s.connect(where)
-        else:
-            self.s = socket.create_connection(("127.0.0.1", where))
-        self.s.settimeout(10)
-        self.sc = frame.FrameScanner()
-        self.seq = 0
-
-    def call(self, body: bytes, caller: str, local: dict[str, str] | None = None) -> dict[str, Any]:
-        self.seq += 1
-        self.s.sendall(frame.encode_request(
-            self.seq, "com.demo.echo.Echo", body, trace_info={"clientAppkey": caller},
-            local_context={"octo-remote-appkey": PROVIDER, **(local or {})}))
-        got: list[Any] = []
-        wait_for(lambda: got.extend(self.sc.feed(self.s.recv(65536))) or got, 10, "an answer")
-        f = got[0]
-        assert f.seq_id == self.seq
-        return {"status": f.status, "message": f.message or "", "body": f.body}
-
-    def signed(self, body: bytes, caller: str, ts: int | None = None, sig: str | None = None,
-               method: str = "") -> dict[str, Any]:
-        ts = now_s() if ts is None else ts
-        sig = sig if sig is not None else mac(caller, ts, method)
-        return self.call(body, caller, {"octo-auth": f"{caller}:{ts}:{sig}"})
-
-    def close(self) -> None:
-        self.s.close()
+    """outsider.mac, with the caller's token from TOKENS unless given."""
+    return outsider.mac(caller, ts, method, TOKENS[caller] if token is None else token, provider)
 
 
 @pytest.fixture(scope="module")
 def mesh() -> Any:
     with cluster() as c:
-        tok = c.path("tokens.yaml")
-        fd = os.open(tok, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(TOKENS, f)
+        tok = write_token_file(c, TOKENS)
         c.providers(echo="echo.sock")
         port = free_port()
         c.port_log = free_port()  # type: ignore[attr-defined]
@@ -130,7 +82,7 @@ def handled(c: Cluster) -> int:
     """Requests the provider has handled so far (asked with a legacy signed call)."""
     w = Wire(c.port)  # type: ignore[attr-defined]
     try:
-        r = w.signed(b"handled", "com.demo.legacy")
+        r = w.signed(b"handled", "com.demo.legacy", token=TOKENS["com.demo.legacy"])
         assert r["status"] == 0, r
         return int(r["body"].split(b"|")[1])
     finally:
@@ -178,7 +130,7 @@ def test_refusals_are_status_7_with_reason_and_never_reach_the_provider(mesh: Cl
     r = leg.signed(b"echo:x", "com.demo.legacy", sig=mac("com.demo.legacy", now_s(), token="wrong"))
     assert r["status"] == 7 and "bad signature from caller 'com.demo.legacy'" in r["message"]
     old = now_s() - 120   # a replay outside the 60 s skew, correctly signed
-    r = leg.signed(b"echo:x", "com.demo.legacy", ts=old)
+    r = leg.signed(b"echo:x", "com.demo.legacy", ts=old, token=TOKENS["com.demo.legacy"])
     assert r["status"] == 7 and "expired" in r["message"] and "60000 ms" in r["message"]
     r = leg.call(b"echo:x", "com.demo.legacy")
     assert r["status"] == 7 and "not signed" in r["message"]

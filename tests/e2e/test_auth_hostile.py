@@ -8,17 +8,15 @@ costs the control plane nothing; here the tokens come from a file."""
 
 from __future__ import annotations
 
-import json
-import os
 import socket
 from typing import Any
 
 import pytest
-from test_auth import mac, now_s
 
 from octoproxy._core import frame
 
-from harness import Cluster, cluster, free_port
+from harness import Cluster, auth_mesh, cluster
+from outsider import auth_context, mac, now_s, request
 
 PROVIDER = "com.demo.echo"
 TOKENS = {"com.demo.legacy": "hostile-tok-legacy-5a5a"}
@@ -35,18 +33,9 @@ def rss_kib(pid: int) -> int:
 @pytest.fixture(scope="module")
 def server() -> Any:
     with cluster() as c:
-        tok = c.path("tokens.yaml")
-        fd = os.open(tok, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(TOKENS, f)
-        c.providers(echo="echo.sock")
-        c.port = free_port()  # type: ignore[attr-defined]
-        c.proc = c.proxy("server", {  # type: ignore[attr-defined]
-            "node": {"id": "server"}, "auth": {"token_file": tok, "max_skew_s": 60},
-            "listeners": {"inbound": [{
-                "host": "127.0.0.1", "port": c.port,  # type: ignore[attr-defined]
-                "upstream_uds": c.path("echo.sock"), "appkey": PROVIDER,
-                "auth": {"mode": "enforce", "allow": [{"caller": "com.demo.legacy"}]}}]}})
+        m = auth_mesh(c, TOKENS, PROVIDER, ["com.demo.legacy"], None,
+                      server={"auth": {"max_skew_s": 60}})
+        c.port, c.proc = m.port, m.server  # type: ignore[attr-defined]
         yield c
 
 
@@ -68,10 +57,9 @@ def pipelined(port: int, frames: list[bytes]) -> list[Any]:
 
 
 def req(seq: int, caller: str, ts: str, sig: str, method: str = "echo") -> bytes:
-    return frame.encode_request(
-        seq, "com.demo.echo.Echo", frame.thrift_call(method, seq),
-        trace_info={"clientAppkey": "com.demo.x"},
-        local_context={"octo-auth": f"{caller}:{ts}:{sig}"})
+    # signed as `caller`, sent by another app (traceInfo says com.demo.x)
+    return request(seq, frame.thrift_call(method, seq), caller="com.demo.x",
+                   local=auth_context(caller, ts, sig))
 
 
 def legit(seq: int) -> bytes:

@@ -21,7 +21,7 @@ from octoproxy._core.frame import thrift_call
 from octoproxy.process import pid_alive, read_pid_file
 from octoproxy.sdk.subscribe import SubscribeError, register
 
-from harness import Cluster, cluster, free_port, wait_for
+from harness import Cluster, auth_mesh, cluster, free_port, wait_for
 from outsider import Wire
 
 pytestmark = pytest.mark.timeout(180)
@@ -49,34 +49,22 @@ def get(port: int, path: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[Cluster]:
     with cluster() as c:
-        tok = c.path("tokens.json")
-        fd = os.open(tok, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(TOKENS, f)
-        c.providers(echo="echo.sock")
-        port = free_port()
-        c.proxy("server", {
-            "node": {"id": "server"}, "auth": {"token_file": tok},
-            "listeners": {"inbound": [{
-                "host": "127.0.0.1", "port": port, "upstream_uds": c.path("echo.sock"),
-                "appkey": P, "auth": {"mode": "enforce", "allow": [
-                    {"caller": WEB}, {"caller": BATCH}]}}]}})
         c.sub = free_port()  # type: ignore[attr-defined]
         c.sub2 = free_port()  # type: ignore[attr-defined]
-        static = {"services": [{"appkey": P, "endpoints": [{"address": f"127.0.0.1:{port}"}]}]}
-        c.proxy("client", {
-            "node": {"id": "client"}, "auth": {"token_file": tok},
-            "listeners": {"outbound": [{"path": c.path("app.sock"), "sign_registered": True}]},
-            "subscribe": {"port": c.sub, "state_file": c.path("client.state.json")},  # type: ignore[attr-defined]
-            "hot_restart": {"socket": c.path("client.hr"), "pid_file": c.path("client.pid"),
-                            "drain_s": 0.5, "shutdown_s": 5.0},
-            "static": static})
+        m = auth_mesh(
+            c, TOKENS, P, [WEB, BATCH], [{"path": c.path("app.sock"), "sign_registered": True}],
+            client={"subscribe": {"port": c.sub,  # type: ignore[attr-defined]
+                                  "state_file": c.path("client.state.json")},
+                    "hot_restart": {"socket": c.path("client.hr"),
+                                    "pid_file": c.path("client.pid"),
+                                    "drain_s": 0.5, "shutdown_s": 5.0}})
         # a proxy that signs only for its configured apps takes no registration
         c.proxy("fixed", {
-            "node": {"id": "fixed"}, "auth": {"token_file": tok},
+            "node": {"id": "fixed"}, "auth": {"token_file": m.token_file},
             "listeners": {"outbound": [{"path": c.path("fixed.sock"), "sign_for": [BATCH]}]},
             "subscribe": {"port": c.sub2},  # type: ignore[attr-defined]
-            "static": static})
+            "static": {"services": [{"appkey": P,
+                                     "endpoints": [{"address": f"127.0.0.1:{m.port}"}]}]}})
         yield c
 
 

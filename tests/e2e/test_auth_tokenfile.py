@@ -11,9 +11,9 @@ import time
 from typing import Any
 
 import pytest
-from test_auth import Wire, mac, now_s
 
 from harness import Cluster, cluster, free_port, wait_for
+from outsider import Wire, mac, now_s
 
 PROVIDER = "com.demo.echo"
 OLD = {"com.demo.web": "file-tok-web-a1", "com.demo.legacy": "file-tok-legacy-b2"}

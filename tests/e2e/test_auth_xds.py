@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 import yaml
-from test_auth import Wire, mac, now_s
 
 from harness import Cluster, cluster, free_port, wait_for
+from outsider import Wire, mac, now_s
 
 PROVIDER = "com.demo.echo"
 TOKENS: dict[str, Any] = {

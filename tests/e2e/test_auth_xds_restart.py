@@ -10,12 +10,12 @@ import signal
 from typing import Any
 
 import yaml
-from test_auth import Wire, mac, now_s
 
 from octoproxy.process import pid_alive
 from octoproxy.process import read_pid_file as read_pid
 
-from harness import cluster, free_port, wait_for
+from harness import cluster, wait_for, write_token_file, xds_auth_server
+from outsider import Wire, mac, now_s
 
 PROVIDER = "com.demo.echo"
 TOKEN = "xds-restart-tok-legacy-71"
@@ -33,25 +33,11 @@ def call(port: int) -> dict[str, Any]:
 
 def test_new_generation_fetches_tokens_or_does_not_take_over() -> None:
     with cluster() as c:
-        tok = c.path("tokens.yaml")
-        fd = os.open(tok, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump({"com.demo.legacy": TOKEN}, f)
+        tok = write_token_file(c, {"com.demo.legacy": TOKEN}, "tokens.yaml")
         with open(c.path("eps.yaml"), "w") as f:
             yaml.safe_dump({"services": [], "acls": {PROVIDER: [{"caller": "com.demo.legacy"}]}}, f)
         cp = c.control_plane(c.path("eps.yaml"), "--tokens", tok)
-        c.providers(echo="echo.sock")
-        port = free_port()
-        pidf = c.path("server.pid")
-        server = c.proxy("server", {
-            "node": {"id": "server"}, "xds": {"server": cp.target},
-            "auth": {"source": "xds", "max_skew_s": 60},
-            "subscribe": {"timeout_s": 2},
-            "hot_restart": {"socket": c.path("server.hr"), "pid_file": pidf,
-                            "drain_s": 1.0, "start_timeout_s": 20.0},
-            "listeners": {"inbound": [{
-                "host": "127.0.0.1", "port": port, "upstream_uds": c.path("echo.sock"),
-                "appkey": PROVIDER, "auth": {"mode": "enforce"}}]}})
+        server, port, pidf = xds_auth_server(c, cp.target, PROVIDER)
         wait_for(lambda: call(port)["status"] == 0, 20, "the token and ACL from the control plane")
         # 1. with the control plane up: the new generation fetches them and takes over
         old = read_pid(pidf)

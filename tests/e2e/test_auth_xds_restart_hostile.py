@@ -13,14 +13,12 @@ import threading
 import time
 from typing import Any
 
-from test_auth import Wire, mac, now_s
-
 from octoproxy.process import pid_alive
 from octoproxy.process import read_pid_file as read_pid
 from octoproxy.xds.authres import RBAC_TYPE, SECRET_TYPE, acl_to_rbac, tokens_to_secret
 
-from harness import cluster, free_port, wait_for
-from outsider import DoubleThread
+from harness import cluster, wait_for, xds_auth_server
+from outsider import DoubleThread, Wire, mac, now_s
 
 PROVIDER = "com.demo.echo"
 CALLER = "com.demo.legacy"
@@ -69,18 +67,7 @@ def test_restart_while_secrets_are_held_and_while_the_control_plane_dies() -> No
         dbl.do(dbl.double.put_other, RBAC_TYPE, acl_to_rbac(PROVIDER, {CALLER: None}))
         dbl.do(dbl.double.put_other, SECRET_TYPE, tokens_to_secret(CALLER, (TOKEN.encode(),)))
         with cluster() as c:
-            c.providers(echo="echo.sock")
-            port = free_port()
-            pidf = c.path("server.pid")
-            server = c.proxy("server", {
-                "node": {"id": "server"}, "xds": {"server": dbl.target},
-                "auth": {"source": "xds", "max_skew_s": 60},
-                "subscribe": {"timeout_s": 2},
-                "hot_restart": {"socket": c.path("server.hr"), "pid_file": pidf,
-                                "drain_s": 1.0, "start_timeout_s": 20.0},
-                "listeners": {"inbound": [{
-                    "host": "127.0.0.1", "port": port, "upstream_uds": c.path("echo.sock"),
-                    "appkey": PROVIDER, "auth": {"mode": "enforce"}}]}})
+            server, port, pidf = xds_auth_server(c, dbl.target, PROVIDER)
             calls = Calls(port)
             calls.start()
             wait_for(lambda: calls.statuses.count(0) > 20 or calls.error, 20, "calls")

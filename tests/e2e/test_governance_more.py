@@ -5,21 +5,20 @@ Real processes: provider apps, server-side and client-side proxies."""
 
 from __future__ import annotations
 
-import json
-import os
 import socket
 import urllib.request
 
 import uvloop
 import yaml
-from test_auth import PROVIDER, TOKENS, mac, now_s
+from test_auth import PROVIDER, TOKENS, mac
 from test_governance_e2e import Raw, _server_proc, admin_json, call, three_nodes
 from test_hotrestart import hr, restart
 
 from octoproxy._core import frame
 from octoproxy.sdk import Client
 
-from harness import Cluster, cluster, free_port, server_proxy_cfg, wait_for
+from harness import Cluster, cluster, free_port, server_proxy_cfg, wait_for, write_token_file
+from outsider import now_s
 
 
 def prom(port: int, name: str) -> dict[str, float]:
@@ -158,10 +157,7 @@ def test_caller_is_the_signed_appkey_when_verified() -> None:
         return got[0].status, got[0].message or ""
 
     with cluster() as c:
-        tok = c.path("tokens.yaml")
-        fd = os.open(tok, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(TOKENS, f)
+        tok = write_token_file(c, TOKENS)
         c.providers(p="p.sock")
         signed_port, open_port = free_port(), free_port()
         allow = [{"caller": "com.demo.legacy"}, {"caller": "com.demo.web"}]

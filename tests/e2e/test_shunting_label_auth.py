@@ -6,7 +6,6 @@ globalContext and signs the labelled copy; the server-side proxy verifies it
 from __future__ import annotations
 
 import json
-import os
 import socket
 import urllib.request
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import pytest
 
 from octoproxy._core import frame
 
-from harness import Cluster, cluster, free_port, wait_for
+from harness import Cluster, auth_mesh, cluster, free_port, wait_for
 
 PROVIDER = "com.demo.echo"
 TOKENS = {"com.demo.web": "tok-web-4b1d9e0c7f3a"}
@@ -25,38 +24,19 @@ TOKENS = {"com.demo.web": "tok-web-4b1d9e0c7f3a"}
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[Cluster]:
     with cluster() as c:
-        tok = c.path("tokens.yaml")
-        fd = os.open(tok, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(TOKENS, f)
-        c.providers(echo="echo.sock")
-        port = free_port()
-        c.proxy("server", {
-            "node": {"id": "server"},
-            "auth": {"token_file": tok, "max_skew_s": 60},
-            "limits": {"max_local_context_bytes": 70000},  # headers near 65,535 bytes
-            "listeners": {"inbound": [{
-                "host": "127.0.0.1", "port": port, "upstream_uds": c.path("echo.sock"),
-                "appkey": PROVIDER,
-                "auth": {"mode": "enforce", "allow": [{"caller": "com.demo.web"}]}}]},
-        })
         admin = free_port()
-        c.proxy("client", {
-            "node": {"id": "client"},
-            "auth": {"token_file": tok},
-            "admin": {"port": admin},
-            "limits": {"max_local_context_bytes": 70000},
-            "listeners": {"outbound": [{"path": c.path("web.sock"),
-                                        "sign_for": ["com.demo.web"]}]},
-            "static": {"services": [{"appkey": PROVIDER,
-                                     "endpoints": [{"address": f"127.0.0.1:{port}"}]}]},
-            "shunting": {"services": {PROVIDER: [
-                {"name": "unit", "target": "octo-set", "source_key": "loc",
-                 "unit_table": {"bj": "set-a"}},
-                {"name": "lane", "target": "octo-swimlane", "value": "lane-1",
-                 "match": [{"source": "context", "key": "lane", "op": "eq", "value": "1"}]},
-            ]}},
-        })
+        big = {"max_local_context_bytes": 70000}   # headers near 65,535 bytes
+        auth_mesh(c, TOKENS, PROVIDER, ["com.demo.web"],
+                  [{"path": c.path("web.sock"), "sign_for": ["com.demo.web"]}],
+                  server={"auth": {"max_skew_s": 60}, "limits": big},
+                  client={"admin": {"port": admin}, "limits": big, "shunting": {"services": {
+                      PROVIDER: [
+                          {"name": "unit", "target": "octo-set", "source_key": "loc",
+                           "unit_table": {"bj": "set-a"}},
+                          {"name": "lane", "target": "octo-swimlane", "value": "lane-1",
+                           "match": [{"source": "context", "key": "lane", "op": "eq",
+                                      "value": "1"}]},
+                      ]}}})
         c.admin = admin  # type: ignore[attr-defined]
         yield c
 

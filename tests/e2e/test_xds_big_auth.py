@@ -16,10 +16,10 @@ import time
 from typing import Any
 
 import pytest
-from test_auth import Wire, mac, now_s
 from test_auth_xds import _complete, _get, _write
 
 from harness import cluster, free_port, wait_for
+from outsider import Wire, mac, now_s
 
 PROVIDER = "com.demo.echo"
 WEB_TOKEN = "big-tok-web-1d2e3f4a"
