@@ -7,8 +7,9 @@ does not hold the GIL of the client being measured.
     {"op": "put", "appkey": A}                      a service (Cluster + assignment)
     {"op": "routes", "appkey": A, "rule": NAME}     A's rules: one method rule named NAME
     {"op": "flood", "wanted": A, "rule": NAME,      one SotW TRDS response: A's rules
-     "unwanted": N, "size": BYTES}                  plus N RouteConfigurations nobody
-                                                    asked for, each about BYTES long
+     "unwanted": N, "size": BYTES,                  plus N RouteConfigurations nobody
+     "wanted_size": BYTES?}                         asked for, each about BYTES long
+                                                    (wanted_size: A's is BYTES of routes)
     {"op": "pad", "size": BYTES}                    every CDS response from now on (one
                                                     is sent at once) about BYTES long
     {"op": "stats"}                                 streams opened, NACK messages
@@ -83,6 +84,8 @@ def handle(d: AdsDouble, cmd: dict[str, Any]) -> dict[str, Any]:
         d.put_routes(cmd["appkey"], rules(cmd["rule"]))
     elif op == "flood":
         wanted = rules_to_route_config(cmd["wanted"], rules(cmd["rule"])).SerializeToString()
+        if cmd.get("wanted_size"):  # the one asked for is huge too (too many routes)
+            wanted = route_config(cmd["wanted"], int(cmd["wanted_size"]))
         size, n = int(cmd["size"]), int(cmd["unwanted"])
         one = route_config("x", size)[len(_field(1, b"x")):]  # the routes, shared
         bodies = [_field(1, f"unwanted-{i:06d}".encode()) + one for i in range(n)]

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from octoproxy.xds import wire
-from octoproxy.xds.wire import resource_name, split_response
+from octoproxy.xds.wire import count_field, resource_name, split_response
 
 
 def _run(raw: bytes, chunk: int, step: int = 3) -> tuple[bytes, list[tuple[int, int]]]:
@@ -175,3 +175,38 @@ def test_resource_name_of_a_huge_field_is_not_a_copy(monkeypatch: pytest.MonkeyP
     body += _key(9999, 2) + _varint(64 << 20) + bytes(64 << 20)
     monkeypatch.setattr(wire, "_NameOnly", Refuse)
     assert resource_name(body) == "big"
+
+
+def test_count_field_stops_past_the_limit() -> None:
+    rc = route_pb2.RouteConfiguration(name="a")
+    for i in range(10):
+        rc.routes.add().match.method_name = f"m{i}"
+    raw = rc.SerializeToString()
+    assert count_field(raw, 2, 10) == 10
+    assert count_field(raw, 2, 3) == 4  # stopped at limit + 1
+    assert count_field(raw, 1, 10) == 1
+    names = route_pb2.RouteConfiguration(name="n").SerializeToString() * 200
+    assert count_field(names, 2, 10) == -1  # 200 fields walked past 4 x 10 + 64
+    with pytest.raises(DecodeError):
+        count_field(raw[:-1], 2, 100)
+
+
+def test_resource_name_with_a_bound_on_fields() -> None:
+    """A big body (1 MiB or more) with more top-level fields than the bound:
+    TooManyFields with the name read so far; under the bound, or a small
+    body, the name as protobuf reads it."""
+    from octoproxy.xds.wire import BIG_BODY, TooManyFields
+
+    rc = route_pb2.RouteConfiguration(name="app.a")
+    route = rc.routes.add()
+    route.match.method_name = "m" * 300
+    one = route.SerializeToString()
+    many = rc.SerializeToString() + (b"\x12" + _varint(len(one)) + one) * (BIG_BODY // len(one))
+    assert len(many) >= BIG_BODY
+    with pytest.raises(TooManyFields) as ei:
+        resource_name(many, 1000)
+    assert ei.value.name == "app.a"
+    assert resource_name(many) == "app.a"  # no bound: walked to the end
+    assert resource_name(many, 10_000) == "app.a"
+    small = rc.SerializeToString() * 3
+    assert resource_name(small, 1) == "app.a"  # small: never refused

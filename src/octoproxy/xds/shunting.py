@@ -35,7 +35,7 @@ from octoproxy.xds.resources import (
     digest,
     run_steps,
 )
-from octoproxy.xds.wire import BIG_BODY, resource_name
+from octoproxy.xds.wire import BIG_BODY, TooManyFields, count_field, resource_name
 
 log = logging.getLogger("octoproxy.xds")
 
@@ -71,6 +71,10 @@ _RULE_KEYS = frozenset(
      "default"}
 )
 _MAX_EXACT = 2**53  # integers a Struct's double holds exactly
+_ROUTES_FIELD = route_pb2.RouteConfiguration.DESCRIPTOR.fields_by_name["routes"].number
+# top-level fields a RouteConfiguration of MAX_RULES rules can need (its
+# routes, name, validate_clusters, the repeats a merge of pieces may give)
+_MAX_FIELDS = 4 * MAX_RULES + 64
 
 
 def scope_of(resource_name: str) -> str:
@@ -784,6 +788,16 @@ class RuleResources:
     def _convert(name: str, body: bytes) -> tuple[model.ShuntRule, ...]:
         """Decode and convert one RouteConfiguration (pure: runs in a worker thread)."""
         try:
+            # the bound first, by walking the top-level fields: decoding
+            # millions of routes holds the GIL (and so the loop) in one call
+            routes = count_field(body, _ROUTES_FIELD, MAX_RULES)
+            if routes > MAX_RULES:
+                raise ResourceError(f"RouteConfiguration {name!r}: more than {MAX_RULES} "
+                                    f"routes, at most {MAX_RULES} (refused undecoded)")
+            if routes < 0:
+                raise ResourceError(
+                    f"RouteConfiguration {name!r}: more than {_MAX_FIELDS} top-level "
+                    f"fields, for at most {MAX_RULES} routes (refused undecoded)")
             rc = route_pb2.RouteConfiguration.FromString(body)
         except DecodeError as bad:
             raise ResourceError(f"RouteConfiguration {name!r}: cannot decode: {bad}") from None
@@ -856,10 +870,19 @@ class RuleResources:
                 # the name only: a resource nobody asked for is never decoded
                 # (thousands of them, or a few of hundreds of MiB, cost what
                 # skipping their fields costs); the wanted ones are decoded
-                # off the loop (_one)
-                name = resource_name(body)
+                # off the loop (_one).  A big one with more fields than a
+                # RouteConfiguration of MAX_RULES rules has is not walked to
+                # its end: it cannot be taken, whatever its name
+                name = resource_name(body, _MAX_FIELDS)
             except DecodeError as bad:
                 errors.append(f"resources[{i}]: cannot decode RouteConfiguration: {bad}")
+                continue
+            except TooManyFields as big:
+                if big.name in self.entries:
+                    err = (f"RouteConfiguration {big.name!r}: {big}, for at most {MAX_RULES} "
+                           "routes (refused undecoded)")
+                    self.entries[big.name].error = err
+                    errors.append(err)
                 continue
             if not name:
                 errors.append(f"resources[{i}]: RouteConfiguration without a name")

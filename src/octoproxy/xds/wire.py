@@ -6,6 +6,9 @@ event loop in one piece (docs/xds.md section 7, "Big responses").
   decoding the rest of it: the other fields are only skipped.  A SotW
   response may carry thousands of resources nobody asked for; only their
   names are ever read.
+- `count_field`: how many times a field occurs at the top of a message,
+  walking at most a given number of fields: a resource with far more
+  entries than its bound allows is refused without being decoded.
 - `split_response`: a serialized (Delta)DiscoveryResponse cut into its
   fields other than ``resources`` and runs of ``resources`` entries of about
   `chunk` bytes, so the caller can build the message a run at a time with
@@ -45,17 +48,24 @@ _NameOnly = _name_only()
 _WALK = 64
 
 
-def resource_name(body: bytes) -> str:
-    """Field 1 (``name``; ``cluster_name`` of a ClusterLoadAssignment) of a
-    serialized resource, as a full decode would read it (the last occurrence
-    wins, UTF-8 checked), the other fields skipped, not decoded.  Raises
-    DecodeError if the wire data is not a message.  Nested fields are not
-    looked into: a resource that is read in full later is checked then."""
+class TooManyFields(ValueError):
+    """A big resource with more top-level fields than the caller allows;
+    `name` is the name as far as the walk read it ("" if none yet)."""
+
+    def __init__(self, name: str, fields: int) -> None:
+        super().__init__(f"more than {fields} top-level fields")
+        self.name = name
+        self.fields = fields
+
+
+def _walk(body: bytes, i: int, fields: int, name: str | None
+          ) -> tuple[int, str | None, bool]:
+    """Walk at most `fields` top-level fields from offset i: (where it
+    stopped, the last name (field 1) seen, True if it stopped at a field it
+    leaves to protobuf: field 1 of another wire type, or a group)."""
     n = len(body)
-    name: str | None = None
-    i = 0
     try:
-        for _ in range(_WALK):
+        for _ in range(fields):
             if i >= n:
                 break
             start = i
@@ -72,8 +82,7 @@ def resource_name(body: bytes) -> str:
                         raise DecodeError(f"name is not UTF-8: {bad}") from None
                 i += ln
             elif key >> 3 == 1 or wt not in (0, 1, 5):
-                i = start  # field 1 of another wire type, groups: protobuf decides
-                break
+                return start, name, True
             elif wt == 0:
                 _, i = _varint(body, i)
             else:
@@ -82,6 +91,26 @@ def resource_name(body: bytes) -> str:
                 raise DecodeError("truncated message")
     except IndexError:
         raise DecodeError("truncated message") from None
+    return i, name, False
+
+
+def resource_name(body: bytes, max_fields: int | None = None) -> str:
+    """Field 1 (``name``; ``cluster_name`` of a ClusterLoadAssignment) of a
+    serialized resource, as a full decode would read it (the last occurrence
+    wins, UTF-8 checked), the other fields skipped, not decoded.  Raises
+    DecodeError if the wire data is not a message.  Nested fields are not
+    looked into: a resource that is read in full later is checked then.
+
+    `max_fields`: for a type whose resources have a bound on their top-level
+    fields (TRDS: the rules).  A body of BIG_BODY bytes or more is then
+    walked in Python (a few ms) and TooManyFields raised past the bound,
+    instead of leaving the rest to protobuf (2.4 ms per MiB, in one call)."""
+    n = len(body)
+    i, name, stopped = _walk(body, 0, _WALK, None)
+    if i < n and not stopped and max_fields is not None and n >= BIG_BODY:
+        i, name, stopped = _walk(body, i, max(0, max_fields - _WALK), name)
+        if i < n and not stopped:
+            raise TooManyFields(name or "", max_fields)
     if i < n:
         msg = _NameOnly.FromString(body[i:] if i else body)
         if msg.HasField("name"):
@@ -160,3 +189,41 @@ def split_response(
     if run_start >= 0:
         runs.append((run_start, run_end))
     return b"".join(rest), runs
+
+
+def count_field(body: bytes, field: int, limit: int) -> int:
+    """How many times `field` occurs at the top level of the serialized
+    message, counted up to `limit` + 1 (then the walk stops: more than the
+    limit).  At most 4 x `limit` + 64 fields are walked; past that, -1 (a
+    message of that many fields is not one to decode; the same bound as
+    the TRDS handler's for resource_name).  DecodeError on wire
+    data the walk cannot follow."""
+    n = len(body)
+    i = count = walked = 0
+    try:
+        while i < n:
+            walked += 1
+            if walked > 4 * limit + 64:
+                return -1
+            key, i = _varint(body, i)
+            wt = key & 7
+            if wt == 0:
+                _, i = _varint(body, i)
+            elif wt == 1:
+                i += 8
+            elif wt == 2:
+                ln, i = _varint(body, i)
+                i += ln
+            elif wt == 5:
+                i += 4
+            else:
+                raise DecodeError(f"wire type {wt}")
+            if i > n:
+                raise DecodeError("truncated message")
+            if key >> 3 == field:
+                count += 1
+                if count > limit:
+                    return count
+    except IndexError:
+        raise DecodeError("truncated message") from None
+    return count
