@@ -15,6 +15,9 @@ the end-to-end CPU figure that the proxy controls (the rest is syscalls).
   per caller, breakers, outlier counts, adaptive limit, a retry policy that
   keeps a retry copy of each request); requests carry a caller appkey.
   Goal (issue 14): <= +10% of forwarded.
+- forwarded+label: the same with a shunting rule that labels every request
+  (docs/shunting.md: octo-swimlane written into its globalContext, straight
+  into the upstream's staged output); the rule's evaluation included.
 - inbound / inbound+gov: the server-side proxy's data path (requests from
   the caller's proxy to the provider, its answers back), without and with
   every provider-side feature on and no limit hit (rate rules by service,
@@ -46,7 +49,7 @@ from octoproxy._core import frame as F
 from octoproxy._core import limits as L
 from octoproxy._core import route as R
 from octoproxy.config import Limits, Upstream
-from octoproxy.model import Endpoint, Labels, Service
+from octoproxy.model import Endpoint, Labels, Service, ShuntRule
 
 APPKEY = "com.bench.echo"
 SERVICE = "com.bench.Echo"
@@ -259,17 +262,20 @@ def caller_gov() -> Any:
 class Forwarding:
     """Round trips through one Rig: requests in, their answers back."""
 
-    def __init__(self, body: bytes = BODY, gov: bool = False) -> None:
+    def __init__(self, body: bytes = BODY, gov: bool = False, label: bool = False) -> None:
         self.rig = Rig(gov=caller_gov() if gov else None)
+        if label:
+            self.rig.table.update_shunting(APPKEY, (ShuntRule(
+                "lane", action="context", target="octo-swimlane", value="lane-1"),))
         self.reqs = request_batch(body=body, caller="com.bench.caller")
         self.resp = F.encode_response(1, BODY)
         self.resp_seq = seq_off_of(self.resp)
-        self.req_len = len(self.reqs) // BATCH
-        self.req_seq = seq_off_of(self.reqs)
         # first round: opens the upstream connection, learns its first id
         feed(self.rig.down, self.reqs)
         self.rig.loop.run_ready()
         self.conn, self.up = self.rig.ups[0]
+        if label:  # what is measured: every request leaves with the label
+            assert {f.swimlane for f in F.scan(self.up.last)[0]} == {"lane-1"}
         self.next_id = self.ids_sent()[0]
         self.answers = self.make_answers()
         before = self.rig.app.nbytes
@@ -279,10 +285,8 @@ class Forwarding:
         assert self.rig.app.nbytes - before == BATCH * len(self.resp)
 
     def ids_sent(self) -> list[int]:
-        data = self.up.last[-len(self.reqs) :]
-        return [
-            struct.unpack_from(">q", data, i * self.req_len + self.req_seq)[0] for i in range(BATCH)
-        ]
+        frames, _ = F.scan(self.up.last)    # a labelled request is longer than the app's
+        return [f.seq_id for f in frames[-BATCH:]]
 
     def make_answers(self) -> bytes:
         out = bytearray()
@@ -413,6 +417,8 @@ def make(kind: str, body: bytes = BODY) -> Any:
         return Forwarding(body)
     if kind == "forwarded+gov":
         return Forwarding(body, gov=True)
+    if kind == "forwarded+label":
+        return Forwarding(body, label=True)
     if kind == "inbound":
         return Inbound(body)
     if kind == "inbound+gov":
@@ -422,7 +428,7 @@ def make(kind: str, body: bytes = BODY) -> Any:
     return LocalAnswer(kind, body)
 
 
-KINDS = ("forwarded", "forwarded+gov", "inbound", "inbound+gov", "unknown service", "overload",
+KINDS = ("forwarded", "forwarded+gov", "forwarded+label", "inbound", "inbound+gov", "unknown service", "overload",
          "draining", "timeout")
 
 
