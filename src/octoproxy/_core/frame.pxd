@@ -165,14 +165,17 @@ cdef struct FrCtxKeys:
     Py_ssize_t klens[32]
     uint64_t head[32]          # an entry's first 8 bytes (key length, up to 4 key bytes) ...
     uint64_t hmask[32]         # ... under this mask: one compare for the length and the start
+    uint64_t tail[32]          # key longer than 4: the 8 entry bytes that end with the key
     uint8_t first[64]          # by key length (63: 63 or more): 1 + the first key that long, 0: none
     uint8_t next[32]           # 1 + the next key in the same chain, 0: the end
 cdef void fr_ctx_keys_init(FrCtxKeys* w) noexcept nogil
 
 # The same as fr_context_get for the keys of `w` in one pass over both maps:
-# offs[k]/lens[k] for w.keys[k], lens[k] = -1 when absent.
-cdef void fr_context_many(const uint8_t* frame, const FrameInfo* fi, const FrCtxKeys* w,
-                          Py_ssize_t* offs, Py_ssize_t* lens) noexcept nogil
+# returns the keys found (bit k for w.keys[k]), with offs[k]/lens[k] set for
+# those only.  fi must come from fr_scan over these same bytes (the maps'
+# entries are known to fit).
+cdef uint64_t fr_context_many(const uint8_t* frame, const FrameInfo* fi, const FrCtxKeys* w,
+                              Py_ssize_t* offs, Py_ssize_t* lens) noexcept nogil
 
 # The same over a bare Thrift message at body[0:n]: the name's offset in body.
 cdef Py_ssize_t fr_thrift_method(const uint8_t* body, Py_ssize_t n,

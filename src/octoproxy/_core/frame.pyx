@@ -864,9 +864,21 @@ cdef inline bint fr_same(const uint8_t* a, const char* b, Py_ssize_t n) noexcept
     return True
 
 
+cdef inline uint64_t fr_rd64(const uint8_t* p) noexcept nogil:
+    # 8 bytes as they lie in memory (compared with words built the same way)
+    cdef uint64_t x
+    memcpy(&x, p, 8)
+    return x
+
+
 cdef void fr_ctx_keys_init(FrCtxKeys* w) noexcept nogil:
+    # head: the entry's bytes 0-8 (big-endian key length, then the key's first
+    # 4 bytes, masked when shorter); tail, for a key longer than 4: the 8
+    # entry bytes that end where the key ends (bytes kl-4 .. kl+4, inside the
+    # entry since its value length follows the key).  head and tail cover a
+    # key of up to 12 bytes; a longer one also compares bytes 8 .. kl-4.
     cdef Py_ssize_t k, i, kl, b
-    cdef uint8_t h[8]
+    cdef uint8_t h[16]
     cdef uint8_t m[8]
     memset(w.first, 0, sizeof(w.first))
     for k in range(w.n - 1, -1, -1):
@@ -874,7 +886,7 @@ cdef void fr_ctx_keys_init(FrCtxKeys* w) noexcept nogil:
         b = kl if kl < 63 else 63
         w.next[k] = w.first[b]
         w.first[b] = <uint8_t>(k + 1)
-        memset(h, 0, 8)
+        memset(h, 0, 16)
         memset(m, 0, 8)
         fr_wr_u32(h, <uint32_t>kl)
         memset(m, 0xFF, 4)
@@ -883,24 +895,31 @@ cdef void fr_ctx_keys_init(FrCtxKeys* w) noexcept nogil:
             m[4 + i] = 0xFF
         memcpy(&w.head[k], h, 8)
         memcpy(&w.hmask[k], m, 8)
+        w.tail[k] = 0
+        if kl > 4:
+            # the 8 bytes before the key's end, in an entry laid out as
+            # length + key (kl - 4 >= 1; for kl < 8 they start in the length)
+            for i in range(8):
+                b = kl - 4 + i  # entry offset
+                h[i] = <uint8_t>w.keys[k][b - 4] if b >= 4 else <uint8_t>(
+                    (<uint32_t>kl >> (8 * (3 - b))) & 0xFF)
+            memcpy(&w.tail[k], h, 8)
 
 
-cdef void fr_context_many(const uint8_t* frame, const FrameInfo* fi, const FrCtxKeys* w,
-                          Py_ssize_t* offs, Py_ssize_t* lens) noexcept nogil:
-    # Both maps in one pass each (the entries fr_context checked): the last
+cdef uint64_t fr_context_many(const uint8_t* frame, const FrameInfo* fi, const FrCtxKeys* w,
+                              Py_ssize_t* offs, Py_ssize_t* lens) noexcept nogil:
+    # Both maps in one pass each (fr_scan checked their entries): the last
     # entry with a key wins, as when decoding; globalContext first, so that a
     # localContext entry overwrites it (local wins).  An entry whose key
-    # length no wanted key has costs one table read; for the others, the key
-    # length and first 4 key bytes are one word compare (an entry is at least
-    # 8 bytes), the rest of the key is compared bytewise.
+    # length no wanted key has costs one table read; for the others, two word
+    # compares (head and tail, fr_ctx_keys_init) settle a key of up to 12
+    # bytes, a longer one compares its middle bytewise.
     cdef const uint8_t* p
-    cdef const uint8_t* q
     cdef const uint8_t* e
-    cdef Py_ssize_t kl = 0, vl = 0, off, end, k
-    cdef uint64_t x
+    cdef size_t kl, vl
+    cdef Py_ssize_t off, end, k
+    cdef uint64_t found = 0
     cdef int m
-    for k in range(w.n):
-        lens[k] = -1
     for m in range(2):
         if m == 0:
             off = fi.gctx_off
@@ -912,21 +931,25 @@ cdef void fr_context_many(const uint8_t* frame, const FrameInfo* fi, const FrCtx
             continue
         p = frame + off + 6
         e = frame + end
-        while True:
-            q = fr_ctx_entry(p, e, &kl, &vl)
-            if q == NULL:
+        while e - p >= 8:
+            kl = fr_rd_u32(p)
+            if kl > <size_t>(e - p - 8):
+                break  # not after fr_scan: defensive only
+            vl = fr_rd_u32(p + 4 + kl)
+            if vl > <size_t>(e - p - 8) - kl:
                 break
             k = w.first[kl if kl < 63 else 63]
-            if k:
-                memcpy(&x, p, 8)
-                while k:
-                    k -= 1
-                    if (x & w.hmask[k]) == w.head[k] and (
-                            kl <= 4 or fr_same(p + 8, w.keys[k] + 4, kl - 4)):
-                        offs[k] = p + 8 + kl - frame
-                        lens[k] = vl
-                    k = w.next[k]
-            p = q
+            while k:
+                k -= 1
+                if ((fr_rd64(p) & w.hmask[k]) == w.head[k] and (
+                        kl <= 4 or (fr_rd64(p + kl - 4) == w.tail[k] and (
+                            kl <= 12 or fr_same(p + 8, w.keys[k] + 4, kl - 12))))):
+                    offs[k] = p + 8 + kl - frame
+                    lens[k] = <Py_ssize_t>vl
+                    found |= (<uint64_t>1) << k
+                k = w.next[k]
+            p += 8 + kl + vl
+    return found
 
 
 cdef Py_ssize_t fr_context_get(const uint8_t* frame, const FrameInfo* fi, const char* key,
@@ -937,8 +960,10 @@ cdef Py_ssize_t fr_context_get(const uint8_t* frame, const FrameInfo* fi, const 
     w.keys[0] = key
     w.klens[0] = klen
     fr_ctx_keys_init(&w)
-    fr_context_many(frame, fi, &w, &off, vlen)
-    return off if vlen[0] >= 0 else -1
+    if fr_context_many(frame, fi, &w, &off, vlen):
+        return off
+    vlen[0] = -1
+    return -1
 
 
 cdef inline Py_ssize_t _gctx_put_at(const FrameInfo* fi, Py_ssize_t klen, Py_ssize_t voff,

@@ -171,6 +171,26 @@ cdef struct RtRule:
     PyObject* stat                  # ShuntStat (borrowed)
 
 
+# A rule's two tests, side by side for the rule loop (RtRules.rm): the
+# request slots it needs (RtRule.need) and its grouped conditions (cmask).
+cdef struct RtRm:
+    uint64_t need
+    uint64_t cmask
+
+
+# A grouped condition (RtRules.fc), compact: what rt_flat reads, in one
+# cache line.
+cdef struct RtFc:
+    int slot                        # the RtReq slot it reads
+    int op                          # RO_*
+    Py_ssize_t vlen                 # eq, prefix: the value
+    const char* val
+    int64_t a                       # range: lo; mod: modulus; percent: threshold
+    int64_t b                       # range: hi; mod: the remainders as a bitmap (modulus <= 64)
+    uint64_t m                      # mod: fastmod multiplier (0: no fast path)
+    const RtCond* c                 # in; mod with a modulus over 64: the whole condition
+
+
 # One rule's identity and counters, shared by every service it is compiled
 # into; kept across rule updates while (scope, name) stays.
 @cython.final
@@ -196,11 +216,19 @@ cdef class RtRules:
     cdef uint64_t slots             # RtReq slots some rule reads (bit s)
     cdef uint64_t int_slots         # ... as an integer (range, mod): parsed once per request
     cdef uint64_t pct_slots         # ... as a percent bucket: hashed once per request
-    # every condition on a slot, grouped by op (shallow copies of the
+    # every condition on a slot, grouped by op (compact copies of the
     # rules' conditions, at most 64): evaluated in one loop per op into a
     # mask of true conditions before the rules are walked; nfc 0: none
-    cdef RtCond* fc
+    cdef RtFc* fc
     cdef Py_ssize_t nfc
+    cdef RtRm* rm                   # per rule: need and cmask (the rule loop reads only these)
+    # at most 64 rules: the rules that can match are those with no grouped
+    # condition (zr) and those having a true one (rhas[k]: the rules whose
+    # cmask has bit k), so a request tests only those (ascending = in order)
+    cdef bint small
+    cdef uint64_t zr
+    cdef uint64_t* rhas
+    cdef uint32_t ops               # bit op: fc has conditions of op
     cdef Py_ssize_t fstart[8]       # fc[fstart[op]:fstart[op + 1]]: the conditions of op
     cdef list keep                  # bytes, RtIndex and ShuntStat objects the arrays point into
     cdef const char* keep_str(self, str v, Py_ssize_t* n) except? NULL

@@ -526,12 +526,19 @@ cdef class RtRules:
         self.pct_slots = 0
         self.fc = NULL
         self.nfc = 0
+        self.rm = NULL
+        self.small = False
+        self.zr = 0
+        self.rhas = NULL
+        self.ops = 0
         self.keep = []
 
     def __dealloc__(self):
         cdef Py_ssize_t i, j
         cdef RtRule* r
-        free(self.fc)  # shallow copies: their arrays belong to the rules' conditions
+        free(self.fc)  # compact copies: their arrays belong to the rules' conditions
+        free(self.rm)
+        free(self.rhas)
         if self.rules == NULL:
             return
         for i in range(self.n):
@@ -766,36 +773,77 @@ cdef int rt_compile_flat(RtRules rs) except -1:
     and a rule is then two mask tests (no indirect jump per condition).  A
     condition has no side effect, so evaluating all of them, in any order,
     gives each rule the same answer; random draws (and keys looked up alone)
-    stay in the rule, evaluated in order once the mask test passes."""
-    cdef Py_ssize_t i, j, n = 0, k = 0
+    stay in the rule, evaluated in order once the mask test passes.  Then
+    each rule's two tests go side by side into RtRules.rm."""
+    cdef Py_ssize_t i, i2, j, n = 0, k = 0
     cdef int op
     cdef RtRule* r
     cdef RtCond* c
+    cdef RtFc* f
+    rs.rm = <RtRm*>calloc(rs.n if rs.n else 1, sizeof(RtRm))
+    if rs.rm == NULL:
+        raise MemoryError()
     for i in range(rs.n):
         r = &rs.rules[i]
         r.nrest = r.nconds
         for j in range(r.nconds):
             if r.conds[j].op <= RO_PERCENT:
                 n += 1
-    if n == 0 or n > 64:
-        return 0
-    rs.fc = <RtCond*>calloc(n, sizeof(RtCond))
-    if rs.fc == NULL:
-        raise MemoryError()
-    for op in range(RO_PERCENT + 1):
-        rs.fstart[op] = k
-        for i in range(rs.n):
-            r = &rs.rules[i]
-            for j in range(r.nconds):
-                c = &r.conds[j]
-                if c.op == op:
+    if 0 < n <= 64:
+        rs.fc = <RtFc*>calloc(n, sizeof(RtFc))
+        if rs.fc == NULL:
+            raise MemoryError()
+        for op in range(RO_PERCENT + 1):
+            rs.fstart[op] = k
+            for i in range(rs.n):
+                r = &rs.rules[i]
+                for j in range(r.nconds):
+                    c = &r.conds[j]
+                    if c.op != op:
+                        continue
                     c.in_mask = True
-                    rs.fc[k] = c[0]
+                    f = &rs.fc[k]
+                    f.slot = c.slot
+                    f.op = op
+                    f.vlen = c.vlen0
+                    f.val = c.val0
+                    f.c = c
+                    f.m = 0
+                    if op == RO_RANGE:
+                        f.a = c.lo
+                        f.b = c.hi
+                    elif op == RO_MOD:
+                        f.a = c.modulus
+                        f.b = 0
+                        if c.mod_m != 0 and c.modulus <= 64:
+                            f.m = c.mod_m
+                            for i2 in range(c.nrems):
+                                if 0 <= c.rems[i2] < c.modulus:
+                                    f.b |= <int64_t>((<uint64_t>1) << c.rems[i2])
+                    elif op == RO_PERCENT:
+                        f.a = c.threshold
                     r.cmask |= (<uint64_t>1) << k
                     r.nrest -= 1
                     k += 1
-    rs.fstart[RO_PERCENT + 1] = k
-    rs.nfc = k
+        rs.fstart[RO_PERCENT + 1] = k
+        rs.nfc = k
+        for op in range(RO_PERCENT + 1):
+            if rs.fstart[op + 1] > rs.fstart[op]:
+                rs.ops |= (<uint32_t>1) << op
+    for i in range(rs.n):
+        rs.rm[i].need = rs.rules[i].need
+        rs.rm[i].cmask = rs.rules[i].cmask
+    if rs.n <= 64:
+        rs.rhas = <uint64_t*>calloc(k if k else 1, sizeof(uint64_t))
+        if rs.rhas == NULL:
+            raise MemoryError()
+        for i in range(rs.n):
+            if rs.rm[i].cmask == 0:
+                rs.zr |= (<uint64_t>1) << i
+            for j in range(k):
+                if rs.rm[i].cmask >> j & 1:
+                    rs.rhas[j] |= (<uint64_t>1) << i
+        rs.small = True
     return 0
 
 
@@ -856,10 +904,7 @@ cdef inline void rt_req_fill(RtRules rs, const uint8_t* p, FrameInfo* fi, RtReq*
         if q.len[RQ_METHOD] >= 0:
             have |= (<uint64_t>1) << RQ_METHOD
     if rs.ck.n:
-        fr_context_many(p, fi, &rs.ck, &q.off[RQ_CTX], &q.len[RQ_CTX])
-        for k in range(rs.ck.n):
-            if q.len[RQ_CTX + k] >= 0:
-                have |= (<uint64_t>1) << (RQ_CTX + k)
+        have |= fr_context_many(p, fi, &rs.ck, &q.off[RQ_CTX], &q.len[RQ_CTX]) << RQ_CTX
     m = rs.int_slots & have
     while m:
         s = rt_ctz64(m)
@@ -888,38 +933,53 @@ cdef inline void rt_req_fill(RtRules rs, const uint8_t* p, FrameInfo* fi, RtReq*
 
 cdef inline uint64_t rt_flat(RtRules rs, const RtReq* q, const uint8_t* p) noexcept:
     """The mask of the grouped conditions (RtRules.fc) that are true for
-    this request: one loop per op."""
+    this request: one loop per op that has conditions."""
     cdef uint64_t t = 0
+    cdef int64_t x
+    cdef uint32_t r, ops = rs.ops
     cdef Py_ssize_t k
-    cdef const RtCond* c
+    cdef const RtFc* f
     cdef int s
-    for k in range(rs.fstart[RO_EQ], rs.fstart[RO_EQ + 1]):
-        c = &rs.fc[k]
-        s = c.slot
-        if q.len[s] == c.vlen0 and rt_same(p + q.off[s], c.val0, c.vlen0):
-            t |= (<uint64_t>1) << k
-    for k in range(rs.fstart[RO_IN], rs.fstart[RO_IN + 1]):
-        c = &rs.fc[k]
-        if rt_in(c, p + q.off[c.slot], q.len[c.slot]):
-            t |= (<uint64_t>1) << k
-    for k in range(rs.fstart[RO_PREFIX], rs.fstart[RO_PREFIX + 1]):
-        c = &rs.fc[k]
-        s = c.slot
-        if q.len[s] >= c.vlen0 and rt_same(p + q.off[s], c.val0, c.vlen0):
-            t |= (<uint64_t>1) << k
-    for k in range(rs.fstart[RO_PRESENT], rs.fstart[RO_PRESENT + 1]):
-        c = &rs.fc[k]
-        t |= (<uint64_t>(q.len[c.slot] > 0)) << k
-    for k in range(rs.fstart[RO_RANGE], rs.fstart[RO_RANGE + 1]):
-        c = &rs.fc[k]
-        t |= (<uint64_t>(c.lo <= q.iv[c.slot] < c.hi)) << k
-    for k in range(rs.fstart[RO_MOD], rs.fstart[RO_MOD + 1]):
-        c = &rs.fc[k]
-        if rt_mod_in(c, q.iv[c.slot]):
-            t |= (<uint64_t>1) << k
-    for k in range(rs.fstart[RO_PERCENT], rs.fstart[RO_PERCENT + 1]):
-        c = &rs.fc[k]
-        t |= (<uint64_t>(q.pb[c.slot] < c.threshold)) << k
+    if ops & (1 << RO_EQ):
+        for k in range(rs.fstart[RO_EQ], rs.fstart[RO_EQ + 1]):
+            f = &rs.fc[k]
+            s = f.slot
+            if q.len[s] == f.vlen and rt_same(p + q.off[s], f.val, f.vlen):
+                t |= (<uint64_t>1) << k
+    if ops & (1 << RO_IN):
+        for k in range(rs.fstart[RO_IN], rs.fstart[RO_IN + 1]):
+            f = &rs.fc[k]
+            if rt_in(f.c, p + q.off[f.slot], q.len[f.slot]):
+                t |= (<uint64_t>1) << k
+    if ops & (1 << RO_PREFIX):
+        for k in range(rs.fstart[RO_PREFIX], rs.fstart[RO_PREFIX + 1]):
+            f = &rs.fc[k]
+            s = f.slot
+            if q.len[s] >= f.vlen and rt_same(p + q.off[s], f.val, f.vlen):
+                t |= (<uint64_t>1) << k
+    if ops & (1 << RO_PRESENT):
+        for k in range(rs.fstart[RO_PRESENT], rs.fstart[RO_PRESENT + 1]):
+            f = &rs.fc[k]
+            t |= (<uint64_t>(q.len[f.slot] > 0)) << k
+    if ops & (1 << RO_RANGE):
+        for k in range(rs.fstart[RO_RANGE], rs.fstart[RO_RANGE + 1]):
+            f = &rs.fc[k]
+            x = q.iv[f.slot]
+            t |= (<uint64_t>(f.a <= x < f.b)) << k
+    if ops & (1 << RO_MOD):
+        for k in range(rs.fstart[RO_MOD], rs.fstart[RO_MOD + 1]):
+            f = &rs.fc[k]
+            x = q.iv[f.slot]
+            if f.m != 0 and 0 <= x < 4294967296LL:
+                # the common case: a modulus up to 64, a value in [0, 2^32)
+                r = rt_fastmod(<uint32_t>x, f.m, <uint32_t>f.a)
+                t |= ((<uint64_t>f.b >> r) & 1) << k
+            elif rt_mod_in(f.c, x):
+                t |= (<uint64_t>1) << k
+    if ops & (1 << RO_PERCENT):
+        for k in range(rs.fstart[RO_PERCENT], rs.fstart[RO_PERCENT + 1]):
+            f = &rs.fc[k]
+            t |= (<uint64_t>(q.pb[f.slot] < <uint32_t>f.a)) << k
     return t
 
 
@@ -1403,9 +1463,9 @@ cdef class RouteTable:
         cdef PyObject* hit
         cdef Py_ssize_t voff, vl = 0
         cdef RtReq q
-        cdef uint64_t have, truth
-        cdef RtRule* rnext
-        cdef RtRule* rend
+        cdef uint64_t have, truth, cand = 0, m
+        cdef Py_ssize_t i, n
+        cdef const RtRm* rm
         cdef const RtCond* c
         cdef const RtCond* cend
         cdef const uint8_t* lp = p + fi.liteset_off
@@ -1425,15 +1485,31 @@ cdef class RouteTable:
             # first match wins: the service's rules, then the global ones
             have = q.have
             truth = rt_flat(rs, &q, p) if rs.nfc else 0
-            rnext = rs.rules
-            rend = rnext + rs.n
-            while rnext < rend:
-                r = rnext
-                rnext += 1
-                if (r.need & have) != r.need:
-                    continue  # a value it reads is missing (or not an integer)
-                if (r.cmask & truth) != r.cmask:
-                    continue  # one of its grouped conditions is false
+            rm = rs.rm
+            n = rs.n
+            i = -1
+            if rs.small:
+                # only the rules with no grouped condition or a true one
+                cand = rs.zr
+                m = truth
+                while m:
+                    cand |= rs.rhas[rt_ctz64(m)]
+                    m &= m - 1
+            while True:
+                if rs.small:
+                    if not cand:
+                        break
+                    i = rt_ctz64(cand)
+                    cand &= cand - 1
+                else:
+                    i += 1
+                    if i >= n:
+                        break
+                # a value it reads is missing (or not an integer), or one of
+                # its grouped conditions is false: one test for both
+                if (rm[i].need & ~have) | (rm[i].cmask & ~truth):
+                    continue
+                r = &rs.rules[i]
                 if r.nrest:
                     # random draws and keys looked up alone, in order
                     c = r.conds
@@ -1804,6 +1880,27 @@ def bench_route(RouteTable table, bytes appkey, long n_iter, bytes hash_key=None
             if send_done:
                 lb_on_send(nd)
                 lb_on_done(nd)
+    return ok
+
+
+def bench_route_req_cold(RouteTable table, bytes frame, long n_iter, bytearray junk):
+    """bench_route_req with `junk` read (stride 64) between requests: the
+    cache as the data path leaves it between two requests."""
+    cdef long i, ok = 0
+    cdef int err = 0
+    cdef FrameInfo fi
+    cdef Py_ssize_t j, nj = len(junk)
+    cdef volatile uint8_t acc = 0
+    cdef uint8_t* jp = <uint8_t*><char*>junk
+    cdef const uint8_t* p = <const uint8_t*><char*>frame
+    if fr_scan(p, len(frame), len(frame) + 1, 65536, &fi) <= 0:
+        raise ValueError("not a whole frame")
+    for i in range(n_iter):  # no-cython-lint: only the count matters
+        fi.method_off = FM_UNREAD
+        for j in range(0, nj, 64):
+            jp[j] += 1
+        if table.rt_route_req(p, &fi, &err) is not None:
+            ok += 1
     return ok
 
 
