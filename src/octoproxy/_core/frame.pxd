@@ -159,15 +159,26 @@ cdef inline Py_ssize_t fi_method(const uint8_t* frame, FrameInfo* fi,
 # call fr_ctx_keys_init (it sets the rest).
 cdef enum:
     FR_CTX_KEYS = 32           # keys looked up together, at most
+cdef struct FrCtxEnt:
+    # one wanted key, as fr_context_many compares it (one cache line):
+    # entry bytes 0-8 under hmask == head (the big-endian key length and up to
+    # 4 key bytes), the 8 entry bytes at toff under tmask == tail (those that
+    # end with the key; tmask 0 for a key of up to 4 bytes), and for a key
+    # longer than 12 bytes (mid > 0) key bytes 4 .. 4 + mid at entry byte 8
+    uint64_t head
+    uint64_t hmask
+    uint64_t tail
+    uint64_t tmask
+    Py_ssize_t toff
+    const char* mid_key             # w.keys[k] + 4
+    Py_ssize_t mid
+    uint8_t next                    # 1 + the next key of the same length, 0: the end
 cdef struct FrCtxKeys:
     Py_ssize_t n
     const char* keys[32]       # FR_CTX_KEYS
     Py_ssize_t klens[32]
-    uint64_t head[32]          # an entry's first 8 bytes (key length, up to 4 key bytes) ...
-    uint64_t hmask[32]         # ... under this mask: one compare for the length and the start
-    uint64_t tail[32]          # key longer than 4: the 8 entry bytes that end with the key
     uint8_t first[64]          # by key length (63: 63 or more): 1 + the first key that long, 0: none
-    uint8_t next[32]           # 1 + the next key in the same chain, 0: the end
+    FrCtxEnt ent[32]
 cdef void fr_ctx_keys_init(FrCtxKeys* w) noexcept nogil
 
 # The same as fr_context_get for the keys of `w` in one pass over both maps:

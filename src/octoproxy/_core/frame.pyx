@@ -799,6 +799,11 @@ cdef inline Py_ssize_t fr_varint(const uint8_t* b, Py_ssize_t n, Py_ssize_t i,
 
 cdef Py_ssize_t fr_thrift_method(const uint8_t* b, Py_ssize_t n,
                                  Py_ssize_t* name_len) noexcept nogil:
+    return fr_thrift_method_i(b, n, name_len)
+
+
+cdef inline Py_ssize_t fr_thrift_method_i(const uint8_t* b, Py_ssize_t n,
+                                         Py_ssize_t* name_len) noexcept nogil:
     cdef int32_t k
     cdef uint32_t u = 0
     cdef Py_ssize_t i
@@ -849,7 +854,7 @@ cdef Py_ssize_t fr_method(const uint8_t* frame, const FrameInfo* fi,
         return fi.service_off
     if fi.kind != FK_OCTO or fi.flags & (FF_GZIP | FF_SNAPPY) or fi.body_off < 0:
         return -1
-    off = fr_thrift_method(frame + fi.body_off, fi.body_len, name_len)
+    off = fr_thrift_method_i(frame + fi.body_off, fi.body_len, name_len)
     if off < 0:
         return -1
     return fi.body_off + off
@@ -872,30 +877,37 @@ cdef inline uint64_t fr_rd64(const uint8_t* p) noexcept nogil:
 
 
 cdef void fr_ctx_keys_init(FrCtxKeys* w) noexcept nogil:
-    # head: the entry's bytes 0-8 (big-endian key length, then the key's first
-    # 4 bytes, masked when shorter); tail, for a key longer than 4: the 8
-    # entry bytes that end where the key ends (bytes kl-4 .. kl+4, inside the
-    # entry since its value length follows the key).  head and tail cover a
-    # key of up to 12 bytes; a longer one also compares bytes 8 .. kl-4.
+    # FrCtxEnt per key: head covers the entry's bytes 0-8 (big-endian key
+    # length, then the key's first 4 bytes, masked when shorter); tail, for a
+    # key longer than 4, the 8 entry bytes that end where the key ends (bytes
+    # kl-4 .. kl+4, inside the entry since its value length follows the key).
+    # head and tail cover a key of up to 12 bytes; a longer one also compares
+    # bytes 8 .. kl-4 (mid).
     cdef Py_ssize_t k, i, kl, b
-    cdef uint8_t h[16]
+    cdef uint8_t h[8]
     cdef uint8_t m[8]
+    cdef FrCtxEnt* t
     memset(w.first, 0, sizeof(w.first))
     for k in range(w.n - 1, -1, -1):
         kl = w.klens[k]
+        t = &w.ent[k]
         b = kl if kl < 63 else 63
-        w.next[k] = w.first[b]
+        t.next = w.first[b]
         w.first[b] = <uint8_t>(k + 1)
-        memset(h, 0, 16)
+        memset(h, 0, 8)
         memset(m, 0, 8)
         fr_wr_u32(h, <uint32_t>kl)
         memset(m, 0xFF, 4)
         for i in range(kl if kl < 4 else 4):
             h[4 + i] = <uint8_t>w.keys[k][i]
             m[4 + i] = 0xFF
-        memcpy(&w.head[k], h, 8)
-        memcpy(&w.hmask[k], m, 8)
-        w.tail[k] = 0
+        memcpy(&t.head, h, 8)
+        memcpy(&t.hmask, m, 8)
+        t.tail = 0
+        t.tmask = 0
+        t.toff = 0
+        t.mid_key = w.keys[k] + 4
+        t.mid = kl - 12 if kl > 12 else 0
         if kl > 4:
             # the 8 bytes before the key's end, in an entry laid out as
             # length + key (kl - 4 >= 1; for kl < 8 they start in the length)
@@ -903,22 +915,26 @@ cdef void fr_ctx_keys_init(FrCtxKeys* w) noexcept nogil:
                 b = kl - 4 + i  # entry offset
                 h[i] = <uint8_t>w.keys[k][b - 4] if b >= 4 else <uint8_t>(
                     (<uint32_t>kl >> (8 * (3 - b))) & 0xFF)
-            memcpy(&w.tail[k], h, 8)
+            memcpy(&t.tail, h, 8)
+            t.tmask = 0xFFFFFFFFFFFFFFFFULL
+            t.toff = kl - 4
 
 
 cdef uint64_t fr_context_many(const uint8_t* frame, const FrameInfo* fi, const FrCtxKeys* w,
                               Py_ssize_t* offs, Py_ssize_t* lens) noexcept nogil:
-    # Both maps in one pass each (fr_scan checked their entries): the last
-    # entry with a key wins, as when decoding; globalContext first, so that a
-    # localContext entry overwrites it (local wins).  An entry whose key
-    # length no wanted key has costs one table read; for the others, two word
-    # compares (head and tail, fr_ctx_keys_init) settle a key of up to 12
-    # bytes, a longer one compares its middle bytewise.
+    # Both maps in one pass each: the last entry with a key wins, as when
+    # decoding; globalContext first, so that a localContext entry overwrites
+    # it (local wins).  fr_scan checked every entry of both maps (each fits),
+    # so the walk reads the two lengths unchecked.  An entry whose key length
+    # no wanted key has costs one table read; for the others, two word
+    # compares (head and tail, FrCtxEnt) settle a key of up to 12 bytes, a
+    # longer one compares its middle bytewise.
     cdef const uint8_t* p
     cdef const uint8_t* e
     cdef size_t kl, vl
     cdef Py_ssize_t off, end, k
     cdef uint64_t found = 0
+    cdef const FrCtxEnt* t
     cdef int m
     for m in range(2):
         if m == 0:
@@ -927,27 +943,23 @@ cdef uint64_t fr_context_many(const uint8_t* frame, const FrameInfo* fi, const F
         else:
             off = fi.lctx_off
             end = fi.lctx_end
-        if off < 0 or end - off < 6:
+        if off < 0:
             continue
         p = frame + off + 6
         e = frame + end
-        while e - p >= 8:
+        while p < e:
             kl = fr_rd_u32(p)
-            if kl > <size_t>(e - p - 8):
-                break  # not after fr_scan: defensive only
             vl = fr_rd_u32(p + 4 + kl)
-            if vl > <size_t>(e - p - 8) - kl:
-                break
             k = w.first[kl if kl < 63 else 63]
             while k:
-                k -= 1
-                if ((fr_rd64(p) & w.hmask[k]) == w.head[k] and (
-                        kl <= 4 or (fr_rd64(p + kl - 4) == w.tail[k] and (
-                            kl <= 12 or fr_same(p + 8, w.keys[k] + 4, kl - 12))))):
-                    offs[k] = p + 8 + kl - frame
-                    lens[k] = <Py_ssize_t>vl
-                    found |= (<uint64_t>1) << k
-                k = w.next[k]
+                t = &w.ent[k - 1]
+                if ((fr_rd64(p) & t.hmask) == t.head
+                        and (fr_rd64(p + t.toff) & t.tmask) == t.tail
+                        and (t.mid == 0 or fr_same(p + 8, t.mid_key, t.mid))):
+                    offs[k - 1] = p + 8 + kl - frame
+                    lens[k - 1] = <Py_ssize_t>vl
+                    found |= (<uint64_t>1) << (k - 1)
+                k = t.next
             p += 8 + kl + vl
     return found
 
