@@ -50,13 +50,15 @@ def table_of(labels: Labels, services: list[Service], rules: dict) -> R.RouteTab
     return t
 
 
-def core_outcome(t: R.RouteTable, rq: ref.Request, n: int) -> tuple:
-    """(sorted addresses over n picks, rule name, error code)."""
+def core_outcome(t: R.RouteTable, rq: ref.Request, n: int, scan_keys: bool = True) -> tuple:
+    """(sorted addresses over n picks, rule name, error code); scan_keys:
+    the context values as the outbound scan picks them out, or (False) as
+    the rules' own walk over the maps finds them."""
     f = frame_of(rq)
     seen, rule = set(), None
     try:
         for _ in range(max(n, 1)):
-            nd, rule = t.route_frame(f)
+            nd, rule = t.route_frame(f, scan_keys)
             seen.add(nd.address)
     except R.RouteError as e:
         return None, e.rule, e.code
@@ -77,6 +79,11 @@ def check(labels, services, rules, rq) -> tuple:
     want, rule, code, n = ref_outcome(r, rq)
     got = core_outcome(t, rq, n)
     assert got == (want, rule, code), (got, (want, rule, code))
+    # the same through the rules' own walk over the maps (a request scanned
+    # without the table's keys, or keys beyond FR_WANT)
+    t2 = table_of(labels, services, rules)
+    walked = core_outcome(t2, rq, n, scan_keys=False)
+    assert walked == (want, rule, code), (walked, (want, rule, code))
     return got
 
 

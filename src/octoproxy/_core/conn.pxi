@@ -319,8 +319,8 @@ cdef class Conn:
         if self.rstart >= self.rend or self.skip:
             return 0
         frame[0] = <uint8_t*>(self.rbuf + self.rstart)
-        r = fr_scan(frame[0], self.rend - self.rstart, self.engine.max_frame,
-                    self.engine.max_header, fi)
+        r = fr_scan_want(frame[0], self.rend - self.rstart, self.engine.max_frame,
+                         self.engine.max_header, fi, self.want)
         if r > 0:
             self.rstart += r
         return r

@@ -9,7 +9,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t
 
 from octoproxy._core.auth cimport Signer, Verifier, _Hmac
 from octoproxy._core.constants cimport STATUS_SLOTS
-from octoproxy._core.frame cimport FrameInfo
+from octoproxy._core.frame cimport FrameInfo, FrCtxKeys
 from octoproxy._core.limits cimport ServiceGov
 from octoproxy._core.route cimport Node, RouteTable
 
@@ -214,6 +214,7 @@ cdef class Conn:
     cdef int fd                         # the socket while connected (sent to directly); else -1
     cdef bint via_transport             # bytes went through the transport: check it is empty first
     cdef readonly bint eof_sent         # our side has ended (FIN after its answers): nothing more is sent
+    cdef const FrCtxKeys* want          # context keys picked out while scanning (fr_scan_want), or NULL
 
     cdef int set_transport(self, object transport) except -1
     cdef int flush_now(self) except -1

@@ -63,7 +63,7 @@ from octoproxy._core.frame cimport (
     FrameInfo, fr_adler32, fr_error_answer, fr_error_call, fr_error_response, fr_gctx_put,
     fr_gctx_put_fi,
     fr_heartbeat_answer,
-    fr_proxy_announce, fr_proxy_restart, fr_scan, fr_scan_header, fr_set_seq_id, fr_strerror,
+    fr_proxy_announce, fr_proxy_restart, fr_scan, fr_scan_header, fr_scan_want, fr_set_seq_id, fr_strerror,
 )
 from octoproxy._core.limits cimport (
     GV_MAX_CONNECTIONS, GV_MAX_PENDING, GV_OK, NodeGov, ServiceGov, gv_budget, gv_inbound,

@@ -31,6 +31,33 @@ cdef enum:
     FE_BAD_CHECKSUM = -8
     FE_BAD_THRIFT = -9         # malformed native Thrift framed message
 
+# The context keys a caller looks up together (traffic shunting: every key
+# a service's rules read), for fr_context_many.  Fill n, keys, klens, then
+# call fr_ctx_keys_init (it sets the rest).
+cdef enum:
+    FR_CTX_KEYS = 32           # keys looked up together, at most
+    FR_WANT = 16               # keys fr_scan_want picks out while scanning, at most
+cdef struct FrCtxEnt:
+    # one wanted key, as fr_context_many compares it (one cache line):
+    # entry bytes 0-8 under hmask == head (the big-endian key length and up to
+    # 4 key bytes), the 8 entry bytes at toff under tmask == tail (those that
+    # end with the key; tmask 0 for a key of up to 4 bytes), and for a key
+    # longer than 12 bytes (mid > 0) key bytes 4 .. 4 + mid at entry byte 8
+    uint64_t head
+    uint64_t hmask
+    uint64_t tail
+    uint64_t tmask
+    Py_ssize_t toff
+    const char* mid_key             # w.keys[k] + 4
+    Py_ssize_t mid
+    uint8_t next                    # 1 + the next key in the same bucket, 0: the end
+cdef struct FrCtxKeys:
+    Py_ssize_t n
+    const char* keys[32]       # FR_CTX_KEYS
+    Py_ssize_t klens[32]
+    uint8_t first[64]          # by key length mod 64: 1 + the first key of that bucket, 0: none
+    FrCtxEnt ent[32]
+
 # Everything fr_scan learns about one frame.  Offsets are relative to the start
 # of the frame; a string is (off, len) with len == -1 when the field is absent.
 cdef struct FrameInfo:
@@ -87,6 +114,17 @@ cdef struct FrameInfo:
     # FM_UNREAD until then; -1 when the body is not a readable Thrift message
     Py_ssize_t method_off
     Py_ssize_t method_len
+    # context keys picked out while scanning (fr_scan_want; traffic shunting):
+    # want: the keys (NULL: none), and per map the keys found (bit k for
+    # want.keys[k]) with their values' offsets and lengths; the last map and
+    # its last entry win, as in fr_context_many
+    const FrCtxKeys* want
+    uint32_t wfound_g
+    uint32_t wfound_l
+    int32_t woff_g[16]         # FR_WANT
+    int32_t wlen_g[16]
+    int32_t woff_l[16]
+    int32_t wlen_l[16]
 
 # Message types, status codes and call types: constants.pxd.
 cdef enum:
@@ -100,6 +138,13 @@ cdef enum:
 # reads outside buf[0:n], never raises, never allocates.
 cdef Py_ssize_t fr_scan(const uint8_t* buf, Py_ssize_t n, Py_ssize_t max_frame,
                         Py_ssize_t max_header, FrameInfo* fi) noexcept nogil
+
+# The same, also picking out the context keys of `want` (at most FR_WANT;
+# NULL: none) in the scan's own pass over the maps: fi.want, wfound_*,
+# woff_*/wlen_* (a second walk, fr_context_many, is then not needed).
+cdef Py_ssize_t fr_scan_want(const uint8_t* buf, Py_ssize_t n, Py_ssize_t max_frame,
+                             Py_ssize_t max_header, FrameInfo* fi,
+                             const FrCtxKeys* want) noexcept nogil
 
 # Decode only the header of the OCTO frame at buf[0:n] (prefix + header
 # present; body, total_length and checksum unchecked), e.g. to answer a frame
@@ -154,31 +199,6 @@ cdef inline Py_ssize_t fi_method(const uint8_t* frame, FrameInfo* fi,
     name_len[0] = fi.method_len
     return fi.method_off
 
-# The context keys a caller looks up together (traffic shunting: every key
-# a service's rules read), for fr_context_many.  Fill n, keys, klens, then
-# call fr_ctx_keys_init (it sets the rest).
-cdef enum:
-    FR_CTX_KEYS = 32           # keys looked up together, at most
-cdef struct FrCtxEnt:
-    # one wanted key, as fr_context_many compares it (one cache line):
-    # entry bytes 0-8 under hmask == head (the big-endian key length and up to
-    # 4 key bytes), the 8 entry bytes at toff under tmask == tail (those that
-    # end with the key; tmask 0 for a key of up to 4 bytes), and for a key
-    # longer than 12 bytes (mid > 0) key bytes 4 .. 4 + mid at entry byte 8
-    uint64_t head
-    uint64_t hmask
-    uint64_t tail
-    uint64_t tmask
-    Py_ssize_t toff
-    const char* mid_key             # w.keys[k] + 4
-    Py_ssize_t mid
-    uint8_t next                    # 1 + the next key of the same length, 0: the end
-cdef struct FrCtxKeys:
-    Py_ssize_t n
-    const char* keys[32]       # FR_CTX_KEYS
-    Py_ssize_t klens[32]
-    uint8_t first[64]          # by key length (63: 63 or more): 1 + the first key that long, 0: none
-    FrCtxEnt ent[32]
 cdef void fr_ctx_keys_init(FrCtxKeys* w) noexcept nogil
 
 # The same as fr_context_get for the keys of `w` in one pass over both maps:

@@ -416,15 +416,18 @@ cdef const uint8_t* fr_context(const uint8_t* p, const uint8_t* end, const uint8
     cdef Py_ssize_t cnt, i, klen = 0, voff = 0, vlen = 0
     cdef const uint8_t* key
     cdef const uint8_t* q
+    cdef int k
     if end - p < 6:
         err[0] = FE_BAD_HEADER
         return NULL
     if local:
         fi.lctx_off = p - base
         fi.lctx_end = p + 6 - base
+        fi.wfound_l = 0  # a repeated map: the last one counts
     else:
         fi.gctx_off = p - base
         fi.gctx_end = p + 6 - base
+        fi.wfound_g = 0
     cnt = <int32_t>fr_rd_u32(p + 2)
     if cnt == 0:
         # some encoders write key/value type 0 for an empty map
@@ -443,6 +446,19 @@ cdef const uint8_t* fr_context(const uint8_t* p, const uint8_t* end, const uint8
             err[0] = FE_BAD_HEADER
             return NULL
         voff = p + 8 + klen - base
+        if fi.want != NULL:
+            # the keys traffic shunting reads (fr_scan_want)
+            k = fr_want_find(p, <size_t>klen, fi.want)
+            if k:
+                k -= 1
+                if local:
+                    fi.woff_l[k] = <int32_t>voff
+                    fi.wlen_l[k] = <int32_t>vlen
+                    fi.wfound_l |= (<uint32_t>1) << k
+                else:
+                    fi.woff_g[k] = <int32_t>voff
+                    fi.wlen_g[k] = <int32_t>vlen
+                    fi.wfound_g |= (<uint32_t>1) << k
         p = q
         if klen < 8 or memcmp(key, b"octo-", 5) != 0:
             continue
@@ -612,6 +628,9 @@ cdef inline void fr_reset(FrameInfo* fi) noexcept nogil:
     fi.gctx_end = -1
     fi.method_off = FM_UNREAD
     fi.method_len = -1
+    fi.want = NULL
+    fi.wfound_g = 0
+    fi.wfound_l = 0
 
 
 cdef Py_ssize_t fr_scan_thrift(const uint8_t* buf, Py_ssize_t n, Py_ssize_t max_frame,
@@ -666,10 +685,17 @@ cdef Py_ssize_t fr_scan_thrift(const uint8_t* buf, Py_ssize_t n, Py_ssize_t max_
 
 cdef Py_ssize_t fr_scan(const uint8_t* buf, Py_ssize_t n, Py_ssize_t max_frame,
                         Py_ssize_t max_header, FrameInfo* fi) noexcept nogil:
+    return fr_scan_want(buf, n, max_frame, max_header, fi, NULL)
+
+
+cdef Py_ssize_t fr_scan_want(const uint8_t* buf, Py_ssize_t n, Py_ssize_t max_frame,
+                             Py_ssize_t max_header, FrameInfo* fi,
+                             const FrCtxKeys* want) noexcept nogil:
     cdef int32_t tl
     cdef Py_ssize_t total, hl, trailer, err
     cdef int proto
     fr_reset(fi)
+    fi.want = want
     if n <= 0:
         return FE_NEED_MORE
     if buf[0] != 0xAB:
@@ -876,6 +902,23 @@ cdef inline uint64_t fr_rd64(const uint8_t* p) noexcept nogil:
     return x
 
 
+cdef inline int fr_want_find(const uint8_t* p, size_t kl, const FrCtxKeys* w) noexcept nogil:
+    # The wanted key (1 + its index) that the context entry at p, whose key
+    # is kl bytes long, carries; 0: none.  The keys are distinct, so at most
+    # one matches.  The entry is at least 8 + kl bytes (its value length
+    # follows the key), so every word read stays inside it.
+    cdef int k = w.first[kl & 63]
+    cdef const FrCtxEnt* t
+    while k:
+        t = &w.ent[k - 1]
+        if ((fr_rd64(p) & t.hmask) == t.head
+                and (fr_rd64(p + t.toff) & t.tmask) == t.tail
+                and (t.mid == 0 or fr_same(p + 8, t.mid_key, t.mid))):
+            return k
+        k = t.next
+    return 0
+
+
 cdef void fr_ctx_keys_init(FrCtxKeys* w) noexcept nogil:
     # FrCtxEnt per key: head covers the entry's bytes 0-8 (big-endian key
     # length, then the key's first 4 bytes, masked when shorter); tail, for a
@@ -891,7 +934,7 @@ cdef void fr_ctx_keys_init(FrCtxKeys* w) noexcept nogil:
     for k in range(w.n - 1, -1, -1):
         kl = w.klens[k]
         t = &w.ent[k]
-        b = kl if kl < 63 else 63
+        b = kl & 63  # the compare checks the whole length
         t.next = w.first[b]
         w.first[b] = <uint8_t>(k + 1)
         memset(h, 0, 8)
@@ -934,7 +977,6 @@ cdef uint64_t fr_context_many(const uint8_t* frame, const FrameInfo* fi, const F
     cdef size_t kl, vl
     cdef Py_ssize_t off, end, k
     cdef uint64_t found = 0
-    cdef const FrCtxEnt* t
     cdef int m
     for m in range(2):
         if m == 0:
@@ -950,16 +992,11 @@ cdef uint64_t fr_context_many(const uint8_t* frame, const FrameInfo* fi, const F
         while p < e:
             kl = fr_rd_u32(p)
             vl = fr_rd_u32(p + 4 + kl)
-            k = w.first[kl if kl < 63 else 63]
-            while k:
-                t = &w.ent[k - 1]
-                if ((fr_rd64(p) & t.hmask) == t.head
-                        and (fr_rd64(p + t.toff) & t.tmask) == t.tail
-                        and (t.mid == 0 or fr_same(p + 8, t.mid_key, t.mid))):
-                    offs[k - 1] = p + 8 + kl - frame
-                    lens[k - 1] = <Py_ssize_t>vl
-                    found |= (<uint64_t>1) << (k - 1)
-                k = t.next
+            k = fr_want_find(p, kl, w)
+            if k:
+                offs[k - 1] = p + 8 + kl - frame
+                lens[k - 1] = <Py_ssize_t>vl
+                found |= (<uint64_t>1) << (k - 1)
             p += 8 + kl + vl
     return found
 

@@ -110,6 +110,8 @@ cdef class OutboundConn(Conn):
         cdef Signer signer = self.signer
         cdef _Hmac skey = None
         eng.read_seq += 1
+        # the context keys the shunting rules read, picked out by the scan
+        self.want = table.want
         while True:
             r = self.rb_next(&fi, &p)
             if r == 0:

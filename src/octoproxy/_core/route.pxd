@@ -229,6 +229,11 @@ cdef class RtRules:
     cdef uint64_t zr
     cdef uint64_t* rhas
     cdef uint32_t ops               # bit op: fc has conditions of op
+    # the route table's scan-time keys (RouteTable.want) when they hold every
+    # key of ck: then fr_scan_want already found them (gmap[k]: the index of
+    # ck.keys[k] there) and rt_req_fill needs no walk; NULL: walk
+    cdef const FrCtxKeys* want
+    cdef int gmap[28]               # RT_MAX_CTX
     cdef Py_ssize_t fstart[8]       # fc[fstart[op]:fstart[op + 1]]: the conditions of op
     cdef list keep                  # bytes, RtIndex and ShuntStat objects the arrays point into
     cdef const char* keep_str(self, str v, Py_ssize_t* n) except? NULL
@@ -253,6 +258,17 @@ cdef class ServiceEntry:
     cdef object service             # the model.Service it was built from
     cdef dict groups                # group name -> GroupEntry (named groups with nodes)
     cdef RtRules shunt              # compiled rules (provider's then global); None: none
+
+
+# The context keys every service's rules read, together (at most FR_WANT):
+# the outbound connections scan requests with them (fr_scan_want), so rules
+# find their values without a second walk.  Append-only while rules exist
+# (compiled rules keep their indices), emptied when no rules are left.
+@cython.final
+cdef class CtxWant:
+    cdef FrCtxKeys k
+    cdef list keep                  # the keys' bytes
+    cdef bint full                  # more keys than FR_WANT were wanted: not used
 
 
 # An immutable snapshot: what one version of the table routes with.
@@ -301,6 +317,10 @@ cdef class RouteTable:
     cdef int last_label
     cdef const char* last_label_val
     cdef Py_ssize_t last_label_len
+    cdef CtxWant _want
+    # what outbound connections scan requests with (fr_scan_want): &_want.k,
+    # or NULL when no rules read a context key or they read too many
+    cdef const FrCtxKeys* want
     # Route one request to a node.  Returns the node, or None with *err set to
     # an RT_* code.  Advances the picker's state and counts the pick (Node.picks).
     cdef Node rt_route(self,

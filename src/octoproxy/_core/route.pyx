@@ -19,7 +19,8 @@ from libc.string cimport memcmp, memset
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 from octoproxy._core.frame cimport (
-    FM_UNREAD, FrameInfo, fi_method, fr_context_get, fr_context_many, fr_ctx_keys_init, fr_scan,
+    FM_UNREAD, FR_WANT, FrameInfo, fi_method, fr_context_get, fr_context_many, fr_ctx_keys_init,
+    fr_scan, fr_scan_want,
 )
 
 import os
@@ -554,6 +555,7 @@ cdef class RtRules:
         self.zr = 0
         self.rhas = NULL
         self.ops = 0
+        self.want = NULL
         self.keep = []
 
     def __dealloc__(self):
@@ -705,6 +707,75 @@ cdef inline bint rt_same(const uint8_t* a, const char* b, Py_ssize_t n) noexcept
     return True
 
 
+@cython.final
+cdef class CtxWant:
+    """A route table's scan-time context keys (route.pxd)."""
+
+
+cdef int rt_want_update(RouteTable t) except -1:
+    """Add the context keys the rules now read to the table's scan-time
+    keys (CtxWant), in first-named order; empty them when no rules are left.
+    More than FR_WANT keys: not used at all (the rules walk the maps)."""
+    cdef CtxWant w = t._want
+    cdef bytes kb
+    cdef Py_ssize_t i
+    cdef bint known
+    if not t._shunt:
+        w.k.n = 0
+        w.keep = []
+        w.full = False
+        t.want = NULL
+        return 0
+    if w.full:
+        return 0
+    for rules in t._shunt.values():
+        for rule in rules:
+            keys = [m.key for m in rule.matches if m.source == _model.SRC_CONTEXT]
+            if rule.source_key:
+                keys.append(rule.source_key)
+            for key in keys:
+                kb = _b(key)
+                known = False
+                for i in range(w.k.n):
+                    if w.keep[i] == kb:
+                        known = True
+                        break
+                if known:
+                    continue
+                if w.k.n == FR_WANT:
+                    w.full = True
+                    t.want = NULL
+                    return 0
+                w.keep.append(kb)
+                w.k.keys[w.k.n] = PyBytes_AS_STRING(kb)
+                w.k.klens[w.k.n] = PyBytes_GET_SIZE(kb)
+                w.k.n += 1
+    fr_ctx_keys_init(&w.k)
+    t.want = &w.k if w.k.n else NULL
+    return 0
+
+
+cdef int rt_want_map(RouteTable t, RtRules rs) noexcept:
+    # rs.want/gmap: where each of the rules' context keys sits in the table's
+    # scan-time keys; NULL when one is missing (or those are not used)
+    cdef Py_ssize_t k, g
+    cdef CtxWant w = t._want
+    rs.want = NULL
+    if t.want == NULL:
+        return 0
+    for k in range(rs.ck.n):
+        rs.gmap[k] = -1
+        for g in range(w.k.n):
+            if (w.k.klens[g] == rs.ck.klens[k]
+                    and memcmp(w.k.keys[g], rs.ck.keys[k], <size_t>w.k.klens[g]) == 0):
+                rs.gmap[k] = <int>g
+                break
+        if rs.gmap[k] < 0:
+            return 0
+    rs.want = t.want
+    return 0
+
+
 cdef RtRules rt_compile_rules(RouteTable t, ServiceEntry e):
     """The service's rules, then the global ones, as one C array (None: no rules)."""
     cdef list todo = []
@@ -787,6 +858,7 @@ cdef RtRules rt_compile_rules(RouteTable t, ServiceEntry e):
             else:
                 r.value = rs.keep_str(rule.value, &r.value_len)
     rt_compile_flat(rs)
+    rt_want_map(t, rs)
     return rs
 
 
@@ -935,11 +1007,12 @@ cdef inline uint64_t rt_fnv1a64(const uint8_t* p, Py_ssize_t n) noexcept:
 
 cdef inline void rt_req_fill(RtRules rs, const uint8_t* p, FrameInfo* fi, RtReq* q) noexcept:
     """Everything the service's rules read from this request, once: the
-    context keys in one pass over both maps, each integer parsed once, each
-    percent bucket hashed once."""
+    context keys as the scan found them (fr_scan_want) or in one pass over
+    both maps, each integer parsed once, each percent bucket hashed once."""
     cdef uint64_t have = 0, m
+    cdef uint32_t fl, fg
     cdef Py_ssize_t k
-    cdef int s
+    cdef int s, g
     if fi.service_len >= 0:
         q.off[RQ_SERVICE] = fi.service_off
         q.len[RQ_SERVICE] = fi.service_len
@@ -954,7 +1027,23 @@ cdef inline void rt_req_fill(RtRules rs, const uint8_t* p, FrameInfo* fi, RtReq*
         if q.len[RQ_METHOD] >= 0:
             have |= (<uint64_t>1) << RQ_METHOD
     if rs.ck.n:
-        have |= fr_context_many(p, fi, &rs.ck, &q.off[RQ_CTX], &q.len[RQ_CTX]) << RQ_CTX
+        if rs.want != NULL and fi.want == rs.want:
+            # found while scanning (fr_scan_want): localContext wins
+            fl = fi.wfound_l
+            fg = fi.wfound_g
+            if fl | fg:
+                for k in range(rs.ck.n):
+                    g = rs.gmap[k]
+                    if (fl >> g) & 1:
+                        q.off[RQ_CTX + k] = fi.woff_l[g]
+                        q.len[RQ_CTX + k] = fi.wlen_l[g]
+                        have |= (<uint64_t>1) << (RQ_CTX + k)
+                    elif (fg >> g) & 1:
+                        q.off[RQ_CTX + k] = fi.woff_g[g]
+                        q.len[RQ_CTX + k] = fi.wlen_g[g]
+                        have |= (<uint64_t>1) << (RQ_CTX + k)
+        else:
+            have |= fr_context_many(p, fi, &rs.ck, &q.off[RQ_CTX], &q.len[RQ_CTX]) << RQ_CTX
     m = rs.int_slots & have
     while m:
         s = rt_ctz64(m)
@@ -1474,6 +1563,11 @@ cdef class RouteTable:
         self._stats = {}
         self.last_rule = NULL
         self.last_label = -1
+        self._want = CtxWant.__new__(CtxWant)
+        self._want.k.n = 0
+        self._want.keep = []
+        self._want.full = False
+        self.want = NULL
 
     # -- the data path's entry point ---------------------------------------
 
@@ -1713,6 +1807,7 @@ cdef class RouteTable:
             self._shunt[scope] = rules
         else:
             self._shunt.pop(scope, None)
+        rt_want_update(self)
         # recompiled into a new snapshot, swapped at once (a request sees the
         # old rules or the new ones, never a mix)
         if scope == _model.SHUNT_GLOBAL:
@@ -1751,14 +1846,18 @@ cdef class RouteTable:
             raise RouteError(RT_UNKNOWN_SERVICE, f"unknown service: appkey {appkey!r}")
         return sorted(e.groups)
 
-    def route_frame(self, frame):
+    def route_frame(self, frame, bint scan_keys=True):
         """Route one request frame (bytes) with its shunting rules: the
         Python twin of rt_route_req.  Returns (node, matched rule name or
-        None); RouteError on failure (RT_SHUNT_NO_NODE names the rule)."""
+        None); RouteError on failure (RT_SHUNT_NO_NODE names the rule).
+        scan_keys: the scan picks out the rules' context keys, as an
+        outbound connection's does (fr_scan_want); False: the rules walk
+        the maps themselves (fr_context_many)."""
         cdef bytes b = bytes(frame)
         cdef FrameInfo fi
         cdef int err = RT_OK
-        cdef Py_ssize_t r = fr_scan(<const uint8_t*><char*>b, len(b), len(b) + 1, 65536, &fi)
+        cdef Py_ssize_t r = fr_scan_want(<const uint8_t*><char*>b, len(b), len(b) + 1, 65536, &fi,
+                                         self.want if scan_keys else NULL)
         if r <= 0:
             raise ValueError(f"not a whole frame ({r})")
         nd = self.rt_route_req(<const uint8_t*><char*>b, &fi, &err)
@@ -1940,7 +2039,6 @@ def bench_route_req_cold(RouteTable table, bytes frame, long n_iter, bytearray j
     cdef int err = 0
     cdef FrameInfo fi
     cdef Py_ssize_t j, nj = len(junk)
-    cdef volatile uint8_t acc = 0
     cdef uint8_t* jp = <uint8_t*><char*>junk
     cdef const uint8_t* p = <const uint8_t*><char*>frame
     if fr_scan(p, len(frame), len(frame) + 1, 65536, &fi) <= 0:
@@ -1949,6 +2047,23 @@ def bench_route_req_cold(RouteTable table, bytes frame, long n_iter, bytearray j
         fi.method_off = FM_UNREAD
         for j in range(0, nj, 64):
             jp[j] += 1
+        if table.rt_route_req(p, &fi, &err) is not None:
+            ok += 1
+    return ok
+
+
+def bench_scan_route(RouteTable table, bytes frame, long n_iter):
+    """Scan one request frame and route it, n_iter times in C, as an
+    outbound connection does (fr_scan_want with the table's context keys,
+    then rt_route_req); returns the number of successful picks."""
+    cdef long i, ok = 0
+    cdef int err = 0
+    cdef FrameInfo fi
+    cdef Py_ssize_t n = len(frame)
+    cdef const uint8_t* p = <const uint8_t*><char*>frame
+    for i in range(n_iter):  # no-cython-lint: only the count matters
+        if fr_scan_want(p, n, n + 1, 65536, &fi, table.want) != n:
+            raise ValueError("not a whole frame")
         if table.rt_route_req(p, &fi, &err) is not None:
             ok += 1
     return ok
