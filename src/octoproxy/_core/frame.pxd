@@ -192,8 +192,22 @@ cdef Py_ssize_t fr_gctx_put_fi(FrameInfo* lfi, const FrameInfo* fi, const char* 
 # calls this, so the body's message header is parsed at most once.
 cdef inline Py_ssize_t fi_method(const uint8_t* frame, FrameInfo* fi,
                                  Py_ssize_t* name_len) noexcept nogil:
+    cdef const uint8_t* b
+    cdef uint32_t k
     if fi.method_off == FM_UNREAD:
-        fi.method_off = fr_method(frame, fi, &fi.method_len)
+        b = frame + fi.body_off
+        if (fi.kind == FK_OCTO and not (fi.flags & (FF_GZIP | FF_SNAPPY)) and fi.body_len >= 12
+                and b[0] == 0x80 and b[1] == 0x01 and 1 <= b[3] <= 4):
+            # the usual strict TBinaryProtocol call, read here (fr_method
+            # reads this and every other form the same way)
+            k = (<uint32_t>b[4] << 24) | (<uint32_t>b[5] << 16) | (<uint32_t>b[6] << 8) | b[7]
+            if k <= <uint32_t>(fi.body_len - 12):
+                fi.method_off = fi.body_off + 8
+                fi.method_len = k
+            else:
+                fi.method_off = -1
+        else:
+            fi.method_off = fr_method(frame, fi, &fi.method_len)
         if fi.method_off < 0:
             fi.method_len = -1
     name_len[0] = fi.method_len

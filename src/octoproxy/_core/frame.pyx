@@ -446,7 +446,7 @@ cdef const uint8_t* fr_context(const uint8_t* p, const uint8_t* end, const uint8
             err[0] = FE_BAD_HEADER
             return NULL
         voff = p + 8 + klen - base
-        if fi.want != NULL:
+        if fi.want != NULL and fi.want.first[klen & 63]:
             # the keys traffic shunting reads (fr_scan_want)
             k = fr_want_find(p, <size_t>klen, fi.want)
             if k:

@@ -186,8 +186,8 @@ cdef struct RtFc:
     Py_ssize_t vlen                 # eq, prefix: the value
     const char* val
     int64_t a                       # range: lo; mod: modulus; percent: threshold
-    int64_t b                       # range: hi; mod: the remainders as a bitmap (modulus <= 64)
-    uint64_t m                      # mod: fastmod multiplier (0: no fast path)
+    int64_t b                       # range: hi
+    uint64_t m                      # mod: fastmod multiplier, val its remainders' bitmap (0: neither)
     const RtCond* c                 # in; mod with a modulus over 64: the whole condition
 
 
@@ -237,6 +237,7 @@ cdef class RtRules:
     cdef Py_ssize_t fstart[8]       # fc[fstart[op]:fstart[op + 1]]: the conditions of op
     cdef list keep                  # bytes, RtIndex and ShuntStat objects the arrays point into
     cdef const char* keep_str(self, str v, Py_ssize_t* n) except? NULL
+    cdef const char* keep_bits(self, bytes b) except NULL
 
 
 # One service in one snapshot.  Reused as-is by the next snapshot when another

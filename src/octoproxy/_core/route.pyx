@@ -508,6 +508,7 @@ cdef enum:
     RQ_METHOD = 2
     RQ_CTX = 3
     RT_MAX_CTX = 28                 # context keys looked up in one pass per request (slots 3-30)
+    RT_MOD_BITS = 4096              # mod: remainders kept as a bitmap up to this modulus
 
 # a `need` bit no request has (slot 31 is never used): a rule that cannot match
 cdef uint64_t RQ_NEVER = (<uint64_t>1) << 63
@@ -523,8 +524,17 @@ cdef dict _TARGETS = {"octo-liteset": 0, "octo-set": 1, "octo-swimlane": 2}
 cdef extern from *:
     """
     static inline int rt_ctz64(uint64_t x) { return __builtin_ctzll(x); }
+    /* word i of a little-endian bitmap held in bytes (rt_compile_flat) */
+    static inline uint64_t rt_bits_word(const char* b, uint32_t i) {
+        uint64_t w; memcpy(&w, b + 8 * (size_t)i, 8);
+    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        w = __builtin_bswap64(w);
+    #endif
+        return w;
+    }
     """
     int rt_ctz64(uint64_t x) noexcept nogil
+    uint64_t rt_bits_word(const char* b, uint32_t i) noexcept nogil
 
 
 @cython.final
@@ -580,6 +590,10 @@ cdef class RtRules:
         cdef bytes b = _b(v)
         self.keep.append(b)
         n[0] = PyBytes_GET_SIZE(b)
+        return PyBytes_AS_STRING(b)
+
+    cdef const char* keep_bits(self, bytes b) except NULL:
+        self.keep.append(b)
         return PyBytes_AS_STRING(b)
 
 
@@ -869,12 +883,15 @@ cdef int rt_compile_flat(RtRules rs) except -1:
     condition has no side effect, so evaluating all of them, in any order,
     gives each rule the same answer; random draws (and keys looked up alone)
     stay in the rule, evaluated in order once the mask test passes.  Then
-    each rule's two tests go side by side into RtRules.rm."""
+    each rule's two tests go side by side into RtRules.rm.  Conditions that
+    say the same thing (in different rules) are evaluated once: one bit."""
     cdef Py_ssize_t i, i2, j, n = 0, k = 0
     cdef int op
     cdef RtRule* r
     cdef RtCond* c
     cdef RtFc* f
+    cdef dict seen = {}
+    cdef bytearray bits
     rs.rm = <RtRm*>calloc(rs.n if rs.n else 1, sizeof(RtRm))
     if rs.rm == NULL:
         raise MemoryError()
@@ -897,6 +914,19 @@ cdef int rt_compile_flat(RtRules rs) except -1:
                     if c.op != op:
                         continue
                     c.in_mask = True
+                    r.nrest -= 1
+                    vals = []
+                    for i2 in range(c.nvals):
+                        vals.append(c.vals[i2][:c.vlens[i2]])
+                    rems = set()
+                    for i2 in range(c.nrems):
+                        rems.add(c.rems[i2])
+                    same = (op, c.slot, tuple(vals), c.lo, c.hi, c.modulus,
+                            tuple(sorted(rems)), c.threshold)
+                    if same in seen:
+                        r.cmask |= (<uint64_t>1) << <Py_ssize_t>seen[same]
+                        continue
+                    seen[same] = k
                     f = &rs.fc[k]
                     f.slot = c.slot
                     f.op = op
@@ -910,15 +940,18 @@ cdef int rt_compile_flat(RtRules rs) except -1:
                     elif op == RO_MOD:
                         f.a = c.modulus
                         f.b = 0
-                        if c.mod_m != 0 and c.modulus <= 64:
+                        if c.mod_m != 0 and c.modulus <= RT_MOD_BITS:
+                            # the remainders as a bitmap (f.val), tested with
+                            # one shift after a multiply-based modulo
                             f.m = c.mod_m
+                            bits = bytearray(((c.modulus + 63) // 64) * 8)
                             for i2 in range(c.nrems):
                                 if 0 <= c.rems[i2] < c.modulus:
-                                    f.b |= <int64_t>((<uint64_t>1) << c.rems[i2])
+                                    bits[c.rems[i2] >> 3] |= 1 << (c.rems[i2] & 7)
+                            f.val = rs.keep_bits(bytes(bits))
                     elif op == RO_PERCENT:
                         f.a = c.threshold
                     r.cmask |= (<uint64_t>1) << k
-                    r.nrest -= 1
                     k += 1
         rs.fstart[RO_PERCENT + 1] = k
         rs.nfc = k
@@ -990,18 +1023,22 @@ cdef inline bint rt_parse_i64_at(const uint8_t* frame, Py_ssize_t off, Py_ssize_
 
 cdef inline uint64_t rt_fnv1a64(const uint8_t* p, Py_ssize_t n) noexcept:
     # FNV-1a 64: the percentage rules' stable hash (shunting.fnv1a64), four
-    # bytes per turn
+    # bytes per turn, then the last one to three
     cdef uint64_t h = 14695981039346656037ULL
-    cdef Py_ssize_t i = 0
-    while i + 4 <= n:
-        h = (h ^ p[i]) * 1099511628211ULL
-        h = (h ^ p[i + 1]) * 1099511628211ULL
-        h = (h ^ p[i + 2]) * 1099511628211ULL
-        h = (h ^ p[i + 3]) * 1099511628211ULL
-        i += 4
-    while i < n:
-        h = (h ^ p[i]) * 1099511628211ULL
-        i += 1
+    cdef const uint8_t* e = p + (n & ~(<Py_ssize_t>3))
+    while p < e:
+        h = (h ^ p[0]) * 1099511628211ULL
+        h = (h ^ p[1]) * 1099511628211ULL
+        h = (h ^ p[2]) * 1099511628211ULL
+        h = (h ^ p[3]) * 1099511628211ULL
+        p += 4
+    n &= 3
+    if n >= 1:
+        h = (h ^ p[0]) * 1099511628211ULL
+    if n >= 2:
+        h = (h ^ p[1]) * 1099511628211ULL
+    if n == 3:
+        h = (h ^ p[2]) * 1099511628211ULL
     return h
 
 
@@ -1072,53 +1109,42 @@ cdef inline void rt_req_fill(RtRules rs, const uint8_t* p, FrameInfo* fi, RtReq*
 
 cdef inline uint64_t rt_flat(RtRules rs, const RtReq* q, const uint8_t* p) noexcept:
     """The mask of the grouped conditions (RtRules.fc) that are true for
-    this request: one loop per op that has conditions."""
+    this request: one loop, one switch per condition (sorted by op, so the
+    switch's jumps repeat in runs)."""
     cdef uint64_t t = 0
     cdef int64_t x
-    cdef uint32_t r, ops = rs.ops
+    cdef uint32_t r
     cdef Py_ssize_t k
-    cdef const RtFc* f
-    cdef int s
-    if ops & (1 << RO_EQ):
-        for k in range(rs.fstart[RO_EQ], rs.fstart[RO_EQ + 1]):
-            f = &rs.fc[k]
-            s = f.slot
-            if q.len[s] == f.vlen and rt_same(p + q.off[s], f.val, f.vlen):
-                t |= (<uint64_t>1) << k
-    if ops & (1 << RO_IN):
-        for k in range(rs.fstart[RO_IN], rs.fstart[RO_IN + 1]):
-            f = &rs.fc[k]
-            if rt_in(f.c, p + q.off[f.slot], q.len[f.slot]):
-                t |= (<uint64_t>1) << k
-    if ops & (1 << RO_PREFIX):
-        for k in range(rs.fstart[RO_PREFIX], rs.fstart[RO_PREFIX + 1]):
-            f = &rs.fc[k]
-            s = f.slot
-            if q.len[s] >= f.vlen and rt_same(p + q.off[s], f.val, f.vlen):
-                t |= (<uint64_t>1) << k
-    if ops & (1 << RO_PRESENT):
-        for k in range(rs.fstart[RO_PRESENT], rs.fstart[RO_PRESENT + 1]):
-            f = &rs.fc[k]
-            t |= (<uint64_t>(q.len[f.slot] > 0)) << k
-    if ops & (1 << RO_RANGE):
-        for k in range(rs.fstart[RO_RANGE], rs.fstart[RO_RANGE + 1]):
-            f = &rs.fc[k]
-            x = q.iv[f.slot]
-            t |= (<uint64_t>(f.a <= x < f.b)) << k
-    if ops & (1 << RO_MOD):
-        for k in range(rs.fstart[RO_MOD], rs.fstart[RO_MOD + 1]):
-            f = &rs.fc[k]
-            x = q.iv[f.slot]
+    cdef const RtFc* f = rs.fc
+    cdef int s, op
+    cdef bint b
+    for k in range(rs.nfc):
+        s = f.slot
+        op = f.op
+        if op == RO_EQ:
+            b = q.len[s] == f.vlen and rt_same(p + q.off[s], f.val, f.vlen)
+        elif op == RO_IN:
+            b = rt_in(f.c, p + q.off[s], q.len[s])
+        elif op == RO_PREFIX:
+            b = q.len[s] >= f.vlen and rt_same(p + q.off[s], f.val, f.vlen)
+        elif op == RO_PRESENT:
+            b = q.len[s] > 0
+        elif op == RO_RANGE:
+            x = q.iv[s]
+            b = f.a <= x < f.b
+        elif op == RO_MOD:
+            x = q.iv[s]
             if f.m != 0 and 0 <= x < 4294967296LL:
-                # the common case: a modulus up to 64, a value in [0, 2^32)
+                # the common case: a modulus up to RT_MOD_BITS, a value in
+                # [0, 2^32): the remainder's bit in the bitmap
                 r = rt_fastmod(<uint32_t>x, f.m, <uint32_t>f.a)
-                t |= ((<uint64_t>f.b >> r) & 1) << k
-            elif rt_mod_in(f.c, x):
-                t |= (<uint64_t>1) << k
-    if ops & (1 << RO_PERCENT):
-        for k in range(rs.fstart[RO_PERCENT], rs.fstart[RO_PERCENT + 1]):
-            f = &rs.fc[k]
-            t |= (<uint64_t>(q.pb[f.slot] < <uint32_t>f.a)) << k
+                b = (rt_bits_word(f.val, r >> 6) >> (r & 63)) & 1
+            else:
+                b = rt_mod_in(f.c, x)
+        else:
+            b = q.pb[s] < <uint32_t>f.a
+        t |= (<uint64_t>b) << k
+        f += 1
     return t
 
 
