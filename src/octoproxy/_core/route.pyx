@@ -1842,6 +1842,15 @@ cdef class RouteTable:
         elif scope in self._services:
             self.update_service(self._services[scope])
 
+    def scan_keys(self):
+        """The context keys outbound connections pick out while scanning a
+        request (every key the rules read, at most FR_WANT = 16): a tuple,
+        () when no rules read one, None when the rules read more (then the
+        rules walk the maps themselves).  docs/shunting.md."""
+        if self._want.full:
+            return None
+        return tuple(b.decode("utf-8") for b in self._want.keep)
+
     def shunting_rules(self, str scope):
         """The rules stored for `scope` (empty tuple when none)."""
         return self._shunt.get(scope, ())
