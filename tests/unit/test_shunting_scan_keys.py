@@ -118,7 +118,7 @@ def test_keys_are_told_apart_at_every_word_boundary(wanted: list[str]) -> None:
         # the request carries every other key of the list with the value,
         # and this one: only this rule (and none before it) matches
         others = [(o, "x") for o in KEYS if o != k]
-        assert both(t, raw_request([(5, others + [(k, "v")])])) == f"r{i}"
+        assert both(t, raw_request([(5, [*others, (k, "v")])])) == f"r{i}"
         assert both(t, raw_request([(5, others)])) is None
 
 
