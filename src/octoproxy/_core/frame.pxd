@@ -2,7 +2,7 @@
 # Implementation: frame.pyx.  Signatures below are the seam; add fields/functions
 # freely, but do not change these without updating datapath.pyx.
 
-from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t, uint8_t, uintptr_t
 
 cdef enum:
     # what kind of frame fr_scan found
@@ -115,10 +115,11 @@ cdef struct FrameInfo:
     Py_ssize_t method_off
     Py_ssize_t method_len
     # context keys picked out while scanning (fr_scan_want; traffic shunting):
-    # want: the keys (NULL: none), and per map the keys found (bit k for
-    # want.keys[k]) with their values' offsets and lengths; the last map and
-    # its last entry win, as in fr_context_many
-    const FrCtxKeys* want
+    # want: the keys (a const FrCtxKeys* as an integer, so that the struct
+    # still converts to a dict; 0: none), and per map the keys found (bit k
+    # for want.keys[k]) with their values' offsets and lengths; the last map
+    # and its last entry win, as in fr_context_many
+    uintptr_t want
     uint32_t wfound_g
     uint32_t wfound_l
     int32_t woff_g[16]         # FR_WANT

@@ -6,7 +6,7 @@ encoders/decoder used for control frames, the SDK and tests.
 The contract is frame.pxd; the wire format is docs/protocol.md."""
 
 cimport cython
-from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.string cimport memcmp, memcpy, memset
 
@@ -446,9 +446,9 @@ cdef const uint8_t* fr_context(const uint8_t* p, const uint8_t* end, const uint8
             err[0] = FE_BAD_HEADER
             return NULL
         voff = p + 8 + klen - base
-        if fi.want != NULL and fi.want.first[klen & 63]:
+        if fi.want != 0 and (<const FrCtxKeys*>fi.want).first[klen & 63]:
             # the keys traffic shunting reads (fr_scan_want)
-            k = fr_want_find(p, <size_t>klen, fi.want)
+            k = fr_want_find(p, <size_t>klen, <const FrCtxKeys*>fi.want)
             if k:
                 k -= 1
                 if local:
@@ -628,7 +628,7 @@ cdef inline void fr_reset(FrameInfo* fi) noexcept nogil:
     fi.gctx_end = -1
     fi.method_off = FM_UNREAD
     fi.method_len = -1
-    fi.want = NULL
+    fi.want = 0
     fi.wfound_g = 0
     fi.wfound_l = 0
 
@@ -695,7 +695,7 @@ cdef Py_ssize_t fr_scan_want(const uint8_t* buf, Py_ssize_t n, Py_ssize_t max_fr
     cdef Py_ssize_t total, hl, trailer, err
     cdef int proto
     fr_reset(fi)
-    fi.want = want
+    fi.want = <uintptr_t>want
     if n <= 0:
         return FE_NEED_MORE
     if buf[0] != 0xAB:
@@ -1224,7 +1224,22 @@ def gctx_put_info(bytes frame not None, key, value) -> tuple:
     if r != n:
         raise ValueError(fr_strerror(r).decode())
     fi_method(<const uint8_t*>PyBytes_AS_STRING(out), &sfi, &mlen)
+    _fi_settle(&lfi)
+    _fi_settle(&sfi)
     return out, lfi, sfi
+
+
+cdef void _fi_settle(FrameInfo* fi) noexcept:
+    # the scan-time key slots that hold nothing (their wfound bit clear) are
+    # never read: zeroed, so that two FrameInfo dicts compare by what counts
+    cdef int k
+    for k in range(FR_WANT):
+        if not (fi.wfound_g >> k) & 1:
+            fi.woff_g[k] = 0
+            fi.wlen_g[k] = 0
+        if not (fi.wfound_l >> k) & 1:
+            fi.woff_l[k] = 0
+            fi.wlen_l[k] = 0
 
 
 cdef const char* fr_strerror(Py_ssize_t code) noexcept nogil:

@@ -13,7 +13,7 @@ offset, least-request comparison, data structures).
 cimport cython
 from cpython.object cimport PyObject
 from libc.math cimport floor
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc, qsort
 from libc.string cimport memcmp, memset
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -1064,7 +1064,7 @@ cdef inline void rt_req_fill(RtRules rs, const uint8_t* p, FrameInfo* fi, RtReq*
         if q.len[RQ_METHOD] >= 0:
             have |= (<uint64_t>1) << RQ_METHOD
     if rs.ck.n:
-        if rs.want != NULL and fi.want == rs.want:
+        if rs.want != NULL and fi.want == <uintptr_t>rs.want:
             # found while scanning (fr_scan_want): localContext wins
             fl = fi.wfound_l
             fg = fi.wfound_g
