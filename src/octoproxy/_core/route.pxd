@@ -186,7 +186,7 @@ cdef struct RtFc:
     Py_ssize_t vlen                 # eq, prefix: the value
     const char* val
     int64_t a                       # range: lo; mod: modulus; percent: threshold
-    int64_t b                       # range: hi
+    int64_t b                       # range: hi; in: its values' lengths (bit l, 63 for 63+)
     uint64_t m                      # mod: fastmod multiplier, val its remainders' bitmap (0: neither)
     const RtCond* c                 # in; mod with a modulus over 64: the whole condition
 
@@ -234,6 +234,7 @@ cdef class RtRules:
     # ck.keys[k] there) and rt_req_fill needs no walk; NULL: walk
     cdef const FrCtxKeys* want
     cdef int gmap[28]               # RT_MAX_CTX
+    cdef bint gident                # gmap[k] == k for every key
     cdef Py_ssize_t fstart[8]       # fc[fstart[op]:fstart[op + 1]]: the conditions of op
     cdef list keep                  # bytes, RtIndex and ShuntStat objects the arrays point into
     cdef const char* keep_str(self, str v, Py_ssize_t* n) except? NULL

@@ -524,6 +524,26 @@ cdef dict _TARGETS = {"octo-liteset": 0, "octo-set": 1, "octo-swimlane": 2}
 cdef extern from *:
     """
     static inline int rt_ctz64(uint64_t x) { return __builtin_ctzll(x); }
+    /* FNV-1a 64 (shunting.fnv1a64): eight bytes per turn, the rest unrolled */
+    #define RT_FNV_STEP h = (h ^ *p++) * 1099511628211ULL
+    static inline uint64_t rt_fnv(const uint8_t* p, Py_ssize_t n) {
+        uint64_t h = 14695981039346656037ULL;
+        for (; n >= 8; n -= 8) {
+            RT_FNV_STEP; RT_FNV_STEP; RT_FNV_STEP; RT_FNV_STEP;
+            RT_FNV_STEP; RT_FNV_STEP; RT_FNV_STEP; RT_FNV_STEP;
+        }
+        switch (n) {
+        case 7: RT_FNV_STEP; /* fall through */
+        case 6: RT_FNV_STEP; /* fall through */
+        case 5: RT_FNV_STEP; /* fall through */
+        case 4: RT_FNV_STEP; /* fall through */
+        case 3: RT_FNV_STEP; /* fall through */
+        case 2: RT_FNV_STEP; /* fall through */
+        case 1: RT_FNV_STEP; /* fall through */
+        default: break;
+        }
+        return h;
+    }
     /* word i of a little-endian bitmap held in bytes (rt_compile_flat) */
     static inline uint64_t rt_bits_word(const char* b, uint32_t i) {
         uint64_t w; memcpy(&w, b + 8 * (size_t)i, 8);
@@ -535,6 +555,7 @@ cdef extern from *:
     """
     int rt_ctz64(uint64_t x) noexcept nogil
     uint64_t rt_bits_word(const char* b, uint32_t i) noexcept nogil
+    uint64_t rt_fnv(const uint8_t* p, Py_ssize_t n) noexcept nogil
 
 
 @cython.final
@@ -775,6 +796,7 @@ cdef int rt_want_map(RouteTable t, RtRules rs) noexcept:
     cdef Py_ssize_t k, g
     cdef CtxWant w = t._want
     rs.want = NULL
+    rs.gident = False
     if t.want == NULL:
         return 0
     for k in range(rs.ck.n):
@@ -787,6 +809,10 @@ cdef int rt_want_map(RouteTable t, RtRules rs) noexcept:
         if rs.gmap[k] < 0:
             return 0
     rs.want = t.want
+    rs.gident = True
+    for k in range(rs.ck.n):
+        if rs.gmap[k] != k:
+            rs.gident = False
     return 0
 
 
@@ -937,6 +963,10 @@ cdef int rt_compile_flat(RtRules rs) except -1:
                     if op == RO_RANGE:
                         f.a = c.lo
                         f.b = c.hi
+                    elif op == RO_IN:
+                        f.b = 0
+                        for i2 in range(c.nvals):
+                            f.b |= <int64_t>((<uint64_t>1) << (c.vlens[i2] if c.vlens[i2] < 63 else 63))
                     elif op == RO_MOD:
                         f.a = c.modulus
                         f.b = 0
@@ -1022,24 +1052,8 @@ cdef inline bint rt_parse_i64_at(const uint8_t* frame, Py_ssize_t off, Py_ssize_
 
 
 cdef inline uint64_t rt_fnv1a64(const uint8_t* p, Py_ssize_t n) noexcept:
-    # FNV-1a 64: the percentage rules' stable hash (shunting.fnv1a64), four
-    # bytes per turn, then the last one to three
-    cdef uint64_t h = 14695981039346656037ULL
-    cdef const uint8_t* e = p + (n & ~(<Py_ssize_t>3))
-    while p < e:
-        h = (h ^ p[0]) * 1099511628211ULL
-        h = (h ^ p[1]) * 1099511628211ULL
-        h = (h ^ p[2]) * 1099511628211ULL
-        h = (h ^ p[3]) * 1099511628211ULL
-        p += 4
-    n &= 3
-    if n >= 1:
-        h = (h ^ p[0]) * 1099511628211ULL
-    if n >= 2:
-        h = (h ^ p[1]) * 1099511628211ULL
-    if n == 3:
-        h = (h ^ p[2]) * 1099511628211ULL
-    return h
+    # FNV-1a 64: the percentage rules' stable hash (shunting.fnv1a64)
+    return rt_fnv(p, n)
 
 
 cdef inline void rt_req_fill(RtRules rs, const uint8_t* p, FrameInfo* fi, RtReq* q) noexcept:
@@ -1068,7 +1082,20 @@ cdef inline void rt_req_fill(RtRules rs, const uint8_t* p, FrameInfo* fi, RtReq*
             # found while scanning (fr_scan_want): localContext wins
             fl = fi.wfound_l
             fg = fi.wfound_g
-            if fl | fg:
+            if rs.gident:
+                # the table's first keys are the rules' own, in order
+                m = (fl | fg) & ((<uint64_t>1 << rs.ck.n) - 1)
+                have |= m << RQ_CTX
+                while m:
+                    k = rt_ctz64(m)
+                    m &= m - 1
+                    if (fl >> k) & 1:
+                        q.off[RQ_CTX + k] = fi.woff_l[k]
+                        q.len[RQ_CTX + k] = fi.wlen_l[k]
+                    else:
+                        q.off[RQ_CTX + k] = fi.woff_g[k]
+                        q.len[RQ_CTX + k] = fi.wlen_g[k]
+            elif fl | fg:
                 for k in range(rs.ck.n):
                     g = rs.gmap[k]
                     if (fl >> g) & 1:
@@ -1124,7 +1151,9 @@ cdef inline uint64_t rt_flat(RtRules rs, const RtReq* q, const uint8_t* p) noexc
         if op == RO_EQ:
             b = q.len[s] == f.vlen and rt_same(p + q.off[s], f.val, f.vlen)
         elif op == RO_IN:
-            b = rt_in(f.c, p + q.off[s], q.len[s])
+            # the lengths of the set's values first (f.b: bit l, 63 for 63+)
+            b = (q.len[s] >= 0 and (<uint64_t>f.b >> (q.len[s] if q.len[s] < 63 else 63)) & 1
+                 and rt_in(f.c, p + q.off[s], q.len[s]))
         elif op == RO_PREFIX:
             b = q.len[s] >= f.vlen and rt_same(p + q.off[s], f.val, f.vlen)
         elif op == RO_PRESENT:
