@@ -113,6 +113,36 @@ SHUNT_CALLER = "com.bench.caller"
 SHUNT_HEAD = len(frame.thrift_call("getUser", 1))
 
 
+def shunt_rules(kind: str) -> list[dict[str, Any]]:
+    """The shunt system's ten rules.  mixed: five kinds of condition, each in
+    two rules (conditions shared by rules are evaluated once); distinct: ten
+    different conditions on six values, the kinds of
+    bench/micro/test_bench_route.py (one rule has two conditions)."""
+    if kind == "mixed":
+        kinds = [
+            {"source": "context", "key": "uid", "op": "mod", "modulus": 100, "remainders": [1]},
+            {"source": "caller", "op": "in", "values": ["com.a", "com.b"]},
+            {"source": "method", "op": "eq", "value": "checkout"},
+            {"source": "context", "key": "region", "op": "eq", "value": "sh"},
+            {"source": "context", "key": "uid", "op": "percent", "percent": 5},
+        ]
+        return [{"name": f"r{i}", "match": [kinds[i % 5]], "group": "gray"} for i in range(10)]
+    conds: list[list[dict[str, Any]]] = [
+        [{"source": "context", "key": "region", "op": "eq", "value": "sh"}],
+        [{"source": "context", "key": "uid", "op": "mod", "modulus": 100, "remainders": [1, 2]}],
+        [{"source": "caller", "op": "in", "values": ["com.a", "com.b", "com.c"]}],
+        [{"source": "method", "op": "eq", "value": "checkout"}],
+        [{"source": "context", "key": "device", "op": "prefix", "value": "ios-"}],
+        [{"source": "context", "key": "uid", "op": "range", "lo": 0, "hi": 1000}],
+        [{"source": "service", "op": "eq", "value": "com.other.Iface"}],
+        [{"source": "context", "key": "uid", "op": "percent", "percent": 5}],
+        [{"source": "caller", "op": "eq", "value": "com.x"},
+         {"source": "method", "op": "in", "values": ["a", "b"]}],
+        [{"source": "context", "key": "uid", "op": "mod", "modulus": 10, "remainders": [8]}],
+    ]
+    return [{"name": f"r{i}", "match": c, "group": "gray"} for i, c in enumerate(conds)]
+
+
 def make_templates(outdir: str, shunt: bool = False) -> dict[str, Any]:
     body = bytes(range(BODY_LEN))
     kw: dict[str, Any] = {}
@@ -281,6 +311,7 @@ class Bench:
     ) -> None:
         self.tools, self.tpl, self.pinner = tools, tpl, pinner
         self.baseline = baseline
+        self.rule_set = "mixed"  # the shunt system's rules (shunt_rules)
         self.cpus = cpus
         self.c = harness.Cluster()
         try:
@@ -324,18 +355,7 @@ class Bench:
         # issue 16's cost: 10 rules on the service, none matching this request
         # (make_templates(shunt=True): all ten evaluated: context lookups, the
         # method parse, integer parses, a percent hash), docs/shunting.md
-        def cond(i: int) -> dict[str, Any]:
-            kinds = [
-                {"source": "context", "key": "uid", "op": "mod", "modulus": 100, "remainders": [1]},
-                {"source": "caller", "op": "in", "values": ["com.a", "com.b"]},
-                {"source": "method", "op": "eq", "value": "checkout"},
-                {"source": "context", "key": "region", "op": "eq", "value": "sh"},
-                {"source": "context", "key": "uid", "op": "percent", "percent": 5},
-            ]
-            return kinds[i % len(kinds)]
-
-        rules = [{"name": f"r{i}", "match": [cond(i)], "group": "gray"} for i in range(10)]
-        return self.start_octo("shunt", shunting={"services": {APPKEY: rules}})
+        return self.start_octo("shunt", shunting={"services": {APPKEY: shunt_rules(self.rule_set)}})
 
     def start_octo(
         self, name: str = "octo", src: str | None = None, shunting: dict[str, Any] | None = None
@@ -1030,6 +1050,13 @@ def main(argv: list[str] | None = None) -> int:
         "octo-proxy with 10 shunting rules on the service; the ones not installed are left out)",
     )
     ap.add_argument(
+        "--shunt-rules",
+        choices=("mixed", "distinct"),
+        default="mixed",
+        help="the shunt system's ten rules: mixed (five kinds of condition, each in two rules; "
+        "the default) or distinct (ten different conditions, as bench/micro/test_bench_route.py)",
+    )
+    ap.add_argument(
         "--baseline",
         metavar="DIR",
         help="also run the octo-proxy of another checkout (its core built in place), e.g. "
@@ -1082,6 +1109,7 @@ def main(argv: list[str] | None = None) -> int:
     tools = build_tools(tmp)
     tpl = make_templates(tmp, shunt="shunt" in systems)
     bench = Bench(tools, tpl, pinner, cpus, systems, baseline)
+    bench.rule_set = args.shunt_rules
     if "shunt" in systems:
         # the provider was started with the body's real offset (it echoes it whole)
         bench.tpl["req"] = {**tpl["req"], "body_off": tpl["req"]["body_off"] + SHUNT_HEAD}
