@@ -216,9 +216,9 @@ cdef class RtRules:
     cdef uint64_t slots             # RtReq slots some rule reads (bit s)
     cdef uint64_t int_slots         # ... as an integer (range, mod): parsed once per request
     cdef uint64_t pct_slots         # ... as a percent bucket: hashed once per request
-    # every condition on a slot, grouped by op (compact copies of the
-    # rules' conditions, at most 64): evaluated in one loop per op into a
-    # mask of true conditions before the rules are walked; nfc 0: none
+    # every condition on a slot, sorted by op (compact copies of the rules'
+    # conditions, at most 64): evaluated in one loop, a switch on the op, into
+    # a mask of true conditions before the rules are walked; nfc 0: none
     cdef RtFc* fc
     cdef Py_ssize_t nfc
     cdef RtRm* rm                   # per rule: need and cmask (the rule loop reads only these)
@@ -228,14 +228,12 @@ cdef class RtRules:
     cdef bint small
     cdef uint64_t zr
     cdef uint64_t* rhas
-    cdef uint32_t ops               # bit op: fc has conditions of op
     # the route table's scan-time keys (RouteTable.want) when they hold every
     # key of ck: then fr_scan_want already found them (gmap[k]: the index of
     # ck.keys[k] there) and rt_req_fill needs no walk; NULL: walk
     cdef const FrCtxKeys* want
     cdef int gmap[28]               # RT_MAX_CTX
     cdef bint gident                # gmap[k] == k for every key
-    cdef Py_ssize_t fstart[8]       # fc[fstart[op]:fstart[op + 1]]: the conditions of op
     cdef list keep                  # bytes, RtIndex and ShuntStat objects the arrays point into
     cdef const char* keep_str(self, str v, Py_ssize_t* n) except? NULL
     cdef const char* keep_bits(self, bytes b) except NULL

@@ -585,7 +585,6 @@ cdef class RtRules:
         self.small = False
         self.zr = 0
         self.rhas = NULL
-        self.ops = 0
         self.want = NULL
         self.keep = []
 
@@ -903,9 +902,10 @@ cdef RtRules rt_compile_rules(RouteTable t, ServiceEntry e):
 
 
 cdef int rt_compile_flat(RtRules rs) except -1:
-    """Group every condition on a slot by op (RtRules.fc) when there are at
-    most 64: a request evaluates them in one tight loop per op into a mask,
-    and a rule is then two mask tests (no indirect jump per condition).  A
+    """Sort every condition on a slot by op (RtRules.fc) when there are at
+    most 64: a request evaluates them in one loop into a mask (a switch on
+    the op whose jumps repeat in runs), and a rule is then one test over two
+    masks.  A
     condition has no side effect, so evaluating all of them, in any order,
     gives each rule the same answer; random draws (and keys looked up alone)
     stay in the rule, evaluated in order once the mask test passes.  Then
@@ -932,7 +932,6 @@ cdef int rt_compile_flat(RtRules rs) except -1:
         if rs.fc == NULL:
             raise MemoryError()
         for op in range(RO_PERCENT + 1):
-            rs.fstart[op] = k
             for i in range(rs.n):
                 r = &rs.rules[i]
                 for j in range(r.nconds):
@@ -983,11 +982,7 @@ cdef int rt_compile_flat(RtRules rs) except -1:
                         f.a = c.threshold
                     r.cmask |= (<uint64_t>1) << k
                     k += 1
-        rs.fstart[RO_PERCENT + 1] = k
         rs.nfc = k
-        for op in range(RO_PERCENT + 1):
-            if rs.fstart[op + 1] > rs.fstart[op]:
-                rs.ops |= (<uint32_t>1) << op
     for i in range(rs.n):
         rs.rm[i].need = rs.rules[i].need
         rs.rm[i].cmask = rs.rules[i].cmask
@@ -2093,43 +2088,6 @@ def bench_route(RouteTable table, bytes appkey, long n_iter, bytes hash_key=None
             if send_done:
                 lb_on_send(nd)
                 lb_on_done(nd)
-    return ok
-
-
-def bench_route_req_cold(RouteTable table, bytes frame, long n_iter, bytearray junk):
-    """bench_route_req with `junk` read (stride 64) between requests: the
-    cache as the data path leaves it between two requests."""
-    cdef long i, ok = 0
-    cdef int err = 0
-    cdef FrameInfo fi
-    cdef Py_ssize_t j, nj = len(junk)
-    cdef uint8_t* jp = <uint8_t*><char*>junk
-    cdef const uint8_t* p = <const uint8_t*><char*>frame
-    if fr_scan(p, len(frame), len(frame) + 1, 65536, &fi) <= 0:
-        raise ValueError("not a whole frame")
-    for i in range(n_iter):  # no-cython-lint: only the count matters
-        fi.method_off = FM_UNREAD
-        for j in range(0, nj, 64):
-            jp[j] += 1
-        if table.rt_route_req(p, &fi, &err) is not None:
-            ok += 1
-    return ok
-
-
-def bench_scan_route(RouteTable table, bytes frame, long n_iter):
-    """Scan one request frame and route it, n_iter times in C, as an
-    outbound connection does (fr_scan_want with the table's context keys,
-    then rt_route_req); returns the number of successful picks."""
-    cdef long i, ok = 0
-    cdef int err = 0
-    cdef FrameInfo fi
-    cdef Py_ssize_t n = len(frame)
-    cdef const uint8_t* p = <const uint8_t*><char*>frame
-    for i in range(n_iter):  # no-cython-lint: only the count matters
-        if fr_scan_want(p, n, n + 1, 65536, &fi, table.want) != n:
-            raise ValueError("not a whole frame")
-        if table.rt_route_req(p, &fi, &err) is not None:
-            ok += 1
     return ok
 
 
