@@ -37,13 +37,13 @@ def _map(entries: list[tuple[str | bytes, str | bytes]]) -> bytes:
     )
 
 
-def raw_request(maps: list[tuple[int, list]]) -> bytes:
+def raw_request(maps: list[tuple[int, list]], appkey: str = APPKEY) -> bytes:
     """An OCTO request whose Header is written field by field: maps is
     [(5 globalContext | 6 localContext, entries)], in wire order, repeats
     allowed (a decoder keeps the last map, and in a map the last entry)."""
-    ri = _f(T_STRING, 1) + _s(APPKEY + ".Iface") + _f(T_I64, 2) + struct.pack(">q", 7) + b"\x00"
+    ri = _f(T_STRING, 1) + _s(appkey + ".Iface") + _f(T_I64, 2) + struct.pack(">q", 7) + b"\x00"
     h = _f(T_BYTE, 1) + b"\x00" + _f(T_STRUCT, 2) + ri
-    h += _f(T_MAP, 6) + _map([("octo-remote-appkey", APPKEY)])
+    h += _f(T_MAP, 6) + _map([("octo-remote-appkey", appkey)])
     for fid, entries in maps:
         h += _f(T_MAP, fid) + _map(entries)
     return encode_frame(h + b"\x00", thrift_call("get", 1))
@@ -120,6 +120,27 @@ def test_keys_are_told_apart_at_every_word_boundary(wanted: list[str]) -> None:
         others = [(o, "x") for o in KEYS if o != k]
         assert both(t, raw_request([(5, [*others, (k, "v")])])) == f"r{i}"
         assert both(t, raw_request([(5, others)])) is None
+
+
+def test_keys_that_come_and_go_rebuild_the_table_and_every_service() -> None:
+    # rules that over time read more than 16 keys, never more than 16 at
+    # once: the scan keeps picking them out (the table is rebuilt, not left
+    # full), and a service whose rules did not change is compiled again
+    # with the new places (else it would read another key's value)
+    other = "com.test.other"
+    eps = (Endpoint("10.0.0.1", 1), Endpoint("10.0.1.1", 1, group="g"))
+    t = R.RouteTable(Labels(), seed=1)
+    t.replace_all([Service(APPKEY, eps), Service(other, eps)])
+    t.update_shunting(other, (eq("b", "1"),))
+    for gen in range(4):
+        keys = [f"g{gen}k{i}" for i in range(8)]
+        t.update_shunting(APPKEY, tuple(eq(k, "v") for k in keys))
+        assert t.scan_keys() is not None and set(keys) | {"b"} <= set(t.scan_keys())
+        for k in keys:
+            assert both(t, raw_request([(5, [(k, "v"), ("b", "0")])])) == f"{k}=v"
+        for b, want in (("1", "b=1"), ("0", None)):
+            f = raw_request([(5, [*((k, "v") for k in keys), ("b", b)])], other)
+            assert both(t, f) == want
 
 
 def test_more_keys_than_the_scan_picks_out_fall_back_to_the_walk() -> None:

@@ -746,22 +746,17 @@ cdef class CtxWant:
     """A route table's scan-time context keys (route.pxd)."""
 
 
-cdef int rt_want_update(RouteTable t) except -1:
-    """Add the context keys the rules now read to the table's scan-time
-    keys (CtxWant), in first-named order; empty them when no rules are left.
-    More than FR_WANT keys: not used at all (the rules walk the maps)."""
+cdef bint rt_want_update(RouteTable t) except -1:
+    """Make the table's scan-time keys (CtxWant) hold every context key the
+    rules now read, in first-named order.  Keys are appended while there is
+    room, so rules compiled earlier keep their keys' places (returns False).
+    When the keys do not fit beside stale ones, the table is rebuilt from the
+    rules' keys alone and True is returned: every service's rules must then
+    be compiled again before a request is routed.  More than FR_WANT keys:
+    not used at all (the rules walk the maps); no rules: emptied."""
     cdef CtxWant w = t._want
+    cdef list need = []
     cdef bytes kb
-    cdef Py_ssize_t i
-    cdef bint known
-    if not t._shunt:
-        w.k.n = 0
-        w.keep = []
-        w.full = False
-        t.want = NULL
-        return 0
-    if w.full:
-        return 0
     for rules in t._shunt.values():
         for rule in rules:
             keys = [m.key for m in rule.matches if m.source == _model.SRC_CONTEXT]
@@ -769,24 +764,29 @@ cdef int rt_want_update(RouteTable t) except -1:
                 keys.append(rule.source_key)
             for key in keys:
                 kb = _b(key)
-                known = False
-                for i in range(w.k.n):
-                    if w.keep[i] == kb:
-                        known = True
-                        break
-                if known:
-                    continue
-                if w.k.n == FR_WANT:
-                    w.full = True
-                    t.want = NULL
-                    return 0
-                w.keep.append(kb)
-                w.k.keys[w.k.n] = PyBytes_AS_STRING(kb)
-                w.k.klens[w.k.n] = PyBytes_GET_SIZE(kb)
-                w.k.n += 1
+                if kb not in need:
+                    need.append(kb)
+    if len(need) > FR_WANT:
+        # compiled rules keep their places in the unchanged keys (their
+        # requests are now scanned without them and walk the maps)
+        w.full = True
+        t.want = NULL
+        return False
+    new = [kb for kb in need if kb not in w.keep] if not w.full else need
+    rebuild = w.full or len(w.keep) + len(new) > FR_WANT or not need
+    if rebuild:
+        w.keep = []
+        w.k.n = 0
+        new = need
+    for kb in new:
+        w.keep.append(kb)
+        w.k.keys[w.k.n] = PyBytes_AS_STRING(kb)
+        w.k.klens[w.k.n] = PyBytes_GET_SIZE(kb)
+        w.k.n += 1
+    w.full = False
     fr_ctx_keys_init(&w.k)
     t.want = &w.k if w.k.n else NULL
-    return 0
+    return rebuild and bool(need)
 
 
 cdef int rt_want_map(RouteTable t, RtRules rs) noexcept:
@@ -1857,10 +1857,10 @@ cdef class RouteTable:
             self._shunt[scope] = rules
         else:
             self._shunt.pop(scope, None)
-        rt_want_update(self)
         # recompiled into a new snapshot, swapped at once (a request sees the
-        # old rules or the new ones, never a mix)
-        if scope == _model.SHUNT_GLOBAL:
+        # old rules or the new ones, never a mix); every service when the
+        # scan-time keys were rebuilt (their places changed)
+        if rt_want_update(self) or scope == _model.SHUNT_GLOBAL:
             if self._services:
                 self.replace_all(list(self._services.values()))
         elif scope in self._services:
