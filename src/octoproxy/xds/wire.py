@@ -83,10 +83,8 @@ def _walk(body: bytes, i: int, fields: int, name: str | None
                 i += ln
             elif key >> 3 == 1 or wt not in (0, 1, 5):
                 return start, name, True
-            elif wt == 0:
-                _, i = _varint(body, i)
             else:
-                i += 8 if wt == 1 else 4
+                i = _skip(body, i, wt)
             if i > n:
                 raise DecodeError("truncated message")
     except IndexError:
@@ -140,6 +138,23 @@ def _varint(b: bytes, i: int) -> tuple[int, int]:
             raise DecodeError("varint too long")
 
 
+def _skip(b: bytes, i: int, wt: int) -> int:
+    """Past the value of wire type wt that starts at b[i] (the key read):
+    the one field walker of split_response and count_field (and _walk for
+    the types it skips).  DecodeError for groups and invalid wire types
+    (protobuf decides those); the caller checks the end against len(b)."""
+    if wt == 0:
+        return _varint(b, i)[1]
+    if wt == 1:
+        return i + 8
+    if wt == 2:
+        ln, i = _varint(b, i)
+        return i + ln
+    if wt == 5:
+        return i + 4
+    raise DecodeError(f"wire type {wt} at offset {i}")
+
+
 def split_response(
     raw: bytes, chunk: int = 1 << 20, step: int = 2048
 ) -> Generator[None, None, tuple[bytes, list[tuple[int, int]]]]:
@@ -162,17 +177,7 @@ def split_response(
             start = i
             key, i = _varint(raw, i)
             wt = key & 7
-            if wt == 0:
-                _, i = _varint(raw, i)
-            elif wt == 1:
-                i += 8
-            elif wt == 2:
-                ln, i = _varint(raw, i)
-                i += ln
-            elif wt == 5:
-                i += 4
-            else:  # groups (deprecated) and invalid wire types: let protobuf decide
-                raise DecodeError(f"wire type {wt} at offset {start}")
+            i = _skip(raw, i, wt)
             if i > n:
                 raise DecodeError("truncated message")
             if key >> 3 == RESOURCES_FIELD and wt == 2:
@@ -206,18 +211,7 @@ def count_field(body: bytes, field: int, limit: int) -> int:
             if walked > 4 * limit + 64:
                 return -1
             key, i = _varint(body, i)
-            wt = key & 7
-            if wt == 0:
-                _, i = _varint(body, i)
-            elif wt == 1:
-                i += 8
-            elif wt == 2:
-                ln, i = _varint(body, i)
-                i += ln
-            elif wt == 5:
-                i += 4
-            else:
-                raise DecodeError(f"wire type {wt}")
+            i = _skip(body, i, key & 7)
             if i > n:
                 raise DecodeError("truncated message")
             if key >> 3 == field:
