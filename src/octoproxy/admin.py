@@ -369,7 +369,11 @@ def json_pieces(obj: Any) -> Iterator[str]:
     """The JSON text of obj (as json.dumps writes it) in pieces: containers
     of more than _SMALL items item by item, so a caller can stop between
     pieces; their concatenation is the whole text."""
-    if isinstance(obj, dict) and len(obj) > _SMALL:
+    if isinstance(obj, dict) and (
+        len(obj) > _SMALL or any(isinstance(v, dict | list | tuple) for v in obj.values())
+    ):
+        # a big dict, or a small one of containers (e.g. the dump's sections):
+        # each value on its own
         sep = "{"
         for k, v in obj.items():
             yield f"{sep}{_key(k)}: "
@@ -383,14 +387,6 @@ def json_pieces(obj: Any) -> Iterator[str]:
             sep = ", "
             yield from json_pieces(v)
         yield "]"
-    elif isinstance(obj, dict) and any(isinstance(v, dict | list | tuple) for v in obj.values()):
-        # a small dict of containers (e.g. the dump's sections): each value on its own
-        sep = "{"
-        for k, v in obj.items():
-            yield f"{sep}{_key(k)}: "
-            sep = ", "
-            yield from json_pieces(v)
-        yield "}"
     else:
         yield json.dumps(obj)
 
