@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -406,6 +407,16 @@ class LoadThread:
             await c.close()
 
         await asyncio.gather(*(client() for _ in range(self.clients)))
+
+
+def stat_value(admin_port: int, name: str) -> float:
+    """The value of an unlabelled counter or gauge on a proxy's /stats (the
+    Prometheus text an operator scrapes); AssertionError when it is absent."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not in /stats")
 
 
 def fd_count(pid: int) -> int:

@@ -21,7 +21,7 @@ from octoproxy.process import pid_alive, read_pid_file
 from octoproxy.sdk import AsyncClient, Client, Context
 from octoproxy.shunting import percent_bucket
 
-from harness import Cluster, client_proxy_cfg, cluster, free_port, wait_for
+from harness import Cluster, client_proxy_cfg, cluster, free_port, stat_value, wait_for
 
 NODES: dict[str, dict[str, str]] = {
     "d1": {},
@@ -206,12 +206,8 @@ def test_unit_table_label_reaches_the_provider(mesh: Cluster) -> None:
 def test_label_that_does_not_fit_is_counted(mesh: Cluster) -> None:
     # a header the label would take past 65,535 bytes: routed by the label
     # all the same, forwarded as it came, and counted (no silent fallback)
-    def unwritten() -> int:
-        with urllib.request.urlopen(f"http://127.0.0.1:{mesh.admin}/stats", timeout=5) as r:  # type: ignore[attr-defined]
-            for line in r.read().decode().splitlines():
-                if line.startswith("octo_proxy_shunt_label_unwritten_total "):
-                    return int(float(line.split()[1]))
-        raise AssertionError("octo_proxy_shunt_label_unwritten not in /stats")
+    def unwritten() -> float:
+        return stat_value(mesh.admin, "octo_proxy_shunt_label_unwritten_total")  # type: ignore[attr-defined]
 
     before = unwritten()
     with Client(mesh.path("px.sock")) as cl:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import socket
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 
 from octoproxy._core import frame
 
-from harness import Cluster, auth_mesh, cluster, free_port, wait_for
+from harness import Cluster, auth_mesh, cluster, free_port, stat_value, wait_for
 
 PROVIDER = "com.demo.echo"
 TOKENS = {"com.demo.web": "tok-web-4b1d9e0c7f3a"}
@@ -75,12 +74,8 @@ def test_label_that_does_not_fit_beside_the_signature_is_counted(mesh: Cluster) 
     # the label is written only when the signed copy's header still fits in
     # 65,535 bytes: a header with room for the signature but not for both is
     # sent signed, without the label, and counted
-    def unwritten() -> int:
-        with urllib.request.urlopen(f"http://127.0.0.1:{mesh.admin}/stats", timeout=5) as r:  # type: ignore[attr-defined]
-            for line in r.read().decode().splitlines():
-                if line.startswith("octo_proxy_shunt_label_unwritten_total "):
-                    return int(float(line.split()[1]))
-        raise AssertionError("octo_proxy_shunt_label_unwritten not in /stats")
+    def unwritten() -> float:
+        return stat_value(mesh.admin, "octo_proxy_shunt_label_unwritten_total")  # type: ignore[attr-defined]
 
     def header_len(pad: int) -> int:
         f = frame.encode_request(
