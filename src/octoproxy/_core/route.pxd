@@ -150,11 +150,7 @@ cdef struct RtCond:
 
 
 cdef struct RtRule:
-    # need: the request slots that must be present (bit s) and read as
-    # integers (bit 32 + s) for the rule to match, tested against RtReq.have
-    # with one AND before any compare
-    uint64_t need
-    uint64_t cmask                  # its conditions evaluated before the rules (RtRules.fc)
+    # (what a request must have for it, and its grouped conditions: RtRules.rm)
     RtCond* conds
     Py_ssize_t nconds
     Py_ssize_t nrest                # conditions not in cmask (random, a key looked up alone)
@@ -171,8 +167,10 @@ cdef struct RtRule:
     PyObject* stat                  # ShuntStat (borrowed)
 
 
-# A rule's two tests, side by side for the rule loop (RtRules.rm): the
-# request slots it needs (RtRule.need) and its grouped conditions (cmask).
+# A rule's two tests, side by side for the rule loop (RtRules.rm[i] for
+# RtRules.rules[i]).  need: the request slots that must be present (bit s)
+# and read as integers (bit 32 + s) for the rule to match, tested against
+# RtReq.have; cmask: its conditions evaluated before the rules (RtRules.fc).
 cdef struct RtRm:
     uint64_t need
     uint64_t cmask

@@ -617,7 +617,7 @@ cdef class RtRules:
         return PyBytes_AS_STRING(b)
 
 
-cdef int rt_compile_cond(RtRules rs, RtRule* r, RtCond* c, object m) except -1:
+cdef int rt_compile_cond(RtRules rs, RtRm* r, RtCond* c, object m) except -1:
     """One condition; adds what it reads to the rule's `need` and the rule
     set's slots (what the request extraction fills in).  Returns RC_KEEP,
     RC_DROP (always true once its value is present: a percentage of 100%)
@@ -820,6 +820,7 @@ cdef RtRules rt_compile_rules(RouteTable t, ServiceEntry e):
     cdef list todo = []
     cdef RtRules rs
     cdef RtRule* r
+    cdef RtRm* tm
     cdef ShuntStat st
     cdef Py_ssize_t i, j, n
     cdef list keys, hashes, vals
@@ -832,7 +833,8 @@ cdef RtRules rt_compile_rules(RouteTable t, ServiceEntry e):
     rs = RtRules.__new__(RtRules)
     n = len(todo)
     rs.rules = <RtRule*>calloc(n, sizeof(RtRule))
-    if rs.rules == NULL:
+    rs.rm = <RtRm*>calloc(n, sizeof(RtRm))
+    if rs.rules == NULL or rs.rm == NULL:
         raise MemoryError()
     rs.n = n
     for i in range(n):
@@ -840,8 +842,8 @@ cdef RtRules rt_compile_rules(RouteTable t, ServiceEntry e):
         rule = st.rule
         rs.keep.append(st)
         r = &rs.rules[i]
+        tm = &rs.rm[i]
         r.stat = <PyObject*>st
-        r.need = 0
         r.nconds = len(rule.matches)
         if r.nconds:
             r.conds = <RtCond*>calloc(r.nconds, sizeof(RtCond))
@@ -850,7 +852,7 @@ cdef RtRules rt_compile_rules(RouteTable t, ServiceEntry e):
                 raise MemoryError()
             j = 0
             for m in rule.matches:
-                kind = rt_compile_cond(rs, r, &r.conds[j], m)
+                kind = rt_compile_cond(rs, tm, &r.conds[j], m)
                 if kind == RC_KEEP:
                     j += 1
                     continue
@@ -859,7 +861,7 @@ cdef RtRules rt_compile_rules(RouteTable t, ServiceEntry e):
                 free(r.conds[j].rems)
                 memset(&r.conds[j], 0, sizeof(RtCond))
                 if kind == RC_NEVER:
-                    r.need |= RQ_NEVER  # no request has it: skipped with the need test
+                    tm.need |= RQ_NEVER  # no request has it: skipped with the need test
             r.nconds = j
         if rule.action == _model.ACT_DEFAULT:
             # the default nodes, evaluation stops: a group action without a
@@ -881,7 +883,7 @@ cdef RtRules rt_compile_rules(RouteTable t, ServiceEntry e):
                 r.skslot = rt_ctx_slot(rs, r.skey, r.skey_len)
                 if r.skslot >= 0:
                     # a source value missing from the request is no match
-                    r.need |= (<uint64_t>1) << r.skslot
+                    tm.need |= (<uint64_t>1) << r.skslot
                     rs.slots |= (<uint64_t>1) << r.skslot
                 keys = []
                 hashes = []
@@ -918,9 +920,6 @@ cdef int rt_compile_flat(RtRules rs) except -1:
     cdef RtFc* f
     cdef dict seen = {}
     cdef bytearray bits
-    rs.rm = <RtRm*>calloc(rs.n if rs.n else 1, sizeof(RtRm))
-    if rs.rm == NULL:
-        raise MemoryError()
     for i in range(rs.n):
         r = &rs.rules[i]
         r.nrest = r.nconds
@@ -949,7 +948,7 @@ cdef int rt_compile_flat(RtRules rs) except -1:
                     same = (op, c.slot, tuple(vals), c.lo, c.hi, c.modulus,
                             tuple(sorted(rems)), c.threshold)
                     if same in seen:
-                        r.cmask |= (<uint64_t>1) << <Py_ssize_t>seen[same]
+                        rs.rm[i].cmask |= (<uint64_t>1) << <Py_ssize_t>seen[same]
                         continue
                     seen[same] = k
                     f = &rs.fc[k]
@@ -980,12 +979,9 @@ cdef int rt_compile_flat(RtRules rs) except -1:
                             f.val = rs.keep_bits(bytes(bits))
                     elif op == RO_PERCENT:
                         f.a = c.threshold
-                    r.cmask |= (<uint64_t>1) << k
+                    rs.rm[i].cmask |= (<uint64_t>1) << k
                     k += 1
         rs.nfc = k
-    for i in range(rs.n):
-        rs.rm[i].need = rs.rules[i].need
-        rs.rm[i].cmask = rs.rules[i].cmask
     if rs.n <= 64:
         rs.rhas = <uint64_t*>calloc(k if k else 1, sizeof(uint64_t))
         if rs.rhas == NULL:
