@@ -1,5 +1,7 @@
-"""Every public name of a compiled module is in its .pyi (CI keeps the typed
-boundary complete: a name added to a .pyx without its stub fails here)."""
+"""Every public name of a compiled module is in its .pyi, and every name of
+the .pyi in the module (CI keeps the typed boundary complete and true: a
+name added to a .pyx without its stub, or removed with its stub left, fails
+here)."""
 
 from __future__ import annotations
 
@@ -49,6 +51,12 @@ def test_every_public_compiled_name_is_in_the_stub(stem: str) -> None:
     }
     missing = sorted(public - top)
     assert not missing, f"{stem}.pyi lacks {missing}"
+    # and the other way: a function deleted from the .pyx leaves no stale stub
+    # (a bench calling it type-checks, then fails at run time)
+    funcs = {n.name for n in ast.parse((CORE / f"{stem}.pyi").read_text()).body
+             if isinstance(n, ast.FunctionDef)}
+    stale = sorted(n for n in funcs if not hasattr(mod, n))
+    assert not stale, f"{stem}.pyi names {stale}, which {stem} does not have"
     for name, members in classes.items():
         cls = getattr(mod, name, None)
         assert cls is not None, f"{stem}.pyi names {name}, which {stem} does not have"
